@@ -1,0 +1,579 @@
+//! Typed configuration: `berth.toml`, one section per service, strict about unknown keys.
+//!
+//! Layers, later ones winning: built-in defaults, the TOML file, a Docker `daemon.json`
+//! ([`crate::daemon_json`]), environment variables `BERTH_SECTION__KEY` (and `BERTH_ROOT`,
+//! `BERTH_STATE_DIR` for the two top-level keys), then command-line flags. Libraries never read
+//! the environment or files themselves: `main` loads a [`Config`] once and passes it down.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Where berth looks for its config when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/berth/berth.toml";
+
+/// The whole configuration of a berth installation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Persistent data: images, content, snapshots, volumes, records.
+    pub root: PathBuf,
+    /// Runtime state: sockets, shims, bundles, network namespaces. Lost at reboot.
+    pub state_dir: PathBuf,
+    /// The group that owns every berth socket (mode from `socket_mode`); none keeps root's.
+    pub socket_group: Option<String>,
+    /// Mode of the internal gRPC sockets.
+    pub socket_mode: u32,
+    /// Logging and tracing.
+    pub telemetry: TelemetryConfig,
+    /// berth-images.
+    pub images: ImagesConfig,
+    /// berth-snapshotter.
+    pub snapshotter: SnapshotterConfig,
+    /// berth-network.
+    pub network: NetworkConfig,
+    /// berth-engine.
+    pub engine: EngineConfig,
+    /// berth-shim (passed on by the engine when it spawns shims).
+    pub shim: ShimConfig,
+    /// berth-gateway.
+    pub gateway: GatewayConfig,
+    /// External containerd-compatible plugins, by name (`[proxy_plugins.NAME]`).
+    pub proxy_plugins: BTreeMap<String, ProxyPlugin>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("/var/lib/berth"),
+            state_dir: PathBuf::from("/run/berth"),
+            socket_group: None,
+            socket_mode: 0o660,
+            telemetry: TelemetryConfig::default(),
+            images: ImagesConfig::default(),
+            snapshotter: SnapshotterConfig::default(),
+            network: NetworkConfig::default(),
+            engine: EngineConfig::default(),
+            shim: ShimConfig::default(),
+            gateway: GatewayConfig::default(),
+            proxy_plugins: BTreeMap::new(),
+        }
+    }
+}
+
+/// Logging and tracing settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// `error`, `warn`, `info`, `debug` or `trace`, or a full `tracing` filter directive.
+    pub log_level: String,
+    /// `text` or `json`.
+    pub log_format: String,
+    /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`; traces are exported only when set.
+    pub otlp_endpoint: Option<String>,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self { log_level: "info".into(), log_format: "text".into(), otlp_endpoint: None }
+    }
+}
+
+/// berth-images settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// Socket path; default `<state_dir>/images.sock`.
+    pub socket: Option<PathBuf>,
+    /// Layers downloaded at once per pull.
+    pub max_concurrent_downloads: u32,
+    /// Layers uploaded at once per push.
+    pub max_concurrent_uploads: u32,
+    /// Registries spoken to over plain HTTP or with unverified TLS (`host:port` or a CIDR).
+    /// Loopback registries are always insecure, as in Docker.
+    pub insecure_registries: Vec<String>,
+    /// Mirrors tried before docker.io, as URLs.
+    pub registry_mirrors: Vec<String>,
+    /// Per-registry CA certificates: `<certs_dir>/<host:port>/*.crt`.
+    pub certs_dir: PathBuf,
+    /// The platform picked from multi-platform images, `os/arch[/variant]`.
+    pub platform: String,
+}
+
+impl Default for ImagesConfig {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            max_concurrent_downloads: 3,
+            max_concurrent_uploads: 5,
+            insecure_registries: Vec::new(),
+            registry_mirrors: Vec::new(),
+            certs_dir: PathBuf::from("/etc/berth/certs.d"),
+            platform: "linux/amd64".into(),
+        }
+    }
+}
+
+/// berth-snapshotter settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotterConfig {
+    /// Socket path; default `<state_dir>/snapshotter.sock`.
+    pub socket: Option<PathBuf>,
+    /// The snapshotter the rest of berth uses: `overlayfs` or `native` (served by
+    /// berth-snapshotter), or the name of a `[proxy_plugins.NAME]` entry.
+    pub driver: String,
+}
+
+impl Default for SnapshotterConfig {
+    fn default() -> Self {
+        Self { socket: None, driver: "overlayfs".into() }
+    }
+}
+
+/// A containerd-style proxy plugin reached over gRPC.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyPlugin {
+    /// Plugin type; only `snapshot` is used.
+    #[serde(rename = "type", default = "default_plugin_type")]
+    pub kind: String,
+    /// Unix socket path of the plugin's gRPC server.
+    pub address: PathBuf,
+}
+
+fn default_plugin_type() -> String {
+    "snapshot".into()
+}
+
+/// A pool subnets for new networks are carved from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddressPool {
+    /// The pool, e.g. `172.30.0.0/16`.
+    pub base: String,
+    /// Prefix length of each network taken from it.
+    pub size: u8,
+}
+
+/// berth-network settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Socket path; default `<state_dir>/network.sock`.
+    pub socket: Option<PathBuf>,
+    /// Interface name of the default `bridge` network.
+    pub bridge: String,
+    /// Gateway address and prefix of the default bridge (Docker's `bip`).
+    pub bip: String,
+    /// Pools user-defined networks get subnets from.
+    pub default_address_pools: Vec<AddressPool>,
+    /// MTU of bridges and veths.
+    pub mtu: u32,
+    /// DNS servers containers use; empty means the host's resolvers.
+    pub dns: Vec<String>,
+    /// DNS search domains for containers.
+    pub dns_search: Vec<String>,
+    /// resolv.conf options for containers.
+    pub dns_options: Vec<String>,
+    /// Directory of CNI network configs for the orchestrator path.
+    pub cni_conf_dir: PathBuf,
+    /// Directory of CNI plugin binaries.
+    pub cni_bin_dir: PathBuf,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            bridge: "berth0".into(),
+            bip: "172.29.0.1/16".into(),
+            default_address_pools: vec![AddressPool { base: "172.30.0.0/15".into(), size: 24 }],
+            mtu: 1500,
+            dns: Vec::new(),
+            dns_search: Vec::new(),
+            dns_options: Vec::new(),
+            cni_conf_dir: PathBuf::from("/etc/cni/net.d"),
+            cni_bin_dir: PathBuf::from("/usr/lib/cni"),
+        }
+    }
+}
+
+/// An OCI runtime the engine can use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Binary path or name on PATH.
+    pub path: String,
+    /// Extra global arguments (before the subcommand).
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+/// berth-engine settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Socket path; default `<state_dir>/engine.sock`.
+    pub socket: Option<PathBuf>,
+    /// Runtime used when a container names none.
+    pub default_runtime: String,
+    /// Runtimes by name; `runc` and `crun` exist by default.
+    pub runtimes: BTreeMap<String, RuntimeConfig>,
+    /// Default log driver (`json-file` or `none`).
+    pub log_driver: String,
+    /// Default log options (`max-size`, `max-file`, ...).
+    pub log_opts: BTreeMap<String, String>,
+    /// Shims reconnected at once after an engine restart.
+    pub reconnect_concurrency: u32,
+    /// Parent of the containers' cgroups.
+    pub cgroup_parent: String,
+    /// Seconds a stop waits before KILL when the container names no timeout.
+    pub stop_timeout: u32,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        let runtimes = ["runc", "crun"]
+            .into_iter()
+            .map(|r| (r.to_string(), RuntimeConfig { path: r.to_string(), args: Vec::new() }))
+            .collect();
+        Self {
+            socket: None,
+            default_runtime: "runc".into(),
+            runtimes,
+            log_driver: "json-file".into(),
+            log_opts: BTreeMap::new(),
+            reconnect_concurrency: 64,
+            cgroup_parent: "berth".into(),
+            stop_timeout: 10,
+        }
+    }
+}
+
+/// berth-shim settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShimConfig {
+    /// The shim binary; default: `berth-shim` next to the engine's own binary.
+    pub binary: Option<PathBuf>,
+    /// Bytes of container output a shim buffers while the log disk is slow before it drops
+    /// output (and counts what it dropped) rather than stall the container.
+    pub log_buffer_bytes: u64,
+}
+
+impl Default for ShimConfig {
+    fn default() -> Self {
+        Self { binary: None, log_buffer_bytes: 1 << 20 }
+    }
+}
+
+/// berth-gateway settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Where the Docker API is served: `unix:///path` or `tcp://host:port`; default
+    /// `unix://<state_dir>/docker.sock`.
+    pub hosts: Vec<String>,
+    /// Serve TCP hosts with TLS.
+    pub tls: bool,
+    /// Require and verify client certificates against `tlscacert`.
+    pub tlsverify: bool,
+    /// CA that client certificates must chain to.
+    pub tlscacert: Option<PathBuf>,
+    /// Server certificate.
+    pub tlscert: Option<PathBuf>,
+    /// Server key.
+    pub tlskey: Option<PathBuf>,
+    /// The CRI socket; default `<state_dir>/cri.sock`.
+    pub cri_socket: Option<PathBuf>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            hosts: Vec::new(),
+            tls: false,
+            tlsverify: false,
+            tlscacert: None,
+            tlscert: None,
+            tlskey: None,
+            cri_socket: None,
+        }
+    }
+}
+
+/// The long-running processes of a berth stack, in start order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Service {
+    /// berth-snapshotter
+    Snapshotter,
+    /// berth-images
+    Images,
+    /// berth-network
+    Network,
+    /// berth-engine
+    Engine,
+    /// berth-gateway
+    Gateway,
+}
+
+impl Service {
+    /// Every service, in dependency (start) order.
+    pub const ALL: [Service; 5] =
+        [Service::Snapshotter, Service::Images, Service::Network, Service::Engine, Service::Gateway];
+
+    /// Short name: `images`, `engine`, ...
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Snapshotter => "snapshotter",
+            Self::Images => "images",
+            Self::Network => "network",
+            Self::Engine => "engine",
+            Self::Gateway => "gateway",
+        }
+    }
+
+    /// The binary: `berth-images`, ...
+    pub fn binary(self) -> &'static str {
+        match self {
+            Self::Snapshotter => "berth-snapshotter",
+            Self::Images => "berth-images",
+            Self::Network => "berth-network",
+            Self::Engine => "berth-engine",
+            Self::Gateway => "berth-gateway",
+        }
+    }
+
+    /// Parses a short name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+impl Config {
+    /// Loads `file` (which must exist when given explicitly) over the defaults, then applies the
+    /// `BERTH_*` variables from `env`. Pass `std::env::vars()` from `main`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(Error::not_found(format!("config file {} does not exist", path.display())));
+            }
+            builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        let env = env_overrides(env);
+        builder = builder.add_source(
+            config::Environment::default()
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("images.insecure_registries")
+                .with_list_parse_key("images.registry_mirrors")
+                .with_list_parse_key("network.dns")
+                .with_list_parse_key("network.dns_search")
+                .with_list_parse_key("network.dns_options")
+                .with_list_parse_key("gateway.hosts")
+                .source(Some(env)),
+        );
+        let loaded = builder.build().map_err(config_error)?;
+        let cfg: Config = loaded.try_deserialize().map_err(config_error)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what serde cannot: enumerations given as strings, paths that must be absolute.
+    pub fn validate(&self) -> Result<()> {
+        if !self.root.is_absolute() || !self.state_dir.is_absolute() {
+            return Err(Error::invalid_argument("root and state_dir must be absolute paths"));
+        }
+        if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
+            return Err(Error::invalid_argument(format!(
+                "telemetry.log_format: {:?} is not text or json",
+                self.telemetry.log_format
+            )));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).is_err() {
+            return Err(Error::invalid_argument(format!(
+                "telemetry.log_level: invalid level or filter {:?}",
+                self.telemetry.log_level
+            )));
+        }
+        let driver = self.snapshotter.driver.as_str();
+        if !matches!(driver, "overlayfs" | "native") && !self.proxy_plugins.contains_key(driver) {
+            return Err(Error::invalid_argument(format!(
+                "snapshotter.driver: {driver:?} is neither overlayfs, native nor a [proxy_plugins] entry"
+            )));
+        }
+        if !self.engine.runtimes.contains_key(&self.engine.default_runtime) {
+            return Err(Error::invalid_argument(format!(
+                "engine.default_runtime: no runtime named {:?}",
+                self.engine.default_runtime
+            )));
+        }
+        if !matches!(self.engine.log_driver.as_str(), "json-file" | "none") {
+            return Err(Error::invalid_argument(format!(
+                "engine.log_driver: {:?} is not supported (json-file, none)",
+                self.engine.log_driver
+            )));
+        }
+        for host in &self.gateway.hosts {
+            crate::uds::ListenAddr::parse(host)?;
+        }
+        if self.gateway.tlsverify && self.gateway.tlscacert.is_none() {
+            return Err(Error::invalid_argument("gateway.tlsverify needs gateway.tlscacert"));
+        }
+        if (self.gateway.tls || self.gateway.tlsverify)
+            && (self.gateway.tlscert.is_none() || self.gateway.tlskey.is_none())
+        {
+            return Err(Error::invalid_argument("gateway.tls needs gateway.tlscert and gateway.tlskey"));
+        }
+        Ok(())
+    }
+
+    /// The socket `service` serves its gRPC API on.
+    pub fn socket(&self, service: Service) -> PathBuf {
+        let configured = match service {
+            Service::Images => &self.images.socket,
+            Service::Snapshotter => &self.snapshotter.socket,
+            Service::Network => &self.network.socket,
+            Service::Engine => &self.engine.socket,
+            Service::Gateway => &None,
+        };
+        configured
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join(format!("{}.sock", service.name())))
+    }
+
+    /// The socket the rest of berth reaches the snapshotter on: berth-snapshotter's own, or the
+    /// proxy plugin `snapshotter.driver` names.
+    pub fn snapshotter_address(&self) -> PathBuf {
+        match self.proxy_plugins.get(&self.snapshotter.driver) {
+            Some(plugin) => plugin.address.clone(),
+            None => self.socket(Service::Snapshotter),
+        }
+    }
+
+    /// Where the Docker API is served.
+    pub fn gateway_hosts(&self) -> Vec<String> {
+        if self.gateway.hosts.is_empty() {
+            vec![format!("unix://{}", self.state_dir.join("docker.sock").display())]
+        } else {
+            self.gateway.hosts.clone()
+        }
+    }
+
+    /// The PID file of `service`.
+    pub fn pid_file(&self, service: Service) -> PathBuf {
+        self.state_dir.join(format!("{}.pid", service.name()))
+    }
+
+    /// The data directory that belongs to `service`.
+    pub fn data_dir(&self, service: Service) -> PathBuf {
+        self.root.join(service.name())
+    }
+}
+
+fn config_error(err: config::ConfigError) -> Error {
+    Error::invalid_argument("invalid configuration").with_source(err)
+}
+
+/// Picks the variables that configure berth: `BERTH_ROOT`, `BERTH_STATE_DIR`,
+/// `BERTH_SOCKET_GROUP`, `BERTH_SOCKET_MODE` and `BERTH_<SECTION>__<KEY>`. Other `BERTH_*`
+/// variables (test knobs and the like) are not configuration and are left alone.
+fn env_overrides(env: impl IntoIterator<Item = (String, String)>) -> config::Map<String, String> {
+    const TOP: [&str; 4] = ["ROOT", "STATE_DIR", "SOCKET_GROUP", "SOCKET_MODE"];
+    env.into_iter()
+        .filter_map(|(k, v)| {
+            let rest = k.strip_prefix("BERTH_")?;
+            if TOP.contains(&rest) || rest.contains("__") {
+                Some((rest.to_lowercase(), v))
+            } else {
+                None
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let cfg = Config::load(None, []).unwrap();
+        assert_eq!(cfg, Config::default());
+        assert_eq!(cfg.socket(Service::Engine), PathBuf::from("/run/berth/engine.sock"));
+        assert_eq!(cfg.gateway_hosts(), ["unix:///run/berth/docker.sock"]);
+    }
+
+    #[test]
+    fn file_then_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("berth.toml");
+        std::fs::write(
+            &path,
+            "root = \"/data\"\n[images]\nmax_concurrent_downloads = 5\n[engine]\nstop_timeout = 3\n",
+        )
+        .unwrap();
+        let cfg = Config::load(
+            Some(&path),
+            env(&[
+                ("BERTH_ENGINE__STOP_TIMEOUT", "7"),
+                ("BERTH_STATE_DIR", "/tmp/st"),
+                ("BERTH_IMAGES__INSECURE_REGISTRIES", "a:5000,b:5000"),
+                ("BERTH_BIN_DIR", "/ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.root, PathBuf::from("/data"));
+        assert_eq!(cfg.state_dir, PathBuf::from("/tmp/st"));
+        assert_eq!(cfg.images.max_concurrent_downloads, 5);
+        assert_eq!(cfg.engine.stop_timeout, 7);
+        assert_eq!(cfg.images.insecure_registries, ["a:5000", "b:5000"]);
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("berth.toml");
+        std::fs::write(&path, "[engine]\nstop_timout = 3\n").unwrap();
+        let err = Config::load(Some(&path), []).unwrap_err();
+        assert!(err.chain().contains("stop_timout"), "{}", err.chain());
+
+        let err = Config::load(None, env(&[("BERTH_BOGUS__X", "1")])).unwrap_err();
+        assert!(err.chain().contains("bogus"), "{}", err.chain());
+    }
+
+    #[test]
+    fn proxy_plugins_select_the_snapshotter() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("berth.toml");
+        std::fs::write(
+            &path,
+            "[snapshotter]\ndriver = \"stargz\"\n[proxy_plugins.stargz]\ntype = \"snapshot\"\naddress = \"/run/s.sock\"\n",
+        )
+        .unwrap();
+        let cfg = Config::load(Some(&path), []).unwrap();
+        assert_eq!(cfg.snapshotter_address(), PathBuf::from("/run/s.sock"));
+
+        std::fs::write(&path, "[snapshotter]\ndriver = \"zfs\"\n").unwrap();
+        assert!(Config::load(Some(&path), []).is_err());
+    }
+
+    #[test]
+    fn a_missing_explicit_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/berth.toml")), []).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::NotFound);
+    }
+}

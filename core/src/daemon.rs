@@ -1,0 +1,202 @@
+//! What every berth daemon's `main` does: flags, config, telemetry, socket, PID file, signals,
+//! exit code. Each daemon only supplies its `run(config, listener, shutdown)`.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, DEFAULT_CONFIG_PATH, Service};
+use crate::error::{Context, ErrorKind, Result};
+
+/// Flags every daemon (and `berth up`) accepts.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigArgs {
+    /// berth.toml to load (default: /etc/berth/berth.toml when it exists).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// A Docker daemon.json whose keys are mapped onto berth's config.
+    #[arg(long, value_name = "FILE")]
+    pub docker_config: Option<PathBuf>,
+    /// Data root (overrides `root`).
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// State directory for sockets and runtime state (overrides `state_dir`).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    /// Loads the config: defaults, file, daemon.json, `BERTH_*` environment, then these flags.
+    pub fn load(&self) -> Result<Config> {
+        let default = Path::new(DEFAULT_CONFIG_PATH);
+        let file = match &self.config {
+            Some(path) => Some(path.as_path()),
+            None if default.exists() => Some(default),
+            None => None,
+        };
+        let mut cfg = Config::load(file, std::env::vars())?;
+        if let Some(path) = &self.docker_config {
+            let applied = crate::daemon_json::apply_file(&mut cfg, path)?;
+            for (key, why) in applied.ignored {
+                tracing::warn!(key, "daemon.json key has no effect: {why}");
+            }
+            // The environment still wins over daemon.json, as it does over the file.
+            let env_only = Config::load(None, std::env::vars())?;
+            reapply_env(&mut cfg, &env_only);
+        }
+        if let Some(root) = &self.root {
+            cfg.root = absolute(root)?;
+        }
+        if let Some(state) = &self.state_dir {
+            cfg.state_dir = absolute(state)?;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The same flags as command-line arguments, to hand on to child processes.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut push = |flag: &str, v: &Option<PathBuf>| {
+            if let Some(v) = v {
+                out.push(flag.to_string());
+                out.push(v.display().to_string());
+            }
+        };
+        push("--config", &self.config);
+        push("--docker-config", &self.docker_config);
+        push("--root", &self.root);
+        push("--state-dir", &self.state_dir);
+        out
+    }
+}
+
+/// `BERTH_*` variables are applied before daemon.json by [`Config::load`]; put back the top-level
+/// values they set so that the documented order (env over daemon.json) holds for those.
+fn reapply_env(cfg: &mut Config, env_only: &Config) {
+    let defaults = Config::default();
+    if env_only.root != defaults.root {
+        cfg.root = env_only.root.clone();
+    }
+    if env_only.state_dir != defaults.state_dir {
+        cfg.state_dir = env_only.state_dir.clone();
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).context(ErrorKind::InvalidArgument, format!("path {}", p.display()))
+}
+
+/// A future that completes on SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// The exit code for an error: 2 for bad configuration or arguments, 1 otherwise.
+pub fn exit_code(err: &crate::Error) -> ExitCode {
+    match err.kind() {
+        ErrorKind::InvalidArgument | ErrorKind::NotFound => ExitCode::from(2),
+        _ => ExitCode::from(1),
+    }
+}
+
+/// Runs a gRPC daemon: loads config from `args`, starts telemetry, binds its socket, writes its
+/// PID file, calls `run` until SIGTERM/SIGINT, then cleans up. Returns the process exit code.
+pub fn main<F, Fut>(service: Service, args: &ConfigArgs, run: F) -> ExitCode
+where
+    F: FnOnce(Config, UnixListener, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let cfg = match args.load() {
+        Ok(cfg) => cfg,
+        Err(err) => {
+            eprintln!("{}: {}", service.binary(), err.chain());
+            return exit_code(&err);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("{}: start runtime: {err}", service.binary());
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let rust_log = std::env::var("RUST_LOG").ok();
+        let telemetry = match crate::telemetry::init(service.binary(), &cfg.telemetry, rust_log.as_deref()) {
+            Ok(t) => t,
+            Err(err) => {
+                eprintln!("{}: {}", service.binary(), err.chain());
+                return exit_code(&err);
+            }
+        };
+        let result = serve(service, cfg, run).await;
+        if let Err(err) = &result {
+            tracing::error!(error = %err.chain(), "{} failed", service.binary());
+        }
+        telemetry.shutdown().await;
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => exit_code(&err),
+        }
+    })
+}
+
+async fn serve<F, Fut>(service: Service, cfg: Config, run: F) -> Result<()>
+where
+    F: FnOnce(Config, UnixListener, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let socket = cfg.socket(service);
+    let listener = crate::uds::bind(&socket, cfg.socket_mode, cfg.socket_group.as_deref()).await?;
+    let pid_file = cfg.pid_file(service);
+    write_pid_file(&pid_file)?;
+
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        termination_signal().await;
+        tracing::info!("termination signal received, shutting down");
+        on_signal.cancel();
+    });
+
+    tracing::info!(socket = %socket.display(), pid = std::process::id(), "{} starting", service.binary());
+    let result = run(cfg, listener, shutdown).await;
+    let _ = std::fs::remove_file(&socket);
+    remove_pid_file(&pid_file);
+    tracing::info!("{} stopped", service.binary());
+    result
+}
+
+/// Writes this process's PID to `path` (write, then rename, so readers never see half a file).
+pub fn write_pid_file(path: &Path) -> Result<()> {
+    let tmp = path.with_extension("pid.tmp");
+    std::fs::write(&tmp, format!("{}\n", std::process::id()))
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .context(ErrorKind::Internal, format!("write pid file {}", path.display()))
+}
+
+/// Removes `path` if it still holds this process's PID (a restarted copy may have replaced it).
+pub fn remove_pid_file(path: &Path) {
+    if read_pid_file(path) == Some(std::process::id() as i32) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// The PID in `path`, if it holds one.
+pub fn read_pid_file(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}

@@ -1,0 +1,18 @@
+//! berth-core: what every berth process shares and nothing more — the error type and its
+//! mappings, validated ids and image references, typed config and the daemon.json mapping,
+//! telemetry, Unix-socket gRPC helpers and the daemon `main` harness. No daemon logic lives here.
+
+pub mod config;
+pub mod daemon;
+pub mod daemon_json;
+pub mod error;
+pub mod grpc;
+pub mod id;
+pub mod reference;
+pub mod telemetry;
+pub mod uds;
+
+pub use config::{Config, Service};
+pub use error::{Context, Error, ErrorKind, Result};
+pub use id::{Digest, Id};
+pub use reference::Reference;

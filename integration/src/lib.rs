@@ -1,0 +1,5 @@
+//! Test kit shared by the integration tests: starting real berth binaries on temp dirs, test
+//! images, registries, and cleanup that runs even when a test fails.
+
+pub mod shim_kit;
+pub mod snapshotter_kit;
