@@ -116,6 +116,24 @@ where
     F: FnOnce(Config, UnixListener, CancellationToken) -> Fut,
     Fut: Future<Output = Result<()>>,
 {
+    main_with(service, args, move |cfg, shutdown| async move {
+        let socket = cfg.socket(service);
+        let listener =
+            crate::uds::bind(&socket, cfg.socket_mode, cfg.socket_group.as_deref()).await?;
+        tracing::info!(socket = %socket.display(), "serving gRPC");
+        let result = run(cfg, listener, shutdown).await;
+        let _ = std::fs::remove_file(&socket);
+        result
+    })
+}
+
+/// Like [`main`] for a daemon that opens its own listeners (the gateway): `run` gets the config
+/// and the shutdown token.
+pub fn main_with<F, Fut>(service: Service, args: &ConfigArgs, run: F) -> ExitCode
+where
+    F: FnOnce(Config, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
     let cfg = match args.load() {
         Ok(cfg) => cfg,
         Err(err) => {
@@ -136,16 +154,31 @@ where
     };
     runtime.block_on(async move {
         let rust_log = std::env::var("RUST_LOG").ok();
-        let telemetry = match crate::telemetry::init(service.binary(), &cfg.telemetry, rust_log.as_deref()) {
-            Ok(t) => t,
-            Err(err) => {
-                eprintln!("{}: {}", service.binary(), err.chain());
-                return exit_code(&err);
-            }
+        let telemetry =
+            match crate::telemetry::init(service.binary(), &cfg.telemetry, rust_log.as_deref()) {
+                Ok(t) => t,
+                Err(err) => {
+                    eprintln!("{}: {}", service.binary(), err.chain());
+                    return exit_code(&err);
+                }
+            };
+        let pid_file = cfg.pid_file(service);
+        let shutdown = CancellationToken::new();
+        let on_signal = shutdown.clone();
+        tokio::spawn(async move {
+            termination_signal().await;
+            tracing::info!("termination signal received, shutting down");
+            on_signal.cancel();
+        });
+        tracing::info!(pid = std::process::id(), "{} starting", service.binary());
+        let result = match write_pid_file(&pid_file) {
+            Ok(()) => run(cfg, shutdown).await,
+            Err(err) => Err(err),
         };
-        let result = serve(service, cfg, run).await;
-        if let Err(err) = &result {
-            tracing::error!(error = %err.chain(), "{} failed", service.binary());
+        remove_pid_file(&pid_file);
+        match &result {
+            Ok(()) => tracing::info!("{} stopped", service.binary()),
+            Err(err) => tracing::error!(error = %err.chain(), "{} failed", service.binary()),
         }
         telemetry.shutdown().await;
         match result {
@@ -153,32 +186,6 @@ where
             Err(err) => exit_code(&err),
         }
     })
-}
-
-async fn serve<F, Fut>(service: Service, cfg: Config, run: F) -> Result<()>
-where
-    F: FnOnce(Config, UnixListener, CancellationToken) -> Fut,
-    Fut: Future<Output = Result<()>>,
-{
-    let socket = cfg.socket(service);
-    let listener = crate::uds::bind(&socket, cfg.socket_mode, cfg.socket_group.as_deref()).await?;
-    let pid_file = cfg.pid_file(service);
-    write_pid_file(&pid_file)?;
-
-    let shutdown = CancellationToken::new();
-    let on_signal = shutdown.clone();
-    tokio::spawn(async move {
-        termination_signal().await;
-        tracing::info!("termination signal received, shutting down");
-        on_signal.cancel();
-    });
-
-    tracing::info!(socket = %socket.display(), pid = std::process::id(), "{} starting", service.binary());
-    let result = run(cfg, listener, shutdown).await;
-    let _ = std::fs::remove_file(&socket);
-    remove_pid_file(&pid_file);
-    tracing::info!("{} stopped", service.binary());
-    result
 }
 
 /// Writes this process's PID to `path` (write, then rename, so readers never see half a file).

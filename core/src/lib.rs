@@ -8,7 +8,9 @@ pub mod daemon_json;
 pub mod error;
 pub mod grpc;
 pub mod id;
+pub mod mount;
 pub mod reference;
+pub mod snapshots;
 pub mod telemetry;
 pub mod uds;
 

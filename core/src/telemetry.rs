@@ -58,7 +58,9 @@ pub fn init(service: &str, config: &TelemetryConfig, env_filter: Option<&str>) -
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service.to_string())));
 
     let json = config.log_format == "json";
-    let text_layer = (!json).then(|| tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let text_layer = (!json)
+        .then(|| tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr));
     let json_layer =
         json.then(|| tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr));
 

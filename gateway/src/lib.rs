@@ -1,1 +1,258 @@
-//! placeholder
+//! berth-gateway: the Docker Engine API (and later the CRI) in front of berth's services.
+//!
+//! Stateless: every answer is read back from the services over gRPC. Routes are
+//! parse → typed request → backend call → Docker-shaped response; [`app`] builds the router so
+//! tests can drive it without a socket.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use berth_core::grpc::ServingStatus;
+use berth_core::uds::ListenAddr;
+use berth_core::{Config, Context, Error, ErrorKind, Result, Service};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub mod tls;
+
+/// The API version berth advertises.
+pub const API_VERSION: &str = "1.45";
+/// The oldest API version berth accepts.
+pub const MIN_API_VERSION: &str = "1.24";
+
+/// What the handlers share: how to reach the services.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    engine_socket: PathBuf,
+}
+
+impl AppState {
+    /// State for a stack configured by `config`.
+    pub fn new(config: &Config) -> Self {
+        Self { engine_socket: config.socket(Service::Engine) }
+    }
+}
+
+/// A Docker API error: `{"message": …}` with the status its kind maps to.
+#[derive(Debug)]
+pub struct ApiError(Error);
+
+impl From<Error> for ApiError {
+    fn from(err: Error) -> Self {
+        Self(err)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "message": self.0.chain() });
+        (self.0.kind().http_status(), axum::Json(body)).into_response()
+    }
+}
+
+/// The Docker API router.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/_ping", get(ping).head(ping))
+        .route("/version", get(version))
+        .fallback(not_implemented)
+        .layer(middleware::from_fn(docker_headers))
+        .with_state(state)
+}
+
+/// Strips the `/v1.NN` prefix after checking the version, so routes are written once.
+/// Applied outside the router because routing must see the rewritten path.
+async fn strip_version(mut req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if let Some(rest) = path.strip_prefix("/v") {
+        let (version, tail) = rest.split_once('/').unwrap_or((rest, ""));
+        if version.split_once('.').is_some_and(|(a, b)| {
+            !a.is_empty() && a.bytes().all(|c| c.is_ascii_digit()) && b.bytes().all(|c| c.is_ascii_digit())
+        }) {
+            if let Err(err) = check_version(version) {
+                return ApiError(err).into_response();
+            }
+            let new_path = format!("/{tail}");
+            let pq = match req.uri().query() {
+                Some(q) => format!("{new_path}?{q}"),
+                None => new_path,
+            };
+            if let Ok(uri) = pq.parse::<Uri>() {
+                *req.uri_mut() = uri;
+            }
+        }
+    }
+    next.run(req).await
+}
+
+fn version_tuple(v: &str) -> (u32, u32) {
+    let (a, b) = v.split_once('.').unwrap_or((v, "0"));
+    (a.parse().unwrap_or(0), b.parse().unwrap_or(0))
+}
+
+fn check_version(v: &str) -> Result<()> {
+    let want = version_tuple(v);
+    if want > version_tuple(API_VERSION) {
+        return Err(Error::invalid_argument(format!(
+            "client version {v} is too new. Maximum supported API version is {API_VERSION}"
+        )));
+    }
+    if want < version_tuple(MIN_API_VERSION) {
+        return Err(Error::invalid_argument(format!(
+            "client version {v} is too old. Minimum supported API version is {MIN_API_VERSION}, \
+             please upgrade your client to a newer version"
+        )));
+    }
+    Ok(())
+}
+
+/// Every response carries Docker's identification headers; every request runs in a span that
+/// continues the caller's trace.
+async fn docker_headers(req: Request, next: Next) -> Response {
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = %format!("{} {}", req.method(), req.uri().path()),
+        otel.kind = "server",
+        http.method = %req.method(),
+        http.path = %req.uri().path(),
+    );
+    berth_core::telemetry::set_remote_parent(&span, req.headers());
+    let mut resp = next.run(req).instrument(span).await;
+    let headers = resp.headers_mut();
+    headers.insert("api-version", HeaderValue::from_static(API_VERSION));
+    headers.insert("docker-experimental", HeaderValue::from_static("false"));
+    headers.insert("ostype", HeaderValue::from_static("linux"));
+    headers.insert(
+        "server",
+        HeaderValue::from_static(concat!("berth/", env!("CARGO_PKG_VERSION"), " (linux)")),
+    );
+    resp
+}
+
+/// `GET|HEAD /_ping`: OK when the engine answers its health check.
+async fn ping(State(state): State<AppState>, method: Method) -> Response {
+    let healthy = tokio::time::timeout(
+        Duration::from_secs(2),
+        berth_core::grpc::check_health(&state.engine_socket),
+    )
+    .await;
+    let (status, body) = match healthy {
+        Ok(Ok(ServingStatus::Serving)) => (StatusCode::OK, "OK"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "engine unavailable"),
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert("cache-control", HeaderValue::from_static("no-cache, no-store, must-revalidate"));
+    headers.insert("pragma", HeaderValue::from_static("no-cache"));
+    headers.insert("content-type", HeaderValue::from_static("text/plain; charset=utf-8"));
+    if method == Method::HEAD {
+        (status, headers).into_response()
+    } else {
+        (status, headers, body).into_response()
+    }
+}
+
+/// `GET /version`.
+async fn version() -> Response {
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    axum::Json(serde_json::json!({
+        "Platform": { "Name": "berth" },
+        "Components": [{
+            "Name": "Engine",
+            "Version": env!("CARGO_PKG_VERSION"),
+            "Details": { "ApiVersion": API_VERSION, "MinAPIVersion": MIN_API_VERSION, "Os": "linux", "Arch": go_arch() }
+        }],
+        "Version": env!("CARGO_PKG_VERSION"),
+        "ApiVersion": API_VERSION,
+        "MinAPIVersion": MIN_API_VERSION,
+        "GitCommit": "",
+        "GoVersion": "",
+        "Os": "linux",
+        "Arch": go_arch(),
+        "KernelVersion": kernel,
+        "BuildTime": "",
+    }))
+    .into_response()
+}
+
+/// The architecture as Docker names it (Go's GOARCH).
+fn go_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// Everything not routed yet: a clear 501 naming the endpoint.
+async fn not_implemented(method: Method, uri: Uri) -> ApiError {
+    ApiError(Error::new(
+        ErrorKind::Unimplemented,
+        format!("{method} {} is not implemented by berth yet", uri.path()),
+    ))
+}
+
+/// Serves the Docker API on every host in `config` until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    let router = app(AppState::new(&config));
+    // Outside the router, so that routing sees the path without its version prefix.
+    let service = tower::Layer::layer(&middleware::from_fn(strip_version), router);
+    let mut servers = tokio::task::JoinSet::new();
+    let mut sockets = Vec::new();
+    for host in config.gateway_hosts() {
+        let svc = axum::ServiceExt::<Request>::into_make_service(service.clone());
+        let stop = shutdown.clone().cancelled_owned();
+        match ListenAddr::parse(&host)? {
+            ListenAddr::Unix(path) => {
+                let listener =
+                    berth_core::uds::bind(&path, 0o660, config.socket_group.as_deref()).await?;
+                tracing::info!(socket = %path.display(), "serving the Docker API");
+                sockets.push(path);
+                servers.spawn(async move { axum::serve(listener, svc).with_graceful_shutdown(stop).await });
+            }
+            ListenAddr::Tcp(addr) => {
+                let listener = tokio::net::TcpListener::bind(&addr)
+                    .await
+                    .context(ErrorKind::Unavailable, format!("bind {addr}"))?;
+                if config.gateway.tls || config.gateway.tlsverify {
+                    let tls = tls::TlsListener::new(listener, tls::server_config(&config.gateway)?)?;
+                    tracing::info!(
+                        %addr,
+                        verify_clients = config.gateway.tlsverify,
+                        "serving the Docker API over TLS"
+                    );
+                    servers.spawn(async move {
+                        axum::serve(tls, svc).with_graceful_shutdown(stop).await
+                    });
+                } else {
+                    tracing::warn!(
+                        %addr,
+                        "serving the Docker API on plain TCP without TLS: anyone who reaches it controls this host"
+                    );
+                    servers.spawn(async move {
+                        axum::serve(listener, svc).with_graceful_shutdown(stop).await
+                    });
+                }
+            }
+        }
+    }
+    let mut result = Ok(());
+    while let Some(done) = servers.join_next().await {
+        if let Ok(Err(err)) = done {
+            tracing::error!(error = %err, "Docker API listener failed");
+            result = Err(Error::internal("Docker API listener failed").with_source(err));
+            shutdown.cancel();
+        }
+    }
+    for path in sockets {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}

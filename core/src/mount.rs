@@ -1,0 +1,1 @@
+//! Performing mounts described by snapshotters (containerd `Mount` lists).

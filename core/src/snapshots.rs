@@ -1,0 +1,1 @@
+//! The `Snapshotter` contract and its gRPC proxy.
