@@ -16,6 +16,7 @@ PACKAGES=(
   containerd                    # ctr: containerd as a real snapshotter client in tests
   hyperfine                     # make bench
   curl
+  openssl                       # test certificates (TLS tests)
   procps
   python3
 )

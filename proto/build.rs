@@ -20,12 +20,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut files = Vec::new();
     collect(root, &mut files)?;
     files.sort();
-    let relative: Vec<PathBuf> =
-        files.iter().map(|f| f.strip_prefix(root).unwrap().to_path_buf()).collect();
+    let relative: Vec<PathBuf> = files
+        .iter()
+        .map(|f| f.strip_prefix(root).unwrap().to_path_buf())
+        .collect();
 
     let fds = protox::compile(&relative, [root])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out_dir.join("descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
+    std::fs::write(
+        out_dir.join("descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
 
     tonic_prost_build::configure()
         .build_server(true)

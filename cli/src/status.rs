@@ -37,10 +37,12 @@ pub fn address(cfg: &Config, service: Service) -> String {
 }
 
 fn gateway_socket(cfg: &Config) -> Option<PathBuf> {
-    cfg.gateway_hosts().iter().find_map(|h| match ListenAddr::parse(h) {
-        Ok(ListenAddr::Unix(p)) => Some(p),
-        _ => None,
-    })
+    cfg.gateway_hosts()
+        .iter()
+        .find_map(|h| match ListenAddr::parse(h) {
+            Ok(ListenAddr::Unix(p)) => Some(p),
+            _ => None,
+        })
 }
 
 async fn probe_gateway(cfg: &Config) -> Result<()> {
@@ -66,7 +68,9 @@ async fn probe_gateway(cfg: &Config) -> Result<()> {
     if status.is_success() {
         Ok(())
     } else {
-        Err(Error::unavailable(format!("GET /version answered {status}")))
+        Err(Error::unavailable(format!(
+            "GET /version answered {status}"
+        )))
     }
 }
 
@@ -97,7 +101,10 @@ pub fn main(args: ConfigArgs) -> ExitCode {
             return daemon::exit_code(&err);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("berth status: {err}");
@@ -105,7 +112,10 @@ pub fn main(args: ConfigArgs) -> ExitCode {
         }
     };
     let all_healthy = runtime.block_on(async {
-        println!("{:<12} {:<8} {:<10} {:<8} SOCKET", "SERVICE", "PID", "HEALTH", "UPTIME");
+        println!(
+            "{:<12} {:<8} {:<10} {:<8} SOCKET",
+            "SERVICE", "PID", "HEALTH", "UPTIME"
+        );
         let mut all = true;
         for service in Service::ALL {
             let pid_file = cfg.pid_file(service);
@@ -131,5 +141,9 @@ pub fn main(args: ConfigArgs) -> ExitCode {
         }
         all
     });
-    if all_healthy { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    if all_healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }

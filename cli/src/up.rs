@@ -38,7 +38,10 @@ pub fn main(args: ConfigArgs) -> ExitCode {
     };
     // Current-thread runtime: children get PR_SET_PDEATHSIG, which fires when the *thread* that
     // forked them exits, so every child must be spawned from the main thread.
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("berth up: start runtime: {err}");
@@ -47,13 +50,14 @@ pub fn main(args: ConfigArgs) -> ExitCode {
     };
     runtime.block_on(async move {
         let rust_log = std::env::var("RUST_LOG").ok();
-        let telemetry = match berth_core::telemetry::init("berth", &cfg.telemetry, rust_log.as_deref()) {
-            Ok(t) => t,
-            Err(err) => {
-                eprintln!("berth up: {}", err.chain());
-                return daemon::exit_code(&err);
-            }
-        };
+        let telemetry =
+            match berth_core::telemetry::init("berth", &cfg.telemetry, rust_log.as_deref()) {
+                Ok(t) => t,
+                Err(err) => {
+                    eprintln!("berth up: {}", err.chain());
+                    return daemon::exit_code(&err);
+                }
+            };
         let result = up(&args, &cfg).await;
         telemetry.shutdown().await;
         match result {
@@ -69,8 +73,9 @@ pub fn main(args: ConfigArgs) -> ExitCode {
 
 async fn up(args: &ConfigArgs, cfg: &Config) -> Result<()> {
     for dir in [&cfg.root, &cfg.state_dir] {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::from(e).with_source(std::io::Error::other(dir.display().to_string())))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::from(e).with_source(std::io::Error::other(dir.display().to_string()))
+        })?;
     }
     let pid_file = cfg.state_dir.join("berth.pid");
     if let Some(pid) = daemon::read_pid_file(&pid_file).filter(|p| status::alive(*p)) {
@@ -115,7 +120,10 @@ async fn up(args: &ConfigArgs, cfg: &Config) -> Result<()> {
     }
     if start_error.is_none() {
         tracing::info!(state_dir = %cfg.state_dir.display(), "berth is up");
-        println!("berth is up; Docker API at {}", cfg.gateway_hosts().join(", "));
+        println!(
+            "berth is up; Docker API at {}",
+            cfg.gateway_hosts().join(", ")
+        );
         signal.await;
         tracing::info!("stopping berth");
     }
@@ -256,8 +264,15 @@ impl Supervisor {
     async fn stop_child(&self, child: &mut Child) {
         if let Some(pid) = child.id() {
             let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-            if tokio::time::timeout(STOP_TIMEOUT, child.wait()).await.is_err() {
-                tracing::warn!(service = self.service.name(), pid, "did not stop in time; killing it");
+            if tokio::time::timeout(STOP_TIMEOUT, child.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    service = self.service.name(),
+                    pid,
+                    "did not stop in time; killing it"
+                );
                 let _ = child.kill().await;
             }
         }
@@ -275,5 +290,13 @@ async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) -> bool {
 
 fn libc_prctl_pdeathsig() -> i32 {
     // SAFETY: PR_SET_PDEATHSIG takes a signal number and has no memory effects.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) }
+    unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGTERM as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    }
 }

@@ -78,7 +78,11 @@ pub struct TelemetryConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        Self { log_level: "info".into(), log_format: "text".into(), otlp_endpoint: None }
+        Self {
+            log_level: "info".into(),
+            log_format: "text".into(),
+            otlp_endpoint: None,
+        }
     }
 }
 
@@ -130,7 +134,10 @@ pub struct SnapshotterConfig {
 
 impl Default for SnapshotterConfig {
     fn default() -> Self {
-        Self { socket: None, driver: "overlayfs".into() }
+        Self {
+            socket: None,
+            driver: "overlayfs".into(),
+        }
     }
 }
 
@@ -191,7 +198,10 @@ impl Default for NetworkConfig {
             socket: None,
             bridge: "berth0".into(),
             bip: "172.29.0.1/16".into(),
-            default_address_pools: vec![AddressPool { base: "172.30.0.0/15".into(), size: 24 }],
+            default_address_pools: vec![AddressPool {
+                base: "172.30.0.0/15".into(),
+                size: 24,
+            }],
             mtu: 1500,
             dns: Vec::new(),
             dns_search: Vec::new(),
@@ -239,7 +249,15 @@ impl Default for EngineConfig {
     fn default() -> Self {
         let runtimes = ["runc", "crun"]
             .into_iter()
-            .map(|r| (r.to_string(), RuntimeConfig { path: r.to_string(), args: Vec::new() }))
+            .map(|r| {
+                (
+                    r.to_string(),
+                    RuntimeConfig {
+                        path: r.to_string(),
+                        args: Vec::new(),
+                    },
+                )
+            })
             .collect();
         Self {
             socket: None,
@@ -267,12 +285,15 @@ pub struct ShimConfig {
 
 impl Default for ShimConfig {
     fn default() -> Self {
-        Self { binary: None, log_buffer_bytes: 1 << 20 }
+        Self {
+            binary: None,
+            log_buffer_bytes: 1 << 20,
+        }
     }
 }
 
 /// berth-gateway settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
     /// Where the Docker API is served: `unix:///path` or `tcp://host:port`; default
@@ -292,20 +313,6 @@ pub struct GatewayConfig {
     pub cri_socket: Option<PathBuf>,
 }
 
-impl Default for GatewayConfig {
-    fn default() -> Self {
-        Self {
-            hosts: Vec::new(),
-            tls: false,
-            tlsverify: false,
-            tlscacert: None,
-            tlscert: None,
-            tlskey: None,
-            cri_socket: None,
-        }
-    }
-}
-
 /// The long-running processes of a berth stack, in start order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Service {
@@ -323,8 +330,13 @@ pub enum Service {
 
 impl Service {
     /// Every service, in dependency (start) order.
-    pub const ALL: [Service; 5] =
-        [Service::Snapshotter, Service::Images, Service::Network, Service::Engine, Service::Gateway];
+    pub const ALL: [Service; 5] = [
+        Service::Snapshotter,
+        Service::Images,
+        Service::Network,
+        Service::Engine,
+        Service::Gateway,
+    ];
 
     /// Short name: `images`, `engine`, ...
     pub fn name(self) -> &'static str {
@@ -364,7 +376,10 @@ impl Config {
         let mut builder = config::Config::builder();
         if let Some(path) = file {
             if !path.exists() {
-                return Err(Error::not_found(format!("config file {} does not exist", path.display())));
+                return Err(Error::not_found(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
             }
             builder = builder.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
@@ -391,7 +406,9 @@ impl Config {
     /// Checks what serde cannot: enumerations given as strings, paths that must be absolute.
     pub fn validate(&self) -> Result<()> {
         if !self.root.is_absolute() || !self.state_dir.is_absolute() {
-            return Err(Error::invalid_argument("root and state_dir must be absolute paths"));
+            return Err(Error::invalid_argument(
+                "root and state_dir must be absolute paths",
+            ));
         }
         if !matches!(self.telemetry.log_format.as_str(), "text" | "json") {
             return Err(Error::invalid_argument(format!(
@@ -411,7 +428,11 @@ impl Config {
                 "snapshotter.driver: {driver:?} is neither overlayfs, native nor a [proxy_plugins] entry"
             )));
         }
-        if !self.engine.runtimes.contains_key(&self.engine.default_runtime) {
+        if !self
+            .engine
+            .runtimes
+            .contains_key(&self.engine.default_runtime)
+        {
             return Err(Error::invalid_argument(format!(
                 "engine.default_runtime: no runtime named {:?}",
                 self.engine.default_runtime
@@ -427,12 +448,16 @@ impl Config {
             crate::uds::ListenAddr::parse(host)?;
         }
         if self.gateway.tlsverify && self.gateway.tlscacert.is_none() {
-            return Err(Error::invalid_argument("gateway.tlsverify needs gateway.tlscacert"));
+            return Err(Error::invalid_argument(
+                "gateway.tlsverify needs gateway.tlscacert",
+            ));
         }
         if (self.gateway.tls || self.gateway.tlsverify)
             && (self.gateway.tlscert.is_none() || self.gateway.tlskey.is_none())
         {
-            return Err(Error::invalid_argument("gateway.tls needs gateway.tlscert and gateway.tlskey"));
+            return Err(Error::invalid_argument(
+                "gateway.tls needs gateway.tlscert and gateway.tlskey",
+            ));
         }
         Ok(())
     }
@@ -463,7 +488,10 @@ impl Config {
     /// Where the Docker API is served.
     pub fn gateway_hosts(&self) -> Vec<String> {
         if self.gateway.hosts.is_empty() {
-            vec![format!("unix://{}", self.state_dir.join("docker.sock").display())]
+            vec![format!(
+                "unix://{}",
+                self.state_dir.join("docker.sock").display()
+            )]
         } else {
             self.gateway.hosts.clone()
         }
@@ -506,14 +534,20 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn defaults_are_valid() {
         let cfg = Config::load(None, []).unwrap();
         assert_eq!(cfg, Config::default());
-        assert_eq!(cfg.socket(Service::Engine), PathBuf::from("/run/berth/engine.sock"));
+        assert_eq!(
+            cfg.socket(Service::Engine),
+            PathBuf::from("/run/berth/engine.sock")
+        );
         assert_eq!(cfg.gateway_hosts(), ["unix:///run/berth/docker.sock"]);
     }
 

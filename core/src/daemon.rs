@@ -193,7 +193,10 @@ pub fn write_pid_file(path: &Path) -> Result<()> {
     let tmp = path.with_extension("pid.tmp");
     std::fs::write(&tmp, format!("{}\n", std::process::id()))
         .and_then(|_| std::fs::rename(&tmp, path))
-        .context(ErrorKind::Internal, format!("write pid file {}", path.display()))
+        .context(
+            ErrorKind::Internal,
+            format!("write pid file {}", path.display()),
+        )
 }
 
 /// Removes `path` if it still holds this process's PID (a restarted copy may have replaced it).

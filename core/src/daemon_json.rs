@@ -16,16 +16,31 @@ use crate::error::{Context, Error, ErrorKind, Result};
 /// Docker keys that berth accepts but that have no effect on it (berth always behaves as the
 /// comment says).
 const ACCEPTED_WITHOUT_EFFECT: &[(&str, &str)] = &[
-    ("live-restore", "containers always survive daemon restarts in berth"),
+    (
+        "live-restore",
+        "containers always survive daemon restarts in berth",
+    ),
     ("experimental", "berth has no experimental switch"),
     ("features", "berth has no feature switches"),
-    ("userland-proxy", "berth publishes ports with netfilter rules only"),
+    (
+        "userland-proxy",
+        "berth publishes ports with netfilter rules only",
+    ),
     ("iptables", "berth always manages its netfilter rules"),
-    ("ip-forward", "berth always enables forwarding for its bridges"),
-    ("ip-masq", "berth always masquerades outbound traffic of non-internal networks"),
+    (
+        "ip-forward",
+        "berth always enables forwarding for its bridges",
+    ),
+    (
+        "ip-masq",
+        "berth always masquerades outbound traffic of non-internal networks",
+    ),
     ("storage-opts", "the snapshotter takes no options"),
     ("exec-opts", "berth picks the cgroup driver itself"),
-    ("shutdown-timeout", "berth never stops containers on shutdown"),
+    (
+        "shutdown-timeout",
+        "berth never stops containers on shutdown",
+    ),
     ("containerd", "berth does not use containerd"),
     ("labels", "daemon labels are not reported"),
 ];
@@ -39,12 +54,18 @@ pub struct Applied {
 
 /// Reads `path` and applies it to `cfg`.
 pub fn apply_file(cfg: &mut Config, path: &Path) -> Result<Applied> {
-    let text = std::fs::read_to_string(path)
-        .context(ErrorKind::InvalidArgument, format!("read daemon config {}", path.display()))?;
+    let text = std::fs::read_to_string(path).context(
+        ErrorKind::InvalidArgument,
+        format!("read daemon config {}", path.display()),
+    )?;
     apply_str(cfg, &text).map_err(|e| {
         Error::new(
             e.kind(),
-            format!("unable to configure berth with file {}: {}", path.display(), e.chain()),
+            format!(
+                "unable to configure berth with file {}: {}",
+                path.display(),
+                e.chain()
+            ),
         )
     })
 }
@@ -157,9 +178,13 @@ fn apply_key(cfg: &mut Config, key: &str, v: Value) -> Result<()> {
             }
             let runtimes: BTreeMap<String, DockerRuntime> = value(v)?;
             for (name, rt) in runtimes {
-                cfg.engine
-                    .runtimes
-                    .insert(name, RuntimeConfig { path: rt.path, args: rt.runtime_args });
+                cfg.engine.runtimes.insert(
+                    name,
+                    RuntimeConfig {
+                        path: rt.path,
+                        args: rt.runtime_args,
+                    },
+                );
             }
         }
         "log-driver" => cfg.engine.log_driver = value(v)?,
@@ -167,7 +192,9 @@ fn apply_key(cfg: &mut Config, key: &str, v: Value) -> Result<()> {
         "bip" => cfg.network.bip = value(v)?,
         "bridge" => cfg.network.bridge = value(v)?,
         "mtu" => cfg.network.mtu = value(v)?,
-        "default-address-pools" => cfg.network.default_address_pools = value::<Vec<AddressPool>>(v)?,
+        "default-address-pools" => {
+            cfg.network.default_address_pools = value::<Vec<AddressPool>>(v)?
+        }
         "dns" => cfg.network.dns = value(v)?,
         "dns-search" => cfg.network.dns_search = value(v)?,
         "dns-opts" => cfg.network.dns_options = value(v)?,
@@ -196,7 +223,11 @@ fn apply_key(cfg: &mut Config, key: &str, v: Value) -> Result<()> {
 
 /// Docker accepts `unix:///x`, `/x` and `tcp://h:p`; berth stores full URLs.
 fn normalise_host(h: &str) -> String {
-    if h.starts_with('/') { format!("unix://{h}") } else { h.to_string() }
+    if h.starts_with('/') {
+        format!("unix://{h}")
+    } else {
+        h.to_string()
+    }
 }
 
 #[cfg(test)]
@@ -222,7 +253,10 @@ mod tests {
             }"#,
         )
         .unwrap();
-        assert_eq!(cfg.gateway.hosts, ["unix:///tmp/d.sock", "unix:///tmp/e.sock"]);
+        assert_eq!(
+            cfg.gateway.hosts,
+            ["unix:///tmp/d.sock", "unix:///tmp/e.sock"]
+        );
         assert_eq!(cfg.root, PathBuf::from("/srv/berth"));
         assert_eq!(cfg.snapshotter.driver, "native");
         assert_eq!(cfg.images.insecure_registries, ["reg.local:5000"]);
@@ -236,19 +270,28 @@ mod tests {
     #[test]
     fn unknown_keys_are_named() {
         let mut cfg = Config::default();
-        let err = apply_str(&mut cfg, r#"{"debug": true, "bogus-key": 1, "other": 2}"#).unwrap_err();
+        let err =
+            apply_str(&mut cfg, r#"{"debug": true, "bogus-key": 1, "other": 2}"#).unwrap_err();
         assert_eq!(
             err.message(),
             "the following directives don't match any configuration option: bogus-key, other"
         );
-        assert_eq!(cfg, Config::default(), "nothing applied from a rejected file");
+        assert_eq!(
+            cfg,
+            Config::default(),
+            "nothing applied from a rejected file"
+        );
     }
 
     #[test]
     fn wrong_types_and_bad_json_are_errors() {
         let mut cfg = Config::default();
         let err = apply_str(&mut cfg, r#"{"max-concurrent-downloads": "x"}"#).unwrap_err();
-        assert!(err.message().starts_with("max-concurrent-downloads:"), "{}", err.chain());
+        assert!(
+            err.message().starts_with("max-concurrent-downloads:"),
+            "{}",
+            err.chain()
+        );
         assert!(apply_str(&mut cfg, "{not json").is_err());
         let err = apply_str(&mut cfg, r#"{"storage-driver": "zfs"}"#).unwrap_err();
         assert!(err.chain().contains("zfs"));

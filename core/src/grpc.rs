@@ -29,7 +29,9 @@ pub async fn health() -> (
     tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
 ) {
     let (reporter, service) = tonic_health::server::health_reporter();
-    reporter.set_service_status("", ServingStatus::Serving).await;
+    reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
     (reporter, service)
 }
 
@@ -39,7 +41,10 @@ pub async fn serve(
     listener: UnixListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let path = listener.local_addr().ok().and_then(|a| a.as_pathname().map(Path::to_path_buf));
+    let path = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf));
     let result = router
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
@@ -54,9 +59,12 @@ pub async fn serve(
 pub async fn check_health(socket: &Path) -> Result<ServingStatus> {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus as Wire;
-    let mut client = tonic_health::pb::health_client::HealthClient::new(crate::uds::channel(socket));
+    let mut client =
+        tonic_health::pb::health_client::HealthClient::new(crate::uds::channel(socket));
     let resp = client
-        .check(HealthCheckRequest { service: String::new() })
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .map_err(crate::Error::from)?;
     Ok(match resp.into_inner().status() {
@@ -109,5 +117,38 @@ impl<S, B> tower::Service<http::Request<B>> for Unimplemented<S> {
         let method = req.uri().path().trim_start_matches('/').replace('/', ".");
         let status = tonic::Status::unimplemented(format!("{method} is not implemented yet"));
         std::future::ready(Ok(status.into_http()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use berth_proto::berth::images::v1::images_client::ImagesClient;
+    use berth_proto::berth::images::v1::images_server::ImagesServer;
+
+    use super::*;
+    use crate::ErrorKind;
+
+    #[tokio::test]
+    async fn unimplemented_apis_name_the_method_and_health_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("t.sock");
+        let listener = crate::uds::bind(&sock, 0o600, None).await.unwrap();
+        let (_reporter, health) = health().await;
+        let router = server().add_service(health).add_service(Unimplemented::<ImagesServer<()>>::new());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(serve(router, listener, stop.clone().cancelled_owned()));
+
+        assert_eq!(check_health(&sock).await.unwrap(), ServingStatus::Serving);
+        let mut client = ImagesClient::new(crate::uds::channel(&sock));
+        let status = client.get(berth_proto::berth::images::v1::GetImageRequest::default()).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unimplemented);
+        assert_eq!(status.message(), "berth.images.v1.Images.Get is not implemented yet");
+
+        stop.cancel();
+        task.await.unwrap().unwrap();
+        assert!(!sock.exists(), "socket removed on shutdown");
+        let err = check_health(&sock).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unavailable, "{}", err.chain());
+        assert!(err.chain().contains("t.sock"), "{}", err.chain());
     }
 }

@@ -51,7 +51,9 @@ impl FromStr for Id {
         if Self::is_valid(s) {
             Ok(Self(s.to_string()))
         } else {
-            Err(Error::invalid_argument(format!("invalid id {s:?}: want 64 lowercase hex characters")))
+            Err(Error::invalid_argument(format!(
+                "invalid id {s:?}: want 64 lowercase hex characters"
+            )))
         }
     }
 }
@@ -77,15 +79,24 @@ where
 {
     let input_name = input.strip_prefix('/').unwrap_or(input);
     if input.is_empty() {
-        return Err(Error::invalid_argument(format!("{} name or id is empty", kind.0)));
+        return Err(Error::invalid_argument(format!(
+            "{} name or id is empty",
+            kind.0
+        )));
     }
     if let Some((id, _)) = objects.clone().into_iter().find(|(id, _)| *id == input) {
         return Ok(id);
     }
-    if let Some((id, _)) = objects.clone().into_iter().find(|(_, name)| *name == input_name) {
+    if let Some((id, _)) = objects
+        .clone()
+        .into_iter()
+        .find(|(_, name)| *name == input_name)
+    {
         return Ok(id);
     }
-    let is_hex = input.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let is_hex = input
+        .bytes()
+        .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
     if is_hex {
         let mut matches = objects.into_iter().filter(|(id, _)| id.starts_with(input));
         if let Some((first, _)) = matches.next() {

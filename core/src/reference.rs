@@ -59,7 +59,8 @@ impl Reference {
         if let Some(tag) = tag {
             let mut b = tag.bytes();
             let ok = tag.len() <= 128
-                && b.next().is_some_and(|c| c.is_ascii_alphanumeric() || c == b'_')
+                && b.next()
+                    .is_some_and(|c| c.is_ascii_alphanumeric() || c == b'_')
                 && b.all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'));
             if !ok {
                 return Err(invalid(""));
@@ -70,7 +71,9 @@ impl Reference {
             return Err(invalid(""));
         }
         if path.bytes().any(|c| c.is_ascii_uppercase()) {
-            return Err(invalid(&format!("repository name ({path}) must be lowercase")));
+            return Err(invalid(&format!(
+                "repository name ({path}) must be lowercase"
+            )));
         }
         if !path.split('/').all(valid_path_component) {
             return Err(invalid(""));
@@ -78,7 +81,12 @@ impl Reference {
         if !valid_domain(&domain) {
             return Err(invalid(""));
         }
-        Ok(Self { domain, path, tag: tag.map(str::to_string), digest })
+        Ok(Self {
+            domain,
+            path,
+            tag: tag.map(str::to_string),
+            digest,
+        })
     }
 
     /// The registry host (and port), e.g. `docker.io` or `127.0.0.1:5000`.
@@ -109,7 +117,10 @@ impl Reference {
     /// The repository as Docker prints it: `busybox` for `docker.io/library/busybox`.
     pub fn familiar_repository(&self) -> String {
         if self.domain == DEFAULT_DOMAIN {
-            self.path.strip_prefix("library/").unwrap_or(&self.path).to_string()
+            self.path
+                .strip_prefix("library/")
+                .unwrap_or(&self.path)
+                .to_string()
         } else {
             self.repository()
         }
@@ -122,12 +133,20 @@ impl Reference {
 
     /// The same reference with another tag and no digest.
     pub fn with_tag(&self, tag: &str) -> Self {
-        Self { tag: Some(tag.to_string()), digest: None, ..self.clone() }
+        Self {
+            tag: Some(tag.to_string()),
+            digest: None,
+            ..self.clone()
+        }
     }
 
     /// The same repository pinned to `digest`, without a tag (a RepoDigest).
     pub fn with_digest(&self, digest: Digest) -> Self {
-        Self { tag: None, digest: Some(digest), ..self.clone() }
+        Self {
+            tag: None,
+            digest: Some(digest),
+            ..self.clone()
+        }
     }
 
     fn with_repository(&self, repo: String) -> String {
@@ -147,14 +166,20 @@ impl Reference {
 fn split_domain(name: &str) -> (String, String) {
     let (domain, path) = match name.split_once('/') {
         Some((first, rest))
-            if first.contains('.') || first.contains(':') || first == "localhost"
+            if first.contains('.')
+                || first.contains(':')
+                || first == "localhost"
                 || first.bytes().any(|c| c.is_ascii_uppercase()) =>
         {
             (first.to_string(), rest.to_string())
         }
         _ => (DEFAULT_DOMAIN.to_string(), name.to_string()),
     };
-    let domain = if domain == LEGACY_DOMAIN { DEFAULT_DOMAIN.to_string() } else { domain };
+    let domain = if domain == LEGACY_DOMAIN {
+        DEFAULT_DOMAIN.to_string()
+    } else {
+        domain
+    };
     let path = if domain == DEFAULT_DOMAIN && !path.contains('/') {
         format!("library/{path}")
     } else {
@@ -250,13 +275,22 @@ mod tests {
         assert_eq!(norm("busybox"), "docker.io/library/busybox:latest");
         assert_eq!(norm("busybox:1.36"), "docker.io/library/busybox:1.36");
         assert_eq!(norm("library/busybox"), "docker.io/library/busybox:latest");
-        assert_eq!(norm("index.docker.io/library/busybox"), "docker.io/library/busybox:latest");
+        assert_eq!(
+            norm("index.docker.io/library/busybox"),
+            "docker.io/library/busybox:latest"
+        );
         assert_eq!(norm("user/app:v1"), "docker.io/user/app:v1");
         assert_eq!(norm("localhost/app"), "localhost/app:latest");
-        assert_eq!(norm("127.0.0.1:5000/busybox"), "127.0.0.1:5000/busybox:latest");
+        assert_eq!(
+            norm("127.0.0.1:5000/busybox"),
+            "127.0.0.1:5000/busybox:latest"
+        );
         assert_eq!(norm("127.0.0.1:5000/a/b:c"), "127.0.0.1:5000/a/b:c");
         let d = format!("sha256:{}", "a".repeat(64));
-        assert_eq!(norm(&format!("busybox@{d}")), format!("docker.io/library/busybox@{d}"));
+        assert_eq!(
+            norm(&format!("busybox@{d}")),
+            format!("docker.io/library/busybox@{d}")
+        );
         assert_eq!(
             norm(&format!("busybox:1@{d}")),
             format!("docker.io/library/busybox:1@{d}")
@@ -277,10 +311,22 @@ mod tests {
 
     #[test]
     fn rejects_bad_references() {
-        for bad in ["", "Busybox", "busybox:", "busybox::x", "a//b", "-a", "a-", "busybox@sha256:x", ":tag"]
-        {
+        for bad in [
+            "",
+            "Busybox",
+            "busybox:",
+            "busybox::x",
+            "a//b",
+            "-a",
+            "a-",
+            "busybox@sha256:x",
+            ":tag",
+        ] {
             let err = Reference::parse(bad).unwrap_err();
-            assert!(err.message().starts_with("invalid reference format"), "{bad}: {err}");
+            assert!(
+                err.message().starts_with("invalid reference format"),
+                "{bad}: {err}"
+            );
         }
         assert_eq!(
             Reference::parse("Foo/Bar").unwrap_err().message(),

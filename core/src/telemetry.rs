@@ -27,7 +27,11 @@ pub struct Telemetry {
 /// stderr as text or JSON, filtered by `RUST_LOG` when set (read by the caller and passed as
 /// `env_filter`) or else by `config.log_level`, and spans exported over OTLP when
 /// `config.otlp_endpoint` is set. Must be called inside a Tokio runtime when OTLP is on.
-pub fn init(service: &str, config: &TelemetryConfig, env_filter: Option<&str>) -> Result<Telemetry> {
+pub fn init(
+    service: &str,
+    config: &TelemetryConfig,
+    env_filter: Option<&str>,
+) -> Result<Telemetry> {
     global::set_text_map_propagator(TraceContextPropagator::new());
 
     let filter = EnvFilter::try_new(env_filter.unwrap_or(&config.log_level))
@@ -40,7 +44,10 @@ pub fn init(service: &str, config: &TelemetryConfig, env_filter: Option<&str>) -
                 .with_tonic()
                 .with_endpoint(endpoint.clone())
                 .build()
-                .context(ErrorKind::InvalidArgument, format!("otlp exporter for {endpoint}"))?;
+                .context(
+                    ErrorKind::InvalidArgument,
+                    format!("otlp exporter for {endpoint}"),
+                )?;
             let resource = opentelemetry_sdk::Resource::builder()
                 .with_service_name(service.to_string())
                 .build();
@@ -59,10 +66,16 @@ pub fn init(service: &str, config: &TelemetryConfig, env_filter: Option<&str>) -
 
     let json = config.log_format == "json";
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let text_layer = (!json)
-        .then(|| tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr));
-    let json_layer =
-        json.then(|| tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr));
+    let text_layer = (!json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+    });
+    let json_layer = json.then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+    });
 
     tracing_subscriber::registry()
         .with(filter)
@@ -117,9 +130,10 @@ struct HeaderInjector<'a>(&'a mut http::HeaderMap);
 
 impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(k), Ok(v)) =
-            (http::HeaderName::from_bytes(key.as_bytes()), http::HeaderValue::from_str(&value))
-        {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
             self.0.insert(k, v);
         }
     }

@@ -30,7 +30,9 @@ impl ListenAddr {
     pub fn parse(s: &str) -> Result<Self> {
         if let Some(path) = s.strip_prefix("unix://") {
             if !path.starts_with('/') {
-                return Err(Error::invalid_argument(format!("{s}: unix socket path must be absolute")));
+                return Err(Error::invalid_argument(format!(
+                    "{s}: unix socket path must be absolute"
+                )));
             }
             Ok(Self::Unix(PathBuf::from(path)))
         } else if s.starts_with('/') {
@@ -67,17 +69,21 @@ pub async fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<UnixLis
                 path.display()
             )));
         }
-        std::fs::remove_file(path)
-            .context(ErrorKind::Internal, format!("remove stale socket {}", path.display()))?;
+        std::fs::remove_file(path).context(
+            ErrorKind::Internal,
+            format!("remove stale socket {}", path.display()),
+        )?;
     }
-    let listener =
-        UnixListener::bind(path).context(ErrorKind::Internal, format!("bind {}", path.display()))?;
+    let listener = UnixListener::bind(path)
+        .context(ErrorKind::Internal, format!("bind {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .context(ErrorKind::Internal, format!("chmod {}", path.display()))?;
     if let Some(group) = group {
         let gid = nix::unistd::Group::from_name(group)
             .context(ErrorKind::Internal, format!("look up group {group}"))?
-            .ok_or_else(|| Error::invalid_argument(format!("socket group {group:?} does not exist")))?
+            .ok_or_else(|| {
+                Error::invalid_argument(format!("socket group {group:?} does not exist"))
+            })?
             .gid;
         nix::unistd::chown(path, None, Some(gid))
             .context(ErrorKind::Internal, format!("chown {}", path.display()))?;
@@ -97,9 +103,12 @@ pub fn channel(path: impl Into<PathBuf>) -> Channel {
     let inner = endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
         let path = path.clone();
         async move {
-            UnixStream::connect(&path).await.map(TokioIo::new).map_err(|e| {
-                std::io::Error::new(e.kind(), format!("connect {}: {e}", path.display()))
-            })
+            UnixStream::connect(&path)
+                .await
+                .map(TokioIo::new)
+                .map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("connect {}: {e}", path.display()))
+                })
         }
     }));
     tonic::service::interceptor::InterceptedService::new(inner, TraceInterceptor)
@@ -115,7 +124,10 @@ pub async fn wait_for_socket(path: &Path, timeout: Duration) -> Result<()> {
         if tokio::time::Instant::now() >= deadline {
             return Err(Error::new(
                 ErrorKind::DeadlineExceeded,
-                format!("{} did not accept connections within {timeout:?}", path.display()),
+                format!(
+                    "{} did not accept connections within {timeout:?}",
+                    path.display()
+                ),
             ));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -132,8 +144,14 @@ mod tests {
             ListenAddr::parse("unix:///run/x.sock").unwrap(),
             ListenAddr::Unix("/run/x.sock".into())
         );
-        assert_eq!(ListenAddr::parse("/run/x.sock").unwrap(), ListenAddr::Unix("/run/x.sock".into()));
-        assert_eq!(ListenAddr::parse("tcp://:2376").unwrap(), ListenAddr::Tcp("0.0.0.0:2376".into()));
+        assert_eq!(
+            ListenAddr::parse("/run/x.sock").unwrap(),
+            ListenAddr::Unix("/run/x.sock".into())
+        );
+        assert_eq!(
+            ListenAddr::parse("tcp://:2376").unwrap(),
+            ListenAddr::Tcp("0.0.0.0:2376".into())
+        );
         assert!(ListenAddr::parse("tcp://host").is_err());
         assert!(ListenAddr::parse("fd://").is_err());
         assert!(ListenAddr::parse("unix://rel").is_err());
@@ -144,22 +162,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/x.sock");
         let l = bind(&path, 0o600, None).await.unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         // Live: refused.
         let err = bind(&path, 0o600, None).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::AlreadyExists);
         drop(l);
         // Stale: replaced.
         bind(&path, 0o660, None).await.unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o660);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o660
+        );
     }
 
     #[tokio::test]
     async fn bind_refuses_unknown_groups() {
         let dir = tempfile::tempdir().unwrap();
-        let err = bind(&dir.path().join("y.sock"), 0o660, Some("no-such-group-berth"))
-            .await
-            .unwrap_err();
+        let err = bind(
+            &dir.path().join("y.sock"),
+            0o660,
+            Some("no-such-group-berth"),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     }
 }

@@ -35,7 +35,9 @@ pub struct AppState {
 impl AppState {
     /// State for a stack configured by `config`.
     pub fn new(config: &Config) -> Self {
-        Self { engine_socket: config.socket(Service::Engine) }
+        Self {
+            engine_socket: config.socket(Service::Engine),
+        }
     }
 }
 
@@ -66,6 +68,21 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// `router` behind the version-prefix handling. The layer sits outside the router so that
+/// routing sees the path without its `/v1.NN` prefix.
+pub fn versioned(
+    router: Router,
+) -> impl tower::Service<
+    Request,
+    Response = Response,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    tower::Layer::layer(&middleware::from_fn(strip_version), router)
+}
+
 /// Strips the `/v1.NN` prefix after checking the version, so routes are written once.
 /// Applied outside the router because routing must see the rewritten path.
 async fn strip_version(mut req: Request, next: Next) -> Response {
@@ -73,7 +90,9 @@ async fn strip_version(mut req: Request, next: Next) -> Response {
     if let Some(rest) = path.strip_prefix("/v") {
         let (version, tail) = rest.split_once('/').unwrap_or((rest, ""));
         if version.split_once('.').is_some_and(|(a, b)| {
-            !a.is_empty() && a.bytes().all(|c| c.is_ascii_digit()) && b.bytes().all(|c| c.is_ascii_digit())
+            !a.is_empty()
+                && a.bytes().all(|c| c.is_ascii_digit())
+                && b.bytes().all(|c| c.is_ascii_digit())
         }) {
             if let Err(err) = check_version(version) {
                 return ApiError(err).into_response();
@@ -147,9 +166,15 @@ async fn ping(State(state): State<AppState>, method: Method) -> Response {
         _ => (StatusCode::SERVICE_UNAVAILABLE, "engine unavailable"),
     };
     let mut headers = HeaderMap::new();
-    headers.insert("cache-control", HeaderValue::from_static("no-cache, no-store, must-revalidate"));
+    headers.insert(
+        "cache-control",
+        HeaderValue::from_static("no-cache, no-store, must-revalidate"),
+    );
     headers.insert("pragma", HeaderValue::from_static("no-cache"));
-    headers.insert("content-type", HeaderValue::from_static("text/plain; charset=utf-8"));
+    headers.insert(
+        "content-type",
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     if method == Method::HEAD {
         (status, headers).into_response()
     } else {
@@ -201,9 +226,7 @@ async fn not_implemented(method: Method, uri: Uri) -> ApiError {
 
 /// Serves the Docker API on every host in `config` until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
-    let router = app(AppState::new(&config));
-    // Outside the router, so that routing sees the path without its version prefix.
-    let service = tower::Layer::layer(&middleware::from_fn(strip_version), router);
+    let service = versioned(app(AppState::new(&config)));
     let mut servers = tokio::task::JoinSet::new();
     let mut sockets = Vec::new();
     for host in config.gateway_hosts() {
@@ -215,14 +238,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                     berth_core::uds::bind(&path, 0o660, config.socket_group.as_deref()).await?;
                 tracing::info!(socket = %path.display(), "serving the Docker API");
                 sockets.push(path);
-                servers.spawn(async move { axum::serve(listener, svc).with_graceful_shutdown(stop).await });
+                servers.spawn(async move {
+                    axum::serve(listener, svc)
+                        .with_graceful_shutdown(stop)
+                        .await
+                });
             }
             ListenAddr::Tcp(addr) => {
                 let listener = tokio::net::TcpListener::bind(&addr)
                     .await
                     .context(ErrorKind::Unavailable, format!("bind {addr}"))?;
                 if config.gateway.tls || config.gateway.tlsverify {
-                    let tls = tls::TlsListener::new(listener, tls::server_config(&config.gateway)?)?;
+                    let tls =
+                        tls::TlsListener::new(listener, tls::server_config(&config.gateway)?)?;
                     tracing::info!(
                         %addr,
                         verify_clients = config.gateway.tlsverify,
@@ -237,7 +265,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                         "serving the Docker API on plain TCP without TLS: anyone who reaches it controls this host"
                     );
                     servers.spawn(async move {
-                        axum::serve(listener, svc).with_graceful_shutdown(stop).await
+                        axum::serve(listener, svc)
+                            .with_graceful_shutdown(stop)
+                            .await
                     });
                 }
             }
@@ -255,4 +285,74 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         let _ = std::fs::remove_file(path);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    fn test_app(dir: &std::path::Path) -> impl tower::Service<
+        Request,
+        Response = Response,
+        Error = std::convert::Infallible,
+        Future = impl Send,
+    > + Clone {
+        let mut cfg = Config::default();
+        cfg.state_dir = dir.to_path_buf();
+        versioned(app(AppState::new(&cfg)))
+    }
+
+    async fn call(dir: &std::path::Path, method: &str, uri: &str) -> (StatusCode, HeaderMap, String) {
+        let req = Request::builder().method(method).uri(uri).body(Body::empty()).unwrap();
+        let resp = test_app(dir).oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, headers, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn version_prefixes_are_accepted_within_range() {
+        let dir = tempfile::tempdir().unwrap();
+        for uri in ["/version", "/v1.45/version", "/v1.24/version", "/v1.41/version"] {
+            let (status, headers, body) = call(dir.path(), "GET", uri).await;
+            assert_eq!(status, StatusCode::OK, "{uri}");
+            assert_eq!(headers["api-version"], "1.45");
+            assert_eq!(headers["ostype"], "linux");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["ApiVersion"], "1.45");
+            assert_eq!(v["MinAPIVersion"], "1.24");
+        }
+        let (status, _, body) = call(dir.path(), "GET", "/v1.50/version").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("client version 1.50 is too new"), "{body}");
+        let (status, _, body) = call(dir.path(), "GET", "/v1.12/version").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("Minimum supported API version is 1.24"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn ping_without_an_engine_is_unavailable_and_head_has_no_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let (status, headers, body) = call(dir.path(), "GET", "/_ping").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(headers["api-version"], "1.45");
+        assert_eq!(body, "engine unavailable");
+        let (_, _, body) = call(dir.path(), "HEAD", "/v1.45/_ping").await;
+        assert!(body.is_empty());
+    }
+
+    #[tokio::test]
+    async fn unknown_endpoints_get_a_json_501_naming_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (status, headers, body) = call(dir.path(), "POST", "/v1.45/build").await;
+        assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
+        assert_eq!(headers["content-type"], "application/json");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["message"], "POST /build is not implemented by berth yet");
+    }
 }

@@ -20,11 +20,20 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_file_iter(path)
-        .context(ErrorKind::InvalidArgument, format!("read certificates {}", path.display()))?
+        .context(
+            ErrorKind::InvalidArgument,
+            format!("read certificates {}", path.display()),
+        )?
         .collect::<std::result::Result<Vec<_>, _>>()
-        .context(ErrorKind::InvalidArgument, format!("parse certificates {}", path.display()))?;
+        .context(
+            ErrorKind::InvalidArgument,
+            format!("parse certificates {}", path.display()),
+        )?;
     if certs.is_empty() {
-        return Err(Error::invalid_argument(format!("no certificate in {}", path.display())));
+        return Err(Error::invalid_argument(format!(
+            "no certificate in {}",
+            path.display()
+        )));
     }
     Ok(certs)
 }
@@ -35,20 +44,26 @@ pub fn server_config(cfg: &GatewayConfig) -> Result<Arc<rustls::ServerConfig>> {
     let cert_path = cfg.tlscert.as_deref().ok_or_else(|| missing("tlscert"))?;
     let key_path = cfg.tlskey.as_deref().ok_or_else(|| missing("tlskey"))?;
     let certs = read_certs(cert_path)?;
-    let key = PrivateKeyDer::from_pem_file(key_path)
-        .context(ErrorKind::InvalidArgument, format!("read key {}", key_path.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key_path).context(
+        ErrorKind::InvalidArgument,
+        format!("read key {}", key_path.display()),
+    )?;
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .context(ErrorKind::Internal, "TLS protocol versions")?;
     let builder = if cfg.tlsverify {
-        let ca_path = cfg.tlscacert.as_deref().ok_or_else(|| missing("tlscacert"))?;
+        let ca_path = cfg
+            .tlscacert
+            .as_deref()
+            .ok_or_else(|| missing("tlscacert"))?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in read_certs(ca_path)? {
-            roots
-                .add(cert)
-                .context(ErrorKind::InvalidArgument, format!("CA certificate {}", ca_path.display()))?;
+            roots.add(cert).context(
+                ErrorKind::InvalidArgument,
+                format!("CA certificate {}", ca_path.display()),
+            )?;
         }
         let verifier =
             rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
@@ -58,9 +73,10 @@ pub fn server_config(cfg: &GatewayConfig) -> Result<Arc<rustls::ServerConfig>> {
     } else {
         builder.with_no_client_auth()
     };
-    let config = builder
-        .with_single_cert(certs, key)
-        .context(ErrorKind::InvalidArgument, "server certificate and key do not match")?;
+    let config = builder.with_single_cert(certs, key).context(
+        ErrorKind::InvalidArgument,
+        "server certificate and key do not match",
+    )?;
     Ok(Arc::new(config))
 }
 
@@ -75,7 +91,9 @@ pub struct TlsListener {
 impl TlsListener {
     /// Accepts on `tcp` and completes handshakes with `config`.
     pub fn new(tcp: TcpListener, config: Arc<rustls::ServerConfig>) -> Result<Self> {
-        let local = tcp.local_addr().context(ErrorKind::Internal, "local address")?;
+        let local = tcp
+            .local_addr()
+            .context(ErrorKind::Internal, "local address")?;
         let acceptor = TlsAcceptor::from(config);
         let (tx, ready) = mpsc::channel(64);
         tokio::spawn(async move {
@@ -98,7 +116,9 @@ impl TlsListener {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;
                         }
-                        Ok(Err(err)) => tracing::info!(%peer, error = %err, "TLS handshake refused"),
+                        Ok(Err(err)) => {
+                            tracing::info!(%peer, error = %err, "TLS handshake refused")
+                        }
                         Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
                     }
                 });

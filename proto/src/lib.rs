@@ -1,7 +1,13 @@
 //! berth's internal APIs, generated from the `.proto` files under `proto/`.
 //!
 //! Generated code only: conversions into domain types live with the services that own them.
-#![allow(missing_docs, clippy::all, clippy::pedantic, unused_qualifications, missing_debug_implementations)]
+#![allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    unused_qualifications,
+    missing_debug_implementations
+)]
 
 pub use prost;
 pub use prost_types;

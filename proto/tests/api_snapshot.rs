@@ -28,14 +28,23 @@ fn render_message(out: &mut String, indent: &str, m: &DescriptorProto) {
         };
         let ty = match f.r#type() {
             Type::Message | Type::Enum => f.type_name().to_string(),
-            other => other.as_str_name().trim_start_matches("TYPE_").to_lowercase(),
+            other => other
+                .as_str_name()
+                .trim_start_matches("TYPE_")
+                .to_lowercase(),
         };
         let oneof = f
             .oneof_index
             .filter(|_| !f.proto3_optional())
             .map(|i| format!(" (oneof {})", m.oneof_decl[i as usize].name()))
             .unwrap_or_default();
-        writeln!(out, "{inner}{label}{ty} {} = {}{oneof}", f.name(), f.number()).unwrap();
+        writeln!(
+            out,
+            "{inner}{label}{ty} {} = {}{oneof}",
+            f.name(),
+            f.number()
+        )
+        .unwrap();
     }
     for e in &m.enum_type {
         render_enum(out, &inner, e);
@@ -117,12 +126,29 @@ fn snapshots_api_is_containerd_wire_compatible() {
     let methods: Vec<_> = svc.method.iter().map(|m| m.name()).collect();
     assert_eq!(
         methods,
-        ["Prepare", "View", "Mounts", "Commit", "Remove", "Stat", "Update", "List", "Usage", "Cleanup"]
+        [
+            "Prepare", "View", "Mounts", "Commit", "Remove", "Stat", "Update", "List", "Usage",
+            "Cleanup"
+        ]
     );
-    let commit = file.message_type.iter().find(|m| m.name() == "CommitSnapshotRequest").unwrap();
-    let fields: Vec<_> = commit.field.iter().map(|f| (f.name(), f.number())).collect();
+    let commit = file
+        .message_type
+        .iter()
+        .find(|m| m.name() == "CommitSnapshotRequest")
+        .unwrap();
+    let fields: Vec<_> = commit
+        .field
+        .iter()
+        .map(|f| (f.name(), f.number()))
+        .collect();
     assert_eq!(
         fields,
-        [("snapshotter", 1), ("name", 2), ("key", 3), ("labels", 4), ("parent", 5)]
+        [
+            ("snapshotter", 1),
+            ("name", 2),
+            ("key", 3),
+            ("labels", 4),
+            ("parent", 5)
+        ]
     );
 }

@@ -13,7 +13,11 @@ use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
 /// Serves berth-engine on `listener` until `shutdown` is cancelled.
-pub async fn run(_config: Config, listener: UnixListener, shutdown: CancellationToken) -> Result<()> {
+pub async fn run(
+    _config: Config,
+    listener: UnixListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let (_health, health_service) = grpc::health().await;
     let router = grpc::server()
         .add_service(health_service)

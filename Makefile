@@ -1,0 +1,46 @@
+# berth: `make up` runs the stack, `make test` runs every test, `make bench` measures.
+CARGO ?= cargo
+# Extra flags for `berth up`, e.g. make up BERTH_ARGS="--docker-config /etc/docker/daemon.json"
+BERTH_ARGS ?=
+# Parallel test processes (integration tests mostly wait on processes and the kernel).
+TEST_THREADS ?= 4
+
+.PHONY: all deps build release up test unit lint fmt bench clean
+
+all: build
+
+deps:
+	./deploy/install-deps.sh
+
+build:
+	$(CARGO) build --workspace --bins
+
+release:
+	$(CARGO) build --release --workspace --bins
+
+up: deps release
+	./target/release/berth up $(BERTH_ARGS)
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Every test, unit and integration. Integration tests run the binaries `build` produced.
+test: deps build lint
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --workspace --no-fail-fast --test-threads $(TEST_THREADS); \
+	else \
+		$(CARGO) test --workspace --no-fail-fast -- --test-threads $(TEST_THREADS); \
+	fi
+
+unit:
+	$(CARGO) test --workspace --lib --bins
+
+fmt:
+	$(CARGO) fmt --all
+
+bench: deps release
+	./bench/run.sh
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,283 @@
+//! A whole berth stack started with `berth up` on temp dirs, stopped (and every process it
+//! started killed) on drop, even when the test fails.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use berth_core::Service;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// Where the berth binaries are: `$BERTH_BIN_DIR`, else the workspace's `target/debug`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("BERTH_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug")
+}
+
+/// The path of berth binary `name`, checked to exist.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the binaries first (cargo build --workspace --bins) or set BERTH_BIN_DIR",
+        path.display()
+    );
+    path
+}
+
+/// Returns `true` when a process with `pid` exists (zombies included).
+pub fn alive(pid: i32) -> bool {
+    kill(Pid::from_raw(pid), None).is_ok()
+}
+
+/// Returns `true` for a live, non-zombie process.
+pub fn running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Polls `f` every 10 ms until it returns `Some`, for at most `timeout`.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// How to start a stack.
+#[derive(Debug, Default)]
+pub struct StackBuilder {
+    toml: String,
+    docker_config: Option<String>,
+    env: Vec<(String, String)>,
+}
+
+impl StackBuilder {
+    /// Extra berth.toml text appended to the generated config.
+    pub fn toml(mut self, text: &str) -> Self {
+        self.toml.push_str(text);
+        self.toml.push('\n');
+        self
+    }
+
+    /// A daemon.json passed with `--docker-config`.
+    pub fn docker_config(mut self, json: &str) -> Self {
+        self.docker_config = Some(json.to_string());
+        self
+    }
+
+    /// An environment variable for `berth up` and its services.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Writes the config into a new temp dir and returns the `berth up` command, not started.
+    pub fn prepare(self) -> Result<(tempfile::TempDir, Command)> {
+        let dir = tempfile::Builder::new().prefix("berth-stack-").tempdir()?;
+        let root = dir.path().join("root");
+        let state = dir.path().join("state");
+        let config = dir.path().join("berth.toml");
+        std::fs::write(&config, &self.toml)?;
+        let mut cmd = Command::new(bin("berth"));
+        cmd.arg("up")
+            .arg("--config")
+            .arg(&config)
+            .arg("--root")
+            .arg(&root)
+            .arg("--state-dir")
+            .arg(&state);
+        if let Some(json) = &self.docker_config {
+            let path = dir.path().join("daemon.json");
+            std::fs::write(&path, json)?;
+            cmd.arg("--docker-config").arg(path);
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        Ok((dir, cmd))
+    }
+
+    /// Starts `berth up` and waits until it reports the stack up.
+    pub fn start(self) -> Result<Stack> {
+        let (dir, mut cmd) = self.prepare()?;
+        let log_path = dir.path().join("up.log");
+        let log = std::fs::File::create(&log_path)?;
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout)
+                .lines()
+                .map_while(std::result::Result::ok)
+            {
+                if line.starts_with("berth is up") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let stack = Stack {
+            dir,
+            child,
+            log: log_path,
+        };
+        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            bail!("berth up did not come up; its log:\n{}", stack.log_text());
+        }
+        stack.assert_all_pids()?;
+        Ok(stack)
+    }
+}
+
+/// A running `berth up`.
+#[derive(Debug)]
+pub struct Stack {
+    dir: tempfile::TempDir,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Stack {
+    /// A builder for a stack with the default config.
+    pub fn builder() -> StackBuilder {
+        StackBuilder::default()
+    }
+
+    /// Starts a stack with the default config.
+    pub fn start() -> Result<Stack> {
+        Self::builder().start()
+    }
+
+    /// The data root.
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    /// The state dir.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The temp dir holding everything of this stack.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The Docker API socket.
+    pub fn docker_socket(&self) -> PathBuf {
+        self.state_dir().join("docker.sock")
+    }
+
+    /// The gRPC socket of `service`.
+    pub fn socket(&self, service: Service) -> PathBuf {
+        self.state_dir().join(format!("{}.sock", service.name()))
+    }
+
+    /// PID of `berth up`.
+    pub fn up_pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// PID of `service`, from its PID file.
+    pub fn pid(&self, service: Service) -> Option<i32> {
+        berth_core::daemon::read_pid_file(&self.state_dir().join(format!("{}.pid", service.name())))
+    }
+
+    fn assert_all_pids(&self) -> Result<()> {
+        for s in Service::ALL {
+            match self.pid(s) {
+                Some(pid) if running(pid) => {}
+                other => bail!("{} has no live pid ({other:?})", s.name()),
+            }
+        }
+        Ok(())
+    }
+
+    /// `berth up`'s log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// A `docker` command aimed at this stack.
+    pub fn docker(&self) -> Command {
+        let mut cmd = Command::new("docker");
+        cmd.env(
+            "DOCKER_HOST",
+            format!("unix://{}", self.docker_socket().display()),
+        )
+        .env("DOCKER_CONFIG", self.dir.path().join("docker-cli"));
+        cmd
+    }
+
+    /// A `berth` command with this stack's config flags (for `status`).
+    pub fn berth(&self, sub: &str) -> Command {
+        let mut cmd = Command::new(bin("berth"));
+        cmd.arg(sub)
+            .arg("--config")
+            .arg(self.dir.path().join("berth.toml"))
+            .arg("--root")
+            .arg(self.root())
+            .arg("--state-dir")
+            .arg(self.state_dir());
+        cmd
+    }
+
+    /// Sends SIGTERM to `berth up` and waits for it to exit; returns its exit status.
+    pub fn stop(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        kill(Pid::from_raw(self.up_pid()), Signal::SIGTERM)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "berth up did not stop within {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let pids: Vec<i32> = Service::ALL.iter().filter_map(|s| self.pid(*s)).collect();
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = kill(Pid::from_raw(self.up_pid()), Signal::SIGTERM);
+            let stopped = wait_for(Duration::from_secs(15), || {
+                self.child.try_wait().ok().flatten()
+            });
+            if stopped.is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+        // Whatever `berth up` failed to stop: only processes this stack started.
+        for pid in pids {
+            if running(pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+}
