@@ -611,3 +611,17 @@ mod tests {
         assert_eq!(err.kind(), crate::ErrorKind::NotFound);
     }
 }
+
+#[cfg(test)]
+mod shipped_config {
+    use super::*;
+
+    /// deploy/berth.toml documents every key with its default: loading it must give exactly
+    /// the built-in defaults, so the file and the code cannot drift apart.
+    #[test]
+    fn deploy_berth_toml_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/berth.toml");
+        let cfg = Config::load(Some(&path), []).unwrap();
+        assert_eq!(cfg, Config::default());
+    }
+}

@@ -121,6 +121,7 @@ where
         let listener =
             crate::uds::bind(&socket, cfg.socket_mode, cfg.socket_group.as_deref()).await?;
         tracing::info!(socket = %socket.display(), "serving gRPC");
+        notify_ready();
         let result = run(cfg, listener, shutdown).await;
         let _ = std::fs::remove_file(&socket);
         result
@@ -186,6 +187,11 @@ where
             Err(err) => exit_code(&err),
         }
     })
+}
+
+/// Tells systemd (`Type=notify` units) that the daemon accepts requests. A no-op elsewhere.
+pub fn notify_ready() {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 }
 
 /// Writes this process's PID to `path` (write, then rename, so readers never see half a file).

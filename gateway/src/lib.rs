@@ -273,6 +273,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             }
         }
     }
+    berth_core::daemon::notify_ready();
     let mut result = Ok(());
     while let Some(done) = servers.join_next().await {
         if let Ok(Err(err)) = done {

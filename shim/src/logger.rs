@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::SystemTime;
@@ -124,6 +124,17 @@ pub struct LogPosition {
     pub closed: bool,
 }
 
+/// What a reader needs to follow the writer: its published progress, and the lock that makes
+/// a rotation (renames, new file, new generation) atomic for readers that map generations to
+/// file names.
+#[derive(Debug, Clone)]
+pub struct LogTracker {
+    /// The writer's progress.
+    pub position: watch::Receiver<LogPosition>,
+    /// Held for writing while the writer rotates; hold it for reading while opening files.
+    pub rotation: Arc<RwLock<()>>,
+}
+
 /// Docker splits lines longer than this into partial entries.
 pub const MAX_LINE: usize = 16 * 1024;
 
@@ -143,7 +154,7 @@ pub struct Logger {
     dropped: Arc<AtomicU64>,
     warned: Arc<AtomicBool>,
     limit: usize,
-    position: watch::Receiver<LogPosition>,
+    tracker: LogTracker,
     options: Arc<LogOptions>,
 }
 
@@ -166,7 +177,9 @@ impl Logger {
         let (pos_tx, position) =
             watch::channel(LogPosition { generation: 0, offset: size, closed: false });
         let options = Arc::new(options);
+        let rotation = Arc::new(RwLock::new(()));
         let writer = Writer {
+            rotation: rotation.clone(),
             options: options.clone(),
             file: BufWriter::with_capacity(16 * 1024, file),
             size,
@@ -189,7 +202,7 @@ impl Logger {
             dropped: Arc::new(AtomicU64::new(0)),
             warned: Arc::new(AtomicBool::new(false)),
             limit: options.buffer_bytes.max(1),
-            position,
+            tracker: LogTracker { position, rotation },
             options,
         })
     }
@@ -226,11 +239,11 @@ impl Logger {
     pub async fn mark(&self) -> LogPosition {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Msg::Mark(tx)).is_err() {
-            return *self.position.borrow();
+            return *self.tracker.position.borrow();
         }
         match rx.await {
             Ok(pos) => pos,
-            Err(_) => *self.position.borrow(),
+            Err(_) => *self.tracker.position.borrow(),
         }
     }
 
@@ -239,9 +252,9 @@ impl Logger {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    /// A receiver of the writer's progress, for followers.
-    pub fn position(&self) -> watch::Receiver<LogPosition> {
-        self.position.clone()
+    /// What readers need to follow this writer.
+    pub fn tracker(&self) -> LogTracker {
+        self.tracker.clone()
     }
 
     /// The options it writes with.
@@ -251,6 +264,7 @@ impl Logger {
 }
 
 struct Writer {
+    rotation: Arc<RwLock<()>>,
     options: Arc<LogOptions>,
     file: BufWriter<File>,
     size: u64,
@@ -355,6 +369,8 @@ impl Writer {
 
     fn rotate(&mut self) {
         let _ = self.file.flush();
+        let rotation = self.rotation.clone();
+        let _guard = rotation.write().unwrap_or_else(|e| e.into_inner());
         let path = &self.options.path;
         let result = (|| -> std::io::Result<File> {
             if self.options.max_file <= 1 {
@@ -376,6 +392,8 @@ impl Writer {
                 self.file = BufWriter::with_capacity(16 * 1024, file);
                 self.size = 0;
                 self.generation += 1;
+                // Published under the lock, so readers never see files and generation disagree.
+                self.publish();
             }
             Err(err) => tracing::warn!(%err, path = %path.display(), "rotate log"),
         }

@@ -12,9 +12,9 @@ use std::time::{Duration, SystemTime};
 
 use berth_core::{Error, Result};
 use serde::Deserialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
-use crate::logger::{LogFormat, LogOptions, LogPosition, Stream};
+use crate::logger::{LogFormat, LogOptions, LogPosition, LogTracker, Stream};
 use crate::rfc3339;
 
 /// One entry of the log.
@@ -119,19 +119,19 @@ const BATCH: usize = 256;
 /// Starts reading; batches of entries arrive on the returned channel, which closes at the end
 /// (or on the first error, which is sent last).
 ///
-/// `position` is the writer's progress (needed to follow, and to find which file is which
-/// across rotations). `stop_at` bounds the read at a position the writer reported (for replay
-/// before live output). Without a writer (`position` is `None`) the set is read as it is.
+/// `tracker` follows the writer (needed to follow, and to know which file is which across
+/// rotations). `stop_at` bounds the read at a position the writer reported (for replay before
+/// live output). Without a writer (`tracker` is `None`) the set is read as it is.
 pub fn read(
     log: LogOptions,
-    position: Option<watch::Receiver<LogPosition>>,
+    tracker: Option<LogTracker>,
     opts: ReadOptions,
     stop_at: Option<LogPosition>,
 ) -> mpsc::Receiver<Result<Vec<LogEntry>>> {
     let (tx, rx) = mpsc::channel(2);
     let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
-        let mut reader = Reader { log, position, opts, stop_at, tx: tx.clone(), handle, batch: Vec::new() };
+        let mut reader = Reader { log, tracker, opts, stop_at, tx: tx.clone(), handle, batch: Vec::new() };
         if let Err(err) = reader.run() {
             let _ = tx.blocking_send(Err(err));
         }
@@ -150,7 +150,7 @@ impl From<Gone> for Error {
 
 struct Reader {
     log: LogOptions,
-    position: Option<watch::Receiver<LogPosition>>,
+    tracker: Option<LogTracker>,
     opts: ReadOptions,
     stop_at: Option<LogPosition>,
     tx: mpsc::Sender<Result<Vec<LogEntry>>>,
@@ -169,29 +169,49 @@ struct Cursor {
 
 impl Reader {
     fn current(&self) -> LogPosition {
-        match &self.position {
-            Some(p) => *p.borrow(),
+        match &self.tracker {
+            Some(t) => *t.position.borrow(),
             None => LogPosition { generation: 0, offset: u64::MAX, closed: true },
         }
     }
 
-    /// Opens every file of the set, oldest first, with the generation each belongs to. Retries
-    /// when a rotation happens while opening.
+    /// Runs `f` while no rotation can happen.
+    fn locked<T>(&self, f: impl FnOnce() -> T) -> T {
+        match &self.tracker {
+            Some(t) => {
+                let _guard = t.rotation.read().unwrap_or_else(|e| e.into_inner());
+                f()
+            }
+            None => f(),
+        }
+    }
+
+    /// Opens every file of the set, oldest first, with the generation each belongs to.
     fn open_set(&self) -> Vec<Cursor> {
-        for _ in 0..10 {
-            let before = self.current().generation;
+        self.locked(|| {
+            let current = self.current().generation;
             let mut files = Vec::new();
             for index in (0..self.log.max_file.max(1)).rev() {
                 if let Ok(file) = File::open(self.log.file(index)) {
-                    let generation = before.saturating_sub(u64::from(index));
+                    let generation = current.saturating_sub(u64::from(index));
                     files.push(Cursor { file, generation, offset: 0, carry: Vec::new() });
                 }
             }
-            if self.current().generation == before {
-                return files;
+            files
+        })
+    }
+
+    /// Opens the file of `generation`, if it is still in the set.
+    fn open_generation(&self, generation: u64) -> Option<Cursor> {
+        self.locked(|| {
+            let current = self.current().generation;
+            let index = current.checked_sub(generation)?;
+            if index >= u64::from(self.log.max_file.max(1)) {
+                return None;
             }
-        }
-        Vec::new()
+            let file = File::open(self.log.file(index as u32)).ok()?;
+            Some(Cursor { file, generation, offset: 0, carry: Vec::new() })
+        })
     }
 
     fn run(&mut self) -> Result<()> {
@@ -336,7 +356,9 @@ impl Reader {
 
     /// Streams new entries until the writer closes the log (or `stop_at` is reached).
     fn follow(&mut self, mut cur: Option<Cursor>) -> Result<()> {
-        let Some(mut position) = self.position.clone() else { return self.flush() };
+        let Some(mut position) = self.tracker.as_ref().map(|t| t.position.clone()) else {
+            return self.flush();
+        };
         loop {
             let pos = *position.borrow_and_update();
             if let Some(c) = cur.as_mut() {
@@ -351,15 +373,17 @@ impl Reader {
                 }
                 if pos.generation > c.generation {
                     // Our file was rotated away and everything in it is read: move to the next
-                    // generation, wherever rotation has put it by now.
-                    let next = c.generation + 1;
-                    let index = pos.generation - next;
-                    cur = match File::open(self.log.file(index as u32)) {
-                        Ok(file) if index < u64::from(self.log.max_file.max(1)) => {
-                            Some(Cursor { file, generation: next, offset: 0, carry: Vec::new() })
+                    // generation, wherever rotation has put it by now (when it was rotated out
+                    // of the set before we got to it, the oldest one left).
+                    let mut next = c.generation + 1;
+                    cur = loop {
+                        if let Some(c) = self.open_generation(next) {
+                            break Some(c);
                         }
-                        // Rotated out of the set before we got to it: skip to the current file.
-                        _ => None,
+                        if next >= self.current().generation {
+                            break None;
+                        }
+                        next += 1;
                     };
                     continue;
                 }
@@ -367,13 +391,13 @@ impl Reader {
                     return self.flush();
                 }
             } else {
-                match File::open(self.log.file(0)) {
-                    Ok(file) => {
-                        cur = Some(Cursor { file, generation: pos.generation, offset: 0, carry: Vec::new() });
+                match self.open_generation(self.current().generation) {
+                    Some(c) => {
+                        cur = Some(c);
                         continue;
                     }
-                    Err(_) if pos.closed => return self.flush(),
-                    Err(_) => {}
+                    None if pos.closed => return self.flush(),
+                    None => {}
                 }
             }
             self.flush()?;
@@ -472,9 +496,13 @@ mod tests {
     }
 
     async fn rotated_log(dir: &std::path::Path, lines: u64) -> (LogOptions, Logger) {
+        rotated_log_keeping(dir, lines, 4).await
+    }
+
+    async fn rotated_log_keeping(dir: &std::path::Path, lines: u64, max_file: u32) -> (LogOptions, Logger) {
         let mut opts = LogOptions::json_file(dir.join("container.log"));
         opts.max_size = 700;
-        opts.max_file = 4;
+        opts.max_file = max_file;
         let logger = Logger::start(opts.clone()).unwrap();
         for i in 0..lines {
             let stream = if i % 2 == 0 { Stream::Stdout } else { Stream::Stderr };
@@ -488,34 +516,36 @@ mod tests {
     async fn reads_the_rotated_set_in_order_with_filters_and_tail() {
         let dir = tempfile::tempdir().unwrap();
         let (opts, logger) = rotated_log(dir.path(), 40).await;
-        assert!(logger.position().borrow().generation >= 3);
-        let got = collect(read(opts.clone(), Some(logger.position()), all(), None)).await;
+        assert!(logger.tracker().position.borrow().generation >= 3);
+        let got = collect(read(opts.clone(), Some(logger.tracker()), all(), None)).await;
         // Some of the oldest lines are rotated out; what is left is contiguous and ends at l39.
         let first: u64 = got[0].trim_start_matches('l').trim().parse().unwrap();
         let want: Vec<String> = (first..40).map(|i| format!("l{i}\n")).collect();
         assert_eq!(got, want);
 
         let tail = ReadOptions { tail: Some(5), ..all() };
-        let got = collect(read(opts.clone(), Some(logger.position()), tail, None)).await;
+        let got = collect(read(opts.clone(), Some(logger.tracker()), tail, None)).await;
         assert_eq!(got, ["l35\n", "l36\n", "l37\n", "l38\n", "l39\n"]);
 
         // Tail across a file boundary, stderr only, with a time window.
         let o = ReadOptions { tail: Some(12), stdout: false, until: Some(at(37)), ..all() };
-        let got = collect(read(opts.clone(), Some(logger.position()), o, None)).await;
+        let got = collect(read(opts.clone(), Some(logger.tracker()), o, None)).await;
         let want: Vec<String> = (0..12).rev().map(|k| format!("l{}\n", 37 - 2 * k)).collect();
         assert_eq!(got, want);
 
         let o = ReadOptions { since: Some(at(38)), ..all() };
-        let got = collect(read(opts, Some(logger.position()), o, None)).await;
+        let got = collect(read(opts, Some(logger.tracker()), o, None)).await;
         assert_eq!(got, ["l38\n", "l39\n"]);
     }
 
     #[tokio::test]
     async fn follow_streams_new_lines_across_rotations_until_the_output_ends() {
         let dir = tempfile::tempdir().unwrap();
-        let (opts, logger) = rotated_log(dir.path(), 3).await;
+        // Enough files kept that a follower that falls behind by a few rotations loses nothing
+        // (one that falls behind by more than max_file rotations does, as with Docker).
+        let (opts, logger) = rotated_log_keeping(dir.path(), 3, 100).await;
         let follow = ReadOptions { follow: true, tail: Some(1), ..all() };
-        let mut rx = read(opts, Some(logger.position()), follow, None);
+        let mut rx = read(opts, Some(logger.tracker()), follow, None);
         let first = rx.recv().await.unwrap().unwrap();
         assert_eq!(first[0].data, b"l2\n");
         // Enough new output to rotate several times while following.
@@ -533,6 +563,7 @@ mod tests {
         }
         let want: Vec<String> = (3..60).map(|i| format!("l{i}\n")).collect();
         assert_eq!(got, want);
+        assert!(logger.tracker().position.borrow().generation >= 5);
     }
 
     #[tokio::test]
@@ -543,7 +574,7 @@ mod tests {
         logger.write(Stream::Stdout, at(9), Bytes::from_static(b"after\n"));
         logger.mark().await;
         let o = ReadOptions { follow: true, ..all() };
-        let got = collect(read(opts, Some(logger.position()), o, Some(mark))).await;
+        let got = collect(read(opts, Some(logger.tracker()), o, Some(mark))).await;
         assert_eq!(got.last().unwrap(), "l4\n");
     }
 
