@@ -227,6 +227,7 @@ fn daemon_json_hosts_data_root_storage_registries_and_tls_are_honoured() -> Resu
     make_cert(d, "ca", "client", "extendedKeyUsage=clientAuth\n")?;
     make_cert(d, "other-ca", "stranger", "extendedKeyUsage=clientAuth\n")?;
 
+    let slot = berth_integration::stack::NetSlot::acquire()?;
     let port = free_port();
     let custom_sock = d.join("custom.sock");
     let data_root = d.join("data");
@@ -237,6 +238,9 @@ fn daemon_json_hosts_data_root_storage_registries_and_tls_are_honoured() -> Resu
         "exec-root": state,
         "storage-driver": "vfs",
         "insecure-registries": ["10.1.2.3:5000"],
+        "bridge": slot.bridge("bt"),
+        "bip": format!("10.220.{}.1/24", slot.n()),
+        "default-address-pools": [{"base": format!("10.221.{}.0/24", slot.n()), "size": 28}],
         "tls": true,
         "tlsverify": true,
         "tlscacert": d.join("ca.pem"),
