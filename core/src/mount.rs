@@ -985,6 +985,81 @@ mod tests {
             .unwrap();
     }
 
+    /// Root-only: the real kernel, through both overlay paths and a read-only bind.
+    #[test]
+    fn host_mounts_overlays_beyond_a_page_and_read_only_binds() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipping: mounting needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir
+            .path()
+            .join("a-directory-name-long-enough-to-overflow-a-page-quickly");
+        let layer = |i: usize| base.join(format!("layer-{i:04}"));
+        for i in 0..300 {
+            std::fs::create_dir_all(layer(i)).unwrap();
+            std::fs::write(layer(i).join(format!("f{i}")), i.to_string()).unwrap();
+            std::fs::write(layer(i).join("top"), i.to_string()).unwrap();
+        }
+        std::fs::create_dir_all(dir.path().join("upper")).unwrap();
+        std::fs::create_dir_all(dir.path().join("work")).unwrap();
+        let target = dir.path().join("merged");
+        std::fs::create_dir_all(&target).unwrap();
+        let lower: Vec<String> = (0..300)
+            .rev()
+            .map(|i| layer(i).display().to_string())
+            .collect();
+        let mut overlay = Mount {
+            fstype: "overlay".into(),
+            source: "overlay".into(),
+            target: String::new(),
+            options: vec![
+                format!("upperdir={}", dir.path().join("upper").display()),
+                format!("workdir={}", dir.path().join("work").display()),
+                format!("lowerdir={}", lower.join(":")),
+            ],
+        };
+        assert!(overlay.options[2].len() > 4096);
+        let guard = MountGuard::mount(std::slice::from_ref(&overlay), &target).unwrap();
+        assert_eq!(std::fs::read_to_string(target.join("f0")).unwrap(), "0");
+        assert_eq!(std::fs::read_to_string(target.join("f299")).unwrap(), "299");
+        assert_eq!(std::fs::read_to_string(target.join("top")).unwrap(), "299");
+        std::fs::write(target.join("new"), "new").unwrap();
+        guard.unmount().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("upper/new")).unwrap(),
+            "new"
+        );
+
+        // Short: mount(2), read-only without an upper layer.
+        overlay.options = vec![format!(
+            "lowerdir={}:{}",
+            layer(1).display(),
+            layer(0).display()
+        )];
+        let guard = MountGuard::mount(&[overlay], &target).unwrap();
+        assert_eq!(std::fs::read_to_string(target.join("top")).unwrap(), "1");
+        let err = std::fs::write(target.join("x"), "x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+        drop(guard);
+
+        let guard = MountGuard::mount(
+            &[Mount::bind(layer(7).display().to_string(), true)],
+            &target,
+        )
+        .unwrap();
+        assert_eq!(std::fs::read_to_string(target.join("f7")).unwrap(), "7");
+        let err = std::fs::write(target.join("f7"), "x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+        guard.unmount().unwrap();
+        assert!(
+            !mount_points(&std::fs::read_to_string("/proc/self/mountinfo").unwrap())
+                .iter()
+                .any(|p| p.starts_with(dir.path()))
+        );
+    }
+
     #[test]
     fn mount_accessors() {
         let m = Mount {

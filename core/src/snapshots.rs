@@ -93,7 +93,8 @@ pub struct Info {
     pub updated_at: SystemTime,
 }
 
-/// Disk space a snapshot uses by itself, not counting its parents.
+/// Disk space a snapshot uses: what removing it would free (for a layered backend its own
+/// layer, not its parents; for a copying one its whole copy).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Usage {
     /// Bytes (see the backend's documentation for how it counts).
@@ -154,8 +155,9 @@ pub trait Snapshotter: Send + Sync + 'static {
         fieldpaths: &[String],
     ) -> impl Future<Output = Result<Info>> + Send;
 
-    /// Disk usage of snapshot `key` by itself (not its parents). Committed snapshots report the
-    /// value computed when they were committed; active snapshots are measured on each call.
+    /// Disk usage of snapshot `key`: what removing it would free (see [`Usage`]). Committed
+    /// snapshots report the value computed when they were committed; active snapshots are
+    /// measured on each call.
     fn usage(&self, key: &str) -> impl Future<Output = Result<Usage>> + Send;
 
     /// The mounts that present the active snapshot or view `key`: the same list that
@@ -183,7 +185,12 @@ pub trait Snapshotter: Send + Sync + 'static {
 
     /// Turns the active snapshot `key` into the committed snapshot `name`, with `labels` as its
     /// labels. `key` stops existing. The caller must have unmounted it.
-    fn commit(&self, name: &str, key: &str, labels: Labels) -> impl Future<Output = Result<()>> + Send;
+    fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: Labels,
+    ) -> impl Future<Output = Result<()>> + Send;
 
     /// Removes the snapshot `key` (any kind). A snapshot that is the parent of others cannot be
     /// removed until they are. The caller must have unmounted it.
@@ -197,7 +204,9 @@ pub trait Snapshotter: Send + Sync + 'static {
     fn list(&self, filters: &[String]) -> impl Future<Output = Result<Vec<Info>>> + Send;
 
     /// Frees what the snapshotter holds on disk without a record, such as directories left by a
-    /// crash in the middle of an operation. Never touches live snapshots.
+    /// crash in the middle of an operation. Never touches live snapshots. Optional in
+    /// containerd's API: a remote snapshotter may answer `Unimplemented` (containerd's own
+    /// service does), which callers treat as nothing to clean.
     fn cleanup(&self) -> impl Future<Output = Result<()>> + Send;
 }
 
@@ -235,7 +244,12 @@ impl<S: Snapshotter> Snapshotter for Arc<S> {
     ) -> impl Future<Output = Result<Vec<Mount>>> + Send {
         (**self).view(key, parent, labels)
     }
-    fn commit(&self, name: &str, key: &str, labels: Labels) -> impl Future<Output = Result<()>> + Send {
+    fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: Labels,
+    ) -> impl Future<Output = Result<()>> + Send {
         (**self).commit(name, key, labels)
     }
     fn remove(&self, key: &str) -> impl Future<Output = Result<()>> + Send {
@@ -257,7 +271,11 @@ impl<S: Snapshotter> Snapshotter for Arc<S> {
 pub struct RemoteSnapshotter {
     client: SnapshotsClient<Channel>,
     name: String,
+    namespace: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
+
+/// The gRPC metadata key containerd reads its namespace from.
+const CONTAINERD_NAMESPACE: &str = "containerd-namespace";
 
 impl RemoteSnapshotter {
     /// A proxy to the snapshots service on the Unix socket `socket`. `name` goes into each
@@ -269,13 +287,31 @@ impl RemoteSnapshotter {
 
     /// A proxy over an existing channel.
     pub fn with_channel(channel: Channel, name: impl Into<String>) -> Self {
-        Self { client: SnapshotsClient::new(channel), name: name.into() }
+        Self {
+            client: SnapshotsClient::new(channel),
+            name: name.into(),
+            namespace: None,
+        }
+    }
+
+    /// Sends `containerd-namespace: namespace` with every request. Only containerd's own
+    /// snapshots service needs it (proxy snapshotters, berth-snapshotter included, serve one
+    /// flat key space); with it, berth can use containerd's snapshotters too.
+    pub fn with_namespace(mut self, namespace: &str) -> Result<Self> {
+        let value = namespace
+            .parse()
+            .map_err(|_| Error::invalid_argument(format!("invalid namespace {namespace:?}")))?;
+        self.namespace = Some(value);
+        Ok(self)
     }
 
     /// The snapshotter berth is configured to use: berth-snapshotter's socket, or the
     /// `[proxy_plugins.NAME]` socket that `[snapshotter] driver` names.
     pub fn from_config(config: &Config) -> Self {
-        Self::new(config.snapshotter_address(), config.snapshotter.driver.clone())
+        Self::new(
+            config.snapshotter_address(),
+            config.snapshotter.driver.clone(),
+        )
     }
 
     /// The snapshotter name sent with each request.
@@ -286,15 +322,29 @@ impl RemoteSnapshotter {
     fn client(&self) -> SnapshotsClient<Channel> {
         self.client.clone()
     }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(ns) = &self.namespace {
+            request
+                .metadata_mut()
+                .insert(CONTAINERD_NAMESPACE, ns.clone());
+        }
+        request
+    }
 }
 
 impl Snapshotter for RemoteSnapshotter {
     fn stat(&self, key: &str) -> impl Future<Output = Result<Info>> + Send {
-        let req = pb::StatSnapshotRequest { snapshotter: self.name.clone(), key: key.into() };
+        let req = self.request(pb::StatSnapshotRequest {
+            snapshotter: self.name.clone(),
+            key: key.into(),
+        });
         let mut client = self.client();
         async move {
             let info = client.stat(req).await?.into_inner().info;
-            info.ok_or_else(|| Error::internal("snapshotter answered stat without info"))?.try_into()
+            info.ok_or_else(|| Error::internal("snapshotter answered stat without info"))?
+                .try_into()
         }
     }
 
@@ -304,35 +354,56 @@ impl Snapshotter for RemoteSnapshotter {
         labels: Labels,
         fieldpaths: &[String],
     ) -> impl Future<Output = Result<Info>> + Send {
-        let req = pb::UpdateSnapshotRequest {
+        let req = self.request(pb::UpdateSnapshotRequest {
             snapshotter: self.name.clone(),
             info: Some(pb::Info {
                 name: name.into(),
                 labels: labels.into_iter().collect(),
                 ..Default::default()
             }),
-            update_mask: Some(berth_proto::prost_types::FieldMask { paths: fieldpaths.to_vec() }),
-        };
+            update_mask: Some(berth_proto::prost_types::FieldMask {
+                paths: fieldpaths.to_vec(),
+            }),
+        });
         let mut client = self.client();
         async move {
             let info = client.update(req).await?.into_inner().info;
-            info.ok_or_else(|| Error::internal("snapshotter answered update without info"))?.try_into()
+            info.ok_or_else(|| Error::internal("snapshotter answered update without info"))?
+                .try_into()
         }
     }
 
     fn usage(&self, key: &str) -> impl Future<Output = Result<Usage>> + Send {
-        let req = pb::UsageRequest { snapshotter: self.name.clone(), key: key.into() };
+        let req = self.request(pb::UsageRequest {
+            snapshotter: self.name.clone(),
+            key: key.into(),
+        });
         let mut client = self.client();
         async move {
             let resp = client.usage(req).await?.into_inner();
-            Ok(Usage { size: resp.size, inodes: resp.inodes })
+            Ok(Usage {
+                size: resp.size,
+                inodes: resp.inodes,
+            })
         }
     }
 
     fn mounts(&self, key: &str) -> impl Future<Output = Result<Vec<Mount>>> + Send {
-        let req = pb::MountsRequest { snapshotter: self.name.clone(), key: key.into() };
+        let req = self.request(pb::MountsRequest {
+            snapshotter: self.name.clone(),
+            key: key.into(),
+        });
         let mut client = self.client();
-        async move { Ok(client.mounts(req).await?.into_inner().mounts.into_iter().map(Mount::from).collect()) }
+        async move {
+            Ok(client
+                .mounts(req)
+                .await?
+                .into_inner()
+                .mounts
+                .into_iter()
+                .map(Mount::from)
+                .collect())
+        }
     }
 
     fn prepare(
@@ -341,14 +412,23 @@ impl Snapshotter for RemoteSnapshotter {
         parent: Option<&str>,
         labels: Labels,
     ) -> impl Future<Output = Result<Vec<Mount>>> + Send {
-        let req = pb::PrepareSnapshotRequest {
+        let req = self.request(pb::PrepareSnapshotRequest {
             snapshotter: self.name.clone(),
             key: key.into(),
             parent: parent.unwrap_or_default().into(),
             labels: labels.into_iter().collect(),
-        };
+        });
         let mut client = self.client();
-        async move { Ok(client.prepare(req).await?.into_inner().mounts.into_iter().map(Mount::from).collect()) }
+        async move {
+            Ok(client
+                .prepare(req)
+                .await?
+                .into_inner()
+                .mounts
+                .into_iter()
+                .map(Mount::from)
+                .collect())
+        }
     }
 
     fn view(
@@ -357,24 +437,38 @@ impl Snapshotter for RemoteSnapshotter {
         parent: Option<&str>,
         labels: Labels,
     ) -> impl Future<Output = Result<Vec<Mount>>> + Send {
-        let req = pb::ViewSnapshotRequest {
+        let req = self.request(pb::ViewSnapshotRequest {
             snapshotter: self.name.clone(),
             key: key.into(),
             parent: parent.unwrap_or_default().into(),
             labels: labels.into_iter().collect(),
-        };
+        });
         let mut client = self.client();
-        async move { Ok(client.view(req).await?.into_inner().mounts.into_iter().map(Mount::from).collect()) }
+        async move {
+            Ok(client
+                .view(req)
+                .await?
+                .into_inner()
+                .mounts
+                .into_iter()
+                .map(Mount::from)
+                .collect())
+        }
     }
 
-    fn commit(&self, name: &str, key: &str, labels: Labels) -> impl Future<Output = Result<()>> + Send {
-        let req = pb::CommitSnapshotRequest {
+    fn commit(
+        &self,
+        name: &str,
+        key: &str,
+        labels: Labels,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let req = self.request(pb::CommitSnapshotRequest {
             snapshotter: self.name.clone(),
             name: name.into(),
             key: key.into(),
             labels: labels.into_iter().collect(),
             parent: String::new(),
-        };
+        });
         let mut client = self.client();
         async move {
             client.commit(req).await?;
@@ -383,7 +477,10 @@ impl Snapshotter for RemoteSnapshotter {
     }
 
     fn remove(&self, key: &str) -> impl Future<Output = Result<()>> + Send {
-        let req = pb::RemoveSnapshotRequest { snapshotter: self.name.clone(), key: key.into() };
+        let req = self.request(pb::RemoveSnapshotRequest {
+            snapshotter: self.name.clone(),
+            key: key.into(),
+        });
         let mut client = self.client();
         async move {
             client.remove(req).await?;
@@ -392,7 +489,10 @@ impl Snapshotter for RemoteSnapshotter {
     }
 
     fn list(&self, filters: &[String]) -> impl Future<Output = Result<Vec<Info>>> + Send {
-        let req = pb::ListSnapshotsRequest { snapshotter: self.name.clone(), filters: filters.to_vec() };
+        let req = self.request(pb::ListSnapshotsRequest {
+            snapshotter: self.name.clone(),
+            filters: filters.to_vec(),
+        });
         let mut client = self.client();
         async move {
             let mut stream = client.list(req).await?.into_inner();
@@ -407,7 +507,9 @@ impl Snapshotter for RemoteSnapshotter {
     }
 
     fn cleanup(&self) -> impl Future<Output = Result<()>> + Send {
-        let req = pb::CleanupRequest { snapshotter: self.name.clone() };
+        let req = self.request(pb::CleanupRequest {
+            snapshotter: self.name.clone(),
+        });
         let mut client = self.client();
         async move {
             client.cleanup(req).await?;
@@ -429,7 +531,9 @@ pub struct SnapshotsService<S> {
 
 impl<S> Clone for SnapshotsService<S> {
     fn clone(&self) -> Self {
-        Self { inner: self.inner.clone() }
+        Self {
+            inner: self.inner.clone(),
+        }
     }
 }
 
@@ -457,26 +561,57 @@ type Response<T> = std::result::Result<tonic::Response<T>, tonic::Status>;
 
 #[tonic::async_trait]
 impl<S: Snapshotter> Snapshots for SnapshotsService<S> {
-    async fn prepare(&self, request: tonic::Request<pb::PrepareSnapshotRequest>) -> Response<pb::PrepareSnapshotResponse> {
+    async fn prepare(
+        &self,
+        request: tonic::Request<pb::PrepareSnapshotRequest>,
+    ) -> Response<pb::PrepareSnapshotResponse> {
         let req = request.into_inner();
-        let mounts = self.inner.prepare(&req.key, convert::parent(&req.parent), convert::labels(req.labels)).await?;
-        Ok(tonic::Response::new(pb::PrepareSnapshotResponse { mounts: convert::mounts(mounts) }))
+        let mounts = self
+            .inner
+            .prepare(
+                &req.key,
+                convert::parent(&req.parent),
+                convert::labels(req.labels),
+            )
+            .await?;
+        Ok(tonic::Response::new(pb::PrepareSnapshotResponse {
+            mounts: convert::mounts(mounts),
+        }))
     }
 
-    async fn view(&self, request: tonic::Request<pb::ViewSnapshotRequest>) -> Response<pb::ViewSnapshotResponse> {
+    async fn view(
+        &self,
+        request: tonic::Request<pb::ViewSnapshotRequest>,
+    ) -> Response<pb::ViewSnapshotResponse> {
         let req = request.into_inner();
-        let mounts = self.inner.view(&req.key, convert::parent(&req.parent), convert::labels(req.labels)).await?;
-        Ok(tonic::Response::new(pb::ViewSnapshotResponse { mounts: convert::mounts(mounts) }))
+        let mounts = self
+            .inner
+            .view(
+                &req.key,
+                convert::parent(&req.parent),
+                convert::labels(req.labels),
+            )
+            .await?;
+        Ok(tonic::Response::new(pb::ViewSnapshotResponse {
+            mounts: convert::mounts(mounts),
+        }))
     }
 
-    async fn mounts(&self, request: tonic::Request<pb::MountsRequest>) -> Response<pb::MountsResponse> {
+    async fn mounts(
+        &self,
+        request: tonic::Request<pb::MountsRequest>,
+    ) -> Response<pb::MountsResponse> {
         let mounts = self.inner.mounts(&request.into_inner().key).await?;
-        Ok(tonic::Response::new(pb::MountsResponse { mounts: convert::mounts(mounts) }))
+        Ok(tonic::Response::new(pb::MountsResponse {
+            mounts: convert::mounts(mounts),
+        }))
     }
 
     async fn commit(&self, request: tonic::Request<pb::CommitSnapshotRequest>) -> Response<()> {
         let req = request.into_inner();
-        self.inner.commit(&req.name, &req.key, convert::labels(req.labels)).await?;
+        self.inner
+            .commit(&req.name, &req.key, convert::labels(req.labels))
+            .await?;
         Ok(tonic::Response::new(()))
     }
 
@@ -485,34 +620,64 @@ impl<S: Snapshotter> Snapshots for SnapshotsService<S> {
         Ok(tonic::Response::new(()))
     }
 
-    async fn stat(&self, request: tonic::Request<pb::StatSnapshotRequest>) -> Response<pb::StatSnapshotResponse> {
+    async fn stat(
+        &self,
+        request: tonic::Request<pb::StatSnapshotRequest>,
+    ) -> Response<pb::StatSnapshotResponse> {
         let info = self.inner.stat(&request.into_inner().key).await?;
-        Ok(tonic::Response::new(pb::StatSnapshotResponse { info: Some(info.into()) }))
+        Ok(tonic::Response::new(pb::StatSnapshotResponse {
+            info: Some(info.into()),
+        }))
     }
 
-    async fn update(&self, request: tonic::Request<pb::UpdateSnapshotRequest>) -> Response<pb::UpdateSnapshotResponse> {
+    async fn update(
+        &self,
+        request: tonic::Request<pb::UpdateSnapshotRequest>,
+    ) -> Response<pb::UpdateSnapshotResponse> {
         let update = convert::Update::try_from(request.into_inner())?;
-        let info = self.inner.update(&update.name, update.labels, &update.fieldpaths).await?;
-        Ok(tonic::Response::new(pb::UpdateSnapshotResponse { info: Some(info.into()) }))
+        let info = self
+            .inner
+            .update(&update.name, update.labels, &update.fieldpaths)
+            .await?;
+        Ok(tonic::Response::new(pb::UpdateSnapshotResponse {
+            info: Some(info.into()),
+        }))
     }
 
     type ListStream = Pin<
-        Box<dyn futures::Stream<Item = std::result::Result<pb::ListSnapshotsResponse, tonic::Status>> + Send>,
+        Box<
+            dyn futures::Stream<
+                    Item = std::result::Result<pb::ListSnapshotsResponse, tonic::Status>,
+                > + Send,
+        >,
     >;
 
-    async fn list(&self, request: tonic::Request<pb::ListSnapshotsRequest>) -> Response<Self::ListStream> {
+    async fn list(
+        &self,
+        request: tonic::Request<pb::ListSnapshotsRequest>,
+    ) -> Response<Self::ListStream> {
         let infos = self.inner.list(&request.into_inner().filters).await?;
         let mut batches = Vec::new();
         let mut infos = infos.into_iter().map(pb::Info::from).peekable();
         while infos.peek().is_some() {
-            batches.push(Ok(pb::ListSnapshotsResponse { info: infos.by_ref().take(LIST_BATCH).collect() }));
+            batches.push(Ok(pb::ListSnapshotsResponse {
+                info: infos.by_ref().take(LIST_BATCH).collect(),
+            }));
         }
-        Ok(tonic::Response::new(Box::pin(futures::stream::iter(batches))))
+        Ok(tonic::Response::new(Box::pin(futures::stream::iter(
+            batches,
+        ))))
     }
 
-    async fn usage(&self, request: tonic::Request<pb::UsageRequest>) -> Response<pb::UsageResponse> {
+    async fn usage(
+        &self,
+        request: tonic::Request<pb::UsageRequest>,
+    ) -> Response<pb::UsageResponse> {
         let usage = self.inner.usage(&request.into_inner().key).await?;
-        Ok(tonic::Response::new(pb::UsageResponse { size: usage.size, inodes: usage.inodes }))
+        Ok(tonic::Response::new(pb::UsageResponse {
+            size: usage.size,
+            inodes: usage.inodes,
+        }))
     }
 
     async fn cleanup(&self, _request: tonic::Request<pb::CleanupRequest>) -> Response<()> {
@@ -548,13 +713,23 @@ mod convert {
 
     impl From<pbt::Mount> for Mount {
         fn from(m: pbt::Mount) -> Self {
-            Self { fstype: m.r#type, source: m.source, target: m.target, options: m.options }
+            Self {
+                fstype: m.r#type,
+                source: m.source,
+                target: m.target,
+                options: m.options,
+            }
         }
     }
 
     impl From<Mount> for pbt::Mount {
         fn from(m: Mount) -> Self {
-            Self { r#type: m.fstype, source: m.source, target: m.target, options: m.options }
+            Self {
+                r#type: m.fstype,
+                source: m.source,
+                target: m.target,
+                options: m.options,
+            }
         }
     }
 
@@ -594,20 +769,31 @@ mod convert {
         }
     }
 
-    fn time(ts: Option<berth_proto::prost_types::Timestamp>, what: &str, name: &str) -> Result<SystemTime> {
-        let ts = ts.ok_or_else(|| Error::invalid_argument(format!("snapshot {name:?} has no {what}")))?;
-        SystemTime::try_from(ts)
-            .map_err(|e| Error::invalid_argument(format!("snapshot {name:?}: invalid {what}")).with_source(e))
+    fn time(
+        ts: Option<berth_proto::prost_types::Timestamp>,
+        what: &str,
+        name: &str,
+    ) -> Result<SystemTime> {
+        let ts =
+            ts.ok_or_else(|| Error::invalid_argument(format!("snapshot {name:?} has no {what}")))?;
+        SystemTime::try_from(ts).map_err(|e| {
+            Error::invalid_argument(format!("snapshot {name:?}: invalid {what}")).with_source(e)
+        })
     }
 
     impl TryFrom<pb::Info> for Info {
         type Error = Error;
 
         fn try_from(info: pb::Info) -> Result<Self> {
-            let kind = pb::Kind::try_from(info.kind)
-                .map_err(|_| Error::invalid_argument(format!("snapshot {:?}: unknown kind {}", info.name, info.kind)))?;
-            let kind = Kind::try_from(kind)
-                .map_err(|e| Error::invalid_argument(format!("snapshot {:?}", info.name)).with_source(e))?;
+            let kind = pb::Kind::try_from(info.kind).map_err(|_| {
+                Error::invalid_argument(format!(
+                    "snapshot {:?}: unknown kind {}",
+                    info.name, info.kind
+                ))
+            })?;
+            let kind = Kind::try_from(kind).map_err(|e| {
+                Error::invalid_argument(format!("snapshot {:?}", info.name)).with_source(e)
+            })?;
             Ok(Self {
                 created_at: time(info.created_at, "created_at", &info.name)?,
                 updated_at: time(info.updated_at, "updated_at", &info.name)?,
@@ -630,7 +816,9 @@ mod convert {
         type Error = Error;
 
         fn try_from(req: pb::UpdateSnapshotRequest) -> Result<Self> {
-            let info = req.info.ok_or_else(|| Error::invalid_argument("update request has no snapshot info"))?;
+            let info = req
+                .info
+                .ok_or_else(|| Error::invalid_argument("update request has no snapshot info"))?;
             Ok(Self {
                 name: info.name,
                 labels: labels(info.labels),
@@ -656,10 +844,18 @@ mod tests {
     }
 
     impl Fake {
-        fn create(&self, kind: Kind, key: &str, parent: Option<&str>, labels: Labels) -> Result<Vec<Mount>> {
+        fn create(
+            &self,
+            kind: Kind,
+            key: &str,
+            parent: Option<&str>,
+            labels: Labels,
+        ) -> Result<Vec<Mount>> {
             let mut infos = self.infos.lock().unwrap();
             if infos.contains_key(key) {
-                return Err(Error::already_exists(format!("snapshot {key:?} already exists")));
+                return Err(Error::already_exists(format!(
+                    "snapshot {key:?} already exists"
+                )));
             }
             let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
             let info = Info {
@@ -671,32 +867,53 @@ mod tests {
                 updated_at: now,
             };
             infos.insert(key.into(), info);
-            Ok(vec![Mount::bind(format!("/snap/{key}"), kind == Kind::View)])
+            Ok(vec![Mount::bind(
+                format!("/snap/{key}"),
+                kind == Kind::View,
+            )])
         }
     }
 
     impl Snapshotter for Fake {
         async fn stat(&self, key: &str) -> Result<Info> {
             let infos = self.infos.lock().unwrap();
-            infos.get(key).cloned().ok_or_else(|| Error::not_found(format!("snapshot {key:?} does not exist")))
+            infos
+                .get(key)
+                .cloned()
+                .ok_or_else(|| Error::not_found(format!("snapshot {key:?} does not exist")))
         }
         async fn update(&self, name: &str, labels: Labels, fieldpaths: &[String]) -> Result<Info> {
             assert_eq!(fieldpaths, ["labels.a"]);
             let mut infos = self.infos.lock().unwrap();
-            let info = infos.get_mut(name).ok_or_else(|| Error::not_found("missing"))?;
+            let info = infos
+                .get_mut(name)
+                .ok_or_else(|| Error::not_found("missing"))?;
             info.labels = labels;
             Ok(info.clone())
         }
         async fn usage(&self, _key: &str) -> Result<Usage> {
-            Ok(Usage { size: 4096, inodes: 2 })
+            Ok(Usage {
+                size: 4096,
+                inodes: 2,
+            })
         }
         async fn mounts(&self, key: &str) -> Result<Vec<Mount>> {
             Ok(vec![Mount::bind(format!("/snap/{key}"), false)])
         }
-        async fn prepare(&self, key: &str, parent: Option<&str>, labels: Labels) -> Result<Vec<Mount>> {
+        async fn prepare(
+            &self,
+            key: &str,
+            parent: Option<&str>,
+            labels: Labels,
+        ) -> Result<Vec<Mount>> {
             self.create(Kind::Active, key, parent, labels)
         }
-        async fn view(&self, key: &str, parent: Option<&str>, labels: Labels) -> Result<Vec<Mount>> {
+        async fn view(
+            &self,
+            key: &str,
+            parent: Option<&str>,
+            labels: Labels,
+        ) -> Result<Vec<Mount>> {
             self.create(Kind::View, key, parent, labels)
         }
         async fn commit(&self, _name: &str, _key: &str, _labels: Labels) -> Result<()> {
@@ -720,40 +937,71 @@ mod tests {
         let socket = dir.path().join("snap.sock");
         let listener = crate::uds::bind(&socket, 0o600, None).await.unwrap();
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let router = crate::grpc::server().add_service(SnapshotsService::new(Fake::default()).into_server());
-        let server = tokio::spawn(crate::grpc::serve(router, listener, shutdown.clone().cancelled_owned()));
+        let router =
+            crate::grpc::server().add_service(SnapshotsService::new(Fake::default()).into_server());
+        let server = tokio::spawn(crate::grpc::serve(
+            router,
+            listener,
+            shutdown.clone().cancelled_owned(),
+        ));
 
         let remote = RemoteSnapshotter::new(&socket, "berth");
         let labels: Labels = [("a".to_string(), "1".to_string())].into();
-        let mounts = remote.prepare("k", Some("p"), labels.clone()).await.unwrap();
+        let mounts = remote
+            .prepare("k", Some("p"), labels.clone())
+            .await
+            .unwrap();
         assert_eq!(mounts, [Mount::bind("/snap/k", false)]);
         let info = remote.stat("k").await.unwrap();
         assert_eq!(info.parent.as_deref(), Some("p"));
         assert_eq!(info.kind, Kind::Active);
         assert_eq!(info.labels, labels);
-        assert_eq!(info.created_at, SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        assert_eq!(
+            info.created_at,
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+        );
 
         let err = remote.prepare("k", None, Labels::new()).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::AlreadyExists);
         assert_eq!(err.message(), "snapshot \"k\" already exists");
         let err = remote.commit("n", "k", Labels::new()).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
-        assert_eq!(remote.stat("nope").await.unwrap_err().kind(), ErrorKind::NotFound);
+        assert_eq!(
+            remote.stat("nope").await.unwrap_err().kind(),
+            ErrorKind::NotFound
+        );
 
         let updated = remote
-            .update("k", [("a".to_string(), "2".to_string())].into(), &["labels.a".to_string()])
+            .update(
+                "k",
+                [("a".to_string(), "2".to_string())].into(),
+                &["labels.a".to_string()],
+            )
             .await
             .unwrap();
         assert_eq!(updated.labels["a"], "2");
-        assert_eq!(remote.usage("k").await.unwrap(), Usage { size: 4096, inodes: 2 });
+        assert_eq!(
+            remote.usage("k").await.unwrap(),
+            Usage {
+                size: 4096,
+                inodes: 2
+            }
+        );
 
         // More than one List batch.
         for i in 0..250 {
-            remote.view(&format!("v{i:03}"), None, Labels::new()).await.unwrap();
+            remote
+                .view(&format!("v{i:03}"), None, Labels::new())
+                .await
+                .unwrap();
         }
         let all = remote.list(&[]).await.unwrap();
         assert_eq!(all.len(), 251);
-        assert!(all.iter().filter(|i| i.kind == Kind::View).all(|i| i.name.starts_with('v')));
+        assert!(
+            all.iter()
+                .filter(|i| i.kind == Kind::View)
+                .all(|i| i.name.starts_with('v'))
+        );
         remote.cleanup().await.unwrap();
 
         shutdown.cancel();
@@ -762,10 +1010,26 @@ mod tests {
 
     #[test]
     fn wire_info_without_kind_or_times_is_refused() {
-        let info = pb::Info { name: "x".into(), kind: pb::Kind::Unknown.into(), ..Default::default() };
-        assert_eq!(Info::try_from(info).unwrap_err().kind(), ErrorKind::InvalidArgument);
-        let info = pb::Info { name: "x".into(), kind: pb::Kind::Active.into(), ..Default::default() };
-        assert!(Info::try_from(info).unwrap_err().message().contains("created_at"));
+        let info = pb::Info {
+            name: "x".into(),
+            kind: pb::Kind::Unknown.into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            Info::try_from(info).unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
+        let info = pb::Info {
+            name: "x".into(),
+            kind: pb::Kind::Active.into(),
+            ..Default::default()
+        };
+        assert!(
+            Info::try_from(info)
+                .unwrap_err()
+                .message()
+                .contains("created_at")
+        );
         assert_eq!("committed".parse::<Kind>().unwrap(), Kind::Committed);
         assert!("frozen".parse::<Kind>().is_err());
     }

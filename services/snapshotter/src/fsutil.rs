@@ -62,7 +62,11 @@ pub(crate) fn disk_usage(root: &Path) -> Result<Usage> {
 pub(crate) fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
     let mut links = HashMap::new();
     copy_tree(src, dst, &mut links)?;
-    copy_metadata(src, dst, &fs::symlink_metadata(src).map_err(io_error(format!("stat {}", src.display())))?)
+    copy_metadata(
+        src,
+        dst,
+        &fs::symlink_metadata(src).map_err(io_error(format!("stat {}", src.display())))?,
+    )
 }
 
 fn copy_tree(src: &Path, dst: &Path, links: &mut HashMap<(u64, u64), PathBuf>) -> Result<()> {
@@ -71,7 +75,8 @@ fn copy_tree(src: &Path, dst: &Path, links: &mut HashMap<(u64, u64), PathBuf>) -
         let entry = entry.map_err(io_error(format!("read {}", src.display())))?;
         let from = entry.path();
         let to = dst.join(entry.file_name());
-        let meta = fs::symlink_metadata(&from).map_err(io_error(format!("stat {}", from.display())))?;
+        let meta =
+            fs::symlink_metadata(&from).map_err(io_error(format!("stat {}", from.display())))?;
         let ft = meta.file_type();
         if ft.is_dir() {
             fs::create_dir(&to).map_err(io_error(format!("create {}", to.display())))?;
@@ -89,8 +94,10 @@ fn copy_tree(src: &Path, dst: &Path, links: &mut HashMap<(u64, u64), PathBuf>) -
         if ft.is_file() {
             fs::copy(&from, &to).map_err(io_error(format!("copy {}", from.display())))?;
         } else if ft.is_symlink() {
-            let target = fs::read_link(&from).map_err(io_error(format!("read link {}", from.display())))?;
-            std::os::unix::fs::symlink(&target, &to).map_err(io_error(format!("symlink {}", to.display())))?;
+            let target =
+                fs::read_link(&from).map_err(io_error(format!("read link {}", from.display())))?;
+            std::os::unix::fs::symlink(&target, &to)
+                .map_err(io_error(format!("symlink {}", to.display())))?;
         } else {
             // Devices (overlay whiteouts among them), fifos and sockets.
             let kind = SFlag::from_bits_truncate(meta.mode() & libc::S_IFMT);
@@ -115,8 +122,14 @@ fn copy_metadata(from: &Path, to: &Path, meta: &fs::Metadata) -> Result<()> {
     copy_xattrs(from, to)?;
     let atime = TimeSpec::new(meta.atime(), meta.atime_nsec());
     let mtime = TimeSpec::new(meta.mtime(), meta.mtime_nsec());
-    nix::sys::stat::utimensat(nix::fcntl::AT_FDCWD, to, &atime, &mtime, UtimensatFlags::NoFollowSymlink)
-        .map_err(|e| io_error(format!("set times of {}", to.display()))(e.into()))
+    nix::sys::stat::utimensat(
+        nix::fcntl::AT_FDCWD,
+        to,
+        &atime,
+        &mtime,
+        UtimensatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| io_error(format!("set times of {}", to.display()))(e.into()))
 }
 
 fn cpath(p: &Path) -> Result<CString> {
@@ -134,18 +147,29 @@ fn copy_xattrs(from: &Path, to: &Path) -> Result<()> {
         Err(e) => return Err(io_error(format!("list xattrs of {}", from.display()))(e)),
     };
     for name in names {
-        let value = xattr_value(&src, &name).map_err(io_error(format!("read xattrs of {}", from.display())))?;
+        let value = xattr_value(&src, &name)
+            .map_err(io_error(format!("read xattrs of {}", from.display())))?;
         // SAFETY: `dst` and `name` are NUL-terminated; `value` is valid for `value.len()` bytes.
         let rc = unsafe {
-            libc::lsetxattr(dst.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+            libc::lsetxattr(
+                dst.as_ptr(),
+                name.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                0,
+            )
         };
         if rc != 0 {
             let err = io::Error::last_os_error();
             // Some namespaces cannot be set here (user.* on symlinks, unsupported targets); the
             // copy is still a faithful tree.
             if !matches!(err.raw_os_error(), Some(libc::ENOTSUP) | Some(libc::EPERM)) {
-                let shown = OsStr::from_bytes(name.as_bytes()).to_string_lossy().into_owned();
-                return Err(io_error(format!("set xattr {shown} on {}", to.display()))(err));
+                let shown = OsStr::from_bytes(name.as_bytes())
+                    .to_string_lossy()
+                    .into_owned();
+                return Err(io_error(format!("set xattr {shown} on {}", to.display()))(
+                    err,
+                ));
             }
         }
     }
@@ -184,13 +208,21 @@ fn xattr_names(path: &CString) -> io::Result<Vec<CString>> {
 fn xattr_value(path: &CString, name: &CString) -> io::Result<Vec<u8>> {
     loop {
         // SAFETY: a null buffer with size 0 asks only for the needed size.
-        let size = unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
+        let size =
+            unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
         if size < 0 {
             return Err(io::Error::last_os_error());
         }
         let mut buf = vec![0u8; size as usize];
         // SAFETY: `buf` is writable for `buf.len()` bytes.
-        let got = unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let got = unsafe {
+            libc::lgetxattr(
+                path.as_ptr(),
+                name.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
         if got < 0 {
             let err = io::Error::last_os_error();
             if err.raw_os_error() == Some(libc::ERANGE) {
@@ -215,7 +247,9 @@ pub(crate) fn remove_all(path: &Path) -> Result<()> {
 /// Flushes the directory entries of `dir` to disk, so a record committed after this never
 /// points at a directory a power loss could take back.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io_error(format!("sync {}", dir.display())))
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_error(format!("sync {}", dir.display())))
 }
 
 #[cfg(test)]
@@ -238,7 +272,10 @@ mod tests {
         let after = disk_usage(&root).unwrap();
         assert_eq!(after.inodes, 4, "root, big (twice linked), d, link");
         assert!(after.size - before.size >= 1 << 20, "{after:?}");
-        assert!(after.size - before.size < 2 << 20, "hard link counted twice: {after:?}");
+        assert!(
+            after.size - before.size < 2 << 20,
+            "hard link counted twice: {after:?}"
+        );
     }
 
     #[test]
@@ -256,8 +293,14 @@ mod tests {
         nix::unistd::mkfifo(&src.join("fifo"), Mode::from_bits_truncate(0o600)).unwrap();
         fs::set_permissions(src.join("sub"), fs::Permissions::from_mode(0o700)).unwrap();
         let mtime = TimeSpec::new(1_600_000_000, 0);
-        nix::sys::stat::utimensat(nix::fcntl::AT_FDCWD, &src.join("a"), &mtime, &mtime, UtimensatFlags::NoFollowSymlink)
-            .unwrap();
+        nix::sys::stat::utimensat(
+            nix::fcntl::AT_FDCWD,
+            &src.join("a"),
+            &mtime,
+            &mtime,
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
 
         copy_dir(&src, &dst).unwrap();
 
@@ -265,10 +308,24 @@ mod tests {
         let a = fs::metadata(dst.join("a")).unwrap();
         assert_eq!(a.mode() & 0o7777, 0o4755);
         assert_eq!(a.mtime(), 1_600_000_000);
-        assert_eq!(a.ino(), fs::metadata(dst.join("sub/a-again")).unwrap().ino());
-        assert_eq!(fs::read_link(dst.join("sub/link")).unwrap(), Path::new("../a"));
-        assert!(fs::symlink_metadata(dst.join("fifo")).unwrap().file_type().is_fifo());
-        assert_eq!(fs::metadata(dst.join("sub")).unwrap().mode() & 0o7777, 0o700);
+        assert_eq!(
+            a.ino(),
+            fs::metadata(dst.join("sub/a-again")).unwrap().ino()
+        );
+        assert_eq!(
+            fs::read_link(dst.join("sub/link")).unwrap(),
+            Path::new("../a")
+        );
+        assert!(
+            fs::symlink_metadata(dst.join("fifo"))
+                .unwrap()
+                .file_type()
+                .is_fifo()
+        );
+        assert_eq!(
+            fs::metadata(dst.join("sub")).unwrap().mode() & 0o7777,
+            0o700
+        );
     }
 
     #[test]

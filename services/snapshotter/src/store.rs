@@ -78,13 +78,19 @@ impl From<StoredKind> for Kind {
 
 impl From<Usage> for StoredUsage {
     fn from(u: Usage) -> Self {
-        Self { size: u.size, inodes: u.inodes }
+        Self {
+            size: u.size,
+            inodes: u.inodes,
+        }
     }
 }
 
 impl From<StoredUsage> for Usage {
     fn from(u: StoredUsage) -> Self {
-        Self { size: u.size, inodes: u.inodes }
+        Self {
+            size: u.size,
+            inodes: u.inodes,
+        }
     }
 }
 
@@ -117,7 +123,9 @@ fn from_nanos(ns: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_nanos(ns)
 }
 
-fn db_error<E: Into<Box<dyn std::error::Error + Send + Sync>>>(what: &'static str) -> impl FnOnce(E) -> Error {
+fn db_error<E: Into<Box<dyn std::error::Error + Send + Sync>>>(
+    what: &'static str,
+) -> impl FnOnce(E) -> Error {
     move |e| Error::internal(format!("metadata {what}")).with_source(e)
 }
 
@@ -133,9 +141,13 @@ impl Store {
         let db = Database::create(path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => Error::new(
                 ErrorKind::Unavailable,
-                format!("metadata database {} is in use by another process", path.display()),
+                format!(
+                    "metadata database {} is in use by another process",
+                    path.display()
+                ),
             ),
-            other => Error::internal(format!("open metadata database {}", path.display())).with_source(other),
+            other => Error::internal(format!("open metadata database {}", path.display()))
+                .with_source(other),
         })?;
         let store = Self { db };
         let mut txn = store.write()?;
@@ -151,20 +163,28 @@ impl Store {
             }
         }
         // Create every table so that read transactions find them.
-        txn.txn.open_table(SNAPSHOTS).map_err(db_error("open table"))?;
-        txn.txn.open_multimap_table(CHILDREN).map_err(db_error("open table"))?;
+        txn.txn
+            .open_table(SNAPSHOTS)
+            .map_err(db_error("open table"))?;
+        txn.txn
+            .open_multimap_table(CHILDREN)
+            .map_err(db_error("open table"))?;
         txn.commit()?;
         Ok(store)
     }
 
     /// Begins the write transaction of one operation. Writers are serialized.
     pub(crate) fn write(&self) -> Result<Write> {
-        Ok(Write { txn: self.db.begin_write().map_err(db_error("begin write"))? })
+        Ok(Write {
+            txn: self.db.begin_write().map_err(db_error("begin write"))?,
+        })
     }
 
     /// A consistent read-only view.
     pub(crate) fn read(&self) -> Result<Read> {
-        Ok(Read { txn: self.db.begin_read().map_err(db_error("begin read"))? })
+        Ok(Read {
+            txn: self.db.begin_read().map_err(db_error("begin read"))?,
+        })
     }
 }
 
@@ -187,12 +207,16 @@ pub(crate) trait Lookup {
         let mut next = parent.map(str::to_string);
         while let Some(name) = next {
             let record = self.get(&name)?.ok_or_else(|| {
-                Error::internal(format!("metadata is inconsistent: parent snapshot {name:?} is missing"))
+                Error::internal(format!(
+                    "metadata is inconsistent: parent snapshot {name:?} is missing"
+                ))
             })?;
             ids.push(record.id);
             next = record.parent;
             if ids.len() > 10_000 {
-                return Err(Error::internal("metadata is inconsistent: parent chain loops"));
+                return Err(Error::internal(
+                    "metadata is inconsistent: parent chain loops",
+                ));
             }
         }
         Ok(ids)
@@ -206,7 +230,10 @@ pub(crate) struct Read {
 
 impl Lookup for Read {
     fn get(&self, name: &str) -> Result<Option<Record>> {
-        let table = self.txn.open_table(SNAPSHOTS).map_err(db_error("open table"))?;
+        let table = self
+            .txn
+            .open_table(SNAPSHOTS)
+            .map_err(db_error("open table"))?;
         let value = table.get(name).map_err(db_error("read"))?;
         value.map(|v| decode(name, v.value())).transpose()
     }
@@ -215,7 +242,10 @@ impl Lookup for Read {
 impl Read {
     /// Every record, in name order.
     pub(crate) fn all(&self) -> Result<Vec<(String, Record)>> {
-        let table = self.txn.open_table(SNAPSHOTS).map_err(db_error("open table"))?;
+        let table = self
+            .txn
+            .open_table(SNAPSHOTS)
+            .map_err(db_error("open table"))?;
         let mut out = Vec::new();
         for entry in table.iter().map_err(db_error("read"))? {
             let (k, v) = entry.map_err(db_error("read"))?;
@@ -234,7 +264,10 @@ pub(crate) struct Write {
 
 impl Lookup for Write {
     fn get(&self, name: &str) -> Result<Option<Record>> {
-        let table = self.txn.open_table(SNAPSHOTS).map_err(db_error("open table"))?;
+        let table = self
+            .txn
+            .open_table(SNAPSHOTS)
+            .map_err(db_error("open table"))?;
         let value = table.get(name).map_err(db_error("read"))?;
         value.map(|v| decode(name, v.value())).transpose()
     }
@@ -261,38 +294,58 @@ impl Write {
 
     pub(crate) fn put(&mut self, name: &str, record: &Record) -> Result<()> {
         let bytes = encode(record)?;
-        let mut table = self.txn.open_table(SNAPSHOTS).map_err(db_error("open table"))?;
-        table.insert(name, bytes.as_slice()).map_err(db_error("write"))?;
+        let mut table = self
+            .txn
+            .open_table(SNAPSHOTS)
+            .map_err(db_error("open table"))?;
+        table
+            .insert(name, bytes.as_slice())
+            .map_err(db_error("write"))?;
         Ok(())
     }
 
     pub(crate) fn delete(&mut self, name: &str) -> Result<()> {
-        let mut table = self.txn.open_table(SNAPSHOTS).map_err(db_error("open table"))?;
+        let mut table = self
+            .txn
+            .open_table(SNAPSHOTS)
+            .map_err(db_error("open table"))?;
         table.remove(name).map_err(db_error("write"))?;
         Ok(())
     }
 
     pub(crate) fn add_child(&mut self, parent: &str, child: &str) -> Result<()> {
-        let mut table = self.txn.open_multimap_table(CHILDREN).map_err(db_error("open table"))?;
+        let mut table = self
+            .txn
+            .open_multimap_table(CHILDREN)
+            .map_err(db_error("open table"))?;
         table.insert(parent, child).map_err(db_error("write"))?;
         Ok(())
     }
 
     pub(crate) fn remove_child(&mut self, parent: &str, child: &str) -> Result<()> {
-        let mut table = self.txn.open_multimap_table(CHILDREN).map_err(db_error("open table"))?;
+        let mut table = self
+            .txn
+            .open_multimap_table(CHILDREN)
+            .map_err(db_error("open table"))?;
         table.remove(parent, child).map_err(db_error("write"))?;
         Ok(())
     }
 
     pub(crate) fn children(&self, parent: &str) -> Result<u64> {
-        let table = self.txn.open_multimap_table(CHILDREN).map_err(db_error("open table"))?;
+        let table = self
+            .txn
+            .open_multimap_table(CHILDREN)
+            .map_err(db_error("open table"))?;
         let values = table.get(parent).map_err(db_error("read"))?;
         Ok(values.len())
     }
 
     /// Every id that has a record.
     pub(crate) fn ids(&self) -> Result<std::collections::HashSet<u64>> {
-        let table = self.txn.open_table(SNAPSHOTS).map_err(db_error("open table"))?;
+        let table = self
+            .txn
+            .open_table(SNAPSHOTS)
+            .map_err(db_error("open table"))?;
         let mut out = std::collections::HashSet::new();
         for entry in table.iter().map_err(db_error("read"))? {
             let (k, v) = entry.map_err(db_error("read"))?;
@@ -330,21 +383,27 @@ mod tests {
             let store = Store::open(&path).unwrap();
             let mut w = store.write().unwrap();
             assert_eq!(w.next_id().unwrap(), 1);
-            w.put("base", &record(1, StoredKind::Committed, None)).unwrap();
+            w.put("base", &record(1, StoredKind::Committed, None))
+                .unwrap();
             let id = w.next_id().unwrap();
-            w.put("child", &record(id, StoredKind::Active, Some("base"))).unwrap();
+            w.put("child", &record(id, StoredKind::Active, Some("base")))
+                .unwrap();
             w.add_child("base", "child").unwrap();
             w.commit().unwrap();
 
             // Not committed: the id goes back to the pool and nothing is visible.
             let mut w = store.write().unwrap();
             assert_eq!(w.next_id().unwrap(), 3);
-            w.put("ghost", &record(3, StoredKind::Active, None)).unwrap();
+            w.put("ghost", &record(3, StoredKind::Active, None))
+                .unwrap();
             drop(w);
         }
         let store = Store::open(&path).unwrap();
         let r = store.read().unwrap();
-        assert_eq!(r.get("child").unwrap().unwrap().parent.as_deref(), Some("base"));
+        assert_eq!(
+            r.get("child").unwrap().unwrap().parent.as_deref(),
+            Some("base")
+        );
         assert!(r.get("ghost").unwrap().is_none());
         assert_eq!(r.chain(Some("child")).unwrap(), [2, 1]);
         assert_eq!(r.all().unwrap().len(), 2);
