@@ -172,7 +172,10 @@ where
             on_signal.cancel();
         });
         tracing::info!(pid = std::process::id(), "{} starting", service.binary());
-        let result = match write_pid_file(&pid_file) {
+        let prepared = std::fs::create_dir_all(&cfg.state_dir)
+            .and_then(|_| std::fs::create_dir_all(&cfg.root))
+            .context(ErrorKind::Internal, "create the state and data directories");
+        let result = match prepared.and_then(|_| write_pid_file(&pid_file)) {
             Ok(()) => run(cfg, shutdown).await,
             Err(err) => Err(err),
         };

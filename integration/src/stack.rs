@@ -11,6 +11,8 @@ use berth_core::Service;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+pub use crate::network_kit::NetSlot;
+
 /// Where the berth binaries are: `$BERTH_BIN_DIR`, else the workspace's `target/debug`.
 pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("BERTH_BIN_DIR") {
@@ -59,60 +61,6 @@ pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Optio
     }
 }
 
-/// A slot of test address space held for the life of this value: slot `n` owns the subnets
-/// `10.220.n.0/24` (default bridge) and `10.221.n.0/24` (pool for user networks) and bridge names
-/// ending in `n`. Slots are claimed with `flock` on a file per slot, so concurrent test processes
-/// never share one and a crashed test's slot frees itself.
-#[derive(Debug)]
-pub struct NetSlot {
-    _lock: std::fs::File,
-    n: u8,
-}
-
-impl NetSlot {
-    /// Claims a free slot.
-    pub fn acquire() -> Result<Self> {
-        use std::os::fd::AsRawFd;
-        let dir = Path::new("/tmp/berth-test-netslots");
-        std::fs::create_dir_all(dir)?;
-        let start = std::process::id() as usize;
-        for i in 0..250 {
-            let n = ((start + i) % 250) as u8;
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(dir.join(n.to_string()))?;
-            // SAFETY: flock on a file descriptor we own; no memory is involved.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            if rc == 0 {
-                return Ok(Self { _lock: file, n });
-            }
-        }
-        bail!("no free test network slot")
-    }
-
-    /// The slot number, 0..250.
-    pub fn n(&self) -> u8 {
-        self.n
-    }
-
-    /// A bridge name unique to this slot, `<prefix><n>` (keep the prefix short: 15 chars max).
-    pub fn bridge(&self, prefix: &str) -> String {
-        format!("{prefix}{}", self.n)
-    }
-
-    /// The `[network]` section a stack in this slot uses.
-    pub fn network_toml(&self) -> String {
-        format!(
-            "[network]\nbridge = \"{}\"\nbip = \"10.220.{n}.1/24\"\n\
-             default_address_pools = [{{ base = \"10.221.{n}.0/24\", size = 28 }}]\n",
-            self.bridge("bt"),
-            n = self.n
-        )
-    }
-}
-
 /// How to start a stack.
 #[derive(Debug, Default)]
 pub struct StackBuilder {
@@ -151,7 +99,7 @@ impl StackBuilder {
         let config = dir.path().join("berth.toml");
         let mut toml = self.toml.clone();
         if !toml.contains("[network]") {
-            toml = format!("{}\n{toml}", slot.network_toml());
+            toml = format!("{}\n{toml}", slot.config_toml(None));
         }
         std::fs::write(&config, toml)?;
         let mut cmd = Command::new(bin("berth"));
@@ -176,13 +124,13 @@ impl StackBuilder {
     /// Like [`Self::prepare_in`] with a slot that lives as long as the returned temp dir is
     /// used by the caller (for commands expected to fail before touching the network).
     pub fn prepare(self) -> Result<(tempfile::TempDir, Command)> {
-        let slot = NetSlot::acquire()?;
+        let slot = NetSlot::claim()?;
         self.prepare_in(&slot)
     }
 
     /// Starts `berth up` and waits until it reports the stack up.
     pub fn start(self) -> Result<Stack> {
-        let slot = NetSlot::acquire()?;
+        let slot = NetSlot::claim()?;
         let (dir, mut cmd) = self.prepare_in(&slot)?;
         let log_path = dir.path().join("up.log");
         let log = std::fs::File::create(&log_path)?;
@@ -232,7 +180,8 @@ impl Stack {
         Self::builder().start()
     }
 
-    /// The test address-space slot this stack holds (its bridge is `slot.bridge("bt")`).
+    /// The test address-space slot this stack holds; dropping the stack cleans up its bridges,
+    /// veths and iptables rules.
     pub fn slot(&self) -> &NetSlot {
         &self.slot
     }

@@ -227,7 +227,8 @@ fn daemon_json_hosts_data_root_storage_registries_and_tls_are_honoured() -> Resu
     make_cert(d, "ca", "client", "extendedKeyUsage=clientAuth\n")?;
     make_cert(d, "other-ca", "stranger", "extendedKeyUsage=clientAuth\n")?;
 
-    let slot = berth_integration::stack::NetSlot::acquire()?;
+    let slot = berth_integration::stack::NetSlot::claim()?;
+    let octet = slot.range().0.octets()[2];
     let port = free_port();
     let custom_sock = d.join("custom.sock");
     let data_root = d.join("data");
@@ -238,9 +239,9 @@ fn daemon_json_hosts_data_root_storage_registries_and_tls_are_honoured() -> Resu
         "exec-root": state,
         "storage-driver": "vfs",
         "insecure-registries": ["10.1.2.3:5000"],
-        "bridge": slot.bridge("bt"),
-        "bip": format!("10.220.{}.1/24", slot.n()),
-        "default-address-pools": [{"base": format!("10.221.{}.0/24", slot.n()), "size": 28}],
+        "bridge": slot.default_bridge(),
+        "bip": format!("10.213.{octet}.1/24"),
+        "default-address-pools": [{"base": format!("10.213.{}.0/23", octet + 2), "size": 26}],
         "tls": true,
         "tlsverify": true,
         "tlscacert": d.join("ca.pem"),

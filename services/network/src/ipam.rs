@@ -42,7 +42,11 @@ pub fn from_u128(value: u128, like: IpAddr) -> IpAddr {
 }
 
 fn mask(prefix: u8, width: u8) -> u128 {
-    let all = if width == 32 { u32::MAX as u128 } else { u128::MAX };
+    let all = if width == 32 {
+        u32::MAX as u128
+    } else {
+        u128::MAX
+    };
     all & !all.checked_shr(prefix as u32).unwrap_or(0)
 }
 
@@ -96,7 +100,10 @@ impl Cidr {
     /// The last address of the network (IPv4 broadcast).
     pub fn last(&self) -> IpAddr {
         let base = to_u128(self.network);
-        from_u128(base | !mask(self.prefix, self.width()) & mask(self.width(), self.width()), self.network)
+        from_u128(
+            base | !mask(self.prefix, self.width()) & mask(self.width(), self.width()),
+            self.network,
+        )
     }
 
     /// Whether `ip` is inside the network.
@@ -165,7 +172,9 @@ pub struct Pool {
 }
 
 fn parse_ip(what: &str, s: &str) -> Result<IpAddr> {
-    s.trim().parse().map_err(|_| Error::invalid_argument(format!("invalid {what} {s:?}")))
+    s.trim()
+        .parse()
+        .map_err(|_| Error::invalid_argument(format!("invalid {what} {s:?}")))
 }
 
 impl Pool {
@@ -178,8 +187,9 @@ impl Pool {
         user_subnet: bool,
     ) -> Result<Self> {
         let gateway = if gateway.is_empty() {
-            first_usable(&subnet)
-                .ok_or_else(|| Error::invalid_argument(format!("subnet {subnet} has no usable address")))?
+            first_usable(&subnet).ok_or_else(|| {
+                Error::invalid_argument(format!("subnet {subnet} has no usable address"))
+            })?
         } else {
             let gw = parse_ip("gateway", gateway)?;
             if !subnet.contains(gw) {
@@ -210,7 +220,13 @@ impl Pool {
             }
             aux_addresses.insert(name.clone(), ip);
         }
-        Ok(Self { subnet, gateway, ip_range, aux_addresses, user_subnet })
+        Ok(Self {
+            subnet,
+            gateway,
+            ip_range,
+            aux_addresses,
+            user_subnet,
+        })
     }
 
     /// Addresses that are never handed to containers.
@@ -243,7 +259,9 @@ impl Pool {
             )));
         }
         if used.contains(&ip) {
-            return Err(Error::already_exists(format!("address {ip} is already in use")));
+            return Err(Error::already_exists(format!(
+                "address {ip} is already in use"
+            )));
         }
         Ok(())
     }
@@ -272,7 +290,9 @@ impl Pool {
             }
             offset = (offset + 1) % size;
         }
-        Err(Error::resource_exhausted(format!("no free address left in {range}")))
+        Err(Error::resource_exhausted(format!(
+            "no free address left in {range}"
+        )))
     }
 }
 
@@ -310,8 +330,12 @@ impl DefaultPool {
 /// subnets and the host's own addresses).
 pub fn allocate_subnet(pools: &[DefaultPool], taken: &[Cidr], v4: bool) -> Result<Cidr> {
     for pool in pools.iter().filter(|p| p.base.is_v4() == v4) {
-        let count = 1u128.checked_shl((pool.size - pool.base.prefix()) as u32).unwrap_or(u128::MAX);
-        let step = 1u128.checked_shl((pool.base.width() - pool.size) as u32).unwrap_or(0);
+        let count = 1u128
+            .checked_shl((pool.size - pool.base.prefix()) as u32)
+            .unwrap_or(u128::MAX);
+        let step = 1u128
+            .checked_shl((pool.base.width() - pool.size) as u32)
+            .unwrap_or(0);
         let base = to_u128(pool.base.network());
         // Bounded: a pool larger than this is a configuration mistake, not a reason to spin.
         for i in 0..count.min(1 << 20) {
@@ -349,7 +373,10 @@ pub fn random_mac() -> [u8; 6] {
 
 /// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff` (or with dashes); refuses multicast addresses.
@@ -367,7 +394,9 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
         mac[i] = u8::from_str_radix(p, 16).map_err(|_| invalid())?;
     }
     if mac[0] & 1 == 1 {
-        return Err(Error::invalid_argument(format!("MAC address {s} is a multicast address")));
+        return Err(Error::invalid_argument(format!(
+            "MAC address {s} is a multicast address"
+        )));
     }
     Ok(mac)
 }
@@ -414,7 +443,10 @@ mod tests {
     fn cidr_serde_is_a_string() {
         let json = serde_json::to_string(&cidr("10.0.0.0/8")).unwrap();
         assert_eq!(json, "\"10.0.0.0/8\"");
-        assert_eq!(serde_json::from_str::<Cidr>(&json).unwrap(), cidr("10.0.0.0/8"));
+        assert_eq!(
+            serde_json::from_str::<Cidr>(&json).unwrap(),
+            cidr("10.0.0.0/8")
+        );
     }
 
     #[test]
@@ -453,7 +485,10 @@ mod tests {
         assert_eq!(err.kind(), berth_core::ErrorKind::ResourceExhausted);
         // A released address is found again after wrapping.
         used.remove(&ip("10.5.0.2"));
-        assert_eq!(p.allocate(&used, Some(ip("10.5.0.6"))).unwrap(), ip("10.5.0.2"));
+        assert_eq!(
+            p.allocate(&used, Some(ip("10.5.0.6"))).unwrap(),
+            ip("10.5.0.2")
+        );
     }
 
     #[test]
@@ -461,15 +496,15 @@ mod tests {
         let none = BTreeMap::new();
         let p = Pool::new(cidr("10.5.0.0/16"), "", "10.5.7.0/30", &none, true).unwrap();
         let mut used = BTreeSet::new();
-        let a = p.allocate(&used, None).unwrap();
-        assert_eq!(a, ip("10.5.7.1"));
-        used.insert(a);
-        assert_eq!(p.allocate(&used, Some(a)).unwrap(), ip("10.5.7.2"));
-        used.insert(ip("10.5.7.2"));
-        // 10.5.7.3 is inside the subnet (not its broadcast), so it can be used.
-        assert_eq!(p.allocate(&used, Some(ip("10.5.7.2"))).unwrap(), ip("10.5.7.3"));
-        used.insert(ip("10.5.7.3"));
-        assert!(p.allocate(&used, None).is_err());
+        let mut last = None;
+        // All four addresses of the range are host addresses of the /16.
+        for expect in ["10.5.7.0", "10.5.7.1", "10.5.7.2", "10.5.7.3"] {
+            let ip = p.allocate(&used, last).unwrap();
+            assert_eq!(ip, self::ip(expect));
+            used.insert(ip);
+            last = Some(ip);
+        }
+        assert!(p.allocate(&used, last).is_err());
     }
 
     #[test]
@@ -483,8 +518,14 @@ mod tests {
             berth_core::ErrorKind::AlreadyExists
         );
         assert!(p.check_static(ip("10.5.0.1"), &used).is_err(), "gateway");
-        assert!(p.check_static(ip("10.5.0.0"), &used).is_err(), "network address");
-        assert!(p.check_static(ip("10.5.0.255"), &used).is_err(), "broadcast");
+        assert!(
+            p.check_static(ip("10.5.0.0"), &used).is_err(),
+            "network address"
+        );
+        assert!(
+            p.check_static(ip("10.5.0.255"), &used).is_err(),
+            "broadcast"
+        );
         assert!(p.check_static(ip("10.6.0.5"), &used).is_err(), "outside");
     }
 
@@ -511,7 +552,10 @@ mod tests {
         assert_eq!(a, cidr("10.213.0.128/25"));
         taken.push(a);
         taken.push(cidr("10.213.1.0/24"));
-        assert_eq!(allocate_subnet(&pools, &taken, true).unwrap(), cidr("10.214.0.0/24"));
+        assert_eq!(
+            allocate_subnet(&pools, &taken, true).unwrap(),
+            cidr("10.214.0.0/24")
+        );
         taken.push(cidr("10.214.0.0/24"));
         let err = allocate_subnet(&pools, &taken, true).unwrap_err();
         assert_eq!(err.kind(), berth_core::ErrorKind::ResourceExhausted);

@@ -1,23 +1,69 @@
-//! berth-network: networks, IP allocation, bridges and veths, published ports, container DNS, CNI.
+//! berth-network: networks, IP allocation, bridges and veths, published ports, container DNS,
+//! CNI.
 //!
-//! The API is declared in berth-proto; until its implementation lands every method answers
-//! UNIMPLEMENTED with a message naming it.
+//! Docker networks are built in-process: bridges, veths, addresses and routes over rtnetlink
+//! ([`netlink`]), published ports and isolation as iptables rules in berth's own chains
+//! ([`rules`], [`iptables`]), names served by a resolver per network ([`dns`]), addresses from
+//! berth's own allocator ([`ipam`], [`ports`]) with every record in redb ([`store`]). The CNI
+//! reference plugins run only for raw CNI configs, the orchestrator path ([`cni`]).
+//!
+//! What keeps containers reachable lives in the kernel, so `kill -9` of this process leaves
+//! every published port answering; at start the records are replayed against the kernel
+//! ([`service`]).
 
-use berth_core::grpc::{self, Unimplemented};
-use berth_core::{Config, Result};
+pub mod cni;
+pub mod convert;
+pub mod dns;
+pub mod events;
+pub mod grpc;
+pub mod host;
+pub mod ipam;
+pub mod iptables;
+pub mod kernel;
+pub mod model;
+pub mod netlink;
+pub mod ports;
+pub mod rules;
+pub mod service;
+pub mod store;
+
+use std::sync::Arc;
+
+use berth_core::grpc as core_grpc;
+use berth_core::{Config, Error, Result, Service};
 use berth_proto::berth::network::v1::networks_server::NetworksServer;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::service::{Deps, NetworkService, Settings};
+
 /// Serves berth-network on `listener` until `shutdown` is cancelled.
 pub async fn run(
-    _config: Config,
+    config: Config,
     listener: UnixListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let (_health, health_service) = grpc::health().await;
-    let router = grpc::server()
+    let settings = Settings::from_config(&config)?;
+    let events = events::HubEvents::start(config.socket(Service::Engine), shutdown.clone());
+    let deps = Deps {
+        dataplane: Arc::new(netlink::Netlink),
+        firewall: Arc::new(iptables::Iptables::default()),
+        host: Arc::new(host::RealHost::default()),
+        cni: Arc::new(cni::ExecPlugins {
+            bin_dir: settings.cni_bin_dir.clone(),
+        }),
+        events: Arc::new(events),
+    };
+    let runtime = tokio::runtime::Handle::current();
+    let service =
+        tokio::task::spawn_blocking(move || NetworkService::open(settings, deps, Some(runtime)))
+            .await
+            .map_err(|e| Error::internal(format!("network start-up task failed: {e}")))??;
+    let service = Arc::new(service);
+    tracing::info!(chains = service.chains().prefix(), "network state restored");
+    let (_health, health_service) = core_grpc::health().await;
+    let router = core_grpc::server()
         .add_service(health_service)
-        .add_service(Unimplemented::<NetworksServer<()>>::new());
-    grpc::serve(router, listener, shutdown.cancelled_owned()).await
+        .add_service(NetworksServer::new(grpc::NetworksApi::new(service)));
+    core_grpc::serve(router, listener, shutdown.cancelled_owned()).await
 }

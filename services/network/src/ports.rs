@@ -37,7 +37,9 @@ impl Proto {
             "" | "tcp" => Ok(Self::Tcp),
             "udp" => Ok(Self::Udp),
             "sctp" => Ok(Self::Sctp),
-            _ => Err(Error::invalid_argument(format!("invalid protocol {s:?} (tcp, udp, sctp)"))),
+            _ => Err(Error::invalid_argument(format!(
+                "invalid protocol {s:?} (tcp, udp, sctp)"
+            ))),
         }
     }
 }
@@ -82,7 +84,9 @@ impl PortRequest {
             "" | "0.0.0.0" | "::" => None,
             s => {
                 let ip: IpAddr = s.parse().map_err(|_| {
-                    Error::invalid_argument(format!("invalid host IP {host_ip:?} for a published port"))
+                    Error::invalid_argument(format!(
+                        "invalid host IP {host_ip:?} for a published port"
+                    ))
                 })?;
                 if ip.is_ipv6() {
                     return Err(Error::invalid_argument(format!(
@@ -100,7 +104,13 @@ impl PortRequest {
                 "invalid host port range {host_port}-{host_port_end}"
             )));
         }
-        Ok(Self { host_ip, host_port, host_port_end, container_port, proto })
+        Ok(Self {
+            host_ip,
+            host_port,
+            host_port_end,
+            container_port,
+            proto,
+        })
     }
 }
 
@@ -127,8 +137,14 @@ impl PortBinding {
 
 impl fmt::Display for PortBinding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ip = self.host_ip.map_or("0.0.0.0".to_string(), |i| i.to_string());
-        write!(f, "{ip}:{}->{}/{}", self.host_port, self.container_port, self.proto)
+        let ip = self
+            .host_ip
+            .map_or("0.0.0.0".to_string(), |i| i.to_string());
+        write!(
+            f,
+            "{ip}:{}->{}/{}",
+            self.host_port, self.container_port, self.proto
+        )
     }
 }
 
@@ -137,14 +153,17 @@ impl fmt::Display for PortBinding {
 /// A container port range maps onto a host range of the same length (or random ports); a
 /// single container port with a host range takes any free port of the range.
 pub fn parse(spec: &str) -> Result<Vec<PortRequest>> {
-    let invalid = |why: &str| Error::invalid_argument(format!("invalid port specification {spec:?}: {why}"));
+    let invalid =
+        |why: &str| Error::invalid_argument(format!("invalid port specification {spec:?}: {why}"));
     let (rest, proto) = match spec.rsplit_once('/') {
         Some((r, p)) => (r, Proto::parse(p)?),
         None => (spec, Proto::Tcp),
     };
     // An IPv6 host address is written in brackets.
     let (ip, rest) = if let Some(stripped) = rest.strip_prefix('[') {
-        let (ip, after) = stripped.split_once("]:").ok_or_else(|| invalid("unclosed ["))?;
+        let (ip, after) = stripped
+            .split_once("]:")
+            .ok_or_else(|| invalid("unclosed ["))?;
         (ip.to_string(), after)
     } else {
         let parts: Vec<&str> = rest.split(':').collect();
@@ -159,7 +178,10 @@ pub fn parse(spec: &str) -> Result<Vec<PortRequest>> {
         None => ("", rest),
     };
     let range = |s: &str, what: &str| -> Result<(u32, u32)> {
-        let num = |x: &str| x.parse::<u32>().map_err(|_| invalid(&format!("bad {what} {x:?}")));
+        let num = |x: &str| {
+            x.parse::<u32>()
+                .map_err(|_| invalid(&format!("bad {what} {x:?}")))
+        };
         match s.split_once('-') {
             Some((a, b)) => Ok((num(a)?, num(b)?)),
             None if s.is_empty() => Ok((0, 0)),
@@ -226,7 +248,10 @@ pub fn allocate(
     for req in requests {
         let ip_text = req.host_ip.map_or("0.0.0.0".to_string(), |i| i.to_string());
         let held_by = |port: u16, out: &[PortBinding]| -> Option<String> {
-            if let Some(h) = held.iter().find(|h| h.binding.clashes(req.proto, req.host_ip, port)) {
+            if let Some(h) = held
+                .iter()
+                .find(|h| h.binding.clashes(req.proto, req.host_ip, port))
+            {
                 return Some(format!("container {}", short(h.owner)));
             }
             out.iter()
@@ -258,12 +283,18 @@ pub fn allocate(
                 (req.host_port, req.host_port_end)
             };
             if lo == 0 || hi < lo {
-                return Err(Error::internal(format!("invalid ephemeral port range {lo}-{hi}")));
+                return Err(Error::internal(format!(
+                    "invalid ephemeral port range {lo}-{hi}"
+                )));
             }
             let span = (hi - lo) as u32 + 1;
             // Random ports start at a random point so that concurrent stacks rarely collide;
             // explicit ranges are searched in order, as Docker does.
-            let start = if req.host_port == 0 { rand::rng().random_range(0..span) } else { 0 };
+            let start = if req.host_port == 0 {
+                rand::rng().random_range(0..span)
+            } else {
+                0
+            };
             (0..span)
                 .map(|i| lo + ((start + i) % span) as u16)
                 .find(|p| usable(*p, &out))
@@ -305,18 +336,27 @@ mod tests {
     }
 
     fn probe() -> FakeProbe {
-        FakeProbe { busy: BTreeSet::new(), range: (40000, 40009) }
+        FakeProbe {
+            busy: BTreeSet::new(),
+            range: (40000, 40009),
+        }
     }
 
     #[test]
     fn parses_docker_syntax() {
         let r = parse("80").unwrap();
         assert_eq!(r.len(), 1);
-        assert_eq!((r[0].host_ip, r[0].host_port, r[0].container_port), (None, 0, 80));
+        assert_eq!(
+            (r[0].host_ip, r[0].host_port, r[0].container_port),
+            (None, 0, 80)
+        );
         assert_eq!(r[0].proto, Proto::Tcp);
         let r = parse("127.0.0.1:8080:80/udp").unwrap();
         assert_eq!(r[0].host_ip, Some("127.0.0.1".parse().unwrap()));
-        assert_eq!((r[0].host_port, r[0].container_port, r[0].proto), (8080, 80, Proto::Udp));
+        assert_eq!(
+            (r[0].host_port, r[0].container_port, r[0].proto),
+            (8080, 80, Proto::Udp)
+        );
         let r = parse("127.0.0.1::80").unwrap();
         assert_eq!((r[0].host_port, r[0].container_port), (0, 80));
         let r = parse("8000-8010:80").unwrap();
@@ -327,8 +367,17 @@ mod tests {
         let r = parse("[::]:8080:80").unwrap();
         assert_eq!(r[0].host_ip, None);
         for bad in [
-            "", "x", "0", "70000", "8080:", "1:2:3:4", "90-80", "8000-8001:80-82", "80/icmp",
-            "[::1]:80:80", "10.0.0.300:80:80",
+            "",
+            "x",
+            "0",
+            "70000",
+            "8080:",
+            "1:2:3:4",
+            "90-80",
+            "8000-8001:80-82",
+            "80/icmp",
+            "[::1]:80:80",
+            "10.0.0.300:80:80",
         ] {
             assert!(parse(bad).is_err(), "{bad:?} should be refused");
         }
@@ -345,11 +394,18 @@ mod tests {
             container_port: 80,
             proto: Proto::Tcp,
         };
-        let held = [Held { owner: &owner, binding: &existing }];
+        let held = [Held {
+            owner: &owner,
+            binding: &existing,
+        }];
         // Same address and port: refused, naming the port and the holder.
         let err = allocate(&parse("127.0.0.1:8080:80").unwrap(), &held, &probe()).unwrap_err();
         assert_eq!(err.kind(), berth_core::ErrorKind::AlreadyExists);
-        assert!(err.message().contains("127.0.0.1:8080/tcp"), "{}", err.message());
+        assert!(
+            err.message().contains("127.0.0.1:8080/tcp"),
+            "{}",
+            err.message()
+        );
         assert!(err.message().contains("aaaaaaaaaaaa"), "{}", err.message());
         // All addresses overlap every address.
         assert!(allocate(&parse("8080:80").unwrap(), &held, &probe()).is_err());
@@ -360,7 +416,11 @@ mod tests {
         let mut p = probe();
         p.busy.insert((9090, Proto::Tcp));
         let err = allocate(&parse("9090:80").unwrap(), &[], &p).unwrap_err();
-        assert!(err.message().contains("another process"), "{}", err.message());
+        assert!(
+            err.message().contains("another process"),
+            "{}",
+            err.message()
+        );
         // Duplicates within one request.
         let mut reqs = parse("7000:80").unwrap();
         reqs.extend(parse("7000:81").unwrap());
