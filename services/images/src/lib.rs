@@ -1,23 +1,58 @@
 //! berth-images: content store, registry pull and push, unpack into snapshots, import and export.
-//!
-//! The API is declared in berth-proto; until its implementation lands every method answers
-//! UNIMPLEMENTED with a message naming it.
 
-use berth_core::grpc::{self, Unimplemented};
+pub mod apply;
+pub mod archive;
+pub mod content;
+pub mod convert;
+pub mod filters;
+pub mod grpc;
+pub mod meta;
+pub mod oci;
+pub mod pull;
+pub mod push;
+pub mod registry;
+pub mod rootfs;
+pub mod service;
+pub mod time;
+
+use std::sync::Arc;
+
 use berth_core::{Config, Result};
 use berth_proto::berth::images::v1::images_server::ImagesServer;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
+pub use grpc::ImagesService;
+pub use service::Images;
+
 /// Serves berth-images on `listener` until `shutdown` is cancelled.
 pub async fn run(
-    _config: Config,
+    config: Config,
     listener: UnixListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let (_health, health_service) = grpc::health().await;
-    let router = grpc::server()
+    let images = Arc::new(Images::open(config)?);
+    let recovering = images.clone();
+    tokio::spawn(async move { recovering.recover().await });
+    let (_health, health_service) = berth_core::grpc::health().await;
+    let router = berth_core::grpc::server()
         .add_service(health_service)
-        .add_service(Unimplemented::<ImagesServer<()>>::new());
-    grpc::serve(router, listener, shutdown.cancelled_owned()).await
+        .add_service(
+            ImagesServer::new(ImagesService::new(images))
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+        );
+    berth_core::grpc::serve(router, listener, shutdown.cancelled_owned()).await
+}
+
+/// A random tag for this process's temporary names, so a restarted process can tell its own
+/// leftovers from a crashed predecessor's.
+pub(crate) fn nonce() -> &'static str {
+    static NONCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NONCE.get_or_init(|| {
+        use rand::RngCore;
+        let mut b = [0u8; 4];
+        rand::rng().fill_bytes(&mut b);
+        hex::encode(b)
+    })
 }

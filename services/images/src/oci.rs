@@ -21,7 +21,8 @@ pub const OCI_LAYER_ND_GZIP: &str = "application/vnd.oci.image.layer.nondistribu
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const DOCKER_MANIFEST_V1: &str = "application/vnd.docker.distribution.manifest.v1+json";
-pub const DOCKER_MANIFEST_V1_SIGNED: &str = "application/vnd.docker.distribution.manifest.v1+prettyjws";
+pub const DOCKER_MANIFEST_V1_SIGNED: &str =
+    "application/vnd.docker.distribution.manifest.v1+prettyjws";
 pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 pub const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
 pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
@@ -66,9 +67,9 @@ impl Compression {
     /// From a layer media type; `None` when the type is not a layer berth can unpack.
     pub fn from_media_type(media_type: &str) -> Option<Self> {
         match media_type {
-            OCI_LAYER | DOCKER_LAYER | "application/vnd.oci.image.layer.nondistributable.v1.tar" => {
-                Some(Self::None)
-            }
+            OCI_LAYER
+            | DOCKER_LAYER
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar" => Some(Self::None),
             OCI_LAYER_GZIP | DOCKER_LAYER_GZIP | DOCKER_LAYER_FOREIGN | OCI_LAYER_ND_GZIP => {
                 Some(Self::Gzip)
             }
@@ -141,8 +142,11 @@ impl Descriptor {
     /// The digest, validated.
     pub fn digest(&self) -> Result<Digest> {
         self.digest.parse::<Digest>().map_err(|e| {
-            Error::invalid_argument(format!("descriptor has an invalid digest {:?}", self.digest))
-                .with_source(e)
+            Error::invalid_argument(format!(
+                "descriptor has an invalid digest {:?}",
+                self.digest
+            ))
+            .with_source(e)
         })
     }
 
@@ -164,7 +168,11 @@ pub struct Platform {
     pub architecture: String,
     #[serde(default)]
     pub os: String,
-    #[serde(rename = "os.version", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "os.version",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub os_version: String,
     #[serde(rename = "os.features", default, skip_serializing_if = "Vec::is_empty")]
     pub os_features: Vec<String>,
@@ -329,24 +337,34 @@ impl ImageConfig {
         let cfg: Self = serde_json::from_slice(data)
             .map_err(|e| Error::invalid_argument("invalid image config").with_source(e))?;
         for d in cfg.diff_ids_raw() {
-            d.parse::<Digest>()
-                .map_err(|e| Error::invalid_argument("invalid diff id in image config").with_source(e))?;
+            d.parse::<Digest>().map_err(|e| {
+                Error::invalid_argument("invalid diff id in image config").with_source(e)
+            })?;
         }
         Ok(cfg)
     }
 
     fn diff_ids_raw(&self) -> &[String] {
-        self.rootfs.as_ref().map(|r| r.diff_ids.as_slice()).unwrap_or_default()
+        self.rootfs
+            .as_ref()
+            .map(|r| r.diff_ids.as_slice())
+            .unwrap_or_default()
     }
 
     /// The layers' diff ids, bottom first.
     pub fn diff_ids(&self) -> Vec<Digest> {
-        self.diff_ids_raw().iter().filter_map(|d| d.parse().ok()).collect()
+        self.diff_ids_raw()
+            .iter()
+            .filter_map(|d| d.parse().ok())
+            .collect()
     }
 
     /// The config's labels.
     pub fn labels(&self) -> BTreeMap<String, String> {
-        self.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default()
+        self.config
+            .as_ref()
+            .and_then(|c| c.labels.clone())
+            .unwrap_or_default()
     }
 
     /// The config's platform.
@@ -375,7 +393,9 @@ pub fn parse_manifest(data: &[u8]) -> Result<Manifest> {
     for l in &m.layers {
         l.digest()?;
         if l.size < 0 {
-            return Err(Error::invalid_argument("layer descriptor with a negative size"));
+            return Err(Error::invalid_argument(
+                "layer descriptor with a negative size",
+            ));
         }
     }
     Ok(m)
@@ -482,19 +502,29 @@ mod tests {
     fn manifests_are_checked() {
         let good = br#"{"schemaVersion":2,"config":{"mediaType":"x","digest":"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","size":1},"layers":[]}"#;
         assert!(parse_manifest(good).is_ok());
-        let bad = br#"{"schemaVersion":2,"config":{"mediaType":"x","digest":"sha256:zz","size":1}}"#;
+        let bad =
+            br#"{"schemaVersion":2,"config":{"mediaType":"x","digest":"sha256:zz","size":1}}"#;
         assert!(parse_manifest(bad).is_err());
         assert!(parse_manifest(b"not json").is_err());
         assert_eq!(sniff_media_type(good).as_deref(), Some(OCI_MANIFEST));
-        assert_eq!(sniff_media_type(br#"{"manifests":[]}"#).as_deref(), Some(OCI_INDEX));
+        assert_eq!(
+            sniff_media_type(br#"{"manifests":[]}"#).as_deref(),
+            Some(OCI_INDEX)
+        );
     }
 
     #[test]
     fn compression_detection() {
         assert_eq!(Compression::detect(&[0x1f, 0x8b, 8]), Compression::Gzip);
-        assert_eq!(Compression::detect(&[0x28, 0xb5, 0x2f, 0xfd]), Compression::Zstd);
+        assert_eq!(
+            Compression::detect(&[0x28, 0xb5, 0x2f, 0xfd]),
+            Compression::Zstd
+        );
         assert_eq!(Compression::detect(b"usr/"), Compression::None);
-        assert_eq!(Compression::from_media_type(DOCKER_LAYER_GZIP), Some(Compression::Gzip));
+        assert_eq!(
+            Compression::from_media_type(DOCKER_LAYER_GZIP),
+            Some(Compression::Gzip)
+        );
         assert_eq!(Compression::from_media_type("text/plain"), None);
     }
 }

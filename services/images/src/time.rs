@@ -50,7 +50,9 @@ pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     if secs >= 0 {
         Some(UNIX_EPOCH + Duration::new(secs as u64, nanos))
     } else {
-        UNIX_EPOCH.checked_sub(Duration::from_secs((-secs) as u64))?.checked_add(Duration::from_nanos(nanos as u64))
+        UNIX_EPOCH
+            .checked_sub(Duration::from_secs((-secs) as u64))?
+            .checked_add(Duration::from_nanos(nanos as u64))
     }
 }
 
@@ -77,17 +79,25 @@ pub fn format_rfc3339(t: SystemTime) -> String {
 /// A protobuf timestamp.
 pub fn to_timestamp(t: SystemTime) -> prost_types::Timestamp {
     match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 },
+        Ok(d) => prost_types::Timestamp {
+            seconds: d.as_secs() as i64,
+            nanos: d.subsec_nanos() as i32,
+        },
         Err(e) => {
             let d = e.duration();
-            prost_types::Timestamp { seconds: -(d.as_secs() as i64), nanos: 0 }
+            prost_types::Timestamp {
+                seconds: -(d.as_secs() as i64),
+                nanos: 0,
+            }
         }
     }
 }
 
 /// Nanoseconds since the epoch.
 pub fn to_nanos(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 /// The inverse of [`to_nanos`].
@@ -126,7 +136,10 @@ mod tests {
     #[test]
     fn round_trip() {
         let t = parse_rfc3339("2023-11-14T22:13:20Z").unwrap();
-        assert_eq!(t.duration_since(UNIX_EPOCH).unwrap().as_secs(), 1_700_000_000);
+        assert_eq!(
+            t.duration_since(UNIX_EPOCH).unwrap().as_secs(),
+            1_700_000_000
+        );
         assert_eq!(format_rfc3339(t), "2023-11-14T22:13:20Z");
         let t = parse_rfc3339("2023-11-14T23:13:20.5+01:00").unwrap();
         assert_eq!(format_rfc3339(t), "2023-11-14T22:13:20.5Z");

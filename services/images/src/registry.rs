@@ -1,0 +1,1149 @@
+//! A focused OCI distribution client on reqwest.
+//!
+//! What it adds over a generic HTTP client is what berth needs and oci-client does not give
+//! control over: endpoints chosen per registry from berth's config (docker.io mirrors, insecure
+//! registries with Docker's https-then-http fallback, loopback insecure by default, a per-registry
+//! CA directory), credentials passed per call (anonymous, basic, bearer tokens fetched from the
+//! realm the registry names, identity tokens, ready-made registry tokens), resumable blob reads
+//! with `Range`, cross-repository blob mounts, and errors that keep their kind (auth →
+//! `Unauthenticated`, certificates → a TLS error, missing → `NotFound`, 5xx → `Unavailable`).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use berth_core::{Digest, Error, ErrorKind, Result};
+use reqwest::header::{HeaderMap, HeaderValue};
+use reqwest::{Method, StatusCode};
+
+use crate::oci;
+
+/// The host docker.io references are actually pulled from.
+pub const DOCKER_HUB_HOST: &str = "registry-1.docker.io";
+/// The biggest manifest berth accepts (containerd's limit).
+pub const MAX_MANIFEST: usize = 4 << 20;
+
+/// Credentials for one call, as Docker's X-Registry-Auth carries them.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+    pub identity_token: String,
+    pub registry_token: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How berth reaches registries (from `[images]` in the config).
+#[derive(Debug, Clone, Default)]
+pub struct RegistryConfig {
+    pub insecure_registries: Vec<String>,
+    pub registry_mirrors: Vec<String>,
+    pub certs_dir: PathBuf,
+}
+
+/// One place a repository can be reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// `host[:port]` as it goes into URLs.
+    pub host: String,
+    /// Try https first; `false` only for http-only mirrors.
+    pub https: bool,
+    /// Skip certificate verification and fall back to plain http.
+    pub insecure: bool,
+    /// A docker.io mirror (failures fall through to the next endpoint).
+    pub mirror: bool,
+}
+
+/// An HTTP client and the certificate files (with their mtimes) it was built from.
+type CachedClient = (Vec<(PathBuf, std::time::SystemTime)>, reqwest::Client);
+
+/// Registry access shared by all operations: endpoint selection and HTTP clients.
+#[derive(Debug)]
+pub struct Registries {
+    cfg: RegistryConfig,
+    clients: Mutex<HashMap<(String, bool), CachedClient>>,
+}
+
+impl Registries {
+    pub fn new(cfg: RegistryConfig) -> Self {
+        // reqwest is built without a default crypto provider (ring is the one berth uses).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Self {
+            cfg,
+            clients: Mutex::default(),
+        }
+    }
+
+    /// Where to reach `domain` (a reference's registry), in the order to try.
+    pub async fn endpoints(&self, domain: &str, push: bool) -> Result<Vec<Endpoint>> {
+        let mut out = Vec::new();
+        if domain == berth_core::reference::DEFAULT_DOMAIN {
+            if !push {
+                for m in &self.cfg.registry_mirrors {
+                    let (https, rest) = if let Some(r) = m.strip_prefix("https://") {
+                        (true, r)
+                    } else if let Some(r) = m.strip_prefix("http://") {
+                        (false, r)
+                    } else {
+                        (true, m.as_str())
+                    };
+                    let host = rest.trim_end_matches('/').to_string();
+                    if host.is_empty() || host.contains('/') {
+                        tracing::warn!(mirror = %m, "registry mirror with a path is not supported; skipped");
+                        continue;
+                    }
+                    let insecure = self.is_insecure(&host).await;
+                    out.push(Endpoint {
+                        host,
+                        https,
+                        insecure,
+                        mirror: true,
+                    });
+                }
+            }
+            out.push(Endpoint {
+                host: DOCKER_HUB_HOST.into(),
+                https: true,
+                insecure: false,
+                mirror: false,
+            });
+        } else {
+            let insecure = self.is_insecure(domain).await;
+            out.push(Endpoint {
+                host: domain.into(),
+                https: true,
+                insecure,
+                mirror: false,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Whether `host` (`host[:port]`) is an insecure registry: listed in the config (by
+    /// `host:port`, host, or a CIDR containing one of its addresses), or in 127.0.0.0/8 as
+    /// Docker assumes.
+    pub async fn is_insecure(&self, host: &str) -> bool {
+        let (name, _port) = split_host_port(host);
+        if self.cfg.insecure_registries.iter().any(|r| {
+            let r = r
+                .trim_start_matches("http://")
+                .trim_start_matches("https://")
+                .trim_end_matches('/');
+            r == host || r == name
+        }) {
+            return true;
+        }
+        let addrs: Vec<IpAddr> = match name
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            Ok(ip) => vec![ip],
+            Err(_) => match tokio::net::lookup_host((name, 0)).await {
+                Ok(it) => it.map(|a| a.ip()).collect(),
+                Err(_) => Vec::new(),
+            },
+        };
+        let mut cidrs: Vec<(IpAddr, u8)> = vec![(IpAddr::from([127, 0, 0, 0]), 8)];
+        cidrs.extend(
+            self.cfg
+                .insecure_registries
+                .iter()
+                .filter_map(|c| parse_cidr(c)),
+        );
+        addrs.iter().any(|a| {
+            cidrs
+                .iter()
+                .any(|(net, bits)| cidr_contains(*net, *bits, *a))
+        })
+    }
+
+    fn client(&self, host: &str, insecure: bool) -> Result<reqwest::Client> {
+        // `[::1]:5000` may also be spelled without brackets in a certs.d directory name.
+        let dirs = [
+            self.cfg.certs_dir.join(host),
+            self.cfg.certs_dir.join(host.replace(['[', ']'], "")),
+        ];
+        let mut files: Vec<(PathBuf, std::time::SystemTime)> = Vec::new();
+        for d in dirs.iter() {
+            if let Ok(rd) = std::fs::read_dir(d) {
+                for e in rd.flatten() {
+                    let p = e.path();
+                    let mtime = e
+                        .metadata()
+                        .and_then(|m| m.modified())
+                        .unwrap_or(std::time::UNIX_EPOCH);
+                    if !files.iter().any(|(f, _)| *f == p) {
+                        files.push((p, mtime));
+                    }
+                }
+            }
+        }
+        files.sort();
+        let key = (host.to_string(), insecure);
+        if let Some((f, c)) = self.clients.lock().unwrap().get(&key)
+            && *f == files
+        {
+            return Ok(c.clone());
+        }
+        let mut b = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(15))
+            .read_timeout(Duration::from_secs(60))
+            .redirect(reqwest::redirect::Policy::limited(10))
+            .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")));
+        let mut roots = Vec::new();
+        for (path, _) in &files {
+            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+            if ext == "crt" {
+                let pem = std::fs::read(path).map_err(|e| {
+                    Error::internal(format!("read {}", path.display())).with_source(e)
+                })?;
+                let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                    Error::invalid_argument(format!("CA certificate {}", path.display()))
+                        .with_source(e)
+                })?;
+                roots.extend(certs);
+            } else if ext == "cert" {
+                // Docker's client certificate pair: NAME.cert + NAME.key.
+                let key = path.with_extension("key");
+                if let (Ok(mut cert), Ok(k)) = (std::fs::read(path), std::fs::read(&key)) {
+                    cert.extend_from_slice(b"\n");
+                    cert.extend_from_slice(&k);
+                    let id = reqwest::Identity::from_pem(&cert).map_err(|e| {
+                        Error::invalid_argument(format!("client certificate {}", path.display()))
+                            .with_source(e)
+                    })?;
+                    b = b.identity(id);
+                }
+            }
+        }
+        if !roots.is_empty() {
+            b = b.tls_certs_merge(roots);
+        }
+        if insecure {
+            b = b.tls_danger_accept_invalid_certs(true);
+        }
+        let client = b
+            .build()
+            .map_err(|e| Error::internal("build http client").with_source(e))?;
+        self.clients
+            .lock()
+            .unwrap()
+            .insert(key, (files, client.clone()));
+        Ok(client)
+    }
+
+    /// Connects to repository `path` of registry `domain`: picks the first endpoint that
+    /// answers `/v2/`. `push` asks for push access (and skips mirrors).
+    pub async fn repository(
+        &self,
+        domain: &str,
+        path: &str,
+        creds: &Credentials,
+        push: bool,
+    ) -> Result<Repository> {
+        let endpoints = self.endpoints(domain, push).await?;
+        let mut last_err = None;
+        for ep in endpoints {
+            match self.connect(&ep, domain, path, creds, push).await {
+                Ok(repo) => return Ok(repo),
+                Err(err) if ep.mirror => {
+                    tracing::warn!(mirror = %ep.host, error = %err.chain(), "registry mirror failed; trying the next endpoint");
+                    last_err = Some(err);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| Error::internal("no registry endpoint")))
+    }
+
+    async fn connect(
+        &self,
+        ep: &Endpoint,
+        domain: &str,
+        path: &str,
+        creds: &Credentials,
+        push: bool,
+    ) -> Result<Repository> {
+        let mut schemes: Vec<&str> = Vec::new();
+        if ep.https {
+            schemes.push("https");
+        }
+        if !ep.https || ep.insecure {
+            schemes.push("http");
+        }
+        let client = self.client(&ep.host, ep.insecure)?;
+        let mut first_err = None;
+        for scheme in schemes {
+            let base = format!("{scheme}://{}", ep.host);
+            match client.get(format!("{base}/v2/")).send().await {
+                Ok(resp) => {
+                    let challenge = if resp.status() == StatusCode::UNAUTHORIZED {
+                        resp.headers()
+                            .get(reqwest::header::WWW_AUTHENTICATE)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(Challenge::parse)
+                    } else {
+                        None
+                    };
+                    let mut scopes = vec![format!("repository:{path}:pull")];
+                    if push {
+                        scopes[0] = format!("repository:{path}:pull,push");
+                    }
+                    let repo = Repository {
+                        client: client.clone(),
+                        base,
+                        domain: domain.to_string(),
+                        name: path.to_string(),
+                        creds: creds.clone(),
+                        auth: Arc::new(tokio::sync::Mutex::new(AuthState {
+                            challenge,
+                            header: None,
+                        })),
+                        scopes,
+                    };
+                    return Ok(repo);
+                }
+                Err(e) => {
+                    let err = http_error(e, &format!("{scheme}://{}/v2/", ep.host));
+                    tracing::debug!(endpoint = %ep.host, scheme, error = %err.chain(), "registry ping failed");
+                    if first_err.is_none() {
+                        first_err = Some(err);
+                    }
+                }
+            }
+        }
+        Err(first_err.unwrap_or_else(|| Error::internal("no scheme to try")))
+    }
+}
+
+/// `host:port` → (`host`, `port`), with `[v6]` brackets kept on the host.
+fn split_host_port(host: &str) -> (&str, Option<&str>) {
+    if host.starts_with('[') {
+        match host.find(']') {
+            Some(i) => (&host[..=i], host[i + 1..].strip_prefix(':')),
+            None => (host, None),
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h, Some(p)),
+            _ => (host, None),
+        }
+    }
+}
+
+fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
+    let (ip, bits) = s.split_once('/')?;
+    let ip: IpAddr = ip.parse().ok()?;
+    let bits: u8 = bits.parse().ok()?;
+    Some((ip, bits))
+}
+
+fn cidr_contains(net: IpAddr, bits: u8, ip: IpAddr) -> bool {
+    match (net, ip) {
+        (IpAddr::V4(n), IpAddr::V4(a)) => {
+            let bits = bits.min(32) as u32;
+            let mask = if bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - bits)
+            };
+            (u32::from(n) & mask) == (u32::from(a) & mask)
+        }
+        (IpAddr::V6(n), IpAddr::V6(a)) => {
+            let bits = bits.min(128) as u32;
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - bits)
+            };
+            (u128::from(n) & mask) == (u128::from(a) & mask)
+        }
+        _ => false,
+    }
+}
+
+/// A parsed `WWW-Authenticate` challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    Basic,
+    Bearer {
+        realm: String,
+        service: String,
+        scope: String,
+    },
+}
+
+impl Challenge {
+    /// Parses the first challenge berth can answer.
+    pub fn parse(header: &str) -> Option<Self> {
+        let (scheme, rest) = header.trim().split_once(' ').unwrap_or((header.trim(), ""));
+        let params = parse_params(rest);
+        match scheme.to_ascii_lowercase().as_str() {
+            "basic" => Some(Self::Basic),
+            "bearer" => Some(Self::Bearer {
+                realm: params.get("realm")?.clone(),
+                service: params.get("service").cloned().unwrap_or_default(),
+                scope: params.get("scope").cloned().unwrap_or_default(),
+            }),
+            _ => None,
+        }
+    }
+}
+
+fn parse_params(s: &str) -> HashMap<String, String> {
+    let mut out = HashMap::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        while i < b.len() && (b[i] == b',' || b[i] == b' ') {
+            i += 1;
+        }
+        let ks = i;
+        while i < b.len() && b[i] != b'=' && b[i] != b',' {
+            i += 1;
+        }
+        let key = s[ks..i].trim().to_ascii_lowercase();
+        if i >= b.len() || b[i] != b'=' {
+            continue;
+        }
+        i += 1;
+        let mut val = String::new();
+        if i < b.len() && b[i] == b'"' {
+            i += 1;
+            while i < b.len() && b[i] != b'"' {
+                if b[i] == b'\\' && i + 1 < b.len() {
+                    i += 1;
+                }
+                val.push(b[i] as char);
+                i += 1;
+            }
+            i += 1;
+        } else {
+            let vs = i;
+            while i < b.len() && b[i] != b',' {
+                i += 1;
+            }
+            val = s[vs..i].trim().to_string();
+        }
+        out.insert(key, val);
+    }
+    out
+}
+
+#[derive(Debug)]
+struct AuthState {
+    challenge: Option<Challenge>,
+    header: Option<String>,
+}
+
+/// One repository on one endpoint, with its credentials and auth state.
+#[derive(Debug, Clone)]
+pub struct Repository {
+    client: reqwest::Client,
+    base: String,
+    domain: String,
+    name: String,
+    creds: Credentials,
+    auth: Arc<tokio::sync::Mutex<AuthState>>,
+    scopes: Vec<String>,
+}
+
+/// A fetched manifest.
+#[derive(Debug, Clone)]
+pub struct FetchedManifest {
+    pub data: Vec<u8>,
+    pub media_type: String,
+    pub digest: Digest,
+}
+
+/// What a cross-repository mount did.
+#[derive(Debug)]
+pub enum MountResult {
+    Mounted,
+    /// Not mounted; upload to this location instead.
+    Upload(String),
+}
+
+impl Repository {
+    /// `scheme://host` of the endpoint in use.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The repository path.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Also asks for pull access to `repo` in token requests (for cross-repository mounts).
+    pub fn add_scope(&mut self, scope: String) {
+        if !self.scopes.contains(&scope) {
+            self.scopes.push(scope);
+            self.auth = Arc::new(tokio::sync::Mutex::new(AuthState {
+                challenge: None,
+                header: None,
+            }));
+        }
+    }
+
+    fn url(&self, rest: &str) -> String {
+        format!("{}/v2/{}/{rest}", self.base, self.name)
+    }
+
+    /// Sends a request built by `build`, answering an auth challenge once.
+    async fn send(
+        &self,
+        build: &(dyn Fn() -> reqwest::RequestBuilder + Sync),
+    ) -> Result<reqwest::Response> {
+        let header = self.authorization(false).await?;
+        let resp = self.do_send(build, header.as_deref()).await?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        let challenge = resp
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(Challenge::parse);
+        {
+            let mut st = self.auth.lock().await;
+            if challenge.is_some() {
+                st.challenge = challenge;
+            }
+            st.header = None;
+        }
+        let header = self.authorization(true).await?;
+        let resp = self.do_send(build, header.as_deref()).await?;
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            return Err(self.status_error(resp, "").await);
+        }
+        Ok(resp)
+    }
+
+    async fn do_send(
+        &self,
+        build: &(dyn Fn() -> reqwest::RequestBuilder + Sync),
+        header: Option<&str>,
+    ) -> Result<reqwest::Response> {
+        let mut rb = build();
+        if let Some(h) = header {
+            rb = rb.header(reqwest::header::AUTHORIZATION, h);
+        }
+        rb.send().await.map_err(|e| http_error(e, &self.base))
+    }
+
+    /// The Authorization header for the current challenge (fetching a token if needed).
+    async fn authorization(&self, after_401: bool) -> Result<Option<String>> {
+        let mut st = self.auth.lock().await;
+        if let Some(h) = &st.header {
+            return Ok(Some(h.clone()));
+        }
+        let Some(challenge) = st.challenge.clone() else {
+            if after_401 {
+                return Err(Error::unauthenticated(format!(
+                    "{}: authentication required and no supported challenge was offered",
+                    self.domain
+                )));
+            }
+            return Ok(None);
+        };
+        let c = &self.creds;
+        let header = match challenge {
+            Challenge::Basic => {
+                if c.username.is_empty() {
+                    return Err(Error::unauthenticated(format!(
+                        "{}: authentication required (no credentials given)",
+                        self.domain
+                    )));
+                }
+                format!(
+                    "Basic {}",
+                    base64(format!("{}:{}", c.username, c.password).as_bytes())
+                )
+            }
+            Challenge::Bearer {
+                realm,
+                service,
+                scope,
+            } => {
+                if !c.registry_token.is_empty() {
+                    format!("Bearer {}", c.registry_token)
+                } else {
+                    let token = self.fetch_token(&realm, &service, &scope).await?;
+                    format!("Bearer {token}")
+                }
+            }
+        };
+        st.header = Some(header.clone());
+        Ok(Some(header))
+    }
+
+    async fn fetch_token(&self, realm: &str, service: &str, extra_scope: &str) -> Result<String> {
+        let mut url = reqwest::Url::parse(realm).map_err(|e| {
+            Error::internal(format!("{}: bad token realm {realm:?}", self.domain)).with_source(e)
+        })?;
+        let mut scopes = self.scopes.clone();
+        for s in extra_scope.split(' ').filter(|s| !s.is_empty()) {
+            if !scopes.iter().any(|x| x == s) {
+                scopes.push(s.to_string());
+            }
+        }
+        let c = &self.creds;
+        let resp = if !c.identity_token.is_empty() {
+            // OAuth2 refresh token grant, as Docker does for identity tokens.
+            let mut form = reqwest::Url::parse("http://form/").expect("static url");
+            {
+                let mut q = form.query_pairs_mut();
+                q.append_pair("grant_type", "refresh_token");
+                q.append_pair("refresh_token", &c.identity_token);
+                q.append_pair("service", service);
+                q.append_pair("client_id", "berth");
+                q.append_pair("scope", &scopes.join(" "));
+            }
+            let body = form.query().unwrap_or_default().to_string();
+            self.client
+                .post(url.clone())
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    "application/x-www-form-urlencoded",
+                )
+                .body(body)
+                .send()
+                .await
+        } else {
+            {
+                let mut q = url.query_pairs_mut();
+                if !service.is_empty() {
+                    q.append_pair("service", service);
+                }
+                for s in &scopes {
+                    q.append_pair("scope", s);
+                }
+            }
+            let mut rb = self.client.get(url.clone());
+            if !c.username.is_empty() {
+                rb = rb.basic_auth(&c.username, Some(&c.password));
+            }
+            rb.send().await
+        }
+        .map_err(|e| http_error(e, realm))?;
+        let status = resp.status();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            return Err(Error::unauthenticated(format!(
+                "{}: the token server refused the credentials ({status})",
+                self.domain
+            )));
+        }
+        if !status.is_success() {
+            return Err(Error::unavailable(format!(
+                "{}: token server answered {status}",
+                self.domain
+            )));
+        }
+        #[derive(serde::Deserialize)]
+        struct Token {
+            #[serde(default)]
+            token: String,
+            #[serde(default)]
+            access_token: String,
+        }
+        let body = resp.bytes().await.map_err(|e| http_error(e, realm))?;
+        let t: Token = serde_json::from_slice(&body).map_err(|e| {
+            Error::unavailable(format!("{}: bad token response", self.domain)).with_source(e)
+        })?;
+        let token = if t.token.is_empty() {
+            t.access_token
+        } else {
+            t.token
+        };
+        if token.is_empty() {
+            return Err(Error::unauthenticated(format!(
+                "{}: the token server returned no token",
+                self.domain
+            )));
+        }
+        Ok(token)
+    }
+
+    /// An error for a non-success response, with the registry's own error text.
+    async fn status_error(&self, resp: reqwest::Response, what: &str) -> Error {
+        let status = resp.status();
+        let body = resp.bytes().await.unwrap_or_default();
+        let detail = registry_error_text(&body);
+        let what = if what.is_empty() {
+            String::new()
+        } else {
+            format!("{what}: ")
+        };
+        let msg = format!(
+            "{}{what}{status}{}",
+            format_args!("{}/{}: ", self.domain, self.name),
+            detail
+        );
+        let kind = match status {
+            StatusCode::UNAUTHORIZED => ErrorKind::Unauthenticated,
+            StatusCode::FORBIDDEN => ErrorKind::PermissionDenied,
+            StatusCode::NOT_FOUND => ErrorKind::NotFound,
+            StatusCode::TOO_MANY_REQUESTS => ErrorKind::Unavailable,
+            s if s.is_server_error() => ErrorKind::Unavailable,
+            StatusCode::BAD_REQUEST | StatusCode::METHOD_NOT_ALLOWED => ErrorKind::InvalidArgument,
+            _ => ErrorKind::Internal,
+        };
+        Error::new(kind, msg)
+    }
+
+    /// GETs a manifest by tag or digest. A digest reference is checked against the bytes.
+    pub async fn get_manifest(&self, reference: &str) -> Result<FetchedManifest> {
+        let url = self.url(&format!("manifests/{reference}"));
+        let resp = retry(3, || async {
+            let resp = self
+                .send(&|| {
+                    self.client
+                        .get(&url)
+                        .header(reqwest::header::ACCEPT, oci::MANIFEST_ACCEPT)
+                })
+                .await?;
+            if !resp.status().is_success() {
+                return Err(self
+                    .status_error(resp, &format!("manifest {reference}"))
+                    .await);
+            }
+            Ok(resp)
+        })
+        .await?;
+        let header_type = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.split(';').next().unwrap_or("").trim().to_string())
+            .unwrap_or_default();
+        if let Some(len) = resp.content_length()
+            && len as usize > MAX_MANIFEST
+        {
+            return Err(Error::invalid_argument(format!(
+                "manifest {reference} is too large ({len} bytes)"
+            )));
+        }
+        let data = resp
+            .bytes()
+            .await
+            .map_err(|e| http_error(e, &url))?
+            .to_vec();
+        if data.len() > MAX_MANIFEST {
+            return Err(Error::invalid_argument(format!(
+                "manifest {reference} is too large"
+            )));
+        }
+        let digest = Digest::sha256_of(&data);
+        if let Ok(want) = reference.parse::<Digest>()
+            && want != digest
+        {
+            return Err(
+                crate::content::mismatch(&want, &digest).with_source(Error::internal(format!(
+                    "manifest {reference} from {}",
+                    self.domain
+                ))),
+            );
+        }
+        let media_type = match header_type.as_str() {
+            "" | "application/json" | "text/plain" | "application/octet-stream" => {
+                oci::sniff_media_type(&data).unwrap_or(header_type)
+            }
+            _ => header_type,
+        };
+        Ok(FetchedManifest {
+            data,
+            media_type,
+            digest,
+        })
+    }
+
+    /// GETs a blob from byte `offset`. Returns the response and whether it starts at `offset`
+    /// (`false`: the registry ignored the range and sends everything).
+    pub async fn get_blob(
+        &self,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<(reqwest::Response, bool)> {
+        let url = self.url(&format!("blobs/{digest}"));
+        let resp = self
+            .send(&|| {
+                let rb = self.client.get(&url);
+                if offset > 0 {
+                    rb.header(reqwest::header::RANGE, format!("bytes={offset}-"))
+                } else {
+                    rb
+                }
+            })
+            .await?;
+        match resp.status() {
+            StatusCode::PARTIAL_CONTENT => Ok((resp, true)),
+            s if s.is_success() => Ok((resp, offset == 0)),
+            StatusCode::RANGE_NOT_SATISFIABLE if offset > 0 => {
+                // What we have is already all (or more than) there is: start over.
+                Box::pin(self.get_blob(digest, 0)).await
+            }
+            _ => Err(self.status_error(resp, &format!("blob {digest}")).await),
+        }
+    }
+
+    /// Reads a small blob (a config) whole, verified.
+    pub async fn get_small_blob(&self, digest: &Digest, limit: usize) -> Result<Vec<u8>> {
+        let data = retry(3, || async {
+            let (resp, _) = self.get_blob(digest, 0).await?;
+            let data = resp.bytes().await.map_err(|e| http_error(e, &self.base))?;
+            Ok(data)
+        })
+        .await?;
+        if data.len() > limit {
+            return Err(Error::invalid_argument(format!(
+                "blob {digest} is larger than {limit} bytes"
+            )));
+        }
+        let got = Digest::sha256_of(&data);
+        if got != *digest {
+            return Err(crate::content::mismatch(digest, &got));
+        }
+        Ok(data.to_vec())
+    }
+
+    /// Whether the registry has the blob.
+    pub async fn has_blob(&self, digest: &Digest) -> Result<bool> {
+        let url = self.url(&format!("blobs/{digest}"));
+        let resp = self.send(&|| self.client.head(&url)).await?;
+        match resp.status() {
+            s if s.is_success() => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            _ => Err(self.status_error(resp, &format!("blob {digest}")).await),
+        }
+    }
+
+    /// Starts an upload, mounting `digest` from repository `from` when given.
+    pub async fn start_upload(&self, mount: Option<(&Digest, &str)>) -> Result<MountResult> {
+        let url = match mount {
+            Some((d, from)) => {
+                let mut u = reqwest::Url::parse(&self.url("blobs/uploads/"))
+                    .map_err(|e| Error::internal("upload url").with_source(e))?;
+                u.query_pairs_mut()
+                    .append_pair("mount", d.as_str())
+                    .append_pair("from", from);
+                u.to_string()
+            }
+            None => self.url("blobs/uploads/"),
+        };
+        let resp = self
+            .send(&|| {
+                self.client
+                    .post(&url)
+                    .header(reqwest::header::CONTENT_LENGTH, "0")
+            })
+            .await?;
+        match resp.status() {
+            StatusCode::CREATED if mount.is_some() => Ok(MountResult::Mounted),
+            StatusCode::ACCEPTED | StatusCode::CREATED => {
+                let loc = self.location(resp.headers())?;
+                Ok(MountResult::Upload(loc))
+            }
+            _ => Err(self.status_error(resp, "start upload").await),
+        }
+    }
+
+    fn location(&self, headers: &HeaderMap<HeaderValue>) -> Result<String> {
+        let loc = headers
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                Error::internal(format!("{}: upload without a Location", self.domain))
+            })?;
+        let base = reqwest::Url::parse(&format!("{}/", self.base))
+            .map_err(|e| Error::internal("base url").with_source(e))?;
+        let url = base
+            .join(loc)
+            .map_err(|e| Error::internal("upload location").with_source(e))?;
+        Ok(url.to_string())
+    }
+
+    /// Finishes an upload with the whole blob as one PUT.
+    pub async fn put_blob(
+        &self,
+        location: &str,
+        digest: &Digest,
+        size: u64,
+        body: impl Fn() -> reqwest::Body + Sync,
+    ) -> Result<()> {
+        let mut u = reqwest::Url::parse(location)
+            .map_err(|e| Error::internal("upload url").with_source(e))?;
+        u.query_pairs_mut().append_pair("digest", digest.as_str());
+        let u = u.to_string();
+        let resp = self
+            .send(&|| {
+                self.client
+                    .put(&u)
+                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                    .header(reqwest::header::CONTENT_LENGTH, size.to_string())
+                    .body(body())
+            })
+            .await?;
+        if !resp.status().is_success() {
+            return Err(self
+                .status_error(resp, &format!("upload blob {digest}"))
+                .await);
+        }
+        Ok(())
+    }
+
+    /// PUTs a manifest under `reference` (a tag or its digest); returns the digest the registry
+    /// reports (or the bytes' own).
+    pub async fn put_manifest(
+        &self,
+        reference: &str,
+        media_type: &str,
+        data: &[u8],
+    ) -> Result<Digest> {
+        let url = self.url(&format!("manifests/{reference}"));
+        let data = bytes::Bytes::copy_from_slice(data);
+        let resp = self
+            .send(&|| {
+                self.client
+                    .request(Method::PUT, &url)
+                    .header(reqwest::header::CONTENT_TYPE, media_type)
+                    .body(data.clone())
+            })
+            .await?;
+        if !resp.status().is_success() {
+            return Err(self
+                .status_error(resp, &format!("put manifest {reference}"))
+                .await);
+        }
+        Ok(Digest::sha256_of(&data))
+    }
+}
+
+/// Retries `f` on `Unavailable` errors (5xx, 429, dropped connections), with backoff.
+pub async fn retry<T, F, Fut>(attempts: u32, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    let mut n = 0;
+    loop {
+        match f().await {
+            Err(e)
+                if e.kind() == ErrorKind::Unavailable && n + 1 < attempts && !is_tls_error(&e) =>
+            {
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(200 << n)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether `e` is a certificate / TLS failure (never worth retrying).
+pub fn is_tls_error(e: &Error) -> bool {
+    e.message().starts_with("tls:")
+}
+
+/// Maps a transport error to an [`Error`] whose message says what failed.
+pub fn http_error(e: reqwest::Error, what: &str) -> Error {
+    let mut texts = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = cur {
+        texts.push(err.to_string());
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && let Some(inner) = io.get_ref()
+        {
+            texts.push(inner.to_string());
+        }
+        cur = err.source();
+    }
+    let all = texts.join(": ");
+    let tls = [
+        "certificate",
+        "UnknownIssuer",
+        "InvalidContentType",
+        "handshake",
+        "tls",
+        "TLS",
+    ]
+    .iter()
+    .any(|w| all.contains(w));
+    let detail = texts.last().cloned().unwrap_or_default();
+    if tls && e.is_connect() {
+        let kind = if all.contains("certificate")
+            || all.contains("UnknownIssuer")
+            || all.contains("NotValidForName")
+        {
+            "certificate verification failed"
+        } else {
+            "handshake failed"
+        };
+        return Error::unavailable(format!("tls: {kind} for {what}: {detail}"));
+    }
+    if e.is_timeout() {
+        return Error::unavailable(format!("{what}: timed out"));
+    }
+    if e.is_connect() {
+        return Error::unavailable(format!("{what}: cannot connect: {detail}"));
+    }
+    Error::unavailable(format!("{what}: {all}"))
+}
+
+fn registry_error_text(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct E {
+        #[serde(default)]
+        code: String,
+        #[serde(default)]
+        message: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Es {
+        #[serde(default)]
+        errors: Vec<E>,
+    }
+    match serde_json::from_slice::<Es>(body) {
+        Ok(es) if !es.errors.is_empty() => {
+            let parts: Vec<String> = es
+                .errors
+                .iter()
+                .map(|e| format!("{}: {}", e.code.to_lowercase().replace('_', " "), e.message))
+                .collect();
+            format!(" ({})", parts.join("; "))
+        }
+        _ => String::new(),
+    }
+}
+
+/// Standard base64 with padding.
+pub fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        out.push(T[(n >> 18) as usize & 63] as char);
+        out.push(T[(n >> 12) as usize & 63] as char);
+        out.push(if chunk.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if chunk.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
+    }
+    out
+}
+
+/// The certs.d directory for a registry host.
+pub fn certs_dir_for(root: &Path, host: &str) -> PathBuf {
+    root.join(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn challenges() {
+        assert_eq!(
+            Challenge::parse(r#"Basic realm="berth-test""#),
+            Some(Challenge::Basic)
+        );
+        let c = Challenge::parse(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull""#,
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: "registry.docker.io".into(),
+                scope: "repository:library/busybox:pull".into()
+            }
+        );
+        assert_eq!(Challenge::parse("Negotiate abc"), None);
+        assert_eq!(Challenge::parse("Bearer service=x"), None);
+    }
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
+    }
+
+    #[tokio::test]
+    async fn insecure_registries_as_docker() {
+        let r = Registries::new(RegistryConfig {
+            insecure_registries: vec!["myreg:5000".into(), "10.1.0.0/16".into()],
+            ..Default::default()
+        });
+        assert!(r.is_insecure("127.0.0.1:5000").await);
+        assert!(r.is_insecure("127.3.2.1").await);
+        assert!(r.is_insecure("localhost:5000").await);
+        assert!(r.is_insecure("myreg:5000").await);
+        assert!(r.is_insecure("10.1.2.3:443").await);
+        assert!(!r.is_insecure("10.2.0.1:443").await);
+        assert!(
+            !r.is_insecure("[::1]:5000").await,
+            "Docker's default is 127.0.0.0/8 only"
+        );
+        let eps = r.endpoints("docker.io", false).await.unwrap();
+        assert_eq!(eps.last().unwrap().host, DOCKER_HUB_HOST);
+    }
+
+    #[tokio::test]
+    async fn mirrors_come_first_for_docker_hub_pulls_only() {
+        let r = Registries::new(RegistryConfig {
+            registry_mirrors: vec![
+                "http://127.0.0.1:5001/".into(),
+                "https://mirror.example".into(),
+            ],
+            ..Default::default()
+        });
+        let eps = r.endpoints("docker.io", false).await.unwrap();
+        assert_eq!(eps.len(), 3);
+        assert_eq!(
+            eps[0],
+            Endpoint {
+                host: "127.0.0.1:5001".into(),
+                https: false,
+                insecure: true,
+                mirror: true
+            }
+        );
+        assert!(eps[1].https && eps[1].mirror);
+        assert_eq!(r.endpoints("docker.io", true).await.unwrap().len(), 1);
+        assert_eq!(r.endpoints("quay.io", false).await.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn host_ports_and_cidrs() {
+        assert_eq!(split_host_port("a:5000"), ("a", Some("5000")));
+        assert_eq!(split_host_port("[::1]:5000"), ("[::1]", Some("5000")));
+        assert_eq!(split_host_port("a"), ("a", None));
+        let (n, b) = parse_cidr("10.0.0.0/8").unwrap();
+        assert!(cidr_contains(n, b, "10.9.9.9".parse().unwrap()));
+        assert!(!cidr_contains(n, b, "11.0.0.1".parse().unwrap()));
+    }
+}
