@@ -60,8 +60,9 @@ if command -v hyperfine >/dev/null; then
   median=$(python3 -c "import json,statistics;r=json.load(open('$TMP/ping.json'))['results'][0]['times'];print(round(statistics.median(r)*1000,2))")
   printf 'GET /_ping (curl)\t%s\tms\n' "$median" >> "$OUT/summary.tsv"
 fi
+# Pull + unpack of the synthetic 4 x 64 MB image from a loopback registry (its own daemons).
 if [ -x bench/pull.sh ]; then
-  bench/pull.sh "$TMP" >> "$OUT/summary.tsv" || echo "pull scenario failed" >&2
+  bench/pull.sh | tee "$OUT/pull.txt" || echo "pull scenario failed" >&2
 fi
 
 {
@@ -72,5 +73,13 @@ fi
   echo "| metric | berth | unit |"
   echo "|---|---:|---|"
   tail -n +2 "$OUT/summary.tsv" | awk -F'\t' '{printf "| %s | %s | %s |\n", $1, $2, $3}'
+  if [ -s "$OUT/pull.txt" ]; then
+    echo
+    echo "## Pull (synthetic 4 x 64 MB from a loopback registry)"
+    echo
+    echo '```'
+    cat "$OUT/pull.txt"
+    echo '```'
+  fi
 } > "$OUT/summary.md"
 cat "$OUT/summary.md"
