@@ -1,10 +1,34 @@
 //! berth-engine: containers, tasks through shims, volumes and the events hub.
 //!
-//! The API is declared in berth-proto; until its implementation lands every method answers
-//! UNIMPLEMENTED with a message naming it.
+//! [`run`] wires the real seams (the other services over gRPC, `berth-shim` processes, network
+//! namespace files), reconciles the records with the shims that survived, and serves
+//! `berth.engine.v1` (Containers, Tasks, Volumes) and `berth.events.v1` (Events). See
+//! `docs/engine.md`.
 
-use berth_core::grpc::{self, Unimplemented};
-use berth_core::{Config, Result};
+pub mod deps;
+pub mod engine;
+pub mod events;
+pub mod filters;
+pub mod grpc;
+pub mod host;
+pub mod hostfiles;
+pub mod imageconfig;
+pub mod logs;
+pub mod names;
+pub mod record;
+pub mod remote;
+pub mod restart;
+pub mod rootfs;
+pub mod signal;
+pub mod spec;
+pub mod store;
+pub mod user;
+pub mod volumes;
+
+use std::sync::Arc;
+
+use berth_core::snapshots::RemoteSnapshotter;
+use berth_core::{Config, Error, Result, Service};
 use berth_proto::berth::engine::v1::containers_server::ContainersServer;
 use berth_proto::berth::engine::v1::tasks_server::TasksServer;
 use berth_proto::berth::engine::v1::volumes_server::VolumesServer;
@@ -12,18 +36,91 @@ use berth_proto::berth::events::v1::events_server::EventsServer;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
-/// Serves berth-engine on `listener` until `shutdown` is cancelled.
+use crate::deps::Deps;
+use crate::engine::Engine;
+
+/// Largest gRPC message the engine accepts or sends (archives and logs come in chunks).
+const MAX_MESSAGE: usize = 64 << 20;
+
+/// The seams of a real engine for `config`.
+pub fn real_deps(config: &Config) -> Deps {
+    let default_runtime = config
+        .engine
+        .runtimes
+        .get(&config.engine.default_runtime)
+        .map(|r| r.path.clone())
+        .unwrap_or_else(|| config.engine.default_runtime.clone());
+    Deps {
+        images: Arc::new(remote::RemoteImages::new(config.socket(Service::Images))),
+        snapshots: Arc::new(remote::RemoteSnapshots(RemoteSnapshotter::from_config(
+            config,
+        ))),
+        networks: Arc::new(remote::RemoteNetworks::new(config.socket(Service::Network))),
+        netns: Arc::new(host::HostNetns::new(config.state_dir.join("netns"))),
+        shims: Arc::new(host::ShimProcesses {
+            binary: host::ShimProcesses::binary_for(config),
+            state_dir: config.state_dir.clone(),
+            bundles: config.state_dir.join("bundles"),
+            events_address: format!("unix://{}", config.socket(Service::Engine).display()),
+            runtime: default_runtime,
+            runtime_root: config
+                .state_dir
+                .join("runtime")
+                .join(&config.engine.default_runtime),
+            log_buffer_bytes: config.shim.log_buffer_bytes,
+        }),
+    }
+}
+
+/// Serves berth-engine on `listener` until `shutdown` is cancelled. Containers keep running
+/// when the engine stops.
 pub async fn run(
-    _config: Config,
+    config: Config,
     listener: UnixListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let (_health, health_service) = grpc::health().await;
-    let router = grpc::server()
+    let deps = real_deps(&config);
+    let host = tokio::task::spawn_blocking(host::detect_host)
+        .await
+        .map_err(|e| Error::internal("detect host features").with_source(e))?;
+    let engine = Engine::open(config, deps, host)?;
+    serve(engine, listener, shutdown).await
+}
+
+/// Reconciles `engine` with its shims, then serves it.
+pub async fn serve(
+    engine: Arc<Engine>,
+    listener: UnixListener,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let recovery = engine.recover().await?;
+    tracing::info!(
+        reconnected = recovery.reconnected,
+        exited = recovery.exited,
+        took_ms = recovery.took.as_millis() as u64,
+        "engine ready"
+    );
+    let (_health, health_service) = berth_core::grpc::health().await;
+    let router = berth_core::grpc::server()
         .add_service(health_service)
-        .add_service(Unimplemented::<ContainersServer<()>>::new())
-        .add_service(Unimplemented::<TasksServer<()>>::new())
-        .add_service(Unimplemented::<VolumesServer<()>>::new())
-        .add_service(Unimplemented::<EventsServer<()>>::new());
-    grpc::serve(router, listener, shutdown.cancelled_owned()).await
+        .add_service(
+            ContainersServer::new(grpc::Containers(engine.clone()))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            TasksServer::new(grpc::Tasks(engine.clone()))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(VolumesServer::new(grpc::Volumes(engine.clone())))
+        .add_service(EventsServer::new(grpc::Events(engine.clone())));
+    let stop = engine.shutdown.clone();
+    let result = berth_core::grpc::serve(router, listener, async move {
+        shutdown.cancelled().await;
+        stop.cancel();
+    })
+    .await;
+    engine.shutdown.cancel();
+    result
 }

@@ -1,0 +1,648 @@
+//! Reading containers: Get and List (Docker's filters), top and stats.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use berth_core::{Error, Result};
+use berth_proto::berth::engine::v1 as pb;
+use berth_proto::berth::types::v1 as types;
+use berth_proto::prost_types::Timestamp;
+use futures::StreamExt;
+
+use super::{Ctr, Engine};
+use crate::deps::BoxStream;
+use crate::filters::Args;
+use crate::record::{Record, status_name};
+
+/// Filter keys of List.
+pub fn list_keys() -> &'static [&'static str] {
+    &[
+        "id",
+        "name",
+        "label",
+        "label!",
+        "status",
+        "ancestor",
+        "exited",
+        "network",
+        "volume",
+        "before",
+        "since",
+        "publish",
+        "expose",
+        "health",
+        "isolation",
+        "is-task",
+    ]
+}
+
+/// Parses a filter time: RFC 3339, Unix seconds (with fraction), or a Go duration ago
+/// (`10m`, `1h30m`, `500ms`).
+pub fn parse_time(s: &str) -> Result<SystemTime> {
+    let invalid = || Error::invalid_argument(format!("invalid time value {s:?}"));
+    if let Ok(secs) = s.parse::<f64>() {
+        return Ok(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(secs.max(0.0)));
+    }
+    if let Some(t) = crate::logs::parse_rfc3339(s) {
+        return Ok(t);
+    }
+    let d = parse_duration(s).ok_or_else(invalid)?;
+    Ok(SystemTime::now() - d)
+}
+
+/// A Go-style duration: `1h2m3s`, `500ms`, `10m`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let n_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let n: f64 = rest[..n_end].parse().ok()?;
+        rest = &rest[n_end..];
+        let u_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let unit = &rest[..u_end];
+        rest = &rest[u_end..];
+        let secs = match unit {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        total += Duration::from_secs_f64(n * secs);
+    }
+    Some(total)
+}
+
+fn created(rec: &Record) -> SystemTime {
+    rec.c
+        .created
+        .as_ref()
+        .and_then(|t| SystemTime::try_from(*t).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+fn short_ref(s: &str) -> String {
+    let s = s.strip_prefix("docker.io/").unwrap_or(s);
+    let s = s.strip_prefix("library/").unwrap_or(s);
+    s.strip_suffix(":latest").unwrap_or(s).to_string()
+}
+
+fn ancestor_matches(rec: &Record, want: &str) -> bool {
+    let image = &rec.c.image;
+    let id = &rec.c.image_id;
+    let bare_id = id.strip_prefix("sha256:").unwrap_or(id);
+    let want_bare = want.strip_prefix("sha256:").unwrap_or(want);
+    image == want
+        || short_ref(image) == short_ref(want)
+        || id == want
+        || (want_bare.len() >= 4 && bare_id.starts_with(want_bare))
+}
+
+fn port_matches(spec: &str, port: u32, proto: i32) -> bool {
+    let (ports, p) = spec.split_once('/').unwrap_or((spec, "tcp"));
+    let proto_name = match types::Protocol::try_from(proto).unwrap_or(types::Protocol::Tcp) {
+        types::Protocol::Udp => "udp",
+        types::Protocol::Sctp => "sctp",
+        _ => "tcp",
+    };
+    if !p.eq_ignore_ascii_case(proto_name) {
+        return false;
+    }
+    match ports.split_once('-') {
+        Some((a, b)) => match (a.parse::<u32>(), b.parse::<u32>()) {
+            (Ok(a), Ok(b)) => (a..=b).contains(&port),
+            _ => false,
+        },
+        None => ports.parse::<u32>() == Ok(port),
+    }
+}
+
+impl Engine {
+    /// The wire view of a container, with sizes when asked.
+    pub async fn describe(&self, ctr: &Arc<Ctr>, size: bool) -> pb::Container {
+        let mut c = ctr.record().c;
+        c.exec_ids = self.exec_ids(&ctr.id);
+        if size {
+            let rw = self
+                .deps
+                .snapshots
+                .usage(&c.snapshot_key)
+                .await
+                .unwrap_or(-1);
+            c.size_rw = rw;
+            c.size_root_fs = rw;
+        }
+        c
+    }
+
+    /// Lists containers, most recently created first.
+    pub async fn list(&self, req: &pb::ListContainersRequest) -> Result<Vec<pb::Container>> {
+        let args = Args::parse(&req.filters, list_keys())?;
+        for s in args.values("status") {
+            if !matches!(
+                s,
+                "created" | "restarting" | "running" | "removing" | "paused" | "exited" | "dead"
+            ) {
+                return Err(Error::invalid_argument(format!(
+                    "invalid filter 'status={s}'"
+                )));
+            }
+        }
+        let bound = |key: &str| -> Result<Option<SystemTime>> {
+            match args.values(key).next() {
+                Some(v) => Ok(Some(created(&self.get(v)?.record()))),
+                None => Ok(None),
+            }
+        };
+        let before = bound("before")?;
+        let since = bound("since")?;
+        let all = req.all || req.limit > 0 || args.contains("status") || args.contains("exited");
+        let mut recs: Vec<(Arc<Ctr>, Record)> = self
+            .all()
+            .into_iter()
+            .map(|c| {
+                let r = c.record();
+                (c, r)
+            })
+            .collect();
+        recs.sort_by_key(|(_, r)| std::cmp::Reverse(created(r)));
+        let mut out = Vec::new();
+        for (ctr, rec) in recs {
+            let status = rec.status();
+            if !all
+                && !matches!(
+                    status,
+                    pb::ContainerStatus::Running
+                        | pb::ContainerStatus::Paused
+                        | pb::ContainerStatus::Restarting
+                )
+            {
+                continue;
+            }
+            if !self.matches(&args, &rec, before, since)? {
+                continue;
+            }
+            out.push(self.describe(&ctr, req.size).await);
+            if req.limit > 0 && out.len() >= req.limit as usize {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn matches(
+        &self,
+        args: &Args,
+        rec: &Record,
+        before: Option<SystemTime>,
+        since: Option<SystemTime>,
+    ) -> Result<bool> {
+        let c = &rec.c;
+        if !args.fuzzy_match("id", &c.id) {
+            return Ok(false);
+        }
+        if args.contains("name")
+            && !args.values("name").any(|n| {
+                let n = n.strip_prefix('/').unwrap_or(n);
+                c.name.contains(n)
+            })
+        {
+            return Ok(false);
+        }
+        let get = |k: &str| rec.labels().get(k).cloned();
+        if !args.match_labels("label", get) || !args.match_labels_negated("label!", get) {
+            return Ok(false);
+        }
+        if !args.exact_match("status", status_name(rec.status())) {
+            return Ok(false);
+        }
+        if args.contains("exited") {
+            if rec.status() != pb::ContainerStatus::Exited {
+                return Ok(false);
+            }
+            let code = rec.state().exit_code.to_string();
+            if !args.values("exited").any(|v| v == code) {
+                return Ok(false);
+            }
+        }
+        if args.contains("ancestor") && !args.values("ancestor").any(|a| ancestor_matches(rec, a)) {
+            return Ok(false);
+        }
+        if args.contains("network") {
+            let settings = c.network_settings.clone().unwrap_or_default();
+            let ok = args.values("network").any(|n| {
+                c.networks.contains_key(n)
+                    || settings.networks.iter().any(|(name, ep)| {
+                        name == n
+                            || ep.network_id == n
+                            || (n.len() >= 4 && ep.network_id.starts_with(n))
+                    })
+            });
+            if !ok {
+                return Ok(false);
+            }
+        }
+        if args.contains("volume")
+            && !args.values("volume").any(|v| {
+                c.mounts
+                    .iter()
+                    .any(|m| m.name == v || m.destination == v || m.source == v)
+            })
+        {
+            return Ok(false);
+        }
+        if let Some(b) = before
+            && created(rec) >= b
+        {
+            return Ok(false);
+        }
+        if let Some(s) = since
+            && created(rec) <= s
+        {
+            return Ok(false);
+        }
+        let ports = c.network_settings.clone().unwrap_or_default().ports;
+        if args.contains("publish")
+            && !args.values("publish").any(|spec| {
+                ports
+                    .iter()
+                    .filter(|p| !p.host_bindings.is_empty())
+                    .any(|p| port_matches(spec, p.container_port, p.protocol))
+            })
+        {
+            return Ok(false);
+        }
+        if args.contains("expose")
+            && !args.values("expose").any(|spec| {
+                rec.config()
+                    .exposed_ports
+                    .iter()
+                    .any(|p| port_matches(spec, p.port, p.protocol))
+            })
+        {
+            return Ok(false);
+        }
+        if args.contains("health") && !args.values("health").any(|h| h == "none") {
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// `docker top`: runs `ps` on the host and keeps the rows of the container's processes.
+    pub async fn top(&self, input: &str, ps_args: &str) -> Result<pb::TopResponse> {
+        let ctr = self.get(input)?;
+        if !ctr.with(|r| r.is_running()) {
+            return Err(Error::failed_precondition(format!(
+                "Container {} is not running",
+                ctr.id
+            )));
+        }
+        let shim = self.task_shim(&ctr).await?;
+        let pids: HashSet<u32> = shim.pids().await?.into_iter().map(|p| p.pid).collect();
+        let args: Vec<&str> = if ps_args.trim().is_empty() {
+            vec!["-ef"]
+        } else {
+            ps_args.split_whitespace().collect()
+        };
+        let output = tokio::process::Command::new("ps")
+            .args(&args)
+            .output()
+            .await
+            .map_err(|e| Error::internal("run ps").with_source(e))?;
+        if !output.status.success() {
+            return Err(Error::invalid_argument(format!(
+                "ps: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        parse_ps(&String::from_utf8_lossy(&output.stdout), &pids)
+    }
+
+    /// Stats samples: one, or one per second while `stream`.
+    pub async fn stats(
+        self: &Arc<Self>,
+        input: &str,
+        stream: bool,
+        one_shot: bool,
+    ) -> Result<BoxStream<pb::StatsResponse>> {
+        let ctr = self.get(input)?;
+        let engine = self.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(async move {
+            let mut prev: Option<(types::CpuStats, Timestamp)> = None;
+            let mut first = true;
+            loop {
+                let sample = engine.sample(&ctr).await;
+                let read = sample
+                    .stats
+                    .as_ref()
+                    .and_then(|s| s.read)
+                    .unwrap_or_else(super::now);
+                let cpu = sample.stats.as_ref().and_then(|s| s.cpu.clone());
+                let mut out = sample.clone();
+                if let Some((pc, pt)) = &prev {
+                    out.precpu = Some(pc.clone());
+                    out.preread = Some(*pt);
+                }
+                prev = cpu.map(|c| (c, read));
+                // Docker's non-streaming sample carries precpu from a second read a second
+                // later, unless one-shot.
+                let emit = stream || one_shot || !first;
+                first = false;
+                if emit {
+                    if tx
+                        .send(Ok(pb::StatsResponse { stats: Some(out) }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if !stream {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tx.closed() => return,
+                }
+                if ctr.exits.borrow().removed {
+                    return;
+                }
+            }
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    async fn sample(&self, ctr: &Arc<Ctr>) -> pb::ContainerStats {
+        let rec = ctr.record();
+        let mut out = pb::ContainerStats {
+            id: rec.c.id.clone(),
+            name: rec.c.name.clone(),
+            ..Default::default()
+        };
+        if !rec.is_running() {
+            out.stats = Some(types::CgroupStats {
+                read: Some(super::now()),
+                ..Default::default()
+            });
+            return out;
+        }
+        if let Ok(shim) = self.task_shim(ctr).await {
+            let mut stats = shim.stats().await.unwrap_or_default();
+            if stats.read.is_none() {
+                stats.read = Some(super::now());
+            }
+            if let Some(cpu) = stats.cpu.as_mut() {
+                if cpu.system_usage_ns == 0 {
+                    cpu.system_usage_ns = system_cpu_ns();
+                }
+                if cpu.online_cpus == 0 {
+                    cpu.online_cpus = self.host_info().ncpu;
+                }
+            }
+            out.stats = Some(stats);
+            out.num_procs = shim.pids().await.map(|p| p.len() as u32).unwrap_or(0);
+        }
+        let pid = rec.state().pid;
+        if pid > 0 {
+            out.networks = net_dev(&format!("/proc/{pid}/net/dev"));
+        }
+        out
+    }
+
+    /// Streams the container's log entries (see `logs`).
+    pub async fn logs(&self, req: pb::LogsRequest) -> Result<BoxStream<pb::LogsResponse>> {
+        if !req.stdout && !req.stderr {
+            return Err(Error::invalid_argument(
+                "You must choose at least one stream",
+            ));
+        }
+        let ctr = self.get(&req.id)?;
+        let rec = ctr.record();
+        let log_type = rec
+            .host_config()
+            .log_config
+            .as_ref()
+            .map(|l| l.r#type.clone())
+            .filter(|t| !t.is_empty())
+            .unwrap_or_else(|| self.config.engine.log_driver.clone());
+        if log_type == "none" {
+            return Err(Error::failed_precondition(
+                "configured logging driver does not support reading",
+            ));
+        }
+        if rec.p.has_task
+            && let Ok(shim) = self.task_shim(&ctr).await
+        {
+            let sreq = berth_proto::berth::shim::v1::LogsRequest {
+                since: req.since,
+                until: req.until,
+                tail: req.tail,
+                follow: req.follow,
+                stdout: req.stdout,
+                stderr: req.stderr,
+            };
+            match shim.logs(sreq).await {
+                Ok(s) => {
+                    return Ok(Box::pin(
+                        s.map(|r| r.map(|l| pb::LogsResponse { entries: l.entries })),
+                    ));
+                }
+                Err(e) => {
+                    tracing::debug!(id = %ctr.id, error = %e.chain(), "shim logs; reading the file")
+                }
+            }
+        }
+        let path = std::path::PathBuf::from(&rec.c.log_path);
+        let entries = tokio::task::spawn_blocking(move || crate::logs::read_json_logs(&path, &req))
+            .await
+            .map_err(|e| Error::internal("read logs").with_source(e))??;
+        let batches: Vec<Result<pb::LogsResponse>> = entries
+            .chunks(256)
+            .map(|c| {
+                Ok(pb::LogsResponse {
+                    entries: c.to_vec(),
+                })
+            })
+            .collect();
+        Ok(Box::pin(futures::stream::iter(batches)))
+    }
+}
+
+/// Docker's parsing of `ps` output: titles from the first line, the PID column found by name,
+/// overhanging fields merged into the last column.
+pub fn parse_ps(text: &str, pids: &HashSet<u32>) -> Result<pb::TopResponse> {
+    let mut lines = text.lines();
+    let titles: Vec<String> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    let pid_index = titles
+        .iter()
+        .position(|t| t == "PID")
+        .ok_or_else(|| Error::invalid_argument("Couldn't find PID field in ps output"))?;
+    let mut processes = Vec::new();
+    for line in lines {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < titles.len() {
+            continue;
+        }
+        let Ok(pid) = fields[pid_index].parse::<u32>() else {
+            continue;
+        };
+        if !pids.contains(&pid) {
+            continue;
+        }
+        let mut values: Vec<String> = fields[..titles.len() - 1]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        values.push(fields[titles.len() - 1..].join(" "));
+        processes.push(pb::TopRow { values });
+    }
+    Ok(pb::TopResponse { titles, processes })
+}
+
+/// Host-wide CPU time in nanoseconds, from /proc/stat (Docker's system_cpu_usage).
+fn system_cpu_ns() -> u64 {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0;
+    };
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    let ticks: u64 = line
+        .split_whitespace()
+        .skip(1)
+        .take(7)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum();
+    ticks * (1_000_000_000 / hz)
+}
+
+/// Interface counters from a `/proc/<pid>/net/dev` file (the container's namespace).
+pub fn net_dev(path: &str) -> std::collections::HashMap<String, types::NetworkInterfaceStats> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    parse_net_dev(&text)
+}
+
+fn parse_net_dev(text: &str) -> std::collections::HashMap<String, types::NetworkInterfaceStats> {
+    let mut out = std::collections::HashMap::new();
+    for line in text.lines().skip(2) {
+        let Some((name, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let name = name.trim();
+        if name == "lo" {
+            continue;
+        }
+        let v: Vec<u64> = rest
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        if v.len() < 16 {
+            continue;
+        }
+        out.insert(
+            name.to_string(),
+            types::NetworkInterfaceStats {
+                rx_bytes: v[0],
+                rx_packets: v[1],
+                rx_errors: v[2],
+                rx_dropped: v[3],
+                tx_bytes: v[8],
+                tx_packets: v[9],
+                tx_errors: v[10],
+                tx_dropped: v[11],
+            },
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ps_output() {
+        let text = "UID PID PPID C STIME TTY TIME CMD\n\
+            root 1 0 0 10:00 ? 00:00:01 /sbin/init splash\n\
+            root 42 1 0 10:00 ? 00:00:00 sleep 300\n\
+            root 43 42 0 10:00 ? 00:00:00 sh -c echo hi there\n";
+        let pids: HashSet<u32> = [42, 43].into();
+        let top = parse_ps(text, &pids).unwrap();
+        assert_eq!(top.titles.len(), 8);
+        assert_eq!(top.processes.len(), 2);
+        assert_eq!(top.processes[1].values[7], "sh -c echo hi there");
+        assert!(parse_ps("USER COMMAND\nroot x\n", &pids).is_err());
+    }
+
+    #[test]
+    fn durations_and_times() {
+        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("x"), None);
+        assert_eq!(
+            parse_time("1700000000").unwrap(),
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+        );
+        assert!(parse_time("10m").unwrap() < SystemTime::now());
+        assert_eq!(
+            parse_time("2023-11-14T22:13:20Z").unwrap(),
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+        );
+        assert!(parse_time("yesterday").is_err());
+    }
+
+    #[test]
+    fn ports_and_ancestors() {
+        assert!(port_matches("80", 80, types::Protocol::Tcp as i32));
+        assert!(port_matches(
+            "80/tcp",
+            80,
+            types::Protocol::Unspecified as i32
+        ));
+        assert!(!port_matches("80/udp", 80, types::Protocol::Tcp as i32));
+        assert!(port_matches(
+            "8000-8080/tcp",
+            8042,
+            types::Protocol::Tcp as i32
+        ));
+        let rec = Record {
+            c: pb::Container {
+                image: "busybox".into(),
+                image_id: "sha256:abcdef0123".into(),
+                ..Default::default()
+            },
+            p: Default::default(),
+        };
+        assert!(ancestor_matches(&rec, "busybox"));
+        assert!(ancestor_matches(&rec, "busybox:latest"));
+        assert!(ancestor_matches(&rec, "docker.io/library/busybox:latest"));
+        assert!(ancestor_matches(&rec, "abcdef"));
+        assert!(!ancestor_matches(&rec, "alpine"));
+    }
+
+    #[test]
+    fn net_dev_parsing() {
+        let text = "Inter-|   Receive |  Transmit\n face |bytes packets errs drop fifo frame compressed multicast|bytes packets errs drop fifo colls carrier compressed\n    lo: 10 1 0 0 0 0 0 0 10 1 0 0 0 0 0 0\n  eth0: 100 2 0 1 0 0 0 0 200 3 0 0 0 0 0 0\n";
+        let m = parse_net_dev(text);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m["eth0"].rx_bytes, 100);
+        assert_eq!(m["eth0"].tx_packets, 3);
+        assert_eq!(m["eth0"].rx_dropped, 1);
+    }
+}

@@ -1,0 +1,422 @@
+//! The real host side of the seams: network namespace files, `berth-shim` processes, and the
+//! host facts spec generation needs. Root-only; exercised by the integration tests.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_core::{Error, ErrorKind, Id, Result};
+
+use crate::deps::{BoxFuture, DeadExit, Netns, Shim, ShimLauncher};
+use crate::remote::RemoteShim;
+use crate::spec::{Device, HostInfo};
+
+/// Network namespaces as bind mounts of `/proc/thread-self/ns/net` under a directory
+/// (`<state>/netns/<id>`), made by a short-lived thread that unshares its network namespace and
+/// brings its loopback interface up.
+#[derive(Debug, Clone)]
+pub struct HostNetns {
+    dir: PathBuf,
+}
+
+impl HostNetns {
+    /// Namespace files go into `dir`.
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir }
+    }
+}
+
+fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: plain socket/ioctl calls on a zeroed, correctly sized ifreq whose name is a
+    // NUL-terminated "lo"; the descriptor is closed before returning.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        req.ifr_name[0] = b'l' as libc::c_char;
+        req.ifr_name[1] = b'o' as libc::c_char;
+        let mut res = libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req);
+        if res == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            res = libc::ioctl(fd, libc::SIOCSIFFLAGS, &mut req);
+        }
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if res != 0 { Err(err) } else { Ok(()) }
+    }
+}
+
+fn make_netns(path: &Path) -> Result<()> {
+    let target = path.to_path_buf();
+    // A thread of its own: unshare changes only the calling thread, which then ends.
+    std::thread::spawn(move || -> Result<()> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| Error::internal("unshare the network namespace").with_source(e))?;
+        if let Err(e) = loopback_up() {
+            tracing::warn!(error = %e, "bringing up lo in a new network namespace");
+        }
+        nix::mount::mount(
+            Some("/proc/thread-self/ns/net"),
+            &target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| {
+            Error::internal(format!("bind-mount netns on {}", target.display())).with_source(e)
+        })
+    })
+    .join()
+    .map_err(|_| Error::internal("netns thread panicked"))?
+}
+
+impl Netns for HostNetns {
+    fn create(&self, id: &str) -> BoxFuture<'_, PathBuf> {
+        let path = self.dir.join(id);
+        let dir = self.dir.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || -> Result<PathBuf> {
+                std::fs::create_dir_all(&dir).map_err(|e| {
+                    Error::internal(format!("create {}", dir.display())).with_source(e)
+                })?;
+                if path.exists() {
+                    let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
+                    let _ = std::fs::remove_file(&path);
+                }
+                std::fs::File::create(&path).map_err(|e| {
+                    Error::internal(format!("create {}", path.display())).with_source(e)
+                })?;
+                if let Err(e) = make_netns(&path) {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(e);
+                }
+                Ok(path)
+            })
+            .await
+            .map_err(|e| Error::internal("netns task").with_source(e))?
+        })
+    }
+
+    fn remove(&self, path: &Path) -> Result<()> {
+        match nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => {
+                return Err(Error::internal(format!("unmount {}", path.display())).with_source(e));
+            }
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::internal(format!("remove {}", path.display())).with_source(e)),
+        }
+    }
+}
+
+/// Shims as `berth-shim` processes (`berth-shim start` daemonizes one per container).
+#[derive(Debug, Clone)]
+pub struct ShimProcesses {
+    /// The shim binary.
+    pub binary: PathBuf,
+    /// `[state_dir]`, passed on for socket placement.
+    pub state_dir: PathBuf,
+    /// Where bundles are (`<state>/bundles`).
+    pub bundles: PathBuf,
+    /// The engine's events endpoint, `unix:///…/engine.sock`.
+    pub events_address: String,
+    /// Default runtime binary.
+    pub runtime: String,
+    /// The default runtime's `--root`.
+    pub runtime_root: PathBuf,
+    /// Output a shim buffers for a slow log disk.
+    pub log_buffer_bytes: u64,
+}
+
+impl ShimProcesses {
+    /// The shim binary for `config`: `[shim] binary`, else `berth-shim` next to this binary.
+    pub fn binary_for(config: &berth_core::Config) -> PathBuf {
+        if let Some(b) = &config.shim.binary {
+            return b.clone();
+        }
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("berth-shim")))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("berth-shim"))
+    }
+}
+
+fn address_path(addr: &str) -> PathBuf {
+    PathBuf::from(addr.trim().strip_prefix("unix://").unwrap_or(addr.trim()))
+}
+
+impl ShimLauncher for ShimProcesses {
+    fn spawn<'a>(
+        &'a self,
+        id: &'a str,
+        bundle: &'a Path,
+        namespace: &'a str,
+    ) -> BoxFuture<'a, Arc<dyn Shim>> {
+        Box::pin(async move {
+            let out = tokio::process::Command::new(&self.binary)
+                .arg("start")
+                .args(["--id", id])
+                .arg("--bundle")
+                .arg(bundle)
+                .args(["--runtime", &self.runtime])
+                .arg("--runtime-root")
+                .arg(&self.runtime_root)
+                .args(["--events-address", &self.events_address])
+                .args([
+                    "--namespace",
+                    if namespace.is_empty() {
+                        "default"
+                    } else {
+                        namespace
+                    },
+                ])
+                .arg("--state-dir")
+                .arg(&self.state_dir)
+                .args(["--log-buffer-bytes", &self.log_buffer_bytes.to_string()])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await
+                .map_err(|e| {
+                    Error::internal(format!("run {}", self.binary.display())).with_source(e)
+                })?;
+            if !out.status.success() {
+                return Err(Error::internal(format!(
+                    "berth-shim start: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            let addr = String::from_utf8_lossy(&out.stdout).to_string();
+            let shim: Arc<dyn Shim> = Arc::new(RemoteShim::new(address_path(&addr)));
+            Ok(shim)
+        })
+    }
+
+    fn connect<'a>(
+        &'a self,
+        _id: &'a str,
+        bundle: &'a Path,
+    ) -> BoxFuture<'a, Option<Arc<dyn Shim>>> {
+        Box::pin(async move {
+            let Ok(addr) = std::fs::read_to_string(bundle.join("shim.address")) else {
+                return Ok(None);
+            };
+            let path = address_path(&addr);
+            if !path.exists() {
+                return Ok(None);
+            }
+            let shim = RemoteShim::new(&path);
+            match tokio::time::timeout(Duration::from_secs(2), shim.info()).await {
+                Ok(Ok(_)) => Ok(Some(Arc::new(shim) as Arc<dyn Shim>)),
+                Ok(Err(e)) if e.is(ErrorKind::Unavailable) => Ok(None),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Ok(None),
+            }
+        })
+    }
+
+    fn cleanup<'a>(&'a self, id: &'a str, bundle: &'a Path) -> BoxFuture<'a, DeadExit> {
+        Box::pin(async move {
+            let unknown = DeadExit {
+                status: 255,
+                exited_at: None,
+            };
+            if !bundle.exists() {
+                return Ok(unknown);
+            }
+            let out = tokio::process::Command::new(&self.binary)
+                .arg("delete")
+                .args(["--id", id])
+                .arg("--bundle")
+                .arg(bundle)
+                .arg("--state-dir")
+                .arg(&self.state_dir)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await
+                .map_err(|e| {
+                    Error::internal(format!("run {}", self.binary.display())).with_source(e)
+                })?;
+            if !out.status.success() {
+                tracing::warn!(id, error = %String::from_utf8_lossy(&out.stderr).trim(), "berth-shim delete");
+                return Ok(unknown);
+            }
+            #[derive(serde::Deserialize)]
+            struct Exit {
+                exit_status: u32,
+                #[serde(default)]
+                exited_at: String,
+            }
+            let exit: Exit = match serde_json::from_slice(&out.stdout) {
+                Ok(e) => e,
+                Err(_) => return Ok(unknown),
+            };
+            Ok(DeadExit {
+                status: exit.exit_status,
+                exited_at: crate::logs::parse_rfc3339(&exit.exited_at),
+            })
+        })
+    }
+
+    fn list(&self) -> Vec<String> {
+        std::fs::read_dir(&self.bundles)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| Id::is_valid(n))
+            .collect()
+    }
+}
+
+/// The host facts, read once at start-up.
+pub fn detect_host() -> HostInfo {
+    let cg = Path::new("/sys/fs/cgroup");
+    let v2 = cg.join("cgroup.controllers").exists();
+    let (swap_limit, blkio_weight) = if v2 {
+        (
+            cg.join("init.scope/memory.swap.max").exists()
+                || std::fs::read_to_string(cg.join("cgroup.controllers"))
+                    .is_ok_and(|c| c.contains("memory")),
+            std::fs::read_to_string(cg.join("cgroup.controllers")).is_ok_and(|c| c.contains("io")),
+        )
+    } else {
+        (
+            cg.join("memory/memory.memsw.limit_in_bytes").exists(),
+            cg.join("blkio/blkio.weight").exists() || cg.join("blkio/blkio.bfq.weight").exists(),
+        )
+    };
+    HostInfo {
+        ncpu: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
+        swap_limit,
+        blkio_weight,
+        cgroup_v2: v2,
+        devices: scan_devices(Path::new("/dev")),
+        nofile: nofile_limit(),
+    }
+}
+
+/// The default open-files limit for containers: 1048576 (what containers get under dockerd),
+/// unless this process could not set it: without CAP_SYS_RESOURCE a hard limit can only be
+/// lowered, so the engine's own hard limit caps it.
+fn nofile_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit};
+    let want = crate::spec::DEFAULT_NOFILE;
+    let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return want;
+    };
+    let can_raise = caps::has_sys_resource();
+    if can_raise { want } else { want.min(hard) }
+}
+
+mod caps {
+    /// Whether CAP_SYS_RESOURCE is in this process's effective set.
+    pub fn has_sys_resource() -> bool {
+        const CAP_SYS_RESOURCE: u32 = 24;
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("CapEff:"))
+                    .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            })
+            .is_some_and(|eff| eff & (1 << CAP_SYS_RESOURCE) != 0)
+    }
+}
+
+/// Device nodes under `dir` (for privileged containers), skipping the per-container trees.
+fn scan_devices(dir: &Path) -> Vec<Device> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let Ok(m) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            let ft = m.file_type();
+            if ft.is_dir() {
+                let name = e.file_name();
+                if !matches!(name.to_str(), Some("pts" | "shm" | "mqueue" | "fd")) {
+                    stack.push(path);
+                }
+                continue;
+            }
+            let kind = if ft.is_char_device() {
+                'c'
+            } else if ft.is_block_device() {
+                'b'
+            } else {
+                continue;
+            };
+            let p = path.display().to_string();
+            if matches!(p.as_str(), "/dev/console" | "/dev/ptmx" | "/dev/tty") {
+                continue;
+            }
+            out.push(Device {
+                path: p,
+                kind,
+                major: nix::sys::stat::major(m.rdev()) as i64,
+                minor: nix::sys::stat::minor(m.rdev()) as i64,
+                mode: m.mode() & 0o7777,
+                uid: m.uid(),
+                gid: m.gid(),
+                permissions: "rwm".into(),
+            });
+        }
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_facts() {
+        let h = detect_host();
+        assert!(h.ncpu >= 1);
+        if Path::new("/dev/null").exists() {
+            assert!(
+                h.devices
+                    .iter()
+                    .any(|d| d.path == "/dev/null" && d.major == 1 && d.minor == 3)
+            );
+        }
+        assert_eq!(
+            address_path("unix:///run/x.sock\n"),
+            Path::new("/run/x.sock")
+        );
+    }
+
+    #[tokio::test]
+    async fn netns_files_come_and_go() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let ns = HostNetns::new(t.path().join("netns"));
+        let path = ns.create("abc").await.unwrap();
+        let mine = std::fs::read_link("/proc/self/ns/net").unwrap();
+        // The file is a namespace of its own: opening it and comparing inode numbers.
+        let st = nix::sys::stat::stat(&path).unwrap();
+        let host = nix::sys::stat::stat("/proc/self/ns/net").unwrap();
+        assert_ne!(st.st_ino, host.st_ino, "a new namespace, not {mine:?}");
+        ns.remove(&path).unwrap();
+        assert!(!path.exists());
+        ns.remove(&path).unwrap();
+    }
+}
