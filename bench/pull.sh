@@ -22,8 +22,9 @@ bin=${BERTH_BIN_DIR:-$here/target/release}
 for p in docker-registry skopeo python3; do
   command -v "$p" >/dev/null || { echo "bench/pull.sh: $p is not installed" >&2; exit 1; }
 done
-if [ ! -x "$bin/berth-images" ] || [ ! -x "$bin/berth-snapshotter" ]; then
-  (cd "$here" && cargo build --release -p berth-images -p berth-snapshotter --bins)
+if [ -z "${BERTH_BIN_DIR:-}" ]; then
+  # Always (re)build: a stale binary would measure old code. A no-op when up to date.
+  (cd "$here" && cargo build --release -q -p berth-images -p berth-snapshotter --bins)
 fi
 (cd "$here" && cargo build --release -q -p berth-images --example pull)
 client=$here/target/release/examples/pull
