@@ -24,9 +24,14 @@ impl ConsoleSocket {
     /// Listens on `path` (which must fit a Unix socket address).
     pub fn bind(path: &Path) -> Result<Self> {
         let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)
-            .context(ErrorKind::Internal, format!("bind console socket {}", path.display()))?;
-        Ok(Self { listener, path: path.to_path_buf() })
+        let listener = UnixListener::bind(path).context(
+            ErrorKind::Internal,
+            format!("bind console socket {}", path.display()),
+        )?;
+        Ok(Self {
+            listener,
+            path: path.to_path_buf(),
+        })
     }
 
     /// The socket's path, for `--console-socket`.
@@ -36,14 +41,22 @@ impl ConsoleSocket {
 
     /// Accepts one connection and returns the pty master it sends.
     pub async fn receive(&self) -> Result<OwnedFd> {
-        let (stream, _) =
-            self.listener.accept().await.context(ErrorKind::Internal, "accept on console socket")?;
+        let (stream, _) = self
+            .listener
+            .accept()
+            .await
+            .context(ErrorKind::Internal, "accept on console socket")?;
         loop {
-            stream.readable().await.context(ErrorKind::Internal, "read console socket")?;
+            stream
+                .readable()
+                .await
+                .context(ErrorKind::Internal, "read console socket")?;
             match stream.try_io(Interest::READABLE, || recv_fd(stream.as_raw_fd())) {
                 Ok(Some(fd)) => return Ok(fd),
                 Ok(None) => {
-                    return Err(Error::internal("the runtime sent no terminal on the console socket"));
+                    return Err(Error::internal(
+                        "the runtime sent no terminal on the console socket",
+                    ));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(Error::internal("receive terminal").with_source(e)),
@@ -83,9 +96,20 @@ fn recv_fd(sock: RawFd) -> std::io::Result<Option<OwnedFd>> {
 
 /// Sets the window size of the terminal behind `fd` (a pty master).
 pub fn resize(fd: &impl AsRawFd, width: u16, height: u16) -> Result<()> {
-    let ws = libc::winsize { ws_row: height, ws_col: width, ws_xpixel: 0, ws_ypixel: 0 };
+    let ws = libc::winsize {
+        ws_row: height,
+        ws_col: width,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer, which is valid for the call.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws as *const libc::winsize) };
+    let rc = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::TIOCSWINSZ,
+            &ws as *const libc::winsize,
+        )
+    };
     if rc < 0 {
         return Err(Error::internal("resize terminal").with_source(std::io::Error::last_os_error()));
     }
@@ -122,9 +146,20 @@ mod tests {
         let got = sock.receive().await.unwrap();
         sender.join().unwrap();
         resize(&got, 100, 40).unwrap();
-        let mut ws = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+        let mut ws = libc::winsize {
+            ws_row: 0,
+            ws_col: 0,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
         // SAFETY: TIOCGWINSZ writes one `winsize` through the pointer, valid for the call.
-        let rc = unsafe { libc::ioctl(pty.slave.as_raw_fd(), libc::TIOCGWINSZ, &mut ws as *mut libc::winsize) };
+        let rc = unsafe {
+            libc::ioctl(
+                pty.slave.as_raw_fd(),
+                libc::TIOCGWINSZ,
+                &mut ws as *mut libc::winsize,
+            )
+        };
         assert_eq!(rc, 0);
         assert_eq!((ws.ws_col, ws.ws_row), (100, 40));
         let path = sock.path().to_path_buf();

@@ -23,9 +23,9 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -139,7 +139,11 @@ pub struct LogTracker {
 pub const MAX_LINE: usize = 16 * 1024;
 
 enum Msg {
-    Data { stream: Stream, at: SystemTime, bytes: Bytes },
+    Data {
+        stream: Stream,
+        at: SystemTime,
+        bytes: Bytes,
+    },
     Eof(Stream),
     /// Reply with the position once everything queued before it is written.
     Mark(oneshot::Sender<LogPosition>),
@@ -170,12 +174,18 @@ impl Logger {
         if let Some(dir) = options.path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(&options.path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&options.path)?;
         let size = file.metadata()?.len();
         let (tx, rx) = mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
-        let (pos_tx, position) =
-            watch::channel(LogPosition { generation: 0, offset: size, closed: false });
+        let (pos_tx, position) = watch::channel(LogPosition {
+            generation: 0,
+            offset: size,
+            closed: false,
+        });
         let options = Arc::new(options);
         let rotation = Arc::new(RwLock::new(()));
         let writer = Writer {
@@ -237,14 +247,18 @@ impl Logger {
 
     /// The position once everything queued so far is on disk.
     pub async fn mark(&self) -> LogPosition {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(Msg::Mark(tx)).is_err() {
-            return *self.tracker.position.borrow();
-        }
-        match rx.await {
+        match self.mark_now().await {
             Ok(pos) => pos,
             Err(_) => *self.tracker.position.borrow(),
         }
+    }
+
+    /// Queues a mark now; the receiver gets the position once everything queued before it is
+    /// on disk (or an error when the writer is gone).
+    pub fn mark_now(&self) -> oneshot::Receiver<LogPosition> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.tx.send(Msg::Mark(tx));
+        rx
     }
 
     /// Bytes dropped so far because the buffer was full.
@@ -385,7 +399,11 @@ impl Writer {
                 }
                 std::fs::rename(path, rotated(path, 1))?;
             }
-            OpenOptions::new().create(true).write(true).truncate(true).open(path)
+            OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(path)
         })();
         match result {
             Ok(file) => {
@@ -415,7 +433,13 @@ impl Writer {
 }
 
 /// One log line in `options.format`, newline-terminated.
-pub fn encode(options: &LogOptions, stream: Stream, at: SystemTime, data: &[u8], partial: bool) -> Vec<u8> {
+pub fn encode(
+    options: &LogOptions,
+    stream: Stream,
+    at: SystemTime,
+    data: &[u8],
+    partial: bool,
+) -> Vec<u8> {
     let text = String::from_utf8_lossy(data);
     let time = rfc3339::format(at);
     let mut out = Vec::with_capacity(data.len() + 64);
@@ -469,7 +493,11 @@ mod tests {
         let mut opts = LogOptions::json_file("/x");
         opts.attrs.insert("tag".into(), "web".into());
         let line = encode(&opts, Stream::Stdout, at(0), b"x", false);
-        assert!(String::from_utf8(line).unwrap().contains(",\"attrs\":{\"tag\":\"web\"},\"time\""));
+        assert!(
+            String::from_utf8(line)
+                .unwrap()
+                .contains(",\"attrs\":{\"tag\":\"web\"},\"time\"")
+        );
         let mut opts = LogOptions::json_file("/x");
         opts.format = LogFormat::Cri;
         let line = encode(&opts, Stream::Stdout, at(0), b"abc\n", false);
@@ -499,11 +527,22 @@ mod tests {
             .lines()
             .map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                (v["stream"].as_str().unwrap().into(), v["log"].as_str().unwrap().into())
+                (
+                    v["stream"].as_str().unwrap().into(),
+                    v["log"].as_str().unwrap().into(),
+                )
             })
             .collect();
-        let want = [("stdout", "out1\n"), ("stderr", "err1\n"), ("stdout", "out2\n"), ("stdout", "tail")];
-        let want: Vec<(String, String)> = want.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        let want = [
+            ("stdout", "out1\n"),
+            ("stderr", "err1\n"),
+            ("stdout", "out2\n"),
+            ("stdout", "tail"),
+        ];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
         assert_eq!(logs, want);
         assert_eq!(pos.offset, text.len() as u64);
     }
@@ -521,7 +560,16 @@ mod tests {
         let text = std::fs::read_to_string(&opts.path).unwrap();
         let tags: Vec<&str> = text.lines().map(|l| l.split(' ').nth(2).unwrap()).collect();
         assert_eq!(tags, ["P", "F"]);
-        assert_eq!(text.lines().nth(1).unwrap().split(' ').nth(3).unwrap().len(), 10);
+        assert_eq!(
+            text.lines()
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .nth(3)
+                .unwrap()
+                .len(),
+            10
+        );
     }
 
     #[tokio::test]
@@ -541,14 +589,21 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         names.sort();
-        assert_eq!(names, ["container.log", "container.log.1", "container.log.2"]);
+        assert_eq!(
+            names,
+            ["container.log", "container.log.1", "container.log.2"]
+        );
         for n in &names {
             let len = std::fs::metadata(dir.path().join(n)).unwrap().len();
             assert!(len <= 1000, "{n} has {len} bytes");
         }
         // The newest line is last in the current file, and the rotated files are older.
         let cur = std::fs::read_to_string(opts.file(0)).unwrap();
-        assert!(cur.trim_end().ends_with("\"time\":\"2023-11-14T22:16:39.000000005Z\"}"), "{cur}");
+        assert!(
+            cur.trim_end()
+                .ends_with("\"time\":\"2023-11-14T22:16:39.000000005Z\"}"),
+            "{cur}"
+        );
         let one = std::fs::read_to_string(opts.file(1)).unwrap();
         let two = std::fs::read_to_string(opts.file(2)).unwrap();
         assert!(two.lines().last().unwrap() < one.lines().next().unwrap());

@@ -100,7 +100,13 @@ pub fn parse_line(format: LogFormat, line: &[u8]) -> Option<LogEntry> {
             if !partial {
                 data.push(b'\n');
             }
-            Some(LogEntry { stream, time, data, partial, attrs: BTreeMap::new() })
+            Some(LogEntry {
+                stream,
+                time,
+                data,
+                partial,
+                attrs: BTreeMap::new(),
+            })
         }
     }
 }
@@ -131,7 +137,15 @@ pub fn read(
     let (tx, rx) = mpsc::channel(2);
     let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
-        let mut reader = Reader { log, tracker, opts, stop_at, tx: tx.clone(), handle, batch: Vec::new() };
+        let mut reader = Reader {
+            log,
+            tracker,
+            opts,
+            stop_at,
+            tx: tx.clone(),
+            handle,
+            batch: Vec::new(),
+        };
         if let Err(err) = reader.run() {
             let _ = tx.blocking_send(Err(err));
         }
@@ -171,7 +185,11 @@ impl Reader {
     fn current(&self) -> LogPosition {
         match &self.tracker {
             Some(t) => *t.position.borrow(),
-            None => LogPosition { generation: 0, offset: u64::MAX, closed: true },
+            None => LogPosition {
+                generation: 0,
+                offset: u64::MAX,
+                closed: true,
+            },
         }
     }
 
@@ -194,7 +212,12 @@ impl Reader {
             for index in (0..self.log.max_file.max(1)).rev() {
                 if let Ok(file) = File::open(self.log.file(index)) {
                     let generation = current.saturating_sub(u64::from(index));
-                    files.push(Cursor { file, generation, offset: 0, carry: Vec::new() });
+                    files.push(Cursor {
+                        file,
+                        generation,
+                        offset: 0,
+                        carry: Vec::new(),
+                    });
                 }
             }
             files
@@ -210,7 +233,12 @@ impl Reader {
                 return None;
             }
             let file = File::open(self.log.file(index as u32)).ok()?;
-            Some(Cursor { file, generation, offset: 0, carry: Vec::new() })
+            Some(Cursor {
+                file,
+                generation,
+                offset: 0,
+                carry: Vec::new(),
+            })
         })
     }
 
@@ -244,7 +272,11 @@ impl Reader {
         // followers continue from there.
         let len = last.file.metadata().map(|m| m.len()).unwrap_or(0);
         let published = self.current();
-        let end = if published.generation == last.generation { len.min(published.offset) } else { len };
+        let end = if published.generation == last.generation {
+            len.min(published.offset)
+        } else {
+            len
+        };
         let end = end.min(self.limit(last.generation));
 
         if let Some(n) = self.opts.tail {
@@ -258,7 +290,8 @@ impl Reader {
                     break;
                 }
                 let len = cur.file.metadata().map(|m| m.len()).unwrap_or(0);
-                let got = self.tail_file(&mut cur.file, len.min(self.limit(cur.generation)), wanted)?;
+                let got =
+                    self.tail_file(&mut cur.file, len.min(self.limit(cur.generation)), wanted)?;
                 wanted -= got.len();
                 chunks.push(got);
             }
@@ -299,7 +332,9 @@ impl Reader {
             }
             cur.offset += n as u64;
             cur.carry.extend_from_slice(&buf[..n]);
-            let Some(last_nl) = cur.carry.iter().rposition(|&b| b == b'\n') else { continue };
+            let Some(last_nl) = cur.carry.iter().rposition(|&b| b == b'\n') else {
+                continue;
+            };
             let rest = cur.carry.split_off(last_nl + 1);
             let complete = std::mem::replace(&mut cur.carry, rest);
             for line in complete.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
@@ -337,15 +372,21 @@ impl Reader {
             file.read_exact(&mut buf).map_err(io_err)?;
             buf.extend_from_slice(&tail);
             // Everything after the first newline is whole lines (unless start is 0).
-            let cut = if start == 0 { 0 } else { buf.iter().position(|&b| b == b'\n').map_or(buf.len(), |p| p + 1) };
+            let cut = if start == 0 {
+                0
+            } else {
+                buf.iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(buf.len(), |p| p + 1)
+            };
             tail = buf[..cut].to_vec();
             for line in buf[cut..].rsplit(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-                if let Some(e) = parse_line(self.log.format, line) {
-                    if self.opts.wants(&e) {
-                        found.push_front(e);
-                        if found.len() == n {
-                            break;
-                        }
+                if let Some(e) = parse_line(self.log.format, line)
+                    && self.opts.wants(&e)
+                {
+                    found.push_front(e);
+                    if found.len() == n {
+                        break;
                     }
                 }
             }
@@ -366,10 +407,11 @@ impl Reader {
                 if !self.drain(c, limit)? {
                     return self.flush();
                 }
-                if let Some(s) = self.stop_at {
-                    if c.generation > s.generation || (c.generation == s.generation && c.offset >= s.offset) {
-                        return self.flush();
-                    }
+                if let Some(s) = self.stop_at
+                    && (c.generation > s.generation
+                        || (c.generation == s.generation && c.offset >= s.offset))
+                {
+                    return self.flush();
                 }
                 if pos.generation > c.generation {
                     // Our file was rotated away and everything in it is read: move to the next
@@ -462,7 +504,11 @@ mod tests {
     }
 
     fn all() -> ReadOptions {
-        ReadOptions { stdout: true, stderr: true, ..Default::default() }
+        ReadOptions {
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        }
     }
 
     async fn collect(mut rx: mpsc::Receiver<Result<Vec<LogEntry>>>) -> Vec<String> {
@@ -499,13 +545,21 @@ mod tests {
         rotated_log_keeping(dir, lines, 4).await
     }
 
-    async fn rotated_log_keeping(dir: &std::path::Path, lines: u64, max_file: u32) -> (LogOptions, Logger) {
+    async fn rotated_log_keeping(
+        dir: &std::path::Path,
+        lines: u64,
+        max_file: u32,
+    ) -> (LogOptions, Logger) {
         let mut opts = LogOptions::json_file(dir.join("container.log"));
         opts.max_size = 700;
         opts.max_file = max_file;
         let logger = Logger::start(opts.clone()).unwrap();
         for i in 0..lines {
-            let stream = if i % 2 == 0 { Stream::Stdout } else { Stream::Stderr };
+            let stream = if i % 2 == 0 {
+                Stream::Stdout
+            } else {
+                Stream::Stderr
+            };
             logger.write(stream, at(i), Bytes::from(format!("l{i}\n")));
         }
         logger.mark().await;
@@ -523,17 +577,31 @@ mod tests {
         let want: Vec<String> = (first..40).map(|i| format!("l{i}\n")).collect();
         assert_eq!(got, want);
 
-        let tail = ReadOptions { tail: Some(5), ..all() };
+        let tail = ReadOptions {
+            tail: Some(5),
+            ..all()
+        };
         let got = collect(read(opts.clone(), Some(logger.tracker()), tail, None)).await;
         assert_eq!(got, ["l35\n", "l36\n", "l37\n", "l38\n", "l39\n"]);
 
         // Tail across a file boundary, stderr only, with a time window.
-        let o = ReadOptions { tail: Some(12), stdout: false, until: Some(at(37)), ..all() };
+        let o = ReadOptions {
+            tail: Some(12),
+            stdout: false,
+            until: Some(at(37)),
+            ..all()
+        };
         let got = collect(read(opts.clone(), Some(logger.tracker()), o, None)).await;
-        let want: Vec<String> = (0..12).rev().map(|k| format!("l{}\n", 37 - 2 * k)).collect();
+        let want: Vec<String> = (0..12)
+            .rev()
+            .map(|k| format!("l{}\n", 37 - 2 * k))
+            .collect();
         assert_eq!(got, want);
 
-        let o = ReadOptions { since: Some(at(38)), ..all() };
+        let o = ReadOptions {
+            since: Some(at(38)),
+            ..all()
+        };
         let got = collect(read(opts, Some(logger.tracker()), o, None)).await;
         assert_eq!(got, ["l38\n", "l39\n"]);
     }
@@ -544,7 +612,11 @@ mod tests {
         // Enough files kept that a follower that falls behind by a few rotations loses nothing
         // (one that falls behind by more than max_file rotations does, as with Docker).
         let (opts, logger) = rotated_log_keeping(dir.path(), 3, 100).await;
-        let follow = ReadOptions { follow: true, tail: Some(1), ..all() };
+        let follow = ReadOptions {
+            follow: true,
+            tail: Some(1),
+            ..all()
+        };
         let mut rx = read(opts, Some(logger.tracker()), follow, None);
         let first = rx.recv().await.unwrap().unwrap();
         assert_eq!(first[0].data, b"l2\n");
@@ -558,8 +630,16 @@ mod tests {
         logger.eof(Stream::Stdout);
         logger.eof(Stream::Stderr);
         let mut got = Vec::new();
-        while let Some(batch) = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap() {
-            got.extend(batch.unwrap().into_iter().map(|e| String::from_utf8(e.data).unwrap()));
+        while let Some(batch) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+        {
+            got.extend(
+                batch
+                    .unwrap()
+                    .into_iter()
+                    .map(|e| String::from_utf8(e.data).unwrap()),
+            );
         }
         let want: Vec<String> = (3..60).map(|i| format!("l{i}\n")).collect();
         assert_eq!(got, want);
@@ -573,7 +653,10 @@ mod tests {
         let mark = logger.mark().await;
         logger.write(Stream::Stdout, at(9), Bytes::from_static(b"after\n"));
         logger.mark().await;
-        let o = ReadOptions { follow: true, ..all() };
+        let o = ReadOptions {
+            follow: true,
+            ..all()
+        };
         let got = collect(read(opts, Some(logger.tracker()), o, Some(mark))).await;
         assert_eq!(got.last().unwrap(), "l4\n");
     }

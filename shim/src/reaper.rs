@@ -36,12 +36,16 @@ impl Exit {
     /// The exit of `pid` from a `waitpid` status; `None` for stops and continues.
     pub fn from_wait_status(status: WaitStatus, at: SystemTime) -> Option<Self> {
         match status {
-            WaitStatus::Exited(pid, code) => {
-                Some(Self { pid: pid.as_raw() as u32, status: code as u32 & 0xff, at })
-            }
-            WaitStatus::Signaled(pid, sig, _) => {
-                Some(Self { pid: pid.as_raw() as u32, status: 128 + sig as u32, at })
-            }
+            WaitStatus::Exited(pid, code) => Some(Self {
+                pid: pid.as_raw() as u32,
+                status: code as u32 & 0xff,
+                at,
+            }),
+            WaitStatus::Signaled(pid, sig, _) => Some(Self {
+                pid: pid.as_raw() as u32,
+                status: 128 + sig as u32,
+                at,
+            }),
             _ => None,
         }
     }
@@ -117,8 +121,8 @@ impl Reaper {
     /// before the first child is started.
     pub fn run(&self) -> Result<impl Future<Output = ()> + Send + 'static> {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut sigchld =
-            signal(SignalKind::child()).map_err(|e| Error::internal("install SIGCHLD handler").with_source(e))?;
+        let mut sigchld = signal(SignalKind::child())
+            .map_err(|e| Error::internal("install SIGCHLD handler").with_source(e))?;
         let this = self.clone();
         Ok(async move {
             loop {
@@ -145,7 +149,9 @@ impl Reaper {
                 }
                 Ok(status) => status,
             };
-            let Some(exit) = Exit::from_wait_status(status, SystemTime::now()) else { continue };
+            let Some(exit) = Exit::from_wait_status(status, SystemTime::now()) else {
+                continue;
+            };
             match state.waiting.remove(&exit.pid) {
                 Some(tx) => {
                     let _ = tx.send(exit);
@@ -169,7 +175,8 @@ impl Reaper {
             state.waiting.insert(pid, tx);
         }
         ExitFuture::new(async move {
-            rx.await.map_err(|_| Error::new(ErrorKind::Internal, format!("reaper dropped pid {pid}")))
+            rx.await
+                .map_err(|_| Error::new(ErrorKind::Internal, format!("reaper dropped pid {pid}")))
         })
     }
 }
@@ -219,20 +226,29 @@ impl Spawner for TokioSpawner {
             pid,
             ExitFuture::new(async move {
                 use std::os::unix::process::ExitStatusExt;
-                let status = child.wait().await.map_err(|e| Error::internal("wait").with_source(e))?;
+                let status = child
+                    .wait()
+                    .await
+                    .map_err(|e| Error::internal("wait").with_source(e))?;
                 let code = match (status.code(), status.signal()) {
                     (Some(code), _) => code as u32,
                     (None, Some(sig)) => 128 + sig as u32,
                     (None, None) => 255,
                 };
-                Ok(Exit { pid, status: code, at: SystemTime::now() })
+                Ok(Exit {
+                    pid,
+                    status: code,
+                    at: SystemTime::now(),
+                })
             }),
         ))
     }
 
     fn watch(&self, pid: u32) -> ExitFuture {
         ExitFuture::new(async move {
-            Err(Error::unimplemented(format!("TokioSpawner cannot watch pid {pid}")))
+            Err(Error::unimplemented(format!(
+                "TokioSpawner cannot watch pid {pid}"
+            )))
         })
     }
 }
@@ -260,8 +276,9 @@ mod tests {
     async fn tokio_spawner_reports_exit_codes() {
         let (_, exit) = TokioSpawner.spawn(&mut Command::new("/bin/false")).unwrap();
         assert_eq!(exit.await.unwrap().status, 1);
-        let (_, exit) =
-            TokioSpawner.spawn(Command::new("/bin/sh").args(["-c", "kill -TERM $$"])).unwrap();
+        let (_, exit) = TokioSpawner
+            .spawn(Command::new("/bin/sh").args(["-c", "kill -TERM $$"]))
+            .unwrap();
         assert_eq!(exit.await.unwrap().status, 143);
     }
 }

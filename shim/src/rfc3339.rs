@@ -119,7 +119,13 @@ mod tests {
 
     #[test]
     fn parses_what_it_formats_and_what_docker_writes() {
-        for secs in [0u64, 951_782_400, 1_700_000_000, 4_102_444_800, 1_798_761_599] {
+        for secs in [
+            0u64,
+            951_782_400,
+            1_700_000_000,
+            4_102_444_800,
+            1_798_761_599,
+        ] {
             for nanos in [0u32, 1, 999_999_999, 120_000_000] {
                 let t = UNIX_EPOCH + Duration::new(secs, nanos);
                 assert_eq!(parse(&format(t)), Some(t), "{}", format(t));
@@ -129,8 +135,18 @@ mod tests {
         let t = UNIX_EPOCH + Duration::new(1_700_000_000, 120_000_000);
         assert_eq!(parse("2023-11-14T22:13:20.12Z"), Some(t));
         assert_eq!(parse("2023-11-14T23:13:20.12+01:00"), Some(t));
-        assert_eq!(parse("2023-11-14T22:13:20Z"), Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000)));
-        for bad in ["", "2023-11-14", "2023-13-14T22:13:20Z", "2023-11-14T22:13:20", "2023-11-14T22:13:20.Z", "x023-11-14T22:13:20Z"] {
+        assert_eq!(
+            parse("2023-11-14T22:13:20Z"),
+            Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        );
+        for bad in [
+            "",
+            "2023-11-14",
+            "2023-13-14T22:13:20Z",
+            "2023-11-14T22:13:20",
+            "2023-11-14T22:13:20.Z",
+            "x023-11-14T22:13:20Z",
+        ] {
             assert_eq!(parse(bad), None, "{bad}");
         }
     }

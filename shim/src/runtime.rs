@@ -154,7 +154,11 @@ struct CallIo {
 impl Runc {
     /// A runtime driver spawning through `spawner`.
     pub fn new(config: RuncConfig, spawner: Arc<dyn Spawner>) -> Self {
-        Self { config, spawner, calls: AtomicU64::new(0) }
+        Self {
+            config,
+            spawner,
+            calls: AtomicU64::new(0),
+        }
     }
 
     /// The configuration it runs with.
@@ -174,7 +178,10 @@ impl Runc {
     /// runtime's message.
     async fn call(&self, op: &str, args: &[&std::ffi::OsStr], io: CallIo) -> Result<Output> {
         let n = self.calls.fetch_add(1, Ordering::Relaxed);
-        let log = self.config.log_dir.join(format!(".runtime-{}-{op}-{n}.log", std::process::id()));
+        let log = self
+            .config
+            .log_dir
+            .join(format!(".runtime-{}-{op}-{n}.log", std::process::id()));
         let mut cmd = Command::new(&self.config.binary);
         if let Some(root) = &self.config.root {
             cmd.arg("--root").arg(root);
@@ -191,7 +198,8 @@ impl Runc {
         let mut capture = None;
         match io.stdio {
             Some(stdio) => {
-                let to_stdio = |fd: Option<OwnedFd>| fd.map(Stdio::from).unwrap_or_else(Stdio::null);
+                let to_stdio =
+                    |fd: Option<OwnedFd>| fd.map(Stdio::from).unwrap_or_else(Stdio::null);
                 cmd.stdin(to_stdio(stdio.stdin));
                 cmd.stdout(to_stdio(stdio.stdout));
                 cmd.stderr(to_stdio(stdio.stderr));
@@ -199,7 +207,9 @@ impl Runc {
             None => {
                 let (out_r, out_w) = pipe()?;
                 let (err_r, err_w) = pipe()?;
-                cmd.stdin(Stdio::null()).stdout(Stdio::from(out_w)).stderr(Stdio::from(err_w));
+                cmd.stdin(Stdio::null())
+                    .stdout(Stdio::from(out_w))
+                    .stderr(Stdio::from(err_w));
                 capture = Some((out_r, err_r));
             }
         }
@@ -232,10 +242,10 @@ impl Runc {
 
         let read_all = |fd: Option<OwnedFd>| async move {
             let mut buf = Vec::new();
-            if let Some(fd) = fd {
-                if let Ok(mut rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) {
-                    let _ = rx.read_to_end(&mut buf).await;
-                }
+            if let Some(fd) = fd
+                && let Ok(mut rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
+            {
+                let _ = rx.read_to_end(&mut buf).await;
             }
             buf
         };
@@ -255,7 +265,10 @@ impl Runc {
                 );
                 return Err(Error::new(
                     ErrorKind::DeadlineExceeded,
-                    format!("{runtime} {op} did not finish within {:?}", self.config.timeout),
+                    format!(
+                        "{runtime} {op} did not finish within {:?}",
+                        self.config.timeout
+                    ),
                 ));
             }
         };
@@ -265,7 +278,10 @@ impl Runc {
         }
         let message = runtime_error_message(log, &stderr)
             .unwrap_or_else(|| format!("exit status {}", exit.status));
-        Err(Error::new(classify(&message), format!("{runtime} {op}: {message}")))
+        Err(Error::new(
+            classify(&message),
+            format!("{runtime} {op}: {message}"),
+        ))
     }
 
     fn id_arg(id: &str) -> &std::ffi::OsStr {
@@ -291,8 +307,7 @@ fn runtime_error_message(log: &Path, stderr: &[u8]) -> Option<String> {
     let from_log = std::fs::read_to_string(log).ok().and_then(|text| {
         text.lines()
             .filter_map(|l| serde_json::from_str::<Line>(l).ok())
-            .filter(|l| matches!(l.level.as_str(), "error" | "fatal") && !l.msg.is_empty())
-            .last()
+            .rfind(|l| matches!(l.level.as_str(), "error" | "fatal") && !l.msg.is_empty())
             .map(|l| l.msg)
     });
     from_log.or_else(|| {
@@ -335,17 +350,31 @@ impl OciRuntime for Runc {
                 args.extend(["--console-socket".as_ref(), sock.as_os_str()]);
             }
             args.push(Self::id_arg(id));
-            self.call("create", &args, CallIo { stdio: Some(opts.stdio) }).await.map(drop)
+            self.call(
+                "create",
+                &args,
+                CallIo {
+                    stdio: Some(opts.stdio),
+                },
+            )
+            .await
+            .map(drop)
         })
     }
 
     fn start<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()> {
-        Box::pin(async move { self.call("start", &[Self::id_arg(id)], CallIo::default()).await.map(drop) })
+        Box::pin(async move {
+            self.call("start", &[Self::id_arg(id)], CallIo::default())
+                .await
+                .map(drop)
+        })
     }
 
     fn state<'a>(&'a self, id: &'a str) -> BoxFuture<'a, RuntimeState> {
         Box::pin(async move {
-            let out = self.call("state", &[Self::id_arg(id)], CallIo::default()).await?;
+            let out = self
+                .call("state", &[Self::id_arg(id)], CallIo::default())
+                .await?;
             serde_json::from_slice(&out.stdout).map_err(|e| {
                 Error::internal(format!("{} state: unexpected output", self.name())).with_source(e)
             })
@@ -371,7 +400,9 @@ impl OciRuntime for Runc {
                 args.push("--force".as_ref());
             }
             args.push(Self::id_arg(id));
-            self.call("delete", &args, CallIo::default()).await.map(drop)
+            self.call("delete", &args, CallIo::default())
+                .await
+                .map(drop)
         })
     }
 
@@ -388,26 +419,49 @@ impl OciRuntime for Runc {
                 args.extend(["--console-socket".as_ref(), sock.as_os_str()]);
             }
             args.push(Self::id_arg(id));
-            self.call("exec", &args, CallIo { stdio: Some(opts.stdio) }).await.map(drop)
+            self.call(
+                "exec",
+                &args,
+                CallIo {
+                    stdio: Some(opts.stdio),
+                },
+            )
+            .await
+            .map(drop)
         })
     }
 
     fn pause<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()> {
-        Box::pin(async move { self.call("pause", &[Self::id_arg(id)], CallIo::default()).await.map(drop) })
+        Box::pin(async move {
+            self.call("pause", &[Self::id_arg(id)], CallIo::default())
+                .await
+                .map(drop)
+        })
     }
 
     fn resume<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()> {
-        Box::pin(async move { self.call("resume", &[Self::id_arg(id)], CallIo::default()).await.map(drop) })
+        Box::pin(async move {
+            self.call("resume", &[Self::id_arg(id)], CallIo::default())
+                .await
+                .map(drop)
+        })
     }
 
     fn update<'a>(&'a self, id: &'a str, resources: &'a [u8]) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let n = self.calls.fetch_add(1, Ordering::Relaxed);
-            let file = self.config.log_dir.join(format!(".resources-{}-{n}.json", std::process::id()));
+            let file = self
+                .config
+                .log_dir
+                .join(format!(".resources-{}-{n}.json", std::process::id()));
             std::fs::write(&file, resources)
                 .map_err(|e| Error::internal(format!("write {}", file.display())).with_source(e))?;
-            let args: [&std::ffi::OsStr; 3] = ["--resources".as_ref(), file.as_os_str(), Self::id_arg(id)];
-            let result = self.call("update", &args, CallIo::default()).await.map(drop);
+            let args: [&std::ffi::OsStr; 3] =
+                ["--resources".as_ref(), file.as_os_str(), Self::id_arg(id)];
+            let result = self
+                .call("update", &args, CallIo::default())
+                .await
+                .map(drop);
             let _ = std::fs::remove_file(&file);
             result
         })
@@ -415,7 +469,8 @@ impl OciRuntime for Runc {
 
     fn ps<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Vec<u32>> {
         Box::pin(async move {
-            let args: [&std::ffi::OsStr; 3] = ["--format".as_ref(), "json".as_ref(), Self::id_arg(id)];
+            let args: [&std::ffi::OsStr; 3] =
+                ["--format".as_ref(), "json".as_ref(), Self::id_arg(id)];
             let out = self.call("ps", &args, CallIo::default()).await?;
             let pids: Option<Vec<u32>> = serde_json::from_slice(&out.stdout).map_err(|e| {
                 Error::internal(format!("{} ps: unexpected output", self.name())).with_source(e)
@@ -439,8 +494,11 @@ mod tests {
     /// A fake runtime: a shell script that records its arguments and answers like runc.
     fn fake(dir: &Path, body: &str) -> PathBuf {
         let path = dir.join("fake-runtime");
-        std::fs::write(&path, format!("#!/bin/sh\necho \"$@\" >> {}/args\n{body}\n", dir.display()))
-            .unwrap();
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\necho \"$@\" >> {}/args\n{body}\n", dir.display()),
+        )
+        .unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         path
     }
@@ -474,7 +532,10 @@ mod tests {
     #[tokio::test]
     async fn missing_binary_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        let err = runtime("/nonexistent/runc", dir.path()).start("c1").await.unwrap_err();
+        let err = runtime("/nonexistent/runc", dir.path())
+            .start("c1")
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
         assert!(err.chain().contains("/nonexistent/runc"), "{}", err.chain());
     }
@@ -539,7 +600,14 @@ esac"#,
         );
         let rt = runtime(bin.to_str().unwrap(), dir.path());
         let st = rt.state("c1").await.unwrap();
-        assert_eq!(st, RuntimeState { id: "c1".into(), pid: 42, status: "running".into() });
+        assert_eq!(
+            st,
+            RuntimeState {
+                id: "c1".into(),
+                pid: 42,
+                status: "running".into()
+            }
+        );
         assert_eq!(rt.ps("c1").await.unwrap(), [42, 43]);
     }
 
@@ -558,13 +626,22 @@ exit 1"#,
         let rt = runtime(bin.to_str().unwrap(), dir.path());
         let err = rt.state("c1").await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::NotFound);
-        assert_eq!(err.message(), "fake-runtime state: container \"c1\" does not exist");
+        assert_eq!(
+            err.message(),
+            "fake-runtime state: container \"c1\" does not exist"
+        );
 
         // Without a log, stderr's last line is the message.
-        let bin = fake(dir.path(), "echo 'first' >&2; echo 'cgroups in hybrid mode not supported' >&2; exit 1");
+        let bin = fake(
+            dir.path(),
+            "echo 'first' >&2; echo 'cgroups in hybrid mode not supported' >&2; exit 1",
+        );
         let rt = runtime(bin.to_str().unwrap(), dir.path());
         let err = rt.start("c1").await.unwrap_err();
-        assert_eq!(err.message(), "fake-runtime start: cgroups in hybrid mode not supported");
+        assert_eq!(
+            err.message(),
+            "fake-runtime start: cgroups in hybrid mode not supported"
+        );
     }
 
     #[tokio::test]
