@@ -134,15 +134,23 @@ mod tests {
         let sock = dir.path().join("t.sock");
         let listener = crate::uds::bind(&sock, 0o600, None).await.unwrap();
         let (_reporter, health) = health().await;
-        let router = server().add_service(health).add_service(Unimplemented::<ImagesServer<()>>::new());
+        let router = server()
+            .add_service(health)
+            .add_service(Unimplemented::<ImagesServer<()>>::new());
         let stop = tokio_util::sync::CancellationToken::new();
         let task = tokio::spawn(serve(router, listener, stop.clone().cancelled_owned()));
 
         assert_eq!(check_health(&sock).await.unwrap(), ServingStatus::Serving);
         let mut client = ImagesClient::new(crate::uds::channel(&sock));
-        let status = client.get(berth_proto::berth::images::v1::GetImageRequest::default()).await.unwrap_err();
+        let status = client
+            .get(berth_proto::berth::images::v1::GetImageRequest::default())
+            .await
+            .unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unimplemented);
-        assert_eq!(status.message(), "berth.images.v1.Images.Get is not implemented yet");
+        assert_eq!(
+            status.message(),
+            "berth.images.v1.Images.Get is not implemented yet"
+        );
 
         stop.cancel();
         task.await.unwrap().unwrap();

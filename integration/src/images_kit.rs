@@ -888,12 +888,12 @@ pub enum LayerCompression {
     Zstd,
 }
 
+/// The layers of one test image: uncompressed tar bytes and how to compress each.
+pub type TestLayers = Vec<(Vec<u8>, LayerCompression)>;
+
 /// Writes a multi-platform OCI layout at `dir`: one image per `(os/arch, layers)` entry, all
 /// under an index tagged `latest`. Returns the index digest.
-pub fn write_oci_index(
-    dir: &Path,
-    images: &[(&str, Vec<(Vec<u8>, LayerCompression)>)],
-) -> Result<String> {
+pub fn write_oci_index(dir: &Path, images: &[(&str, TestLayers)]) -> Result<String> {
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs)?;
     let put = |data: &[u8]| -> Result<String> {

@@ -151,7 +151,12 @@ impl StackBuilder {
                 }
             }
         });
-        let stack = Stack { dir, child, log: log_path, slot };
+        let stack = Stack {
+            dir,
+            child,
+            log: log_path,
+            slot,
+        };
         if rx.recv_timeout(Duration::from_secs(60)).is_err() {
             bail!("berth up did not come up; its log:\n{}", stack.log_text());
         }
