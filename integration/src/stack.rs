@@ -303,5 +303,30 @@ impl Drop for Stack {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
         }
+        cleanup_containers(&self.state_dir(), self.dir.path());
+        // The slot's drop then removes the bridges, veths and netfilter rules.
     }
+}
+
+/// Removes what containers of a stopped stack leave on the host: shims (by the PIDs they
+/// recorded in their bundles), runtime containers under the stack's runc root, their cgroups,
+/// and every mount below `dir`.
+pub fn cleanup_containers(state: &Path, dir: &Path) {
+    for entry in std::fs::read_dir(state.join("bundles")).into_iter().flatten().flatten() {
+        if let Some(pid) = berth_core::daemon::read_pid_file(&entry.path().join("shim.pid"))
+            && running(pid)
+        {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+    let root = state.join("runtime/runc");
+    let runc = |args: &[&str]| Command::new("runc").arg("--root").arg(&root).args(args).output();
+    if root.exists()
+        && let Ok(out) = runc(&["list", "-q"])
+    {
+        for id in String::from_utf8_lossy(&out.stdout).lines() {
+            let _ = runc(&["delete", "--force", id]);
+        }
+    }
+    crate::engine_kit::unmount_under(dir);
 }
