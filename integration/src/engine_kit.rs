@@ -53,8 +53,7 @@ pub fn busybox_archive() -> &'static Path {
             .prefix("berth-engine-images-")
             .tempdir()
             .expect("temp dir");
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testimages/mkimage.py");
+        let script = crate::stack::mkimage_script();
         let out = Command::new("python3")
             .arg(&script)
             .arg("busybox")

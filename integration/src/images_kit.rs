@@ -105,8 +105,7 @@ pub fn test_images() -> &'static Path {
         unsafe {
             libc::atexit(remove_test_images);
         }
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testimages/mkimage.py");
+        let script = crate::stack::mkimage_script();
         for args in [
             vec!["all"],
             vec!["synthetic", "--layers", "4", "--size-mb", "16"],

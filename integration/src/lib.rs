@@ -2,6 +2,7 @@
 //! images, registries, and cleanup that runs even when a test fails.
 
 pub mod engine_kit;
+pub mod gateway_kit;
 pub mod images_kit;
 pub mod network_kit;
 pub mod shim_kit;

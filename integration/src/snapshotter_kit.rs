@@ -220,12 +220,7 @@ impl Drop for SnapshotterProcess {
 /// Builds the offline test images `kinds` (`busybox`, `layered`, ...) under `out` with
 /// `../shared/testimages/mkimage.py`; returns `out`.
 pub fn build_images(out: &Path, kinds: &[&str]) -> Result<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testimages/mkimage.py");
-    let script = if script.is_file() {
-        script
-    } else {
-        PathBuf::from("/work/shared/testimages/mkimage.py")
-    };
+    let script = crate::stack::mkimage_script();
     for kind in kinds {
         let output = Command::new("python3")
             .arg(&script)

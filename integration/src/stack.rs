@@ -21,6 +21,16 @@ pub fn bin_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug")
 }
 
+/// `../shared/testimages/mkimage.py` beside the checkout (`$BERTH_SHARED_DIR` overrides where
+/// `shared/` is): the offline test image builder.
+pub fn mkimage_script() -> PathBuf {
+    let shared = match std::env::var_os("BERTH_SHARED_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"),
+    };
+    shared.join("testimages/mkimage.py")
+}
+
 /// The path of berth binary `name`, checked to exist.
 pub fn bin(name: &str) -> PathBuf {
     let path = bin_dir().join(name);
