@@ -39,8 +39,11 @@ unit:
 fmt:
 	$(CARGO) fmt --all
 
+# Benchmarks (docs/bench.md). BENCH_DOCKERD=1 also installs Debian's docker.io and runs every
+# scenario against a dockerd on its own socket, data root and bridge, printing berth/dockerd
+# ratios. Knobs: DENSITY (200), RUNS (30), BREAKDOWN (1), PULL (1), ...
 bench: deps release
-	./bench/run.sh
+	BERTH_BIN_DIR=$(CURDIR)/target/release ./bench/run.sh
 
 clean:
 	$(CARGO) clean

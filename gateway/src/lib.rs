@@ -4,39 +4,68 @@
 //! parse → typed request → backend call → Docker-shaped response; [`app`] builds the router so
 //! tests can drive it without a socket.
 
-use std::path::PathBuf;
-use std::time::Duration;
+#![recursion_limit = "256"]
+
+use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::extract::Request;
+use axum::http::{HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use berth_core::grpc::ServingStatus;
+use axum::routing::post;
 use berth_core::uds::ListenAddr;
-use berth_core::{Config, Context, Error, ErrorKind, Result, Service};
+use berth_core::{Config, Context, Error, ErrorKind, Result};
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+pub mod backend;
+pub mod containers;
+pub mod errors;
+pub mod exec;
+pub mod grpc;
+pub mod hijack;
+pub mod images;
+pub mod networks;
+pub mod progress;
+pub mod query;
+pub mod registry;
+pub mod stdcopy;
+pub mod system;
+pub mod time;
 pub mod tls;
+pub mod volumes;
+
+#[cfg(test)]
+pub(crate) mod fake;
+
+pub use backend::Backends;
+pub use system::DaemonInfo;
 
 /// The API version berth advertises.
 pub const API_VERSION: &str = "1.45";
 /// The oldest API version berth accepts.
 pub const MIN_API_VERSION: &str = "1.24";
 
-/// What the handlers share: how to reach the services.
+/// What the handlers share: the backends and what the config says about the daemon.
 #[derive(Debug, Clone)]
 pub struct AppState {
-    engine_socket: PathBuf,
+    backends: Backends,
+    info: Arc<DaemonInfo>,
 }
 
 impl AppState {
-    /// State for a stack configured by `config`.
+    /// State for a stack configured by `config`: gRPC backends to its services.
     pub fn new(config: &Config) -> Self {
+        Self::with_backends(grpc::backends(config), DaemonInfo::from_config(config))
+    }
+
+    /// State with the given backends (tests use fakes).
+    pub fn with_backends(backends: Backends, info: DaemonInfo) -> Self {
         Self {
-            engine_socket: config.socket(Service::Engine),
+            backends,
+            info: Arc::new(info),
         }
     }
 }
@@ -58,11 +87,22 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// `value` as a JSON response with `status`.
+pub fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    (status, axum::Json(value)).into_response()
+}
+
 /// The Docker API router.
 pub fn app(state: AppState) -> Router {
     Router::new()
-        .route("/_ping", get(ping).head(ping))
-        .route("/version", get(version))
+        .merge(system::routes())
+        .merge(containers::routes())
+        .merge(exec::routes())
+        .merge(images::routes())
+        .merge(volumes::routes())
+        .merge(networks::routes())
+        .route("/build", post(not_supported))
+        .route("/commit", post(not_supported))
         .fallback(not_implemented)
         .layer(middleware::from_fn(docker_headers))
         .with_state(state)
@@ -154,66 +194,29 @@ async fn docker_headers(req: Request, next: Next) -> Response {
     resp
 }
 
-/// `GET|HEAD /_ping`: OK when the engine answers its health check.
-async fn ping(State(state): State<AppState>, method: Method) -> Response {
-    let healthy = tokio::time::timeout(
-        Duration::from_secs(2),
-        berth_core::grpc::check_health(&state.engine_socket),
-    )
-    .await;
-    let (status, body) = match healthy {
-        Ok(Ok(ServingStatus::Serving)) => (StatusCode::OK, "OK"),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "engine unavailable"),
-    };
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        "cache-control",
-        HeaderValue::from_static("no-cache, no-store, must-revalidate"),
-    );
-    headers.insert("pragma", HeaderValue::from_static("no-cache"));
-    headers.insert(
-        "content-type",
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    if method == Method::HEAD {
-        (status, headers).into_response()
-    } else {
-        (status, headers, body).into_response()
-    }
-}
-
-/// `GET /version`.
-async fn version() -> Response {
-    let kernel = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default();
-    axum::Json(serde_json::json!({
-        "Platform": { "Name": "berth" },
-        "Components": [{
-            "Name": "Engine",
-            "Version": env!("CARGO_PKG_VERSION"),
-            "Details": { "ApiVersion": API_VERSION, "MinAPIVersion": MIN_API_VERSION, "Os": "linux", "Arch": go_arch() }
-        }],
-        "Version": env!("CARGO_PKG_VERSION"),
-        "ApiVersion": API_VERSION,
-        "MinAPIVersion": MIN_API_VERSION,
-        "GitCommit": "",
-        "GoVersion": "",
-        "Os": "linux",
-        "Arch": go_arch(),
-        "KernelVersion": kernel,
-        "BuildTime": "",
-    }))
-    .into_response()
-}
-
 /// The architecture as Docker names it (Go's GOARCH).
-fn go_arch() -> &'static str {
+pub fn go_arch() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
         other => other,
     }
+}
+
+/// Builds and commits need an image builder berth does not have yet.
+async fn not_supported(method: Method, uri: Uri) -> ApiError {
+    let what = if uri.path().starts_with("/build") {
+        "docker build"
+    } else {
+        "docker commit"
+    };
+    ApiError(Error::new(
+        ErrorKind::Unimplemented,
+        format!(
+            "{method} {} is not implemented by berth yet: {what} is not supported",
+            uri.path()
+        ),
+    ))
 }
 
 /// Everything not routed yet: a clear 501 naming the endpoint.
@@ -291,24 +294,37 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use axum::body::Body;
+    use axum::http::HeaderMap;
     use http_body_util::BodyExt;
     use tower::ServiceExt;
 
     use super::*;
 
-    fn test_app(dir: &std::path::Path) -> impl tower::Service<
+    fn test_app(
+        dir: &std::path::Path,
+    ) -> impl tower::Service<
         Request,
         Response = Response,
         Error = std::convert::Infallible,
         Future = impl Send,
     > + Clone {
-        let mut cfg = Config::default();
-        cfg.state_dir = dir.to_path_buf();
+        let cfg = Config {
+            state_dir: dir.to_path_buf(),
+            ..Default::default()
+        };
         versioned(app(AppState::new(&cfg)))
     }
 
-    async fn call(dir: &std::path::Path, method: &str, uri: &str) -> (StatusCode, HeaderMap, String) {
-        let req = Request::builder().method(method).uri(uri).body(Body::empty()).unwrap();
+    async fn call(
+        dir: &std::path::Path,
+        method: &str,
+        uri: &str,
+    ) -> (StatusCode, HeaderMap, String) {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::empty())
+            .unwrap();
         let resp = test_app(dir).oneshot(req).await.unwrap();
         let status = resp.status();
         let headers = resp.headers().clone();
@@ -319,7 +335,12 @@ mod tests {
     #[tokio::test]
     async fn version_prefixes_are_accepted_within_range() {
         let dir = tempfile::tempdir().unwrap();
-        for uri in ["/version", "/v1.45/version", "/v1.24/version", "/v1.41/version"] {
+        for uri in [
+            "/version",
+            "/v1.45/version",
+            "/v1.24/version",
+            "/v1.41/version",
+        ] {
             let (status, headers, body) = call(dir.path(), "GET", uri).await;
             assert_eq!(status, StatusCode::OK, "{uri}");
             assert_eq!(headers["api-version"], "1.45");
@@ -333,7 +354,10 @@ mod tests {
         assert!(body.contains("client version 1.50 is too new"), "{body}");
         let (status, _, body) = call(dir.path(), "GET", "/v1.12/version").await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert!(body.contains("Minimum supported API version is 1.24"), "{body}");
+        assert!(
+            body.contains("Minimum supported API version is 1.24"),
+            "{body}"
+        );
     }
 
     #[tokio::test]
@@ -354,6 +378,16 @@ mod tests {
         assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
         assert_eq!(headers["content-type"], "application/json");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["message"], "POST /build is not implemented by berth yet");
+        assert_eq!(
+            v["message"],
+            "POST /build is not implemented by berth yet: docker build is not supported"
+        );
+        let (status, _, body) = call(dir.path(), "POST", "/v1.45/swarm/init").await;
+        assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v["message"],
+            "POST /swarm/init is not implemented by berth yet"
+        );
     }
 }

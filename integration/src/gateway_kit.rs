@@ -329,7 +329,10 @@ pub fn raw_request(
         .and_then(|c| c.parse().ok())
         .context("no status")?;
     // A chunked body: keep only the chunk payloads.
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         let mut out = String::new();
         let mut rest = rest;
         while let Some((size, tail)) = rest.split_once("\r\n") {

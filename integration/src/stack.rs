@@ -322,7 +322,11 @@ impl Drop for Stack {
 /// recorded in their bundles), runtime containers under the stack's runc root, their cgroups,
 /// and every mount below `dir`.
 pub fn cleanup_containers(state: &Path, dir: &Path) {
-    for entry in std::fs::read_dir(state.join("bundles")).into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir(state.join("bundles"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         if let Some(pid) = berth_core::daemon::read_pid_file(&entry.path().join("shim.pid"))
             && running(pid)
         {
@@ -330,7 +334,13 @@ pub fn cleanup_containers(state: &Path, dir: &Path) {
         }
     }
     let root = state.join("runtime/runc");
-    let runc = |args: &[&str]| Command::new("runc").arg("--root").arg(&root).args(args).output();
+    let runc = |args: &[&str]| {
+        Command::new("runc")
+            .arg("--root")
+            .arg(&root)
+            .args(args)
+            .output()
+    };
     if root.exists()
         && let Ok(out) = runc(&["list", "-q"])
     {

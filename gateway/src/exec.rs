@@ -1,0 +1,232 @@
+//! `docker exec`: `POST /containers/{id}/exec`, `POST /exec/{id}/start` (hijacked like attach),
+//! `POST /exec/{id}/resize`, `GET /exec/{id}/json`.
+
+use axum::Router;
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use berth_core::{Error, ErrorKind, Result};
+use berth_proto::berth::engine::v1 as engine;
+use berth_proto::berth::types::v1 as types;
+use bollard_stubs::models::{ExecConfig, ExecInspectResponse, ExecStartConfig, ProcessConfig};
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::containers::{get_container, render, terminal_size};
+use crate::errors::{container_not_found, no_such, parse_json, parse_json_or_default};
+use crate::hijack::{self, StdinSink};
+use crate::query::Query;
+use crate::stdcopy::Encoder;
+use crate::{ApiError, AppState, json_response};
+
+/// The exec routes.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/containers/{id}/exec", post(create))
+        .route("/exec/{id}/start", post(start))
+        .route("/exec/{id}/resize", post(resize))
+        .route("/exec/{id}/json", get(inspect))
+}
+
+fn console_size(v: &Option<Vec<usize>>) -> Option<types::TerminalSize> {
+    v.as_ref().and_then(|s| {
+        (s.len() == 2 && (s[0] > 0 || s[1] > 0)).then(|| types::TerminalSize {
+            height: s[0] as u32,
+            width: s[1] as u32,
+        })
+    })
+}
+
+/// An exec create body → the engine's request.
+pub fn create_request(container: &str, body: &[u8]) -> Result<engine::ExecCreateRequest> {
+    let cfg: ExecConfig = parse_json(body)?;
+    let cmd = cfg.cmd.clone().unwrap_or_default();
+    if cmd.is_empty() {
+        return Err(Error::invalid_argument("No exec command specified"));
+    }
+    Ok(engine::ExecCreateRequest {
+        id: container.to_string(),
+        cmd,
+        env: cfg.env.unwrap_or_default(),
+        working_dir: cfg.working_dir.unwrap_or_default(),
+        user: cfg.user.unwrap_or_default(),
+        tty: cfg.tty.unwrap_or(false),
+        attach_stdin: cfg.attach_stdin.unwrap_or(false),
+        attach_stdout: cfg.attach_stdout.unwrap_or(false),
+        attach_stderr: cfg.attach_stderr.unwrap_or(false),
+        privileged: cfg.privileged.unwrap_or(false),
+        detach_keys: cfg.detach_keys.unwrap_or_default(),
+        console_size: console_size(&cfg.console_size),
+    })
+}
+
+async fn create(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let req = create_request(&id, &body)?;
+    match st.backends.containers.exec_create(req).await {
+        Ok(resp) => Ok(json_response(
+            StatusCode::CREATED,
+            &json!({"Id": resp.exec_id}),
+        )),
+        Err(err) if err.is(ErrorKind::FailedPrecondition) => {
+            let c = get_container(&st, &id).await?;
+            let msg = match render::status_word(&c) {
+                "paused" => format!(
+                    "Container {} is paused, unpause the container before exec",
+                    c.id
+                ),
+                "restarting" => format!(
+                    "Container {} is restarting, wait until the container is running",
+                    c.id
+                ),
+                "running" => return Err(err.into()),
+                _ => format!("container {} is not running", c.id),
+            };
+            Err(Error::failed_precondition(msg).into())
+        }
+        Err(err) => Err(container_not_found(&id)(err).into()),
+    }
+}
+
+async fn start(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    use engine::exec_start_request::Event as In;
+    use engine::exec_start_response::Event as Out;
+    let (mut parts, body) = req.into_parts();
+    let upgrade = hijack::wants_upgrade(&parts.headers);
+    let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    let body = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .map_err(|e| Error::invalid_argument(format!("read body: {e}")))?;
+    let cfg: ExecStartConfig = parse_json_or_default(&body)?;
+    let detach = cfg.detach.unwrap_or(false);
+    let options = engine::ExecStartOptions {
+        exec_id: id.clone(),
+        detach,
+        tty: cfg.tty,
+        console_size: console_size(&cfg.console_size),
+    };
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(engine::ExecStartRequest {
+        event: Some(In::Options(options)),
+    })
+    .await
+    .map_err(|_| Error::internal("exec input closed"))?;
+    let mut out = st
+        .backends
+        .containers
+        .exec_start(ReceiverStream::new(rx).boxed())
+        .await
+        .map_err(no_such("exec instance", &id))?;
+    let started = match out
+        .try_next()
+        .await
+        .map_err(no_such("exec instance", &id))?
+    {
+        Some(engine::ExecStartResponse {
+            event: Some(Out::Started(s)),
+        }) => s,
+        _ => return Err(Error::internal("exec ended before it started").into()),
+    };
+    if detach {
+        return Ok(StatusCode::OK.into_response());
+    }
+    let enc = Encoder { tty: started.tty };
+    let output = out
+        .try_take_while(|m| futures::future::ready(Ok(!matches!(m.event, Some(Out::End(_))))))
+        .try_filter_map(move |m| async move {
+            Ok(match m.event {
+                Some(Out::Output(chunk)) => Some(enc.encode(chunk.stream(), &chunk.data)),
+                _ => None,
+            })
+        })
+        .boxed();
+    // Without a hijack there is no stdin, but the request stream must stay open while output
+    // flows: the engine reads its end as the client going away.
+    let keep = (!upgrade).then(|| tx.clone());
+    let output = output
+        .map(move |item| {
+            let _ = &keep;
+            item
+        })
+        .boxed();
+    // Docker closes an exec's stdin at the client's EOF unless it has a TTY.
+    let sink = upgrade.then(|| StdinSink {
+        tx,
+        data: |b: Bytes| engine::ExecStartRequest {
+            event: Some(In::Data(b.to_vec())),
+        },
+        on_eof: (!started.tty).then_some(engine::ExecStartRequest {
+            event: Some(In::CloseStdin(engine::CloseStdin {})),
+        }),
+    });
+    Ok(hijack::respond(
+        on_upgrade.filter(|_| upgrade),
+        enc.content_type(),
+        output,
+        sink,
+    ))
+}
+
+async fn resize(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    q: Query,
+) -> Result<Response, ApiError> {
+    let size = terminal_size(&q)?;
+    st.backends
+        .containers
+        .exec_resize(engine::ExecResizeRequest {
+            exec_id: id.clone(),
+            size: Some(size),
+        })
+        .await
+        .map_err(no_such("exec instance", &id))?;
+    Ok(StatusCode::OK.into_response())
+}
+
+/// The engine's exec inspect → Docker's.
+pub fn inspect_json(e: &engine::ExecInspectResponse) -> ExecInspectResponse {
+    let p = e.process_config.clone().unwrap_or_default();
+    ExecInspectResponse {
+        can_remove: Some(e.can_remove),
+        detach_keys: Some(e.detach_keys.clone()),
+        id: Some(e.exec_id.clone()),
+        running: Some(e.running),
+        exit_code: e.exit_code.map(i64::from),
+        process_config: Some(ProcessConfig {
+            privileged: Some(p.privileged),
+            user: Some(p.user),
+            tty: Some(p.tty),
+            entrypoint: Some(p.entrypoint),
+            arguments: Some(p.arguments),
+        }),
+        open_stdin: Some(e.open_stdin),
+        open_stderr: Some(e.open_stderr),
+        open_stdout: Some(e.open_stdout),
+        container_id: Some(e.container_id.clone()),
+        pid: Some(i64::from(e.pid)),
+    }
+}
+
+async fn inspect(State(st): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let e = st
+        .backends
+        .containers
+        .exec_inspect(engine::ExecInspectRequest {
+            exec_id: id.clone(),
+        })
+        .await
+        .map_err(no_such("exec instance", &id))?;
+    Ok(json_response(StatusCode::OK, &inspect_json(&e)))
+}
