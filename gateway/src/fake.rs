@@ -572,8 +572,10 @@ impl ContainersApi for Fake {
             let (echo_tx, echo_rx) = tokio::sync::mpsc::channel::<types::OutputChunk>(16);
             // Drain stdin in the background, as the shim would.
             let sink = this.clone();
+            // Without echo nothing is ever sent back: drop the sender now, so the output ends
+            // with the canned chunks instead of waiting for the caller's input to close.
+            let mut echo_tx = echo.then_some(echo_tx);
             tokio::spawn(async move {
-                let mut echo_tx = Some(echo_tx);
                 while let Some(m) = input.next().await {
                     match m.event {
                         Some(In::Data(d)) => {
