@@ -334,6 +334,11 @@ impl RemoteSnapshotter {
     }
 }
 
+/// Wire mounts as domain mounts.
+fn domain_mounts(mounts: Vec<berth_proto::containerd::types::Mount>) -> Vec<Mount> {
+    mounts.into_iter().map(Mount::from).collect()
+}
+
 impl Snapshotter for RemoteSnapshotter {
     fn stat(&self, key: &str) -> impl Future<Output = Result<Info>> + Send {
         let req = self.request(pb::StatSnapshotRequest {
@@ -394,16 +399,7 @@ impl Snapshotter for RemoteSnapshotter {
             key: key.into(),
         });
         let mut client = self.client();
-        async move {
-            Ok(client
-                .mounts(req)
-                .await?
-                .into_inner()
-                .mounts
-                .into_iter()
-                .map(Mount::from)
-                .collect())
-        }
+        async move { Ok(domain_mounts(client.mounts(req).await?.into_inner().mounts)) }
     }
 
     fn prepare(
@@ -420,14 +416,9 @@ impl Snapshotter for RemoteSnapshotter {
         });
         let mut client = self.client();
         async move {
-            Ok(client
-                .prepare(req)
-                .await?
-                .into_inner()
-                .mounts
-                .into_iter()
-                .map(Mount::from)
-                .collect())
+            Ok(domain_mounts(
+                client.prepare(req).await?.into_inner().mounts,
+            ))
         }
     }
 
@@ -444,16 +435,7 @@ impl Snapshotter for RemoteSnapshotter {
             labels: labels.into_iter().collect(),
         });
         let mut client = self.client();
-        async move {
-            Ok(client
-                .view(req)
-                .await?
-                .into_inner()
-                .mounts
-                .into_iter()
-                .map(Mount::from)
-                .collect())
-        }
+        async move { Ok(domain_mounts(client.view(req).await?.into_inner().mounts)) }
     }
 
     fn commit(
