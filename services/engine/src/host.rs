@@ -300,6 +300,28 @@ pub fn detect_host() -> HostInfo {
         cgroup_v2: v2,
         devices: scan_devices(Path::new("/dev")),
         nofile: nofile_limit(),
+        seccomp_x32: x32_abi_from_config(read_kernel_config().as_deref()),
+    }
+}
+
+/// The running kernel's build config, from /proc/config.gz, when the kernel exposes it.
+fn read_kernel_config() -> Option<String> {
+    use std::io::Read;
+    let file = std::fs::File::open("/proc/config.gz").ok()?;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(file)
+        .read_to_string(&mut text)
+        .ok()?;
+    Some(text)
+}
+
+/// Whether the kernel runs x32 binaries. Unknown (no config to read) counts as yes: a
+/// profile that lists x32 needlessly only costs time, one that misses it would let x32
+/// binaries be killed.
+fn x32_abi_from_config(config: Option<&str>) -> bool {
+    match config {
+        Some(text) => text.lines().any(|l| l.trim() == "CONFIG_X86_X32_ABI=y"),
+        None => true,
     }
 }
 
@@ -378,6 +400,22 @@ fn scan_devices(dir: &Path) -> Vec<Device> {
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     out
+}
+
+#[cfg(test)]
+mod x32_tests {
+    use super::x32_abi_from_config;
+
+    #[test]
+    fn x32_follows_the_kernel_config_and_defaults_to_yes() {
+        assert!(x32_abi_from_config(Some(
+            "CONFIG_X86_64=y\nCONFIG_X86_X32_ABI=y\n"
+        )));
+        assert!(!x32_abi_from_config(Some(
+            "CONFIG_X86_64=y\n# CONFIG_X86_X32_ABI is not set\n"
+        )));
+        assert!(x32_abi_from_config(None));
+    }
 }
 
 #[cfg(test)]

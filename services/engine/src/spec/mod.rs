@@ -43,6 +43,10 @@ pub struct HostInfo {
     /// The open-files limit containers get by default: [`DEFAULT_NOFILE`], or less when the
     /// engine itself may not go that high (no CAP_SYS_RESOURCE and a lower hard limit).
     pub nofile: u64,
+    /// The kernel runs x32 binaries (`CONFIG_X86_X32_ABI`), so the seccomp profile must cover
+    /// that ABI too. Without it, listing x32 only makes every runc create and exec compile the
+    /// filter once more for nothing.
+    pub seccomp_x32: bool,
 }
 
 impl Default for HostInfo {
@@ -54,6 +58,7 @@ impl Default for HostInfo {
             cgroup_v2: false,
             devices: Vec::new(),
             nofile: DEFAULT_NOFILE,
+            seccomp_x32: true,
         }
     }
 }
@@ -636,7 +641,10 @@ pub fn generate(input: &SpecInput<'_>) -> Result<(Spec, Vec<String>)> {
         linux.set_readonly_paths(Some(readonly));
         match sec.seccomp_profile.as_str() {
             "" => {
-                linux.set_seccomp(Some(seccomp::default_profile(&caps)));
+                linux.set_seccomp(Some(seccomp::default_profile(
+                    &caps,
+                    input.host.seccomp_x32,
+                )));
             }
             "unconfined" => {}
             json => {
@@ -781,6 +789,7 @@ mod tests {
             blkio_weight: true,
             cgroup_v2: false,
             nofile: DEFAULT_NOFILE,
+            seccomp_x32: true,
             devices: vec![Device {
                 path: "/dev/fuse".into(),
                 kind: 'c',

@@ -460,7 +460,7 @@ fn syscall(names: Vec<String>, action: LinuxSeccompAction) -> LinuxSyscall {
 }
 
 /// The default profile for a container holding `caps` (bare capability names).
-pub fn default_profile(caps: &BTreeSet<String>) -> LinuxSeccomp {
+pub fn default_profile(caps: &BTreeSet<String>, x32: bool) -> LinuxSeccomp {
     let mut allowed: BTreeSet<&str> = ALWAYS.iter().copied().collect();
     for (cap, names) in BY_CAPABILITY {
         if caps.contains(*cap) {
@@ -509,11 +509,11 @@ pub fn default_profile(caps: &BTreeSet<String>) -> LinuxSeccomp {
     LinuxSeccompBuilder::default()
         .default_action(LinuxSeccompAction::ScmpActErrno)
         .default_errno_ret(EPERM)
-        .architectures(vec![
-            Arch::ScmpArchX86_64,
-            Arch::ScmpArchX86,
-            Arch::ScmpArchX32,
-        ])
+        .architectures(if x32 {
+            vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86, Arch::ScmpArchX32]
+        } else {
+            vec![Arch::ScmpArchX86_64, Arch::ScmpArchX86]
+        })
         .syscalls(rules)
         .build()
         .expect("seccomp profile builds")
@@ -586,7 +586,7 @@ mod tests {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let p = default_profile(&caps);
+        let p = default_profile(&caps, true);
         assert_eq!(p.default_action(), LinuxSeccompAction::ScmpActErrno);
         assert_eq!(p.default_errno_ret(), Some(EPERM));
         let ok = allowed(&p);
@@ -638,14 +638,14 @@ mod tests {
             .map(|s| s.to_string())
             .collect();
         caps.insert("SYS_ADMIN".into());
-        let ok = allowed(&default_profile(&caps));
+        let ok = allowed(&default_profile(&caps, true));
         assert!(ok.contains("mount") && ok.contains("unshare") && ok.contains("clone"));
         assert!(!ok.contains("keyctl"));
     }
 
     #[test]
     fn serializes_as_oci() {
-        let p = default_profile(&BTreeSet::new());
+        let p = default_profile(&BTreeSet::new(), true);
         let json = serde_json::to_value(&p).unwrap();
         assert_eq!(json["defaultAction"], "SCMP_ACT_ERRNO");
         assert_eq!(json["architectures"][0], "SCMP_ARCH_X86_64");
