@@ -611,9 +611,14 @@ impl ContainersApi for Fake {
                 }))
                 .chain(output.into_iter().map(out)),
             );
-            let echoed = tokio_stream::wrappers::ReceiverStream::new(echo_rx)
-                .take_while(move |_| futures::future::ready(echo))
-                .map(out);
+            // Without echo the output ends on its own, like a process that ignores stdin.
+            let echoed = if echo {
+                tokio_stream::wrappers::ReceiverStream::new(echo_rx)
+                    .map(out)
+                    .boxed()
+            } else {
+                futures::stream::empty().boxed()
+            };
             let end = futures::stream::iter([Ok(engine::AttachTaskResponse {
                 event: Some(Out::End(engine::AttachEnd {
                     reason: engine::AttachEndReason::Exited as i32,
