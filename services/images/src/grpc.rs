@@ -402,41 +402,10 @@ impl ImagesApi for ImagesService {
                 ));
             }
         };
-        let (tx, reader) = ChannelReader::new();
-        tokio::spawn(async move {
-            if let Some(d) = first_data
-                && tx.send(Ok(d.into())).await.is_err()
-            {
-                return;
-            }
-            loop {
-                match stream.message().await {
-                    Ok(Some(pb::ImportImagesRequest {
-                        part: Some(Part::Data(d)),
-                    })) => {
-                        if tx.send(Ok(d.into())).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(Some(_)) => {
-                        let _ = tx
-                            .send(Err(std::io::Error::other(
-                                "unexpected options in the middle of an import",
-                            )))
-                            .await;
-                        return;
-                    }
-                    Ok(None) => return,
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(std::io::Error::other(format!(
-                                "import stream: {}",
-                                e.message()
-                            ))))
-                            .await;
-                        return;
-                    }
-                }
+        let reader = upload_reader(stream, first_data, |m: pb::ImportImagesRequest| {
+            match m.part {
+                Some(Part::Data(d)) => Some(d),
+                _ => None,
             }
         });
         let iopts = ImportOptions {
@@ -471,37 +440,9 @@ impl ImagesApi for ImagesService {
                 "the first message of an import must carry its options",
             ));
         };
-        let (tx, reader) = ChannelReader::new();
-        tokio::spawn(async move {
-            loop {
-                match stream.message().await {
-                    Ok(Some(pb::ImportRootfsRequest {
-                        part: Some(Part::Data(d)),
-                    })) => {
-                        if tx.send(Ok(d.into())).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(Some(_)) => {
-                        let _ = tx
-                            .send(Err(std::io::Error::other(
-                                "unexpected options in the middle of an import",
-                            )))
-                            .await;
-                        return;
-                    }
-                    Ok(None) => return,
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(std::io::Error::other(format!(
-                                "import stream: {}",
-                                e.message()
-                            ))))
-                            .await;
-                        return;
-                    }
-                }
-            }
+        let reader = upload_reader(stream, None, |m: pb::ImportRootfsRequest| match m.part {
+            Some(Part::Data(d)) => Some(d),
+            _ => None,
         });
         let ro = crate::rootfs::RootfsOptions {
             reference: opts.reference,
@@ -793,4 +734,46 @@ impl ImagesService {
             labels: labels.into_iter().collect(),
         }
     }
+}
+
+/// Feeds the data parts of a client-streamed upload (after its options message) into a reader.
+/// `data` returns a message's bytes, or `None` for a message that is not data, which fails the
+/// upload as it does mid-stream options.
+fn upload_reader<M, F>(
+    mut stream: Streaming<M>,
+    first_data: Option<Vec<u8>>,
+    data: F,
+) -> ChannelReader
+where
+    M: Send + 'static,
+    F: Fn(M) -> Option<Vec<u8>> + Send + 'static,
+{
+    let (tx, reader) = ChannelReader::new();
+    tokio::spawn(async move {
+        if let Some(d) = first_data
+            && tx.send(Ok(d.into())).await.is_err()
+        {
+            return;
+        }
+        loop {
+            let next = match stream.message().await {
+                Ok(Some(m)) => match data(m) {
+                    Some(d) => Ok(d.into()),
+                    None => Err(std::io::Error::other(
+                        "unexpected options in the middle of an import",
+                    )),
+                },
+                Ok(None) => return,
+                Err(e) => Err(std::io::Error::other(format!(
+                    "import stream: {}",
+                    e.message()
+                ))),
+            };
+            let failed = next.is_err();
+            if tx.send(next).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    reader
 }
