@@ -640,17 +640,16 @@ def cmd_measure(args):
     cfg = json.load(open(args.config))
     os.makedirs(args.raw, exist_ok=True)
     b = Bench(cfg, args.raw)
-    b.scenario(b.startup)
-    b.scenario(b.idle_memory)
-    b.scenario(b.cli_floor)
-    b.scenario(b.run_rm)
-    b.scenario(b.run_rm_none)
-    b.scenario(b.exec_true)
-    b.scenario(b.runc_floor)
-    b.scenario(b.parallel20)
-    b.scenario(b.pull)
-    b.scenario(b.density)
-    b.scenario(b.idle_after)
+    order = ["startup", "idle_memory", "cli_floor", "run_rm", "run_rm_none", "exec_true",
+             "runc_floor", "parallel20", "pull", "density", "idle_after"]
+    only = [s for s in cfg.get("scenarios", "").split(",") if s]
+    unknown = [s for s in only if s not in order]
+    if unknown:
+        log(f"unknown scenarios {unknown}; known: {', '.join(order)}")
+        return 2
+    for name in order:
+        if not only or name in only:
+            b.scenario(getattr(b, name))
     with open(args.out, "w") as f:
         json.dump({"rows": b.rows, "memory": b.memory, "config": cfg}, f, indent=1)
     return 0

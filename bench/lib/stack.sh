@@ -94,7 +94,7 @@ bridge = "$bridge"
 bip = "$bip"
 default_address_pools = [{ base = "$pool", size = 24 }]
 [engine]
-cgroup_parent = "berth-bench"
+cgroup_parent = "${BENCH_CGROUP_PARENT:-berth-bench}"
 $extra
 TOML
   local start end
