@@ -5,6 +5,7 @@
 //! recording fakes; the real implementations (`netlink`, `iptables`, `host`) are exercised by
 //! the root-only integration tests.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
@@ -72,6 +73,8 @@ pub trait Dataplane: Send + Sync {
     fn delete_endpoint(&self, host_ifname: &str) -> Result<()>;
     /// Whether a link of that name exists in the host namespace.
     fn link_exists(&self, name: &str) -> Result<bool>;
+    /// The names of every link in the host namespace (one dump, for checking many at once).
+    fn link_names(&self) -> Result<BTreeSet<String>>;
     /// Replaces the default routes in the namespace with routes through `ifname` to the
     /// gateways given; `None` removes that family's default route.
     fn set_default_route(

@@ -5,6 +5,7 @@
 //! created in); the thread ends with the call, so no thread of the process is left in a
 //! foreign namespace. Calls are synchronous: the service runs them on blocking threads.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 use berth_core::{Context, Error, ErrorKind, Result};
 use futures::TryStreamExt;
 use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags};
-use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth};
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute};
 use rtnetlink::{
     Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
     RouteMessageBuilder,
@@ -371,6 +372,20 @@ impl Dataplane for Netlink {
         })
     }
 
+    fn link_names(&self) -> Result<BTreeSet<String>> {
+        with_netlink(None, |handle| async move {
+            let mut links = handle.link().get().execute();
+            let mut out = BTreeSet::new();
+            while let Some(msg) = links.try_next().await.map_err(nl_err("list links"))? {
+                out.extend(msg.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some(n.clone()),
+                    _ => None,
+                }));
+            }
+            Ok(out)
+        })
+    }
+
     fn set_default_route(
         &self,
         netns_path: &Path,
@@ -404,5 +419,11 @@ mod tests {
         assert!(!Netlink.netns_alive(f.path()));
         assert!(!Netlink.netns_alive(Path::new("/nonexistent/netns")));
         assert!(Netlink.netns_alive(Path::new("/proc/self/ns/net")));
+    }
+
+    #[test]
+    fn link_names_include_loopback() {
+        let names = Netlink.link_names().unwrap();
+        assert!(names.contains("lo"), "{names:?}");
     }
 }

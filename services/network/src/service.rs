@@ -5,15 +5,28 @@
 //! namespace is gone are cleaned up).
 //!
 //! All methods are synchronous (redb, netlink on helper threads, iptables processes); the gRPC
-//! layer runs them on blocking threads. One mutex orders all changes.
+//! layer runs them on blocking threads. One mutex orders all changes to the records; attach and
+//! detach hold it only to allocate and record, and do their kernel work (veths, routes, rules)
+//! outside it, so calls for different containers overlap. Calls for one container run one at a
+//! time ([`Busy`]).
+//!
+//! A detached endpoint keeps its addresses and host ports ([`Releasing`]) until its veth is
+//! gone, so an address is never handed out while the old namespace could still answer for it.
+//! When the namespace was already removed at detach (a container being torn down), the kernel
+//! deletes the veth with the namespace, batched, and a reaper thread frees the addresses once
+//! the link has vanished; deleting the veth ourselves would wait for RTNL and an RCU grace
+//! period (15-25 ms each, serialised).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use berth_core::id::{Id, ObjectKind};
-use berth_core::{Config, Error, Result, Service};
+use berth_core::{Config, Context, Error, Result, Service};
 use serde_json::{Map, Value};
 
 use crate::cni::{self, CniConfigFile, CniResult, Invocation, PluginExec};
@@ -251,10 +264,30 @@ pub struct CniAttachRequest {
     pub runtime_config: Map<String, Value>,
 }
 
+/// How long a deferred release waits for the kernel to remove a veth with its namespace before
+/// deleting it itself (something else still holds the namespace).
+const RELEASE_WAIT: Duration = Duration::from_secs(3);
+/// How often the reaper looks for the veths of deferred releases while there are any.
+const REAP_INTERVAL: Duration = Duration::from_millis(20);
+
+/// A detached endpoint whose veth may still be in the kernel. Its addresses and host ports stay
+/// taken, and its record stays in the store (so a restart cleans it up), until the link is gone.
+#[derive(Debug, Clone)]
+struct Releasing {
+    att: AttachmentRecord,
+    /// When it was detached.
+    since: Instant,
+    /// The namespace was gone at detach: the kernel removes the veth with it and the reaper
+    /// only waits for that. Otherwise the detaching call deletes the veth itself.
+    deferred: bool,
+}
+
 struct State {
     store: Store,
     networks: BTreeMap<String, NetworkRecord>,
     attachments: BTreeMap<String, AttachmentRecord>,
+    /// By endpoint id.
+    releasing: BTreeMap<String, Releasing>,
     cni: BTreeMap<String, CniRecord>,
     dns: Option<DnsServers>,
 }
@@ -283,11 +316,188 @@ impl State {
             .filter(|a| a.container_id == container_id)
             .collect()
     }
+
+    /// Endpoints of `network_id` whose addresses are still taken: attached or releasing.
+    fn holders_of(&self, network_id: &str) -> Vec<&AttachmentRecord> {
+        self.attachments
+            .values()
+            .chain(self.releasing.values().map(|r| &r.att))
+            .filter(|a| a.network_id == network_id)
+            .collect()
+    }
+
+    /// Ends the releases of `endpoint_ids` (their veths are gone): deletes their records in one
+    /// transaction and frees their addresses.
+    fn finish_release(&mut self, endpoint_ids: &[String]) -> Result<()> {
+        let done: Vec<AttachmentRecord> = endpoint_ids
+            .iter()
+            .filter_map(|id| self.releasing.get(id).map(|r| r.att.clone()))
+            .collect();
+        if done.is_empty() {
+            return Ok(());
+        }
+        // A new attachment of the same container and network (a restart) may have replaced
+        // the stored record already; that one stays.
+        let ops: Vec<Op> =
+            done.iter()
+                .filter(|a| {
+                    let key = a.key();
+                    !self.attachments.contains_key(&key)
+                        && !self.releasing.values().any(|r| {
+                            r.att.key() == key && !endpoint_ids.contains(&r.att.endpoint_id)
+                        })
+                })
+                .map(|a| Op::DeleteAttachment(a.key()))
+                .collect();
+        if !ops.is_empty() {
+            self.store.apply(&ops)?;
+        }
+        for a in &done {
+            self.releasing.remove(&a.endpoint_id);
+        }
+        Ok(())
+    }
+}
+
+fn lock_state(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Containers with an attach or detach under way: calls for one container run one at a time
+/// (their kernel work runs outside the state lock), calls for different containers overlap.
+#[derive(Default)]
+struct Busy {
+    ids: Mutex<BTreeSet<String>>,
+    freed: Condvar,
+}
+
+struct BusyGuard<'a> {
+    busy: &'a Busy,
+    id: String,
+}
+
+impl Busy {
+    fn enter(&self, id: &str) -> BusyGuard<'_> {
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        while ids.contains(id) {
+            ids = self.freed.wait(ids).unwrap_or_else(|e| e.into_inner());
+        }
+        ids.insert(id.to_string());
+        BusyGuard {
+            busy: self,
+            id: id.to_string(),
+        }
+    }
+}
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        let mut ids = self.busy.ids.lock().unwrap_or_else(|e| e.into_inner());
+        ids.remove(&self.id);
+        self.busy.freed.notify_all();
+    }
+}
+
+/// One pass of the reaper: ends the deferred releases whose veth is gone, and deletes the veth
+/// of those that waited [`RELEASE_WAIT`] in vain. Returns whether deferred releases are left.
+fn reap(state: &Mutex<State>, dataplane: &dyn Dataplane) -> bool {
+    let pending: Vec<(String, String, Instant)> = lock_state(state)
+        .releasing
+        .values()
+        .filter(|r| r.deferred)
+        .map(|r| {
+            (
+                r.att.endpoint_id.clone(),
+                r.att.host_ifname.clone(),
+                r.since,
+            )
+        })
+        .collect();
+    if pending.is_empty() {
+        return false;
+    }
+    let links = match dataplane.link_names() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e.chain(), "reaper: cannot list links");
+            return true;
+        }
+    };
+    let mut done = Vec::new();
+    for (endpoint_id, ifname, since) in pending {
+        if ifname.is_empty() || !links.contains(&ifname) {
+            done.push(endpoint_id);
+        } else if since.elapsed() >= RELEASE_WAIT {
+            match dataplane.delete_endpoint(&ifname) {
+                Ok(()) => {
+                    tracing::info!(veth = ifname, "namespace outlived its detach; veth deleted");
+                    done.push(endpoint_id);
+                }
+                Err(e) => {
+                    tracing::warn!(veth = ifname, error = %e.chain(), "reaper: cannot delete veth")
+                }
+            }
+        }
+    }
+    let mut st = lock_state(state);
+    if let Err(e) = st.finish_release(&done) {
+        tracing::error!(error = %e.chain(), "reaper: cannot drop released attachments");
+    }
+    st.releasing.values().any(|r| r.deferred)
+}
+
+/// The reaper thread; stopped and joined when the service is dropped (so the store is closed
+/// when `NetworkService` is gone).
+struct Reaper {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Reaper {
+    fn start(state: Arc<Mutex<State>>, dataplane: Arc<dyn Dataplane>) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("berth-net-reaper".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Acquire) {
+                    let pending = reap(&state, dataplane.as_ref());
+                    std::thread::park_timeout(if pending {
+                        REAP_INTERVAL
+                    } else {
+                        Duration::from_secs(60)
+                    });
+                }
+            })
+            .internal(|| "spawn the reaper thread".into())?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn wake(&self) {
+        if let Some(t) = &self.thread {
+            t.thread().unpark();
+        }
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+    }
 }
 
 /// The service.
 pub struct NetworkService {
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
+    busy: Busy,
+    reaper: Reaper,
     deps: Deps,
     settings: Settings,
     chains: Chains,
@@ -508,12 +718,17 @@ impl NetworkService {
                 .map(|n| (n.id.clone(), n))
                 .collect(),
             attachments: snap.attachments.into_iter().map(|a| (a.key(), a)).collect(),
+            releasing: BTreeMap::new(),
             cni: snap.cni.into_iter().map(|c| (c.key(), c)).collect(),
             dns: runtime.map(|rt| DnsServers::new(view.clone(), settings.dns_port, rt)),
         };
         let chains = Chains::for_default_bridge(&settings.default_bridge);
+        let state = Arc::new(Mutex::new(state));
+        let reaper = Reaper::start(state.clone(), deps.dataplane.clone())?;
         let svc = Self {
-            state: Mutex::new(state),
+            state,
+            busy: Busy::default(),
+            reaper,
             deps,
             settings,
             chains,
@@ -524,7 +739,33 @@ impl NetworkService {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock_state(&self.state)
+    }
+
+    /// Deletes the veths of the releasing endpoints that match `pred` now and frees their
+    /// addresses (an address or port asked for again, a network being removed).
+    fn force_release(
+        &self,
+        st: &mut State,
+        pred: impl Fn(&AttachmentRecord) -> bool,
+    ) -> Result<()> {
+        let hit: Vec<(String, String)> = st
+            .releasing
+            .values()
+            .filter(|r| pred(&r.att))
+            .map(|r| (r.att.endpoint_id.clone(), r.att.host_ifname.clone()))
+            .collect();
+        for (_, ifname) in hit.iter().filter(|(_, i)| !i.is_empty()) {
+            self.deps.dataplane.delete_endpoint(ifname)?;
+        }
+        let ids: Vec<String> = hit.into_iter().map(|(id, _)| id).collect();
+        st.finish_release(&ids)
+    }
+
+    /// Runs one reaper pass now (tests).
+    #[cfg(test)]
+    fn reap_now(&self) -> bool {
+        reap(&self.state, self.deps.dataplane.as_ref())
     }
 
     /// The chains of this stack.
@@ -1145,6 +1386,7 @@ impl NetworkService {
                 names.join(", ")
             )));
         }
+        self.force_release(st, |a| a.network_id == id)?;
         st.store.apply(&[Op::DeleteNetwork(id)])?;
         st.networks.remove(id);
         for (net_id, e) in self.refresh_dns(st) {
@@ -1304,6 +1546,7 @@ impl NetworkService {
         if !req.ifname.is_empty() {
             validate_ifname(&req.ifname)?;
         }
+        let _busy = self.busy.enter(&req.container_id);
         let mut st = self.lock();
         let net = st.resolve(&req.network)?.clone();
         let key = attachment_key(&req.container_id, &net.id);
@@ -1326,7 +1569,11 @@ impl NetworkService {
             st.attachments.remove(&key);
             previous_ipv4 = existing.ipv4;
         }
-        let others = st.of_container(&req.container_id);
+        let others: Vec<AttachmentRecord> = st
+            .of_container(&req.container_id)
+            .into_iter()
+            .cloned()
+            .collect();
         let exclusive = |n: &NetworkRecord| matches!(n.driver, Driver::Host | Driver::Null);
         if let Some(o) = others.first() {
             let other_net = st.networks.get(&o.network_id);
@@ -1394,8 +1641,33 @@ impl NetworkService {
             ));
         }
 
+        // Detached endpoints keep their addresses while their veth may live. One asked for
+        // again is freed now (its veth deleted), and so are all of the network's when its pool
+        // has nothing else left.
+        let wanted: Vec<IpAddr> = req
+            .ipv4
+            .iter()
+            .chain(req.ipv6.iter())
+            .chain(previous_ipv4.iter())
+            .copied()
+            .collect();
+        let on_net = |a: &AttachmentRecord| a.network_id == net.id;
+        if st.releasing.values().any(|r| on_net(&r.att)) {
+            let exhausted = net.ipv4.as_ref().is_some_and(|pool| {
+                let used: BTreeSet<IpAddr> = st
+                    .holders_of(&net.id)
+                    .iter()
+                    .filter_map(|a| a.ipv4)
+                    .collect();
+                req.ipv4.is_none() && pool.allocate(&used, net.last_ipv4).is_err()
+            });
+            self.force_release(&mut st, |a| {
+                on_net(a) && (exhausted || a.ips().any(|ip| wanted.contains(&ip)))
+            })?;
+        }
+
         // Addresses.
-        let endpoints = st.endpoints_of(&net.id);
+        let endpoints = st.holders_of(&net.id);
         let mut net_update = net.clone();
         if let Some(pool) = &net.ipv4 {
             let used: BTreeSet<IpAddr> = endpoints.iter().filter_map(|a| a.ipv4).collect();
@@ -1498,10 +1770,7 @@ impl NetworkService {
         }
 
         // The default route: the first non-internal network, or a higher priority.
-        let holder = others
-            .iter()
-            .find(|a| a.default_route)
-            .map(|a| (*a).clone());
+        let holder = others.iter().find(|a| a.default_route).cloned();
         if !net.internal && record.ipv4_gateway.is_some() {
             record.default_route = holder
                 .as_ref()
@@ -1523,7 +1792,9 @@ impl NetworkService {
         if let Some(d) = &demoted {
             st.attachments.insert(d.key(), d.clone());
         }
+        drop(st);
 
+        // The kernel work runs without the lock: attaches of other containers overlap.
         let made = Self::endpoint_spec(&net, &record)
             .and_then(|spec| self.deps.dataplane.create_endpoint(&spec))
             .and_then(|()| {
@@ -1532,28 +1803,49 @@ impl NetworkService {
                     .ensure(&rules::port_rules(&self.chains, &record))
             });
         if let Err(e) = made {
-            let _ = self
-                .deps
-                .firewall
-                .remove(&[self.chains.endpoint_tag(&record.endpoint_id)]);
+            if !record.ports.is_empty() {
+                let _ = self
+                    .deps
+                    .firewall
+                    .remove(&[self.chains.endpoint_tag(&record.endpoint_id)]);
+            }
             let _ = self.deps.dataplane.delete_endpoint(&record.host_ifname);
-            let mut ops = vec![Op::DeleteAttachment(key.clone()), Op::PutNetwork(&net)];
             let restored = demoted.map(|mut d| {
                 d.default_route = true;
                 d
             });
+            let mut st = self.lock();
+            // The network's last addresses go back unless another attach moved them meanwhile.
+            let rewound = st.networks.get(&net.id).cloned().map(|mut n| {
+                if n.last_ipv4 == record.ipv4 {
+                    n.last_ipv4 = net.last_ipv4;
+                }
+                if n.last_ipv6 == record.ipv6 {
+                    n.last_ipv6 = net.last_ipv6;
+                }
+                n
+            });
+            let mut ops = vec![Op::DeleteAttachment(key.clone())];
+            if let Some(n) = &rewound {
+                ops.push(Op::PutNetwork(n));
+            }
             if let Some(d) = &restored {
                 ops.push(Op::PutAttachment(d));
             }
             st.store.apply(&ops)?;
             st.attachments.remove(&key);
-            st.networks.insert(net.id.clone(), net.clone());
+            if let Some(n) = rewound {
+                st.networks.insert(n.id.clone(), n);
+            }
             if let Some(d) = restored {
                 st.attachments.insert(d.key(), d);
             }
             return Err(e);
         }
-        self.refresh_dns(&mut st);
+        let mut st = self.lock();
+        if net.dns_enabled {
+            self.refresh_dns(&mut st);
+        }
         tracing::info!(
             container = record.container_id,
             network = net.name,
@@ -1600,52 +1892,142 @@ impl NetworkService {
 
     /// Removes an endpoint's rules and veth.
     fn drop_endpoint(&self, att: &AttachmentRecord) -> Result<()> {
-        self.deps
-            .firewall
-            .remove(&[self.chains.endpoint_tag(&att.endpoint_id)])?;
+        self.drop_rules(att)?;
         match att.host_ifname.as_str() {
             "" => Ok(()),
             name => self.deps.dataplane.delete_endpoint(name),
         }
     }
 
+    /// Removes an endpoint's port rules. Only published ports have rules of their own, so an
+    /// endpoint without any costs no `iptables-save`.
+    fn drop_rules(&self, att: &AttachmentRecord) -> Result<()> {
+        if att.ports.is_empty() {
+            return Ok(());
+        }
+        self.deps
+            .firewall
+            .remove(&[self.chains.endpoint_tag(&att.endpoint_id)])
+    }
+
     /// Disconnects a container from one network (or, with `network` empty, from all).
     /// Returns the ids of the networks it was detached from.
+    ///
+    /// The records leave the API at once; the addresses stay taken until the veth is gone
+    /// (see [`Releasing`]). When the namespace is already gone the kernel is removing the veth
+    /// and this returns without waiting for it; otherwise the veth is deleted before it returns.
     pub fn detach(&self, container_id: &str, network: &str, force: bool) -> Result<Vec<String>> {
         if container_id.is_empty() {
             return Err(Error::invalid_argument("container_id is required"));
         }
-        let mut st = self.lock();
-        let targets: Vec<AttachmentRecord> = if network.is_empty() {
-            st.of_container(container_id).into_iter().cloned().collect()
-        } else {
-            let net = st.resolve(network)?;
-            let key = attachment_key(container_id, &net.id);
-            match st.attachments.get(&key) {
-                Some(a) => vec![a.clone()],
-                None => {
-                    return Err(Error::not_found(format!(
-                        "container {container_id} is not connected to network {}",
-                        net.name
-                    )));
+        let _busy = self.busy.enter(container_id);
+        let targets: Vec<Releasing> = {
+            let mut st = self.lock();
+            let targets: Vec<AttachmentRecord> = if network.is_empty() {
+                st.of_container(container_id).into_iter().cloned().collect()
+            } else {
+                let net = st.resolve(network)?;
+                let key = attachment_key(container_id, &net.id);
+                match st.attachments.get(&key) {
+                    Some(a) => vec![a.clone()],
+                    None => {
+                        return Err(Error::not_found(format!(
+                            "container {container_id} is not connected to network {}",
+                            net.name
+                        )));
+                    }
                 }
-            }
+            };
+            let now = Instant::now();
+            targets
+                .into_iter()
+                .map(|att| {
+                    let deferred = !att.host_ifname.is_empty()
+                        && !self.deps.dataplane.netns_alive(Path::new(&att.netns_path));
+                    st.attachments.remove(&att.key());
+                    let r = Releasing {
+                        att,
+                        since: now,
+                        deferred,
+                    };
+                    st.releasing.insert(r.att.endpoint_id.clone(), r.clone());
+                    r
+                })
+                .collect()
         };
-        let mut detached = Vec::new();
-        for att in targets {
-            if let Err(e) = self.drop_endpoint(&att) {
-                if !force {
-                    return Err(e);
+
+        // Kernel work without the lock.
+        let mut failed = None;
+        let mut done = Vec::new();
+        for r in &targets {
+            let dropped = if r.deferred {
+                self.drop_rules(&r.att)
+            } else {
+                self.drop_endpoint(&r.att)
+            };
+            match dropped {
+                Ok(()) => {}
+                Err(e) if force => {
+                    tracing::warn!(container = container_id, network = r.att.network_id, error = %e.chain(), "forced detach left kernel state behind");
                 }
-                tracing::warn!(container = container_id, network = att.network_id, error = %e.chain(), "forced detach left kernel state behind");
+                Err(e) => {
+                    failed = Some((r.att.endpoint_id.clone(), e));
+                    break;
+                }
             }
-            st.store.apply(&[Op::DeleteAttachment(att.key())])?;
-            st.attachments.remove(&att.key());
+            done.push(r);
+        }
+
+        let mut st = self.lock();
+        if let Some((failed_id, e)) = failed {
+            // Not forced: the failed endpoint and the ones not tried yet stay attached.
+            let kept = targets
+                .iter()
+                .skip_while(|r| r.att.endpoint_id != failed_id)
+                .map(|r| r.att.clone());
+            for att in kept {
+                st.releasing.remove(&att.endpoint_id);
+                st.attachments.insert(att.key(), att);
+            }
+            self.finish_detach(&mut st, container_id, &done)?;
+            return Err(e);
+        }
+        let detached = self.finish_detach(&mut st, container_id, &done)?;
+        if done.iter().any(|r| r.deferred) {
+            self.reaper.wake();
+        }
+        Ok(detached)
+    }
+
+    /// The bookkeeping after the kernel side of `done` was dealt with: records of the endpoints
+    /// that are gone, default routes, events, DNS. Returns the networks detached from.
+    fn finish_detach(
+        &self,
+        st: &mut State,
+        container_id: &str,
+        done: &[&Releasing],
+    ) -> Result<Vec<String>> {
+        let gone: Vec<String> = done
+            .iter()
+            .filter(|r| !r.deferred)
+            .map(|r| r.att.endpoint_id.clone())
+            .collect();
+        st.finish_release(&gone)?;
+        let mut dns = false;
+        let mut detached = Vec::new();
+        for r in done {
+            let att = &r.att;
             if att.default_route {
-                self.move_default_route(&mut st, &att);
+                self.move_default_route(st, att);
             }
             if let Some(net) = st.networks.get(&att.network_id) {
-                tracing::info!(container = container_id, network = net.name, "detached");
+                dns |= net.dns_enabled;
+                tracing::info!(
+                    container = container_id,
+                    network = net.name,
+                    deferred = r.deferred,
+                    "detached"
+                );
                 self.deps.events.publish(
                     "disconnect",
                     &net.id,
@@ -1658,7 +2040,9 @@ impl NetworkService {
             }
             detached.push(att.network_id.clone());
         }
-        self.refresh_dns(&mut st);
+        if dns {
+            self.refresh_dns(st);
+        }
         Ok(detached)
     }
 

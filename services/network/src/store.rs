@@ -70,7 +70,9 @@ impl Store {
             std::fs::create_dir_all(dir)
                 .context(ErrorKind::Internal, format!("create {}", dir.display()))?;
         }
-        let db = Database::create(path)
+        let db = redb::Builder::new()
+            .set_cache_size(1 << 20)
+            .create(path)
             .map_err(|e| Error::internal(format!("open {}", path.display())).with_source(e))?;
         let tx = db.begin_write().map_err(|e| db_err("begin")(e.into()))?;
         for table in [NETWORKS, ATTACHMENTS, CNI] {

@@ -65,6 +65,11 @@ impl Dataplane for FakeKernel {
         Ok(self.endpoints.lock().unwrap().contains_key(name)
             || self.bridges.lock().unwrap().contains_key(name))
     }
+    fn link_names(&self) -> Result<BTreeSet<String>> {
+        let mut names: BTreeSet<String> = self.endpoints.lock().unwrap().keys().cloned().collect();
+        names.extend(self.bridges.lock().unwrap().keys().cloned());
+        Ok(names)
+    }
     fn set_default_route(
         &self,
         p: &Path,
@@ -1154,4 +1159,177 @@ fn attaching_from_a_new_namespace_replaces_the_endpoint() {
             .is_empty()
     );
     assert_eq!(h.svc.list_attachments(&cid(1), "").unwrap().len(), 1);
+}
+
+impl Harness {
+    /// The namespace of `att` goes away; with `kernel_done` the kernel already removed its
+    /// veth with it (else the veth is still being torn down).
+    fn kill_netns(&self, att: &AttachmentRecord, kernel_done: bool) {
+        self.kernel
+            .netns
+            .lock()
+            .unwrap()
+            .remove(Path::new(&att.netns_path));
+        if kernel_done {
+            self.kernel
+                .endpoints
+                .lock()
+                .unwrap()
+                .remove(&att.host_ifname);
+        }
+    }
+
+    fn releasing(&self) -> Vec<String> {
+        self.svc.lock().releasing.keys().cloned().collect()
+    }
+}
+
+#[test]
+fn detach_of_a_removed_namespace_keeps_the_address_until_the_veth_is_gone() {
+    let h = Harness::new();
+    h.create("app");
+    let old = h.attach(&cid(1), "old", "app", "").unwrap().record;
+    h.kill_netns(&old, false);
+    let before = h.events.0.lock().unwrap().len();
+    assert_eq!(h.svc.detach(&cid(1), "", true).unwrap().len(), 1);
+    // Gone from the API and DNS at once, with its event ...
+    assert!(h.svc.list_attachments(&cid(1), "").unwrap().is_empty());
+    assert!(h.svc.lookup("old", "app", "").is_err());
+    assert_eq!(h.events.0.lock().unwrap()[before].0, "disconnect");
+    // ... but the veth is the kernel's to remove, and its address stays taken meanwhile.
+    assert!(
+        h.kernel
+            .endpoints
+            .lock()
+            .unwrap()
+            .contains_key(&old.host_ifname)
+    );
+    assert_eq!(h.releasing(), std::slice::from_ref(&old.endpoint_id));
+    assert!(h.svc.reap_now(), "still waiting for the veth");
+    let other = h.attach(&cid(2), "other", "app", "").unwrap().record;
+    assert_ne!(other.ipv4, old.ipv4);
+
+    // The kernel finished: the next reaper pass frees the address and drops the record.
+    h.kernel.endpoints.lock().unwrap().remove(&old.host_ifname);
+    assert!(!h.svc.reap_now());
+    assert!(h.releasing().is_empty());
+    let h = h.restart();
+    let left: Vec<String> = h
+        .svc
+        .list_attachments("", "app")
+        .unwrap()
+        .into_iter()
+        .map(|a| a.record.container_id)
+        .collect();
+    assert_eq!(left, [cid(2)]);
+}
+
+#[test]
+fn an_address_asked_for_again_is_released_at_once() {
+    let h = Harness::new();
+    h.create("app");
+    let old = h.attach(&cid(1), "old", "app", "").unwrap().record;
+    h.kill_netns(&old, false);
+    h.svc.detach(&cid(1), "", true).unwrap();
+    let netns = h.netns("new");
+    let new = h
+        .svc
+        .attach(AttachRequest {
+            container_id: cid(2),
+            container_name: "new".into(),
+            netns_path: netns,
+            network: "app".into(),
+            ipv4: old.ipv4,
+            ..Default::default()
+        })
+        .unwrap()
+        .record;
+    assert_eq!(new.ipv4, old.ipv4);
+    assert!(
+        !h.kernel
+            .endpoints
+            .lock()
+            .unwrap()
+            .contains_key(&old.host_ifname),
+        "the old veth is deleted before its address is given again"
+    );
+    assert!(h.releasing().is_empty());
+    // And the network can be removed right after a detach.
+    h.svc.detach(&cid(2), "", true).unwrap();
+    h.svc.delete_network("app").unwrap();
+}
+
+#[test]
+fn a_crash_while_releasing_is_cleaned_up_at_start() {
+    let h = Harness::new();
+    h.create("app");
+    let old = h
+        .attach(&cid(1), "old", "app", "127.0.0.1:8080:80")
+        .unwrap()
+        .record;
+    h.kill_netns(&old, false);
+    h.svc.detach(&cid(1), "", true).unwrap();
+    let chains = h.svc.chains().clone();
+    assert!(
+        h.fw.with_prefix(&chains.endpoint_tag(&old.endpoint_id))
+            .is_empty(),
+        "port rules go at detach"
+    );
+    // kill -9 before the veth went: the start finds the record of a dead namespace.
+    let h = h.restart();
+    assert!(h.svc.list_attachments("", "").unwrap().is_empty());
+    assert!(
+        !h.kernel
+            .endpoints
+            .lock()
+            .unwrap()
+            .contains_key(&old.host_ifname)
+    );
+    // The port is free again.
+    h.attach(&cid(2), "new", "app", "127.0.0.1:8080:80")
+        .unwrap();
+}
+
+#[test]
+fn concurrent_attaches_and_detaches_leave_nothing_behind() {
+    let h = Harness::new();
+    h.create("app");
+    let atts: Vec<AttachmentRecord> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..20u8)
+            .map(|i| {
+                let h = &h;
+                s.spawn(move || {
+                    let id = format!("{i:02x}").repeat(32);
+                    let port = format!("127.0.0.1:{}:80", 9000 + i as u32);
+                    h.attach(&id, &format!("c{i}"), "app", &port)
+                        .unwrap()
+                        .record
+                })
+            })
+            .collect();
+        handles.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let ips: BTreeSet<_> = atts.iter().map(|a| a.ipv4).collect();
+    assert_eq!(ips.len(), 20, "distinct addresses");
+    assert_eq!(h.kernel.endpoints.lock().unwrap().len(), 20);
+    // Half of them as a torn-down container (namespace gone first), half as a disconnect.
+    for a in atts.iter().step_by(2) {
+        h.kill_netns(a, true);
+    }
+    std::thread::scope(|s| {
+        for a in &atts {
+            let h = &h;
+            s.spawn(move || h.svc.detach(&a.container_id, "", false).unwrap());
+        }
+    });
+    while h.svc.reap_now() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(h.releasing().is_empty());
+    assert!(h.kernel.endpoints.lock().unwrap().is_empty());
+    assert!(h.svc.list_attachments("", "").unwrap().is_empty());
+    let chains = h.svc.chains().clone();
+    assert!(h.fw.with_prefix(&format!("{}ep:", chains.tag())).is_empty());
+    let h = h.restart();
+    assert!(h.svc.list_attachments("", "").unwrap().is_empty());
 }
