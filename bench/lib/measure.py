@@ -39,6 +39,13 @@ def log(msg):
 # memory
 
 
+# Seconds without requests before idle memory is read: berth's daemons give memory back (free heap
+# pages, page-table entries of code no longer running) after about 2-3 s without work
+# (berth_core::daemon::trim_when_idle), so read the settled figure rather than the tail of the last
+# request. dockerd gets the same wait.
+IDLE_WAIT = 5
+
+
 def proc_rss_pss_kb(pid):
     rss = pss = None
     try:
@@ -261,6 +268,11 @@ class Bench:
         self.row(key + "_rss", f"RSS of all daemons, {label}", "MB", vals("daemons_rss_kb"), errs,
                  target="berth ≤ 40 MB (goal 30)" if key == "idle" else None)
         self.row(key + "_pss", f"PSS of all daemons, {label}", "MB", vals("daemons_pss_kb"), errs)
+        for s in self.sides:
+            if s in snap:
+                per = ", ".join(f"{n.removeprefix('berth-')} {d['rss_kb'] / 1024:.1f}/{d['pss_kb'] / 1024:.1f}"
+                                for n, d in snap[s]["daemons"].items())
+                log(f"  {s} per daemon, RSS/PSS MB: {per}")
 
     def snapshot_memory(self, label):
         snap = {}
@@ -273,7 +285,7 @@ class Bench:
         return snap
 
     def idle_memory(self):
-        time.sleep(2)
+        time.sleep(IDLE_WAIT)
         snap = self.snapshot_memory("idle")
         self.mem_rows("idle", "idle (image loaded, no container)", snap)
 
@@ -631,7 +643,7 @@ class Bench:
         self.row("density_rm", f"density: `docker rm -f` of {n} (one call)", "s", vals["rm"], errs)
 
     def idle_after(self):
-        time.sleep(2)
+        time.sleep(IDLE_WAIT)
         snap = self.snapshot_memory("idle_after")
         self.mem_rows("idle_after", "idle again after every scenario", snap)
 

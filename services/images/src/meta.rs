@@ -136,7 +136,11 @@ impl Meta {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::internal(format!("create {}", dir.display())).with_source(e))?;
         }
-        let db = redb::Database::create(path)
+        // redb caches up to 1 GiB by default and never gives it back; this database is small and
+        // the kernel's page cache holds its file anyway.
+        let db = redb::Builder::new()
+            .set_cache_size(1 << 20)
+            .create(path)
             .map_err(|e| Error::internal(format!("open {}", path.display())).with_source(e))?;
         let meta = Self { db };
         meta.write(|tx| {

@@ -138,17 +138,22 @@ pub(crate) struct Store {
 impl Store {
     /// Opens (or creates) the database at `path`. Only one process can have it open.
     pub(crate) fn open(path: &Path) -> Result<Self> {
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => Error::new(
-                ErrorKind::Unavailable,
-                format!(
-                    "metadata database {} is in use by another process",
-                    path.display()
+        // redb caches up to 1 GiB by default and never gives it back; this database is small and
+        // the kernel's page cache holds its file anyway.
+        let db = redb::Builder::new()
+            .set_cache_size(1 << 20)
+            .create(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => Error::new(
+                    ErrorKind::Unavailable,
+                    format!(
+                        "metadata database {} is in use by another process",
+                        path.display()
+                    ),
                 ),
-            ),
-            other => Error::internal(format!("open metadata database {}", path.display()))
-                .with_source(other),
-        })?;
+                other => Error::internal(format!("open metadata database {}", path.display()))
+                    .with_source(other),
+            })?;
         let store = Self { db };
         let mut txn = store.write()?;
         let schema = txn.meta("schema")?;
