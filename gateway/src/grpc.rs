@@ -1,10 +1,8 @@
 //! The real backends: thin forwarding to berth's services over gRPC.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_core::grpc::ServingStatus;
 use berth_core::uds::{Channel, channel};
 use berth_core::{Config, Error, Service};
 use berth_proto::berth::engine::v1 as engine;
@@ -20,6 +18,9 @@ use berth_proto::berth::network::v1::networks_client::NetworksClient;
 use berth_proto::berth::types::v1 as types;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus as WireStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 use crate::backend::{
     Backends, ByteStream, ContainersApi, EventsApi, Fut, ImagesApi, Input, LoginResult,
@@ -68,11 +69,18 @@ pub struct GrpcNetworks(NetworksClient<Channel>);
 pub struct GrpcEvents(EventsClient<Channel>);
 
 /// Health from the engine; registry logins checked by [`crate::registry`].
+///
+/// The health client shares the engine channel, so a ping (which the CLI sends before most
+/// commands) is one request on an open HTTP/2 connection rather than a new connection each.
 #[derive(Debug, Clone)]
 pub struct GrpcSystem {
-    engine_socket: PathBuf,
+    health: HealthClient<Channel>,
     registry: crate::registry::RegistryChecker,
 }
+
+/// Largest engine answer the gateway accepts, as the engine's own limit: a listing of thousands
+/// of containers exceeds tonic's default of 4 MiB.
+const MAX_ENGINE_MESSAGE: usize = 64 << 20;
 
 /// Backends for the stack `config` describes.
 pub fn backends(config: &Config) -> Backends {
@@ -81,15 +89,16 @@ pub fn backends(config: &Config) -> Backends {
     let net = channel(config.socket(Service::Network));
     Backends {
         containers: Arc::new(GrpcContainers {
-            containers: ContainersClient::new(engine.clone()),
+            containers: ContainersClient::new(engine.clone())
+                .max_decoding_message_size(MAX_ENGINE_MESSAGE),
             tasks: TasksClient::new(engine.clone()),
         }),
         images: Arc::new(GrpcImages(ImagesClient::new(images))),
         volumes: Arc::new(GrpcVolumes(VolumesClient::new(engine.clone()))),
         networks: Arc::new(GrpcNetworks(NetworksClient::new(net))),
-        events: Arc::new(GrpcEvents(EventsClient::new(engine))),
+        events: Arc::new(GrpcEvents(EventsClient::new(engine.clone()))),
         system: Arc::new(GrpcSystem {
-            engine_socket: config.socket(Service::Engine),
+            health: HealthClient::new(engine),
             registry: crate::registry::RegistryChecker::new(&config.images),
         }),
     }
@@ -421,13 +430,13 @@ impl EventsApi for GrpcEvents {
 
 impl SystemApi for GrpcSystem {
     fn ping(&self) -> Fut<'_, bool> {
+        let mut health = self.health.clone();
         Box::pin(async move {
-            let healthy = tokio::time::timeout(
-                Duration::from_secs(2),
-                berth_core::grpc::check_health(&self.engine_socket),
-            )
-            .await;
-            Ok(matches!(healthy, Ok(Ok(ServingStatus::Serving))))
+            let check = health.check(HealthCheckRequest {
+                service: String::new(),
+            });
+            let healthy = tokio::time::timeout(Duration::from_secs(2), check).await;
+            Ok(matches!(healthy, Ok(Ok(r)) if r.get_ref().status() == WireStatus::Serving))
         })
     }
     fn login(&self, auth: types::RegistryAuth) -> Fut<'_, LoginResult> {

@@ -620,6 +620,7 @@ async fn remove(st: &AppState, name: &str, q: &Query) -> Result<Response, ApiErr
             all: true,
             limit: 0,
             size: false,
+            summary: true,
         })
         .await
         .unwrap_or_default();

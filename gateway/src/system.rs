@@ -254,6 +254,7 @@ async fn info(State(st): State<AppState>) -> Result<Response, ApiError> {
         .containers
         .list(engine::ListContainersRequest {
             all: true,
+            summary: true,
             ..Default::default()
         })
         .await
@@ -516,6 +517,7 @@ async fn df(State(st): State<AppState>) -> Result<Response, ApiError> {
         b.containers.list(engine::ListContainersRequest {
             all: true,
             size: true,
+            summary: true,
             ..Default::default()
         }),
         b.volumes.list(engine::ListVolumesRequest {

@@ -133,6 +133,7 @@ async fn list(State(st): State<AppState>, q: Query) -> Result<Response, ApiError
         all: q.bool("all"),
         limit,
         size,
+        summary: true,
     };
     let containers = st.backends.containers.list(req).await?;
     let out: Vec<_> = containers

@@ -255,13 +255,9 @@ pub fn network_mode(c: &engine::Container) -> String {
 
 /// The container's networks: those requested, with what is attached filled in.
 pub fn networks(c: &engine::Container) -> HashMap<String, EndpointSettings> {
-    let attached = c
-        .network_settings
-        .as_ref()
-        .map(|n| n.networks.clone())
-        .unwrap_or_default();
+    let attached = c.network_settings.as_ref().map(|n| &n.networks);
     let mut names: Vec<String> = c.networks.keys().cloned().collect();
-    for name in attached.keys() {
+    for name in attached.into_iter().flat_map(|a| a.keys()) {
         if !names.contains(name) {
             names.push(name.clone());
         }
@@ -275,7 +271,7 @@ pub fn networks(c: &engine::Container) -> HashMap<String, EndpointSettings> {
     names
         .into_iter()
         .map(|name| {
-            let ep = endpoint(c.networks.get(&name), attached.get(&name));
+            let ep = endpoint(c.networks.get(&name), attached.and_then(|a| a.get(&name)));
             (name, ep)
         })
         .collect()
@@ -615,8 +611,8 @@ fn port_summaries(c: &engine::Container) -> Vec<PortSummary> {
 
 /// One entry of `GET /containers/json`.
 pub fn summary(c: &engine::Container, size: bool) -> ContainerSummary {
-    let cfg = c.config.clone().unwrap_or_default();
-    let (path, args) = path_and_args(&cfg);
+    let cfg = c.config.as_ref();
+    let (path, args) = cfg.map(path_and_args).unwrap_or_default();
     let command = std::iter::once(path)
         .chain(args)
         .collect::<Vec<_>>()
@@ -638,7 +634,7 @@ pub fn summary(c: &engine::Container, size: bool) -> ContainerSummary {
         ports: Some(port_summaries(c)),
         size_rw: size.then_some(c.size_rw),
         size_root_fs: size.then_some(c.size_root_fs),
-        labels: Some(cfg.labels.clone()),
+        labels: Some(cfg.map(|cfg| cfg.labels.clone()).unwrap_or_default()),
         state: status_word(c).parse::<ContainerSummaryStateEnum>().ok(),
         status: Some(status_text(c)),
         host_config: Some(ContainerSummaryHostConfig {

@@ -1,6 +1,6 @@
 //! Reading containers: Get and List (Docker's filters), top and stats.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -83,6 +83,49 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     Some(total)
 }
 
+/// Snapshotter usage calls in flight at once while listing with sizes.
+const SIZE_CONCURRENCY: usize = 8;
+
+/// Listed without `all`: containers with a live task.
+fn is_live(status: pb::ContainerStatus) -> bool {
+    matches!(
+        status,
+        pb::ContainerStatus::Running
+            | pb::ContainerStatus::Paused
+            | pb::ContainerStatus::Restarting
+    )
+}
+
+/// The fields of `c` Docker's container listing shows (`ListContainersRequest.summary`).
+fn summary_of(c: &pb::Container) -> pb::Container {
+    let config = c.config.as_ref().map(|cfg| pb::ContainerConfig {
+        entrypoint: cfg.entrypoint.clone(),
+        cmd: cfg.cmd.clone(),
+        labels: cfg.labels.clone(),
+        ..Default::default()
+    });
+    let host_config = c.host_config.as_ref().map(|h| pb::HostConfig {
+        network_mode: h.network_mode.clone(),
+        ..Default::default()
+    });
+    pb::Container {
+        id: c.id.clone(),
+        name: c.name.clone(),
+        created: c.created,
+        image: c.image.clone(),
+        image_id: c.image_id.clone(),
+        config,
+        host_config,
+        networks: c.networks.clone(),
+        state: c.state.clone(),
+        network_settings: c.network_settings.clone(),
+        mounts: c.mounts.clone(),
+        size_rw: c.size_rw,
+        size_root_fs: c.size_root_fs,
+        ..Default::default()
+    }
+}
+
 fn created(rec: &Record) -> SystemTime {
     rec.c
         .created
@@ -146,6 +189,10 @@ impl Engine {
     }
 
     /// Lists containers, most recently created first.
+    ///
+    /// A listing touches every container, so the filters run on each record under its read
+    /// lock without copying it, and only the containers returned are copied (just the fields a
+    /// listing shows when `req.summary`). Sizes are asked of the snapshotter a few at a time.
     pub async fn list(&self, req: &pb::ListContainersRequest) -> Result<Vec<pb::Container>> {
         let args = Args::parse(&req.filters, list_keys())?;
         for s in args.values("status") {
@@ -160,44 +207,90 @@ impl Engine {
         }
         let bound = |key: &str| -> Result<Option<SystemTime>> {
             match args.values(key).next() {
-                Some(v) => Ok(Some(created(&self.get(v)?.record()))),
+                Some(v) => Ok(Some(self.get(v)?.with(created))),
                 None => Ok(None),
             }
         };
         let before = bound("before")?;
         let since = bound("since")?;
         let all = req.all || req.limit > 0 || args.contains("status") || args.contains("exited");
-        let mut recs: Vec<(Arc<Ctr>, Record)> = self
-            .all()
-            .into_iter()
-            .map(|c| {
-                let r = c.record();
-                (c, r)
-            })
-            .collect();
-        recs.sort_by_key(|(_, r)| std::cmp::Reverse(created(r)));
-        let mut out = Vec::new();
-        for (ctr, rec) in recs {
-            let status = rec.status();
-            if !all
-                && !matches!(
-                    status,
-                    pb::ContainerStatus::Running
-                        | pb::ContainerStatus::Paused
-                        | pb::ContainerStatus::Restarting
-                )
-            {
-                continue;
-            }
-            if !self.matches(&args, &rec, before, since)? {
-                continue;
-            }
-            out.push(self.describe(&ctr, req.size).await);
-            if req.limit > 0 && out.len() >= req.limit as usize {
-                break;
+        let mut hits: Vec<(SystemTime, Arc<Ctr>)> = Vec::new();
+        for ctr in self.all() {
+            let hit = ctr.with(|rec| -> Result<Option<SystemTime>> {
+                if !all && !is_live(rec.status()) {
+                    return Ok(None);
+                }
+                if !self.matches(&args, rec, before, since)? {
+                    return Ok(None);
+                }
+                Ok(Some(created(rec)))
+            })?;
+            if let Some(t) = hit {
+                hits.push((t, ctr));
             }
         }
+        // Newest first; the id breaks ties so the order is stable from one call to the next.
+        hits.sort_unstable_by(|(ta, a), (tb, b)| tb.cmp(ta).then_with(|| a.id.cmp(&b.id)));
+        if req.limit > 0 {
+            hits.truncate(req.limit as usize);
+        }
+        let mut execs = if req.summary {
+            HashMap::new()
+        } else {
+            self.exec_ids_by_container()
+        };
+        let mut out: Vec<pb::Container> = hits
+            .iter()
+            .map(|(_, ctr)| {
+                let mut c = ctr.with(|r| {
+                    if req.summary {
+                        summary_of(&r.c)
+                    } else {
+                        r.c.clone()
+                    }
+                });
+                c.exec_ids = execs.remove(&ctr.id).unwrap_or_default();
+                c
+            })
+            .collect();
+        if req.size {
+            let keys = hits
+                .iter()
+                .map(|(_, ctr)| ctr.with(|r| r.c.snapshot_key.clone()))
+                .collect();
+            self.fill_sizes(&mut out, keys).await;
+        }
         Ok(out)
+    }
+
+    /// Exec ids per container, sorted, from one pass over the exec table.
+    fn exec_ids_by_container(&self) -> HashMap<String, Vec<String>> {
+        let mut by: HashMap<String, Vec<String>> = HashMap::new();
+        for e in self.execs.lock().unwrap().values() {
+            by.entry(e.container_id.clone())
+                .or_default()
+                .push(e.id.clone());
+        }
+        for ids in by.values_mut() {
+            ids.sort();
+        }
+        by
+    }
+
+    /// Sets `size_rw` / `size_root_fs` (-1 when unknown), a few snapshotter calls at a time.
+    async fn fill_sizes(&self, containers: &mut [pb::Container], keys: Vec<String>) {
+        let sizes: Vec<i64> = futures::stream::iter(keys)
+            .map(|key| {
+                let snapshots = self.deps.snapshots.clone();
+                async move { snapshots.usage(&key).await.unwrap_or(-1) }
+            })
+            .buffered(SIZE_CONCURRENCY)
+            .collect()
+            .await;
+        for (c, rw) in containers.iter_mut().zip(sizes) {
+            c.size_rw = rw;
+            c.size_root_fs = rw;
+        }
     }
 
     fn matches(
@@ -238,11 +331,12 @@ impl Engine {
         if args.contains("ancestor") && !args.values("ancestor").any(|a| ancestor_matches(rec, a)) {
             return Ok(false);
         }
+        let settings = c.network_settings.as_ref();
         if args.contains("network") {
-            let settings = c.network_settings.clone().unwrap_or_default();
+            let attached = settings.into_iter().flat_map(|s| s.networks.iter());
             let ok = args.values("network").any(|n| {
                 c.networks.contains_key(n)
-                    || settings.networks.iter().any(|(name, ep)| {
+                    || attached.clone().any(|(name, ep)| {
                         name == n
                             || ep.network_id == n
                             || (n.len() >= 4 && ep.network_id.starts_with(n))
@@ -271,11 +365,11 @@ impl Engine {
         {
             return Ok(false);
         }
-        let ports = c.network_settings.clone().unwrap_or_default().ports;
         if args.contains("publish")
             && !args.values("publish").any(|spec| {
-                ports
-                    .iter()
+                settings
+                    .into_iter()
+                    .flat_map(|s| s.ports.iter())
                     .filter(|p| !p.host_bindings.is_empty())
                     .any(|p| port_matches(spec, p.container_port, p.protocol))
             })
@@ -533,13 +627,13 @@ fn system_cpu_ns() -> u64 {
 }
 
 /// Interface counters from a `/proc/<pid>/net/dev` file (the container's namespace).
-pub fn net_dev(path: &str) -> std::collections::HashMap<String, types::NetworkInterfaceStats> {
+pub fn net_dev(path: &str) -> HashMap<String, types::NetworkInterfaceStats> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     parse_net_dev(&text)
 }
 
-fn parse_net_dev(text: &str) -> std::collections::HashMap<String, types::NetworkInterfaceStats> {
-    let mut out = std::collections::HashMap::new();
+fn parse_net_dev(text: &str) -> HashMap<String, types::NetworkInterfaceStats> {
+    let mut out = HashMap::new();
     for line in text.lines().skip(2) {
         let Some((name, rest)) = line.split_once(':') else {
             continue;
