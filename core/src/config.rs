@@ -281,6 +281,10 @@ pub struct ShimConfig {
     /// Bytes of container output a shim buffers while the log disk is slow before it drops
     /// output (and counts what it dropped) rather than stall the container.
     pub log_buffer_bytes: u64,
+    /// How shims start exec processes: `native` (the shim joins the container itself, falling
+    /// back to the runtime for what it does not cover) or `runc` (always `runtime exec`).
+    /// Passed to shims as `--exec`.
+    pub exec: String,
 }
 
 impl Default for ShimConfig {
@@ -288,6 +292,7 @@ impl Default for ShimConfig {
         Self {
             binary: None,
             log_buffer_bytes: 1 << 20,
+            exec: "native".into(),
         }
     }
 }

@@ -368,6 +368,62 @@ impl EngineStack {
         Ok(())
     }
 
+    /// What is left on the host of containers `ids` (empty when nothing): their bundle, netns
+    /// file, mounts, runtime state, cgroups, snapshot, host-side veths and processes (shims)
+    /// that name them.
+    pub async fn leftovers(&self, ids: &[String]) -> Result<Vec<String>> {
+        use berth_core::snapshots::{RemoteSnapshotter, Snapshotter as _};
+        let stack = self.stack();
+        let state = stack.state_dir();
+        let mut left = Vec::new();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let runc = Command::new("runc")
+            .arg("--root")
+            .arg(state.join("runtime/runc"))
+            .args(["list", "-q"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let mut cmdlines = Vec::new();
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+                cmdlines.push(String::from_utf8_lossy(&cmd).replace('\0', " "));
+            }
+        }
+        let veths = crate::network_kit::links(&["type", "veth"]);
+        let snapshots = RemoteSnapshotter::new(stack.socket(Service::Snapshotter), "overlayfs");
+        for id in ids {
+            for path in [state.join("bundles").join(id), state.join("netns").join(id)] {
+                if path.exists() {
+                    left.push(format!("{} exists", path.display()));
+                }
+            }
+            for l in mounts.lines().filter(|l| l.contains(id.as_str())) {
+                left.push(format!("mount: {l}"));
+            }
+            if runc.lines().any(|l| l.trim() == id) {
+                left.push(format!("runc still knows {id}"));
+            }
+            for controller in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
+                let dir = controller.path().join(&self.cgroup_parent).join(id);
+                if dir.exists() {
+                    left.push(format!("cgroup {}", dir.display()));
+                }
+            }
+            if snapshots.stat(id).await.is_ok() {
+                left.push(format!("snapshot {id}"));
+            }
+            for c in cmdlines.iter().filter(|c| c.contains(id.as_str())) {
+                left.push(format!("process: {c}"));
+            }
+            // Host-side veth names carry the id's first characters.
+            for v in veths.iter().filter(|v| v.contains(&id[..7])) {
+                left.push(format!("veth {v}"));
+            }
+        }
+        Ok(left)
+    }
+
     /// The host directory of a container's cgroup in cgroup v1 controller `controller`.
     pub fn cgroup_dir(&self, controller: &str, id: &str) -> PathBuf {
         Path::new("/sys/fs/cgroup")

@@ -310,6 +310,7 @@ impl ShimTest {
             }),
             events_address: String::new(),
             namespace: "test".into(),
+            start: false,
         }
     }
 

@@ -68,6 +68,9 @@ async fn idle_shim_rss() -> Result<()> {
         rss
     };
     report("right after start");
+    // Start nudges a trim once the shim has been quiet for a moment (250 ms).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    report("1 s after start");
     // Idle: the blocking pool's threads time out and the shim trims after a quiet second.
     tokio::time::sleep(Duration::from_secs(3 * window + 1)).await;
     let rss = report("idle");

@@ -94,6 +94,41 @@ fn recv_fd(sock: RawFd) -> std::io::Result<Option<OwnedFd>> {
     Ok(master)
 }
 
+/// Receives a terminal already queued on `sock` (native exec's socket pair).
+pub fn recv_fd_now(sock: &OwnedFd) -> std::io::Result<OwnedFd> {
+    recv_fd(sock.as_raw_fd())?.ok_or_else(|| std::io::Error::other("no terminal was sent"))
+}
+
+/// Sends `fd` over `sock` with `SCM_RIGHTS` and a one-byte payload. Async-signal-safe (no
+/// allocation), for a forked child; returns `sendmsg`'s result.
+///
+/// # Safety
+/// `sock` and `fd` must be open descriptors.
+pub unsafe fn send_fd_raw(sock: RawFd, fd: RawFd) -> isize {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // Aligned room for one control message carrying one descriptor.
+    let mut buf = [0u64; 4];
+    // SAFETY: msghdr is plain data; the control buffer is large enough for CMSG_SPACE(4) and
+    // aligned for cmsghdr, and every pointer stays valid for the call.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = buf.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(4) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>(), fd);
+        libc::sendmsg(sock, &msg, 0)
+    }
+}
+
 /// Sets the window size of the terminal behind `fd` (a pty master).
 pub fn resize(fd: &impl AsRawFd, width: u16, height: u16) -> Result<()> {
     let ws = libc::winsize {

@@ -170,6 +170,7 @@ impl TryFrom<pb::CreateRequest> for CreateTask {
             runtime: r.runtime.map(RuntimeSettings::from),
             events_address: (!r.events_address.is_empty()).then_some(r.events_address),
             namespace: (!r.namespace.is_empty()).then_some(r.namespace),
+            start: r.start,
         })
     }
 }

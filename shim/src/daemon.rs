@@ -62,6 +62,10 @@ pub struct ShimArgs {
     /// Log level of the shim's own log (BUNDLE/shim.log): error, warn, info, debug, trace.
     #[arg(long, default_value = "info")]
     pub log_level: String,
+    /// How exec processes are started: `native` (the shim joins the container itself, and
+    /// uses the runtime for what it does not cover) or `runc` (always `runtime exec`).
+    #[arg(long, env = "BERTH_SHIM_EXEC", default_value = "native", value_parser = ["native", "runc"])]
+    pub exec: String,
     /// Seconds of idleness after which the shim returns memory it does not need (0 = never).
     #[arg(long, default_value_t = 5, hide = true)]
     pub idle_trim_secs: u64,
@@ -229,6 +233,7 @@ fn forward_args(args: &ShimArgs, bundle: &Path) -> Vec<std::ffi::OsString> {
         args.runtime_timeout.to_string().as_ref(),
     );
     push("--log-level", args.log_level.as_ref());
+    push("--exec", args.exec.as_ref());
     push("--idle-trim-secs", args.idle_trim_secs.to_string().as_ref());
     if args.systemd_cgroup {
         out.push("--systemd-cgroup".into());
@@ -356,6 +361,8 @@ fn serve_inner(args: &ShimArgs, ready: &dyn Fn(&str)) -> Result<()> {
             namespace: args.namespace.clone(),
             log_buffer_bytes: args.log_buffer_bytes,
             exit_drain: Duration::from_secs(2),
+            native_exec: args.exec == "native",
+            exec_timeout: Duration::from_secs(args.runtime_timeout),
         };
         let factory = RuncFactory { spawner: spawner.clone(), timeout: Duration::from_secs(args.runtime_timeout) };
         let shim = Shim::new(

@@ -100,19 +100,40 @@ fn cpu_time() -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
+/// Set by [`trim_soon`].
+static NUDGE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// How long a nudged trim waits for the burst to settle (the reply to go out).
+const SETTLE: Duration = Duration::from_millis(250);
+
+/// Asks for a trim shortly: the container (or an exec) just started and the shim is about to
+/// go quiet, so there is no need to wait for a whole idle window to shrink.
+pub fn trim_soon() {
+    NUDGE.notify_one();
+}
+
 /// Trims (see [`trim`]) once the process has been idle — less than `busy` CPU time in a
-/// `window` — after it was active. Runs forever.
+/// `window`, or in a short settling time after [`trim_soon`] — after it was active. Runs
+/// forever.
 pub async fn trim_when_idle(window: Duration, busy: Duration) {
     let mut active = true;
     let mut last = cpu_time();
     loop {
-        tokio::time::sleep(window).await;
+        let nudged = tokio::select! {
+            () = tokio::time::sleep(window) => false,
+            () = NUDGE.notified() => true,
+        };
+        if nudged {
+            active = true;
+            last = cpu_time();
+            tokio::time::sleep(SETTLE).await;
+        }
         let now = cpu_time();
         if now.saturating_sub(last) >= busy {
             active = true;
         } else if active {
             let dropped = trim();
-            tracing::debug!(dropped_kib = dropped / 1024, "idle: trimmed memory");
+            tracing::debug!(dropped_kib = dropped / 1024, nudged, "idle: trimmed memory");
             active = false;
         }
         last = cpu_time();

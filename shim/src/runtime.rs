@@ -82,6 +82,14 @@ pub trait OciRuntime: Send + Sync + fmt::Debug {
     fn create<'a>(&'a self, id: &'a str, opts: CreateOptions) -> BoxFuture<'a, ()>;
     /// Starts the created container's user process.
     fn start<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()>;
+    /// Creates container `id` and starts its process at once (`runtime run --detach`); returns
+    /// once it runs. Without a single call for it, `create` then `start`.
+    fn run<'a>(&'a self, id: &'a str, opts: CreateOptions) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            self.create(id, opts).await?;
+            self.start(id).await
+        })
+    }
     /// The container's state.
     fn state<'a>(&'a self, id: &'a str) -> BoxFuture<'a, RuntimeState>;
     /// Sends `signal` to the init process, or with `all` to every process of the container.
@@ -337,29 +345,43 @@ fn classify(message: &str) -> ErrorKind {
     }
 }
 
+impl Runc {
+    /// `create` or `run --detach`: the same arguments, the container's stdio passed on.
+    async fn create_or_run(&self, op: &str, id: &str, opts: CreateOptions) -> Result<()> {
+        let mut args: Vec<&std::ffi::OsStr> = Vec::new();
+        if op == "run" {
+            args.push("--detach".as_ref());
+        }
+        args.extend([
+            "--bundle".as_ref(),
+            opts.bundle.as_os_str(),
+            "--pid-file".as_ref(),
+            opts.pid_file.as_os_str(),
+        ]);
+        if let Some(sock) = &opts.console_socket {
+            args.extend(["--console-socket".as_ref(), sock.as_os_str()]);
+        }
+        args.push(Self::id_arg(id));
+        self.call(
+            op,
+            &args,
+            CallIo {
+                stdio: Some(opts.stdio),
+            },
+        )
+        .await
+        .map(drop)
+    }
+}
+
 impl OciRuntime for Runc {
     fn create<'a>(&'a self, id: &'a str, opts: CreateOptions) -> BoxFuture<'a, ()> {
-        Box::pin(async move {
-            let mut args: Vec<&std::ffi::OsStr> = vec![
-                "--bundle".as_ref(),
-                opts.bundle.as_os_str(),
-                "--pid-file".as_ref(),
-                opts.pid_file.as_os_str(),
-            ];
-            if let Some(sock) = &opts.console_socket {
-                args.extend(["--console-socket".as_ref(), sock.as_os_str()]);
-            }
-            args.push(Self::id_arg(id));
-            self.call(
-                "create",
-                &args,
-                CallIo {
-                    stdio: Some(opts.stdio),
-                },
-            )
-            .await
-            .map(drop)
-        })
+        Box::pin(self.create_or_run("create", id, opts))
+    }
+
+    /// One runtime process instead of two (a Go runtime's start-up and state load each).
+    fn run<'a>(&'a self, id: &'a str, opts: CreateOptions) -> BoxFuture<'a, ()> {
+        Box::pin(self.create_or_run("run", id, opts))
     }
 
     fn start<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ()> {
@@ -562,6 +584,18 @@ mod tests {
         )
         .await
         .unwrap();
+        OciRuntime::run(
+            &rt,
+            "c1",
+            CreateOptions {
+                bundle: "/b".into(),
+                pid_file: "/b/init.pid".into(),
+                console_socket: None,
+                stdio: ProcessStdio::default(),
+            },
+        )
+        .await
+        .unwrap();
         let args = std::fs::read_to_string(dir.path().join("args")).unwrap();
         let lines: Vec<String> = args
             .lines()
@@ -584,6 +618,7 @@ mod tests {
                     "{prefix} exec --detach --process /b/p.json --pid-file /b/p.pid \
                      --console-socket /s/c.sock c1"
                 ),
+                format!("{prefix} run --detach --bundle /b --pid-file /b/init.pid c1"),
             ]
         );
     }

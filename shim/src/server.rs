@@ -42,22 +42,17 @@ fn reply<T>(r: Result<T>) -> Reply<T> {
 impl pb::shim_server::Shim for ShimService {
     async fn create(&self, req: Request<pb::CreateRequest>) -> Reply<pb::CreateResponse> {
         let task = CreateTask::try_from(req.into_inner())?;
-        reply(
-            self.shim
-                .create(task)
-                .await
-                .map(|pid| pb::CreateResponse { pid }),
-        )
+        let created = self.shim.create(task).await;
+        crate::memory::trim_soon();
+        reply(created.map(|pid| pb::CreateResponse { pid }))
     }
 
     async fn start(&self, req: Request<pb::StartRequest>) -> Reply<pb::StartResponse> {
         let req = req.into_inner();
-        reply(
-            self.shim
-                .start(&req.exec_id)
-                .await
-                .map(|pid| pb::StartResponse { pid }),
-        )
+        let started = self.shim.start(&req.exec_id).await;
+        // The container (or exec) runs now and the shim goes quiet: shrink it soon.
+        crate::memory::trim_soon();
+        reply(started.map(|pid| pb::StartResponse { pid }))
     }
 
     async fn state(&self, req: Request<pb::StateRequest>) -> Reply<pb::StateResponse> {

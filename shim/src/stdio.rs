@@ -103,6 +103,22 @@ pub fn prepare(spec: StdioSpec, console_path: &Path) -> Result<(PendingIo, Proce
     Ok((pending, child))
 }
 
+/// Like [`prepare`], for a launcher that makes the terminal itself (native exec): TTY mode
+/// gets no console socket; the master comes back from the launch.
+pub fn prepare_direct(spec: StdioSpec) -> Result<(PendingIo, ProcessStdio)> {
+    if spec.mode == StdioMode::Tty {
+        let pending = PendingIo {
+            spec,
+            stdin: None,
+            stdout: None,
+            stderr: None,
+            console: None,
+        };
+        return Ok((pending, ProcessStdio::default()));
+    }
+    prepare(spec, Path::new(""))
+}
+
 impl PendingIo {
     /// The console socket to hand the runtime, in TTY mode.
     pub fn console_socket(&self) -> Option<&Path> {
@@ -149,6 +165,25 @@ impl PendingIo {
             }
         };
         ProcessIo::start(self, master, output)
+    }
+}
+
+impl PendingIo {
+    /// Starts pumping the output of a process that was launched with `master` as its terminal
+    /// (TTY mode) or with the pipes of [`prepare_direct`].
+    pub fn launch_direct(
+        self,
+        master: Option<OwnedFd>,
+        output: Arc<Output>,
+    ) -> Result<Arc<ProcessIo>> {
+        if self.spec.mode == StdioMode::Tty {
+            let master = master.ok_or_else(|| Error::internal("no terminal for a TTY process"))?;
+            if let Some((w, h)) = self.spec.size {
+                console::resize(&master, w, h)?;
+            }
+            return ProcessIo::start(self, Some(master), output);
+        }
+        ProcessIo::start(self, None, output)
     }
 }
 

@@ -22,6 +22,7 @@ use crate::cgroup::{Cgroup, Stats};
 use crate::events::{Envelope, Publisher, TaskEvent, Transport};
 use crate::logger::{LogFormat, LogOptions, Logger};
 use crate::logreader::{self, LogEntry, ReadOptions};
+use crate::nsexec::NativeExec;
 use crate::reaper::{Exit, ExitFuture, Spawner};
 use crate::rfc3339;
 use crate::runtime::{CreateOptions, ExecOptions, OciRuntime, Runc, RuncConfig};
@@ -121,6 +122,10 @@ pub struct ShimOptions {
     pub log_buffer_bytes: usize,
     /// How long an exit waits for the process' output to drain before it is reported.
     pub exit_drain: Duration,
+    /// Start exec processes natively ([`crate::nsexec`]) where possible, else `runtime exec`.
+    pub native_exec: bool,
+    /// How long a native exec may take.
+    pub exec_timeout: Duration,
 }
 
 impl ShimOptions {
@@ -136,6 +141,8 @@ impl ShimOptions {
             namespace: "default".into(),
             log_buffer_bytes: 1 << 20,
             exit_drain: Duration::from_secs(2),
+            native_exec: true,
+            exec_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -174,6 +181,8 @@ pub struct CreateTask {
     pub events_address: Option<String>,
     /// Namespace; `None` = the shim's default.
     pub namespace: Option<String>,
+    /// Start the init in the same runtime call (`runtime run --detach`).
+    pub start: bool,
 }
 
 /// An Exec request.
@@ -497,6 +506,8 @@ struct Inner {
     state: Mutex<State>,
     shutdown: CancellationToken,
     seq: AtomicU64,
+    /// Native exec for this container, set up at the first exec (`None`: use the runtime).
+    native: std::sync::OnceLock<Option<Arc<NativeExec>>>,
 }
 
 /// The task service of one shim. Cheap to clone.
@@ -578,6 +589,7 @@ impl Shim {
                 state: Mutex::new(State::default()),
                 shutdown: CancellationToken::new(),
                 seq: AtomicU64::new(0),
+                native: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -648,7 +660,8 @@ impl Shim {
             .join(format!("c{}.sock", self.next()))
     }
 
-    /// Creates the container: mounts the rootfs, wires stdio and the log, runs `runtime create`.
+    /// Creates the container: mounts the rootfs, wires stdio and the log, runs `runtime create`
+    /// (with `start`: `runtime run --detach`, and the init is started as by [`Shim::start`]).
     /// Returns the init's host pid.
     pub async fn create(&self, req: CreateTask) -> Result<u32> {
         let _lifecycle = self.inner.lifecycle.lock().await;
@@ -750,15 +763,17 @@ impl Shim {
         let _ = std::fs::remove_file(&pid_file);
         let launched = async {
             let (pending, child) = stdio::prepare(req.stdio, &self.console_path())?;
-            let create = runtime.create(
-                &opts.id,
-                CreateOptions {
-                    bundle: opts.bundle.clone(),
-                    pid_file: pid_file.clone(),
-                    console_socket: pending.console_socket().map(Path::to_path_buf),
-                    stdio: child,
-                },
-            );
+            let create_opts = CreateOptions {
+                bundle: opts.bundle.clone(),
+                pid_file: pid_file.clone(),
+                console_socket: pending.console_socket().map(Path::to_path_buf),
+                stdio: child,
+            };
+            let create = if req.start {
+                runtime.run(&opts.id, create_opts)
+            } else {
+                runtime.create(&opts.id, create_opts)
+            };
             let io = pending.launch(create, output.clone()).await?;
             Ok::<_, Error>((io, read_pid(&pid_file)?))
         }
@@ -774,9 +789,15 @@ impl Shim {
                 return Err(err);
             }
         };
+        // With `start` the init may have exited already: the reaper keeps the exit for `watch`.
         let exit = self.inner.spawner.watch(pid);
         init.io.send_replace(Some(io));
-        init.state.send_modify(|s| s.pid = pid);
+        init.state.send_modify(|s| {
+            s.pid = pid;
+            if req.start {
+                s.status = Status::Running;
+            }
+        });
 
         let oom = Cgroup::for_pid(pid)
             .map_err(|e| tracing::debug!(error = %e.chain(), "no cgroup for stats"))
@@ -801,8 +822,18 @@ impl Shim {
         if let Some(oom) = oom {
             tokio::spawn(self.clone().watch_oom(oom, stop));
         }
+        if req.start {
+            // Before the monitor runs, so that TaskStart always precedes TaskExit.
+            self.publish(
+                TaskEvent::Start {
+                    exec_id: String::new(),
+                    pid,
+                },
+                SystemTime::now(),
+            );
+        }
         tokio::spawn(self.clone().monitor(init, exit));
-        tracing::info!(pid, "task created");
+        tracing::info!(pid, started = req.start, "task created");
         Ok(pid)
     }
 
@@ -849,34 +880,24 @@ impl Shim {
                 "exec {exec_id:?} was already started"
             )));
         }
-        if self.process("")?.snapshot().status != Status::Running {
+        let init = self.process("")?.snapshot();
+        if init.status != Status::Running {
             return Err(Error::failed_precondition("the container is not running"));
         }
-        let n = self.next();
-        let spec_file = self.bundle().join(format!(".exec-{n}.json"));
-        let pid_file = self.bundle().join(format!(".exec-{n}.pid"));
         let process_json = exec_process_json(exec.spec.as_deref().unwrap_or_default(), exec.stdio)?;
-        let launched = async {
-            std::fs::write(&spec_file, &process_json).map_err(|e| {
-                Error::internal(format!("write {}", spec_file.display())).with_source(e)
-            })?;
-            let (pending, child) = stdio::prepare(exec.stdio, &self.console_path())?;
-            let run = runtime.exec(
-                self.id(),
-                ExecOptions {
-                    process: spec_file.clone(),
-                    pid_file: pid_file.clone(),
-                    console_socket: pending.console_socket().map(Path::to_path_buf),
-                    stdio: child,
-                },
-            );
-            let io = pending.launch(run, exec.output.clone()).await?;
-            Ok::<_, Error>((io, read_pid(&pid_file)?))
-        }
-        .await;
-        let _ = std::fs::remove_file(&spec_file);
-        let _ = std::fs::remove_file(&pid_file);
-        let (io, pid) = match launched {
+        let t0 = std::time::Instant::now();
+        let native = self.native_exec(init.pid, &process_json);
+        let launched = match &native {
+            Some(native) => {
+                self.start_native(native, &exec, init.pid, &process_json)
+                    .await
+            }
+            None => {
+                self.start_runtime_exec(&runtime, &exec, &process_json)
+                    .await
+            }
+        };
+        let (io, pid, exit) = match launched {
             Ok(v) => v,
             Err(err) => {
                 // It never ran: release waiters and attachers.
@@ -892,7 +913,7 @@ impl Shim {
                 return Err(err);
             }
         };
-        let exit = self.inner.spawner.watch(pid);
+        let exit = exit.unwrap_or_else(|| self.inner.spawner.watch(pid));
         exec.io.send_replace(Some(io));
         exec.state.send_modify(|s| {
             s.pid = pid;
@@ -906,8 +927,106 @@ impl Shim {
             },
             SystemTime::now(),
         );
-        tracing::info!(exec_id, pid, "exec started");
+        let micros = t0.elapsed().as_micros() as u64;
+        tracing::info!(
+            exec_id,
+            pid,
+            native = native.is_some(),
+            micros,
+            "exec started"
+        );
         Ok(pid)
+    }
+
+    /// Native exec for this process, unless it is configured off or does not apply (then the
+    /// reason is logged and the runtime runs the exec).
+    fn native_exec(&self, init_pid: u32, process_json: &[u8]) -> Option<Arc<NativeExec>> {
+        if !self.inner.options.native_exec {
+            return None;
+        }
+        let native = self
+            .inner
+            .native
+            .get_or_init(|| {
+                let runtime: RuntimeSettings =
+                    std::fs::read(self.bundle().join("shim-runtime.json"))
+                        .ok()
+                        .and_then(|b| serde_json::from_slice(&b).ok())
+                        .unwrap_or_else(|| self.inner.options.runtime.clone());
+                let name = runtime
+                    .binary
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "runc".into());
+                match crate::nsexec::Container::load(self.bundle()) {
+                    Ok(c) => Some(Arc::new(NativeExec::new(c, self.id(), &name))),
+                    Err(err) => {
+                        tracing::info!(reason = %err.chain(), "exec through the runtime");
+                        None
+                    }
+                }
+            })
+            .clone()?;
+        match native.check(init_pid, process_json) {
+            Ok(()) => Some(native),
+            Err(err) => {
+                tracing::info!(reason = %err.chain(), "exec through the runtime");
+                None
+            }
+        }
+    }
+
+    async fn start_native(
+        &self,
+        native: &NativeExec,
+        exec: &Process,
+        init_pid: u32,
+        process_json: &[u8],
+    ) -> Result<(Arc<ProcessIo>, u32, Option<ExitFuture>)> {
+        let (pending, child) = stdio::prepare_direct(exec.stdio)?;
+        let started = native
+            .start(
+                self.inner.spawner.as_ref(),
+                init_pid,
+                process_json,
+                child,
+                self.inner.options.exec_timeout,
+            )
+            .await?;
+        let io = pending.launch_direct(started.master, exec.output.clone())?;
+        Ok((io, started.pid, Some(started.exit)))
+    }
+
+    async fn start_runtime_exec(
+        &self,
+        runtime: &Arc<dyn OciRuntime>,
+        exec: &Process,
+        process_json: &[u8],
+    ) -> Result<(Arc<ProcessIo>, u32, Option<ExitFuture>)> {
+        let n = self.next();
+        let spec_file = self.bundle().join(format!(".exec-{n}.json"));
+        let pid_file = self.bundle().join(format!(".exec-{n}.pid"));
+        let launched = async {
+            std::fs::write(&spec_file, process_json).map_err(|e| {
+                Error::internal(format!("write {}", spec_file.display())).with_source(e)
+            })?;
+            let (pending, child) = stdio::prepare(exec.stdio, &self.console_path())?;
+            let run = runtime.exec(
+                self.id(),
+                ExecOptions {
+                    process: spec_file.clone(),
+                    pid_file: pid_file.clone(),
+                    console_socket: pending.console_socket().map(Path::to_path_buf),
+                    stdio: child,
+                },
+            );
+            let io = pending.launch(run, exec.output.clone()).await?;
+            Ok::<_, Error>((io, read_pid(&pid_file)?, None))
+        }
+        .await;
+        let _ = std::fs::remove_file(&spec_file);
+        let _ = std::fs::remove_file(&pid_file);
+        launched
     }
 
     /// Waits for a process' exit and records it: the exit file first (init), then — once its
@@ -1868,6 +1987,40 @@ mod tests {
         );
         f.shim.shutdown(false).await.unwrap();
         assert!(f.shim.shutdown_token().is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn create_with_start_runs_the_init_and_reports_start_before_exit() {
+        let f = fixture(false, None);
+        // The init is gone before the shim watches it (a `run` of `true`).
+        f.spawner.exit(4242, 0);
+        let task = CreateTask {
+            start: true,
+            ..create_task(&f)
+        };
+        assert_eq!(f.shim.create(task).await.unwrap(), 4242);
+        let exit = f.shim.wait("").await.unwrap();
+        assert_eq!((exit.pid, exit.status), (4242, 0));
+        assert_eq!(
+            f.shim.start("").await.unwrap_err().kind(),
+            ErrorKind::FailedPrecondition
+        );
+        assert_eq!(*f.runtime.calls.lock().unwrap(), ["create", "start"]);
+        assert!(f.shim.events().flush(Duration::from_secs(5)).await);
+        let events = f.hub.0.lock().unwrap().clone();
+        assert_eq!(
+            events[0],
+            TaskEvent::Start {
+                exec_id: String::new(),
+                pid: 4242
+            }
+        );
+        assert!(
+            matches!(events[1], TaskEvent::Exit { pid: 4242, .. }),
+            "{events:?}"
+        );
+        f.shim.delete("", false).await.unwrap();
+        f.shim.shutdown(false).await.unwrap();
     }
 
     #[tokio::test]

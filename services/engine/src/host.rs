@@ -131,6 +131,8 @@ pub struct ShimProcesses {
     pub runtime_root: PathBuf,
     /// Output a shim buffers for a slow log disk.
     pub log_buffer_bytes: u64,
+    /// `[shim] exec`: how shims start exec processes (`native` or `runc`).
+    pub exec: String,
 }
 
 impl ShimProcesses {
@@ -179,6 +181,7 @@ impl ShimLauncher for ShimProcesses {
                 .arg("--state-dir")
                 .arg(&self.state_dir)
                 .args(["--log-buffer-bytes", &self.log_buffer_bytes.to_string()])
+                .args(["--exec", &self.exec])
                 .stdin(std::process::Stdio::null())
                 .output()
                 .await

@@ -68,6 +68,7 @@ pub fn real_deps(config: &Config) -> Deps {
                 .join("runtime")
                 .join(&config.engine.default_runtime),
             log_buffer_bytes: config.shim.log_buffer_bytes,
+            exec: config.shim.exec.clone(),
         }),
     }
 }

@@ -465,10 +465,21 @@ impl Engine {
                 ..Default::default()
             },
         };
-        self.store.put_container(&rec).await?;
+        // The image user is recorded while the record is written (one round trip less); a
+        // record that could not be written takes it back.
+        let (stored, user) = tokio::join!(
+            self.store.put_container(&rec),
+            self.deps.images.add_user(&image.image_id, id)
+        );
+        if let Err(e) = stored {
+            if user.is_ok() {
+                let _ = self.deps.images.remove_user(&image.image_id, id).await;
+            }
+            return Err(e);
+        }
         let ctr = Ctr::new(rec.clone());
         self.insert(ctr, name);
-        if let Err(e) = self.deps.images.add_user(&image.image_id, id).await {
+        if let Err(e) = user {
             // The engine reconciles image users at start-up; a missed one is repaired there.
             tracing::warn!(id, error = %e.chain(), "recording the image user");
         }

@@ -162,26 +162,33 @@ impl Engine {
         }
     }
 
+    /// Releases what a failed start made, the shim and the network side at once (as
+    /// [`Engine::release_task`] does).
     async fn undo_partial(&self, ctr: &Ctr, partial: Partial) {
-        if let Some(shim) = partial.shim {
-            let _ = shim.delete("", true).await;
-            let _ = shim.shutdown(true).await;
-        } else {
-            let bundle = self.paths.bundle(&ctr.id);
-            if bundle.join("shim.address").exists() {
-                let _ = self.deps.shims.cleanup(&ctr.id, &bundle).await;
+        let shim_side = async {
+            if let Some(shim) = partial.shim {
+                let _ = shim.delete("", true).await;
+                let _ = shim.shutdown(true).await;
+            } else {
+                let bundle = self.paths.bundle(&ctr.id);
+                if bundle.join("shim.address").exists() {
+                    let _ = self.deps.shims.cleanup(&ctr.id, &bundle).await;
+                }
             }
-        }
-        if partial.attached
-            && let Err(e) = self.deps.networks.detach(&ctr.id, "", true).await
-        {
-            tracing::warn!(id = %ctr.id, error = %e.chain(), "detach after a failed start");
-        }
-        if let Some(ns) = partial.netns
-            && let Err(e) = self.deps.netns.remove(&ns)
-        {
-            tracing::warn!(id = %ctr.id, error = %e.chain(), "remove netns after a failed start");
-        }
+        };
+        let network_side = async {
+            if let Some(ns) = partial.netns
+                && let Err(e) = self.deps.netns.remove(&ns)
+            {
+                tracing::warn!(id = %ctr.id, error = %e.chain(), "remove netns after a failed start");
+            }
+            if partial.attached
+                && let Err(e) = self.deps.networks.detach(&ctr.id, "", true).await
+            {
+                tracing::warn!(id = %ctr.id, error = %e.chain(), "detach after a failed start");
+            }
+        };
+        tokio::join!(shim_side, network_side);
         let _ = std::fs::remove_dir_all(self.paths.bundle(&ctr.id));
         ctr.set_shim(None);
         ctr.update(|r| {
@@ -409,7 +416,13 @@ impl Engine {
             .await
             .map_err(|e| Error::new(e.kind(), "start shim").with_source(e))?;
         partial.shim = Some(shim.clone());
-        let create = self.shim_create_request(&rec, &bundle, &rootfs);
+        let mut create = self.shim_create_request(&rec, &bundle, &rootfs);
+        // With no attach waiting for the output, nothing has to happen between create and
+        // start: the shim does both in one runtime call (`runc run --detach`).
+        let combined = ctr.pending_attach.lock().unwrap().is_empty();
+        create.start = combined;
+        // A new run: an OOM kill from here on belongs to it.
+        ctr.oom.store(false, std::sync::atomic::Ordering::Relaxed);
         let pid = shim.create(create).await?;
         ctr.set_shim(Some(shim.clone()));
         ctr.update(|r| {
@@ -417,7 +430,8 @@ impl Engine {
             r.p.task_pid = pid;
         });
 
-        // Attaches registered before the start get the task now, before the process runs.
+        // Attaches registered before the start get the task now, before the process runs (or,
+        // for one registered while create-and-start ran, as soon as it runs).
         let pending: Vec<_> = std::mem::take(&mut *ctr.pending_attach.lock().unwrap());
         let mut acks = Vec::new();
         for p in pending {
@@ -430,9 +444,7 @@ impl Engine {
             let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
         }
 
-        // A new run: an OOM kill from here on belongs to it.
-        ctr.oom.store(false, std::sync::atomic::Ordering::Relaxed);
-        let started = shim.start("").await?;
+        let started = if combined { pid } else { shim.start("").await? };
         let pid = if started != 0 { started } else { pid };
         // "start" is published in the same critical section that makes the record running, so
         // that an exit racing in (the process may already be gone) is always published after it.
@@ -727,6 +739,7 @@ impl Engine {
                 self.config.socket(berth_core::Service::Engine).display()
             ),
             namespace: rec.p.namespace.clone(),
+            start: false,
         }
     }
 
@@ -964,40 +977,32 @@ impl Engine {
     /// Releases a finished task's resources: the shim (delete + shutdown), the bundle, network
     /// attachments and the network namespace. The caller holds the operation lock.
     pub(super) async fn cleanup_task(&self, ctr: &Ctr) {
-        let id = ctr.id.clone();
-        let bundle = self.paths.bundle(&id);
-        let shim = match ctr.shim() {
-            Some(s) => Some(s),
-            None => self.deps.shims.connect(&id, &bundle).await.ok().flatten(),
-        };
-        match shim {
-            Some(shim) => {
-                if let Err(e) = shim.delete("", true).await
-                    && !e.is(ErrorKind::NotFound)
-                {
-                    tracing::warn!(id, error = %e.chain(), "shim delete");
-                }
-                if let Err(e) = shim.shutdown(true).await {
-                    tracing::warn!(id, error = %e.chain(), "shim shutdown");
-                }
-            }
-            None => {
-                if bundle.exists() {
-                    let _ = self.deps.shims.cleanup(&id, &bundle).await;
-                }
-            }
-        }
-        ctr.set_shim(None);
-        let _ = std::fs::remove_dir_all(&bundle);
+        let _ = self.release_task(ctr, None, true).await;
+    }
+
+    /// [`Engine::cleanup_task`], optionally removing snapshot `snapshot` as soon as the shim
+    /// has unmounted the rootfs (its result is returned; `Ok` when none was asked for), and
+    /// persisting the released record only with `persist` (a delete drops it anyway).
+    ///
+    /// The init has exited, so nothing in the container uses its network any more: the
+    /// network side runs while the shim side (runtime delete, rootfs unmount, then snapshot
+    /// removal, shim shutdown and bundle removal) does. The netns goes first: the kernel then
+    /// deletes the veths with it, and berth-network's Detach need not delete them itself (a
+    /// slow, serialised netlink call) before it answers.
+    async fn release_task(&self, ctr: &Ctr, snapshot: Option<&str>, persist: bool) -> Result<()> {
+        let id = ctr.id.as_str();
         let (attached, netns) = ctr.with(|r| (r.p.attached, r.p.netns.clone()));
-        if attached && let Err(e) = self.deps.networks.detach(&id, "", true).await {
-            tracing::warn!(id, error = %e.chain(), "network detach");
-        }
-        if let Some(ns) = netns
-            && let Err(e) = self.deps.netns.remove(&ns)
-        {
-            tracing::warn!(id, error = %e.chain(), "netns remove");
-        }
+        let network = async {
+            if let Some(ns) = netns
+                && let Err(e) = self.deps.netns.remove(&ns)
+            {
+                tracing::warn!(id, error = %e.chain(), "netns remove");
+            }
+            if attached && let Err(e) = self.deps.networks.detach(id, "", true).await {
+                tracing::warn!(id, error = %e.chain(), "network detach");
+            }
+        };
+        let (snapshot_removed, ()) = tokio::join!(self.release_shim(ctr, snapshot), network);
         ctr.update(|r| {
             r.p.has_task = false;
             r.p.attached = false;
@@ -1014,9 +1019,57 @@ impl Engine {
                 }
             }
         });
-        if let Err(e) = self.persist(ctr).await {
+        if persist && let Err(e) = self.persist(ctr).await {
             tracing::error!(id, error = %e.chain(), "persisting cleanup");
         }
+        snapshot_removed
+    }
+
+    /// The shim side of [`Engine::release_task`]: delete (unmounts the rootfs), then the
+    /// snapshot removal alongside the shim's shutdown and the bundle's removal.
+    async fn release_shim(&self, ctr: &Ctr, snapshot: Option<&str>) -> Result<()> {
+        let id = ctr.id.as_str();
+        let bundle = self.paths.bundle(id);
+        let shim = match ctr.shim() {
+            Some(s) => Some(s),
+            None => self.deps.shims.connect(id, &bundle).await.ok().flatten(),
+        };
+        let deleted = async {
+            match shim {
+                Some(shim) => {
+                    if let Err(e) = shim.delete("", true).await
+                        && !e.is(ErrorKind::NotFound)
+                    {
+                        tracing::warn!(id, error = %e.chain(), "shim delete");
+                    }
+                    Some(shim)
+                }
+                None => {
+                    if bundle.exists() {
+                        let _ = self.deps.shims.cleanup(id, &bundle).await;
+                    }
+                    None
+                }
+            }
+        };
+        let shim = deleted.await;
+        let remove_snapshot = async {
+            match snapshot {
+                Some(key) => self.deps.snapshots.remove(key).await,
+                None => Ok(()),
+            }
+        };
+        let stop_shim = async {
+            if let Some(shim) = shim
+                && let Err(e) = shim.shutdown(true).await
+            {
+                tracing::warn!(id, error = %e.chain(), "shim shutdown");
+            }
+            ctr.set_shim(None);
+            let _ = std::fs::remove_dir_all(&bundle);
+        };
+        let (removed, ()) = tokio::join!(remove_snapshot, stop_shim);
+        removed
     }
 
     /// Sends `signal` to the init (or every process) and publishes "kill".
@@ -1072,6 +1125,12 @@ impl Engine {
             return Ok(false);
         }
         if !ctr.with(|r| r.is_running()) {
+            // Exited, but phase two (release, restart policy) has not run yet: the stop came
+            // before the restart decision, so no restart follows.
+            if ctr.with(|r| r.p.has_task && !r.state().manually_stopped) {
+                ctr.update(|r| r.state_mut().manually_stopped = true);
+                self.persist(ctr).await?;
+            }
             return Ok(true);
         }
         self.cancel_restart(ctr);
@@ -1103,7 +1162,8 @@ impl Engine {
         let wait = (timeout >= 0).then(|| Duration::from_secs(timeout as u64));
         if !Self::wait_generation(ctr, generation, wait).await {
             tracing::info!(id = %ctr.id, "container did not stop in time; killing it");
-            let _ = self.signal(ctr, &shim, libc::SIGKILL, true).await;
+            let all = needs_kill_all(&ctr.record());
+            let _ = self.signal(ctr, &shim, libc::SIGKILL, all).await;
             if !Self::wait_generation(ctr, generation, Some(KILL_WAIT)).await {
                 return Err(Error::new(
                     ErrorKind::DeadlineExceeded,
@@ -1354,7 +1414,8 @@ impl Engine {
             ctr.update(|r| r.state_mut().manually_stopped = true);
             let generation = ctr.exits.borrow().generation;
             if let Ok(shim) = self.task_shim(&ctr).await {
-                let _ = self.signal(&ctr, &shim, libc::SIGKILL, true).await;
+                let all = needs_kill_all(&ctr.record());
+                let _ = self.signal(&ctr, &shim, libc::SIGKILL, all).await;
                 if status == pb::ContainerStatus::Paused {
                     let _ = shim.resume().await;
                 }
@@ -1375,11 +1436,17 @@ impl Engine {
     pub(super) async fn delete_locked(&self, ctr: &Arc<Ctr>, remove_volumes: bool) -> Result<()> {
         self.cancel_restart(ctr);
         ctr.update(|r| r.state_mut().status = pb::ContainerStatus::Removing.into());
-        if ctr.with(|r| r.p.has_task) {
-            self.cleanup_task(ctr).await;
-        }
         let rec = ctr.record();
-        if let Err(e) = self.deps.snapshots.remove(&rec.c.snapshot_key).await {
+        let removed = if rec.p.has_task {
+            // The snapshot goes as soon as the shim has unmounted it, while the rest of the
+            // task is released.
+            self.release_task(ctr, Some(&rec.c.snapshot_key), false)
+                .await
+        } else {
+            self.deps.snapshots.remove(&rec.c.snapshot_key).await
+        };
+        let rec = ctr.record();
+        if let Err(e) = removed {
             ctr.update(|r| {
                 let st = r.state_mut();
                 st.status = pb::ContainerStatus::Dead.into();
@@ -1392,13 +1459,20 @@ impl Engine {
             )
             .with_source(e));
         }
-        let _ = std::fs::remove_dir_all(self.paths.container_dir(&ctr.id));
-        self.store.delete_container(&ctr.id).await?;
+        let dir = self.paths.container_dir(&ctr.id);
+        let remove_dir = async {
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+        };
+        let drop_user = async {
+            if let Err(e) = self.deps.images.remove_user(&rec.c.image_id, &ctr.id).await {
+                tracing::warn!(id = %ctr.id, error = %e.chain(), "dropping the image user");
+            }
+        };
+        let (deleted, (), ()) =
+            tokio::join!(self.store.delete_container(&ctr.id), remove_dir, drop_user);
+        deleted?;
         self.remove_from_registry(&ctr.id);
         self.forget_execs(&ctr.id);
-        if let Err(e) = self.deps.images.remove_user(&rec.c.image_id, &ctr.id).await {
-            tracing::warn!(id = %ctr.id, error = %e.chain(), "dropping the image user");
-        }
         if remove_volumes {
             for v in &rec.p.anonymous_volumes {
                 let users = self.volume_users(v);
@@ -1467,6 +1541,15 @@ fn resources_merge_and_validate(
 ) -> Result<()> {
     spec::resources::merge(current, update);
     spec::resources::validate(current, engine.host_info())
+}
+
+/// Whether a SIGKILL must go to every process of the container (`runtime kill --all`, which
+/// walks and freezes the cgroup) rather than to its init: only when the container shares
+/// another pid namespace. In its own, the kernel kills every process once the init dies
+/// (Docker does the same).
+fn needs_kill_all(rec: &crate::record::Record) -> bool {
+    let mode = rec.host_config().pid_mode.as_str();
+    mode == "host" || mode.starts_with("container:")
 }
 
 /// Docker's `NetworkSettings.Ports`: every exposed port, with the bindings the network made.
