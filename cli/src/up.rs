@@ -36,7 +36,7 @@ pub fn main(args: ConfigArgs) -> ExitCode {
             return daemon::exit_code(&err);
         }
     };
-    daemon::tune_malloc();
+    berth_core::memory::tune_malloc(2);
     // Current-thread runtime: children get PR_SET_PDEATHSIG, which fires when the *thread* that
     // forked them exits, so every child must be spawned from the main thread.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -60,7 +60,7 @@ pub fn main(args: ConfigArgs) -> ExitCode {
                 }
             };
         // Once the stack is up the supervisor only waits; give back what start-up touched.
-        tokio::spawn(daemon::trim_when_idle(
+        tokio::spawn(berth_core::memory::trim_when_idle(
             tokio_util::sync::CancellationToken::new(),
         ));
         let result = up(&args, &cfg).await;

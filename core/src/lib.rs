@@ -8,6 +8,7 @@ pub mod daemon_json;
 pub mod error;
 pub mod grpc;
 pub mod id;
+pub mod memory;
 pub mod mount;
 pub mod reference;
 pub mod snapshots;
