@@ -45,20 +45,109 @@ pub struct Applied {
 
 /// Decompresses `blob` and applies the tar inside to `root`. Reads the stream to its end (so
 /// the caller's digest check sees every byte) and returns the diff id of the uncompressed tar.
-pub fn apply_compressed(root: &Path, blob: impl Read, compression: Compression) -> Result<Applied> {
-    let decompressed = compression.reader(blob)?;
-    let mut hashing = HashingReader {
-        inner: decompressed,
-        hasher: Sha256::new(),
-        count: 0,
-    };
-    apply_tar(root, &mut hashing)?;
-    // Whatever follows the end-of-archive blocks is part of the diff id too.
-    io::copy(&mut hashing, &mut io::sink()).map_err(|e| read_error(e, "read layer"))?;
-    Ok(Applied {
-        diff_id: Digest::from_sha256_bytes(&hashing.hasher.finalize()),
-        size: hashing.count,
+///
+/// Two threads share the work: this one extracts the tar while a helper reads, decompresses and
+/// hashes the stream ahead of it (in [`PIPE_CHUNK`] pieces, at most [`PIPE_DEPTH`] in flight),
+/// so decompression and sha256 overlap with the file writes instead of taking turns with them.
+pub fn apply_compressed(
+    root: &Path,
+    blob: impl Read + Send,
+    compression: Compression,
+) -> Result<Applied> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(PIPE_DEPTH);
+    // Spent buffers go back to the producer: no allocation (and page faults) per chunk.
+    let (spent_tx, spent) = std::sync::mpsc::channel::<Vec<u8>>();
+    std::thread::scope(|scope| {
+        let producer = scope.spawn(move || -> Result<Applied> {
+            let decompressed =
+                compression.reader(io::BufReader::with_capacity(PIPE_CHUNK, blob))?;
+            let mut hashing = HashingReader {
+                inner: decompressed,
+                hasher: Sha256::new(),
+                count: 0,
+            };
+            loop {
+                let buf = spent.try_recv().unwrap_or_default();
+                let chunk = read_chunk(&mut hashing, buf);
+                let end = matches!(&chunk, Ok(c) if c.is_empty()) || chunk.is_err();
+                // A closed channel means the extraction failed: its error is the one to report.
+                if tx.send(chunk).is_err() || end {
+                    break;
+                }
+            }
+            Ok(Applied {
+                diff_id: Digest::from_sha256_bytes(&hashing.hasher.finalize()),
+                size: hashing.count,
+            })
+        });
+        let mut pipe = ChannelReader {
+            rx,
+            spent: spent_tx,
+            chunk: Vec::new(),
+            pos: 0,
+        };
+        let extracted = apply_tar(root, &mut pipe).and_then(|()| {
+            // Whatever follows the end-of-archive blocks is part of the diff id too.
+            io::copy(&mut pipe, &mut io::sink())
+                .map(|_| ())
+                .map_err(|e| read_error(e, "read layer"))
+        });
+        drop(pipe);
+        let applied = producer
+            .join()
+            .map_err(|_| Error::internal("layer decompression thread panicked"))??;
+        extracted.map(|()| applied)
     })
+}
+
+/// Size of the pieces the decompression thread hands to the extraction.
+const PIPE_CHUNK: usize = 1 << 20;
+/// Pieces decompressed ahead of the extraction at most.
+const PIPE_DEPTH: usize = 4;
+
+/// Reads up to [`PIPE_CHUNK`] bytes into `buf` (fewer only at the end of the stream).
+fn read_chunk(r: &mut impl Read, mut buf: Vec<u8>) -> io::Result<Vec<u8>> {
+    buf.resize(PIPE_CHUNK, 0);
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    Ok(buf)
+}
+
+/// The extraction's end of the pipe: the decompressed stream, chunk by chunk. An error from the
+/// decompression side is returned once, then the stream ends.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    spent: std::sync::mpsc::Sender<Vec<u8>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(Ok(c)) if c.is_empty() => return Ok(0),
+                Ok(Ok(c)) => {
+                    let _ = self.spent.send(std::mem::replace(&mut self.chunk, c));
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 /// Hashes and counts what passes through.
@@ -803,5 +892,55 @@ mod tests {
             assert_eq!(a.diff_id, Digest::sha256_of(&tar));
             assert_eq!(fs::read(tmp.path().join("z")).unwrap(), b"zz");
         }
+    }
+
+    /// Bigger than the pipe between decompression and extraction, with trailing bytes after the
+    /// end-of-archive blocks: the diff id covers every byte, in order.
+    #[test]
+    fn large_layers_stream_through_the_pipe() {
+        let big: Vec<u8> = (0..(PIPE_CHUNK * PIPE_DEPTH * 2 + 12345) as u32)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let mut tar = T::new().dir("d").file("d/big", &big, 0o644).build();
+        tar.extend_from_slice(&[0u8; 4096]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        let gz = gz.finish().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let a = apply_compressed(tmp.path(), &gz[..], Compression::Gzip).unwrap();
+        assert_eq!(a.diff_id, Digest::sha256_of(&tar));
+        assert_eq!(a.size, tar.len() as u64);
+        assert_eq!(fs::read(tmp.path().join("d/big")).unwrap(), big);
+    }
+
+    /// A blob whose reader fails half way (a download that failed underneath the unpack).
+    struct FailsAfter(Vec<u8>, usize);
+
+    impl Read for FailsAfter {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.1 >= self.0.len() {
+                return Err(io::Error::other("blob sha256:x: digest mismatch"));
+            }
+            let n = buf.len().min(self.0.len() - self.1);
+            buf[..n].copy_from_slice(&self.0[self.1..self.1 + n]);
+            self.1 += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_failing_blob_fails_the_layer_with_its_error() {
+        let big = vec![1u8; PIPE_CHUNK * 3];
+        let tar = T::new().file("big", &big, 0o644).build();
+        let tmp = tempfile::tempdir().unwrap();
+        let half = FailsAfter(tar[..tar.len() / 2].to_vec(), 0);
+        let err = apply_compressed(tmp.path(), half, Compression::None).unwrap_err();
+        assert_eq!(
+            err.kind(),
+            berth_core::ErrorKind::Unavailable,
+            "{}",
+            err.chain()
+        );
+        assert!(err.chain().contains("digest mismatch"), "{}", err.chain());
     }
 }

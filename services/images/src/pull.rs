@@ -100,6 +100,9 @@ pub struct PullDone {
 enum Status {
     Queued,
     Running(PathBuf),
+    /// All bytes are in the ingest file and their size and digest checked out; the blob is
+    /// being made durable (fsync) and moved into the store.
+    Verified(PathBuf),
     Done(PathBuf),
     Failed(ErrorKind, String),
 }
@@ -152,12 +155,24 @@ impl Download {
 
     /// Waits until the blob is verified and in the store (or the download failed).
     pub async fn wait(&self) -> Result<()> {
+        self.wait_for(false).await
+    }
+
+    /// Waits until the blob's size and digest checked out (or the download failed): enough to
+    /// commit what was unpacked from it, whose bytes are then known good, without waiting for
+    /// the blob's own fsync. The image record still waits for [`Download::wait`].
+    pub async fn wait_verified(&self) -> Result<()> {
+        self.wait_for(true).await
+    }
+
+    async fn wait_for(&self, verified_is_enough: bool) -> Result<()> {
         let mut rx = self.changed.subscribe();
         loop {
             {
                 let st = self.state.lock().unwrap();
                 match &st.status {
                     Status::Done(_) => return Ok(()),
+                    Status::Verified(_) if verified_is_enough => return Ok(()),
                     Status::Failed(kind, msg) => return Err(Error::new(*kind, msg.clone())),
                     _ => {}
                 }
@@ -196,21 +211,23 @@ impl Read for TailReader {
         }
         let mut st = self.dl.state.lock().unwrap();
         loop {
-            let (path, done) = match &st.status {
+            // `done`: every byte is on disk and verified; `moved`: under its final path.
+            let (path, done, moved) = match &st.status {
                 Status::Queued => {
                     st = self.dl.cv.wait(st).unwrap();
                     continue;
                 }
-                Status::Running(p) => (p.clone(), false),
-                Status::Done(p) => (p.clone(), true),
+                Status::Running(p) => (p, false, false),
+                Status::Verified(p) => (p, true, false),
+                Status::Done(p) => (p, true, true),
                 Status::Failed(_, msg) => return Err(io::Error::other(msg.clone())),
             };
             if self.file.is_none() {
                 // The open file stays valid across the rename that publishes the blob. Between
                 // that rename and the status change to Done the ingest path is gone: wait.
-                match File::open(&path) {
+                match File::open(path) {
                     Ok(f) => self.file = Some(f),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound && !done => {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound && !moved => {
                         st = self
                             .dl
                             .cv
@@ -601,6 +618,15 @@ impl Images {
             .into_inner()
             .unwrap();
         let (size, digest) = (dl.size, dl.digest.clone());
+        if writer.offset() == size && writer.digest() == digest {
+            // Unpacking may commit now; `commit` below checks again, makes the blob durable and
+            // moves it into place (a mismatch is reported there, with the store cleaned up).
+            let path = writer.data_path().to_path_buf();
+            dl.update(|s| {
+                s.status = Status::Verified(path);
+                s.written = size;
+            });
+        }
         let d2 = digest.clone();
         blocking(move || writer.commit(Some(size), Some(&d2)))
             .await
@@ -755,7 +781,7 @@ impl Images {
         if let Some(t) = ticker {
             t.abort();
         }
-        let downloaded = dl.wait().await;
+        let downloaded = dl.wait_verified().await;
         let outcome = match (applied, downloaded) {
             (_, Err(e)) => Err(e),
             (Err(e), Ok(())) => {
@@ -992,5 +1018,44 @@ mod tests {
         let err = r.read(&mut [0u8; 4]).unwrap_err();
         assert!(err.to_string().contains("digest mismatch"));
         assert!(dl.wait().await.is_err());
+    }
+
+    /// A verified blob ends its readers and satisfies `wait_verified`, and readers keep working
+    /// across the rename into the store; `wait` still waits for that rename.
+    #[tokio::test]
+    async fn verified_blobs_end_readers_before_they_are_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ingest, blob) = (dir.path().join("ingest"), dir.path().join("blob"));
+        let data = vec![9u8; 100_000];
+        std::fs::write(&ingest, &data).unwrap();
+        let dl = Download::new(
+            Digest::sha256_of(&data),
+            data.len() as u64,
+            Status::Verified(ingest.clone()),
+            data.len() as u64,
+        );
+        let mut r = dl.reader(Arc::default());
+        let mut head = vec![0u8; 1000];
+        r.read_exact(&mut head).unwrap();
+        dl.wait_verified().await.unwrap();
+        let waiting = tokio::spawn({
+            let dl = dl.clone();
+            async move { dl.wait().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !waiting.is_finished(),
+            "wait must wait for the blob in the store"
+        );
+        std::fs::rename(&ingest, &blob).unwrap();
+        dl.update(|s| s.status = Status::Done(blob.clone()));
+        waiting.await.unwrap().unwrap();
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).unwrap();
+        assert_eq!(head.len() + rest.len(), data.len());
+        // A reader that opens only now finds the blob under its new path.
+        let mut late = Vec::new();
+        dl.reader(Arc::default()).read_to_end(&mut late).unwrap();
+        assert_eq!(late, data);
     }
 }
