@@ -136,11 +136,18 @@ async fn list(State(st): State<AppState>, q: Query) -> Result<Response, ApiError
         summary: true,
     };
     let containers = st.backends.containers.list(req).await?;
-    let out: Vec<_> = containers
-        .iter()
-        .map(|c| render::summary(c, size))
-        .collect();
-    Ok(json_response(StatusCode::OK, &out))
+    let body = render::summaries_json(&containers, size)
+        .map_err(|e| Error::new(ErrorKind::Internal, "render container list").with_source(e))?;
+    drop(containers);
+    Ok((
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response())
 }
 
 async fn inspect(

@@ -199,11 +199,15 @@ fn endpoint(
     requested: Option<&engine::EndpointConfig>,
     attached: Option<&engine::EndpointSettings>,
 ) -> EndpointSettings {
+    // Borrowed, not cloned: a listing renders one endpoint per container.
+    let (no_req, no_att) = (
+        engine::EndpointConfig::default(),
+        engine::EndpointSettings::default(),
+    );
     let req = requested
-        .cloned()
-        .or_else(|| attached.and_then(|a| a.config.clone()))
-        .unwrap_or_default();
-    let att = attached.cloned().unwrap_or_default();
+        .or_else(|| attached.and_then(|a| a.config.as_ref()))
+        .unwrap_or(&no_req);
+    let att = attached.unwrap_or(&no_att);
     let ipam = (!req.ipv4_address.is_empty()
         || !req.ipv6_address.is_empty()
         || !req.link_local_ips.is_empty())
@@ -609,6 +613,27 @@ fn port_summaries(c: &engine::Container) -> Vec<PortSummary> {
     out
 }
 
+/// Bytes reserved per entry of a listing: a created container renders to about 560, one with
+/// addresses and ports to a few hundred more; untouched reserve costs nothing (a buffer that
+/// large is a fresh mapping whose pages are faulted in only when written).
+const SUMMARY_JSON_BYTES: usize = 1024;
+
+/// The body of `GET /containers/json`: each entry rendered and written straight into one buffer
+/// sized for the whole listing, so a listing of thousands neither holds every rendered entry at
+/// once nor copies its buffer each time it would have grown.
+pub fn summaries_json(containers: &[engine::Container], size: bool) -> serde_json::Result<Vec<u8>> {
+    /// The entries as a JSON array, rendered one at a time while serialising.
+    struct Listing<'a>(&'a [engine::Container], bool);
+    impl serde::Serialize for Listing<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(self.0.iter().map(|c| summary(c, self.1)))
+        }
+    }
+    let mut out = Vec::with_capacity(2 + containers.len() * SUMMARY_JSON_BYTES);
+    serde_json::to_writer(&mut out, &Listing(containers, size))?;
+    Ok(out)
+}
+
 /// One entry of `GET /containers/json`.
 pub fn summary(c: &engine::Container, size: bool) -> ContainerSummary {
     let cfg = c.config.as_ref();
@@ -770,6 +795,30 @@ pub(crate) mod tests {
         assert_eq!(v["Mounts"][0]["RW"], false);
         assert_eq!(v["Mounts"][0]["Propagation"], "rprivate");
         assert!(v.get("SizeRw").is_none());
+    }
+
+    #[test]
+    fn listing_body_is_the_entries_rendered_one_by_one() {
+        let mut created = sample();
+        created.id = "c".repeat(64);
+        created.name = "idle".into();
+        created.state = Some(engine::ContainerState {
+            status: engine::ContainerStatus::Created as i32,
+            ..Default::default()
+        });
+        created.network_settings = None;
+        let list = [sample(), created, engine::Container::default()];
+        for size in [false, true] {
+            let body = summaries_json(&list, size).unwrap();
+            let want: Vec<_> = list.iter().map(|c| summary(c, size)).collect();
+            let got: Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(got, serde_json::to_value(&want).unwrap());
+            assert_eq!(
+                got[1]["NetworkSettings"]["Networks"]["bridge"]["IPAddress"],
+                ""
+            );
+        }
+        assert_eq!(summaries_json(&[], false).unwrap(), b"[]");
     }
 
     #[test]
