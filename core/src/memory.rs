@@ -11,16 +11,15 @@ use tokio_util::sync::CancellationToken;
 
 /// Caps glibc's heap growth in a long-running process. By default every thread that allocates
 /// may get its own arena (up to 8 per core), each keeping freed memory; `arenas` (two for a
-/// daemon that mostly waits on sockets, one for a shim) are plenty. Fixed mmap and trim
-/// thresholds stop glibc from raising them after large frees (its default), so big buffers
-/// (image layers, logs) go back to the kernel when freed instead of staying in the heap.
+/// daemon that mostly waits on sockets, one for a shim) are plenty. The mmap and trim
+/// thresholds stay dynamic: glibc keeps big buffers that are freed and allocated again (a
+/// 1,000-container listing, a layer) in the heap instead of mapping, faulting in and unmapping
+/// them on every request, and [`trim_when_idle`] gives that memory back once the burst is over.
 /// Call before any other thread starts.
 pub fn tune_malloc(arenas: i32) {
     // SAFETY: mallopt only sets glibc allocator parameters; called before any thread starts.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, arenas);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 * 1024);
     }
 }
 
