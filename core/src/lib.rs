@@ -2,6 +2,7 @@
 //! mappings, validated ids and image references, typed config and the daemon.json mapping,
 //! telemetry, Unix-socket gRPC helpers and the daemon `main` harness. No daemon logic lives here.
 
+pub mod caps;
 pub mod config;
 pub mod daemon;
 pub mod daemon_json;
