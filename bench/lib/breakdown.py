@@ -35,10 +35,8 @@ MARKERS = [
     ("runc_start_end", "runc start (`true` runs and exits)"),
     ("start_end", "start answered: record persisted, `start` event"),
     ("runc_delete_begin", "exit notification → engine exit handling (die event, persist) → shim Delete"),
-    ("runc_delete_end", "runc delete"),
-    ("detach_begin", "rootfs unmount, shim Shutdown, bundle removal"),
-    ("detach_end", "network Detach (veth delete, IP release)"),
-    ("remove_begin", "netns unmount, record persist, auto-remove begins"),
+    ("runc_delete_end", "runc delete (netns removal and network Detach run alongside; Detach below)"),
+    ("remove_begin", "rootfs unmount, shim Shutdown, bundle removal; snapshot Remove begins"),
     ("remove_end", "snapshot Remove"),
     ("cli_exit", "images RemoveUser, record delete, `destroy`, /wait answered, CLI exits"),
 ]
@@ -192,9 +190,6 @@ def markers_for(run, spans, execs):
     attach = first(sp, lambda s: s["name"].endswith("Networks/Attach"))
     if attach:
         m["attach_begin"], m["attach_end"] = attach["start"], attach["end"]
-    detach = first(sp, lambda s: s["name"].endswith("Networks/Detach"))
-    if detach:
-        m["detach_begin"], m["detach_end"] = detach["start"], detach["end"]
     remove = first(sp, lambda s: s["name"].endswith("Snapshots/Remove"))
     if remove:
         m["remove_begin"], m["remove_end"] = remove["start"], remove["end"]
@@ -209,7 +204,8 @@ def markers_for(run, spans, execs):
                           ("images AddUser", "Images/AddUser"), ("snapshot Mounts", "Snapshots/Mounts"),
                           ("engine Containers/Create", "Containers/Create"),
                           ("engine Tasks/Start", "Tasks/Start"),
-                          ("images RemoveUser", "Images/RemoveUser")]:
+                          ("images RemoveUser", "Images/RemoveUser"),
+                          ("network Detach (alongside runc delete)", "Networks/Detach")]:
         s = first(sp, lambda s, x=suffix: s["name"].endswith(x))
         if s:
             detail[label] = (s["end"] - s["start"]) / 1e6
