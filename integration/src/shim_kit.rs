@@ -311,6 +311,7 @@ impl ShimTest {
             events_address: String::new(),
             namespace: "test".into(),
             start: false,
+            hold_output_for: 0,
         }
     }
 

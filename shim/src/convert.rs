@@ -171,6 +171,7 @@ impl TryFrom<pb::CreateRequest> for CreateTask {
             events_address: (!r.events_address.is_empty()).then_some(r.events_address),
             namespace: (!r.namespace.is_empty()).then_some(r.namespace),
             start: r.start,
+            hold_output_for: r.hold_output_for,
         })
     }
 }

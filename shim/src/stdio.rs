@@ -213,6 +213,9 @@ const ATTACH_QUEUE: usize = 64;
 /// How long output waits for a stuck attacher before detaching it.
 const ATTACH_STALL: Duration = Duration::from_secs(30);
 
+/// The longest output is held back for attaches announced but not (yet) subscribed.
+const HOLD_MAX: Duration = Duration::from_secs(1);
+
 /// Where a process' output goes: its log (init only) and every attached subscriber. Exists
 /// from when the process is registered, so clients can attach before it starts; closed once
 /// the output has ended.
@@ -221,6 +224,10 @@ pub struct Output {
     subscribers: Mutex<Option<Vec<Subscriber>>>,
     logger: Option<Logger>,
     done: watch::Sender<bool>,
+    /// Subscriptions still awaited before output flows (see [`Output::held`]); `true` in the
+    /// channel once it flows.
+    awaited: Mutex<u32>,
+    flowing: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Output {
@@ -234,11 +241,45 @@ impl std::fmt::Debug for Output {
 impl Output {
     /// Output that is logged by `logger` (if any) and fanned out to subscribers.
     pub fn new(logger: Option<Logger>) -> Arc<Self> {
+        Self::held(logger, 0)
+    }
+
+    /// Output that delivers nothing — to the log or to anyone — until `subscribers` clients
+    /// have subscribed, or for at most [`HOLD_MAX`]: for a process started before the
+    /// attaches waiting for it are connected, so that they still see its first byte. The
+    /// process itself runs on; it blocks only once a pipe is full.
+    pub fn held(logger: Option<Logger>, subscribers: u32) -> Arc<Self> {
         Arc::new(Self {
             subscribers: Mutex::new(Some(Vec::new())),
             logger,
             done: watch::channel(false).0,
+            awaited: Mutex::new(subscribers),
+            flowing: watch::channel(subscribers == 0).0,
         })
+    }
+
+    /// Counts a subscription towards the ones [`Output::held`] waits for.
+    fn subscribed(&self) {
+        let mut awaited = self.awaited.lock().unwrap();
+        *awaited = awaited.saturating_sub(1);
+        if *awaited == 0 {
+            self.flowing.send_replace(true);
+        }
+    }
+
+    /// Waits until output may flow (at most [`HOLD_MAX`] from the first chunk).
+    async fn until_flowing(&self) {
+        if *self.flowing.borrow() {
+            return;
+        }
+        let mut flowing = self.flowing.subscribe();
+        if tokio::time::timeout(HOLD_MAX, flowing.wait_for(|f| *f))
+            .await
+            .is_err()
+        {
+            tracing::debug!("attaches announced for the start did not come; output flows");
+            self.flowing.send_replace(true);
+        }
     }
 
     /// The log writer, if the output is logged.
@@ -247,6 +288,7 @@ impl Output {
     }
 
     async fn deliver(&self, chunk: Chunk) {
+        self.until_flowing().await;
         let targets: Vec<mpsc::Sender<Chunk>> = {
             let mut subs = self.subscribers.lock().unwrap();
             // Logging under the same lock as choosing subscribers keeps a subscription that
@@ -280,6 +322,7 @@ impl Output {
     /// Marks the output as ended: subscribers' streams end, the log gets its final partial
     /// lines.
     pub fn close(&self) {
+        self.flowing.send_replace(true);
         *self.subscribers.lock().unwrap() = None;
         if let Some(logger) = &self.logger {
             logger.eof(Stream::Stdout);
@@ -293,6 +336,8 @@ impl Output {
         let (tx, rx) = mpsc::channel(ATTACH_QUEUE);
         let mut subs = self.subscribers.lock().unwrap();
         subs.as_mut()?.push(Subscriber { tx, stdout, stderr });
+        drop(subs);
+        self.subscribed();
         Some(rx)
     }
 
@@ -318,6 +363,10 @@ impl Output {
             }
             _ => None,
         };
+        drop(subs);
+        if rx.is_some() {
+            self.subscribed();
+        }
         (rx, mark)
     }
 
@@ -562,6 +611,28 @@ mod tests {
             });
             Ok(())
         }
+    }
+
+    #[tokio::test]
+    async fn held_output_waits_for_the_announced_subscribers() {
+        let output = Output::held(None, 2);
+        let chunk = |s: &str| Chunk {
+            stream: Stream::Stdout,
+            data: Bytes::from(s.to_string()),
+        };
+        let o = output.clone();
+        let early = tokio::spawn(async move { o.deliver(chunk("first")).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!early.is_finished(), "output flowed before anyone subscribed");
+        let a = output.subscribe(true, true).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!early.is_finished(), "output flowed with one of two subscribers");
+        let b = output.subscribe(true, false).unwrap();
+        early.await.unwrap();
+        output.close();
+        let want = vec![(Stream::Stdout, "first".to_string())];
+        assert_eq!(drain(a).await, want);
+        assert_eq!(drain(b).await, want);
     }
 
     #[tokio::test]

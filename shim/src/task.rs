@@ -183,6 +183,8 @@ pub struct CreateTask {
     pub namespace: Option<String>,
     /// Start the init in the same runtime call (`runtime run --detach`).
     pub start: bool,
+    /// With `start`: hold the init's output back until this many attaches have subscribed.
+    pub hold_output_for: u32,
 }
 
 /// An Exec request.
@@ -757,7 +759,8 @@ impl Shim {
             _ => None,
         };
 
-        let output = Output::new(logger.clone());
+        let hold = if req.start { req.hold_output_for } else { 0 };
+        let output = Output::held(logger.clone(), hold);
         let init = Process::new(String::new(), req.stdio, None, output.clone());
         let pid_file = opts.bundle.join("init.pid");
         let _ = std::fs::remove_file(&pid_file);
@@ -1996,6 +1999,7 @@ mod tests {
         f.spawner.exit(4242, 0);
         let task = CreateTask {
             start: true,
+            hold_output_for: 0,
             ..create_task(&f)
         };
         assert_eq!(f.shim.create(task).await.unwrap(), 4242);

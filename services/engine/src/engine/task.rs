@@ -417,10 +417,11 @@ impl Engine {
             .map_err(|e| Error::new(e.kind(), "start shim").with_source(e))?;
         partial.shim = Some(shim.clone());
         let mut create = self.shim_create_request(&rec, &bundle, &rootfs);
-        // With no attach waiting for the output, nothing has to happen between create and
-        // start: the shim does both in one runtime call (`runc run --detach`).
-        let combined = ctr.pending_attach.lock().unwrap().is_empty();
-        create.start = combined;
+        // The shim creates and starts in one runtime call (`runc run --detach`). Attaches
+        // waiting for the start are handed the task right after; the shim holds the output
+        // back until they have subscribed, so they see it from its first byte.
+        create.start = true;
+        create.hold_output_for = ctr.pending_attach.lock().unwrap().len() as u32;
         // A new run: an OOM kill from here on belongs to it.
         ctr.oom.store(false, std::sync::atomic::Ordering::Relaxed);
         let pid = shim.create(create).await?;
@@ -430,8 +431,9 @@ impl Engine {
             r.p.task_pid = pid;
         });
 
-        // Attaches registered before the start get the task now, before the process runs (or,
-        // for one registered while create-and-start ran, as soon as it runs).
+        // Attaches registered before the start get the task now; the shim holds the output
+        // until they have subscribed (one registered while create-and-start ran gets it as
+        // soon as it runs).
         let pending: Vec<_> = std::mem::take(&mut *ctr.pending_attach.lock().unwrap());
         let mut acks = Vec::new();
         for p in pending {
@@ -444,8 +446,6 @@ impl Engine {
             let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
         }
 
-        let started = if combined { pid } else { shim.start("").await? };
-        let pid = if started != 0 { started } else { pid };
         // "start" is published in the same critical section that makes the record running, so
         // that an exit racing in (the process may already be gone) is always published after it.
         ctr.update(|r| {
@@ -740,6 +740,7 @@ impl Engine {
             ),
             namespace: rec.p.namespace.clone(),
             start: false,
+            hold_output_for: 0,
         }
     }
 
