@@ -30,10 +30,10 @@ MARKERS = [
     ("shim_begin", "hosts/resolv.conf/hostname files, OCI spec generation, config.json"),
     ("shim_end", "shim spawn (`berth-shim start` until it serves)"),
     ("runc_create_begin", "shim Create RPC: connect, rootfs mount, stdio/log setup"),
-    ("runc_create_end", "runc create"),
-    ("runc_start_begin", "between create and start (attach hand-off, Start RPC)"),
-    ("runc_start_end", "runc start (`true` runs and exits)"),
-    ("start_end", "start answered: record persisted, `start` event"),
+    ("runc_create_end", "runc create — or `runc run`: create and start in one call, `true` runs"),
+    ("runc_start_begin", "between create and start (attach hand-off, Start RPC; none with `runc run`)"),
+    ("runc_start_end", "runc start (`true` runs and exits; none with `runc run`)"),
+    ("start_end", "start answered: attach hand-off (with `runc run`), record persisted, `start` event"),
     ("runc_delete_begin", "exit notification → engine exit handling (die event, persist) → shim Delete"),
     ("runc_delete_end", "runc delete (netns removal and network Detach run alongside; Detach below)"),
     ("remove_begin", "rootfs unmount, shim Shutdown, bundle removal; snapshot Remove begins"),
@@ -198,6 +198,11 @@ def markers_for(run, spans, execs):
         e = first(ex, lambda e, n=name: e["name"] == n)
         if e:
             m[key + "_begin"], m[key + "_end"] = e["start"], e["end"]
+    # One `runc run` (create and start in one call) stands for both; the start stages are empty.
+    run = first(ex, lambda e: e["name"] == "runc run")
+    if run and "runc_create_begin" not in m:
+        m["runc_create_begin"], m["runc_create_end"] = run["start"], run["end"]
+        m["runc_start_begin"] = m["runc_start_end"] = run["end"]
     # Details inside the stages.
     detail = {}
     for label, suffix in [("images Resolve", "Images/Resolve"), ("snapshot Prepare", "Snapshots/Prepare"),
