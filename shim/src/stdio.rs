@@ -623,10 +623,16 @@ mod tests {
         let o = output.clone();
         let early = tokio::spawn(async move { o.deliver(chunk("first")).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!early.is_finished(), "output flowed before anyone subscribed");
+        assert!(
+            !early.is_finished(),
+            "output flowed before anyone subscribed"
+        );
         let a = output.subscribe(true, true).unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!early.is_finished(), "output flowed with one of two subscribers");
+        assert!(
+            !early.is_finished(),
+            "output flowed with one of two subscribers"
+        );
         let b = output.subscribe(true, false).unwrap();
         early.await.unwrap();
         output.close();
