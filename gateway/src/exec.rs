@@ -142,24 +142,14 @@ async fn start(
         return Ok(StatusCode::OK.into_response());
     }
     let enc = Encoder { tty: started.tty };
-    let output = out
-        .try_take_while(|m| futures::future::ready(Ok(!matches!(m.event, Some(Out::End(_))))))
-        .try_filter_map(move |m| async move {
-            Ok(match m.event {
-                Some(Out::Output(chunk)) => Some(enc.encode(chunk.stream(), &chunk.data)),
-                _ => None,
-            })
-        })
-        .boxed();
     // Without a hijack there is no stdin, but the request stream must stay open while output
-    // flows: the engine reads its end as the client going away.
-    let keep = (!upgrade).then(|| tx.clone());
-    let output = output
-        .map(move |item| {
-            let _ = &keep;
-            item
-        })
-        .boxed();
+    // flows.
+    let frame = |m: engine::ExecStartResponse| match m.event {
+        Some(Out::Output(chunk)) => hijack::Frame::Output(chunk),
+        Some(Out::End(_)) => hijack::Frame::End,
+        _ => hijack::Frame::Other,
+    };
+    let output = hijack::output(out, enc, frame, (!upgrade).then(|| tx.clone()));
     // Docker closes an exec's stdin at the client's EOF unless it has a TTY.
     let sink = upgrade.then(|| StdinSink {
         tx,

@@ -11,7 +11,11 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use berth_proto::berth::types::v1::OutputChunk;
+use futures::TryStreamExt;
+
 use crate::backend::Stream;
+use crate::stdcopy::Encoder;
 
 /// Whether the client asked to upgrade the connection (`Connection: Upgrade`, `Upgrade: tcp`),
 /// as the Docker CLI and bollard do.
@@ -23,6 +27,42 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
         })
     };
     has(header::CONNECTION, "upgrade") && headers.contains_key(header::UPGRADE)
+}
+
+/// One message of an engine attach or exec stream, as the client's output sees it.
+#[derive(Debug)]
+pub enum Frame {
+    /// Output of the process.
+    Output(OutputChunk),
+    /// The session is over.
+    End,
+    /// Anything else (not sent to the client).
+    Other,
+}
+
+/// The output the client gets for an engine attach or exec stream: `out`'s chunks encoded with
+/// `enc`, up to its end message. `keep` (the gRPC request stream's sender, when the client
+/// sends no stdin) is held until the output ends: the engine reads a closed request stream as
+/// the client going away.
+pub fn output<M: Send + 'static, K: Send + 'static>(
+    out: Stream<M>,
+    enc: Encoder,
+    frame: fn(M) -> Frame,
+    keep: Option<K>,
+) -> Stream<Bytes> {
+    out.map_ok(frame)
+        .try_take_while(|f| futures::future::ready(Ok(!matches!(f, Frame::End))))
+        .try_filter_map(move |f| {
+            futures::future::ready(Ok(match f {
+                Frame::Output(chunk) => Some(enc.encode(chunk.stream(), &chunk.data)),
+                Frame::End | Frame::Other => None,
+            }))
+        })
+        .map(move |item| {
+            let _ = &keep;
+            item
+        })
+        .boxed()
 }
 
 /// How the client's stdin reaches the process.

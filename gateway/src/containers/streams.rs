@@ -151,24 +151,13 @@ pub async fn attach(
     } else {
         false
     };
-    let output = out
-        .try_take_while(|m| futures::future::ready(Ok(!matches!(m.event, Some(Out::End(_))))))
-        .try_filter_map(move |m| async move {
-            Ok(match m.event {
-                Some(Out::Output(chunk)) => Some(enc.encode(chunk.stream(), &chunk.data)),
-                _ => None,
-            })
-        })
-        .boxed();
-    // Without stdin the request stream must still stay open while output flows: the engine
-    // reads its end as the client going away.
-    let keep = (!with_stdin).then(|| tx.clone());
-    let output = output
-        .map(move |item| {
-            let _ = &keep;
-            item
-        })
-        .boxed();
+    // Without stdin the request stream must still stay open while output flows.
+    let frame = |m: engine::AttachTaskResponse| match m.event {
+        Some(Out::Output(chunk)) => hijack::Frame::Output(chunk),
+        Some(Out::End(_)) => hijack::Frame::End,
+        _ => hijack::Frame::Other,
+    };
+    let output = hijack::output(out, enc, frame, (!with_stdin).then(|| tx.clone()));
     let sink = with_stdin.then(|| StdinSink {
         tx,
         data: |b: Bytes| engine::AttachTaskRequest {
