@@ -421,6 +421,12 @@ impl Config {
                 self.telemetry.log_format
             )));
         }
+        if !matches!(self.shim.exec.as_str(), "native" | "runc") {
+            return Err(Error::invalid_argument(format!(
+                "shim.exec: {:?} is not native or runc",
+                self.shim.exec
+            )));
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).is_err() {
             return Err(Error::invalid_argument(format!(
                 "telemetry.log_level: invalid level or filter {:?}",
@@ -592,6 +598,20 @@ mod tests {
 
         let err = Config::load(None, env(&[("BERTH_BOGUS__X", "1")])).unwrap_err();
         assert!(err.chain().contains("bogus"), "{}", err.chain());
+    }
+
+    #[test]
+    fn shim_exec_is_native_or_runc() {
+        let cfg = Config::load(None, env(&[("BERTH_SHIM__EXEC", "runc")])).unwrap();
+        assert_eq!(cfg.shim.exec, "runc");
+        let err = Config::load(None, env(&[("BERTH_SHIM__EXEC", "nativ")])).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument);
+        assert!(
+            err.chain()
+                .contains("shim.exec: \"nativ\" is not native or runc"),
+            "{}",
+            err.chain()
+        );
     }
 
     #[test]
