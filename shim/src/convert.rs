@@ -12,6 +12,7 @@ use berth_proto::prost_types::Timestamp;
 
 use crate::cgroup::{self, Stats};
 use crate::events::{Envelope, TaskEvent};
+use crate::health::{HealthConfig, HealthState, HealthStatus};
 use crate::logger::{LogFormat, Stream};
 use crate::logreader::{LogEntry, ReadOptions};
 use crate::reaper::Exit;
@@ -172,7 +173,53 @@ impl TryFrom<pb::CreateRequest> for CreateTask {
             namespace: (!r.namespace.is_empty()).then_some(r.namespace),
             start: r.start,
             hold_output_for: r.hold_output_for,
+            health: r.health.map(HealthConfig::try_from).transpose()?,
         })
+    }
+}
+
+impl TryFrom<pb::HealthConfig> for HealthConfig {
+    type Error = Error;
+
+    fn try_from(h: pb::HealthConfig) -> Result<Self> {
+        if h.command.is_empty() || h.command[0].is_empty() {
+            return Err(Error::invalid_argument(
+                "health: the probe command is empty",
+            ));
+        }
+        Ok(Self {
+            command: h.command,
+            interval: Duration::from_nanos(h.interval_ns),
+            timeout: Duration::from_nanos(h.timeout_ns),
+            start_period: Duration::from_nanos(h.start_period_ns),
+            start_interval: Duration::from_nanos(h.start_interval_ns),
+            retries: h.retries,
+        })
+    }
+}
+
+impl From<&HealthState> for types::Health {
+    fn from(h: &HealthState) -> Self {
+        let status = match h.status {
+            HealthStatus::Starting => types::HealthStatus::Starting,
+            HealthStatus::Healthy => types::HealthStatus::Healthy,
+            HealthStatus::Unhealthy => types::HealthStatus::Unhealthy,
+        };
+        Self {
+            status: status.into(),
+            failing_streak: h.failing_streak,
+            log: h
+                .log
+                .iter()
+                .map(|r| types::HealthcheckResult {
+                    start: Some(timestamp(r.start)),
+                    end: Some(timestamp(r.end)),
+                    exit_code: r.exit_code,
+                    output: r.output.clone(),
+                })
+                .collect(),
+            pid: h.pid,
+        }
     }
 }
 
@@ -478,6 +525,24 @@ pub fn envelope(e: &Envelope) -> ev::Envelope {
                     container_id: container_id.clone(),
                     exec_id: exec_id.clone(),
                     pid: *pid,
+                }),
+            )
+        }
+        TaskEvent::Health { state, changed } => {
+            (
+                "/tasks/health",
+                // Docker's action when a probe changed the status; the hub's subscribers see
+                // this TASK event, the engine publishes the container event.
+                match (changed, state.status) {
+                    (false, _) => "health_stopped",
+                    (true, HealthStatus::Starting) => "health_status: starting",
+                    (true, HealthStatus::Healthy) => "health_status: healthy",
+                    (true, HealthStatus::Unhealthy) => "health_status: unhealthy",
+                },
+                Payload::TaskHealth(ev::TaskHealth {
+                    container_id: container_id.clone(),
+                    health: Some(state.into()),
+                    changed: *changed,
                 }),
             )
         }

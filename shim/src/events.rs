@@ -46,6 +46,14 @@ pub enum TaskEvent {
         /// Host pid.
         pid: u32,
     },
+    /// A health probe changed the container's health status (`changed`), or the healthcheck
+    /// stopped with the init.
+    Health {
+        /// The state after it.
+        state: crate::health::HealthState,
+        /// The status changed.
+        changed: bool,
+    },
 }
 
 /// An event with its time and the container it belongs to.

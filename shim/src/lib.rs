@@ -6,6 +6,7 @@ pub mod console;
 pub mod convert;
 pub mod daemon;
 pub mod events;
+pub mod health;
 pub mod logger;
 pub mod logreader;
 pub mod memory;

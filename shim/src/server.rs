@@ -206,4 +206,10 @@ impl pb::shim_server::Shim for ShimService {
     async fn shutdown(&self, req: Request<pb::ShutdownRequest>) -> Reply<()> {
         reply(self.shim.shutdown(req.into_inner().now).await)
     }
+
+    async fn health(&self, _req: Request<pb::HealthRequest>) -> Reply<pb::HealthResponse> {
+        reply(self.shim.health().map(|h| pb::HealthResponse {
+            health: Some((&h).into()),
+        }))
+    }
 }

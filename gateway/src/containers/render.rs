@@ -7,8 +7,9 @@ use berth_proto::berth::types::v1 as types;
 use bollard_stubs::models::{
     ContainerConfig, ContainerInspectResponse, ContainerState, ContainerStateStatusEnum,
     ContainerSummary, ContainerSummaryHostConfig, ContainerSummaryNetworkSettings,
-    ContainerSummaryStateEnum, DriverData, EndpointIpamConfig, EndpointSettings, HealthConfig,
-    MountPoint, PortBinding, PortMap, PortSummary, PortSummaryTypeEnum,
+    ContainerSummaryStateEnum, DriverData, EndpointIpamConfig, EndpointSettings, Health,
+    HealthConfig, HealthStatusEnum, HealthcheckResult, MountPoint, PortBinding, PortMap,
+    PortSummary, PortSummaryTypeEnum,
 };
 use serde_json::{Value, json};
 
@@ -81,7 +82,42 @@ fn state(c: &engine::Container) -> ContainerState {
         error: Some(st.error.clone()),
         started_at: Some(time::rfc3339(st.started_at.as_ref())),
         finished_at: Some(time::rfc3339(st.finished_at.as_ref())),
-        health: None,
+        health: st.health.as_ref().map(health),
+    }
+}
+
+/// `State.Health`; Docker leaves it out for a container without a healthcheck.
+fn health(h: &types::Health) -> Health {
+    Health {
+        status: Some(match h.status() {
+            types::HealthStatus::Unspecified => HealthStatusEnum::NONE,
+            types::HealthStatus::Starting => HealthStatusEnum::STARTING,
+            types::HealthStatus::Healthy => HealthStatusEnum::HEALTHY,
+            types::HealthStatus::Unhealthy => HealthStatusEnum::UNHEALTHY,
+        }),
+        failing_streak: Some(i64::from(h.failing_streak)),
+        log: Some(
+            h.log
+                .iter()
+                .map(|r| HealthcheckResult {
+                    start: Some(time::rfc3339(r.start.as_ref())),
+                    end: Some(time::rfc3339(r.end.as_ref())),
+                    exit_code: Some(i64::from(r.exit_code)),
+                    output: Some(r.output.clone()),
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// The health part of `docker ps`'s STATUS of a running container, as moby's
+/// `Health.String` words it.
+fn health_suffix(h: Option<&types::Health>) -> &'static str {
+    match h.map(|h| h.status()) {
+        Some(types::HealthStatus::Starting) => " (health: starting)",
+        Some(types::HealthStatus::Healthy) => " (healthy)",
+        Some(types::HealthStatus::Unhealthy) => " (unhealthy)",
+        _ => "",
     }
 }
 
@@ -554,6 +590,8 @@ pub fn status_text(c: &engine::Container) -> String {
             );
             if status(c) == S::Paused {
                 s.push_str(" (Paused)");
+            } else {
+                s.push_str(health_suffix(st.health.as_ref()));
             }
             s
         }

@@ -140,6 +140,14 @@ pub trait Shim: Send + Sync {
     fn info(&self) -> BoxFuture<'_, shim::InfoResponse>;
     /// Ends the shim.
     fn shutdown(&self, now: bool) -> BoxFuture<'_, ()>;
+    /// The container's health (NOT_FOUND without a healthcheck).
+    fn health(&self) -> BoxFuture<'_, types::Health> {
+        Box::pin(async {
+            Err(berth_core::Error::unimplemented(
+                "this shim does not report health",
+            ))
+        })
+    }
 }
 
 /// Everything the engine reaches outside itself.

@@ -181,10 +181,8 @@ pub fn merge(user: &pb::ContainerConfig, image: &ImageConfig) -> Result<pb::Cont
     if out.stop_signal.is_empty() {
         out.stop_signal = image.stop_signal.clone().unwrap_or_default();
     }
-    if out.healthcheck.is_empty()
-        && let Some(h) = &image.healthcheck
-    {
-        out.healthcheck = serde_json::to_vec(h).unwrap_or_default();
+    if let Some(h) = &image.healthcheck {
+        out.healthcheck = merge_healthcheck(&out.healthcheck, h);
     }
     if out.on_build.is_empty() {
         out.on_build = image.on_build.clone().unwrap_or_default();
@@ -193,6 +191,84 @@ pub fn merge(user: &pb::ContainerConfig, image: &ImageConfig) -> Result<pb::Cont
         return Err(Error::invalid_argument("No command specified"));
     }
     Ok(out)
+}
+
+/// Docker's merge of a container's Healthcheck over the image's: without one the image's is
+/// used; otherwise each field left unset (empty Test, zero durations and retries) is taken
+/// from the image's.
+fn merge_healthcheck(user: &[u8], image: &serde_json::Value) -> Vec<u8> {
+    let Some(image) = image.as_object() else {
+        return user.to_vec();
+    };
+    let mut out = match serde_json::from_slice::<serde_json::Value>(user) {
+        Ok(serde_json::Value::Object(o)) => o,
+        _ => return serde_json::to_vec(image).unwrap_or_default(),
+    };
+    let unset = |v: Option<&serde_json::Value>| match v {
+        None | Some(serde_json::Value::Null) => true,
+        Some(serde_json::Value::Array(a)) => a.is_empty(),
+        Some(serde_json::Value::Number(n)) => n.as_f64() == Some(0.0),
+        Some(_) => false,
+    };
+    for key in [
+        "Test",
+        "Interval",
+        "Timeout",
+        "StartPeriod",
+        "StartInterval",
+        "Retries",
+    ] {
+        if unset(out.get(key))
+            && let Some(v) = image.get(key)
+        {
+            out.insert(key.to_string(), v.clone());
+        }
+    }
+    serde_json::to_vec(&out).unwrap_or_default()
+}
+
+/// The healthcheck a container runs, resolved from its merged config as moby does: none
+/// without a Test, for `["NONE"]` or an unknown kind; `["CMD", argv...]` runs argv;
+/// `["CMD-SHELL", command]` runs `/bin/sh -c command`.
+pub fn healthcheck(
+    config: &pb::ContainerConfig,
+) -> Option<berth_proto::berth::shim::v1::HealthConfig> {
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "PascalCase", default)]
+    struct Docker {
+        test: Option<Vec<String>>,
+        interval: i64,
+        timeout: i64,
+        start_period: i64,
+        start_interval: i64,
+        retries: i64,
+    }
+    if config.healthcheck.is_empty() {
+        return None;
+    }
+    let h: Docker = serde_json::from_slice(&config.healthcheck).ok()?;
+    let test = h.test.unwrap_or_default();
+    let command: Vec<String> = match test.first().map(String::as_str) {
+        Some("CMD") => test[1..].to_vec(),
+        Some("CMD-SHELL") => ["/bin/sh", "-c"]
+            .into_iter()
+            .map(String::from)
+            .chain(test[1..].iter().cloned())
+            .collect(),
+        _ => return None,
+    };
+    if command.first().is_none_or(|c| c.is_empty()) {
+        return None;
+    }
+    let ns = |v: i64| u64::try_from(v).unwrap_or(0);
+    Some(berth_proto::berth::shim::v1::HealthConfig {
+        command,
+        interval_ns: ns(h.interval),
+        timeout_ns: ns(h.timeout),
+        start_period_ns: ns(h.start_period),
+        start_interval_ns: ns(h.start_interval),
+        retries: u32::try_from(h.retries).unwrap_or(0),
+    })
 }
 
 /// The process arguments of a merged config: entrypoint followed by cmd.
@@ -228,6 +304,59 @@ mod tests {
             "ExposedPorts":{"80/tcp":{}},"Labels":{"l":"image","m":"image"},"StopSignal":"SIGQUIT"}}"#,
         )
         .unwrap()
+    }
+
+    fn with_health(hc: &str) -> ImageConfig {
+        let blob = format!(r#"{{"config":{{"Cmd":["sh"],"Healthcheck":{hc}}}}}"#);
+        ImageConfig::parse(blob.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn healthchecks_merge_field_by_field_as_moby_does() {
+        let image = with_health(
+            r#"{"Test":["CMD-SHELL","true"],"Interval":5000000000,"Retries":7,"StartPeriod":1}"#,
+        );
+        // No user healthcheck: the image's.
+        let out = merge(&pb::ContainerConfig::default(), &image).unwrap();
+        let h = healthcheck(&out).unwrap();
+        assert_eq!(h.command, ["/bin/sh", "-c", "true"]);
+        assert_eq!(
+            (h.interval_ns, h.retries, h.start_period_ns),
+            (5_000_000_000, 7, 1)
+        );
+        // The user's fields win one by one; unset ones come from the image.
+        let user = pb::ContainerConfig {
+            healthcheck: br#"{"Test":["CMD","test","-f","/ok"],"Timeout":2000000000}"#.to_vec(),
+            ..Default::default()
+        };
+        let h = healthcheck(&merge(&user, &image).unwrap()).unwrap();
+        assert_eq!(h.command, ["test", "-f", "/ok"]);
+        assert_eq!(
+            (h.interval_ns, h.timeout_ns, h.retries),
+            (5_000_000_000, 2_000_000_000, 7)
+        );
+        let user = pb::ContainerConfig {
+            healthcheck: br#"{"Interval":1000000000}"#.to_vec(),
+            ..Default::default()
+        };
+        let h = healthcheck(&merge(&user, &image).unwrap()).unwrap();
+        assert_eq!(h.command, ["/bin/sh", "-c", "true"]);
+        assert_eq!(h.interval_ns, 1_000_000_000);
+        // --no-healthcheck.
+        let user = pb::ContainerConfig {
+            healthcheck: br#"{"Test":["NONE"]}"#.to_vec(),
+            ..Default::default()
+        };
+        assert_eq!(healthcheck(&merge(&user, &image).unwrap()), None);
+        // No healthcheck anywhere.
+        assert_eq!(
+            healthcheck(&merge(&pb::ContainerConfig::default(), &image_plain()).unwrap()),
+            None
+        );
+    }
+
+    fn image_plain() -> ImageConfig {
+        ImageConfig::parse(br#"{"config":{"Cmd":["sh"]}}"#).unwrap()
     }
 
     #[test]

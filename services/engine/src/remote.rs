@@ -358,6 +358,17 @@ impl Shim for RemoteShim {
         Box::pin(async move { Ok(c.info(shim::InfoRequest {}).await?.into_inner()) })
     }
 
+    fn health(&self) -> BoxFuture<'_, types::Health> {
+        let mut c = self.client.clone();
+        Box::pin(async move {
+            Ok(c.health(shim::HealthRequest {})
+                .await?
+                .into_inner()
+                .health
+                .unwrap_or_default())
+        })
+    }
+
     fn shutdown(&self, now: bool) -> BoxFuture<'_, ()> {
         let mut c = self.client.clone();
         Box::pin(async move {

@@ -29,6 +29,7 @@ use crate::runtime::{CreateOptions, ExecOptions, OciRuntime, Runc, RuncConfig};
 use crate::stdio::{self, Chunk, Output, ProcessIo, StdioSpec};
 
 mod exec;
+mod health;
 #[cfg(test)]
 mod tests;
 mod types;
@@ -152,6 +153,7 @@ struct State {
     deleted: bool,
     log: Option<LogState>,
     namespace: Option<String>,
+    health: Option<health::HealthSlot>,
 }
 
 struct Inner {
@@ -371,6 +373,7 @@ impl Shim {
         if let Some(ns) = req.namespace.clone().filter(|n| !n.is_empty()) {
             self.inner.state.lock().unwrap().namespace = Some(ns);
         }
+        self.set_health(req.health.clone());
         // Recorded so that `berth-shim delete` can clean up if this shim ever dies.
         let _ = std::fs::write(
             opts.bundle.join("shim-runtime.json"),
@@ -491,6 +494,7 @@ impl Shim {
                 },
                 SystemTime::now(),
             );
+            self.start_health(pid);
         }
         tokio::spawn(self.clone().monitor(init, exit));
         tracing::info!(pid, started = req.start, "task created");
@@ -528,6 +532,7 @@ impl Shim {
             },
             SystemTime::now(),
         );
+        self.start_health(st.pid);
         tracing::info!(pid = st.pid, "task started");
         Ok(st.pid)
     }
@@ -545,8 +550,11 @@ impl Shim {
             }
         });
         let init = process.exec_id.is_empty();
-        if init && let Err(err) = write_exit_file(self.bundle(), &exit) {
-            tracing::error!(error = %err.chain(), "record exit status");
+        if init {
+            self.stop_health();
+            if let Err(err) = write_exit_file(self.bundle(), &exit) {
+                tracing::error!(error = %err.chain(), "record exit status");
+            }
         }
         let drain = self.inner.options.exit_drain;
         if tokio::time::timeout(drain, process.output.wait())
@@ -729,6 +737,7 @@ impl Shim {
             }
             st.container.take()
         };
+        self.stop_health();
         if let Some(c) = container {
             c.stop.cancel();
             for exec in c.execs.values() {

@@ -160,6 +160,8 @@ pub struct CreateTask {
     pub start: bool,
     /// With `start`: hold the init's output back until this many attaches have subscribed.
     pub hold_output_for: u32,
+    /// The healthcheck to run while the init runs.
+    pub health: Option<crate::health::HealthConfig>,
 }
 
 /// An Exec request.

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use berth_core::{Error, Result};
 use berth_proto::berth::engine::v1 as pb;
+use berth_proto::berth::events::v1 as evpb;
 use berth_proto::berth::types::v1 as types;
 use berth_proto::prost_types::Timestamp;
 use futures::StreamExt;
@@ -14,6 +15,34 @@ use super::{Ctr, Engine};
 use crate::deps::BoxStream;
 use crate::filters::Args;
 use crate::record::{Record, status_name};
+
+/// Docker's word for a container's health: none, starting, healthy or unhealthy.
+pub fn health_word(health: Option<&types::Health>) -> &'static str {
+    match health.map(|h| h.status()) {
+        None | Some(types::HealthStatus::Unspecified) => "none",
+        Some(types::HealthStatus::Starting) => "starting",
+        Some(types::HealthStatus::Healthy) => "healthy",
+        Some(types::HealthStatus::Unhealthy) => "unhealthy",
+    }
+}
+
+/// The health a container starts a run with: starting, no failures, the earlier log kept (as
+/// moby keeps it); none without a healthcheck.
+pub(in crate::engine) fn health_at_start(rec: &Record, pid: u32) -> Option<types::Health> {
+    crate::imageconfig::healthcheck(rec.config())?;
+    let log = rec
+        .state()
+        .health
+        .as_ref()
+        .map(|h| h.log.clone())
+        .unwrap_or_default();
+    Some(types::Health {
+        status: types::HealthStatus::Starting.into(),
+        failing_streak: 0,
+        log,
+        pid,
+    })
+}
 
 /// Filter keys of List.
 pub fn list_keys() -> &'static [&'static str] {
@@ -173,6 +202,7 @@ fn port_matches(spec: &str, port: u32, proto: i32) -> bool {
 impl Engine {
     /// The wire view of a container, with sizes when asked.
     pub async fn describe(&self, ctr: &Arc<Ctr>, size: bool) -> pb::Container {
+        self.refresh_health(ctr).await;
         let mut c = ctr.record().c;
         c.exec_ids = self.exec_ids(&ctr.id);
         if size {
@@ -386,10 +416,60 @@ impl Engine {
         {
             return Ok(false);
         }
-        if args.contains("health") && !args.values("health").any(|h| h == "none") {
-            return Ok(false);
+        if args.contains("health") {
+            let word = health_word(rec.state().health.as_ref());
+            if !args.values("health").any(|h| h == word) {
+                return Ok(false);
+            }
         }
         Ok(true)
+    }
+
+    /// Reads the latest probes from the shim of a running container with a healthcheck (the
+    /// record follows status changes only), keeping them in memory for lists too.
+    async fn refresh_health(&self, ctr: &Arc<Ctr>) {
+        let pid =
+            ctr.with(|r| (r.is_running() && r.state().health.is_some()).then_some(r.p.task_pid));
+        let (Some(pid), Some(shim)) = (pid, ctr.shim()) else {
+            return;
+        };
+        let Ok(Ok(fresh)) = tokio::time::timeout(Duration::from_secs(2), shim.health()).await
+        else {
+            return;
+        };
+        ctr.update(|r| {
+            if r.p.task_pid == pid
+                && fresh.pid == pid
+                && let Some(h) = r.state_mut().health.as_mut()
+            {
+                *h = fresh;
+            }
+        });
+    }
+
+    /// A shim's TaskHealth: the record takes the new health of the run it is about (a late
+    /// event of an earlier run is ignored), and a status changed by a probe is published as
+    /// Docker's `health_status: <status>` container event.
+    pub(in crate::engine) async fn on_health(&self, ev: evpb::TaskHealth) {
+        let Ok(ctr) = self.get(&ev.container_id) else {
+            return;
+        };
+        let Some(health) = ev.health else { return };
+        let applied = ctr.update(|r| {
+            let current = r.state().health.as_ref().map(|h| h.pid);
+            if current != Some(health.pid) || health.pid == 0 {
+                return false;
+            }
+            let word = health_word(Some(&health));
+            r.state_mut().health = Some(health);
+            if ev.changed {
+                self.container_event(r, &format!("health_status: {word}"), []);
+            }
+            true
+        });
+        if applied && let Err(e) = self.persist(&ctr).await {
+            tracing::warn!(id = %ctr.id, error = %e.chain(), "persisting health");
+        }
     }
 
     /// `docker top`: runs `ps` on the host and keeps the rows of the container's processes.

@@ -67,6 +67,7 @@ fn task_key(ev: &pb::Envelope) -> Option<String> {
         Payload::TaskOom(p) => format!("oom/{}/{}", p.container_id, ts(&ev.timestamp)),
         Payload::ExecAdded(p) => format!("execadd/{}/{}", p.container_id, p.exec_id),
         Payload::ExecStarted(p) => format!("execstart/{}/{}/{}", p.container_id, p.exec_id, p.pid),
+        Payload::TaskHealth(p) => format!("health/{}/{}", p.container_id, ts(&ev.timestamp)),
     })
 }
 

@@ -81,6 +81,7 @@ impl Engine {
                     self.note_oom(&ctr);
                 }
             }
+            Payload::TaskHealth(h) => self.on_health(h).await,
             _ => {}
         }
     }

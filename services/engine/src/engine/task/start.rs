@@ -362,6 +362,7 @@ impl Engine {
         ctr.update(|r| {
             r.p.has_task = true;
             r.p.task_pid = pid;
+            r.state_mut().health = crate::engine::query::health_at_start(r, pid);
         });
 
         // Attaches registered before the start get the task now; the shim holds the output
@@ -678,6 +679,7 @@ impl Engine {
             namespace: rec.p.namespace.clone(),
             start: false,
             hold_output_for: 0,
+            health: crate::imageconfig::healthcheck(cfg),
         }
     }
 
