@@ -88,15 +88,20 @@ pub fn ok(stack: &DockerStack, script: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Runs `docker-compose args...` in `project_dir` against the stack.
-pub fn compose(stack: &DockerStack, project_dir: &Path, args: &[&str]) -> Result<Output> {
+/// A `docker-compose args...` command in `project_dir` aimed at the stack.
+pub fn compose_cmd(stack: &DockerStack, project_dir: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new("/usr/bin/docker-compose");
     cmd.args(["--ansi", "never"])
         .args(args)
         .current_dir(project_dir);
     stack_env(stack, &mut cmd);
     cmd.env("COMPOSE_INTERACTIVE_NO_CLI", "1");
-    run_for(&mut cmd, SCRIPT_LIMIT)
+    cmd
+}
+
+/// Runs `docker-compose args...` in `project_dir` against the stack.
+pub fn compose(stack: &DockerStack, project_dir: &Path, args: &[&str]) -> Result<Output> {
+    run_for(&mut compose_cmd(stack, project_dir, args), SCRIPT_LIMIT)
 }
 
 /// [`compose`], failing with its output unless it exits 0; returns stdout.
