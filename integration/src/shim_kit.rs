@@ -312,6 +312,7 @@ impl ShimTest {
             namespace: "test".into(),
             start: false,
             hold_output_for: 0,
+            health: None,
         }
     }
 

@@ -235,6 +235,13 @@ impl Engine {
                 )));
             }
         }
+        for h in args.values("health") {
+            if !matches!(h, "starting" | "healthy" | "unhealthy" | "none") {
+                return Err(Error::invalid_argument(format!(
+                    "Unrecognised filter value for health: {h}"
+                )));
+            }
+        }
         let bound = |key: &str| -> Result<Option<SystemTime>> {
             match args.values(key).next() {
                 Some(v) => Ok(Some(self.get(v)?.with(created))),
