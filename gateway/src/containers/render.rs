@@ -860,6 +860,41 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn health_in_status_texts_and_inspect() {
+        let mut c = sample();
+        assert!(!status_text(&c).contains('('));
+        assert!(state(&c).health.is_none());
+        let st = c.state.as_mut().unwrap();
+        st.health = Some(types::Health {
+            status: types::HealthStatus::Starting.into(),
+            failing_streak: 2,
+            log: vec![types::HealthcheckResult {
+                start: st.started_at,
+                end: st.started_at,
+                exit_code: 1,
+                output: "no\n".into(),
+            }],
+            pid: 42,
+        });
+        assert!(status_text(&c).ends_with(" (health: starting)"));
+        let h = serde_json::to_value(state(&c).health).unwrap();
+        assert_eq!(h["Status"], "starting");
+        assert_eq!(h["FailingStreak"], 2);
+        assert_eq!(h["Log"][0]["ExitCode"], 1);
+        assert_eq!(h["Log"][0]["Output"], "no\n");
+        let set = |c: &mut engine::Container, s: types::HealthStatus| {
+            c.state.as_mut().unwrap().health.as_mut().unwrap().status = s.into();
+        };
+        set(&mut c, types::HealthStatus::Healthy);
+        assert!(status_text(&c).ends_with(" (healthy)"));
+        set(&mut c, types::HealthStatus::Unhealthy);
+        assert!(status_text(&c).ends_with(" (unhealthy)"));
+        // Docker shows (Paused) only for a paused container.
+        c.state.as_mut().unwrap().status = engine::ContainerStatus::Paused as i32;
+        assert!(status_text(&c).ends_with(" (Paused)"));
+    }
+
+    #[test]
     fn summaries_and_status_texts() {
         let mut c = sample();
         let s = serde_json::to_value(summary(&c, false)).unwrap();

@@ -255,6 +255,18 @@ mod tests {
     }
 
     #[test]
+    fn health_status_matches_by_prefix_and_exactly() {
+        let e = ev(EventType::Container, "health_status: healthy", "c1", &[]);
+        assert!(filter(&[("event", "health_status")]).matches(&e));
+        assert!(filter(&[("event", "health_status: healthy")]).matches(&e));
+        assert!(!filter(&[("event", "health_status: unhealthy")]).matches(&e));
+        assert!(!filter(&[("event", "health")]).matches(&e));
+        // The shim's task event of the same change is berth-internal.
+        let t = ev(EventType::Task, "health_status: healthy", "c1", &[]);
+        assert!(!filter(&[("event", "health_status")]).matches(&t));
+    }
+
+    #[test]
     fn task_events_only_with_type_task_and_namespaces() {
         let t = ev(EventType::Task, "exit", "c1", &[]);
         assert!(!filter(&[]).matches(&t));
