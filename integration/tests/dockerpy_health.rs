@@ -89,6 +89,14 @@ try:
                            filters={"container": c.id, "event": "health_status: unhealthy"})
     assert [e["Action"] for e in events] == ["health_status: unhealthy"]
 
+    # Pausing stops the probes (Docker then says unhealthy); unpausing runs them again.
+    c.pause()
+    wait_status(c, "unhealthy")
+    row = client.api.containers(filters={"id": c.id})[0]
+    assert row["Status"].endswith(" (Paused)"), row
+    c.unpause()
+    wait_status(c, "healthy")
+
     # Stopping ends the probes; Docker then reports the last health as unhealthy.
     c.stop(timeout=1)
     h = wait_status(c, "unhealthy")

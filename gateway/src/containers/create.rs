@@ -130,6 +130,33 @@ fn parse_protocol(p: &str) -> Result<types::Protocol> {
     }
 }
 
+/// moby's `validateHealthCheck`: durations are 0 (the default) or at least 1ms, retries are not
+/// negative.
+fn check_healthcheck(h: &bollard_stubs::models::HealthConfig) -> Result<()> {
+    const MIN_NS: i64 = 1_000_000;
+    for (name, v) in [
+        ("Interval", h.interval),
+        ("Timeout", h.timeout),
+        ("StartPeriod", h.start_period),
+        ("StartInterval", h.start_interval),
+    ] {
+        if let Some(ns) = v
+            && ns != 0
+            && ns < MIN_NS
+        {
+            return Err(Error::invalid_argument(format!(
+                "{name} in Healthcheck cannot be less than 1ms"
+            )));
+        }
+    }
+    if h.retries.is_some_and(|r| r < 0) {
+        return Err(Error::invalid_argument(
+            "Retries in Healthcheck cannot be negative",
+        ));
+    }
+    Ok(())
+}
+
 fn container_config(c: &ContainerCreateBody) -> Result<engine::ContainerConfig> {
     let exposed_ports = c
         .exposed_ports
@@ -138,7 +165,10 @@ fn container_config(c: &ContainerCreateBody) -> Result<engine::ContainerConfig> 
         .map(|p| parse_port(p))
         .collect::<Result<Vec<_>>>()?;
     let healthcheck = match &c.healthcheck {
-        Some(h) => serde_json::to_vec(h).unwrap_or_default(),
+        Some(h) => {
+            check_healthcheck(h)?;
+            serde_json::to_vec(h).unwrap_or_default()
+        }
         None => Vec::new(),
     };
     let stop_timeout = c
@@ -956,6 +986,31 @@ mod tests {
         .unwrap_err();
         assert!(err.message().contains("maximum retry count"));
         assert!(create_request("", "windows/amd64/x/y", b"{}").is_err());
+        for (hc, want) in [
+            (
+                serde_json::json!({"Test": ["CMD", "true"], "Interval": 999}),
+                "Interval in Healthcheck cannot be less than 1ms",
+            ),
+            (
+                serde_json::json!({"StartInterval": 5}),
+                "StartInterval in Healthcheck cannot be less than 1ms",
+            ),
+            (
+                serde_json::json!({"Retries": -1}),
+                "Retries in Healthcheck cannot be negative",
+            ),
+        ] {
+            let err = create_request(
+                "",
+                "",
+                &body(serde_json::json!({"Image": "b", "Healthcheck": hc})),
+            )
+            .unwrap_err();
+            assert_eq!(err.message(), want);
+        }
+        let ok =
+            serde_json::json!({"Image": "b", "Healthcheck": {"Test": ["NONE"], "Interval": 0}});
+        assert!(create_request("", "", &body(ok)).is_ok());
     }
 
     #[test]

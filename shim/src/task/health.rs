@@ -18,6 +18,8 @@ pub(super) struct HealthSlot {
     pub(super) stop: CancellationToken,
     /// The init has exited: a start racing with its exit must not start the monitor again.
     pub(super) ended: bool,
+    /// When the init started (the start period counts from here); `None` before.
+    pub(super) started: Option<tokio::time::Instant>,
 }
 
 /// Runs probes through the shim.
@@ -74,33 +76,63 @@ impl Shim {
             state: Arc::new(Mutex::new(HealthState::starting(0))),
             stop: CancellationToken::new(),
             ended: false,
+            started: None,
         });
         self.inner.state.lock().unwrap().health = slot;
     }
 
     /// Starts the healthcheck for the init `pid`, which has just started.
     pub(super) fn start_health(&self, pid: u32) {
-        let (config, state, stop) = {
+        self.run_health(Some(pid));
+    }
+
+    /// Runs the monitor: from `starting` for a new init (`pid`), or on from the current state
+    /// (a resumed container).
+    fn run_health(&self, pid: Option<u32>) {
+        let (config, state, stop, started) = {
             let mut st = self.inner.state.lock().unwrap();
             let Some(h) = st.health.as_mut().filter(|h| !h.ended) else {
                 return;
             };
             h.stop.cancel();
             h.stop = CancellationToken::new();
-            *h.state.lock().unwrap() = HealthState::starting(pid);
-            (h.config.clone(), h.state.clone(), h.stop.clone())
+            match pid {
+                Some(pid) => {
+                    *h.state.lock().unwrap() = HealthState::starting(pid);
+                    h.started = Some(tokio::time::Instant::now());
+                }
+                None if h.started.is_none() => return,
+                None => {}
+            }
+            let started = h.started.unwrap_or_else(tokio::time::Instant::now);
+            (h.config.clone(), h.state.clone(), h.stop.clone(), started)
         };
         let sink = Arc::new(ShimSink(self.clone()));
-        sink.update(&state.lock().unwrap().clone(), false, false);
-        tracing::info!(command = ?config.command, "healthcheck started");
+        if pid.is_some() {
+            sink.update(&state.lock().unwrap().clone(), false, false);
+        }
+        tracing::info!(command = ?config.command, "healthcheck running");
         tokio::spawn(health::monitor(
             config,
             state,
-            tokio::time::Instant::now(),
+            started,
             Arc::new(ShimProber(self.clone())),
             sink,
             stop,
         ));
+    }
+
+    /// Pausing stops the probes; moby then reports the container unhealthy until a probe after
+    /// the resume says otherwise.
+    pub(super) fn pause_health(&self) {
+        if let Some(h) = self.inner.state.lock().unwrap().health.as_ref() {
+            h.stop.cancel();
+        }
+    }
+
+    /// Resuming runs the probes again, on the same start period.
+    pub(super) fn resume_health(&self) {
+        self.run_health(None);
     }
 
     /// Stops the healthcheck (the init exited or the container is deleted).
@@ -129,7 +161,7 @@ impl Shim {
         };
         match init.status {
             Status::Running => {}
-            // Docker does not probe a paused container.
+            // A probe racing with a pause: its monitor is being stopped anyway.
             Status::Paused => return Probe::Skipped,
             _ => return Probe::Failed("container is not running".into()),
         }

@@ -913,6 +913,7 @@ impl Shim {
             }
             running
         });
+        self.pause_health();
         Ok(())
     }
 
@@ -931,6 +932,7 @@ impl Shim {
             }
             paused
         });
+        self.resume_health();
         Ok(())
     }
 
