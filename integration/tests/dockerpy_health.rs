@@ -374,6 +374,72 @@ fn docker_cli_shows_health_and_image_healthchecks_run() -> Result<()> {
     Ok(())
 }
 
+/// Open descriptors of a process.
+fn fd_count(pid: i32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+#[test]
+fn probes_leak_neither_descriptors_nor_processes() -> Result<()> {
+    if !berth_integration::gateway_kit::ready() {
+        return Ok(());
+    }
+    let d = DockerStack::start()?;
+    let _registry = py_kit::with_busybox(&d)?;
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "hc-leak",
+        "--health-cmd",
+        "echo probe; exit 1",
+        "--health-interval",
+        "10ms",
+        "--health-retries",
+        "100000",
+        "busybox",
+        "sleep",
+        "600",
+    ])?;
+    let streak = |n: u64| {
+        wait_for(Duration::from_secs(120), || {
+            let h = inspect_health(&d, "hc-leak").ok()?;
+            (h["FailingStreak"].as_u64()? >= n).then_some(())
+        })
+        .with_context(|| format!("fewer than {n} probes: {:?}", inspect_health(&d, "hc-leak")))
+    };
+    let bundle = find_health_bundle(&d.stack.state_dir().join("bundles")).context("bundle")?;
+    let shim: i32 = std::fs::read_to_string(bundle.join("shim.pid"))?
+        .trim()
+        .parse()?;
+    streak(20)?;
+    let fds = fd_count(shim)?;
+    streak(220)?;
+    let later = fd_count(shim)?;
+    // A probe may be running at either count (its pipes and pidfd).
+    ensure!(
+        later <= fds + 4,
+        "shim descriptors grew from {fds} to {later}"
+    );
+    let h = inspect_health(&d, "hc-leak")?;
+    ensure!(
+        h["Status"] == "starting" && h["Log"].as_array().map(Vec::len) == Some(5),
+        "{h}"
+    );
+    ensure!(h["Log"][4]["Output"] == "probe\n", "{h}");
+    // Only the container's own process (and at most the probe of the moment) is in it.
+    let top = d.ok(&["top", "hc-leak", "-o", "pid,stat,args"])?;
+    let procs: Vec<&str> = top
+        .lines()
+        .skip(1)
+        .filter(|l| !l.contains("probe"))
+        .collect();
+    ensure!(procs.len() == 1 && procs[0].contains("sleep 600"), "{top}");
+    ensure!(!top.contains(" Z "), "{top}");
+    d.ok(&["rm", "-f", "hc-leak"])?;
+    Ok(())
+}
+
 #[test]
 fn probes_keep_running_while_the_engine_is_killed() -> Result<()> {
     if !py_kit::ready() {
