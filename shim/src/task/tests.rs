@@ -515,3 +515,108 @@ fn exec_specs_get_terminal_settings() {
     assert!(exec_process_json(br#"{"args":[]}"#, tty).is_err());
     assert!(exec_process_json(b"[1]", tty).is_err());
 }
+
+/// Waits (polling) until `f` holds; panics after a generous limit.
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never: {what}");
+}
+
+#[tokio::test]
+async fn healthchecks_probe_through_exec_and_stop_with_the_init() {
+    use crate::health::HealthStatus::{Healthy, Starting, Unhealthy};
+    use crate::health::{HealthConfig, HealthState};
+
+    let f = fixture(false, None);
+    let task = CreateTask {
+        health: Some(HealthConfig {
+            command: vec!["check".into()],
+            interval: Duration::from_millis(20),
+            retries: 1,
+            ..Default::default()
+        }),
+        ..create_task(&f)
+    };
+    f.shim.create(task).await.unwrap();
+    let h = f.shim.health().unwrap();
+    assert_eq!(
+        (h.pid, h.log.len()),
+        (0, 0),
+        "nothing runs before the start"
+    );
+    f.shim.start("").await.unwrap();
+    assert_eq!(f.shim.health().unwrap().status, Starting);
+
+    // The first probe is an exec through the runtime (native exec does not apply to this
+    // bundle); it passes.
+    until("a probe", || f.runtime.live.lock().unwrap().len() == 2).await;
+    let probe = f.runtime.live.lock().unwrap()[1];
+    f.spawner.exit(probe, 0);
+    until("healthy", || f.shim.health().unwrap().status == Healthy).await;
+    let h = f.shim.health().unwrap();
+    assert_eq!((h.pid, h.failing_streak), (4242, 0));
+    assert_eq!(h.log[0].output, "from exec\n");
+    assert_eq!(HealthState::load(f.dir.path()), Some(h));
+    // Probes are no exec processes anyone sees.
+    assert_eq!(
+        f.shim
+            .pids()
+            .await
+            .unwrap()
+            .iter()
+            .filter(|p| !p.1.is_empty())
+            .count(),
+        0
+    );
+
+    // The next one fails: unhealthy after one retry.
+    until("a second probe", || {
+        f.runtime.live.lock().unwrap().len() == 3
+    })
+    .await;
+    let probe = f.runtime.live.lock().unwrap()[2];
+    f.spawner.exit(probe, 1);
+    until("unhealthy", || f.shim.health().unwrap().status == Unhealthy).await;
+
+    // The init exits: the probes stop (the one running is abandoned) and the final state is
+    // published.
+    f.shim.kill("", 9, false).await.unwrap();
+    f.shim.wait("").await.unwrap();
+    assert!(f.shim.events().flush(Duration::from_secs(5)).await);
+    until("the final health event", || {
+        f.hub
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| matches!(e, TaskEvent::Health { changed: false, .. }))
+    })
+    .await;
+    let events = f.hub.0.lock().unwrap().clone();
+    let health: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            TaskEvent::Health { state, changed } => Some((state.status, *changed)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        health,
+        [(Healthy, true), (Unhealthy, true), (Unhealthy, false)]
+    );
+    assert!(
+        !events.iter().any(|e| matches!(
+            e,
+            TaskEvent::ExecAdded { .. } | TaskEvent::ExecStarted { .. }
+        )),
+        "{events:?}"
+    );
+    f.shim.delete("", false).await.unwrap();
+    assert_eq!(f.shim.health().unwrap().status, Unhealthy);
+    f.shim.shutdown(false).await.unwrap();
+}
