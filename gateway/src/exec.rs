@@ -95,6 +95,10 @@ async fn create(
     }
 }
 
+/// `POST /exec/{id}/start`. As in Docker, the pty was decided at create; the start's `Tty`
+/// only picks the framing (raw with it, stdcopy frames without) and whether its console size
+/// counts. A process that cannot start still gets the upgrade, then the error on the stream
+/// (its exit code, 126 or 127, is in `GET /exec/{id}/json`); detached, the error is the answer.
 async fn start(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -105,16 +109,23 @@ async fn start(
     let (mut parts, body) = req.into_parts();
     let upgrade = hijack::wants_upgrade(&parts.headers);
     let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    let peer = hijack::peer(&parts.extensions);
     let body = axum::body::to_bytes(body, 1 << 20)
         .await
         .map_err(|e| Error::invalid_argument(format!("read body: {e}")))?;
     let cfg: ExecStartConfig = parse_json_or_default(&body)?;
     let detach = cfg.detach.unwrap_or(false);
+    let raw = cfg.tty.unwrap_or(false);
     let options = engine::ExecStartOptions {
         exec_id: id.clone(),
         detach,
-        tty: cfg.tty,
-        console_size: console_size(&cfg.console_size),
+        tty: None,
+        // Docker: no console without a TTY.
+        console_size: if raw {
+            console_size(&cfg.console_size)
+        } else {
+            None
+        },
     };
     let (tx, rx) = mpsc::channel(16);
     tx.send(engine::ExecStartRequest {
@@ -128,20 +139,49 @@ async fn start(
         .exec_start(ReceiverStream::new(rx).boxed())
         .await
         .map_err(no_such("exec instance", &id))?;
-    let started = match out
+    let first = out
         .try_next()
         .await
         .map_err(no_such("exec instance", &id))?
-    {
-        Some(engine::ExecStartResponse {
-            event: Some(Out::Started(s)),
-        }) => s,
+        .and_then(|m| m.event);
+    let enc = Encoder { tty: raw };
+    let on_upgrade = on_upgrade.filter(|_| upgrade);
+    let started = match first {
+        Some(Out::Started(s)) => s,
+        Some(Out::Failed(f)) if detach => {
+            // Docker's "invalid config" start error: a 400 with the runtime's words.
+            return Err(Error::invalid_argument(f.message).into());
+        }
+        Some(Out::Failed(f)) => {
+            let line = Bytes::from(format!("{}\r\n", f.message));
+            let output =
+                futures::stream::once(
+                    async move { Ok(enc.encode(types::OutputStream::Stdout, &line)) },
+                )
+                .boxed();
+            return Ok(hijack::respond(
+                on_upgrade,
+                peer,
+                enc.content_type(),
+                output,
+                None::<StdinSink<engine::ExecStartRequest>>,
+            ));
+        }
         _ => return Err(Error::internal("exec ended before it started").into()),
     };
     if detach {
         return Ok(StatusCode::OK.into_response());
     }
-    let enc = Encoder { tty: started.tty };
+    // A raw stream for a process without a pty carries stdout only: Docker gives no stderr
+    // writer then.
+    let drop_stderr = raw && !started.tty;
+    let out = out
+        .try_filter(move |m| {
+            let keep = !(drop_stderr
+                && matches!(&m.event, Some(Out::Output(c)) if c.stream() == types::OutputStream::Stderr));
+            futures::future::ready(keep)
+        })
+        .boxed();
     // Without a hijack there is no stdin, but the request stream must stay open while output
     // flows.
     let frame = |m: engine::ExecStartResponse| match m.event {
@@ -161,7 +201,8 @@ async fn start(
         }),
     });
     Ok(hijack::respond(
-        on_upgrade.filter(|_| upgrade),
+        on_upgrade,
+        peer,
         enc.content_type(),
         output,
         sink,
