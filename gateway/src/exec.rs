@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::containers::{get_container, render, terminal_size};
-use crate::errors::{container_not_found, no_such, parse_json, parse_json_or_default};
+use crate::errors::{container_not_found, no_such, parse_json};
 use crate::hijack::{self, StdinSink};
 use crate::query::Query;
 use crate::stdcopy::Encoder;
@@ -41,9 +41,44 @@ fn console_size(v: &Option<Vec<usize>>) -> Option<types::TerminalSize> {
     })
 }
 
+/// The fields of an exec create body.
+const CREATE_FIELDS: [&str; 11] = [
+    "AttachStdin",
+    "AttachStdout",
+    "AttachStderr",
+    "ConsoleSize",
+    "DetachKeys",
+    "Tty",
+    "Env",
+    "Cmd",
+    "Privileged",
+    "User",
+    "WorkingDir",
+];
+
+/// Parses a JSON object body the way Go's decoder does: field names match whatever their
+/// case (docker-py sends `detachKeys`).
+fn parse_go_json<T: serde::de::DeserializeOwned>(body: &[u8], fields: &[&str]) -> Result<T> {
+    let mut v: serde_json::Value = parse_json(body)?;
+    if let Some(o) = v.as_object_mut() {
+        let keys: Vec<String> = o.keys().cloned().collect();
+        for key in keys {
+            if let Some(field) = fields
+                .iter()
+                .find(|f| f.eq_ignore_ascii_case(&key) && **f != key)
+                && !o.contains_key(*field)
+                && let Some(value) = o.remove(&key)
+            {
+                o.insert(field.to_string(), value);
+            }
+        }
+    }
+    serde_json::from_value(v).map_err(|e| Error::invalid_argument(format!("invalid JSON: {e}")))
+}
+
 /// An exec create body → the engine's request.
 pub fn create_request(container: &str, body: &[u8]) -> Result<engine::ExecCreateRequest> {
-    let cfg: ExecConfig = parse_json(body)?;
+    let cfg: ExecConfig = parse_go_json(body, &CREATE_FIELDS)?;
     let cmd = cfg.cmd.clone().unwrap_or_default();
     if cmd.is_empty() {
         return Err(Error::invalid_argument("No exec command specified"));
@@ -113,7 +148,11 @@ async fn start(
     let body = axum::body::to_bytes(body, 1 << 20)
         .await
         .map_err(|e| Error::invalid_argument(format!("read body: {e}")))?;
-    let cfg: ExecStartConfig = parse_json_or_default(&body)?;
+    let cfg: ExecStartConfig = if body.iter().all(u8::is_ascii_whitespace) {
+        ExecStartConfig::default()
+    } else {
+        parse_go_json(&body, &["Detach", "Tty", "ConsoleSize"])?
+    };
     let detach = cfg.detach.unwrap_or(false);
     let raw = cfg.tty.unwrap_or(false);
     let options = engine::ExecStartOptions {
@@ -259,5 +298,36 @@ async fn inspect(State(st): State<AppState>, Path(id): Path<String>) -> Result<R
         })
         .await
         .map_err(no_such("exec instance", &id))?;
-    Ok(json_response(StatusCode::OK, &inspect_json(&e)))
+    let mut v = serde_json::to_value(inspect_json(&e))
+        .map_err(|e| Error::internal("encode exec inspect").with_source(e))?;
+    // Docker sends `"ExitCode": null` while there is none (clients index it).
+    if let Some(o) = v.as_object_mut() {
+        o.entry("ExitCode").or_insert(serde_json::Value::Null);
+    }
+    Ok(json_response(StatusCode::OK, &v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_bodies_match_fields_in_any_case_as_go_does() {
+        let req = create_request(
+            "c",
+            br#"{"Cmd":["cat"],"AttachStdin":true,"detachKeys":"ctrl-x,y","tty":true}"#,
+        )
+        .unwrap();
+        assert_eq!(req.detach_keys, "ctrl-x,y");
+        assert!(req.tty && req.attach_stdin);
+        // The exact spelling wins over another case of it.
+        let req = create_request(
+            "c",
+            br#"{"Cmd":["cat"],"DetachKeys":"ctrl-a","detachkeys":"ctrl-b"}"#,
+        )
+        .unwrap();
+        assert_eq!(req.detach_keys, "ctrl-a");
+        assert!(create_request("c", br#"{"cmd":[]}"#).is_err());
+        assert!(create_request("c", b"{nope").is_err());
+    }
 }

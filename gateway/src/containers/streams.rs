@@ -177,6 +177,9 @@ pub async fn attach(
     ))
 }
 
+/// How long a websocket attach waits for the client's answer to its close.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// `GET /containers/{id}/attach/ws`: attach over a websocket, as Docker serves it. Output is
 /// never multiplexed: stdout and stderr bytes both go out as binary messages; text and binary
 /// messages from the client are stdin. The session ends (with a close message) when the output
@@ -264,18 +267,25 @@ pub async fn attach_ws(
                 match m.event {
                     Some(Out::Output(chunk)) => {
                         if sink.send(Message::Binary(chunk.data.into())).await.is_err() {
-                            return;
+                            return false;
                         }
                     }
                     Some(Out::End(_)) => break,
                     _ => {}
                 }
             }
-            let _ = sink.send(Message::Close(None)).await;
+            sink.send(Message::Close(None)).await.is_ok()
         };
         let mut input = input;
         tokio::select! {
-            () = output => input.abort(),
+            closing = output => {
+                // The client answers the close; the connection goes only then (a client that
+                // never answers is let go after a while).
+                if closing {
+                    let _ = tokio::time::timeout(CLOSE_WAIT, &mut input).await;
+                }
+                input.abort();
+            }
             _ = &mut input => {}
         }
         drop(tx);
