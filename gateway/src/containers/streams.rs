@@ -264,14 +264,13 @@ pub async fn attach_ws(
         };
         let output = async {
             while let Ok(Some(m)) = out.try_next().await {
-                match m.event {
-                    Some(Out::Output(chunk)) => {
-                        if sink.send(Message::Binary(chunk.data.into())).await.is_err() {
-                            return false;
-                        }
-                    }
+                let data = match m.event {
+                    Some(Out::Output(chunk)) => chunk.data,
                     Some(Out::End(_)) => break,
-                    _ => {}
+                    _ => continue,
+                };
+                if sink.send(Message::Binary(data.into())).await.is_err() {
+                    return false;
                 }
             }
             sink.send(Message::Close(None)).await.is_ok()
