@@ -240,6 +240,31 @@ async fn pump<M: Send + 'static>(
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn first_output_waits_until_the_client_has_read_the_headers() {
+        let (server, client) = std::os::unix::net::UnixStream::pair().unwrap();
+        std::io::Write::write_all(&mut &server, b"HTTP/1.1 101 UPGRADED\r\n\r\n").unwrap();
+        let peer = Some(Peer {
+            unix_fd: Some(server.as_raw_fd()),
+        });
+        let mut wait = Box::pin(until_read(peer));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), &mut wait)
+                .await
+                .is_err(),
+            "went on while the headers were unread"
+        );
+        let mut buf = [0u8; 64];
+        let n = std::io::Read::read(&mut &client, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"HTTP/1.1 101 UPGRADED\r\n\r\n");
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("still waiting after the client read");
+        // Over TCP and TLS there is nothing to wait for.
+        until_read(Some(Peer::default())).await;
+        until_read(None).await;
+    }
+
     #[test]
     fn upgrade_headers() {
         let mut h = HeaderMap::new();
