@@ -7,12 +7,13 @@
 //! namespace only applies to children, it forks again and exits. The grandchild — re-parented
 //! to the shim, the subreaper — does what runc's `setns` init does, in the same order: a new
 //! session and session keyring, the terminal (a pty opened in the container's `/dev/ptmx`, its
-//! master sent back over a socket pair, default terminal settings as runc leaves them) or stdio, the working
-//! directory, `no_new_privs`, the capability bounding set, user and groups, the other
-//! capability sets, the program lookup in `$PATH`, the container's seccomp filter (compiled
-//! once by [`crate::seccomp`]) and `execve`. Everything is prepared before the fork: between
-//! fork and exec the children make only raw system calls (no allocation, no locks). Failures
-//! travel back as `(stage, errno)` over a close-on-exec pipe whose EOF means the exec happened.
+//! master sent back over a socket pair, its settings the kernel's defaults as runc leaves
+//! them) or stdio, the working directory, `no_new_privs`, the capability bounding set, user
+//! and groups, the other capability sets, the program lookup in `$PATH`, the container's
+//! seccomp filter (compiled once by [`crate::seccomp`]) and `execve`. Everything is prepared
+//! before the fork: between fork and exec the children make only raw system calls (no
+//! allocation, no locks). Failures travel back as `(stage, errno)` over a close-on-exec pipe
+//! whose EOF means the exec happened.
 //!
 //! [`plan`] says when native exec does not apply (the shim then runs `runtime exec`): an
 //! AppArmor profile or SELinux label with that LSM enabled, no capabilities in the process,
