@@ -147,9 +147,12 @@ impl Engine {
             crate::signal::parse(signal)?
         };
         let rec = ctr.record();
-        if rec.status() == pb::ContainerStatus::Restarting
-            && (sig == libc::SIGKILL || sig == self.stop_signal(&rec))
-        {
+        if rec.status() == pb::ContainerStatus::Restarting {
+            // There is no process to signal: SIGKILL and the stop signal call the restart
+            // off, any other signal is accepted and changes nothing (Docker).
+            if sig != libc::SIGKILL && sig != self.stop_signal(&rec) {
+                return Ok(());
+            }
             let _op = ctr.op.lock().await;
             if ctr.with(|r| r.status()) == pb::ContainerStatus::Restarting {
                 self.stop_locked(&ctr, "", Some(0)).await?;
