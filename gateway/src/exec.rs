@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::containers::{get_container, render, terminal_size};
-use crate::errors::{container_not_found, no_such, parse_json, parse_json_or_default};
+use crate::errors::{container_not_found, no_such, parse_json};
 use crate::hijack::{self, StdinSink};
 use crate::query::Query;
 use crate::stdcopy::Encoder;
@@ -41,9 +41,44 @@ fn console_size(v: &Option<Vec<usize>>) -> Option<types::TerminalSize> {
     })
 }
 
+/// The fields of an exec create body.
+const CREATE_FIELDS: [&str; 11] = [
+    "AttachStdin",
+    "AttachStdout",
+    "AttachStderr",
+    "ConsoleSize",
+    "DetachKeys",
+    "Tty",
+    "Env",
+    "Cmd",
+    "Privileged",
+    "User",
+    "WorkingDir",
+];
+
+/// Parses a JSON object body the way Go's decoder does: field names match whatever their
+/// case (docker-py sends `detachKeys`).
+fn parse_go_json<T: serde::de::DeserializeOwned>(body: &[u8], fields: &[&str]) -> Result<T> {
+    let mut v: serde_json::Value = parse_json(body)?;
+    if let Some(o) = v.as_object_mut() {
+        let keys: Vec<String> = o.keys().cloned().collect();
+        for key in keys {
+            if let Some(field) = fields
+                .iter()
+                .find(|f| f.eq_ignore_ascii_case(&key) && **f != key)
+                && !o.contains_key(*field)
+                && let Some(value) = o.remove(&key)
+            {
+                o.insert(field.to_string(), value);
+            }
+        }
+    }
+    serde_json::from_value(v).map_err(|e| Error::invalid_argument(format!("invalid JSON: {e}")))
+}
+
 /// An exec create body → the engine's request.
 pub fn create_request(container: &str, body: &[u8]) -> Result<engine::ExecCreateRequest> {
-    let cfg: ExecConfig = parse_json(body)?;
+    let cfg: ExecConfig = parse_go_json(body, &CREATE_FIELDS)?;
     let cmd = cfg.cmd.clone().unwrap_or_default();
     if cmd.is_empty() {
         return Err(Error::invalid_argument("No exec command specified"));
@@ -95,6 +130,10 @@ async fn create(
     }
 }
 
+/// `POST /exec/{id}/start`. As in Docker, the pty was decided at create; the start's `Tty`
+/// only picks the framing (raw with it, stdcopy frames without) and whether its console size
+/// counts. A process that cannot start still gets the upgrade, then the error on the stream
+/// (its exit code, 126 or 127, is in `GET /exec/{id}/json`); detached, the error is the answer.
 async fn start(
     State(st): State<AppState>,
     Path(id): Path<String>,
@@ -105,16 +144,27 @@ async fn start(
     let (mut parts, body) = req.into_parts();
     let upgrade = hijack::wants_upgrade(&parts.headers);
     let on_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    let peer = hijack::peer(&parts.extensions);
     let body = axum::body::to_bytes(body, 1 << 20)
         .await
         .map_err(|e| Error::invalid_argument(format!("read body: {e}")))?;
-    let cfg: ExecStartConfig = parse_json_or_default(&body)?;
+    let cfg: ExecStartConfig = if body.iter().all(u8::is_ascii_whitespace) {
+        ExecStartConfig::default()
+    } else {
+        parse_go_json(&body, &["Detach", "Tty", "ConsoleSize"])?
+    };
     let detach = cfg.detach.unwrap_or(false);
+    let raw = cfg.tty.unwrap_or(false);
     let options = engine::ExecStartOptions {
         exec_id: id.clone(),
         detach,
-        tty: cfg.tty,
-        console_size: console_size(&cfg.console_size),
+        tty: None,
+        // Docker: no console without a TTY.
+        console_size: if raw {
+            console_size(&cfg.console_size)
+        } else {
+            None
+        },
     };
     let (tx, rx) = mpsc::channel(16);
     tx.send(engine::ExecStartRequest {
@@ -128,20 +178,49 @@ async fn start(
         .exec_start(ReceiverStream::new(rx).boxed())
         .await
         .map_err(no_such("exec instance", &id))?;
-    let started = match out
+    let first = out
         .try_next()
         .await
         .map_err(no_such("exec instance", &id))?
-    {
-        Some(engine::ExecStartResponse {
-            event: Some(Out::Started(s)),
-        }) => s,
+        .and_then(|m| m.event);
+    let enc = Encoder { tty: raw };
+    let on_upgrade = on_upgrade.filter(|_| upgrade);
+    let started = match first {
+        Some(Out::Started(s)) => s,
+        Some(Out::Failed(f)) if detach => {
+            // Docker's "invalid config" start error: a 400 with the runtime's words.
+            return Err(Error::invalid_argument(f.message).into());
+        }
+        Some(Out::Failed(f)) => {
+            let line = Bytes::from(format!("{}\r\n", f.message));
+            let output =
+                futures::stream::once(
+                    async move { Ok(enc.encode(types::OutputStream::Stdout, &line)) },
+                )
+                .boxed();
+            return Ok(hijack::respond(
+                on_upgrade,
+                peer,
+                enc.content_type(),
+                output,
+                None::<StdinSink<engine::ExecStartRequest>>,
+            ));
+        }
         _ => return Err(Error::internal("exec ended before it started").into()),
     };
     if detach {
         return Ok(StatusCode::OK.into_response());
     }
-    let enc = Encoder { tty: started.tty };
+    // A raw stream for a process without a pty carries stdout only: Docker gives no stderr
+    // writer then.
+    let drop_stderr = raw && !started.tty;
+    let out = out
+        .try_filter(move |m| {
+            let keep = !(drop_stderr
+                && matches!(&m.event, Some(Out::Output(c)) if c.stream() == types::OutputStream::Stderr));
+            futures::future::ready(keep)
+        })
+        .boxed();
     // Without a hijack there is no stdin, but the request stream must stay open while output
     // flows.
     let frame = |m: engine::ExecStartResponse| match m.event {
@@ -161,7 +240,8 @@ async fn start(
         }),
     });
     Ok(hijack::respond(
-        on_upgrade.filter(|_| upgrade),
+        on_upgrade,
+        peer,
         enc.content_type(),
         output,
         sink,
@@ -218,5 +298,36 @@ async fn inspect(State(st): State<AppState>, Path(id): Path<String>) -> Result<R
         })
         .await
         .map_err(no_such("exec instance", &id))?;
-    Ok(json_response(StatusCode::OK, &inspect_json(&e)))
+    let mut v = serde_json::to_value(inspect_json(&e))
+        .map_err(|e| Error::internal("encode exec inspect").with_source(e))?;
+    // Docker sends `"ExitCode": null` while there is none (clients index it).
+    if let Some(o) = v.as_object_mut() {
+        o.entry("ExitCode").or_insert(serde_json::Value::Null);
+    }
+    Ok(json_response(StatusCode::OK, &v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_bodies_match_fields_in_any_case_as_go_does() {
+        let req = create_request(
+            "c",
+            br#"{"Cmd":["cat"],"AttachStdin":true,"detachKeys":"ctrl-x,y","tty":true}"#,
+        )
+        .unwrap();
+        assert_eq!(req.detach_keys, "ctrl-x,y");
+        assert!(req.tty && req.attach_stdin);
+        // The exact spelling wins over another case of it.
+        let req = create_request(
+            "c",
+            br#"{"Cmd":["cat"],"DetachKeys":"ctrl-a","detachkeys":"ctrl-b"}"#,
+        )
+        .unwrap();
+        assert_eq!(req.detach_keys, "ctrl-a");
+        assert!(create_request("c", br#"{"cmd":[]}"#).is_err());
+        assert!(create_request("c", b"{nope").is_err());
+    }
 }

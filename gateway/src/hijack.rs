@@ -1,7 +1,18 @@
 //! Hijacked connections for attach and exec: `101 UPGRADED`, then the client's bytes go to the
 //! process' stdin and its output comes back on the same connection.
+//!
+//! Some clients read the `101` through a buffered reader and then switch to the raw socket
+//! (docker-py does, through Python's http.client): whatever arrived together with the headers
+//! is lost to them. hyper writes and flushes the headers on their own before the upgrade
+//! resolves; on a Unix socket the first output then waits until the client has read them (the
+//! socket's unread byte count is zero), so it cannot share their read.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::http::Extensions;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -27,6 +38,62 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
         })
     };
     has(header::CONNECTION, "upgrade") && headers.contains_key(header::UPGRADE)
+}
+
+/// The connection a request came on, as far as a hijack needs it: the Unix socket's descriptor
+/// (`None` over TCP and TLS, where the unread count is not the peer's).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Peer {
+    unix_fd: Option<RawFd>,
+}
+
+impl Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>> for Peer {
+    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        Self {
+            unix_fd: Some(s.io().as_raw_fd()),
+        }
+    }
+}
+
+impl Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Peer {
+    fn connect_info(_: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Self::default()
+    }
+}
+
+impl Connected<axum::serve::IncomingStream<'_, crate::tls::TlsListener>> for Peer {
+    fn connect_info(_: axum::serve::IncomingStream<'_, crate::tls::TlsListener>) -> Self {
+        Self::default()
+    }
+}
+
+/// The request's [`Peer`], when the server recorded one.
+pub fn peer(ext: &Extensions) -> Option<Peer> {
+    ext.get::<ConnectInfo<Peer>>().map(|c| c.0)
+}
+
+/// How long the first output waits for the client to read the `101`: a client that does not
+/// read at all still gets its output after this.
+const HEADER_READ_WAIT: Duration = Duration::from_secs(2);
+
+/// Bytes written to the Unix socket `fd` that its peer has not read yet.
+fn unread(fd: RawFd) -> Option<i32> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int through the pointer, valid for the call; `fd`
+    // is the connection's socket, kept open by the upgraded connection the caller holds.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+    (rc == 0).then_some(n)
+}
+
+/// Waits until the client has read what was written so far (the `101`), or the wait is over.
+async fn until_read(peer: Option<Peer>) {
+    let Some(fd) = peer.and_then(|p| p.unix_fd) else {
+        return;
+    };
+    let deadline = Instant::now() + HEADER_READ_WAIT;
+    while unread(fd).is_some_and(|n| n > 0) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// One message of an engine attach or exec stream, as the client's output sees it.
@@ -84,6 +151,7 @@ pub struct StdinSink<M> {
 /// `on_eof` closes it.
 pub fn respond<M: Send + 'static>(
     on_upgrade: Option<OnUpgrade>,
+    peer: Option<Peer>,
     content_type: &'static str,
     output: Stream<Bytes>,
     stdin: Option<StdinSink<M>>,
@@ -97,7 +165,7 @@ pub fn respond<M: Send + 'static>(
         )
             .into_response();
     };
-    tokio::spawn(pump(on_upgrade, output, stdin));
+    tokio::spawn(pump(on_upgrade, peer, output, stdin));
     let mut resp = Response::new(Body::empty());
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
@@ -109,6 +177,7 @@ pub fn respond<M: Send + 'static>(
 
 async fn pump<M: Send + 'static>(
     on_upgrade: OnUpgrade,
+    peer: Option<Peer>,
     mut output: Stream<Bytes>,
     stdin: Option<StdinSink<M>>,
 ) {
@@ -144,9 +213,13 @@ async fn pump<M: Send + 'static>(
             }
         })
     });
+    let mut first = true;
     while let Some(item) = output.next().await {
         match item {
             Ok(bytes) => {
+                if std::mem::take(&mut first) {
+                    until_read(peer).await;
+                }
                 if wr.write_all(&bytes).await.is_err() || wr.flush().await.is_err() {
                     break;
                 }
@@ -166,6 +239,31 @@ async fn pump<M: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn first_output_waits_until_the_client_has_read_the_headers() {
+        let (server, client) = std::os::unix::net::UnixStream::pair().unwrap();
+        std::io::Write::write_all(&mut &server, b"HTTP/1.1 101 UPGRADED\r\n\r\n").unwrap();
+        let peer = Some(Peer {
+            unix_fd: Some(server.as_raw_fd()),
+        });
+        let mut wait = Box::pin(until_read(peer));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), &mut wait)
+                .await
+                .is_err(),
+            "went on while the headers were unread"
+        );
+        let mut buf = [0u8; 64];
+        let n = std::io::Read::read(&mut &client, &mut buf).unwrap();
+        assert_eq!(&buf[..n], b"HTTP/1.1 101 UPGRADED\r\n\r\n");
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("still waiting after the client read");
+        // Over TCP and TLS there is nothing to wait for.
+        until_read(Some(Peer::default())).await;
+        until_read(None).await;
+    }
 
     #[test]
     fn upgrade_headers() {

@@ -233,7 +233,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let mut servers = tokio::task::JoinSet::new();
     let mut sockets = Vec::new();
     for host in config.gateway_hosts() {
-        let svc = axum::ServiceExt::<Request>::into_make_service(service.clone());
+        // The connection's socket reaches hijacked streams (see `hijack`).
+        let svc = axum::ServiceExt::<Request>::into_make_service_with_connect_info::<hijack::Peer>(
+            service.clone(),
+        );
         let stop = shutdown.clone().cancelled_owned();
         match ListenAddr::parse(&host)? {
             ListenAddr::Unix(path) => {

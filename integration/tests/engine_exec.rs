@@ -48,6 +48,7 @@ async fn exec(
             Some(Out::Started(_)) => {}
             Some(Out::Output(o)) => out.push_str(&String::from_utf8_lossy(&o.data)),
             Some(Out::End(e)) => code = Some(e.exit_code),
+            Some(Out::Failed(f)) => bail!("exec failed ({}): {}", f.exit_code, f.message),
             None => bail!("empty exec message"),
         }
     }

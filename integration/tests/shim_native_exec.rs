@@ -158,6 +158,37 @@ async fn shim_exec(c: &mut Client, id: &str, spec: &serde_json::Value) -> Result
     Ok(text)
 }
 
+/// Runs `echo hi` on a pty through the shim and returns what the terminal gave back: runc
+/// leaves the pty's settings as the kernel makes them (`onlcr`: "\r\n"), and Docker's
+/// `exec -t` shows that.
+async fn tty_echo(c: &mut Client, id: &str) -> Result<String> {
+    let spec = serde_json::json!({
+        "terminal": true,
+        "args": ["echo", "hi"], "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}
+    });
+    c.exec(pb::ExecRequest {
+        exec_id: id.into(),
+        spec: serde_json::to_vec(&spec)?,
+        terminal: true,
+        ..Default::default()
+    })
+    .await?;
+    let attached = attach(
+        c,
+        pb::AttachOptions {
+            exec_id: id.into(),
+            stdout: true,
+            stream: true,
+            ..Default::default()
+        },
+    )
+    .await?;
+    c.start(pb::StartRequest { exec_id: id.into() }).await?;
+    let (text, _, _) = attached.collect(T).await?;
+    tokio::time::timeout(T, c.wait(pb::WaitRequest { exec_id: id.into() })).await??;
+    Ok(text)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn native_exec_matches_runc_exec() -> Result<()> {
     if skip() {
@@ -202,13 +233,14 @@ async fn native_exec_matches_runc_exec() -> Result<()> {
         );
         assert_eq!(got, want, "{name}: native exec differs from runc exec");
     }
+    assert_eq!(tty_echo(&mut c, "tty").await?, "hi\r\n");
     let log = t.shim_log();
     assert!(
         log.lines()
             .filter(|l| l.contains("exec started") && l.contains("native=true"))
             .count()
-            == 2,
-        "both execs were native:\n{log}"
+            == 3,
+        "every exec was native:\n{log}"
     );
 
     // A missing program fails Start with runc's message (so Docker's exit code is 127).
@@ -254,6 +286,7 @@ async fn exec_can_be_forced_through_runc() -> Result<()> {
     c.start(pb::StartRequest::default()).await?;
     let got = shim_exec(&mut c, "e1", &process((0, 0, &[]), "/")).await?;
     assert!(got.contains("uid=0(root)"), "{got}");
+    assert_eq!(tty_echo(&mut c, "tty").await?, "hi\r\n", "runc's pty");
     assert!(t.shim_log().contains("native=false"), "{}", t.shim_log());
     Ok(())
 }

@@ -7,12 +7,13 @@
 //! namespace only applies to children, it forks again and exits. The grandchild — re-parented
 //! to the shim, the subreaper — does what runc's `setns` init does, in the same order: a new
 //! session and session keyring, the terminal (a pty opened in the container's `/dev/ptmx`, its
-//! master sent back over a socket pair, `-onlcr` as runc sets it) or stdio, the working
-//! directory, `no_new_privs`, the capability bounding set, user and groups, the other
-//! capability sets, the program lookup in `$PATH`, the container's seccomp filter (compiled
-//! once by [`crate::seccomp`]) and `execve`. Everything is prepared before the fork: between
-//! fork and exec the children make only raw system calls (no allocation, no locks). Failures
-//! travel back as `(stage, errno)` over a close-on-exec pipe whose EOF means the exec happened.
+//! master sent back over a socket pair, its settings the kernel's defaults as runc leaves
+//! them) or stdio, the working directory, `no_new_privs`, the capability bounding set, user
+//! and groups, the other capability sets, the program lookup in `$PATH`, the container's
+//! seccomp filter (compiled once by [`crate::seccomp`]) and `execve`. Everything is prepared
+//! before the fork: between fork and exec the children make only raw system calls (no
+//! allocation, no locks). Failures travel back as `(stage, errno)` over a close-on-exec pipe
+//! whose EOF means the exec happened.
 //!
 //! [`plan`] says when native exec does not apply (the shim then runs `runtime exec`): an
 //! AppArmor profile or SELinux label with that LSM enabled, no capabilities in the process,
@@ -987,12 +988,8 @@ unsafe fn setup_terminal(st: RawFd, sock: RawFd, size: Option<&libc::winsize>) {
         if libc::ioctl(master, libc::TIOCSPTLCK, &unlock) < 0 {
             die(st, Stage::Terminal, errno());
         }
-        // runc's console.SaneTerminal: -onlcr, so output keeps its plain newlines.
-        let mut t: libc::termios = std::mem::zeroed();
-        if libc::tcgetattr(master, &mut t) == 0 {
-            t.c_oflag &= !libc::ONLCR;
-            libc::tcsetattr(master, libc::TCSANOW, &t);
-        }
+        // The kernel's default terminal settings are left as they are, as runc leaves them
+        // (`onlcr` included: output lines end in "\r\n", as `docker exec -t` shows them).
         if let Some(ws) = size {
             libc::ioctl(master, libc::TIOCSWINSZ, ws as *const libc::winsize);
         }

@@ -47,6 +47,7 @@ pub fn routes() -> Router<AppState> {
         .route("/containers/{id}/unpause", post(unpause))
         .route("/containers/{id}/wait", post(streams::wait))
         .route("/containers/{id}/attach", post(streams::attach))
+        .route("/containers/{id}/attach/ws", get(streams::attach_ws))
         .route("/containers/{id}/logs", get(streams::logs))
         .route("/containers/{id}/stats", get(streams::stats))
         .route(
@@ -197,7 +198,8 @@ async fn remove(
         Ok(()) => Ok(StatusCode::NO_CONTENT.into_response()),
         Err(err) if err.is(ErrorKind::FailedPrecondition) => {
             let c = get_container(&st, &id).await?;
-            if render::is_running(&c) {
+            // The engine words the restarting case as Docker does.
+            if render::is_running(&c) && render::status_word(&c) != "restarting" {
                 let what = if render::status_word(&c) == "paused" {
                     "paused"
                 } else {

@@ -112,6 +112,7 @@ pub async fn attach(
     use engine::attach_task_response::Event as Out;
     let upgrade = hijack::wants_upgrade(req.headers());
     let on_upgrade = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>();
+    let peer = hijack::peer(req.extensions());
     let with_stdin = q.bool("stdin") && upgrade;
     let options = engine::AttachOptions {
         id: id.clone(),
@@ -169,10 +170,125 @@ pub async fn attach(
     });
     Ok(hijack::respond(
         on_upgrade.filter(|_| upgrade),
+        peer,
         enc.content_type(),
         output,
         sink,
     ))
+}
+
+/// How long a websocket attach waits for the client's answer to its close.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `GET /containers/{id}/attach/ws`: attach over a websocket, as Docker serves it. Output is
+/// never multiplexed: stdout and stderr bytes both go out as binary messages; text and binary
+/// messages from the client are stdin. The session ends (with a close message) when the output
+/// does, or when the client closes.
+pub async fn attach_ws(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    q: Query,
+    ws: std::result::Result<
+        axum::extract::ws::WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
+) -> Result<Response, ApiError> {
+    use axum::extract::ws::Message;
+    use engine::attach_task_request::Event as In;
+    use engine::attach_task_response::Event as Out;
+    let with_stdin = q.bool("stdin");
+    let options = engine::AttachOptions {
+        id: id.clone(),
+        stdin: with_stdin,
+        stdout: q.bool("stdout"),
+        stderr: q.bool("stderr"),
+        logs: q.bool("logs"),
+        stream: q.bool("stream"),
+        detach_keys: q.get("detachKeys").unwrap_or("").to_string(),
+    };
+    // The container and the options are checked before the handshake, so a missing container
+    // is a 404, as with Docker.
+    let get_ws = |ws| match ws {
+        Ok(ws) => Ok(ws),
+        Err(rejection) => Err(Error::invalid_argument(format!(
+            "not a websocket handshake: {rejection}"
+        ))),
+    };
+    get_container(&st, &id).await?;
+    let ws = get_ws(ws)?;
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(engine::AttachTaskRequest {
+        event: Some(In::Options(options)),
+    })
+    .await
+    .map_err(|_| Error::internal("attach input closed"))?;
+    let mut out = st
+        .backends
+        .containers
+        .attach(ReceiverStream::new(rx).boxed())
+        .await
+        .map_err(container_not_found(&id))?;
+    match out.try_next().await.map_err(container_not_found(&id))? {
+        Some(engine::AttachTaskResponse {
+            event: Some(Out::Ready(_)),
+        }) => {}
+        _ => return Err(Error::internal("attach ended before it was ready").into()),
+    }
+    Ok(ws.on_upgrade(move |socket| async move {
+        let (mut sink, mut incoming) = socket.split();
+        use futures::SinkExt;
+        // The request stream stays open until the session ends: the engine reads its end as
+        // the client going away.
+        let input = {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(msg)) = incoming.next().await {
+                    let data = match msg {
+                        Message::Text(t) => Bytes::copy_from_slice(t.as_bytes()),
+                        Message::Binary(b) => b,
+                        Message::Close(_) => break,
+                        Message::Ping(_) | Message::Pong(_) => continue,
+                    };
+                    if with_stdin
+                        && tx
+                            .send(engine::AttachTaskRequest {
+                                event: Some(In::Data(data.to_vec())),
+                            })
+                            .await
+                            .is_err()
+                    {
+                        break;
+                    }
+                }
+            })
+        };
+        let output = async {
+            while let Ok(Some(m)) = out.try_next().await {
+                let data = match m.event {
+                    Some(Out::Output(chunk)) => chunk.data,
+                    Some(Out::End(_)) => break,
+                    _ => continue,
+                };
+                if sink.send(Message::Binary(data.into())).await.is_err() {
+                    return false;
+                }
+            }
+            sink.send(Message::Close(None)).await.is_ok()
+        };
+        let mut input = input;
+        tokio::select! {
+            closing = output => {
+                // The client answers the close; the connection goes only then (a client that
+                // never answers is let go after a while).
+                if closing {
+                    let _ = tokio::time::timeout(CLOSE_WAIT, &mut input).await;
+                }
+                input.abort();
+            }
+            _ = &mut input => {}
+        }
+        drop(tx);
+    }))
 }
 
 fn log_time(q: &Query, key: &str) -> Result<Option<prost_types::Timestamp>> {

@@ -243,6 +243,28 @@ struct ExecState {
     exited_at: Option<Timestamp>,
 }
 
+/// The message and exit code of an exec that could not start, as Docker reports them: the
+/// runtime's error as containerd wraps it (`OCI runtime exec failed: ...: unknown`), 127 for a
+/// command that is not there, 126 otherwise (not executable, a directory, anything else).
+pub fn exec_failure(chain: &str) -> (String, i32) {
+    // The shim names the runtime first ("runc exec: exec failed: ..."); Docker shows runc's own
+    // words after containerd's prefix.
+    let runtime_words = chain.find("exec failed: ").map_or(chain, |i| &chain[i..]);
+    let message = format!("OCI runtime exec failed: {runtime_words}: unknown");
+    let m = chain.to_ascii_lowercase();
+    let code = if m.contains("permission denied") || m.contains("is a directory") {
+        126
+    } else if m.contains("executable file not found")
+        || m.contains("no such file or directory")
+        || m.contains("not a directory")
+    {
+        127
+    } else {
+        126
+    };
+    (message, code)
+}
+
 fn cmd_string(cmd: &[String]) -> String {
     cmd.join(" ")
 }
@@ -440,8 +462,12 @@ impl Engine {
         if req.cmd.is_empty() {
             return Err(Error::invalid_argument("No exec command specified"));
         }
-        if !req.detach_keys.is_empty() {
-            parse_detach_keys(&req.detach_keys)?;
+        if !req.detach_keys.is_empty() && parse_detach_keys(&req.detach_keys).is_err() {
+            // Docker's wording for an exec (attach says "detach keys").
+            return Err(Error::invalid_argument(format!(
+                "Invalid escape keys ({}) provided",
+                req.detach_keys
+            )));
         }
         let id = Id::random().to_string();
         let inst = Arc::new(ExecInstance {
@@ -630,17 +656,31 @@ impl Engine {
     ) {
         if let Err(e) = self
             .clone()
-            .run_exec_inner(inst.clone(), ctr, opts, input, out.clone())
+            .run_exec_inner(inst.clone(), ctr.clone(), opts, input, out.clone())
             .await
         {
             tracing::debug!(exec = %inst.id, error = %e.chain(), "exec failed");
-            // An exec that never ran is finished with Docker's "cannot run" code.
             let started = inst.state.lock().unwrap().pid != 0;
-            if !started {
-                let code = super::task::start_failure_code(&e.chain());
-                self.finish_exec(&inst, code, None);
+            if started {
+                let _ = out.send(Err(e.into())).await;
+                return;
             }
-            let _ = out.send(Err(e.into())).await;
+            // An exec that never ran is finished with Docker's "cannot run" code, and the
+            // client is told in the stream, as Docker does, rather than by a failed call.
+            let (message, code) = exec_failure(&e.chain());
+            self.finish_exec(&inst, code, None);
+            if let Ok(shim) = self.task_shim(&ctr).await {
+                let _ = shim.delete(&inst.id, true).await;
+            }
+            let failed = pb::exec_start_response::Event::Failed(pb::ExecFailed {
+                message,
+                exit_code: code,
+            });
+            let _ = out
+                .send(Ok(pb::ExecStartResponse {
+                    event: Some(failed),
+                }))
+                .await;
         }
     }
 
@@ -654,7 +694,8 @@ impl Engine {
     ) -> Result<()> {
         use pb::exec_start_response::Event;
         let r = &inst.req;
-        let tty = opts.tty.unwrap_or(r.tty);
+        // The pty is the create's decision; a start's Tty only picks the framing (Docker).
+        let tty = r.tty;
         let shim = self.task_shim(&ctr).await?;
         let bundle = self.paths.bundle(&ctr.id);
         let spec_bytes = std::fs::read(bundle.join("config.json"))
@@ -793,6 +834,11 @@ impl Engine {
                 (code, false)
             }
             PumpEnd::Detached => {
+                self.container_event(
+                    &ctr.record(),
+                    "exec_detach",
+                    [("execID".to_string(), inst.id.clone())],
+                );
                 let engine = self.clone();
                 let inst2 = inst.clone();
                 let shim2 = shim.clone();
@@ -829,6 +875,24 @@ mod tests {
         assert_eq!(parse_detach_keys("ctrl-@,ctrl-[").unwrap(), [0, 27]);
         assert!(parse_detach_keys("ctrl-1").is_err());
         assert!(parse_detach_keys("abc").is_err());
+    }
+
+    #[test]
+    fn exec_failures_read_like_dockers() {
+        let (msg, code) = exec_failure(
+            "runc exec: exec failed: unable to start container process: exec: \"nope\": executable file not found in $PATH",
+        );
+        assert_eq!(
+            msg,
+            "OCI runtime exec failed: exec failed: unable to start container process: exec: \"nope\": executable file not found in $PATH: unknown"
+        );
+        assert_eq!(code, 127);
+        let (_, code) = exec_failure(
+            "runc exec: exec failed: unable to start container process: exec: \"/etc/passwd\": permission denied",
+        );
+        assert_eq!(code, 126);
+        assert_eq!(exec_failure("exec: \"/\": is a directory").1, 126);
+        assert_eq!(exec_failure("read the container's config.json").1, 126);
     }
 
     #[test]

@@ -1137,3 +1137,59 @@ async fn image_volumes_become_anonymous_volumes_filled_from_the_image() {
     assert!(engine.volumes.get(&m.name).is_err());
     assert!(!Path::new(&m.source).exists());
 }
+
+#[tokio::test]
+async fn kill_returns_once_the_exit_is_recorded() {
+    let kit = Kit::new();
+    let engine = kit.engine();
+    engine
+        .create(create_req("kk", &["sleep"]), "default")
+        .await
+        .unwrap();
+    engine.start("kk").await.unwrap();
+    engine.kill("kk", "").await.unwrap();
+    let rec = engine.get("kk").unwrap().record();
+    assert_eq!(rec.status(), pb::ContainerStatus::Exited);
+    assert_eq!(rec.state().exit_code, 137);
+}
+
+#[tokio::test]
+async fn a_restarting_container_is_removed_only_by_force() {
+    let kit = Kit::new();
+    let engine = kit.engine();
+    let mut req = create_req("rr", &["exit", "3"]);
+    req.host_config.as_mut().unwrap().restart_policy = Some(pb::RestartPolicy {
+        name: pb::RestartPolicyName::OnFailure.into(),
+        max_retries: 0,
+    });
+    let (c, _) = engine.create(req, "default").await.unwrap();
+    engine.start("rr").await.unwrap();
+    // The backoff doubles, so some attempt finds it restarting.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let err = loop {
+        assert!(std::time::Instant::now() < deadline, "never restarting");
+        if engine.get("rr").unwrap().with(|r| r.status()) != pb::ContainerStatus::Restarting {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        match engine.delete("rr", false, false).await {
+            Err(e) if e.message().contains("restarting") => break e,
+            Err(_) => continue,
+            Ok(()) => panic!("a restarting container was removed without force"),
+        }
+    };
+    assert_eq!(err.kind(), ErrorKind::FailedPrecondition);
+    assert_eq!(
+        err.message(),
+        "cannot remove container \"rr\": container is restarting: stop the container before removing or force remove"
+    );
+    engine.delete("rr", true, false).await.unwrap();
+    let spawns = *kit.shims.spawns.lock().unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        *kit.shims.spawns.lock().unwrap(),
+        spawns,
+        "restarted after removal"
+    );
+    assert_eq!(engine.get(&c.id).unwrap_err().kind(), ErrorKind::NotFound);
+}

@@ -136,9 +136,29 @@ impl Engine {
         }
     }
 
-    /// Sends a signal (default SIGKILL).
+    /// Sends a signal (default SIGKILL). With SIGKILL it returns once the exit is recorded, as
+    /// Docker's does, so an inspect right after shows it; other signals return at once. A
+    /// restarting container is only kept from restarting (Docker sends no signal then).
     pub async fn kill(self: &Arc<Self>, input: &str, signal: &str) -> Result<()> {
         let ctr = self.get(input)?;
+        let sig = if signal.is_empty() {
+            libc::SIGKILL
+        } else {
+            crate::signal::parse(signal)?
+        };
+        let rec = ctr.record();
+        if rec.status() == pb::ContainerStatus::Restarting {
+            // There is no process to signal: SIGKILL and the stop signal call the restart
+            // off, any other signal is accepted and changes nothing (Docker).
+            if sig != libc::SIGKILL && sig != self.stop_signal(&rec) {
+                return Ok(());
+            }
+            let _op = ctr.op.lock().await;
+            if ctr.with(|r| r.status()) == pb::ContainerStatus::Restarting {
+                self.stop_locked(&ctr, "", Some(0)).await?;
+                return Ok(());
+            }
+        }
         let rec = ctr.record();
         if !rec.is_running() {
             return Err(Error::failed_precondition(format!(
@@ -146,11 +166,6 @@ impl Engine {
                 ctr.id
             )));
         }
-        let sig = if signal.is_empty() {
-            libc::SIGKILL
-        } else {
-            crate::signal::parse(signal)?
-        };
         // Killing with SIGKILL or the stop signal is a stop: no restart follows (Docker).
         if sig == libc::SIGKILL || sig == self.stop_signal(&rec) {
             self.cancel_restart(&ctr);
@@ -158,9 +173,19 @@ impl Engine {
             self.persist(&ctr).await?;
         }
         let shim = self.task_shim(&ctr).await?;
+        let generation = ctr.exits.borrow().generation;
         self.signal(&ctr, &shim, sig, false).await?;
         if rec.status() == pb::ContainerStatus::Paused && sig == libc::SIGKILL {
             let _ = shim.resume().await;
+        }
+        if sig == libc::SIGKILL && !Self::wait_generation(&ctr, generation, Some(KILL_WAIT)).await {
+            return Err(Error::new(
+                ErrorKind::DeadlineExceeded,
+                format!(
+                    "tried to kill container {}, but did not receive an exit event",
+                    ctr.id
+                ),
+            ));
         }
         Ok(())
     }
@@ -337,6 +362,17 @@ impl Engine {
             return Err(Error::not_found(format!("No such container: {input}")));
         }
         let status = ctr.with(|r| r.status());
+        if status == pb::ContainerStatus::Restarting {
+            if !force {
+                return Err(Error::failed_precondition(format!(
+                    "cannot remove container \"{input}\": container is restarting: stop the container before removing or force remove"
+                )));
+            }
+            // No restart follows; phase two of the exit (if still to come) finds the record
+            // gone.
+            self.cancel_restart(&ctr);
+            ctr.update(|r| r.state_mut().manually_stopped = true);
+        }
         if matches!(
             status,
             pb::ContainerStatus::Running | pb::ContainerStatus::Paused

@@ -139,6 +139,21 @@ impl Engine {
             st.pid = 0;
             st.finished_at = Some(at);
             st.oom_killed |= oom;
+            // Docker goes from running straight to restarting when the policy restarts: the
+            // decision is taken here (phase two takes it again, with the same inputs unless
+            // a stop, kill or delete came in between) so nothing sees "exited" meanwhile.
+            let mut rs = r.p.restart;
+            let restarts = restart::should_restart(
+                r.restart_policy(),
+                &mut rs,
+                status as i32,
+                r.state().manually_stopped,
+                r.ran_for(),
+            )
+            .is_some();
+            if restarts {
+                r.state_mut().status = pb::ContainerStatus::Restarting.into();
+            }
             Some(r.clone())
         });
         let Some(rec) = rec else { return };
@@ -188,6 +203,11 @@ impl Engine {
         if let Some(delay) = restart::should_restart(policy, &mut rs, code, manual, ran_for) {
             self.schedule_restart(&ctr, rs, delay).await;
             return;
+        }
+        if ctr.with(|r| r.status()) == pb::ContainerStatus::Restarting {
+            // Phase one expected a restart that a kill has called off since.
+            ctr.update(|r| r.state_mut().status = pb::ContainerStatus::Exited.into());
+            let _ = self.persist(&ctr).await;
         }
         if auto_remove && let Err(e) = self.delete_locked(&ctr, true).await {
             tracing::warn!(id = %ctr.id, error = %e.chain(), "auto-remove");
