@@ -77,11 +77,15 @@ async fn dispatch(
 }
 
 fn not_routed(method: &Method, rest: &str) -> ApiError {
-    Error::unimplemented(format!(
-        "{method} /images/{rest} is not implemented by berth yet"
-    ))
-    .into()
+    if *method == Method::GET && rest == "search" {
+        return Error::unimplemented(NO_SEARCH).into();
+    }
+    crate::not_routed(method, &format!("/images/{rest}"))
 }
+
+/// Why `docker search` is refused.
+pub const NO_SEARCH: &str =
+    "berth does not search registries: it has no client for Docker Hub's search API (/v1/search)";
 
 /// A fully qualified reference as Docker prints it (`busybox:latest`).
 pub fn familiar(reference: &str) -> String {

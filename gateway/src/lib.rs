@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::Request;
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -28,10 +29,12 @@ pub mod grpc;
 pub mod hijack;
 pub mod images;
 pub mod networks;
+pub mod plugins;
 pub mod progress;
 pub mod query;
 pub mod registry;
 pub mod stdcopy;
+pub mod swarm;
 pub mod system;
 pub mod time;
 pub mod tls;
@@ -47,6 +50,51 @@ pub use system::DaemonInfo;
 pub const API_VERSION: &str = "1.45";
 /// The oldest API version berth accepts.
 pub const MIN_API_VERSION: &str = "1.24";
+
+/// The API version a request was made at: its `/v1.NN` prefix, or [`API_VERSION`] without one.
+/// [`strip_version`] puts it in the request's extensions; handlers take it as an extractor and
+/// pass it to the one function per resource that shapes answers for older clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ApiVersion(pub u32, pub u32);
+
+impl ApiVersion {
+    /// The version berth advertises.
+    pub const CURRENT: Self = Self(1, 45);
+
+    /// `"1.41"` → `ApiVersion(1, 41)`.
+    pub fn parse(v: &str) -> Option<Self> {
+        let (a, b) = v.split_once('.')?;
+        Some(Self(a.parse().ok()?, b.parse().ok()?))
+    }
+
+    /// Whether the request was made at a version older than `major.minor`.
+    pub fn before(self, major: u32, minor: u32) -> bool {
+        self < Self(major, minor)
+    }
+}
+
+impl Default for ApiVersion {
+    fn default() -> Self {
+        Self::CURRENT
+    }
+}
+
+impl std::fmt::Display for ApiVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.0, self.1)
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ApiVersion {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _: &S,
+    ) -> std::result::Result<Self, Self::Rejection> {
+        Ok(parts.extensions.get::<Self>().copied().unwrap_or_default())
+    }
+}
 
 /// What the handlers share: the backends and what the config says about the daemon.
 #[derive(Debug, Clone)]
@@ -101,8 +149,12 @@ pub fn app(state: AppState) -> Router {
         .merge(images::routes())
         .merge(volumes::routes())
         .merge(networks::routes())
+        .merge(swarm::routes())
+        .merge(plugins::routes())
         .route("/build", post(not_supported))
         .route("/commit", post(not_supported))
+        .route("/session", post(no_buildkit))
+        .route("/grpc", post(no_buildkit))
         .fallback(not_implemented)
         .layer(middleware::from_fn(docker_headers))
         .with_state(state)
@@ -123,10 +175,12 @@ pub fn versioned(
     tower::Layer::layer(&middleware::from_fn(strip_version), router)
 }
 
-/// Strips the `/v1.NN` prefix after checking the version, so routes are written once.
+/// Strips the `/v1.NN` prefix after checking the version, so routes are written once, and
+/// records the version as an [`ApiVersion`] extension (none = the current one).
 /// Applied outside the router because routing must see the rewritten path.
 async fn strip_version(mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
+    let mut requested = ApiVersion::CURRENT;
     if let Some(rest) = path.strip_prefix("/v") {
         let (version, tail) = rest.split_once('/').unwrap_or((rest, ""));
         if version.split_once('.').is_some_and(|(a, b)| {
@@ -137,6 +191,7 @@ async fn strip_version(mut req: Request, next: Next) -> Response {
             if let Err(err) = check_version(version) {
                 return ApiError(err).into_response();
             }
+            requested = ApiVersion::parse(version).unwrap_or_default();
             let new_path = format!("/{tail}");
             let pq = match req.uri().query() {
                 Some(q) => format!("{new_path}?{q}"),
@@ -147,6 +202,7 @@ async fn strip_version(mut req: Request, next: Next) -> Response {
             }
         }
     }
+    req.extensions_mut().insert(requested);
     next.run(req).await
 }
 
@@ -219,11 +275,27 @@ async fn not_supported(method: Method, uri: Uri) -> ApiError {
     ))
 }
 
-/// Everything not routed yet: a clear 501 naming the endpoint.
-async fn not_implemented(method: Method, uri: Uri) -> ApiError {
+/// `/session` and `/grpc` carry BuildKit's sessions; berth has no BuildKit to hand them to.
+async fn no_buildkit(uri: Uri) -> ApiError {
     ApiError(Error::new(
         ErrorKind::Unimplemented,
-        format!("{method} {} is not implemented by berth yet", uri.path()),
+        format!(
+            "berth has no BuildKit builder, so there is no build session to open at {}",
+            uri.path()
+        ),
+    ))
+}
+
+/// Everything not routed yet: a clear 501 naming the endpoint.
+async fn not_implemented(method: Method, uri: Uri) -> ApiError {
+    not_routed(&method, uri.path())
+}
+
+/// The 501 for `method path`, which berth does not serve (yet).
+pub(crate) fn not_routed(method: &Method, path: &str) -> ApiError {
+    ApiError(Error::new(
+        ErrorKind::Unimplemented,
+        format!("{method} {path} is not implemented by berth yet"),
     ))
 }
 
@@ -382,12 +454,12 @@ mod tests {
             v["message"],
             "POST /build is not implemented by berth yet: docker build is not supported"
         );
-        let (status, _, body) = call(dir.path(), "POST", "/v1.45/swarm/init").await;
+        let (status, _, body) = call(dir.path(), "GET", "/v1.45/containers/x/attach/ws").await;
         assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(
             v["message"],
-            "POST /swarm/init is not implemented by berth yet"
+            "GET /containers/x/attach/ws is not implemented by berth yet"
         );
     }
 }

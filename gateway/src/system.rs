@@ -34,8 +34,6 @@ pub fn routes() -> Router<AppState> {
         .route("/system/df", get(df))
         .route("/auth", post(auth))
         .route("/build/prune", post(build_prune))
-        .route("/plugins", get(plugins))
-        .route("/plugins/{name}/json", get(plugin))
 }
 
 /// `POST /build/prune`: berth builds nothing yet, so there is no build cache to prune (this
@@ -45,17 +43,6 @@ async fn build_prune() -> Response {
         StatusCode::OK,
         &json!({"CachesDeleted": [], "SpaceReclaimed": 0}),
     )
-}
-
-/// `GET /plugins`: berth has no plugins.
-async fn plugins() -> Response {
-    json_response(StatusCode::OK, &json!([]))
-}
-
-/// `GET /plugins/{name}/json`: a 404, which `docker inspect` needs to move on to "No such
-/// object".
-async fn plugin(axum::extract::Path(name): axum::extract::Path<String>) -> ApiError {
-    Error::not_found(format!("plugin \"{name}\" not found")).into()
 }
 
 /// What `/info` reports about the daemon's configuration: read once from the config.
@@ -625,14 +612,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn no_plugins() {
+    async fn no_build_cache() {
         let f = Fake::default();
-        assert_eq!(f.request("GET", "/plugins", "").await.json(), json!([]));
         let r = f.request("POST", "/build/prune", "").await;
         assert_eq!(r.json()["SpaceReclaimed"], 0);
-        let r = f.request("GET", "/plugins/x/json", "").await;
-        assert_eq!(r.status, StatusCode::NOT_FOUND);
-        assert_eq!(r.message(), "plugin \"x\" not found");
     }
 
     #[tokio::test]
