@@ -41,6 +41,8 @@ pub mod tls;
 pub mod volumes;
 
 #[cfg(test)]
+mod api_paths;
+#[cfg(test)]
 pub(crate) mod fake;
 
 pub use backend::Backends;
