@@ -950,6 +950,9 @@ impl ImagesApi for Fake {
         Box::pin(async move {
             let chunks: Vec<Bytes> = data.collect().await;
             self.state().uploads = chunks.concat();
+            if self.state().uploads == b"garbage" {
+                return Err(Error::invalid_argument("archive: not a tar archive"));
+            }
             Ok(images::ImportImagesResponse {
                 images: vec![
                     images::LoadedImage {

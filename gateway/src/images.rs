@@ -25,7 +25,7 @@ use crate::backend::Stream;
 use crate::containers::create::parse_platform;
 use crate::errors::no_such;
 use crate::query::Query;
-use crate::{ApiError, AppState, json_response, progress, time};
+use crate::{ApiError, ApiVersion, AppState, json_response, progress, time, versions};
 
 /// The image routes. Names may contain slashes (`127.0.0.1:5000/a/b:tag`), so everything under
 /// `/images/` that is not a fixed route is dispatched on its suffix.
@@ -44,6 +44,7 @@ pub fn routes() -> Router<AppState> {
 
 async fn dispatch(
     State(st): State<AppState>,
+    version: ApiVersion,
     method: Method,
     Path(rest): Path<String>,
     q: Query,
@@ -53,7 +54,7 @@ async fn dispatch(
     match method {
         Method::GET => {
             if let Some(name) = rest.strip_suffix("/json") {
-                inspect(&st, name).await
+                inspect(&st, name, version).await
             } else if let Some(name) = rest.strip_suffix("/history") {
                 history(&st, name).await
             } else if let Some(name) = rest.strip_suffix("/get") {
@@ -365,7 +366,11 @@ pub fn summary(i: &images::Image, containers: i64) -> ImageSummary {
     }
 }
 
-async fn list(State(st): State<AppState>, q: Query) -> Result<Response, ApiError> {
+async fn list(
+    State(st): State<AppState>,
+    version: ApiVersion,
+    q: Query,
+) -> Result<Response, ApiError> {
     let list = st
         .backends
         .images
@@ -374,12 +379,19 @@ async fn list(State(st): State<AppState>, q: Query) -> Result<Response, ApiError
             all: q.bool("all"),
         })
         .await?;
-    let out: Vec<_> = list.iter().map(|i| summary(i, -1)).collect();
+    let out: Vec<Value> = list
+        .iter()
+        .map(|i| {
+            let mut v = serde_json::to_value(summary(i, -1)).unwrap_or_default();
+            versions::image_summary(version, &mut v, true);
+            v
+        })
+        .collect();
     Ok(json_response(StatusCode::OK, &out))
 }
 
-/// `GET /images/{name}/json`.
-pub fn inspect_json(i: &images::Image) -> Value {
+/// `GET /images/{name}/json`, as a request at `version` sees it.
+pub fn inspect_json(i: &images::Image, version: ApiVersion) -> Value {
     let cfg: Value = serde_json::from_slice(&i.config).unwrap_or(Value::Null);
     let resp = ImageInspect {
         id: Some(i.id.clone()),
@@ -411,6 +423,7 @@ pub fn inspect_json(i: &images::Image) -> Value {
     v["Parent"] = json!(i.parent);
     v["DockerVersion"] = json!(i.docker_version);
     v["Config"] = cfg.get("config").cloned().unwrap_or(json!({}));
+    versions::image_inspect(version, &mut v, &cfg);
     v
 }
 
@@ -441,9 +454,9 @@ async fn get_image(st: &AppState, name: &str) -> Result<images::Image> {
         .map_err(no_such("image", &image_display(name)))
 }
 
-async fn inspect(st: &AppState, name: &str) -> Result<Response, ApiError> {
+async fn inspect(st: &AppState, name: &str, version: ApiVersion) -> Result<Response, ApiError> {
     let i = get_image(st, name).await?;
-    Ok(json_response(StatusCode::OK, &inspect_json(&i)))
+    Ok(json_response(StatusCode::OK, &inspect_json(&i, version)))
 }
 
 /// `GET /images/{name}/history`, newest first.
@@ -759,13 +772,20 @@ async fn load(State(st): State<AppState>, q: Query, body: Body) -> Result<Respon
         platform: parse_platform(q.get("platform").unwrap_or(""))?,
         ..Default::default()
     };
-    let resp = st
+    // Like dockerd, a load that fails (an archive that is not one, a broken layer) still
+    // answers 200, with the error as the stream's last line: docker-py raises ImageLoadError
+    // from it and the CLI prints it.
+    let lines = match st
         .backends
         .images
         .import(options, crate::containers::body_chunks(body))
-        .await?;
+        .await
+    {
+        Ok(resp) => load_lines(&resp),
+        Err(err) => vec![progress::error(&err.chain())],
+    };
     let mut buf = Vec::new();
-    for l in load_lines(&resp) {
+    for l in lines {
         buf.extend_from_slice(&progress::line(&l));
     }
     Ok((
@@ -951,6 +971,15 @@ mod tests {
         assert_eq!(v["Config"]["Cmd"], json!(["sh"]));
         assert_eq!(v["RootFS"]["Type"], "layers");
         assert_eq!(v["Os"], "linux");
+        assert!(v.get("ContainerConfig").is_none());
+        // Older clients get the fields of their version (docker-compose 1.29 reads these).
+        let r = f.request("GET", "/v1.41/images/busybox/json", "").await;
+        let v = r.json();
+        assert_eq!(v["Container"], "");
+        assert_eq!(v["ContainerConfig"]["Image"], "");
+        assert_eq!(v["VirtualSize"], 1000);
+        let r = f.request("GET", "/v1.43/images/json", "").await;
+        assert_eq!(r.json()[0]["VirtualSize"], 1000);
         let r = f.request("GET", "/images/busybox/history", "").await;
         let h = r.json();
         assert_eq!(h[0]["CreatedBy"], "CMD [\"sh\"]");
@@ -1075,6 +1104,16 @@ mod tests {
             ]
         );
         assert_eq!(f.state().uploads, b"TARBALL");
+        // A bad archive is still a 200, with the error as the stream's last line.
+        let r = f.request("POST", "/images/load", "garbage").await;
+        assert_eq!(r.status, StatusCode::OK);
+        let lines = r.lines();
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0]["error"], "archive: not a tar archive");
+        assert_eq!(
+            lines[0]["errorDetail"]["message"],
+            "archive: not a tar archive"
+        );
         let r = f.request("POST", "/images/prune", "").await;
         assert_eq!(r.json(), json!({"ImagesDeleted": [], "SpaceReclaimed": 0}));
     }

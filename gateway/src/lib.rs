@@ -38,6 +38,7 @@ pub mod swarm;
 pub mod system;
 pub mod time;
 pub mod tls;
+pub mod versions;
 pub mod volumes;
 
 #[cfg(test)]

@@ -22,7 +22,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::query::Query;
-use crate::{API_VERSION, ApiError, AppState, MIN_API_VERSION, go_arch, json_response, time};
+use crate::{
+    API_VERSION, ApiError, ApiVersion, AppState, MIN_API_VERSION, go_arch, json_response, time,
+};
 
 /// The system routes.
 pub fn routes() -> Router<AppState> {
@@ -233,7 +235,7 @@ pub fn container_counts(list: &[engine::Container]) -> (i64, i64, i64, i64) {
 }
 
 /// `GET /info`.
-async fn info(State(st): State<AppState>) -> Result<Response, ApiError> {
+async fn info(State(st): State<AppState>, version: ApiVersion) -> Result<Response, ApiError> {
     let d = &st.info;
     let mut warnings = Vec::new();
     let containers = st
@@ -417,6 +419,8 @@ async fn info(State(st): State<AppState>) -> Result<Response, ApiError> {
         warnings: Some(warnings),
         ..Default::default()
     };
+    let mut info = serde_json::to_value(info).unwrap_or_default();
+    crate::versions::system_info(version, &mut info);
     Ok(json_response(StatusCode::OK, &info))
 }
 
@@ -496,7 +500,7 @@ async fn events_stream(State(st): State<AppState>, q: Query) -> Result<Response,
 }
 
 /// `GET /system/df`.
-async fn df(State(st): State<AppState>) -> Result<Response, ApiError> {
+async fn df(State(st): State<AppState>, version: ApiVersion) -> Result<Response, ApiError> {
     let b = &st.backends;
     let (usage, image_list, containers, volumes) = tokio::join!(
         b.images.disk_usage(),
@@ -527,7 +531,9 @@ async fn df(State(st): State<AppState>) -> Result<Response, ApiError> {
             if let Some(u) = u {
                 s.size = u.size;
             }
-            serde_json::to_value(s).unwrap_or_default()
+            let mut v = serde_json::to_value(s).unwrap_or_default();
+            crate::versions::image_summary(version, &mut v, false);
+            v
         })
         .collect();
     let containers: Vec<Value> = containers?
