@@ -5,12 +5,16 @@ BERTH_ARGS ?=
 # Parallel test processes (integration tests mostly wait on processes and the kernel).
 TEST_THREADS ?= 4
 
-.PHONY: all deps build release up test unit lint fmt bench clean
+.PHONY: all deps pyvenv build release up test unit lint fmt bench clean
 
 all: build
 
 deps:
 	./deploy/install-deps.sh
+
+# docker-py (PyPI) in target/pyvenv for the integration tests that drive berth with it.
+pyvenv:
+	./deploy/pyvenv.sh target/pyvenv
 
 build:
 	$(CARGO) build --workspace --bins
@@ -26,7 +30,7 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # Every test, unit and integration. Integration tests run the binaries `build` produced.
-test: deps build lint
+test: deps pyvenv build lint
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --no-fail-fast --test-threads $(TEST_THREADS); \
 	else \

@@ -19,6 +19,8 @@ PACKAGES=(
   openssl                       # test certificates (TLS tests)
   procps
   python3
+  python3-venv                  # the test venv with docker-py (deploy/pyvenv.sh)
+  docker-compose                # docker-compose 1.29 as a real client in tests
 )
 
 missing=()

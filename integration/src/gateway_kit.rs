@@ -77,7 +77,7 @@ pub struct Running {
 }
 
 impl Running {
-    fn spawn(cmd: &mut Command) -> Result<Self> {
+    pub fn spawn(cmd: &mut Command) -> Result<Self> {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -5,6 +5,7 @@ pub mod engine_kit;
 pub mod gateway_kit;
 pub mod images_kit;
 pub mod network_kit;
+pub mod py_kit;
 pub mod shim_kit;
 pub mod snapshotter_kit;
 pub mod stack;
