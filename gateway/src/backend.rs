@@ -242,6 +242,13 @@ pub trait ImagesApi: Send + Sync {
     fn disk_usage(&self) -> Fut<'_, images::DiskUsageResponse> {
         missing("image disk usage")
     }
+    /// `Images.InspectDistribution`.
+    fn inspect_distribution(
+        &self,
+        req: images::InspectDistributionRequest,
+    ) -> Fut<'_, images::InspectDistributionResponse> {
+        missing("distribution inspect")
+    }
 }
 
 /// Volumes (berth-engine's `Volumes`).

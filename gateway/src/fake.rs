@@ -985,6 +985,37 @@ impl ImagesApi for Fake {
             })
         })
     }
+    fn inspect_distribution(
+        &self,
+        req: images::InspectDistributionRequest,
+    ) -> Fut<'_, images::InspectDistributionResponse> {
+        self.call(format!("distribution {}", req.reference));
+        done(if req.reference.contains("busybox") {
+            Ok(images::InspectDistributionResponse {
+                descriptor: Some(types::Descriptor {
+                    media_type: "application/vnd.oci.image.index.v1+json".into(),
+                    digest: format!("sha256:{}", "d".repeat(64)),
+                    size: 314,
+                    ..Default::default()
+                }),
+                platforms: vec![types::Platform {
+                    os: "linux".into(),
+                    architecture: "arm64".into(),
+                    variant: "v8".into(),
+                    ..Default::default()
+                }],
+            })
+        } else if req.reference.contains("unreachable") {
+            Err(Error::unavailable(
+                "https://10.0.0.1/v2/: cannot connect: refused",
+            ))
+        } else {
+            Err(Error::not_found(format!(
+                "manifest for {} not found: manifest unknown: manifest unknown",
+                req.reference
+            )))
+        })
+    }
     fn disk_usage(&self) -> Fut<'_, images::DiskUsageResponse> {
         let imgs = self.state().images.clone();
         ok(images::DiskUsageResponse {

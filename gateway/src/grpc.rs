@@ -369,6 +369,12 @@ impl ImagesApi for GrpcImages {
     fn disk_usage(&self) -> Fut<'_, images::DiskUsageResponse> {
         unary!(self.0, disk_usage, images::DiskUsageRequest {})
     }
+    fn inspect_distribution(
+        &self,
+        req: images::InspectDistributionRequest,
+    ) -> Fut<'_, images::InspectDistributionResponse> {
+        unary!(self.0, inspect_distribution, req)
+    }
 }
 
 impl VolumesApi for GrpcVolumes {

@@ -40,6 +40,59 @@ pub fn routes() -> Router<AppState> {
             "/images/{*rest}",
             get(dispatch).post(dispatch).delete(dispatch),
         )
+        .route("/distribution/{*rest}", get(distribution))
+}
+
+/// `GET /distribution/{name}/json`: what the registry holds for `name`, without pulling.
+async fn distribution(
+    State(st): State<AppState>,
+    method: Method,
+    Path(rest): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let rest = rest.trim_start_matches('/');
+    let Some(name) = rest.strip_suffix("/json") else {
+        return Err(crate::not_routed(&method, &format!("/distribution/{rest}")));
+    };
+    let reference = Reference::parse(name)?;
+    // As dockerd, credentials that do not decode are ignored rather than refused.
+    let auth = registry_auth(&headers).unwrap_or_default();
+    let d = st
+        .backends
+        .images
+        .inspect_distribution(images::InspectDistributionRequest {
+            reference: reference.to_string(),
+            auth,
+        })
+        .await
+        .map_err(pull_error)?;
+    Ok(json_response(StatusCode::OK, &distribution_json(&d)))
+}
+
+/// Docker's `DistributionInspect`: an OCI descriptor and OCI platforms.
+pub fn distribution_json(d: &images::InspectDistributionResponse) -> Value {
+    let desc = d.descriptor.clone().unwrap_or_default();
+    let platforms: Vec<Value> = d
+        .platforms
+        .iter()
+        .map(|p| {
+            let mut v = json!({"architecture": p.architecture, "os": p.os});
+            if !p.os_version.is_empty() {
+                v["os.version"] = json!(p.os_version);
+            }
+            if !p.os_features.is_empty() {
+                v["os.features"] = json!(p.os_features);
+            }
+            if !p.variant.is_empty() {
+                v["variant"] = json!(p.variant);
+            }
+            v
+        })
+        .collect();
+    json!({
+        "Descriptor": {"mediaType": desc.media_type, "digest": desc.digest, "size": desc.size},
+        "Platforms": platforms,
+    })
 }
 
 async fn dispatch(
@@ -197,6 +250,18 @@ fn registry_error(err: Error) -> Error {
     }
 }
 
+/// A pull's failure before any output, from the images service. Besides [`registry_error`]'s
+/// mapping, a registry berth cannot reach is dockerd's 500 with the cause, not a 503 (which
+/// would say the daemon itself is unavailable). The images service's own unavailability
+/// surfaces on the call itself, before this.
+fn pull_error(err: Error) -> Error {
+    if err.is(ErrorKind::Unavailable) {
+        Error::internal(err.chain())
+    } else {
+        registry_error(err)
+    }
+}
+
 fn pull_reference(from_image: &str, tag: &str) -> Result<String> {
     if from_image.is_empty() {
         return Err(Error::invalid_argument("fromImage or fromSrc is required"));
@@ -304,12 +369,12 @@ async fn create(
     let s = st.backends.images.pull(req).await.map_err(registry_error)?;
     // Docker resolves the manifest before it writes anything, so "not found" and "unauthorized"
     // are statuses; hold the "Pulling from" line until the pull got past that point.
-    let (first, mut rest) = first_or_error(s).await.map_err(registry_error)?;
+    let (first, mut rest) = first_or_error(s).await.map_err(pull_error)?;
     let mut head = Vec::new();
     if let Some(first) = first {
         let started = matches!(first.event, Some(images::pull_response::Event::Started(_)));
         head.push(first);
-        if started && let Some(next) = rest.try_next().await.map_err(registry_error)? {
+        if started && let Some(next) = rest.try_next().await.map_err(pull_error)? {
             head.push(next);
         }
     }
@@ -1078,6 +1143,45 @@ mod tests {
         assert!(r.message().contains("(must force)"), "{}", r.message());
         let r = f.request("DELETE", "/images/busybox?force=1", "").await;
         assert_eq!(r.status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn distribution_inspects_without_pulling() {
+        let f = Fake::default();
+        let r = f
+            .request(
+                "GET",
+                "/v1.45/distribution/127.0.0.1:5000/team/busybox:1/json",
+                "",
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(
+            r.json(),
+            json!({
+                "Descriptor": {
+                    "mediaType": "application/vnd.oci.image.index.v1+json",
+                    "digest": format!("sha256:{}", "d".repeat(64)),
+                    "size": 314,
+                },
+                "Platforms": [{"architecture": "arm64", "os": "linux", "variant": "v8"}],
+            })
+        );
+        assert!(
+            f.state()
+                .calls
+                .contains(&"distribution 127.0.0.1:5000/team/busybox:1".to_string())
+        );
+        let r = f.request("GET", "/distribution/nosuch/json", "").await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+        // An unreachable registry is dockerd's 500 with the cause, not a 503.
+        let r = f
+            .request("GET", "/distribution/10.0.0.1/unreachable/json", "")
+            .await;
+        assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(r.message().contains("cannot connect"), "{}", r.message());
+        let r = f.request("GET", "/distribution/Bad/json", "").await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
     }
 
     #[tokio::test]
