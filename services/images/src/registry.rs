@@ -281,10 +281,21 @@ impl Registries {
         let mut last_err = None;
         for ep in endpoints {
             let fetched = match self.connect(&ep, domain, path, creds, false).await {
-                Ok(repo) => repo
-                    .get_manifest(reference)
-                    .await
-                    .map(|manifest| (repo, manifest)),
+                Ok(repo) => match repo.get_manifest(reference).await {
+                    Ok(manifest) => Ok((repo, manifest)),
+                    // Registries answer MANIFEST_UNKNOWN for a repository they do not have as
+                    // well as for a tag it does not have; the repository's tag list tells the
+                    // two apart, as users (and clients matching Docker's wording) need.
+                    Err(err) if NotThere::of(&err) == Some(NotThere::ManifestUnknown) => {
+                        match repo.check_exists().await {
+                            Err(gone) if NotThere::of(&gone) == Some(NotThere::NameUnknown) => {
+                                Err(gone)
+                            }
+                            _ => Err(err),
+                        }
+                    }
+                    Err(err) => Err(err),
+                },
                 Err(err) => Err(err),
             };
             match fetched {
@@ -741,6 +752,16 @@ impl Repository {
         Error::new(kind, msg)
     }
 
+    /// `Ok` when the registry knows the repository (its tag list answers), else its error.
+    pub async fn check_exists(&self) -> Result<()> {
+        let url = self.url("tags/list?n=1");
+        let resp = self.send(&|| self.client.get(&url)).await?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        Err(self.status_error(resp, "tags").await)
+    }
+
     /// GETs a manifest by tag or digest. A digest reference is checked against the bytes.
     pub async fn get_manifest(&self, reference: &str) -> Result<FetchedManifest> {
         let url = self.url(&format!("manifests/{reference}"));
@@ -1085,20 +1106,21 @@ fn not_there(status: StatusCode, body: &[u8]) -> Option<Error> {
     Some(Error::new(kind, format!("{}: {message}", what.text())))
 }
 
-/// Docker's wording for a pull of `reference` that found nothing (moby's `translatePullError`):
-/// a 404 clients raise "image not found" from. Any other error is returned as it is.
+/// Docker's wording for a pull of `reference` that found nothing, always a 404: a repository
+/// that does not exist (or is denied) is "pull access denied for X, repository does not exist or
+/// may require 'docker login'", as dockerd words it (clients such as docker-py raise
+/// ImageNotFound on "repository does not exist"); a tag it does not have is "manifest for X:tag
+/// not found". The registry's own error follows, as moby's `notFoundError` does. Any other
+/// error is returned as it is.
 pub fn not_found(err: Error, reference: &berth_core::Reference) -> Error {
     let Some(what) = NotThere::of(&err) else {
         return err;
     };
     let context = match what {
-        NotThere::Denied => format!(
+        NotThere::Denied | NotThere::NameUnknown => format!(
             "pull access denied for {}, repository does not exist or may require 'docker login'",
             reference.familiar_repository()
         ),
-        NotThere::NameUnknown => {
-            format!("repository {} not found", reference.familiar_repository())
-        }
         NotThere::ManifestUnknown => format!("manifest for {} not found", reference.familiar()),
     };
     Error::not_found(format!("{context}: {}", err.message()))
@@ -1208,7 +1230,8 @@ mod tests {
         let err = not_found(not_there(StatusCode::NOT_FOUND, body).unwrap(), &r);
         assert_eq!(
             err.message(),
-            "repository 127.0.0.1:5000/nosuch not found: name unknown: repository name not known to registry"
+            "pull access denied for 127.0.0.1:5000/nosuch, repository does not exist or may \
+             require 'docker login': name unknown: repository name not known to registry"
         );
         // Other codes keep the registry's answer as it was.
         let body = br#"{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}"#;
