@@ -114,19 +114,23 @@ pub fn system_info(version: ApiVersion, v: &mut Value) {
 
 /// `GET /containers/{id}/json`.
 ///
+/// - below 1.48 (every version berth serves): no endpoint `GwPriority`, which the models berth
+///   renders with already carry.
 /// - below 1.45: on user-defined networks, `Aliases` also hold the short container id and the
 ///   hostname (1.45 moved those to `DNSNames` and left `Aliases` as the client sent them).
 pub fn container_inspect(version: ApiVersion, v: &mut Value) {
-    if !version.before(1, 45) {
-        return;
-    }
     let short_id: String = v["Id"].as_str().unwrap_or("").chars().take(12).collect();
     let hostname = v["Config"]["Hostname"].as_str().unwrap_or("").to_string();
     let Some(networks) = v["NetworkSettings"]["Networks"].as_object_mut() else {
         return;
     };
     for (name, ep) in networks.iter_mut() {
-        if !user_defined(name) {
+        if version.before(1, 48)
+            && let Some(ep) = ep.as_object_mut()
+        {
+            ep.remove("GwPriority");
+        }
+        if !version.before(1, 45) || !user_defined(name) {
             continue;
         }
         let mut aliases: Vec<Value> = ep["Aliases"].as_array().cloned().unwrap_or_default();
@@ -209,14 +213,26 @@ mod tests {
             "Id": "0123456789abcdef",
             "Config": {"Hostname": "web"},
             "NetworkSettings": {"Networks": {
-                "bridge": {"Aliases": null},
+                "bridge": {"Aliases": null, "GwPriority": 0},
                 "front": {"Aliases": ["db"]},
                 "back": {"Aliases": null},
             }},
         });
         let mut v = c.clone();
         container_inspect(ApiVersion::CURRENT, &mut v);
-        assert_eq!(v, c);
+        assert!(
+            v["NetworkSettings"]["Networks"]["bridge"]
+                .get("GwPriority")
+                .is_none()
+        );
+        assert_eq!(
+            v["NetworkSettings"]["Networks"]["front"],
+            c["NetworkSettings"]["Networks"]["front"]
+        );
+        assert_eq!(
+            v["NetworkSettings"]["Networks"]["back"],
+            c["NetworkSettings"]["Networks"]["back"]
+        );
         container_inspect(V144, &mut v);
         let nets = &v["NetworkSettings"]["Networks"];
         assert_eq!(nets["bridge"]["Aliases"], Value::Null);
