@@ -54,6 +54,11 @@ async fn distribution(
     let Some(name) = rest.strip_suffix("/json") else {
         return Err(crate::not_routed(&method, &format!("/distribution/{rest}")));
     };
+    let hex = name.strip_prefix("sha256:").unwrap_or(name);
+    if hex.len() == 64 && hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+        // An image id names no repository to ask; dockerd answers this 500.
+        return Err(Error::internal("no manifest found for full image ID").into());
+    }
     let reference = Reference::parse(name)?;
     // As dockerd, credentials that do not decode are ignored rather than refused.
     let auth = registry_auth(&headers).unwrap_or_default();
@@ -1182,6 +1187,12 @@ mod tests {
         assert!(r.message().contains("cannot connect"), "{}", r.message());
         let r = f.request("GET", "/distribution/Bad/json", "").await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        let id = format!("sha256:{}", "e".repeat(64));
+        let r = f
+            .request("GET", &format!("/distribution/{id}/json"), "")
+            .await;
+        assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(r.message(), "no manifest found for full image ID");
     }
 
     #[tokio::test]
