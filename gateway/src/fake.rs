@@ -1155,6 +1155,25 @@ impl SystemApi for Fake {
     fn ping(&self) -> Fut<'_, bool> {
         ok(true)
     }
+    fn search(
+        &self,
+        term: String,
+        limit: u32,
+        _: Option<types::RegistryAuth>,
+    ) -> Fut<'_, Vec<crate::backend::SearchResult>> {
+        self.call(format!("search {term} {limit}"));
+        let result = |name: &str, stars: i64, official: bool| crate::backend::SearchResult {
+            name: name.into(),
+            description: format!("{name} image"),
+            star_count: stars,
+            is_official: official,
+            is_automated: true,
+        };
+        ok(vec![
+            result("busybox", 3000, true),
+            result("someone/busybox", 5, false),
+        ])
+    }
     fn login(&self, auth: types::RegistryAuth) -> Fut<'_, LoginResult> {
         if auth.password == "secret" {
             ok(LoginResult::default())

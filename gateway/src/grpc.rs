@@ -448,4 +448,12 @@ impl SystemApi for GrpcSystem {
     fn login(&self, auth: types::RegistryAuth) -> Fut<'_, LoginResult> {
         Box::pin(async move { self.registry.login(&auth).await })
     }
+    fn search(
+        &self,
+        term: String,
+        limit: u32,
+        auth: Option<types::RegistryAuth>,
+    ) -> Fut<'_, Vec<crate::backend::SearchResult>> {
+        Box::pin(async move { self.registry.search(&term, limit, auth.as_ref()).await })
+    }
 }

@@ -117,6 +117,8 @@ async fn dispatch(
                 history(&st, name).await
             } else if let Some(name) = rest.strip_suffix("/get") {
                 save(&st, vec![name.to_string()]).await
+            } else if rest == "search" {
+                search(&st, &q, &headers).await
             } else {
                 Err(not_routed(&method, rest))
             }
@@ -136,15 +138,69 @@ async fn dispatch(
 }
 
 fn not_routed(method: &Method, rest: &str) -> ApiError {
-    if *method == Method::GET && rest == "search" {
-        return Error::unimplemented(NO_SEARCH).into();
-    }
     crate::not_routed(method, &format!("/images/{rest}"))
 }
 
-/// Why `docker search` is refused.
-pub const NO_SEARCH: &str =
-    "berth does not search registries: it has no client for Docker Hub's search API (/v1/search)";
+/// `GET /images/search?term=&limit=&filters=`: the registry's search, filtered as dockerd
+/// filters it (`is-official`, `stars`; `is-automated=true` matches nothing since Docker Hub
+/// deprecated the field).
+async fn search(st: &AppState, q: &Query, headers: &HeaderMap) -> Result<Response, ApiError> {
+    let limit = match q.non_empty("limit") {
+        None => 0,
+        Some(l) => l
+            .parse::<u32>()
+            .map_err(|e| Error::invalid_argument("invalid limit specified").with_source(e))?,
+    };
+    let filters = q.filters()?;
+    let mut official = None;
+    let mut min_stars = 0i64;
+    for f in &filters {
+        match f.key.as_str() {
+            "is-automated" if parse_filter_bool(f)? => {
+                return Ok(json_response(StatusCode::OK, &json!([])));
+            }
+            "is-automated" => {}
+            "is-official" => official = Some(parse_filter_bool(f)?),
+            "stars" => {
+                let stars: i64 = f.value.parse().map_err(|e| {
+                    Error::invalid_argument(format!("invalid filter 'stars={}'", f.value))
+                        .with_source(e)
+                })?;
+                min_stars = min_stars.max(stars);
+            }
+            other => {
+                return Err(Error::invalid_argument(format!("invalid filter '{other}'")).into());
+            }
+        }
+    }
+    // For a search, credentials are optional and ones that do not decode are ignored.
+    let auth = registry_auth(headers).ok().flatten();
+    let results = st
+        .backends
+        .system
+        .search(q.get("term").unwrap_or("").to_string(), limit, auth)
+        .await?;
+    let results: Vec<_> = results
+        .into_iter()
+        .filter(|r| official.is_none_or(|o| r.is_official == o) && r.star_count >= min_stars)
+        .map(|mut r| {
+            r.is_automated = false;
+            r
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, &results))
+}
+
+fn parse_filter_bool(f: &types::Filter) -> Result<bool> {
+    match f.value.to_ascii_lowercase().as_str() {
+        "1" | "true" => Ok(true),
+        "0" | "false" => Ok(false),
+        _ => Err(Error::invalid_argument(format!(
+            "invalid filter '{}={}'",
+            f.key, f.value
+        ))),
+    }
+}
 
 /// A fully qualified reference as Docker prints it (`busybox:latest`).
 pub fn familiar(reference: &str) -> String {
@@ -1148,6 +1204,41 @@ mod tests {
         assert!(r.message().contains("(must force)"), "{}", r.message());
         let r = f.request("DELETE", "/images/busybox?force=1", "").await;
         assert_eq!(r.status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn search_filters_as_dockerd() {
+        let f = Fake::default();
+        let r = f
+            .request("GET", "/images/search?term=busybox&limit=5", "")
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        let v = r.json();
+        assert_eq!(v.as_array().unwrap().len(), 2);
+        assert_eq!(v[0]["name"], "busybox");
+        assert_eq!(v[0]["is_automated"], false);
+        assert!(f.state().calls.contains(&"search busybox 5".to_string()));
+        let filtered = |filters: &str| {
+            let f = f.clone();
+            let uri = format!(
+                "/images/search?term=busybox&filters={}",
+                form_urlencoded::byte_serialize(filters.as_bytes()).collect::<String>()
+            );
+            async move { f.request("GET", &uri, "").await }
+        };
+        let r = filtered(r#"{"is-official":["true"]}"#).await;
+        assert_eq!(r.json().as_array().unwrap().len(), 1);
+        let r = filtered(r#"{"stars":["10"]}"#).await;
+        assert_eq!(r.json()[0]["name"], "busybox");
+        let r = filtered(r#"{"is-automated":["true"]}"#).await;
+        assert_eq!(r.json(), json!([]));
+        let r = filtered(r#"{"color":["red"]}"#).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert_eq!(r.message(), "invalid filter 'color'");
+        let r = filtered(r#"{"stars":["many"]}"#).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        let r = f.request("GET", "/images/search?term=x&limit=-1", "").await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
     }
 
     #[tokio::test]

@@ -237,5 +237,13 @@ fn docker_py_meets_dockerds_answers_beyond_the_cli() -> Result<()> {
     let (code, err) = d.fails(&["swarm", "init"])?;
     ensure!(code == 1, "docker swarm init exited {code}: {err}");
     ensure!(err.contains("berth has no Swarm mode"), "{err}");
+    // `docker search` asks the registry's v1 search API, which this registry does not serve:
+    // dockerd's answer.
+    let (code, err) = d.fails(&["search", &format!("{}/busybox", registry.host)])?;
+    ensure!(code == 1, "docker search exited {code}: {err}");
+    ensure!(
+        err.contains("Error response from daemon: Unexpected status code 404"),
+        "{err}"
+    );
     Ok(())
 }
