@@ -61,8 +61,10 @@ pub const MIN_API_VERSION: &str = "1.24";
 pub struct ApiVersion(pub u32, pub u32);
 
 impl ApiVersion {
-    /// The version berth advertises.
+    /// The version berth advertises ([`API_VERSION`]).
     pub const CURRENT: Self = Self(1, 45);
+    /// The oldest version berth accepts ([`MIN_API_VERSION`]).
+    pub const MIN: Self = Self(1, 24);
 
     /// `"1.41"` → `ApiVersion(1, 41)`.
     pub fn parse(v: &str) -> Option<Self> {
@@ -191,10 +193,10 @@ async fn strip_version(mut req: Request, next: Next) -> Response {
                 && a.bytes().all(|c| c.is_ascii_digit())
                 && b.bytes().all(|c| c.is_ascii_digit())
         }) {
-            if let Err(err) = check_version(version) {
-                return ApiError(err).into_response();
+            match check_version(version) {
+                Ok(v) => requested = v,
+                Err(err) => return ApiError(err).into_response(),
             }
-            requested = ApiVersion::parse(version).unwrap_or_default();
             let new_path = format!("/{tail}");
             let pq = match req.uri().query() {
                 Some(q) => format!("{new_path}?{q}"),
@@ -209,25 +211,22 @@ async fn strip_version(mut req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
-fn version_tuple(v: &str) -> (u32, u32) {
-    let (a, b) = v.split_once('.').unwrap_or((v, "0"));
-    (a.parse().unwrap_or(0), b.parse().unwrap_or(0))
-}
-
-fn check_version(v: &str) -> Result<()> {
-    let want = version_tuple(v);
-    if want > version_tuple(API_VERSION) {
+/// The version `v` names, when berth serves it.
+fn check_version(v: &str) -> Result<ApiVersion> {
+    // Digits too many to be a number are no version berth knows: "too old", as before.
+    let want = ApiVersion::parse(v).unwrap_or(ApiVersion(0, 0));
+    if want > ApiVersion::CURRENT {
         return Err(Error::invalid_argument(format!(
             "client version {v} is too new. Maximum supported API version is {API_VERSION}"
         )));
     }
-    if want < version_tuple(MIN_API_VERSION) {
+    if want < ApiVersion::MIN {
         return Err(Error::invalid_argument(format!(
             "client version {v} is too old. Minimum supported API version is {MIN_API_VERSION}, \
              please upgrade your client to a newer version"
         )));
     }
-    Ok(())
+    Ok(want)
 }
 
 /// Every response carries Docker's identification headers; every request runs in a span that
@@ -433,6 +432,15 @@ mod tests {
             body.contains("Minimum supported API version is 1.24"),
             "{body}"
         );
+    }
+
+    #[test]
+    fn api_versions_match_the_advertised_strings() {
+        assert_eq!(ApiVersion::CURRENT.to_string(), API_VERSION);
+        assert_eq!(ApiVersion::MIN.to_string(), MIN_API_VERSION);
+        assert_eq!(ApiVersion::parse("1.41"), Some(ApiVersion(1, 41)));
+        assert!(ApiVersion(1, 41).before(1, 45) && !ApiVersion(1, 45).before(1, 45));
+        assert!(check_version("1.99999999999").is_err());
     }
 
     #[tokio::test]
