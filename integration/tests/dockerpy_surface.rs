@@ -62,7 +62,9 @@ name = "berth surface net"
 net = client.networks.create(name, labels={"t": "surface"})
 assert client.networks.get(name).name == name
 assert client.networks.get(net.id).attrs["Name"] == name
-c = client.containers.create("busybox", ["true"], network=name)
+c = client.containers.run("busybox", ["sh", "-c", "ip -4 addr show eth0 | grep -c inet"],
+                          network=name, detach=True)
+assert c.wait()["StatusCode"] == 0 and c.logs() == b"1\n", c.logs()
 c.reload()
 ep = c.attrs["NetworkSettings"]["Networks"][name]
 for key in ("IPAMConfig", "Links", "DriverOpts", "Aliases"):
