@@ -242,6 +242,13 @@ pub trait ImagesApi: Send + Sync {
     fn disk_usage(&self) -> Fut<'_, images::DiskUsageResponse> {
         missing("image disk usage")
     }
+    /// `Images.InspectDistribution`.
+    fn inspect_distribution(
+        &self,
+        req: images::InspectDistributionRequest,
+    ) -> Fut<'_, images::InspectDistributionResponse> {
+        missing("distribution inspect")
+    }
 }
 
 /// Volumes (berth-engine's `Volumes`).
@@ -313,7 +320,23 @@ pub struct LoginResult {
     pub identity_token: String,
 }
 
-/// The daemon as a whole: health, the host, registry logins.
+/// One repository a registry's search found (Docker's `ImageSearchResponseItem`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SearchResult {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub star_count: i64,
+    #[serde(default)]
+    pub is_official: bool,
+    /// Deprecated by Docker Hub; always sent as `false`.
+    #[serde(default)]
+    pub is_automated: bool,
+}
+
+/// The daemon as a whole: health, the host, registry logins and searches.
 #[allow(unused_variables)]
 pub trait SystemApi: Send + Sync {
     /// Whether the engine answers its health check.
@@ -323,6 +346,16 @@ pub trait SystemApi: Send + Sync {
     /// Checks credentials against a registry.
     fn login(&self, auth: types::RegistryAuth) -> Fut<'_, LoginResult> {
         missing("registry login")
+    }
+    /// Searches the registry `term` names (Docker Hub unless it starts with a registry host)
+    /// for at most `limit` repositories (0 = the registry's default).
+    fn search(
+        &self,
+        term: String,
+        limit: u32,
+        auth: Option<types::RegistryAuth>,
+    ) -> Fut<'_, Vec<SearchResult>> {
+        missing("image search")
     }
 }
 

@@ -950,6 +950,9 @@ impl ImagesApi for Fake {
         Box::pin(async move {
             let chunks: Vec<Bytes> = data.collect().await;
             self.state().uploads = chunks.concat();
+            if self.state().uploads == b"garbage" {
+                return Err(Error::invalid_argument("archive: not a tar archive"));
+            }
             Ok(images::ImportImagesResponse {
                 images: vec![
                     images::LoadedImage {
@@ -980,6 +983,37 @@ impl ImagesApi for Fake {
                 image_id: "sha256:9".into(),
                 reference: options.reference,
             })
+        })
+    }
+    fn inspect_distribution(
+        &self,
+        req: images::InspectDistributionRequest,
+    ) -> Fut<'_, images::InspectDistributionResponse> {
+        self.call(format!("distribution {}", req.reference));
+        done(if req.reference.contains("busybox") {
+            Ok(images::InspectDistributionResponse {
+                descriptor: Some(types::Descriptor {
+                    media_type: "application/vnd.oci.image.index.v1+json".into(),
+                    digest: format!("sha256:{}", "d".repeat(64)),
+                    size: 314,
+                    ..Default::default()
+                }),
+                platforms: vec![types::Platform {
+                    os: "linux".into(),
+                    architecture: "arm64".into(),
+                    variant: "v8".into(),
+                    ..Default::default()
+                }],
+            })
+        } else if req.reference.contains("unreachable") {
+            Err(Error::unavailable(
+                "https://10.0.0.1/v2/: cannot connect: refused",
+            ))
+        } else {
+            Err(Error::not_found(format!(
+                "manifest for {} not found: manifest unknown: manifest unknown",
+                req.reference
+            )))
         })
     }
     fn disk_usage(&self) -> Fut<'_, images::DiskUsageResponse> {
@@ -1120,6 +1154,25 @@ impl EventsApi for Fake {
 impl SystemApi for Fake {
     fn ping(&self) -> Fut<'_, bool> {
         ok(true)
+    }
+    fn search(
+        &self,
+        term: String,
+        limit: u32,
+        _: Option<types::RegistryAuth>,
+    ) -> Fut<'_, Vec<crate::backend::SearchResult>> {
+        self.call(format!("search {term} {limit}"));
+        let result = |name: &str, stars: i64, official: bool| crate::backend::SearchResult {
+            name: name.into(),
+            description: format!("{name} image"),
+            star_count: stars,
+            is_official: official,
+            is_automated: true,
+        };
+        ok(vec![
+            result("busybox", 3000, true),
+            result("someone/busybox", 5, false),
+        ])
     }
     fn login(&self, auth: types::RegistryAuth) -> Fut<'_, LoginResult> {
         if auth.password == "secret" {

@@ -369,6 +369,12 @@ impl ImagesApi for GrpcImages {
     fn disk_usage(&self) -> Fut<'_, images::DiskUsageResponse> {
         unary!(self.0, disk_usage, images::DiskUsageRequest {})
     }
+    fn inspect_distribution(
+        &self,
+        req: images::InspectDistributionRequest,
+    ) -> Fut<'_, images::InspectDistributionResponse> {
+        unary!(self.0, inspect_distribution, req)
+    }
 }
 
 impl VolumesApi for GrpcVolumes {
@@ -441,5 +447,13 @@ impl SystemApi for GrpcSystem {
     }
     fn login(&self, auth: types::RegistryAuth) -> Fut<'_, LoginResult> {
         Box::pin(async move { self.registry.login(&auth).await })
+    }
+    fn search(
+        &self,
+        term: String,
+        limit: u32,
+        auth: Option<types::RegistryAuth>,
+    ) -> Fut<'_, Vec<crate::backend::SearchResult>> {
+        Box::pin(async move { self.registry.search(&term, limit, auth.as_ref()).await })
     }
 }

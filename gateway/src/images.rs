@@ -25,7 +25,7 @@ use crate::backend::Stream;
 use crate::containers::create::parse_platform;
 use crate::errors::no_such;
 use crate::query::Query;
-use crate::{ApiError, AppState, json_response, progress, time};
+use crate::{ApiError, ApiVersion, AppState, json_response, progress, time, versions};
 
 /// The image routes. Names may contain slashes (`127.0.0.1:5000/a/b:tag`), so everything under
 /// `/images/` that is not a fixed route is dispatched on its suffix.
@@ -40,10 +40,69 @@ pub fn routes() -> Router<AppState> {
             "/images/{*rest}",
             get(dispatch).post(dispatch).delete(dispatch),
         )
+        .route("/distribution/{*rest}", get(distribution))
+}
+
+/// `GET /distribution/{name}/json`: what the registry holds for `name`, without pulling.
+async fn distribution(
+    State(st): State<AppState>,
+    method: Method,
+    Path(rest): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let rest = rest.trim_start_matches('/');
+    let Some(name) = rest.strip_suffix("/json") else {
+        return Err(crate::not_routed(&method, &format!("/distribution/{rest}")));
+    };
+    let hex = name.strip_prefix("sha256:").unwrap_or(name);
+    if hex.len() == 64 && hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+        // An image id names no repository to ask; dockerd answers this 500.
+        return Err(Error::internal("no manifest found for full image ID").into());
+    }
+    let reference = Reference::parse(name)?;
+    // As dockerd, credentials that do not decode are ignored rather than refused.
+    let auth = registry_auth(&headers).unwrap_or_default();
+    let d = st
+        .backends
+        .images
+        .inspect_distribution(images::InspectDistributionRequest {
+            reference: reference.to_string(),
+            auth,
+        })
+        .await
+        .map_err(pull_error)?;
+    Ok(json_response(StatusCode::OK, &distribution_json(&d)))
+}
+
+/// Docker's `DistributionInspect`: an OCI descriptor and OCI platforms.
+pub fn distribution_json(d: &images::InspectDistributionResponse) -> Value {
+    let desc = d.descriptor.clone().unwrap_or_default();
+    let platforms: Vec<Value> = d
+        .platforms
+        .iter()
+        .map(|p| {
+            let mut v = json!({"architecture": p.architecture, "os": p.os});
+            if !p.os_version.is_empty() {
+                v["os.version"] = json!(p.os_version);
+            }
+            if !p.os_features.is_empty() {
+                v["os.features"] = json!(p.os_features);
+            }
+            if !p.variant.is_empty() {
+                v["variant"] = json!(p.variant);
+            }
+            v
+        })
+        .collect();
+    json!({
+        "Descriptor": {"mediaType": desc.media_type, "digest": desc.digest, "size": desc.size},
+        "Platforms": platforms,
+    })
 }
 
 async fn dispatch(
     State(st): State<AppState>,
+    version: ApiVersion,
     method: Method,
     Path(rest): Path<String>,
     q: Query,
@@ -53,11 +112,13 @@ async fn dispatch(
     match method {
         Method::GET => {
             if let Some(name) = rest.strip_suffix("/json") {
-                inspect(&st, name).await
+                inspect(&st, name, version).await
             } else if let Some(name) = rest.strip_suffix("/history") {
                 history(&st, name).await
             } else if let Some(name) = rest.strip_suffix("/get") {
                 save(&st, vec![name.to_string()]).await
+            } else if rest == "search" {
+                search(&st, &q, &headers).await
             } else {
                 Err(not_routed(&method, rest))
             }
@@ -77,10 +138,68 @@ async fn dispatch(
 }
 
 fn not_routed(method: &Method, rest: &str) -> ApiError {
-    Error::unimplemented(format!(
-        "{method} /images/{rest} is not implemented by berth yet"
-    ))
-    .into()
+    crate::not_routed(method, &format!("/images/{rest}"))
+}
+
+/// `GET /images/search?term=&limit=&filters=`: the registry's search, filtered as dockerd
+/// filters it (`is-official`, `stars`; `is-automated=true` matches nothing since Docker Hub
+/// deprecated the field).
+async fn search(st: &AppState, q: &Query, headers: &HeaderMap) -> Result<Response, ApiError> {
+    let limit = match q.non_empty("limit") {
+        None => 0,
+        Some(l) => l
+            .parse::<u32>()
+            .map_err(|e| Error::invalid_argument("invalid limit specified").with_source(e))?,
+    };
+    let filters = q.filters()?;
+    let mut official = None;
+    let mut min_stars = 0i64;
+    for f in &filters {
+        match f.key.as_str() {
+            "is-automated" if parse_filter_bool(f)? => {
+                return Ok(json_response(StatusCode::OK, &json!([])));
+            }
+            "is-automated" => {}
+            "is-official" => official = Some(parse_filter_bool(f)?),
+            "stars" => {
+                let stars: i64 = f.value.parse().map_err(|e| {
+                    Error::invalid_argument(format!("invalid filter 'stars={}'", f.value))
+                        .with_source(e)
+                })?;
+                min_stars = min_stars.max(stars);
+            }
+            other => {
+                return Err(Error::invalid_argument(format!("invalid filter '{other}'")).into());
+            }
+        }
+    }
+    // For a search, credentials are optional and ones that do not decode are ignored.
+    let auth = registry_auth(headers).ok().flatten();
+    let results = st
+        .backends
+        .system
+        .search(q.get("term").unwrap_or("").to_string(), limit, auth)
+        .await?;
+    let results: Vec<_> = results
+        .into_iter()
+        .filter(|r| official.is_none_or(|o| r.is_official == o) && r.star_count >= min_stars)
+        .map(|mut r| {
+            r.is_automated = false;
+            r
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, &results))
+}
+
+fn parse_filter_bool(f: &types::Filter) -> Result<bool> {
+    match f.value.to_ascii_lowercase().as_str() {
+        "1" | "true" => Ok(true),
+        "0" | "false" => Ok(false),
+        _ => Err(Error::invalid_argument(format!(
+            "invalid filter '{}={}'",
+            f.key, f.value
+        ))),
+    }
 }
 
 /// A fully qualified reference as Docker prints it (`busybox:latest`).
@@ -192,6 +311,18 @@ fn registry_error(err: Error) -> Error {
     }
 }
 
+/// A pull's failure before any output, from the images service. Besides [`registry_error`]'s
+/// mapping, a registry berth cannot reach is dockerd's 500 with the cause, not a 503 (which
+/// would say the daemon itself is unavailable). The images service's own unavailability
+/// surfaces on the call itself, before this.
+fn pull_error(err: Error) -> Error {
+    if err.is(ErrorKind::Unavailable) {
+        Error::internal(err.chain())
+    } else {
+        registry_error(err)
+    }
+}
+
 fn pull_reference(from_image: &str, tag: &str) -> Result<String> {
     if from_image.is_empty() {
         return Err(Error::invalid_argument("fromImage or fromSrc is required"));
@@ -299,12 +430,12 @@ async fn create(
     let s = st.backends.images.pull(req).await.map_err(registry_error)?;
     // Docker resolves the manifest before it writes anything, so "not found" and "unauthorized"
     // are statuses; hold the "Pulling from" line until the pull got past that point.
-    let (first, mut rest) = first_or_error(s).await.map_err(registry_error)?;
+    let (first, mut rest) = first_or_error(s).await.map_err(pull_error)?;
     let mut head = Vec::new();
     if let Some(first) = first {
         let started = matches!(first.event, Some(images::pull_response::Event::Started(_)));
         head.push(first);
-        if started && let Some(next) = rest.try_next().await.map_err(registry_error)? {
+        if started && let Some(next) = rest.try_next().await.map_err(pull_error)? {
             head.push(next);
         }
     }
@@ -361,7 +492,11 @@ pub fn summary(i: &images::Image, containers: i64) -> ImageSummary {
     }
 }
 
-async fn list(State(st): State<AppState>, q: Query) -> Result<Response, ApiError> {
+async fn list(
+    State(st): State<AppState>,
+    version: ApiVersion,
+    q: Query,
+) -> Result<Response, ApiError> {
     let list = st
         .backends
         .images
@@ -370,12 +505,19 @@ async fn list(State(st): State<AppState>, q: Query) -> Result<Response, ApiError
             all: q.bool("all"),
         })
         .await?;
-    let out: Vec<_> = list.iter().map(|i| summary(i, -1)).collect();
+    let out: Vec<Value> = list
+        .iter()
+        .map(|i| {
+            let mut v = serde_json::to_value(summary(i, -1)).unwrap_or_default();
+            versions::image_summary(version, &mut v, true);
+            v
+        })
+        .collect();
     Ok(json_response(StatusCode::OK, &out))
 }
 
-/// `GET /images/{name}/json`.
-pub fn inspect_json(i: &images::Image) -> Value {
+/// `GET /images/{name}/json`, as a request at `version` sees it.
+pub fn inspect_json(i: &images::Image, version: ApiVersion) -> Value {
     let cfg: Value = serde_json::from_slice(&i.config).unwrap_or(Value::Null);
     let resp = ImageInspect {
         id: Some(i.id.clone()),
@@ -407,6 +549,7 @@ pub fn inspect_json(i: &images::Image) -> Value {
     v["Parent"] = json!(i.parent);
     v["DockerVersion"] = json!(i.docker_version);
     v["Config"] = cfg.get("config").cloned().unwrap_or(json!({}));
+    versions::image_inspect(version, &mut v, &cfg);
     v
 }
 
@@ -437,9 +580,9 @@ async fn get_image(st: &AppState, name: &str) -> Result<images::Image> {
         .map_err(no_such("image", &image_display(name)))
 }
 
-async fn inspect(st: &AppState, name: &str) -> Result<Response, ApiError> {
+async fn inspect(st: &AppState, name: &str, version: ApiVersion) -> Result<Response, ApiError> {
     let i = get_image(st, name).await?;
-    Ok(json_response(StatusCode::OK, &inspect_json(&i)))
+    Ok(json_response(StatusCode::OK, &inspect_json(&i, version)))
 }
 
 /// `GET /images/{name}/history`, newest first.
@@ -755,13 +898,20 @@ async fn load(State(st): State<AppState>, q: Query, body: Body) -> Result<Respon
         platform: parse_platform(q.get("platform").unwrap_or(""))?,
         ..Default::default()
     };
-    let resp = st
+    // Like dockerd, a load that fails (an archive that is not one, a broken layer) still
+    // answers 200, with the error as the stream's last line: docker-py raises ImageLoadError
+    // from it and the CLI prints it.
+    let lines = match st
         .backends
         .images
         .import(options, crate::containers::body_chunks(body))
-        .await?;
+        .await
+    {
+        Ok(resp) => load_lines(&resp),
+        Err(err) => vec![progress::error(&err.chain())],
+    };
     let mut buf = Vec::new();
-    for l in load_lines(&resp) {
+    for l in lines {
         buf.extend_from_slice(&progress::line(&l));
     }
     Ok((
@@ -947,6 +1097,15 @@ mod tests {
         assert_eq!(v["Config"]["Cmd"], json!(["sh"]));
         assert_eq!(v["RootFS"]["Type"], "layers");
         assert_eq!(v["Os"], "linux");
+        assert!(v.get("ContainerConfig").is_none());
+        // Older clients get the fields of their version (docker-compose 1.29 reads these).
+        let r = f.request("GET", "/v1.41/images/busybox/json", "").await;
+        let v = r.json();
+        assert_eq!(v["Container"], "");
+        assert_eq!(v["ContainerConfig"]["Image"], "");
+        assert_eq!(v["VirtualSize"], 1000);
+        let r = f.request("GET", "/v1.43/images/json", "").await;
+        assert_eq!(r.json()[0]["VirtualSize"], 1000);
         let r = f.request("GET", "/images/busybox/history", "").await;
         let h = r.json();
         assert_eq!(h[0]["CreatedBy"], "CMD [\"sh\"]");
@@ -1048,6 +1207,86 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn search_filters_as_dockerd() {
+        let f = Fake::default();
+        let r = f
+            .request("GET", "/images/search?term=busybox&limit=5", "")
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        let v = r.json();
+        assert_eq!(v.as_array().unwrap().len(), 2);
+        assert_eq!(v[0]["name"], "busybox");
+        assert_eq!(v[0]["is_automated"], false);
+        assert!(f.state().calls.contains(&"search busybox 5".to_string()));
+        let filtered = |filters: &str| {
+            let f = f.clone();
+            let uri = format!(
+                "/images/search?term=busybox&filters={}",
+                form_urlencoded::byte_serialize(filters.as_bytes()).collect::<String>()
+            );
+            async move { f.request("GET", &uri, "").await }
+        };
+        let r = filtered(r#"{"is-official":["true"]}"#).await;
+        assert_eq!(r.json().as_array().unwrap().len(), 1);
+        let r = filtered(r#"{"stars":["10"]}"#).await;
+        assert_eq!(r.json()[0]["name"], "busybox");
+        let r = filtered(r#"{"is-automated":["true"]}"#).await;
+        assert_eq!(r.json(), json!([]));
+        let r = filtered(r#"{"color":["red"]}"#).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert_eq!(r.message(), "invalid filter 'color'");
+        let r = filtered(r#"{"stars":["many"]}"#).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        let r = f.request("GET", "/images/search?term=x&limit=-1", "").await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn distribution_inspects_without_pulling() {
+        let f = Fake::default();
+        let r = f
+            .request(
+                "GET",
+                "/v1.45/distribution/127.0.0.1:5000/team/busybox:1/json",
+                "",
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(
+            r.json(),
+            json!({
+                "Descriptor": {
+                    "mediaType": "application/vnd.oci.image.index.v1+json",
+                    "digest": format!("sha256:{}", "d".repeat(64)),
+                    "size": 314,
+                },
+                "Platforms": [{"architecture": "arm64", "os": "linux", "variant": "v8"}],
+            })
+        );
+        assert!(
+            f.state()
+                .calls
+                .contains(&"distribution 127.0.0.1:5000/team/busybox:1".to_string())
+        );
+        let r = f.request("GET", "/distribution/nosuch/json", "").await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+        // An unreachable registry is dockerd's 500 with the cause, not a 503.
+        let r = f
+            .request("GET", "/distribution/10.0.0.1/unreachable/json", "")
+            .await;
+        assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(r.message().contains("cannot connect"), "{}", r.message());
+        let r = f.request("GET", "/distribution/Bad/json", "").await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        let id = format!("sha256:{}", "e".repeat(64));
+        let r = f
+            .request("GET", &format!("/distribution/{id}/json"), "")
+            .await;
+        assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(r.message(), "no manifest found for full image ID");
+    }
+
+    #[tokio::test]
     async fn save_and_load() {
         let f = Fake::default();
         f.add_image("docker.io/library/busybox:latest");
@@ -1071,6 +1310,16 @@ mod tests {
             ]
         );
         assert_eq!(f.state().uploads, b"TARBALL");
+        // A bad archive is still a 200, with the error as the stream's last line.
+        let r = f.request("POST", "/images/load", "garbage").await;
+        assert_eq!(r.status, StatusCode::OK);
+        let lines = r.lines();
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0]["error"], "archive: not a tar archive");
+        assert_eq!(
+            lines[0]["errorDetail"]["message"],
+            "archive: not a tar archive"
+        );
         let r = f.request("POST", "/images/prune", "").await;
         assert_eq!(r.json(), json!({"ImagesDeleted": [], "SpaceReclaimed": 0}));
     }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::Request;
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -28,15 +29,20 @@ pub mod grpc;
 pub mod hijack;
 pub mod images;
 pub mod networks;
+pub mod plugins;
 pub mod progress;
 pub mod query;
 pub mod registry;
 pub mod stdcopy;
+pub mod swarm;
 pub mod system;
 pub mod time;
 pub mod tls;
+pub mod versions;
 pub mod volumes;
 
+#[cfg(test)]
+mod api_paths;
 #[cfg(test)]
 pub(crate) mod fake;
 
@@ -47,6 +53,53 @@ pub use system::DaemonInfo;
 pub const API_VERSION: &str = "1.45";
 /// The oldest API version berth accepts.
 pub const MIN_API_VERSION: &str = "1.24";
+
+/// The API version a request was made at: its `/v1.NN` prefix, or [`API_VERSION`] without one.
+/// [`strip_version`] puts it in the request's extensions; handlers take it as an extractor and
+/// pass it to the one function per resource that shapes answers for older clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ApiVersion(pub u32, pub u32);
+
+impl ApiVersion {
+    /// The version berth advertises ([`API_VERSION`]).
+    pub const CURRENT: Self = Self(1, 45);
+    /// The oldest version berth accepts ([`MIN_API_VERSION`]).
+    pub const MIN: Self = Self(1, 24);
+
+    /// `"1.41"` → `ApiVersion(1, 41)`.
+    pub fn parse(v: &str) -> Option<Self> {
+        let (a, b) = v.split_once('.')?;
+        Some(Self(a.parse().ok()?, b.parse().ok()?))
+    }
+
+    /// Whether the request was made at a version older than `major.minor`.
+    pub fn before(self, major: u32, minor: u32) -> bool {
+        self < Self(major, minor)
+    }
+}
+
+impl Default for ApiVersion {
+    fn default() -> Self {
+        Self::CURRENT
+    }
+}
+
+impl std::fmt::Display for ApiVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.0, self.1)
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ApiVersion {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _: &S,
+    ) -> std::result::Result<Self, Self::Rejection> {
+        Ok(parts.extensions.get::<Self>().copied().unwrap_or_default())
+    }
+}
 
 /// What the handlers share: the backends and what the config says about the daemon.
 #[derive(Debug, Clone)]
@@ -101,8 +154,12 @@ pub fn app(state: AppState) -> Router {
         .merge(images::routes())
         .merge(volumes::routes())
         .merge(networks::routes())
+        .merge(swarm::routes())
+        .merge(plugins::routes())
         .route("/build", post(not_supported))
         .route("/commit", post(not_supported))
+        .route("/session", post(no_buildkit))
+        .route("/grpc", post(no_buildkit))
         .fallback(not_implemented)
         .layer(middleware::from_fn(docker_headers))
         .with_state(state)
@@ -123,10 +180,12 @@ pub fn versioned(
     tower::Layer::layer(&middleware::from_fn(strip_version), router)
 }
 
-/// Strips the `/v1.NN` prefix after checking the version, so routes are written once.
+/// Strips the `/v1.NN` prefix after checking the version, so routes are written once, and
+/// records the version as an [`ApiVersion`] extension (none = the current one).
 /// Applied outside the router because routing must see the rewritten path.
 async fn strip_version(mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
+    let mut requested = ApiVersion::CURRENT;
     if let Some(rest) = path.strip_prefix("/v") {
         let (version, tail) = rest.split_once('/').unwrap_or((rest, ""));
         if version.split_once('.').is_some_and(|(a, b)| {
@@ -134,8 +193,9 @@ async fn strip_version(mut req: Request, next: Next) -> Response {
                 && a.bytes().all(|c| c.is_ascii_digit())
                 && b.bytes().all(|c| c.is_ascii_digit())
         }) {
-            if let Err(err) = check_version(version) {
-                return ApiError(err).into_response();
+            match check_version(version) {
+                Ok(v) => requested = v,
+                Err(err) => return ApiError(err).into_response(),
             }
             let new_path = format!("/{tail}");
             let pq = match req.uri().query() {
@@ -147,28 +207,26 @@ async fn strip_version(mut req: Request, next: Next) -> Response {
             }
         }
     }
+    req.extensions_mut().insert(requested);
     next.run(req).await
 }
 
-fn version_tuple(v: &str) -> (u32, u32) {
-    let (a, b) = v.split_once('.').unwrap_or((v, "0"));
-    (a.parse().unwrap_or(0), b.parse().unwrap_or(0))
-}
-
-fn check_version(v: &str) -> Result<()> {
-    let want = version_tuple(v);
-    if want > version_tuple(API_VERSION) {
+/// The version `v` names, when berth serves it.
+fn check_version(v: &str) -> Result<ApiVersion> {
+    // Digits too many to be a number are no version berth knows: "too old", as before.
+    let want = ApiVersion::parse(v).unwrap_or(ApiVersion(0, 0));
+    if want > ApiVersion::CURRENT {
         return Err(Error::invalid_argument(format!(
             "client version {v} is too new. Maximum supported API version is {API_VERSION}"
         )));
     }
-    if want < version_tuple(MIN_API_VERSION) {
+    if want < ApiVersion::MIN {
         return Err(Error::invalid_argument(format!(
             "client version {v} is too old. Minimum supported API version is {MIN_API_VERSION}, \
              please upgrade your client to a newer version"
         )));
     }
-    Ok(())
+    Ok(want)
 }
 
 /// Every response carries Docker's identification headers; every request runs in a span that
@@ -219,11 +277,27 @@ async fn not_supported(method: Method, uri: Uri) -> ApiError {
     ))
 }
 
-/// Everything not routed yet: a clear 501 naming the endpoint.
-async fn not_implemented(method: Method, uri: Uri) -> ApiError {
+/// `/session` and `/grpc` carry BuildKit's sessions; berth has no BuildKit to hand them to.
+async fn no_buildkit(uri: Uri) -> ApiError {
     ApiError(Error::new(
         ErrorKind::Unimplemented,
-        format!("{method} {} is not implemented by berth yet", uri.path()),
+        format!(
+            "berth has no BuildKit builder, so there is no build session to open at {}",
+            uri.path()
+        ),
+    ))
+}
+
+/// Everything not routed yet: a clear 501 naming the endpoint.
+async fn not_implemented(method: Method, uri: Uri) -> ApiError {
+    not_routed(&method, uri.path())
+}
+
+/// The 501 for `method path`, which berth does not serve (yet).
+pub(crate) fn not_routed(method: &Method, path: &str) -> ApiError {
+    ApiError(Error::new(
+        ErrorKind::Unimplemented,
+        format!("{method} {path} is not implemented by berth yet"),
     ))
 }
 
@@ -363,6 +437,15 @@ mod tests {
         );
     }
 
+    #[test]
+    fn api_versions_match_the_advertised_strings() {
+        assert_eq!(ApiVersion::CURRENT.to_string(), API_VERSION);
+        assert_eq!(ApiVersion::MIN.to_string(), MIN_API_VERSION);
+        assert_eq!(ApiVersion::parse("1.41"), Some(ApiVersion(1, 41)));
+        assert!(ApiVersion(1, 41).before(1, 45) && !ApiVersion(1, 45).before(1, 45));
+        assert!(check_version("1.99999999999").is_err());
+    }
+
     #[tokio::test]
     async fn ping_without_an_engine_is_unavailable_and_head_has_no_body() {
         let dir = tempfile::tempdir().unwrap();
@@ -385,12 +468,12 @@ mod tests {
             v["message"],
             "POST /build is not implemented by berth yet: docker build is not supported"
         );
-        let (status, _, body) = call(dir.path(), "POST", "/v1.45/swarm/init").await;
+        let (status, _, body) = call(dir.path(), "GET", "/v1.45/containers/x/attach/ws").await;
         assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(
             v["message"],
-            "POST /swarm/init is not implemented by berth yet"
+            "GET /containers/x/attach/ws is not implemented by berth yet"
         );
     }
 }

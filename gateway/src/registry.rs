@@ -235,6 +235,102 @@ impl RegistryChecker {
     }
 }
 
+/// Docker Hub's (v1) search endpoint.
+pub const DOCKER_HUB_SEARCH: &str = "https://index.docker.io/v1/";
+
+/// Splits a search term into the registry it names and what to search there, as Docker does:
+/// `busybox`, `library/busybox` and `someone/app` go to Docker Hub; `host:5000/app`,
+/// `registry.example/app` and `localhost/app` to that registry.
+pub fn split_search_term(term: &str) -> (&str, &str) {
+    match term.split_once('/') {
+        Some((host, rest)) if host.contains('.') || host.contains(':') || host == "localhost" => {
+            (host, rest)
+        }
+        _ => ("docker.io", term),
+    }
+}
+
+impl RegistryChecker {
+    /// `docker search`: the registry's v1 search API (`GET /v1/search?q=&n=`), Docker Hub's
+    /// unless the term names a registry. Insecure registries are tried over plain HTTP after
+    /// HTTPS, as for logins.
+    pub async fn search(
+        &self,
+        term: &str,
+        limit: u32,
+        auth: Option<&RegistryAuth>,
+    ) -> Result<Vec<crate::backend::SearchResult>> {
+        if term.contains("://") {
+            return Err(Error::invalid_argument(format!(
+                "invalid repository name: repository name ({term}) should not have a scheme"
+            )));
+        }
+        let (index, remote) = split_search_term(term);
+        let official = matches!(index, "docker.io" | "index.docker.io");
+        let (bases, client) = if official {
+            let remote_host = "index.docker.io";
+            (
+                vec![DOCKER_HUB_SEARCH.to_string()],
+                self.client(remote_host, false)?,
+            )
+        } else {
+            let insecure = self.insecure(index);
+            let mut bases = vec![format!("https://{index}/v1/")];
+            if insecure {
+                bases.push(format!("http://{index}/v1/"));
+            }
+            (bases, self.client(index, insecure)?)
+        };
+        let remote = if official {
+            remote.strip_prefix("library/").unwrap_or(remote)
+        } else {
+            remote
+        };
+        let mut last_err = None;
+        for base in &bases {
+            let mut url = format!(
+                "{base}search?q={}",
+                form_urlencoded::byte_serialize(remote.as_bytes()).collect::<String>()
+            );
+            if limit > 0 {
+                url.push_str(&format!("&n={limit}"));
+            }
+            let mut req = client.get(&url);
+            if let Some(a) = auth.filter(|a| !a.username.is_empty()) {
+                req = req.basic_auth(&a.username, Some(&a.password));
+            }
+            let resp = match req.send().await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    // dockerd's answer for a registry it cannot reach is a 500 with the cause.
+                    last_err = Some(Error::internal(format!("search {url}")).with_source(e));
+                    continue;
+                }
+            };
+            if !resp.status().is_success() {
+                return Err(Error::internal(format!(
+                    "Unexpected status code {}",
+                    resp.status().as_u16()
+                )));
+            }
+            #[derive(serde::Deserialize)]
+            struct Results {
+                #[serde(default)]
+                results: Vec<crate::backend::SearchResult>,
+            }
+            let body = resp
+                .bytes()
+                .await
+                .map_err(|e| Error::internal(format!("search {url}")).with_source(e))?;
+            let found: Results = serde_json::from_slice(&body).map_err(|e| {
+                Error::internal(format!("search {url}: not a search answer")).with_source(e)
+            })?;
+            return Ok(found.results);
+        }
+        Err(last_err.unwrap_or_else(|| Error::internal("no search endpoint")))
+    }
+}
+
 fn failed(url: &str, status: reqwest::StatusCode) -> Error {
     let text = format!("login attempt to {url} failed with status: {status}");
     if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
@@ -258,6 +354,63 @@ mod tests {
         assert!(is_loopback("localhost:5000"));
         assert!(is_loopback("[::1]:5000"));
         assert!(!is_loopback("example.com:5000"));
+    }
+
+    #[test]
+    fn search_terms_name_their_registry() {
+        assert_eq!(split_search_term("busybox"), ("docker.io", "busybox"));
+        assert_eq!(
+            split_search_term("someone/app"),
+            ("docker.io", "someone/app")
+        );
+        assert_eq!(
+            split_search_term("127.0.0.1:5000/team/app"),
+            ("127.0.0.1:5000", "team/app")
+        );
+        assert_eq!(
+            split_search_term("registry.example/app"),
+            ("registry.example", "app")
+        );
+        assert_eq!(split_search_term("localhost/app"), ("localhost", "app"));
+    }
+
+    #[tokio::test]
+    async fn search_asks_the_registrys_v1_search_api() {
+        use axum::extract::RawQuery;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        let app = axum::Router::new().route(
+            "/v1/search",
+            axum::routing::get(|RawQuery(q): RawQuery| async move {
+                axum::Json(serde_json::json!({
+                    "num_results": 1,
+                    "query": q,
+                    "results": [{"name": "team/app", "description": q, "star_count": 4,
+                                 "is_official": false, "is_automated": false}],
+                }))
+            }),
+        );
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let checker = RegistryChecker::new(&ImagesConfig::default());
+        let found = checker
+            .search(&format!("{host}/team/app"), 3, None)
+            .await
+            .unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].name, "team/app");
+        assert_eq!(found[0].star_count, 4);
+        assert_eq!(found[0].description, "q=team%2Fapp&n=3");
+        let err = checker
+            .search(&format!("http://{host}/x"), 0, None)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), berth_core::ErrorKind::InvalidArgument);
+        server.abort();
+        // A registry nobody answers for: a 500 naming what was asked.
+        let err = checker.search(&format!("{host}/team/app"), 0, None).await;
+        let err = err.unwrap_err();
+        assert_eq!(err.kind(), berth_core::ErrorKind::Internal);
+        assert!(err.chain().contains(&host), "{}", err.chain());
     }
 
     #[test]

@@ -22,7 +22,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::query::Query;
-use crate::{API_VERSION, ApiError, AppState, MIN_API_VERSION, go_arch, json_response, time};
+use crate::{
+    API_VERSION, ApiError, ApiVersion, AppState, MIN_API_VERSION, go_arch, json_response, time,
+};
 
 /// The system routes.
 pub fn routes() -> Router<AppState> {
@@ -34,8 +36,6 @@ pub fn routes() -> Router<AppState> {
         .route("/system/df", get(df))
         .route("/auth", post(auth))
         .route("/build/prune", post(build_prune))
-        .route("/plugins", get(plugins))
-        .route("/plugins/{name}/json", get(plugin))
 }
 
 /// `POST /build/prune`: berth builds nothing yet, so there is no build cache to prune (this
@@ -45,17 +45,6 @@ async fn build_prune() -> Response {
         StatusCode::OK,
         &json!({"CachesDeleted": [], "SpaceReclaimed": 0}),
     )
-}
-
-/// `GET /plugins`: berth has no plugins.
-async fn plugins() -> Response {
-    json_response(StatusCode::OK, &json!([]))
-}
-
-/// `GET /plugins/{name}/json`: a 404, which `docker inspect` needs to move on to "No such
-/// object".
-async fn plugin(axum::extract::Path(name): axum::extract::Path<String>) -> ApiError {
-    Error::not_found(format!("plugin \"{name}\" not found")).into()
 }
 
 /// What `/info` reports about the daemon's configuration: read once from the config.
@@ -246,7 +235,7 @@ pub fn container_counts(list: &[engine::Container]) -> (i64, i64, i64, i64) {
 }
 
 /// `GET /info`.
-async fn info(State(st): State<AppState>) -> Result<Response, ApiError> {
+async fn info(State(st): State<AppState>, version: ApiVersion) -> Result<Response, ApiError> {
     let d = &st.info;
     let mut warnings = Vec::new();
     let containers = st
@@ -430,6 +419,8 @@ async fn info(State(st): State<AppState>) -> Result<Response, ApiError> {
         warnings: Some(warnings),
         ..Default::default()
     };
+    let mut info = serde_json::to_value(info).unwrap_or_default();
+    crate::versions::system_info(version, &mut info);
     Ok(json_response(StatusCode::OK, &info))
 }
 
@@ -509,7 +500,7 @@ async fn events_stream(State(st): State<AppState>, q: Query) -> Result<Response,
 }
 
 /// `GET /system/df`.
-async fn df(State(st): State<AppState>) -> Result<Response, ApiError> {
+async fn df(State(st): State<AppState>, version: ApiVersion) -> Result<Response, ApiError> {
     let b = &st.backends;
     let (usage, image_list, containers, volumes) = tokio::join!(
         b.images.disk_usage(),
@@ -540,7 +531,9 @@ async fn df(State(st): State<AppState>) -> Result<Response, ApiError> {
             if let Some(u) = u {
                 s.size = u.size;
             }
-            serde_json::to_value(s).unwrap_or_default()
+            let mut v = serde_json::to_value(s).unwrap_or_default();
+            crate::versions::image_summary(version, &mut v, false);
+            v
         })
         .collect();
     let containers: Vec<Value> = containers?
@@ -625,14 +618,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn no_plugins() {
+    async fn no_build_cache() {
         let f = Fake::default();
-        assert_eq!(f.request("GET", "/plugins", "").await.json(), json!([]));
         let r = f.request("POST", "/build/prune", "").await;
         assert_eq!(r.json()["SpaceReclaimed"], 0);
-        let r = f.request("GET", "/plugins/x/json", "").await;
-        assert_eq!(r.status, StatusCode::NOT_FOUND);
-        assert_eq!(r.message(), "plugin \"x\" not found");
     }
 
     #[tokio::test]

@@ -167,7 +167,7 @@ async fn busybox_layered_and_synthetic_pull_and_unpack() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
-    assert!(e.message().contains("manifest"), "{e:?}");
+    assert!(e.message().contains("repository does not exist"), "{e:?}");
     let e = kit::pull(&mut c, "Not A Reference", None)
         .await
         .unwrap_err();

@@ -151,6 +151,51 @@ async fn docker_hub_pulls_go_through_the_configured_mirror() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_without_the_image_falls_through_to_the_next() {
+    if !kit::ready() {
+        return;
+    }
+    // The first mirror answers `/v2/` but has nothing: Docker moves on to the next endpoint
+    // rather than failing the pull.
+    let empty = Registry::start(RegistryOptions::default()).unwrap();
+    let mirror = Registry::start(RegistryOptions::default()).unwrap();
+    mirror
+        .push_oci(&kit::oci_dir("busybox"), "library/busybox:latest")
+        .unwrap();
+    let stack = ImagesStack::start(&format!(
+        "[images]\nregistry_mirrors = [\"http://{}\", \"http://{}\"]\n",
+        empty.host, mirror.host
+    ))
+    .unwrap();
+    let mut c = stack.client();
+    let want = mirror.manifest_digest("library/busybox:latest").unwrap();
+    let d = c
+        .inspect_distribution(pb::InspectDistributionRequest {
+            reference: "busybox".into(),
+            auth: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let desc = d.descriptor.unwrap();
+    assert_eq!(desc.digest, want);
+    assert_eq!(
+        desc.media_type,
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    assert_eq!(d.platforms.len(), 1);
+    assert_eq!(d.platforms[0].os, "linux");
+    let p = kit::pull(&mut c, "busybox", None).await.unwrap();
+    assert_eq!(p.done.unwrap().digest, want);
+    assert!(
+        empty
+            .log_text()
+            .contains("/v2/library/busybox/manifests/latest"),
+        "the first mirror was asked first"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_tokens_from_the_realm_the_registry_names() {
     if !kit::ready() {
         return;

@@ -153,6 +153,7 @@ async fn list(State(st): State<AppState>, q: Query) -> Result<Response, ApiError
 
 async fn inspect(
     State(st): State<AppState>,
+    version: crate::ApiVersion,
     Path(id): Path<String>,
     q: Query,
 ) -> Result<Response, ApiError> {
@@ -166,7 +167,9 @@ async fn inspect(
         })
         .await
         .map_err(container_not_found(&id))?;
-    Ok(json_response(StatusCode::OK, &render::inspect(&c, size)))
+    let mut v = render::inspect(&c, size);
+    crate::versions::container_inspect(version, &mut v);
+    Ok(json_response(StatusCode::OK, &v))
 }
 
 async fn prune(State(st): State<AppState>, q: Query) -> Result<Response, ApiError> {

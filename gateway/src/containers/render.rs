@@ -572,8 +572,21 @@ pub fn inspect(c: &engine::Container, size: bool) -> Value {
         "IPPrefixLen": bridge.ip_prefix_len,
         "IPv6Gateway": bridge.ipv6_gateway,
         "MacAddress": bridge.mac_address,
-        "Networks": nets,
+        "Networks": endpoints_json(&nets),
     });
+    v
+}
+
+/// Docker sends an endpoint's empty lists and maps as `null` rather than leaving them out.
+fn endpoints_json(nets: &HashMap<String, EndpointSettings>) -> Value {
+    let mut v = json!(nets);
+    for ep in v.as_object_mut().into_iter().flat_map(|m| m.values_mut()) {
+        if let Some(ep) = ep.as_object_mut() {
+            for key in ["IPAMConfig", "Links", "Aliases", "DriverOpts", "DNSNames"] {
+                ep.entry(key).or_insert(Value::Null);
+            }
+        }
+    }
     v
 }
 
@@ -829,6 +842,12 @@ pub(crate) mod tests {
             v["NetworkSettings"]["Networks"]["bridge"]["IPAddress"],
             "172.29.0.2"
         );
+        let bridge = v["NetworkSettings"]["Networks"]["bridge"]
+            .as_object()
+            .unwrap();
+        for key in ["IPAMConfig", "Links", "Aliases", "DriverOpts"] {
+            assert_eq!(bridge.get(key), Some(&Value::Null), "{key}");
+        }
         assert_eq!(v["Mounts"][0]["Type"], "bind");
         assert_eq!(v["Mounts"][0]["RW"], false);
         assert_eq!(v["Mounts"][0]["Propagation"], "rprivate");

@@ -658,6 +658,23 @@ impl ImagesApi for ImagesService {
         Ok(Response::new(pb::ListContentResponse { infos }))
     }
 
+    async fn inspect_distribution(
+        &self,
+        req: Request<pb::InspectDistributionRequest>,
+    ) -> std::result::Result<Response<pb::InspectDistributionResponse>, Status> {
+        let req = req.into_inner();
+        let reference = Reference::parse(&req.reference).map_err(status)?;
+        let d = self
+            .images
+            .inspect_distribution(&reference, &req.auth.into())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::InspectDistributionResponse {
+            descriptor: Some((&d.descriptor).into()),
+            platforms: d.platforms.iter().map(Into::into).collect(),
+        }))
+    }
+
     async fn read_content(
         &self,
         req: Request<pb::ReadContentRequest>,

@@ -259,7 +259,77 @@ impl Read for TailReader {
     }
 }
 
+/// What a registry holds for a reference: see [`Images::inspect_distribution`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Distribution {
+    /// The manifest or index the reference resolves to.
+    pub descriptor: Descriptor,
+    pub platforms: Vec<Platform>,
+}
+
+/// The platforms an index offers (its entries that name one), or `None` for a single manifest.
+pub fn index_platforms(media_type: &str, data: &[u8]) -> Result<Option<Vec<Platform>>> {
+    match oci::manifest_kind(media_type) {
+        Some(ManifestKind::Index) => Ok(Some(
+            oci::parse_index(data)?
+                .manifests
+                .into_iter()
+                .filter_map(|m| m.platform)
+                .collect(),
+        )),
+        Some(ManifestKind::Manifest) => Ok(None),
+        None => Err(Error::invalid_argument(format!(
+            "unsupported manifest media type {media_type:?}"
+        ))),
+    }
+}
+
 impl Images {
+    /// Resolves `r` on its registry (mirrors first for Docker Hub) without pulling: the
+    /// descriptor of what it names, and its platforms, from the index's entries or from a single
+    /// manifest's image config (for OCI manifests as well as Docker's).
+    pub async fn inspect_distribution(
+        &self,
+        r: &Reference,
+        creds: &Credentials,
+    ) -> Result<Distribution> {
+        let tag_or_digest = match (r.digest(), r.tag()) {
+            (Some(d), _) => d.to_string(),
+            (None, Some(t)) => t.to_string(),
+            (None, None) => berth_core::reference::DEFAULT_TAG.to_string(),
+        };
+        let (repo, top) = self
+            .registries
+            .resolve(r.domain(), r.path(), creds, &tag_or_digest)
+            .await
+            .map_err(|err| crate::registry::not_found(err, r))?;
+        let descriptor = Descriptor {
+            media_type: top.media_type.clone(),
+            digest: top.digest.to_string(),
+            size: top.data.len() as i64,
+            ..Default::default()
+        };
+        let platforms = match index_platforms(&top.media_type, &top.data)? {
+            Some(platforms) => platforms,
+            None => {
+                let manifest = oci::parse_manifest(&top.data)?;
+                let cfg = repo
+                    .get_small_blob(&manifest.config.digest()?, MAX_CONFIG)
+                    .await?;
+                let platform = oci::ImageConfig::parse(&cfg)?.platform();
+                if platform.os.is_empty() && platform.architecture.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![platform]
+                }
+            }
+        };
+        Ok(Distribution {
+            descriptor,
+            platforms,
+        })
+    }
+
     /// Pulls an image and (unless told not to) unpacks it.
     pub async fn pull(self: &Arc<Self>, opts: PullOptions, events: Events) -> Result<PullDone> {
         let _op = self.gc_lock.read().await;
@@ -276,11 +346,11 @@ impl Images {
             tag_or_digest: tag_or_digest.clone(),
         });
         tracing::info!(reference = %r, "pull");
-        let repo = self
+        let (repo, top) = self
             .registries
-            .repository(r.domain(), r.path(), &opts.creds, false)
-            .await?;
-        let top = repo.get_manifest(&tag_or_digest).await?;
+            .resolve(r.domain(), r.path(), &opts.creds, &tag_or_digest)
+            .await
+            .map_err(|err| crate::registry::not_found(err, r))?;
         let mut updated = !self.content.exists(&top.digest);
         self.store_small(&top.data, &top.digest, &lease.id).await?;
         let platform = opts
@@ -955,6 +1025,35 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn platforms_of_oci_indexes_and_docker_lists() {
+        let index = |media_type: &str| {
+            serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": media_type,
+                "manifests": [
+                    {"mediaType": oci::OCI_MANIFEST, "digest": format!("sha256:{}", "a".repeat(64)),
+                     "size": 1, "platform": {"architecture": "amd64", "os": "linux"}},
+                    {"mediaType": oci::OCI_MANIFEST, "digest": format!("sha256:{}", "b".repeat(64)),
+                     "size": 1, "platform": {"architecture": "arm64", "os": "linux", "variant": "v8"}},
+                ],
+            })
+            .to_string()
+        };
+        for media_type in [oci::OCI_INDEX, oci::DOCKER_LIST] {
+            let got = index_platforms(media_type, index(media_type).as_bytes())
+                .unwrap()
+                .unwrap();
+            assert_eq!(got.len(), 2, "{media_type}");
+            assert_eq!(got[1].architecture, "arm64");
+            assert_eq!(got[1].variant, "v8");
+        }
+        for media_type in [oci::OCI_MANIFEST, oci::DOCKER_MANIFEST] {
+            assert_eq!(index_platforms(media_type, b"{}").unwrap(), None);
+        }
+        assert!(index_platforms("application/x-nope", b"{}").is_err());
     }
 
     #[test]

@@ -266,6 +266,50 @@ impl Registries {
         Err(last_err.unwrap_or_else(|| Error::internal("no registry endpoint")))
     }
 
+    /// Connects to repository `path` of `domain` and fetches manifest `reference` (a tag or
+    /// digest), trying the endpoints in order: a mirror that fails in any way (down, or without
+    /// the manifest) falls through to the next endpoint and finally to the registry itself, as
+    /// Docker's pull does. Returns the repository the manifest came from, for the blobs.
+    pub async fn resolve(
+        &self,
+        domain: &str,
+        path: &str,
+        creds: &Credentials,
+        reference: &str,
+    ) -> Result<(Repository, FetchedManifest)> {
+        let endpoints = self.endpoints(domain, false).await?;
+        let mut last_err = None;
+        for ep in endpoints {
+            let fetched = match self.connect(&ep, domain, path, creds, false).await {
+                Ok(repo) => match repo.get_manifest(reference).await {
+                    Ok(manifest) => Ok((repo, manifest)),
+                    // Registries answer MANIFEST_UNKNOWN for a repository they do not have as
+                    // well as for a tag it does not have; the repository's tag list tells the
+                    // two apart, as users (and clients matching Docker's wording) need.
+                    Err(err) if NotThere::of(&err) == Some(NotThere::ManifestUnknown) => {
+                        match repo.check_exists().await {
+                            Err(gone) if NotThere::of(&gone) == Some(NotThere::NameUnknown) => {
+                                Err(gone)
+                            }
+                            _ => Err(err),
+                        }
+                    }
+                    Err(err) => Err(err),
+                },
+                Err(err) => Err(err),
+            };
+            match fetched {
+                Ok(found) => return Ok(found),
+                Err(err) if ep.mirror => {
+                    tracing::warn!(mirror = %ep.host, error = %err.chain(), "registry mirror failed; trying the next endpoint");
+                    last_err = Some(err);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| Error::internal("no registry endpoint")))
+    }
+
     async fn connect(
         &self,
         ep: &Endpoint,
@@ -675,10 +719,16 @@ impl Repository {
         Ok(token)
     }
 
-    /// An error for a non-success response, with the registry's own error text.
+    /// An error for a non-success response, with the registry's own error text. The codes that
+    /// mean "nothing there for you" (`DENIED`, `NAME_UNKNOWN`, `MANIFEST_UNKNOWN`) become just
+    /// the registry's text (`manifest unknown: manifest unknown`), which callers wrap in their
+    /// own context as Docker does (see [`not_found`]).
     async fn status_error(&self, resp: reqwest::Response, what: &str) -> Error {
         let status = resp.status();
         let body = resp.bytes().await.unwrap_or_default();
+        if let Some(err) = not_there(status, &body) {
+            return err;
+        }
         let detail = registry_error_text(&body);
         let what = if what.is_empty() {
             String::new()
@@ -700,6 +750,16 @@ impl Repository {
             _ => ErrorKind::Internal,
         };
         Error::new(kind, msg)
+    }
+
+    /// `Ok` when the registry knows the repository (its tag list answers), else its error.
+    pub async fn check_exists(&self) -> Result<()> {
+        let url = self.url("tags/list?n=1");
+        let resp = self.send(&|| self.client.get(&url)).await?;
+        if resp.status().is_success() {
+            return Ok(());
+        }
+        Err(self.status_error(resp, "tags").await)
     }
 
     /// GETs a manifest by tag or digest. A digest reference is checked against the bytes.
@@ -999,6 +1059,90 @@ pub fn http_error(e: reqwest::Error, what: &str) -> Error {
     Error::unavailable(format!("{what}: {all}"))
 }
 
+/// Why a registry has nothing to give, as Docker names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotThere {
+    /// `DENIED`: the repository does not exist or the credentials do not reach it.
+    Denied,
+    /// `NAME_UNKNOWN`: no such repository.
+    NameUnknown,
+    /// `MANIFEST_UNKNOWN`: no such tag or digest.
+    ManifestUnknown,
+}
+
+impl NotThere {
+    const ALL: [(Self, &'static str); 3] = [
+        (Self::Denied, "DENIED"),
+        (Self::NameUnknown, "NAME_UNKNOWN"),
+        (Self::ManifestUnknown, "MANIFEST_UNKNOWN"),
+    ];
+
+    fn text(self) -> &'static str {
+        match self {
+            Self::Denied => "denied",
+            Self::NameUnknown => "name unknown",
+            Self::ManifestUnknown => "manifest unknown",
+        }
+    }
+
+    /// Which of these `err` (from [`Repository`]) is, if any.
+    pub fn of(err: &Error) -> Option<Self> {
+        Self::ALL
+            .iter()
+            .map(|(n, _)| *n)
+            .find(|n| err.message().starts_with(&format!("{}: ", n.text())))
+    }
+}
+
+/// The error for a response whose first registry error code is one of [`NotThere`]'s.
+fn not_there(status: StatusCode, body: &[u8]) -> Option<Error> {
+    let (code, message) = first_registry_error(body)?;
+    let (what, _) = NotThere::ALL.iter().find(|(_, c)| *c == code)?;
+    let kind = match status {
+        StatusCode::UNAUTHORIZED => ErrorKind::Unauthenticated,
+        StatusCode::FORBIDDEN => ErrorKind::PermissionDenied,
+        _ => ErrorKind::NotFound,
+    };
+    Some(Error::new(kind, format!("{}: {message}", what.text())))
+}
+
+/// Docker's wording for a pull of `reference` that found nothing, always a 404: a repository
+/// that does not exist (or is denied) is "pull access denied for X, repository does not exist or
+/// may require 'docker login'", as dockerd words it (clients such as docker-py raise
+/// ImageNotFound on "repository does not exist"); a tag it does not have is "manifest for X:tag
+/// not found". The registry's own error follows, as moby's `notFoundError` does. Any other
+/// error is returned as it is.
+pub fn not_found(err: Error, reference: &berth_core::Reference) -> Error {
+    let Some(what) = NotThere::of(&err) else {
+        return err;
+    };
+    let context = match what {
+        NotThere::Denied | NotThere::NameUnknown => format!(
+            "pull access denied for {}, repository does not exist or may require 'docker login'",
+            reference.familiar_repository()
+        ),
+        NotThere::ManifestUnknown => format!("manifest for {} not found", reference.familiar()),
+    };
+    Error::not_found(format!("{context}: {}", err.message()))
+}
+
+fn first_registry_error(body: &[u8]) -> Option<(String, String)> {
+    #[derive(serde::Deserialize)]
+    struct E {
+        #[serde(default)]
+        code: String,
+        #[serde(default)]
+        message: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Es {
+        #[serde(default)]
+        errors: Vec<E>,
+    }
+    let es: Es = serde_json::from_slice(body).ok()?;
+    es.errors.into_iter().next().map(|e| (e.code, e.message))
+}
+
 fn registry_error_text(body: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct E {
@@ -1060,6 +1204,41 @@ pub fn certs_dir_for(root: &Path, host: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pulls_that_find_nothing_have_dockers_words() {
+        let r = berth_core::Reference::parse("127.0.0.1:5000/nosuch").unwrap();
+        let body = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{"Tag":"latest"}}]}"#;
+        let err = not_there(StatusCode::NOT_FOUND, body).unwrap();
+        assert_eq!(NotThere::of(&err), Some(NotThere::ManifestUnknown));
+        let err = not_found(err, &r);
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        assert_eq!(
+            err.message(),
+            "manifest for 127.0.0.1:5000/nosuch:latest not found: manifest unknown: manifest unknown"
+        );
+        let hub = berth_core::Reference::parse("nosuch/thing").unwrap();
+        let body = br#"{"errors":[{"code":"DENIED","message":"requested access to the resource is denied"}]}"#;
+        let err = not_found(not_there(StatusCode::UNAUTHORIZED, body).unwrap(), &hub);
+        assert_eq!(err.kind(), ErrorKind::NotFound);
+        assert_eq!(
+            err.message(),
+            "pull access denied for nosuch/thing, repository does not exist or may require \
+             'docker login': denied: requested access to the resource is denied"
+        );
+        let body = br#"{"errors":[{"code":"NAME_UNKNOWN","message":"repository name not known to registry"}]}"#;
+        let err = not_found(not_there(StatusCode::NOT_FOUND, body).unwrap(), &r);
+        assert_eq!(
+            err.message(),
+            "pull access denied for 127.0.0.1:5000/nosuch, repository does not exist or may \
+             require 'docker login': name unknown: repository name not known to registry"
+        );
+        // Other codes keep the registry's answer as it was.
+        let body = br#"{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}"#;
+        assert!(not_there(StatusCode::NOT_FOUND, body).is_none());
+        let other = Error::unavailable("x: cannot connect");
+        assert_eq!(not_found(other, &r).message(), "x: cannot connect");
+    }
 
     #[test]
     fn challenges() {

@@ -530,17 +530,13 @@ pub fn validate_ifname(name: &str) -> Result<()> {
     }
 }
 
+/// Docker accepts any network name that is not blank ("my net" included): names are only
+/// looked up, never used in paths or interface names (bridges are named from the id).
 fn validate_network_name(name: &str) -> Result<()> {
-    let mut chars = name.chars();
-    let ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid_argument(format!(
-            "invalid network name {name:?}: only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed"
-        )))
+    if name.trim().is_empty() {
+        return Err(Error::invalid_argument(format!("invalid name: {name}")));
     }
+    Ok(())
 }
 
 fn parse_bool_opt(key: &str, value: Option<&String>, default: bool) -> Result<bool> {

@@ -393,7 +393,7 @@ fn create_allocates_subnets_and_refuses_bad_input() {
     assert!(err.message().contains("overlaps"), "{}", err.message());
     for bad in [
         CreateNetwork {
-            name: "bad name".into(),
+            name: "  ".into(),
             ..Default::default()
         },
         CreateNetwork {
