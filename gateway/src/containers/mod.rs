@@ -32,6 +32,11 @@ pub fn routes() -> Router<AppState> {
         .route("/containers/json", get(list))
         .route("/containers/prune", post(prune))
         .route("/containers/{id}", axum::routing::delete(remove))
+        // A link is removed by its name, `parent/alias`, which has a `/` in it.
+        .route(
+            "/containers/{parent}/{alias}",
+            axum::routing::delete(remove_link),
+        )
         .route("/containers/{id}/json", get(inspect))
         .route("/containers/{id}/top", get(top))
         .route("/containers/{id}/changes", get(changes))
@@ -180,6 +185,23 @@ async fn prune(State(st): State<AppState>, q: Query) -> Result<Response, ApiErro
         StatusCode::OK,
         &json!({"ContainersDeleted": resp.deleted, "SpaceReclaimed": resp.space_reclaimed}),
     ))
+}
+
+async fn remove_link(
+    State(st): State<AppState>,
+    Path((parent, alias)): Path<(String, String)>,
+    q: Query,
+) -> Result<Response, ApiError> {
+    if !q.bool("link") {
+        return Err(Error::not_found(format!("No such container: {parent}/{alias}")).into());
+    }
+    let req = engine::DeleteContainerRequest {
+        id: format!("{parent}/{alias}"),
+        remove_link: true,
+        ..Default::default()
+    };
+    st.backends.containers.delete(req).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn remove(

@@ -1,7 +1,7 @@
 //! Creating a container: resolve the image, merge its config, prepare the rootfs snapshot,
 //! create volumes (with copy-up), persist the record, publish "create".
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use berth_core::snapshots::Labels;
@@ -26,6 +26,13 @@ pub fn network_mode(hc: &pb::HostConfig) -> &str {
         "" | "default" => "bridge",
         other => other,
     }
+}
+
+/// A mode naming a user-defined network (not the default bridge, host, none or another
+/// container's namespace).
+pub fn is_user_defined(mode: &str) -> bool {
+    !matches!(mode, "" | "default" | "bridge" | "host" | "none" | "cni")
+        && !mode.starts_with("container:")
 }
 
 /// Checks a host config before anything is created.
@@ -65,6 +72,18 @@ fn validate_host_config(engine: &Engine, hc: &pb::HostConfig) -> Result<Vec<Stri
     let net = network_mode(hc);
     if let Some(other) = net.strip_prefix("container:") {
         engine.get(other)?;
+    }
+    if !hc.links.is_empty() {
+        if net == "host" {
+            return Err(Error::invalid_argument(
+                "conflicting options: host type networking can't be used with links. This would result in undefined behavior",
+            ));
+        }
+        if net.starts_with("container:") {
+            return Err(Error::invalid_argument(
+                "conflicting options: container type network can't be used with links. This would result in undefined behavior",
+            ));
+        }
     }
     if hc.init == Some(true) {
         warnings.push(
@@ -160,6 +179,11 @@ impl Engine {
                     e
                 }
             })?;
+        let mut networks = req.networks.clone();
+        self.resolve_links(name, hc, &mut networks)?;
+        if hc.runtime.is_empty() {
+            hc.runtime = self.config.engine.default_runtime.clone();
+        }
         let image_config = ImageConfig::parse(&image.config)?;
         let mut config = imageconfig::merge(&user_config, &image_config)?;
         let id = Id::random().to_string();
@@ -249,6 +273,7 @@ impl Engine {
                 &snapshotter,
                 &rootfs,
                 namespace,
+                networks,
                 &mut created_volumes,
             )
             .await;
@@ -280,6 +305,7 @@ impl Engine {
         snapshotter: &str,
         rootfs: &[berth_core::mount::Mount],
         namespace: &str,
+        networks: HashMap<String, pb::EndpointConfig>,
         created_volumes: &mut Vec<String>,
     ) -> Result<pb::Container> {
         // Volumes, and which of them get the image's content.
@@ -381,7 +407,7 @@ impl Engine {
         }
 
         // Networks requested.
-        let mut networks = req.networks.clone();
+        let mut networks = networks;
         let mode = network_mode(hc).to_string();
         if networks.is_empty()
             && !matches!(mode.as_str(), "host" | "none" | "cni")
@@ -486,5 +512,61 @@ impl Engine {
         tracing::info!(id, name, image = %rec.c.image, "container created");
         self.container_event(&rec, "create", []);
         Ok(rec.c)
+    }
+
+    /// Checks the legacy links of a new container and records them as Docker does: on the
+    /// default bridge as `/child:/parent/alias` in the host config; on a user-defined network
+    /// as the endpoint's links (what the docker CLI sends there), which the network's DNS
+    /// answers for. A link to a container that does not exist is refused.
+    fn resolve_links(
+        &self,
+        name: &str,
+        hc: &mut pb::HostConfig,
+        networks: &mut HashMap<String, pb::EndpointConfig>,
+    ) -> Result<()> {
+        let mode = network_mode(hc).to_string();
+        let mut recorded = Vec::new();
+        for link in &hc.links {
+            let (child, alias) = crate::links::parse(link)?;
+            let target = self.linked(&child)?;
+            if target.with(|r| network_mode(r.host_config()) == "host") {
+                return Err(Error::invalid_argument(
+                    "conflicting options: host type networking can't be used with links. This would result in undefined behavior",
+                ));
+            }
+            let child_name = target.with(|r| r.c.name.clone());
+            if is_user_defined(&mode) {
+                recorded.push(format!("{child}:{alias}"));
+            } else {
+                recorded.push(crate::links::record(&child_name, name, &alias));
+            }
+        }
+        if is_user_defined(&mode) {
+            let ep = networks.entry(mode.clone()).or_default();
+            for l in recorded.drain(..) {
+                if !ep.links.contains(&l) {
+                    ep.links.push(l);
+                }
+            }
+        }
+        hc.links = recorded;
+        for ep in networks.values() {
+            for link in &ep.links {
+                let (child, _) = crate::links::parse(link)?;
+                self.linked(&child)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The container a link names; one that does not exist is an invalid parameter, as in
+    /// Docker (not a "no such container" that clients would read as a missing image).
+    pub(super) fn linked(&self, child: &str) -> Result<std::sync::Arc<Ctr>> {
+        self.get(child).map_err(|e| {
+            Error::invalid_argument(format!(
+                "could not get container for {child}: {}",
+                e.message()
+            ))
+        })
     }
 }

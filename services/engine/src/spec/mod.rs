@@ -145,6 +145,8 @@ pub struct SpecInput<'a> {
     pub cgroup: Namespace,
     /// User mounts (binds, volumes, tmpfs) and the network files, resolved.
     pub mounts: &'a [SpecMount],
+    /// The variables of legacy links, set before the container's own env.
+    pub link_env: &'a [String],
     /// Devices mapped into the container (`--device`), resolved from the host.
     pub devices: &'a [Device],
     /// The engine's cgroup parent (`[engine] cgroup_parent`).
@@ -415,11 +417,17 @@ pub fn cgroup_path(host_config_parent: &str, engine_parent: &str, id: &str) -> S
 
 /// The process environment: Docker's PATH default, HOSTNAME, TERM for a TTY, HOME, then the
 /// container's env over them.
-pub fn process_env(config: &pb::ContainerConfig, hostname: &str, home: &str) -> Vec<String> {
+pub fn process_env(
+    config: &pb::ContainerConfig,
+    hostname: &str,
+    home: &str,
+    link_env: &[String],
+) -> Vec<String> {
     let mut base = vec![DEFAULT_PATH.to_string(), format!("HOSTNAME={hostname}")];
     if config.tty {
         base.push("TERM=xterm".into());
     }
+    base = imageconfig::merge_env(&base, link_env);
     let mut env = imageconfig::merge_env(&base, &config.env);
     if !env.iter().any(|e| e.starts_with("HOME=")) {
         env.push(format!("HOME={home}"));
@@ -486,7 +494,12 @@ pub fn generate(input: &SpecInput<'_>) -> Result<(Spec, Vec<String>)> {
         .terminal(cfg.tty)
         .user(user)
         .args(args)
-        .env(process_env(cfg, input.hostname, &input.user.home))
+        .env(process_env(
+            cfg,
+            input.hostname,
+            &input.user.home,
+            input.link_env,
+        ))
         .cwd(if cfg.working_dir.is_empty() {
             "/"
         } else {
@@ -819,6 +832,7 @@ mod tests {
             uts: Namespace::Private,
             cgroup: Namespace::Host,
             mounts,
+            link_env: &["AL_NAME=/abc/al".to_string()],
             devices: &[],
             cgroup_parent: "berth",
             host: &h,
@@ -1052,6 +1066,7 @@ mod tests {
                 uts: Namespace::Private,
                 cgroup: Namespace::Host,
                 mounts: &[],
+                link_env: &[],
                 devices: &[],
                 cgroup_parent: "berth",
                 host: &h,
@@ -1121,6 +1136,8 @@ mod tests {
         assert_eq!(p.args().as_ref().unwrap(), &["sh"]);
         let env = p.env().as_ref().unwrap();
         assert!(env.contains(&"A=2".to_string()) && !env.contains(&"A=1".to_string()));
+        // Link variables are part of the container's environment, so execs see them.
+        assert!(env.contains(&"AL_NAME=/abc/al".to_string()));
         assert!(env.contains(&"TERM=xterm".to_string()));
         assert_eq!(p.cwd().to_str(), Some("/tmp"));
         assert_eq!(p.terminal(), Some(true));
