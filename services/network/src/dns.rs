@@ -205,6 +205,28 @@ impl DnsView {
         self.lookup_in(&nets, name)
     }
 
+    /// The name a query asks about: the linked container's name when `name` is a link alias
+    /// of the asking container on any of its networks.
+    fn link_target<'a>(
+        &'a self,
+        networks: &[&str],
+        me: Option<&DnsEntry>,
+        name: &'a str,
+    ) -> &'a str {
+        let Some(me) = me else {
+            return name;
+        };
+        let asked = normalize(name);
+        networks
+            .iter()
+            .flat_map(|n| self.networks.get(*n).into_iter().flatten())
+            .filter(|e| e.container_id == me.container_id)
+            .flat_map(|e| e.links.iter())
+            .find(|(alias, _)| *alias == asked)
+            .map(|(_, target)| target.as_str())
+            .unwrap_or(name)
+    }
+
     fn reverse(&self, networks: &[&str], ip: IpAddr) -> Option<String> {
         for net in networks {
             for e in self.networks.get(*net).into_iter().flatten() {
@@ -380,7 +402,7 @@ pub fn handle(view: &DnsView, network_id: &str, client: IpAddr, query: &[u8]) ->
             {
                 return Reply::Answer(answer(&q, &[(TYPE_PTR, encode_name(&name))]));
             }
-        } else if let Some(found) = view.lookup_in(&order, link_target(me, &q.name)) {
+        } else if let Some(found) = view.lookup_in(&order, view.link_target(&order, me, &q.name)) {
             // A name berth owns: answer even when the asked type has no record (NODATA), so
             // the client does not go on to ask the upstreams about a container name.
             let rdatas: Vec<(u16, Vec<u8>)> = match q.qtype {
@@ -400,15 +422,6 @@ pub fn handle(view: &DnsView, network_id: &str, client: IpAddr, query: &[u8]) ->
         }
     }
     Reply::Forward(upstreams)
-}
-
-/// The name a query asks about: the linked container's name when `name` is one of the asking
-/// container's link aliases.
-fn link_target<'a>(me: Option<&'a DnsEntry>, name: &'a str) -> &'a str {
-    let asked = normalize(name);
-    me.and_then(|e| e.links.iter().find(|(alias, _)| *alias == asked))
-        .map(|(_, target)| target.as_str())
-        .unwrap_or(name)
 }
 
 /// Sends `query` to each upstream over UDP in turn and returns the first answer.

