@@ -47,6 +47,8 @@ pub struct HostInfo {
     /// that ABI too. Without it, listing x32 only makes every runc create and exec compile the
     /// filter once more for nothing.
     pub seccomp_x32: bool,
+    /// Real-time group scheduling (`cpu.rt_runtime_us` in the cgroup v1 cpu hierarchy).
+    pub cpu_realtime: bool,
 }
 
 impl Default for HostInfo {
@@ -59,6 +61,7 @@ impl Default for HostInfo {
             devices: Vec::new(),
             nofile: DEFAULT_NOFILE,
             seccomp_x32: true,
+            cpu_realtime: false,
         }
     }
 }
@@ -803,6 +806,7 @@ mod tests {
             cgroup_v2: false,
             nofile: DEFAULT_NOFILE,
             seccomp_x32: true,
+            cpu_realtime: false,
             devices: vec![Device {
                 path: "/dev/fuse".into(),
                 kind: 'c',

@@ -343,6 +343,20 @@ impl Engine {
             host: self.host_info(),
         };
         let (spec, _warnings) = spec::generate(&input)?;
+        if let Some(rt) = hc
+            .resources
+            .as_ref()
+            .and_then(|r| r.cpu_realtime_runtime)
+            .filter(|rt| *rt > 0)
+            && let Some(path) = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone())
+            && self.host_info().cpu_realtime
+        {
+            spec::resources::ensure_rt_budget(
+                Path::new("/sys/fs/cgroup/cpu"),
+                &path.display().to_string(),
+                rt,
+            )?;
+        }
         let json = serde_json::to_vec_pretty(&spec)
             .map_err(|e| Error::internal("serialize config.json").with_source(e))?;
         write_atomic(&bundle.join("config.json"), &json)?;
