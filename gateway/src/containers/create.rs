@@ -46,6 +46,28 @@ pub fn create_request(
         },
     );
     let host = create.host_config.clone().unwrap_or_default();
+    refuse_unsupported(
+        &host,
+        create
+            .networking_config
+            .as_ref()
+            .and_then(|n| n.endpoints_config.as_ref())
+            .unwrap_or(&HashMap::new()),
+    )?;
+    for field in ["KernelMemory", "KernelMemoryTCP"] {
+        if raw
+            .pointer(&format!("/HostConfig/{field}"))
+            .and_then(serde_json::Value::as_i64)
+            .is_some_and(|v| v != 0)
+        {
+            return Err(Error::invalid_argument(format!(
+                "{field} is not supported by berth: kernel memory limits are deprecated in the kernel"
+            )));
+        }
+    }
+    if host.shm_size.is_some_and(|s| s < 0) {
+        return Err(Error::invalid_argument("SHM size can not be less than 0"));
+    }
     let mut config = container_config(&create)?;
     if let Some(mac) = raw.get("MacAddress").and_then(|m| m.as_str()) {
         config.mac_address = mac.to_string();
@@ -340,6 +362,92 @@ pub fn restart_policy(p: &bollard_stubs::models::RestartPolicy) -> Result<engine
         name: name as i32,
         max_retries: retries as i32,
     })
+}
+
+/// Refuses the create options berth has no way to honour, with Docker's words where Docker
+/// has them, instead of accepting and ignoring them. What the engine decides (log drivers,
+/// devices, mount propagation, links, ...) is checked there.
+fn refuse_unsupported(h: &HostConfig, eps: &HashMap<String, EndpointSettings>) -> Result<()> {
+    if h.storage_opt.as_ref().is_some_and(|o| !o.is_empty()) {
+        // Docker's overlay2 answers this (a 500) wherever it has no project quotas; berth's
+        // snapshotters have none at all.
+        return Err(Error::internal(
+            "--storage-opt is supported only for overlay over xfs with 'pquota' mount option",
+        ));
+    }
+    if let Some(req) = h.device_requests.iter().flatten().next() {
+        let caps: Vec<String> = req
+            .capabilities
+            .iter()
+            .flatten()
+            .map(|c| format!("[{}]", c.join(" ")))
+            .collect();
+        return Err(Error::invalid_argument(format!(
+            "could not select device driver \"{}\" with capabilities: [{}]",
+            req.driver.clone().unwrap_or_default(),
+            caps.join(" ")
+        )));
+    }
+    if h.io_maximum_bandwidth.is_some_and(|v| v != 0) || h.io_maximum_iops.is_some_and(|v| v != 0) {
+        return Err(Error::invalid_argument(
+            "Invalid QoS settings: linux does not support Maximum IO Bandwidth or Maximum IO IOps",
+        ));
+    }
+    if h.cpu_count.is_some_and(|v| v != 0) {
+        return Err(Error::invalid_argument(
+            "invalid CpuCount: linux does not support CPU count (it is a Windows setting)",
+        ));
+    }
+    if h.cpu_percent.is_some_and(|v| v != 0) {
+        return Err(Error::invalid_argument(
+            "invalid CpuPercent: linux does not support CPU percent (it is a Windows setting)",
+        ));
+    }
+    if let Some(iso) = h.isolation.as_ref().map(|i| i.to_string())
+        && !matches!(iso.as_str(), "" | "default")
+    {
+        return Err(Error::invalid_argument(format!(
+            "invalid isolation: \"{iso}\" - linux only supports 'default'"
+        )));
+    }
+    if let Some(driver) = h
+        .volume_driver
+        .as_deref()
+        .filter(|d| !d.is_empty() && *d != "local")
+    {
+        return Err(Error::invalid_argument(format!(
+            "volume driver \"{driver}\" is not supported: berth has only the local driver"
+        )));
+    }
+    if h.cgroup.as_deref().is_some_and(|c| !c.is_empty()) {
+        return Err(Error::invalid_argument(
+            "HostConfig.Cgroup (sharing another container's cgroup) is not supported by berth",
+        ));
+    }
+    for m in h.mounts.iter().flatten() {
+        if m.bind_options
+            .as_ref()
+            .and_then(|b| b.read_only_force_recursive)
+            .unwrap_or(false)
+        {
+            return Err(Error::invalid_argument(
+                "BindOptions.ReadOnlyForceRecursive is not supported by berth",
+            ));
+        }
+    }
+    for (net, ep) in eps {
+        if ep
+            .ipam_config
+            .as_ref()
+            .and_then(|i| i.link_local_ips.as_ref())
+            .is_some_and(|l| !l.is_empty())
+        {
+            return Err(Error::invalid_argument(format!(
+                "link-local IPs (IPAMConfig.LinkLocalIPs on {net}) are not supported by berth"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn host_config(h: &HostConfig) -> Result<engine::HostConfig> {

@@ -494,6 +494,38 @@ async fn rename(
 /// `POST /containers/{id}/update` body → the engine's update request.
 pub fn update_request(id: &str, body: &[u8]) -> Result<engine::UpdateContainerRequest> {
     let u: ContainerUpdateBody = parse_json_or_default(body)?;
+    // What a running container's cgroup update cannot change is refused, not dropped.
+    let fixed = [
+        ("Ulimits", u.ulimits.as_ref().is_some_and(|v| !v.is_empty())),
+        ("Devices", u.devices.as_ref().is_some_and(|v| !v.is_empty())),
+        (
+            "DeviceCgroupRules",
+            u.device_cgroup_rules
+                .as_ref()
+                .is_some_and(|v| !v.is_empty()),
+        ),
+        (
+            "DeviceRequests",
+            u.device_requests.as_ref().is_some_and(|v| !v.is_empty()),
+        ),
+        (
+            "CgroupParent",
+            u.cgroup_parent.as_ref().is_some_and(|v| !v.is_empty()),
+        ),
+        ("CpuCount", u.cpu_count.is_some_and(|v| v != 0)),
+        ("CpuPercent", u.cpu_percent.is_some_and(|v| v != 0)),
+        ("IOMaximumIOps", u.io_maximum_iops.is_some_and(|v| v != 0)),
+        (
+            "IOMaximumBandwidth",
+            u.io_maximum_bandwidth.is_some_and(|v| v != 0),
+        ),
+        ("Init", u.init.is_some()),
+    ];
+    if let Some((field, _)) = fixed.iter().find(|(_, set)| *set) {
+        return Err(Error::invalid_argument(format!(
+            "{field} cannot be changed by a container update"
+        )));
+    }
     let resources = create::ResourceFields {
         memory: u.memory,
         memory_swap: u.memory_swap,

@@ -13,7 +13,7 @@ use super::{Ctr, Engine, now};
 use crate::imageconfig::{self, ImageConfig};
 use crate::record::{Private, Record};
 use crate::restart::Policy;
-use crate::spec::resources;
+use crate::spec::{resources, validate};
 
 /// Label that keeps the images service's garbage collector away from a container snapshot.
 pub const GC_ROOT_LABEL: &str = "containerd.io/gc.root";
@@ -57,12 +57,21 @@ fn validate_host_config(engine: &Engine, hc: &pb::HostConfig) -> Result<Vec<Stri
             hc.runtime
         )));
     }
-    if let Some(t) = hc.log_config.as_ref().map(|l| l.r#type.as_str())
-        && !matches!(t, "" | "json-file" | "local" | "none" | "cri")
-    {
-        return Err(Error::invalid_argument(format!(
-            "logger: no log driver named '{t}' is registered"
-        )));
+    if let Some(lc) = &hc.log_config {
+        validate::log_config(lc, &engine.config.engine.log_driver)?;
+    }
+    validate::namespace_modes(hc)?;
+    validate::devices(&hc.devices)?;
+    if hc.mounts.iter().any(|m| {
+        m.bind.as_ref().is_some_and(|b| {
+            !matches!(
+                b.propagation(),
+                pb::Propagation::Unspecified | pb::Propagation::Private | pb::Propagation::Rprivate
+            )
+        })
+    }) {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        validate::bind_propagation(&hc.mounts, &mountinfo, validate::host_path)?;
     }
     for mode in [&hc.pid_mode, &hc.ipc_mode] {
         if let Some(other) = mode.strip_prefix("container:") {
@@ -226,6 +235,12 @@ impl Engine {
         let mut networks = req.networks.clone();
         self.resolve_links(name, hc, &mut networks)?;
         endpoint_macs(&user_config.mac_address, hc, &mut networks)?;
+        if user_config.network_disabled {
+            // Docker gives such a container no network at all: a namespace with loopback only.
+            hc.network_mode = "none".into();
+            networks.clear();
+        }
+        self.volumes_from(hc)?;
         if hc.runtime.is_empty() {
             hc.runtime = self.config.engine.default_runtime.clone();
         }
@@ -599,6 +614,43 @@ impl Engine {
             for link in &ep.links {
                 let (child, _) = crate::links::parse(link)?;
                 self.linked(&child)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `--volumes-from name[:ro|rw]`: the other container's binds and volumes, at the same
+    /// places, read-only when asked (or when they were), unless this container mounts
+    /// something there itself.
+    fn volumes_from(&self, hc: &mut pb::HostConfig) -> Result<()> {
+        for spec in hc.volumes_from.clone() {
+            let (name, mode) = match spec.split_once(':') {
+                Some((n, m)) => (n, m),
+                None => (spec.as_str(), ""),
+            };
+            if !matches!(mode, "" | "ro" | "rw") {
+                return Err(Error::invalid_argument(format!(
+                    "invalid mode for volumes-from: {mode}"
+                )));
+            }
+            let source = self.get(name)?;
+            let mounts = source.with(|r| r.host_config().mounts.clone());
+            for mut m in mounts {
+                if !matches!(m.r#type(), pb::MountType::Bind | pb::MountType::Volume)
+                    || hc.mounts.iter().any(|own| own.target == m.target)
+                {
+                    continue;
+                }
+                match mode {
+                    "ro" => m.read_only = true,
+                    "rw" => m.read_only = false,
+                    _ => {}
+                }
+                if let Some(v) = m.volume.as_mut() {
+                    // The volume is there already: no copy-up of this image's content.
+                    v.no_copy = true;
+                }
+                hc.mounts.push(m);
             }
         }
         Ok(())

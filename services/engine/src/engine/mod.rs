@@ -40,6 +40,7 @@ use crate::volumes::Volumes;
 
 pub use io::{AttachInput, ExecInstance};
 pub use query::list_keys;
+pub(crate) use task::parse_size;
 
 /// Where the engine keeps things.
 #[derive(Debug, Clone)]

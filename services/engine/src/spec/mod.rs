@@ -10,6 +10,7 @@
 pub mod caps;
 pub mod resources;
 pub mod seccomp;
+pub mod validate;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
