@@ -257,3 +257,213 @@ fn docker_py_fields_clients_read() -> Result<()> {
     ensure!(runtime == "runc", "{runtime}");
     Ok(())
 }
+
+/// Refusals: each gives docker-py an `APIError` with Docker's status and words, and leaves no
+/// container behind. `@PRIVATE@` and `@SHARED@` are tmpfs mounts the Rust side made.
+const REFUSALS: &str = r#"
+import docker
+from docker.types import LogConfig
+client = docker.from_env(version="auto")
+api = client.api
+hc = api.create_host_config
+
+def count():
+    return len(api.containers(all=True))
+
+before = count()
+
+def refused(status, text, **kw):
+    try:
+        api.create_container("busybox", ["true"], name="refused", **kw)
+    except docker.errors.APIError as e:
+        assert e.status_code == status, (text, e.status_code, str(e))
+        assert text in str(e.explanation), (text, str(e))
+    else:
+        raise AssertionError(f"accepted: {kw}")
+    assert count() == before, f"a refused create left a container: {kw}"
+
+refused(500, "--storage-opt is supported only for overlay over xfs with 'pquota' mount option",
+        host_config=hc(storage_opt={"size": "1G"}))
+refused(400, "path @PRIVATE@/src is mounted on @PRIVATE@ but it is not a shared mount",
+        host_config=hc(binds=["@PRIVATE@/src:/x:rshared"]))
+refused(400, "path @PRIVATE@/src is mounted on @PRIVATE@ but it is not a shared or slave mount",
+        host_config=hc(binds=["@PRIVATE@/src:/x:rslave"]))
+refused(400, "logger: no log driver named 'bogus' is registered",
+        host_config=hc(log_config=LogConfig(type="bogus", config={})))
+refused(400, "unknown log opt 'x' for json-file log driver",
+        host_config=hc(log_config=LogConfig(type="json-file", config={"x": "1"})))
+refused(400, "error gathering device information while adding custom device \"/dev/berth-nope\": no such file or directory",
+        host_config=hc(devices=["/dev/berth-nope:/dev/x:rwm"]))
+refused(400, "cpu real-time runtime cannot be higher than cpu real-time period",
+        host_config=hc(cpu_rt_runtime=20000, cpu_rt_period=10000))
+refused(400, "invalid PID mode: bogus", host_config=hc(pid_mode="bogus"))
+refused(400, "could not select device driver \"\" with capabilities: [[gpu]]",
+        host_config=hc(device_requests=[docker.types.DeviceRequest(count=-1, capabilities=[["gpu"]])]))
+
+# Over a shared host mount, rshared is what the container gets.
+c = api.create_container("busybox", ["true"], name="shared_ok",
+                         host_config=hc(binds=["@SHARED@/src:/x:rshared"]))
+assert api.inspect_container(c)["Mounts"][0]["Propagation"] == "rshared"
+api.remove_container(c)
+
+# An update cannot change devices: refused, not dropped.
+c = api.create_container("busybox", ["true"], name="upd")
+r = api._post_json(api._url("/containers/{0}/update", c["Id"]),
+                   data={"Devices": [{"PathOnHost": "/dev/null", "PathInContainer": "/dev/n",
+                                      "CgroupPermissions": "rwm"}]})
+assert r.status_code == 400, r.status_code
+assert "Devices cannot be changed by a container update" in r.json()["message"], r.text
+api.remove_container(c)
+
+# NetworkDisabled: loopback only.
+c = api.create_container("busybox", ["ls", "/sys/class/net"], name="nonet", network_disabled=True)
+api.start(c)
+assert api.wait(c)["StatusCode"] == 0
+assert api.logs(c).split() == [b"lo"], api.logs(c)
+api.remove_container(c)
+
+# VolumesFrom: the other container's volume, read-only when asked.
+v = client.containers.run("busybox", ["sh", "-c", "echo shared > /data/f"], name="vsrc",
+                          volumes=["/data"], detach=True)
+assert v.wait()["StatusCode"] == 0
+out = client.containers.run("busybox", ["sh", "-c", "cat /data/f; touch /data/g || echo ro"],
+                            volumes_from=["vsrc:ro"], remove=True)
+assert out == b"shared\nro\n" or out.startswith(b"shared\n") and b"ro\n" in out, out
+v.remove(v=True)
+assert count() == before
+print("ok")
+"#;
+
+/// A tmpfs mounted by the test (private or shared), unmounted when dropped.
+struct TestMount(std::path::PathBuf);
+
+impl TestMount {
+    fn new(dir: &std::path::Path, shared: bool) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let run = |args: &[&str]| -> Result<()> {
+            let st = std::process::Command::new("mount").args(args).status()?;
+            ensure!(st.success(), "mount {args:?} failed");
+            Ok(())
+        };
+        let path = dir.to_str().unwrap_or_default();
+        run(&["-t", "tmpfs", "berth-test", path])?;
+        let m = Self(dir.to_path_buf());
+        run(&[
+            if shared {
+                "--make-shared"
+            } else {
+                "--make-private"
+            },
+            path,
+        ])?;
+        std::fs::create_dir_all(dir.join("src"))?;
+        Ok(m)
+    }
+}
+
+impl Drop for TestMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn docker_py_refusals_and_diff() -> Result<()> {
+    if !py_kit::ready() {
+        return Ok(());
+    }
+    let d = DockerStack::start()?;
+    let _registry = py_kit::with_busybox(&d)?;
+    let scratch = tempfile::tempdir()?;
+    let private = TestMount::new(&scratch.path().join("private"), false)?;
+    let shared = TestMount::new(&scratch.path().join("shared"), true)?;
+    let script = REFUSALS
+        .replace("@PRIVATE@", &private.0.display().to_string())
+        .replace("@SHARED@", &shared.0.display().to_string());
+    let out = py_kit::ok(&d, &script)?;
+    ensure!(out.trim_end().ends_with("ok"), "{out}");
+
+    // The CLI shows the same refusal, and nothing is created.
+    let before = d.container_ids().len();
+    let (_, err) = d.fails(&["run", "--storage-opt", "size=1G", "busybox", "true"])?;
+    ensure!(
+        err.contains(
+            "--storage-opt is supported only for overlay over xfs with 'pquota' mount option"
+        ),
+        "{err}"
+    );
+    ensure!(
+        d.container_ids().len() == before,
+        "a refused run left a container"
+    );
+
+    // docker diff of a fresh container: nothing (the /etc mount points are berth's own).
+    d.ok(&["run", "--name", "fresh", "busybox", "true"])?;
+    let diff = d.ok(&["diff", "fresh"])?;
+    ensure!(diff.is_empty(), "diff of a fresh container:\n{diff}");
+    d.ok(&["run", "--name", "touched", "busybox", "touch", "/tmp/x"])?;
+    let diff = d.ok(&["diff", "touched"])?;
+    ensure!(diff == "C /tmp\nA /tmp/x", "{diff}");
+    Ok(())
+}
+
+#[test]
+fn cpu_realtime_applied_and_read_back() -> Result<()> {
+    if !py_kit::ready() {
+        return Ok(());
+    }
+    let parent = std::path::Path::new("/sys/fs/cgroup/cpu/berth");
+    if !std::path::Path::new("/sys/fs/cgroup/cpu/cpu.rt_runtime_us").exists() {
+        eprintln!("skipped: no RT group scheduling on this host (refusal covered by unit tests)");
+        return Ok(());
+    }
+    let d = DockerStack::start()?;
+    let _registry = py_kit::with_busybox(&d)?;
+    let id = d.ok(&[
+        "run",
+        "-d",
+        "--cpu-rt-runtime",
+        "10000",
+        "--cpu-rt-period",
+        "1000000",
+        "busybox",
+        "sleep",
+        "300",
+    ])?;
+    let result = (|| -> Result<()> {
+        let shown = d.ok(&[
+            "inspect",
+            "-f",
+            "{{.HostConfig.CpuRealtimeRuntime}} {{.HostConfig.CpuRealtimePeriod}}",
+            &id,
+        ])?;
+        ensure!(shown == "10000 1000000", "{shown}");
+        let pid = d.ok(&["inspect", "-f", "{{.State.Pid}}", &id])?;
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+        let path = cgroups
+            .lines()
+            .find_map(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, ctrl, path) = (f.next()?, f.next()?, f.next()?);
+                ctrl.split(',')
+                    .any(|c| c == "cpu")
+                    .then(|| path.to_string())
+            })
+            .ok_or_else(|| anyhow::anyhow!("no cpu cgroup in {cgroups}"))?;
+        let dir = std::path::Path::new("/sys/fs/cgroup/cpu").join(path.trim_start_matches('/'));
+        let rt = std::fs::read_to_string(dir.join("cpu.rt_runtime_us"))?;
+        let period = std::fs::read_to_string(dir.join("cpu.rt_period_us"))?;
+        ensure!(
+            rt.trim() == "10000" && period.trim() == "1000000",
+            "{rt} {period}"
+        );
+        Ok(())
+    })();
+    d.ok(&["rm", "-f", &id])?;
+    // The budget given to berth's cgroup parent goes back once no container holds it.
+    let _ = std::fs::write(parent.join("cpu.rt_runtime_us"), "0");
+    result
+}

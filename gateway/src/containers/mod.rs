@@ -493,7 +493,14 @@ async fn rename(
 
 /// `POST /containers/{id}/update` body → the engine's update request.
 pub fn update_request(id: &str, body: &[u8]) -> Result<engine::UpdateContainerRequest> {
-    let u: ContainerUpdateBody = parse_json_or_default(body)?;
+    let mut raw: serde_json::Value = parse_json_or_default(body)?;
+    create::canonical_keys(&mut raw, create::UPDATE_KEYS);
+    let u: ContainerUpdateBody = if raw.is_null() {
+        ContainerUpdateBody::default()
+    } else {
+        serde_json::from_value(raw)
+            .map_err(|e| Error::invalid_argument(format!("invalid JSON: {e}")))?
+    };
     // What a running container's cgroup update cannot change is refused, not dropped.
     let fixed = [
         ("Ulimits", u.ulimits.as_ref().is_some_and(|v| !v.is_empty())),
