@@ -223,7 +223,46 @@ fn docker_py_legacy_links() -> Result<()> {
     d.ok(&["rm", "--link", "/cli_b/al"])?;
     let links = d.ok(&["inspect", "-f", "{{json .HostConfig.Links}}", "cli_b"])?;
     ensure!(links == "null", "{links}");
+    let hosts = d.ok(&["exec", "cli_b", "cat", "/etc/hosts"])?;
+    ensure!(
+        !hosts.lines().any(|l| l.starts_with(&format!("{ip}\tal "))),
+        "the removed link is still in /etc/hosts:\n{hosts}"
+    );
     d.ok(&["rm", "-f", "cli_b", "cli_a"])?;
+
+    // `--link` with a user network: the alias is answered by the network's DNS.
+    d.ok(&["network", "create", "cli_net"])?;
+    d.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "cli_d",
+        "--network",
+        "cli_net",
+        "busybox",
+        "sleep",
+        "300",
+    ])?;
+    let d_ip = d.ok(&[
+        "inspect",
+        "-f",
+        "{{.NetworkSettings.Networks.cli_net.IPAddress}}",
+        "cli_d",
+    ])?;
+    let out = d.ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "cli_net",
+        "--link",
+        "cli_d:dbx",
+        "busybox",
+        "nslookup",
+        "dbx",
+    ])?;
+    ensure!(out.contains(&d_ip), "{out}");
+    d.ok(&["rm", "-f", "cli_d"])?;
+    d.ok(&["network", "rm", "cli_net"])?;
     Ok(())
 }
 

@@ -233,6 +233,19 @@ impl Engine {
                     .retain(|l| crate::links::alias_of(l).as_deref() != Some(alias));
             }
         });
+        // A running container's /etc/hosts forgets the alias now (in place: it is
+        // bind-mounted), as Docker's sandbox update does.
+        let (running, hosts) = ctr.with(|r| (r.is_running(), r.c.hosts_path.clone()));
+        if running && let Ok(text) = std::fs::read_to_string(&hosts) {
+            let kept: String = text
+                .lines()
+                .filter(|l| l.split_whitespace().nth(1) != Some(alias))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            if kept != text {
+                let _ = std::fs::write(&hosts, kept);
+            }
+        }
         self.persist(&ctr).await
     }
 }
