@@ -220,6 +220,13 @@ fn docker_py_legacy_links() -> Result<()> {
     );
     let links = d.ok(&["inspect", "-f", "{{json .HostConfig.Links}}", "cli_b"])?;
     ensure!(links == r#"["/cli_a:/cli_b/al"]"#, "{links}");
+    // Links follow renames of either end.
+    d.ok(&["rename", "cli_a", "cli_a2"])?;
+    d.ok(&["rename", "cli_b", "cli_b2"])?;
+    let links = d.ok(&["inspect", "-f", "{{json .HostConfig.Links}}", "cli_b2"])?;
+    ensure!(links == r#"["/cli_a2:/cli_b2/al"]"#, "{links}");
+    d.ok(&["rename", "cli_a2", "cli_a"])?;
+    d.ok(&["rename", "cli_b2", "cli_b"])?;
     d.ok(&["rm", "--link", "/cli_b/al"])?;
     let links = d.ok(&["inspect", "-f", "{{json .HostConfig.Links}}", "cli_b"])?;
     ensure!(links == "null", "{links}");

@@ -385,6 +385,7 @@ impl Engine {
             reg.names.insert(old, ctr.id.clone());
             return Err(e);
         }
+        self.rename_links(&old, &new_name).await;
         let rec = ctr.record();
         self.container_event(&rec, "rename", [("oldName".to_string(), format!("/{old}"))]);
         Ok(())

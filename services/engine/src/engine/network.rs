@@ -248,4 +248,47 @@ impl Engine {
         }
         self.persist(&ctr).await
     }
+
+    /// After a rename, the links that name the container (as the linked one or as the linker)
+    /// follow it, as Docker's link index does.
+    pub(super) async fn rename_links(&self, old: &str, new: &str) {
+        for ctr in self.all() {
+            let changed = ctr.with(|r| {
+                r.host_config().links.iter().any(|l| {
+                    crate::links::parse(l).is_ok_and(|(child, _)| child == old)
+                        || l.contains(&format!(":/{old}/"))
+                }) || r.c.networks.values().any(|ep| {
+                    ep.links
+                        .iter()
+                        .any(|l| crate::links::parse(l).is_ok_and(|(child, _)| child == old))
+                })
+            });
+            if !changed {
+                continue;
+            }
+            ctr.update(|r| {
+                let parent = r.c.name.clone();
+                if let Some(hc) = r.c.host_config.as_mut() {
+                    for l in hc.links.iter_mut() {
+                        if let Ok((child, alias)) = crate::links::parse(l) {
+                            let child = if child == old { new.to_string() } else { child };
+                            *l = crate::links::record(&child, &parent, &alias);
+                        }
+                    }
+                }
+                for ep in r.c.networks.values_mut() {
+                    for l in ep.links.iter_mut() {
+                        if let Ok((child, alias)) = crate::links::parse(l)
+                            && child == old
+                        {
+                            *l = format!("{new}:{alias}");
+                        }
+                    }
+                }
+            });
+            if let Err(e) = self.persist(&ctr).await {
+                tracing::warn!(id = %ctr.id, error = %e.chain(), "persisting renamed links");
+            }
+        }
+    }
 }
