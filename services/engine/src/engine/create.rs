@@ -103,7 +103,7 @@ fn validate_host_config(engine: &Engine, hc: &pb::HostConfig) -> Result<Vec<Stri
 }
 
 /// A MAC address as `net.ParseMAC` reads the 48-bit form: six hex pairs split by `:` or `-`.
-fn valid_mac(mac: &str) -> bool {
+pub(super) fn valid_mac(mac: &str) -> bool {
     let parts: Vec<&str> = mac.split([':', '-']).collect();
     parts.len() == 6
         && parts

@@ -21,6 +21,12 @@ impl Engine {
             let (child, _) = crate::links::parse(link)?;
             self.linked(&child)?;
         }
+        if !endpoint.mac_address.is_empty() && !super::create::valid_mac(&endpoint.mac_address) {
+            return Err(Error::invalid_argument(format!(
+                "invalid MAC address {}",
+                endpoint.mac_address
+            )));
+        }
         let _op = ctr.op.lock().await;
         let rec = ctr.record();
         let mode = network_mode(rec.host_config()).to_string();
