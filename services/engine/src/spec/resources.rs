@@ -41,6 +41,18 @@ pub fn validate(r: &pb::Resources, host: &HostInfo) -> Result<()> {
             "You should always set the Memory limit when using Memoryswap limit, see usage",
         ));
     }
+    if let Some(res) = r.memory_reservation.filter(|v| *v > 0) {
+        if res < MIN_MEMORY {
+            return Err(Error::invalid_argument(
+                "Minimum memory reservation allowed is 6MB",
+            ));
+        }
+        if r.memory.is_some_and(|m| m > 0 && m < res) {
+            return Err(Error::invalid_argument(
+                "Minimum memory limit can not be less than memory reservation limit, see usage",
+            ));
+        }
+    }
     if let Some(s) = r.memory_swappiness
         && s != -1
         && !(0..=100).contains(&s)
@@ -591,6 +603,29 @@ mod tests {
         ensure_rt_budget(root.path(), "/a/b/ctr", 5000).unwrap();
         assert_eq!(rt("a/b").unwrap(), "9000");
         assert!(!root.path().join("a/b/ctr").exists());
+    }
+
+    #[test]
+    fn memory_reservation_bounds() {
+        let r = pb::Resources {
+            memory_reservation: Some(1 << 20),
+            ..Default::default()
+        };
+        assert_eq!(
+            validate(&r, &host()).unwrap_err().message(),
+            "Minimum memory reservation allowed is 6MB"
+        );
+        let r = pb::Resources {
+            memory: Some(8 << 20),
+            memory_reservation: Some(16 << 20),
+            ..Default::default()
+        };
+        assert!(
+            validate(&r, &host())
+                .unwrap_err()
+                .message()
+                .contains("reservation limit")
+        );
     }
 
     #[test]
