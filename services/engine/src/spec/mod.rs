@@ -552,7 +552,8 @@ pub fn generate(input: &SpecInput<'_>) -> Result<(Spec, Vec<String>)> {
     });
     let mut mounts: Vec<Mount> = Vec::new();
     for m in default_mounts(shm_size, privileged, false) {
-        if input.ipc == Namespace::Host && m.destination == "/dev/shm" {
+        // `--ipc host` binds the host's; `--ipc none` has none at all (Docker's meaning).
+        if (input.ipc == Namespace::Host || hc.ipc_mode == "none") && m.destination == "/dev/shm" {
             continue;
         }
         let replaced = user_mounts.iter().any(|u| {
@@ -1123,6 +1124,24 @@ mod tests {
         assert_eq!(r.major(), None);
         assert!(parse_device_rule("c 1:3").is_err());
         assert!(parse_device_rule("c 1:3 xyz").is_err());
+    }
+
+    #[test]
+    fn ipc_none_has_no_dev_shm() {
+        let shm = |hc: &pb::HostConfig| {
+            let (spec, _) = gen_with(hc, &[]);
+            spec.mounts()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.destination() == std::path::Path::new("/dev/shm"))
+        };
+        let none = pb::HostConfig {
+            ipc_mode: "none".into(),
+            ..Default::default()
+        };
+        assert!(!shm(&none));
+        assert!(shm(&pb::HostConfig::default()));
     }
 
     #[test]

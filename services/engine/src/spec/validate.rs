@@ -113,14 +113,9 @@ pub fn log_config(lc: &pb::LogConfig, default_driver: &str) -> Result<()> {
 /// Docker's namespace mode words (`container:<name>` checked by the caller).
 pub fn namespace_modes(hc: &pb::HostConfig) -> Result<()> {
     let joins = |m: &str| m.strip_prefix("container:").is_some_and(|c| !c.is_empty());
-    if !(matches!(hc.ipc_mode.as_str(), "" | "private" | "shareable" | "host")
-        || joins(&hc.ipc_mode))
-    {
-        return Err(Error::invalid_argument(if hc.ipc_mode == "none" {
-            "IPC mode \"none\" is not supported by berth".to_string()
-        } else {
-            format!("invalid IPC mode: {}", hc.ipc_mode)
-        }));
+    let ipc = hc.ipc_mode.as_str();
+    if !(matches!(ipc, "" | "private" | "shareable" | "host" | "none") || joins(ipc)) {
+        return Err(Error::invalid_argument(format!("invalid IPC mode: {ipc}")));
     }
     if !(matches!(hc.pid_mode.as_str(), "" | "host") || joins(&hc.pid_mode)) {
         return Err(Error::invalid_argument(format!(
