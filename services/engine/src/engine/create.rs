@@ -244,6 +244,17 @@ impl Engine {
         if hc.runtime.is_empty() {
             hc.runtime = self.config.engine.default_runtime.clone();
         }
+        // The `local` driver rotates by default (20 MiB, 5 files) where json-file does not.
+        if let Some(lc) = hc.log_config.as_mut()
+            && lc.r#type == "local"
+        {
+            lc.options
+                .entry("max-size".into())
+                .or_insert_with(|| "20m".into());
+            lc.options
+                .entry("max-file".into())
+                .or_insert_with(|| "5".into());
+        }
         let image_config = ImageConfig::parse(&image.config)?;
         let mut config = imageconfig::merge(&user_config, &image_config)?;
         let id = Id::random().to_string();
