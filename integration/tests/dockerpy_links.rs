@@ -429,8 +429,18 @@ fn docker_py_refusals_and_diff() -> Result<()> {
     let script = REFUSALS
         .replace("@PRIVATE@", &private.0.display().to_string())
         .replace("@SHARED@", &shared.0.display().to_string());
+    // Mounts under the stack's directory (rootfs, volumes): none is left by a refused create.
+    let stack_dir = d.stack.dir().display().to_string();
+    let mounts = || -> Result<usize> {
+        Ok(std::fs::read_to_string("/proc/self/mountinfo")?
+            .lines()
+            .filter(|l| l.contains(&stack_dir))
+            .count())
+    };
+    let mounts_before = mounts()?;
     let out = py_kit::ok(&d, &script)?;
     ensure!(out.trim_end().ends_with("ok"), "{out}");
+    ensure!(mounts()? == mounts_before, "mounts left under {stack_dir}");
 
     // The CLI shows the same refusal, and nothing is created.
     let before = d.container_ids().len();
