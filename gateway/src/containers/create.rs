@@ -19,6 +19,175 @@ pub const DOCKER_EXTENSION: &str = "docker";
 /// Version of the blob's schema: 1 = the create body as the client sent it (JSON).
 pub const DOCKER_EXTENSION_VERSION: u32 = 1;
 
+/// Field names of the create body (ContainerConfig + HostConfig + NetworkingConfig), as the
+/// v1.45 spec spells them. dockerd decodes JSON with Go's case-insensitive field matching, and
+/// some clients rely on it (docker-py sends `CPURealtimePeriod`); berth matches the same way
+/// instead of dropping such a field.
+const CONFIG_KEYS: &[&str] = &[
+    "Hostname",
+    "Domainname",
+    "User",
+    "AttachStdin",
+    "AttachStdout",
+    "AttachStderr",
+    "ExposedPorts",
+    "Tty",
+    "OpenStdin",
+    "StdinOnce",
+    "Env",
+    "Cmd",
+    "Healthcheck",
+    "ArgsEscaped",
+    "Image",
+    "Volumes",
+    "WorkingDir",
+    "Entrypoint",
+    "NetworkDisabled",
+    "MacAddress",
+    "OnBuild",
+    "Labels",
+    "StopSignal",
+    "StopTimeout",
+    "Shell",
+    "HostConfig",
+    "NetworkingConfig",
+];
+
+/// HostConfig's fields (Resources included).
+const HOST_CONFIG_KEYS: &[&str] = &[
+    "CpuShares",
+    "Memory",
+    "CgroupParent",
+    "BlkioWeight",
+    "BlkioWeightDevice",
+    "BlkioDeviceReadBps",
+    "BlkioDeviceWriteBps",
+    "BlkioDeviceReadIOps",
+    "BlkioDeviceWriteIOps",
+    "CpuPeriod",
+    "CpuQuota",
+    "CpuRealtimePeriod",
+    "CpuRealtimeRuntime",
+    "CpusetCpus",
+    "CpusetMems",
+    "Devices",
+    "DeviceCgroupRules",
+    "DeviceRequests",
+    "KernelMemoryTCP",
+    "MemoryReservation",
+    "MemorySwap",
+    "MemorySwappiness",
+    "NanoCpus",
+    "OomKillDisable",
+    "Init",
+    "PidsLimit",
+    "Ulimits",
+    "CpuCount",
+    "CpuPercent",
+    "IOMaximumIOps",
+    "IOMaximumBandwidth",
+    "Binds",
+    "ContainerIDFile",
+    "LogConfig",
+    "NetworkMode",
+    "PortBindings",
+    "RestartPolicy",
+    "AutoRemove",
+    "VolumeDriver",
+    "VolumesFrom",
+    "Mounts",
+    "ConsoleSize",
+    "Annotations",
+    "CapAdd",
+    "CapDrop",
+    "CgroupnsMode",
+    "Dns",
+    "DnsOptions",
+    "DnsSearch",
+    "ExtraHosts",
+    "GroupAdd",
+    "IpcMode",
+    "Cgroup",
+    "Links",
+    "OomScoreAdj",
+    "PidMode",
+    "Privileged",
+    "PublishAllPorts",
+    "ReadonlyRootfs",
+    "SecurityOpt",
+    "StorageOpt",
+    "Tmpfs",
+    "UTSMode",
+    "UsernsMode",
+    "ShmSize",
+    "Sysctls",
+    "Runtime",
+    "Isolation",
+    "MaskedPaths",
+    "ReadonlyPaths",
+];
+
+/// The update body's fields (Resources and RestartPolicy).
+pub const UPDATE_KEYS: &[&str] = &[
+    "CpuShares",
+    "Memory",
+    "CgroupParent",
+    "BlkioWeight",
+    "BlkioWeightDevice",
+    "BlkioDeviceReadBps",
+    "BlkioDeviceWriteBps",
+    "BlkioDeviceReadIOps",
+    "BlkioDeviceWriteIOps",
+    "CpuPeriod",
+    "CpuQuota",
+    "CpuRealtimePeriod",
+    "CpuRealtimeRuntime",
+    "CpusetCpus",
+    "CpusetMems",
+    "Devices",
+    "DeviceCgroupRules",
+    "DeviceRequests",
+    "KernelMemoryTCP",
+    "MemoryReservation",
+    "MemorySwap",
+    "MemorySwappiness",
+    "NanoCpus",
+    "OomKillDisable",
+    "Init",
+    "PidsLimit",
+    "Ulimits",
+    "CpuCount",
+    "CpuPercent",
+    "IOMaximumIOps",
+    "IOMaximumBandwidth",
+    "RestartPolicy",
+];
+
+/// Renames the keys of `v` (an object) that match one of `known` ignoring case to its
+/// spelling, as Go's JSON decoding matches them.
+pub fn canonical_keys(v: &mut serde_json::Value, known: &[&str]) {
+    let Some(obj) = v.as_object_mut() else {
+        return;
+    };
+    let renames: Vec<(String, &str)> = obj
+        .keys()
+        .filter(|k| !known.contains(&k.as_str()))
+        .filter_map(|k| {
+            known
+                .iter()
+                .find(|c| c.eq_ignore_ascii_case(k))
+                .map(|c| (k.clone(), *c))
+        })
+        .collect();
+    for (from, to) in renames {
+        if let Some(value) = obj.remove(&from)
+            && !obj.contains_key(to)
+        {
+            obj.insert(to.to_string(), value);
+        }
+    }
+}
+
 /// Parses a create body (kept verbatim as the Docker extension) into the engine's request.
 pub fn create_request(
     name: &str,
@@ -30,8 +199,14 @@ pub fn create_request(
             "config cannot be empty in order to create a container",
         ));
     }
+    let mut raw: serde_json::Value = crate::errors::parse_json(body)?;
+    canonical_keys(&mut raw, CONFIG_KEYS);
+    if let Some(h) = raw.get_mut("HostConfig") {
+        canonical_keys(h, HOST_CONFIG_KEYS);
+    }
+    let body = &serde_json::to_vec(&raw)
+        .map_err(|e| Error::internal("re-encode the create body").with_source(e))?;
     let create: ContainerCreateBody = crate::errors::parse_json(body)?;
-    let raw: serde_json::Value = crate::errors::parse_json(body)?;
     let name = if name.is_empty() {
         String::new()
     } else {
@@ -46,6 +221,28 @@ pub fn create_request(
         },
     );
     let host = create.host_config.clone().unwrap_or_default();
+    refuse_unsupported(
+        &host,
+        create
+            .networking_config
+            .as_ref()
+            .and_then(|n| n.endpoints_config.as_ref())
+            .unwrap_or(&HashMap::new()),
+    )?;
+    for field in ["KernelMemory", "KernelMemoryTCP"] {
+        if raw
+            .pointer(&format!("/HostConfig/{field}"))
+            .and_then(serde_json::Value::as_i64)
+            .is_some_and(|v| v != 0)
+        {
+            return Err(Error::invalid_argument(format!(
+                "{field} is not supported by berth: kernel memory limits are deprecated in the kernel"
+            )));
+        }
+    }
+    if host.shm_size.is_some_and(|s| s < 0) {
+        return Err(Error::invalid_argument("SHM size can not be less than 0"));
+    }
     let mut config = container_config(&create)?;
     if let Some(mac) = raw.get("MacAddress").and_then(|m| m.as_str()) {
         config.mac_address = mac.to_string();
@@ -372,6 +569,92 @@ pub fn restart_policy(p: &bollard_stubs::models::RestartPolicy) -> Result<engine
     })
 }
 
+/// Refuses the create options berth has no way to honour, with Docker's words where Docker
+/// has them, instead of accepting and ignoring them. What the engine decides (log drivers,
+/// devices, mount propagation, links, ...) is checked there.
+fn refuse_unsupported(h: &HostConfig, eps: &HashMap<String, EndpointSettings>) -> Result<()> {
+    if h.storage_opt.as_ref().is_some_and(|o| !o.is_empty()) {
+        // Docker's overlay2 answers this (a 500) wherever it has no project quotas; berth's
+        // snapshotters have none at all.
+        return Err(Error::internal(
+            "--storage-opt is supported only for overlay over xfs with 'pquota' mount option",
+        ));
+    }
+    if let Some(req) = h.device_requests.iter().flatten().next() {
+        let caps: Vec<String> = req
+            .capabilities
+            .iter()
+            .flatten()
+            .map(|c| format!("[{}]", c.join(" ")))
+            .collect();
+        return Err(Error::invalid_argument(format!(
+            "could not select device driver \"{}\" with capabilities: [{}]",
+            req.driver.clone().unwrap_or_default(),
+            caps.join(" ")
+        )));
+    }
+    if h.io_maximum_bandwidth.is_some_and(|v| v != 0) || h.io_maximum_iops.is_some_and(|v| v != 0) {
+        return Err(Error::invalid_argument(
+            "Invalid QoS settings: linux does not support Maximum IO Bandwidth or Maximum IO IOps",
+        ));
+    }
+    if h.cpu_count.is_some_and(|v| v != 0) {
+        return Err(Error::invalid_argument(
+            "invalid CpuCount: linux does not support CPU count (it is a Windows setting)",
+        ));
+    }
+    if h.cpu_percent.is_some_and(|v| v != 0) {
+        return Err(Error::invalid_argument(
+            "invalid CpuPercent: linux does not support CPU percent (it is a Windows setting)",
+        ));
+    }
+    if let Some(iso) = h.isolation.as_ref().map(|i| i.to_string())
+        && !matches!(iso.as_str(), "" | "default")
+    {
+        return Err(Error::invalid_argument(format!(
+            "invalid isolation: \"{iso}\" - linux only supports 'default'"
+        )));
+    }
+    if let Some(driver) = h
+        .volume_driver
+        .as_deref()
+        .filter(|d| !d.is_empty() && *d != "local")
+    {
+        return Err(Error::invalid_argument(format!(
+            "volume driver \"{driver}\" is not supported: berth has only the local driver"
+        )));
+    }
+    if h.cgroup.as_deref().is_some_and(|c| !c.is_empty()) {
+        return Err(Error::invalid_argument(
+            "HostConfig.Cgroup (sharing another container's cgroup) is not supported by berth",
+        ));
+    }
+    for m in h.mounts.iter().flatten() {
+        if m.bind_options
+            .as_ref()
+            .and_then(|b| b.read_only_force_recursive)
+            .unwrap_or(false)
+        {
+            return Err(Error::invalid_argument(
+                "BindOptions.ReadOnlyForceRecursive is not supported by berth",
+            ));
+        }
+    }
+    for (net, ep) in eps {
+        if ep
+            .ipam_config
+            .as_ref()
+            .and_then(|i| i.link_local_ips.as_ref())
+            .is_some_and(|l| !l.is_empty())
+        {
+            return Err(Error::invalid_argument(format!(
+                "link-local IPs (IPAMConfig.LinkLocalIPs on {net}) are not supported by berth"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn host_config(h: &HostConfig) -> Result<engine::HostConfig> {
     let mut mounts = Vec::new();
     for bind in h.binds.iter().flatten() {
@@ -509,6 +792,15 @@ pub fn parse_bind(spec: &str) -> Result<engine::MountSpec> {
     let invalid = || Error::invalid_argument(format!("invalid volume specification: '{spec}'"));
     let parts: Vec<&str> = spec.split(':').collect();
     let (src, dst, mode) = match parts.as_slice() {
+        // Only a destination: an anonymous volume, as dockerd reads `Binds: ["/data"]`.
+        [dst] if dst.starts_with('/') && *dst != "/" => {
+            return Ok(engine::MountSpec {
+                r#type: engine::MountType::Volume as i32,
+                target: dst.to_string(),
+                volume: Some(engine::VolumeOptions::default()),
+                ..Default::default()
+            });
+        }
         [src, dst] => (*src, *dst, ""),
         [src, dst, mode] => (*src, *dst, *mode),
         _ => return Err(invalid()),
@@ -825,7 +1117,12 @@ mod tests {
                 .contains("invalid mode")
         );
         assert!(parse_bind("/a:relative").is_err());
-        assert!(parse_bind("/only").is_err());
+        let anon = parse_bind("/only").unwrap();
+        assert_eq!(
+            (anon.r#type, anon.source.as_str(), anon.target.as_str()),
+            (engine::MountType::Volume as i32, "", "/only")
+        );
+        assert!(parse_bind("only").is_err());
         assert!(parse_bind("vol:/v:rshared").is_err());
     }
 
@@ -948,7 +1245,11 @@ mod tests {
         assert_eq!(ep.ipv4_address, "10.1.0.5");
         let ext = &req.extensions[DOCKER_EXTENSION];
         assert_eq!(ext.version, 1);
-        assert_eq!(ext.data, b);
+        let kept: serde_json::Value = serde_json::from_slice(&ext.data).unwrap();
+        assert_eq!(
+            kept,
+            serde_json::from_slice::<serde_json::Value>(&b).unwrap()
+        );
     }
 
     #[test]
@@ -1011,6 +1312,52 @@ mod tests {
         let ok =
             serde_json::json!({"Image": "b", "Healthcheck": {"Test": ["NONE"], "Interval": 0}});
         assert!(create_request("", "", &body(ok)).is_ok());
+    }
+
+    #[test]
+    fn field_names_match_ignoring_case_as_in_go() {
+        let req = create_request(
+            "",
+            "",
+            &body(serde_json::json!({"image": "b", "HostConfig": {
+                "CPURealtimePeriod": 10000, "cpurealtimeruntime": 5000, "MEMORY": 8388608}})),
+        )
+        .unwrap();
+        assert_eq!(req.config.unwrap().image, "b");
+        let r = req.host_config.unwrap().resources.unwrap();
+        assert_eq!(r.cpu_realtime_period, Some(10000));
+        assert_eq!(r.cpu_realtime_runtime, Some(5000));
+        assert_eq!(r.memory, Some(8 << 20));
+    }
+
+    #[test]
+    fn options_berth_cannot_honour_are_refused() {
+        let refused = |hc: serde_json::Value| {
+            create_request(
+                "",
+                "",
+                &body(serde_json::json!({"Image": "b", "HostConfig": hc})),
+            )
+            .unwrap_err()
+        };
+        let e = refused(serde_json::json!({"StorageOpt": {"size": "1G"}}));
+        assert_eq!(e.kind(), berth_core::ErrorKind::Internal);
+        assert!(e.message().contains("'pquota'"));
+        for hc in [
+            serde_json::json!({"DeviceRequests": [{"Count": -1, "Capabilities": [["gpu"]]}]}),
+            serde_json::json!({"IOMaximumIOps": 5}),
+            serde_json::json!({"CpuPercent": 5}),
+            serde_json::json!({"KernelMemoryTCP": 1}),
+            serde_json::json!({"Isolation": "hyperv"}),
+            serde_json::json!({"VolumeDriver": "nfs"}),
+            serde_json::json!({"ShmSize": -1}),
+        ] {
+            assert_eq!(
+                refused(hc.clone()).kind(),
+                berth_core::ErrorKind::InvalidArgument,
+                "{hc}"
+            );
+        }
     }
 
     #[test]

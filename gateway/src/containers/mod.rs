@@ -32,6 +32,11 @@ pub fn routes() -> Router<AppState> {
         .route("/containers/json", get(list))
         .route("/containers/prune", post(prune))
         .route("/containers/{id}", axum::routing::delete(remove))
+        // A link is removed by its name, `parent/alias`, which has a `/` in it.
+        .route(
+            "/containers/{parent}/{alias}",
+            axum::routing::delete(remove_link),
+        )
         .route("/containers/{id}/json", get(inspect))
         .route("/containers/{id}/top", get(top))
         .route("/containers/{id}/changes", get(changes))
@@ -184,6 +189,23 @@ async fn prune(State(st): State<AppState>, q: Query) -> Result<Response, ApiErro
         StatusCode::OK,
         &json!({"ContainersDeleted": resp.deleted, "SpaceReclaimed": resp.space_reclaimed}),
     ))
+}
+
+async fn remove_link(
+    State(st): State<AppState>,
+    Path((parent, alias)): Path<(String, String)>,
+    q: Query,
+) -> Result<Response, ApiError> {
+    if !q.bool("link") {
+        return Err(Error::not_found(format!("No such container: {parent}/{alias}")).into());
+    }
+    let req = engine::DeleteContainerRequest {
+        id: format!("{parent}/{alias}"),
+        remove_link: true,
+        ..Default::default()
+    };
+    st.backends.containers.delete(req).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn remove(
@@ -476,7 +498,46 @@ async fn rename(
 
 /// `POST /containers/{id}/update` body → the engine's update request.
 pub fn update_request(id: &str, body: &[u8]) -> Result<engine::UpdateContainerRequest> {
-    let u: ContainerUpdateBody = parse_json_or_default(body)?;
+    let mut raw: serde_json::Value = parse_json_or_default(body)?;
+    create::canonical_keys(&mut raw, create::UPDATE_KEYS);
+    let u: ContainerUpdateBody = if raw.is_null() {
+        ContainerUpdateBody::default()
+    } else {
+        serde_json::from_value(raw)
+            .map_err(|e| Error::invalid_argument(format!("invalid JSON: {e}")))?
+    };
+    // What a running container's cgroup update cannot change is refused, not dropped.
+    let fixed = [
+        ("Ulimits", u.ulimits.as_ref().is_some_and(|v| !v.is_empty())),
+        ("Devices", u.devices.as_ref().is_some_and(|v| !v.is_empty())),
+        (
+            "DeviceCgroupRules",
+            u.device_cgroup_rules
+                .as_ref()
+                .is_some_and(|v| !v.is_empty()),
+        ),
+        (
+            "DeviceRequests",
+            u.device_requests.as_ref().is_some_and(|v| !v.is_empty()),
+        ),
+        (
+            "CgroupParent",
+            u.cgroup_parent.as_ref().is_some_and(|v| !v.is_empty()),
+        ),
+        ("CpuCount", u.cpu_count.is_some_and(|v| v != 0)),
+        ("CpuPercent", u.cpu_percent.is_some_and(|v| v != 0)),
+        ("IOMaximumIOps", u.io_maximum_iops.is_some_and(|v| v != 0)),
+        (
+            "IOMaximumBandwidth",
+            u.io_maximum_bandwidth.is_some_and(|v| v != 0),
+        ),
+        ("Init", u.init.is_some()),
+    ];
+    if let Some((field, _)) = fixed.iter().find(|(_, set)| *set) {
+        return Err(Error::invalid_argument(format!(
+            "{field} cannot be changed by a container update"
+        )));
+    }
     let resources = create::ResourceFields {
         memory: u.memory,
         memory_swap: u.memory_swap,

@@ -465,6 +465,19 @@ fn host_config(c: &engine::Container, blob: Option<&Value>) -> Value {
             obj.insert(k.clone(), v.clone());
         }
     }
+    // Links as the engine recorded them (`/child:/parent/alias`, removable later), and the
+    // runtime it chose.
+    obj.insert(
+        "Links".into(),
+        if h.links.is_empty() {
+            Value::Null
+        } else {
+            json!(h.links)
+        },
+    );
+    if !h.runtime.is_empty() {
+        obj.insert("Runtime".into(), json!(h.runtime));
+    }
     // Docker's defaults, as its inspect shows them.
     let mode = obj.get("NetworkMode").and_then(Value::as_str).unwrap_or("");
     if mode.is_empty() || mode == "default" {

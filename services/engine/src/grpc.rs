@@ -113,9 +113,8 @@ impl containers_server::Containers for Containers {
     async fn delete(&self, req: Request<pb::DeleteContainerRequest>) -> Rsp<()> {
         let r = req.into_inner();
         if r.remove_link {
-            return Err(Status::invalid_argument(
-                "legacy links are not supported: cannot remove a link",
-            ));
+            self.0.remove_link(&r.id).await.map_err(status)?;
+            return Ok(Response::new(()));
         }
         self.0
             .delete(&r.id, r.force, r.remove_volumes)

@@ -304,6 +304,7 @@ pub fn detect_host() -> HostInfo {
         devices: scan_devices(Path::new("/dev")),
         nofile: nofile_limit(),
         seccomp_x32: x32_abi_from_config(read_kernel_config().as_deref()),
+        cpu_realtime: !v2 && cg.join("cpu/cpu.rt_runtime_us").exists(),
     }
 }
 

@@ -13,6 +13,7 @@ pub mod grpc;
 pub mod host;
 pub mod hostfiles;
 pub mod imageconfig;
+pub mod links;
 pub mod logs;
 pub mod names;
 pub mod record;

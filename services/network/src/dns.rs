@@ -43,6 +43,17 @@ pub struct DnsEntry {
     pub ipv6: Option<Ipv6Addr>,
     /// The container's own upstream servers.
     pub upstreams: Vec<SocketAddr>,
+    /// Its legacy links on this network: lowercase alias → the linked container's name. Only
+    /// this container's queries see them, as in Docker.
+    pub links: Vec<(String, String)>,
+}
+
+/// `name:alias` (or `name`) → (alias, name), lowercase.
+fn link_alias(link: &str) -> Option<(String, String)> {
+    let (name, alias) = link.split_once(':').unwrap_or((link, link));
+    let name = normalize(name.trim_start_matches('/'));
+    let alias = normalize(alias.rsplit('/').next().unwrap_or(alias));
+    (!name.is_empty() && !alias.is_empty()).then_some((alias, name))
 }
 
 /// Everything the resolvers need, rebuilt from the records after each change.
@@ -130,6 +141,7 @@ impl DnsView {
                         .iter()
                         .filter_map(|s| parse_upstream(s))
                         .collect(),
+                    links: att.links.iter().filter_map(|l| link_alias(l)).collect(),
                 });
             view.container_networks
                 .entry(att.container_id.clone())
@@ -191,6 +203,28 @@ impl DnsView {
             .map(|v| v.iter().map(String::as_str).collect())
             .unwrap_or_default();
         self.lookup_in(&nets, name)
+    }
+
+    /// The name a query asks about: the linked container's name when `name` is a link alias
+    /// of the asking container on any of its networks.
+    fn link_target<'a>(
+        &'a self,
+        networks: &[&str],
+        me: Option<&DnsEntry>,
+        name: &'a str,
+    ) -> &'a str {
+        let Some(me) = me else {
+            return name;
+        };
+        let asked = normalize(name);
+        networks
+            .iter()
+            .flat_map(|n| self.networks.get(*n).into_iter().flatten())
+            .filter(|e| e.container_id == me.container_id)
+            .flat_map(|e| e.links.iter())
+            .find(|(alias, _)| *alias == asked)
+            .map(|(_, target)| target.as_str())
+            .unwrap_or(name)
     }
 
     fn reverse(&self, networks: &[&str], ip: IpAddr) -> Option<String> {
@@ -368,7 +402,7 @@ pub fn handle(view: &DnsView, network_id: &str, client: IpAddr, query: &[u8]) ->
             {
                 return Reply::Answer(answer(&q, &[(TYPE_PTR, encode_name(&name))]));
             }
-        } else if let Some(found) = view.lookup_in(&order, &q.name) {
+        } else if let Some(found) = view.lookup_in(&order, view.link_target(&order, me, &q.name)) {
             // A name berth owns: answer even when the asked type has no record (NODATA), so
             // the client does not go on to ask the upstreams about a container name.
             let rdatas: Vec<(u16, Vec<u8>)> = match q.qtype {
@@ -755,6 +789,7 @@ mod tests {
             ipv4: Some(ip.parse().unwrap()),
             ipv6: None,
             upstreams: vec![],
+            links: vec![],
         }
     }
 
@@ -827,6 +862,24 @@ mod tests {
             ask(&v, "n1", "10.0.1.3", "example.com", TYPE_A),
             Reply::Forward(vec!["127.0.0.1:53".parse().unwrap()])
         );
+    }
+
+    #[test]
+    fn link_aliases_answer_only_for_the_linking_container() {
+        let mut v = view();
+        let c2 = v.networks.get_mut("n1").unwrap().get_mut(1).unwrap();
+        c2.links = ["web:front", "/web:/c2/Other"]
+            .iter()
+            .filter_map(|l| link_alias(l))
+            .collect();
+        let web = ["10.0.1.2".parse::<IpAddr>().unwrap()];
+        assert_eq!(ips(ask(&v, "n1", "10.0.1.3", "front", TYPE_A)), web);
+        assert_eq!(ips(ask(&v, "n1", "10.0.1.3", "other.", TYPE_A)), web);
+        // c1 has no such link: the alias is not a name of the network.
+        assert!(matches!(
+            ask(&v, "n1", "10.0.1.2", "front", TYPE_A),
+            Reply::Forward(_)
+        ));
     }
 
     #[test]

@@ -589,34 +589,57 @@ fn is_mount_point(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Adds the changes under `rel` of an overlay upper dir to `out`; returns whether it added any.
+///
+/// A directory that the lower layers have is reported as changed only when something below it
+/// is, or its own mode or owner differ: the runtime copies `/etc` up just to create the mount
+/// points of the files berth generates (`skip`), which is no change of the container's (Docker
+/// keeps those in an init layer, so a fresh container's diff is empty).
 fn diff_upper(
     upper: &Path,
     lowers: &[PathBuf],
     rel: &str,
     skip: &[String],
     out: &mut Vec<pb::Change>,
-) -> Result<()> {
+) -> Result<bool> {
     let Ok(entries) = std::fs::read_dir(upper.join(rel.trim_start_matches('/'))) else {
-        return Ok(());
+        return Ok(false);
     };
+    let mut any = false;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let path = format!("{rel}/{name}");
         let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
             continue;
         };
-        let in_lower = lowers
+        let lower = lowers
             .iter()
-            .any(|l| std::fs::symlink_metadata(l.join(path.trim_start_matches('/'))).is_ok());
+            .find_map(|l| std::fs::symlink_metadata(l.join(path.trim_start_matches('/'))).ok());
+        let in_lower = lower.is_some();
         let skipped = skip.contains(&path);
         if meta.file_type().is_char_device() && meta.rdev() == 0 {
             out.push(pb::Change {
                 path,
                 kind: pb::ChangeKind::Deleted.into(),
             });
+            any = true;
             continue;
         }
-        if !skipped {
+        let below = if meta.is_dir() {
+            // Everything below a new directory is new.
+            let lowers: &[PathBuf] = if in_lower { lowers } else { &[] };
+            diff_upper(upper, lowers, &path, skip, out)?
+        } else {
+            false
+        };
+        let own_change = match &lower {
+            None => true,
+            Some(l) if meta.is_dir() && l.is_dir() => {
+                below || l.mode() != meta.mode() || l.uid() != meta.uid() || l.gid() != meta.gid()
+            }
+            Some(_) => true,
+        };
+        if !skipped && own_change {
             out.push(pb::Change {
                 path: path.clone(),
                 kind: if in_lower {
@@ -626,17 +649,11 @@ fn diff_upper(
                 }
                 .into(),
             });
+            any = true;
         }
-        if meta.is_dir() {
-            if in_lower {
-                diff_upper(upper, lowers, &path, skip, out)?;
-            } else {
-                // Everything below a new directory is new.
-                diff_upper(upper, &[], &path, skip, out)?;
-            }
-        }
+        any |= below;
     }
-    Ok(())
+    Ok(any)
 }
 
 #[cfg(test)]
@@ -728,8 +745,13 @@ mod tests {
         std::fs::write(lower.join("etc/passwd"), "").unwrap();
         std::fs::write(upper.join("etc/passwd"), "changed").unwrap();
         std::fs::write(upper.join("new/deep/f"), "").unwrap();
+        // Copied up only to hold mount points: no change.
+        std::fs::create_dir_all(upper.join("run")).unwrap();
+        std::fs::create_dir_all(lower.join("run")).unwrap();
+        std::fs::write(upper.join("run/hosts"), "").unwrap();
         let mut out = Vec::new();
-        diff_upper(&upper, &[lower], "", &[], &mut out).unwrap();
+        let skip = ["/run/hosts".to_string()];
+        diff_upper(&upper, &[lower], "", &skip, &mut out).unwrap();
         out.sort_by(|a, b| a.path.cmp(&b.path));
         let got: Vec<(String, i32)> = out.into_iter().map(|c| (c.path, c.kind)).collect();
         assert_eq!(

@@ -1,7 +1,7 @@
 //! Creating a container: resolve the image, merge its config, prepare the rootfs snapshot,
 //! create volumes (with copy-up), persist the record, publish "create".
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use berth_core::snapshots::Labels;
@@ -13,7 +13,7 @@ use super::{Ctr, Engine, now};
 use crate::imageconfig::{self, ImageConfig};
 use crate::record::{Private, Record};
 use crate::restart::Policy;
-use crate::spec::resources;
+use crate::spec::{resources, validate};
 
 /// Label that keeps the images service's garbage collector away from a container snapshot.
 pub const GC_ROOT_LABEL: &str = "containerd.io/gc.root";
@@ -26,6 +26,13 @@ pub fn network_mode(hc: &pb::HostConfig) -> &str {
         "" | "default" => "bridge",
         other => other,
     }
+}
+
+/// A mode naming a user-defined network (not the default bridge, host, none or another
+/// container's namespace).
+pub fn is_user_defined(mode: &str) -> bool {
+    !matches!(mode, "" | "default" | "bridge" | "host" | "none" | "cni")
+        && !mode.starts_with("container:")
 }
 
 /// Checks a host config before anything is created.
@@ -50,12 +57,21 @@ fn validate_host_config(engine: &Engine, hc: &pb::HostConfig) -> Result<Vec<Stri
             hc.runtime
         )));
     }
-    if let Some(t) = hc.log_config.as_ref().map(|l| l.r#type.as_str())
-        && !matches!(t, "" | "json-file" | "local" | "none" | "cri")
-    {
-        return Err(Error::invalid_argument(format!(
-            "logger: no log driver named '{t}' is registered"
-        )));
+    if let Some(lc) = &hc.log_config {
+        validate::log_config(lc, &engine.config.engine.log_driver)?;
+    }
+    validate::namespace_modes(hc)?;
+    validate::devices(&hc.devices)?;
+    if hc.mounts.iter().any(|m| {
+        m.bind.as_ref().is_some_and(|b| {
+            !matches!(
+                b.propagation(),
+                pb::Propagation::Unspecified | pb::Propagation::Private | pb::Propagation::Rprivate
+            )
+        })
+    }) {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        validate::bind_propagation(&hc.mounts, &mountinfo, validate::host_path)?;
     }
     for mode in [&hc.pid_mode, &hc.ipc_mode] {
         if let Some(other) = mode.strip_prefix("container:") {
@@ -66,12 +82,68 @@ fn validate_host_config(engine: &Engine, hc: &pb::HostConfig) -> Result<Vec<Stri
     if let Some(other) = net.strip_prefix("container:") {
         engine.get(other)?;
     }
+    if !hc.links.is_empty() {
+        if net == "host" {
+            return Err(Error::invalid_argument(
+                "conflicting options: host type networking can't be used with links. This would result in undefined behavior",
+            ));
+        }
+        if net.starts_with("container:") {
+            return Err(Error::invalid_argument(
+                "conflicting options: container type network can't be used with links. This would result in undefined behavior",
+            ));
+        }
+    }
     if hc.init == Some(true) {
         warnings.push(
             "init is not supported by berth: the shim reaps orphaned processes instead".into(),
         );
     }
     Ok(warnings)
+}
+
+/// A MAC address as `net.ParseMAC` reads the 48-bit form: six hex pairs split by `:` or `-`.
+pub(super) fn valid_mac(mac: &str) -> bool {
+    let parts: Vec<&str> = mac.split([':', '-']).collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// `Config.MacAddress` (the field clients below API 1.44 send, and `--mac-address`) is the
+/// MAC of the container's interface on its network mode's network, as in Docker; every
+/// endpoint MAC must parse.
+fn endpoint_macs(
+    config_mac: &str,
+    hc: &pb::HostConfig,
+    networks: &mut HashMap<String, pb::EndpointConfig>,
+) -> Result<()> {
+    let mode = network_mode(hc).to_string();
+    if !config_mac.is_empty() {
+        if matches!(mode.as_str(), "host" | "none") || mode.starts_with("container:") {
+            return Err(Error::invalid_argument(
+                "conflicting options: mac-address and the network mode",
+            ));
+        }
+        let ep = networks.entry(mode).or_default();
+        if ep.mac_address.is_empty() {
+            ep.mac_address = config_mac.to_string();
+        } else if !ep.mac_address.eq_ignore_ascii_case(config_mac) {
+            return Err(Error::invalid_argument(
+                "the container-wide MAC address must match the endpoint-specific MAC address for the main network, or be left empty",
+            ));
+        }
+    }
+    for ep in networks.values() {
+        if !ep.mac_address.is_empty() && !valid_mac(&ep.mac_address) {
+            return Err(Error::invalid_argument(format!(
+                "invalid MAC address {}",
+                ep.mac_address
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn check_target(target: &str) -> Result<()> {
@@ -160,6 +232,29 @@ impl Engine {
                     e
                 }
             })?;
+        let mut networks = req.networks.clone();
+        self.resolve_links(name, hc, &mut networks)?;
+        endpoint_macs(&user_config.mac_address, hc, &mut networks)?;
+        if user_config.network_disabled {
+            // Docker gives such a container no network at all: a namespace with loopback only.
+            hc.network_mode = "none".into();
+            networks.clear();
+        }
+        self.volumes_from(hc)?;
+        if hc.runtime.is_empty() {
+            hc.runtime = self.config.engine.default_runtime.clone();
+        }
+        // The `local` driver rotates by default (20 MiB, 5 files) where json-file does not.
+        if let Some(lc) = hc.log_config.as_mut()
+            && lc.r#type == "local"
+        {
+            lc.options
+                .entry("max-size".into())
+                .or_insert_with(|| "20m".into());
+            lc.options
+                .entry("max-file".into())
+                .or_insert_with(|| "5".into());
+        }
         let image_config = ImageConfig::parse(&image.config)?;
         let mut config = imageconfig::merge(&user_config, &image_config)?;
         let id = Id::random().to_string();
@@ -249,6 +344,7 @@ impl Engine {
                 &snapshotter,
                 &rootfs,
                 namespace,
+                networks,
                 &mut created_volumes,
             )
             .await;
@@ -280,6 +376,7 @@ impl Engine {
         snapshotter: &str,
         rootfs: &[berth_core::mount::Mount],
         namespace: &str,
+        networks: HashMap<String, pb::EndpointConfig>,
         created_volumes: &mut Vec<String>,
     ) -> Result<pb::Container> {
         // Volumes, and which of them get the image's content.
@@ -381,7 +478,7 @@ impl Engine {
         }
 
         // Networks requested.
-        let mut networks = req.networks.clone();
+        let mut networks = networks;
         let mode = network_mode(hc).to_string();
         if networks.is_empty()
             && !matches!(mode.as_str(), "host" | "none" | "cni")
@@ -486,5 +583,98 @@ impl Engine {
         tracing::info!(id, name, image = %rec.c.image, "container created");
         self.container_event(&rec, "create", []);
         Ok(rec.c)
+    }
+
+    /// Checks the legacy links of a new container and records them as Docker does: on the
+    /// default bridge as `/child:/parent/alias` in the host config; on a user-defined network
+    /// as the endpoint's links (what the docker CLI sends there), which the network's DNS
+    /// answers for. A link to a container that does not exist is refused.
+    fn resolve_links(
+        &self,
+        name: &str,
+        hc: &mut pb::HostConfig,
+        networks: &mut HashMap<String, pb::EndpointConfig>,
+    ) -> Result<()> {
+        let mode = network_mode(hc).to_string();
+        let mut recorded = Vec::new();
+        for link in &hc.links {
+            let (child, alias) = crate::links::parse(link)?;
+            let target = self.linked(&child)?;
+            if target.with(|r| network_mode(r.host_config()) == "host") {
+                return Err(Error::invalid_argument(
+                    "conflicting options: host type networking can't be used with links. This would result in undefined behavior",
+                ));
+            }
+            let child_name = target.with(|r| r.c.name.clone());
+            if is_user_defined(&mode) {
+                recorded.push(format!("{child}:{alias}"));
+            } else {
+                recorded.push(crate::links::record(&child_name, name, &alias));
+            }
+        }
+        if is_user_defined(&mode) {
+            let ep = networks.entry(mode.clone()).or_default();
+            for l in recorded.drain(..) {
+                if !ep.links.contains(&l) {
+                    ep.links.push(l);
+                }
+            }
+        }
+        hc.links = recorded;
+        for ep in networks.values() {
+            for link in &ep.links {
+                let (child, _) = crate::links::parse(link)?;
+                self.linked(&child)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `--volumes-from name[:ro|rw]`: the other container's binds and volumes, at the same
+    /// places, read-only when asked (or when they were), unless this container mounts
+    /// something there itself.
+    fn volumes_from(&self, hc: &mut pb::HostConfig) -> Result<()> {
+        for spec in hc.volumes_from.clone() {
+            let (name, mode) = match spec.split_once(':') {
+                Some((n, m)) => (n, m),
+                None => (spec.as_str(), ""),
+            };
+            if !matches!(mode, "" | "ro" | "rw") {
+                return Err(Error::invalid_argument(format!(
+                    "invalid mode for volumes-from: {mode}"
+                )));
+            }
+            let source = self.get(name)?;
+            let mounts = source.with(|r| r.host_config().mounts.clone());
+            for mut m in mounts {
+                if !matches!(m.r#type(), pb::MountType::Bind | pb::MountType::Volume)
+                    || hc.mounts.iter().any(|own| own.target == m.target)
+                {
+                    continue;
+                }
+                match mode {
+                    "ro" => m.read_only = true,
+                    "rw" => m.read_only = false,
+                    _ => {}
+                }
+                if let Some(v) = m.volume.as_mut() {
+                    // The volume is there already: no copy-up of this image's content.
+                    v.no_copy = true;
+                }
+                hc.mounts.push(m);
+            }
+        }
+        Ok(())
+    }
+
+    /// The container a link names; one that does not exist is an invalid parameter, as in
+    /// Docker (not a "no such container" that clients would read as a missing image).
+    pub(super) fn linked(&self, child: &str) -> Result<std::sync::Arc<Ctr>> {
+        self.get(child).map_err(|e| {
+            Error::invalid_argument(format!(
+                "could not get container for {child}: {}",
+                e.message()
+            ))
+        })
     }
 }

@@ -40,6 +40,7 @@ use crate::volumes::Volumes;
 
 pub use io::{AttachInput, ExecInstance};
 pub use query::list_keys;
+pub(crate) use task::parse_size;
 
 /// Where the engine keeps things.
 #[derive(Debug, Clone)]
@@ -384,6 +385,7 @@ impl Engine {
             reg.names.insert(old, ctr.id.clone());
             return Err(e);
         }
+        self.rename_links(&old, &new_name).await;
         let rec = ctr.record();
         self.container_event(&rec, "rename", [("oldName".to_string(), format!("/{old}"))]);
         Ok(())

@@ -10,6 +10,7 @@
 pub mod caps;
 pub mod resources;
 pub mod seccomp;
+pub mod validate;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -47,6 +48,8 @@ pub struct HostInfo {
     /// that ABI too. Without it, listing x32 only makes every runc create and exec compile the
     /// filter once more for nothing.
     pub seccomp_x32: bool,
+    /// Real-time group scheduling (`cpu.rt_runtime_us` in the cgroup v1 cpu hierarchy).
+    pub cpu_realtime: bool,
 }
 
 impl Default for HostInfo {
@@ -59,6 +62,7 @@ impl Default for HostInfo {
             devices: Vec::new(),
             nofile: DEFAULT_NOFILE,
             seccomp_x32: true,
+            cpu_realtime: false,
         }
     }
 }
@@ -145,6 +149,8 @@ pub struct SpecInput<'a> {
     pub cgroup: Namespace,
     /// User mounts (binds, volumes, tmpfs) and the network files, resolved.
     pub mounts: &'a [SpecMount],
+    /// The variables of legacy links, set before the container's own env.
+    pub link_env: &'a [String],
     /// Devices mapped into the container (`--device`), resolved from the host.
     pub devices: &'a [Device],
     /// The engine's cgroup parent (`[engine] cgroup_parent`).
@@ -415,11 +421,17 @@ pub fn cgroup_path(host_config_parent: &str, engine_parent: &str, id: &str) -> S
 
 /// The process environment: Docker's PATH default, HOSTNAME, TERM for a TTY, HOME, then the
 /// container's env over them.
-pub fn process_env(config: &pb::ContainerConfig, hostname: &str, home: &str) -> Vec<String> {
+pub fn process_env(
+    config: &pb::ContainerConfig,
+    hostname: &str,
+    home: &str,
+    link_env: &[String],
+) -> Vec<String> {
     let mut base = vec![DEFAULT_PATH.to_string(), format!("HOSTNAME={hostname}")];
     if config.tty {
         base.push("TERM=xterm".into());
     }
+    base = imageconfig::merge_env(&base, link_env);
     let mut env = imageconfig::merge_env(&base, &config.env);
     if !env.iter().any(|e| e.starts_with("HOME=")) {
         env.push(format!("HOME={home}"));
@@ -486,7 +498,12 @@ pub fn generate(input: &SpecInput<'_>) -> Result<(Spec, Vec<String>)> {
         .terminal(cfg.tty)
         .user(user)
         .args(args)
-        .env(process_env(cfg, input.hostname, &input.user.home))
+        .env(process_env(
+            cfg,
+            input.hostname,
+            &input.user.home,
+            input.link_env,
+        ))
         .cwd(if cfg.working_dir.is_empty() {
             "/"
         } else {
@@ -535,7 +552,8 @@ pub fn generate(input: &SpecInput<'_>) -> Result<(Spec, Vec<String>)> {
     });
     let mut mounts: Vec<Mount> = Vec::new();
     for m in default_mounts(shm_size, privileged, false) {
-        if input.ipc == Namespace::Host && m.destination == "/dev/shm" {
+        // `--ipc host` binds the host's; `--ipc none` has none at all (Docker's meaning).
+        if (input.ipc == Namespace::Host || hc.ipc_mode == "none") && m.destination == "/dev/shm" {
             continue;
         }
         let replaced = user_mounts.iter().any(|u| {
@@ -790,6 +808,7 @@ mod tests {
             cgroup_v2: false,
             nofile: DEFAULT_NOFILE,
             seccomp_x32: true,
+            cpu_realtime: false,
             devices: vec![Device {
                 path: "/dev/fuse".into(),
                 kind: 'c',
@@ -819,6 +838,7 @@ mod tests {
             uts: Namespace::Private,
             cgroup: Namespace::Host,
             mounts,
+            link_env: &["AL_NAME=/abc/al".to_string()],
             devices: &[],
             cgroup_parent: "berth",
             host: &h,
@@ -1052,6 +1072,7 @@ mod tests {
                 uts: Namespace::Private,
                 cgroup: Namespace::Host,
                 mounts: &[],
+                link_env: &[],
                 devices: &[],
                 cgroup_parent: "berth",
                 host: &h,
@@ -1106,6 +1127,24 @@ mod tests {
     }
 
     #[test]
+    fn ipc_none_has_no_dev_shm() {
+        let shm = |hc: &pb::HostConfig| {
+            let (spec, _) = gen_with(hc, &[]);
+            spec.mounts()
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|m| m.destination() == std::path::Path::new("/dev/shm"))
+        };
+        let none = pb::HostConfig {
+            ipc_mode: "none".into(),
+            ..Default::default()
+        };
+        assert!(!shm(&none));
+        assert!(shm(&pb::HostConfig::default()));
+    }
+
+    #[test]
     fn exec_processes_inherit_and_override() {
         let (spec, _) = gen_with(&pb::HostConfig::default(), &[]);
         let p = exec_process(
@@ -1121,6 +1160,8 @@ mod tests {
         assert_eq!(p.args().as_ref().unwrap(), &["sh"]);
         let env = p.env().as_ref().unwrap();
         assert!(env.contains(&"A=2".to_string()) && !env.contains(&"A=1".to_string()));
+        // Link variables are part of the container's environment, so execs see them.
+        assert!(env.contains(&"AL_NAME=/abc/al".to_string()));
         assert!(env.contains(&"TERM=xterm".to_string()));
         assert_eq!(p.cwd().to_str(), Some("/tmp"));
         assert_eq!(p.terminal(), Some(true));

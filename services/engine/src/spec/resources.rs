@@ -41,6 +41,18 @@ pub fn validate(r: &pb::Resources, host: &HostInfo) -> Result<()> {
             "You should always set the Memory limit when using Memoryswap limit, see usage",
         ));
     }
+    if let Some(res) = r.memory_reservation.filter(|v| *v > 0) {
+        if res < MIN_MEMORY {
+            return Err(Error::invalid_argument(
+                "Minimum memory reservation allowed is 6MB",
+            ));
+        }
+        if r.memory.is_some_and(|m| m > 0 && m < res) {
+            return Err(Error::invalid_argument(
+                "Minimum memory limit can not be less than memory reservation limit, see usage",
+            ));
+        }
+    }
     if let Some(s) = r.memory_swappiness
         && s != -1
         && !(0..=100).contains(&s)
@@ -89,6 +101,25 @@ pub fn validate(r: &pb::Resources, host: &HostInfo) -> Result<()> {
             "Range of blkio weight is from 10 to 1000",
         ));
     }
+    if r.cpu_realtime_period.is_some_and(|p| p > 0) && !host.cpu_realtime {
+        return Err(Error::invalid_argument(
+            "Your kernel does not support cgroup cpu real-time period",
+        ));
+    }
+    if r.cpu_realtime_runtime.is_some_and(|p| p > 0) && !host.cpu_realtime {
+        return Err(Error::invalid_argument(
+            "Your kernel does not support cgroup cpu real-time runtime",
+        ));
+    }
+    if let (Some(p), Some(rt)) = (r.cpu_realtime_period, r.cpu_realtime_runtime)
+        && p != 0
+        && rt != 0
+        && rt > p
+    {
+        return Err(Error::invalid_argument(
+            "cpu real-time runtime cannot be higher than cpu real-time period",
+        ));
+    }
     for set in [&r.cpuset_cpus, &r.cpuset_mems].into_iter().flatten() {
         parse_cpuset(set)?;
     }
@@ -100,6 +131,69 @@ pub fn validate(r: &pb::Resources, host: &HostInfo) -> Result<()> {
             "Requested CPUs are not available - requested {cpus}, available: 0-{}",
             host.ncpu.saturating_sub(1)
         )));
+    }
+    Ok(())
+}
+
+/// Gives the cgroup v1 ancestors of `cgroups_path` (under the cpu hierarchy at `cpu_root`) the
+/// real-time budget a child with `runtime_us` needs: the kernel refuses a child more RT runtime
+/// than its parent has left, and a cgroup the runtime creates starts with none (dockerd does
+/// the same for its cgroup parent from `--cpu-rt-runtime`). Each ancestor gets what its
+/// other children already hold plus what the new child needs, set from the top down.
+pub fn ensure_rt_budget(
+    cpu_root: &std::path::Path,
+    cgroups_path: &str,
+    runtime_us: i64,
+) -> Result<()> {
+    let parts: Vec<&str> = cgroups_path
+        .trim_matches('/')
+        .split('/')
+        .filter(|p| !p.is_empty())
+        .collect();
+    if parts.len() < 2 || runtime_us <= 0 {
+        return Ok(());
+    }
+    let read = |p: &std::path::Path| -> i64 {
+        std::fs::read_to_string(p.join("cpu.rt_runtime_us"))
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let held_by_others = |dir: &std::path::Path, except: &str| -> i64 {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()) && e.file_name() != except)
+            .map(|e| read(&e.path()).max(0))
+            .sum()
+    };
+    // Ancestors from the top; the last part is the container's own cgroup.
+    let mut dirs = Vec::new();
+    let mut dir = cpu_root.to_path_buf();
+    for part in &parts[..parts.len() - 1] {
+        dir = dir.join(part);
+        dirs.push(dir.clone());
+    }
+    let mut needs = vec![0i64; dirs.len()];
+    let mut need = runtime_us;
+    for (i, d) in dirs.iter().enumerate().rev() {
+        need += held_by_others(d, parts[i + 1]);
+        needs[i] = need;
+    }
+    for (d, need) in dirs.iter().zip(needs) {
+        std::fs::create_dir_all(d).map_err(|e| {
+            Error::internal(format!("create cgroup {}", d.display())).with_source(e)
+        })?;
+        if read(d) < need {
+            std::fs::write(d.join("cpu.rt_runtime_us"), need.to_string()).map_err(|e| {
+                Error::invalid_argument(format!(
+                    "cannot give cgroup {} a real-time runtime of {need}us",
+                    d.display()
+                ))
+                .with_source(e)
+            })?;
+        }
     }
     Ok(())
 }
@@ -490,5 +584,73 @@ mod tests {
         assert_eq!(cur.cpu_quota, None);
         assert_eq!(cur.nano_cpus, Some(1_000_000_000));
         assert_eq!(parse_cpuset("0-2,4").unwrap(), [0, 1, 2, 4]);
+    }
+
+    #[test]
+    fn rt_budget_covers_the_other_children_and_the_new_one() {
+        let root = tempfile::tempdir().unwrap();
+        let other = root.path().join("a/b/other");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("cpu.rt_runtime_us"), "1000").unwrap();
+        std::fs::create_dir_all(root.path().join("a/sibling")).unwrap();
+        std::fs::write(root.path().join("a/sibling/cpu.rt_runtime_us"), "300").unwrap();
+        ensure_rt_budget(root.path(), "/a/b/ctr", 5000).unwrap();
+        let rt = |p: &str| std::fs::read_to_string(root.path().join(p).join("cpu.rt_runtime_us"));
+        assert_eq!(rt("a/b").unwrap(), "6000");
+        assert_eq!(rt("a").unwrap(), "6300");
+        // Enough already: left alone.
+        std::fs::write(root.path().join("a/b/cpu.rt_runtime_us"), "9000").unwrap();
+        ensure_rt_budget(root.path(), "/a/b/ctr", 5000).unwrap();
+        assert_eq!(rt("a/b").unwrap(), "9000");
+        assert!(!root.path().join("a/b/ctr").exists());
+    }
+
+    #[test]
+    fn memory_reservation_bounds() {
+        let r = pb::Resources {
+            memory_reservation: Some(1 << 20),
+            ..Default::default()
+        };
+        assert_eq!(
+            validate(&r, &host()).unwrap_err().message(),
+            "Minimum memory reservation allowed is 6MB"
+        );
+        let r = pb::Resources {
+            memory: Some(8 << 20),
+            memory_reservation: Some(16 << 20),
+            ..Default::default()
+        };
+        assert!(
+            validate(&r, &host())
+                .unwrap_err()
+                .message()
+                .contains("reservation limit")
+        );
+    }
+
+    #[test]
+    fn realtime_needs_kernel_support_and_a_sane_runtime() {
+        let r = pb::Resources {
+            cpu_realtime_runtime: Some(1000),
+            ..Default::default()
+        };
+        assert_eq!(
+            validate(&r, &host()).unwrap_err().message(),
+            "Your kernel does not support cgroup cpu real-time runtime"
+        );
+        let rt = HostInfo {
+            cpu_realtime: true,
+            ..host()
+        };
+        validate(&r, &rt).unwrap();
+        let r = pb::Resources {
+            cpu_realtime_runtime: Some(2000),
+            cpu_realtime_period: Some(1000),
+            ..Default::default()
+        };
+        assert_eq!(
+            validate(&r, &rt).unwrap_err().message(),
+            "cpu real-time runtime cannot be higher than cpu real-time period"
+        );
     }
 }

@@ -180,6 +180,9 @@ impl Engine {
             search: hc.dns_search.clone(),
             options: hc.dns_options.clone(),
         };
+        // Legacy links: refused before anything is set up when a linked container is not
+        // running; their variables go into the process env, their entries into /etc/hosts.
+        let (link_env, link_hosts) = self.link_children(&rec)?;
         let mut settings = pb::NetworkSettings::default();
         let mut network_files = true;
         let net_ns = match mode.as_str() {
@@ -265,7 +268,9 @@ impl Engine {
                     .or(attachments.first())
                     .map(|(_, a)| a.ipv4_gateway.clone())
                     .unwrap_or_default();
-                let hosts = hostfiles::hosts(&self.extra_hosts(&hc, &gateway), &host_entries);
+                let mut extra = self.extra_hosts(&hc, &gateway);
+                extra.extend(link_hosts.iter().cloned());
+                let hosts = hostfiles::hosts(&extra, &host_entries);
                 write_atomic(&dir.join("hosts"), hosts.as_bytes())?;
                 let resolv = Resolv::build(&own_dns, &net_dns, &host_resolv, false);
                 write_atomic(&dir.join("resolv.conf"), resolv.render().as_bytes())?;
@@ -332,11 +337,26 @@ impl Engine {
                 _ => Namespace::Host,
             },
             mounts: &mounts,
+            link_env: &link_env,
             devices: &devices,
             cgroup_parent: &self.config.engine.cgroup_parent,
             host: self.host_info(),
         };
         let (spec, _warnings) = spec::generate(&input)?;
+        if let Some(rt) = hc
+            .resources
+            .as_ref()
+            .and_then(|r| r.cpu_realtime_runtime)
+            .filter(|rt| *rt > 0)
+            && let Some(path) = spec.linux().as_ref().and_then(|l| l.cgroups_path().clone())
+            && self.host_info().cpu_realtime
+        {
+            spec::resources::ensure_rt_budget(
+                Path::new("/sys/fs/cgroup/cpu"),
+                &path.display().to_string(),
+                rt,
+            )?;
+        }
         let json = serde_json::to_vec_pretty(&spec)
             .map_err(|e| Error::internal("serialize config.json").with_source(e))?;
         write_atomic(&bundle.join("config.json"), &json)?;
@@ -490,11 +510,9 @@ impl Engine {
                 dns_options: hc.dns_options.clone(),
                 driver_opts: ep.driver_opts.clone(),
                 gw_priority: ep.gw_priority,
-                links: if ep.links.is_empty() {
-                    hc.links.clone()
-                } else {
-                    ep.links.clone()
-                },
+                // Default-bridge links are the engine's (env and /etc/hosts); a user network's
+                // are answered by its DNS.
+                links: ep.links.clone(),
             };
             partial.attached = true;
             let att = self.deps.networks.attach(req).await.map_err(|e| {
