@@ -288,9 +288,10 @@ async fn no_buildkit(uri: Uri) -> ApiError {
     ))
 }
 
-/// Everything not routed yet: a clear 501 naming the endpoint.
-async fn not_implemented(method: Method, uri: Uri) -> ApiError {
-    not_routed(&method, uri.path())
+/// A path the API does not have: dockerd's 404. Every path of the advertised version is
+/// routed (docs/docker-api-paths.md), so this is a client error, not a missing feature.
+async fn not_implemented() -> ApiError {
+    ApiError(Error::new(ErrorKind::NotFound, "page not found"))
 }
 
 /// The 501 for `method path`, which berth does not serve (yet).
@@ -458,7 +459,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unknown_endpoints_get_a_json_501_naming_them() {
+    async fn unbuilt_endpoints_get_a_json_501_and_unknown_paths_a_404() {
         let dir = tempfile::tempdir().unwrap();
         let (status, headers, body) = call(dir.path(), "POST", "/v1.45/build").await;
         assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
@@ -468,12 +469,9 @@ mod tests {
             v["message"],
             "POST /build is not implemented by berth yet: docker build is not supported"
         );
-        let (status, _, body) = call(dir.path(), "GET", "/v1.45/containers/x/attach/ws").await;
-        assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
+        let (status, _, body) = call(dir.path(), "GET", "/v1.45/no/such/path").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(
-            v["message"],
-            "GET /containers/x/attach/ws is not implemented by berth yet"
-        );
+        assert_eq!(v["message"], "page not found");
     }
 }
