@@ -204,9 +204,14 @@ impl ImagesApi for ImagesService {
             .map(|r| imgs.resolve(r).map(|x| created(&x.record)))
             .transpose()
             .map_err(status)?;
+        let cached = imgs.cached_images().map_err(status)?;
         let mut out = Vec::new();
         for rec in imgs.meta.images().map_err(status)? {
             let tags = imgs.tags_of(&rec.id).map_err(status)?;
+            // Build cache images are intermediate images: listed with `all` only.
+            if !req.all && tags.is_empty() && cached.contains(&rec.id) {
+                continue;
+            }
             if let Some(d) = dangling
                 && d != tags.is_empty()
             {
@@ -293,9 +298,11 @@ impl ImagesApi for ImagesService {
             .iter()
             .map(|b| b.size as u64)
             .sum::<u64>();
+        let cached = self.images.cached_images().map_err(status)?;
         let mut items = Vec::new();
         for rec in self.images.meta.images().map_err(status)? {
-            if users.iter().any(|(_, i)| *i == rec.id) {
+            // The build cache keeps its images until `docker builder prune`.
+            if users.iter().any(|(_, i)| *i == rec.id) || cached.contains(&rec.id) {
                 continue;
             }
             let tags = self.images.tags_of(&rec.id).map_err(status)?;
@@ -732,6 +739,49 @@ impl ImagesApi for ImagesService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cache_lookup(
+        &self,
+        req: Request<pb::CacheLookupRequest>,
+    ) -> std::result::Result<Response<pb::CacheLookupResponse>, Status> {
+        let key = req.into_inner().key;
+        let image_id = self.images.cache_lookup(&key).map_err(status)?;
+        Ok(Response::new(pb::CacheLookupResponse {
+            image_id: image_id.unwrap_or_default(),
+        }))
+    }
+
+    async fn cache_store(
+        &self,
+        req: Request<pb::CacheStoreRequest>,
+    ) -> std::result::Result<Response<()>, Status> {
+        let req = req.into_inner();
+        if req.key.is_empty() || req.image_id.is_empty() {
+            return Err(Status::invalid_argument("key and image_id are required"));
+        }
+        let rec = crate::cache::CacheRecord {
+            image_id: req.image_id,
+            parent_id: req.parent_id,
+            created_by: req.created_by,
+            created_nanos: 0,
+        };
+        self.images.cache_store(&req.key, rec).map_err(status)?;
+        Ok(Response::new(()))
+    }
+
+    async fn cache_prune(
+        &self,
+        req: Request<pb::CachePruneRequest>,
+    ) -> std::result::Result<Response<pb::CachePruneResponse>, Status> {
+        let req = req.into_inner();
+        let f = Filters::parse(req.filters, &["until"]).map_err(status)?;
+        let until = f.until(SystemTime::now()).map_err(status)?;
+        let pruned = self.images.cache_prune(until).await.map_err(status)?;
+        Ok(Response::new(pb::CachePruneResponse {
+            deleted: pruned.keys,
+            space_reclaimed: pruned.bytes,
+        }))
     }
 }
 

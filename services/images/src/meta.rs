@@ -28,8 +28,18 @@ pub const LEASES: Def = TableDefinition::new("leases");
 pub const LAYERS: Def = TableDefinition::new("layers");
 /// Blob digest → labels.
 pub const CONTENT_LABELS: Def = TableDefinition::new("content_labels");
+/// Build cache key → [`crate::cache::CacheRecord`].
+pub const BUILD_CACHE: Def = TableDefinition::new("build_cache");
 
-const ALL: [Def; 6] = [IMAGES, TAGS, USERS, LEASES, LAYERS, CONTENT_LABELS];
+const ALL: [Def; 7] = [
+    IMAGES,
+    TAGS,
+    USERS,
+    LEASES,
+    LAYERS,
+    CONTENT_LABELS,
+    BUILD_CACHE,
+];
 
 /// One image, as stored.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
