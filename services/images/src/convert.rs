@@ -243,7 +243,11 @@ impl Images {
             users,
             last_tag_time: (rec.last_tag_nanos > 0)
                 .then(|| crate::time::to_timestamp(crate::time::from_nanos(rec.last_tag_nanos))),
-            parent: cfg.parent.clone().unwrap_or_default(),
+            parent: if rec.parent.is_empty() {
+                cfg.parent.clone().unwrap_or_default()
+            } else {
+                rec.parent.clone()
+            },
         })
     }
 }

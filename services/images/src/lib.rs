@@ -3,6 +3,7 @@
 pub mod apply;
 pub mod archive;
 pub mod cache;
+pub mod child;
 pub mod content;
 pub mod convert;
 pub mod filters;

@@ -1,0 +1,41 @@
+//! ONBUILD triggers: a base image's `OnBuild` list run right after the FROM of a child build.
+//!
+//! moby's rules (`processOnBuild`): each trigger is parsed as a Dockerfile line with the default
+//! escape token; ONBUILD, FROM and MAINTAINER are refused; the triggers run in order and the
+//! child image's own `OnBuild` list starts empty.
+
+use crate::dockerfile::{self, Instruction, InstructionKind, ParseError};
+
+/// Parses the base image's `OnBuild` triggers into the instructions to run after FROM.
+pub fn triggers(on_build: &[String]) -> Result<Vec<Instruction>, ParseError> {
+    let mut out = Vec::new();
+    for trigger in on_build {
+        let keyword = trigger
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_ascii_uppercase();
+        let refuse = |message: String| ParseError { line: 0, message };
+        match keyword.as_str() {
+            "ONBUILD" => {
+                return Err(refuse(
+                    "Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed".into(),
+                ));
+            }
+            "FROM" | "MAINTAINER" => {
+                return Err(refuse(format!(
+                    "{keyword} isn't allowed as an ONBUILD trigger"
+                )));
+            }
+            _ => {}
+        }
+        let instruction = dockerfile::parse_instruction(trigger, '\\')?;
+        if matches!(instruction.kind, InstructionKind::Onbuild(_)) {
+            return Err(refuse(
+                "Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed".into(),
+            ));
+        }
+        out.push(instruction);
+    }
+    Ok(out)
+}
