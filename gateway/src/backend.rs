@@ -111,6 +111,13 @@ pub trait ContainersApi: Send + Sync {
     fn archive_put(&self, options: engine::ArchivePutOptions, data: Input<Bytes>) -> Fut<'_, ()> {
         missing("container archive")
     }
+    /// `Containers.Commit`.
+    fn commit(
+        &self,
+        req: engine::CommitContainerRequest,
+    ) -> Fut<'_, engine::CommitContainerResponse> {
+        missing("container commit")
+    }
 
     /// `Tasks.Start`.
     fn start(&self, req: engine::StartTaskRequest) -> Fut<'_, engine::StartTaskResponse> {
@@ -248,6 +255,18 @@ pub trait ImagesApi: Send + Sync {
         req: images::InspectDistributionRequest,
     ) -> Fut<'_, images::InspectDistributionResponse> {
         missing("distribution inspect")
+    }
+    /// `Images.CacheLookup`: the image recorded for a build step's key, if any.
+    fn cache_lookup(&self, key: String) -> Fut<'_, Option<String>> {
+        missing("build cache")
+    }
+    /// `Images.CacheStore`.
+    fn cache_store(&self, req: images::CacheStoreRequest) -> Fut<'_, ()> {
+        missing("build cache")
+    }
+    /// `Images.CachePrune`.
+    fn cache_prune(&self, req: images::CachePruneRequest) -> Fut<'_, images::CachePruneResponse> {
+        missing("build cache")
     }
 }
 

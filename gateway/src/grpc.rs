@@ -235,6 +235,12 @@ impl ContainersApi for GrpcContainers {
             Ok(())
         })
     }
+    fn commit(
+        &self,
+        req: engine::CommitContainerRequest,
+    ) -> Fut<'_, engine::CommitContainerResponse> {
+        unary!(self.containers, commit, req)
+    }
 
     fn start(&self, req: engine::StartTaskRequest) -> Fut<'_, engine::StartTaskResponse> {
         unary!(self.tasks, start, req)
@@ -374,6 +380,20 @@ impl ImagesApi for GrpcImages {
         req: images::InspectDistributionRequest,
     ) -> Fut<'_, images::InspectDistributionResponse> {
         unary!(self.0, inspect_distribution, req)
+    }
+    fn cache_lookup(&self, key: String) -> Fut<'_, Option<String>> {
+        unary!(
+            self.0,
+            cache_lookup,
+            images::CacheLookupRequest { key },
+            |r| (!r.image_id.is_empty()).then_some(r.image_id)
+        )
+    }
+    fn cache_store(&self, req: images::CacheStoreRequest) -> Fut<'_, ()> {
+        unary!(self.0, cache_store, req)
+    }
+    fn cache_prune(&self, req: images::CachePruneRequest) -> Fut<'_, images::CachePruneResponse> {
+        unary!(self.0, cache_prune, req)
     }
 }
 

@@ -211,7 +211,7 @@ pub fn familiar(reference: &str) -> String {
 
 /// Docker's `X-Registry-Auth`/`AuthConfig` JSON.
 #[derive(Debug, Default, Deserialize)]
-struct AuthConfig {
+pub(crate) struct AuthConfig {
     #[serde(default)]
     username: String,
     #[serde(default)]
@@ -229,7 +229,7 @@ struct AuthConfig {
 }
 
 impl AuthConfig {
-    fn into_proto(self) -> types::RegistryAuth {
+    pub(crate) fn into_proto(self) -> types::RegistryAuth {
         let (mut username, mut password) = (self.username, self.password);
         if username.is_empty()
             && !self.auth.is_empty()
@@ -252,7 +252,7 @@ impl AuthConfig {
     }
 }
 
-fn decode_b64(data: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn decode_b64(data: &[u8]) -> Option<Vec<u8>> {
     use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
     let data: Vec<u8> = data
         .iter()

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub mod backend;
+pub mod build;
 pub mod containers;
 pub mod errors;
 pub mod exec;
@@ -156,7 +157,7 @@ pub fn app(state: AppState) -> Router {
         .merge(networks::routes())
         .merge(swarm::routes())
         .merge(plugins::routes())
-        .route("/build", post(not_supported))
+        .merge(build::routes())
         .route("/commit", post(not_supported))
         .route("/session", post(no_buildkit))
         .route("/grpc", post(no_buildkit))

@@ -35,16 +35,6 @@ pub fn routes() -> Router<AppState> {
         .route("/events", get(events_stream))
         .route("/system/df", get(df))
         .route("/auth", post(auth))
-        .route("/build/prune", post(build_prune))
-}
-
-/// `POST /build/prune`: berth builds nothing yet, so there is no build cache to prune (this
-/// keeps `docker system prune` working).
-async fn build_prune() -> Response {
-    json_response(
-        StatusCode::OK,
-        &json!({"CachesDeleted": [], "SpaceReclaimed": 0}),
-    )
 }
 
 /// What `/info` reports about the daemon's configuration: read once from the config.
@@ -615,13 +605,6 @@ mod tests {
         assert!(r.body.is_empty());
         let r = f.request("GET", "/v1.44/version", "").await;
         assert_eq!(r.json()["ApiVersion"], "1.45");
-    }
-
-    #[tokio::test]
-    async fn no_build_cache() {
-        let f = Fake::default();
-        let r = f.request("POST", "/build/prune", "").await;
-        assert_eq!(r.json()["SpaceReclaimed"], 0);
     }
 
     #[tokio::test]

@@ -1,0 +1,788 @@
+//! COPY and ADD: resolving sources in the context, their content digest for the cache, and the
+//! tar that puts them into the step's container (moby's `copy.go` rules).
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use berth_core::{Error, Result};
+use sha2::{Digest as _, Sha256};
+
+/// A COPY or ADD after expansion.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CopyPlan {
+    pub add: bool,
+    pub srcs: Vec<String>,
+    pub dest: String,
+    pub chown: Option<String>,
+    pub chmod: Option<String>,
+}
+
+/// One resolved source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// Where it is on this host.
+    pub path: PathBuf,
+    /// The name it gets under a directory destination.
+    pub name: String,
+    pub is_dir: bool,
+    /// ADD of a local archive: extracted instead of copied.
+    pub extract: bool,
+    /// Fetched from a URL (mode 0600, as Docker).
+    pub downloaded: bool,
+}
+
+fn io(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::internal(what.to_string()).with_source(e)
+}
+
+/// `path` made absolute and clean (`.`/`..` resolved, never above `/`), without trailing `/`.
+pub fn clean(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in path.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// The destination relative to the working directory, keeping a trailing `/` (moby's
+/// `normalizeDest`).
+pub fn normalize_dest(workdir: &str, dest: &str) -> String {
+    let joined = if dest.starts_with('/') {
+        clean(dest)
+    } else {
+        clean(&format!("{workdir}/{dest}"))
+    };
+    if (dest.ends_with('/') || dest.ends_with("/.") || dest == ".") && joined != "/" {
+        format!("{joined}/")
+    } else {
+        joined
+    }
+}
+
+fn has_wildcard(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+/// Go's `filepath.Match` for one path element.
+fn match_element(pattern: &[char], name: &[char]) -> bool {
+    let (mut p, mut n) = (0, 0);
+    let (mut star_p, mut star_n) = (usize::MAX, 0);
+    while n < name.len() {
+        if p < pattern.len() {
+            match pattern[p] {
+                '*' => {
+                    star_p = p;
+                    star_n = n;
+                    p += 1;
+                    continue;
+                }
+                '?' => {
+                    p += 1;
+                    n += 1;
+                    continue;
+                }
+                '[' => {
+                    if let Some((ok, len)) = match_class(&pattern[p..], name[n])
+                        && ok
+                    {
+                        p += len;
+                        n += 1;
+                        continue;
+                    }
+                }
+                '\\' if p + 1 < pattern.len() && pattern[p + 1] == name[n] => {
+                    p += 2;
+                    n += 1;
+                    continue;
+                }
+                c if c == name[n] => {
+                    p += 1;
+                    n += 1;
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        if star_p == usize::MAX {
+            return false;
+        }
+        p = star_p + 1;
+        star_n += 1;
+        n = star_n;
+    }
+    pattern[p..].iter().all(|c| *c == '*')
+}
+
+/// `[...]` at the start of `pattern` against `c`: (matched, length of the class).
+fn match_class(pattern: &[char], c: char) -> Option<(bool, usize)> {
+    let mut i = 1;
+    let negate = matches!(pattern.get(1), Some('^' | '!'));
+    if negate {
+        i += 1;
+    }
+    let mut matched = false;
+    let mut first = true;
+    while i < pattern.len() {
+        if pattern[i] == ']' && !first {
+            return Some((matched != negate, i + 1));
+        }
+        first = false;
+        let lo = pattern[i];
+        if i + 2 < pattern.len() && pattern[i + 1] == '-' && pattern[i + 2] != ']' {
+            if lo <= c && c <= pattern[i + 2] {
+                matched = true;
+            }
+            i += 3;
+        } else {
+            if lo == c {
+                matched = true;
+            }
+            i += 1;
+        }
+    }
+    None
+}
+
+/// Go's `filepath.Match` of a whole relative path.
+pub fn path_matches(pattern: &str, path: &str) -> bool {
+    let ps: Vec<&str> = pattern.split('/').filter(|s| !s.is_empty()).collect();
+    let ns: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    ps.len() == ns.len()
+        && ps.iter().zip(&ns).all(|(p, n)| {
+            match_element(
+                &p.chars().collect::<Vec<_>>(),
+                &n.chars().collect::<Vec<_>>(),
+            )
+        })
+}
+
+fn walk(root: &Path, rel: &str, out: &mut Vec<String>) -> Result<()> {
+    let dir = root.join(rel);
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .map_err(io("read the build context"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    for n in names {
+        let r = if rel.is_empty() {
+            n.clone()
+        } else {
+            format!("{rel}/{n}")
+        };
+        out.push(r.clone());
+        if std::fs::symlink_metadata(root.join(&r)).is_ok_and(|m| m.is_dir()) {
+            walk(root, &r, out)?;
+        }
+    }
+    Ok(())
+}
+
+fn is_url(s: &str) -> bool {
+    s.starts_with("http://") || s.starts_with("https://")
+}
+
+fn sniff_archive(path: &Path) -> bool {
+    let mut head = [0u8; 512];
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let n = f.read(&mut head).unwrap_or(0);
+    let h = &head[..n];
+    h.starts_with(&[0x1f, 0x8b]) || (n >= 262 && &h[257..262] == b"ustar")
+}
+
+/// The sources of `plan` under `root` (the context or a `--from` image's files); ADD's URLs are
+/// fetched into `downloads`.
+pub async fn resolve(
+    root: &Path,
+    plan: &CopyPlan,
+    downloads: &Path,
+    name: &str,
+) -> Result<Vec<Source>> {
+    let mut out = Vec::new();
+    let mut wildcard = false;
+    for src in &plan.srcs {
+        if is_url(src) {
+            if !plan.add {
+                return Err(Error::invalid_argument("source can't be a URL for COPY"));
+            }
+            out.push(download(src, downloads).await?);
+            continue;
+        }
+        let rel = clean(src).trim_start_matches('/').to_string();
+        if src.split('/').filter(|c| *c == "..").count() > 0 && escapes(src) {
+            return Err(Error::invalid_argument(format!(
+                "forbidden path outside the build context: {src} ()"
+            )));
+        }
+        let rels = if has_wildcard(&rel) {
+            wildcard = true;
+            let mut all = Vec::new();
+            walk(root, "", &mut all)?;
+            all.into_iter().filter(|p| path_matches(&rel, p)).collect()
+        } else {
+            vec![rel.clone()]
+        };
+        if rels.is_empty() || (!wildcard && std::fs::symlink_metadata(root.join(&rel)).is_err()) {
+            return Err(Error::invalid_argument(format!(
+                "{name} failed: file not found in build context or excluded by .dockerignore: \
+                 stat {src}: file does not exist"
+            )));
+        }
+        for r in rels {
+            let path = if r.is_empty() {
+                root.to_path_buf()
+            } else {
+                root.join(&r)
+            };
+            // A top-level symlink is followed, inside the context.
+            let path = follow_in(root, &path)?;
+            let meta = std::fs::metadata(&path).map_err(|_| {
+                Error::invalid_argument(format!(
+                    "{name} failed: file not found in build context or excluded by \
+                     .dockerignore: stat {src}: file does not exist"
+                ))
+            })?;
+            let is_dir = meta.is_dir();
+            out.push(Source {
+                extract: plan.add && !is_dir && sniff_archive(&path),
+                name: Path::new(&r)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                path,
+                is_dir,
+                downloaded: false,
+            });
+        }
+    }
+    let many = out.len() > 1 || wildcard && out.len() > 1;
+    if many && !plan.dest.ends_with('/') {
+        return Err(Error::invalid_argument(format!(
+            "When using {name} with more than one source file, the destination must be a \
+             directory and end with a /"
+        )));
+    }
+    Ok(out)
+}
+
+fn escapes(src: &str) -> bool {
+    let mut depth: i64 = 0;
+    for c in src.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return true;
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    false
+}
+
+/// `path` with symlinks resolved, refusing targets outside `root`.
+fn follow_in(root: &Path, path: &Path) -> Result<PathBuf> {
+    let mut p = path.to_path_buf();
+    for _ in 0..40 {
+        match std::fs::read_link(&p) {
+            Ok(target) => {
+                let rel_base = p
+                    .parent()
+                    .and_then(|d| d.strip_prefix(root).ok())
+                    .map(|d| d.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let t = target.to_string_lossy();
+                let joined = if t.starts_with('/') {
+                    clean(&t)
+                } else {
+                    clean(&format!("/{rel_base}/{t}"))
+                };
+                p = root.join(joined.trim_start_matches('/'));
+            }
+            Err(_) => return Ok(p),
+        }
+    }
+    Err(Error::invalid_argument(format!(
+        "too many levels of symbolic links: {}",
+        path.display()
+    )))
+}
+
+async fn download(url: &str, dir: &Path) -> Result<Source> {
+    std::fs::create_dir_all(dir).map_err(io("scratch directory"))?;
+    let resp = reqwest::get(url)
+        .await
+        .map_err(|e| Error::invalid_argument(format!("failed to GET {url}")).with_source(e))?;
+    if !resp.status().is_success() {
+        return Err(Error::invalid_argument(format!(
+            "failed to GET {url} with status {}",
+            resp.status()
+        )));
+    }
+    let name = url
+        .split(['?', '#'])
+        .next()
+        .unwrap_or(url)
+        .rsplit('/')
+        .next()
+        .filter(|n| !n.is_empty())
+        .unwrap_or("download")
+        .to_string();
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| Error::invalid_argument(format!("failed to GET {url}")).with_source(e))?;
+    let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+    let path = dir.join(format!("{n}"));
+    std::fs::write(&path, &bytes).map_err(io("write a download"))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("write a download"))?;
+    Ok(Source {
+        path,
+        name,
+        is_dir: false,
+        extract: false,
+        downloaded: true,
+    })
+}
+
+fn hash_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(io("read a source"))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = f.read(&mut buf).map_err(io("read a source"))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Lines describing one entry: type, path, permissions, and the content or link target.
+fn describe(path: &Path, rel: &str, h: &mut Sha256) -> Result<()> {
+    let m = std::fs::symlink_metadata(path).map_err(io("stat a source"))?;
+    let mode = m.permissions().mode() & 0o7777;
+    if m.file_type().is_symlink() {
+        let t = std::fs::read_link(path).map_err(io("read a link"))?;
+        h.update(format!("l {rel} {}\n", t.display()).as_bytes());
+    } else if m.is_dir() {
+        h.update(format!("d {rel} {mode:o}\n").as_bytes());
+        let mut names: Vec<String> = std::fs::read_dir(path)
+            .map_err(io("read a source directory"))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        for n in names {
+            describe(&path.join(&n), &format!("{rel}/{n}"), h)?;
+        }
+    } else {
+        h.update(format!("f {rel} {mode:o} {}\n", hash_file(path)?).as_bytes());
+    }
+    Ok(())
+}
+
+/// The content digest of the sources (contents, names and modes; not mtimes or owners), in
+/// moby's history form: `file:<hex>`, `dir:<hex>` or `multi:<hex>`.
+pub fn sources_digest(sources: &[Source]) -> Result<String> {
+    let one = |s: &Source| -> Result<String> {
+        let mut h = Sha256::new();
+        describe(&s.path, &s.name, &mut h)?;
+        if s.extract {
+            h.update(b"extract\n");
+        }
+        let kind = if s.is_dir { "dir" } else { "file" };
+        Ok(format!("{kind}:{}", hex::encode(h.finalize())))
+    };
+    if let [s] = sources {
+        return one(s);
+    }
+    let all: Vec<String> = sources.iter().map(one).collect::<Result<_>>()?;
+    Ok(format!(
+        "multi:{}",
+        hex::encode(Sha256::digest(all.join(",").as_bytes()))
+    ))
+}
+
+/// `--chmod` as octal permissions.
+pub fn parse_chmod(s: &str) -> Result<u32> {
+    u32::from_str_radix(s, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| Error::invalid_argument(format!("invalid chmod parameter: {s}")))
+}
+
+/// `--chown=user[:group]` against the image's `/etc/passwd` and `/etc/group` (moby's
+/// `parseChownFlag`: a user without a group takes the user's id as group... as Docker does).
+pub fn parse_owner(spec: &str, passwd: Option<&str>, group: Option<&str>) -> Result<(u64, u64)> {
+    let (user, grp) = spec.split_once(':').unwrap_or((spec, ""));
+    let lookup = |db: Option<&str>, name: &str, what: &str| -> Result<u64> {
+        if let Ok(n) = name.parse::<u64>() {
+            return Ok(n);
+        }
+        db.unwrap_or("")
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() > 2 && f[0] == name).then(|| f[2].parse::<u64>().ok())?
+            })
+            .next()
+            .ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "unable to convert uid/gid chown string to host mapping: can't find {what} \
+                     with name {name}"
+                ))
+            })
+    };
+    let uid = lookup(passwd, user, "uid for user")?;
+    let gid = if grp.is_empty() {
+        uid
+    } else {
+        lookup(group, grp, "gid for group")?
+    };
+    Ok((uid, gid))
+}
+
+struct Writer {
+    b: tar::Builder<std::fs::File>,
+    owner: (u64, u64),
+    chmod: Option<u32>,
+}
+
+impl Writer {
+    fn header(&self, m: &std::fs::Metadata, mode: u32) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(self.chmod.unwrap_or(mode & 0o7777));
+        h.set_uid(self.owner.0);
+        h.set_gid(self.owner.1);
+        h.set_mtime(m.mtime().max(0) as u64);
+        h
+    }
+
+    fn dir(&mut self, path: &str, m: Option<&std::fs::Metadata>) -> Result<()> {
+        let mut h = match m {
+            Some(m) => self.header(m, m.permissions().mode()),
+            None => {
+                let mut h = tar::Header::new_gnu();
+                h.set_mode(self.chmod.unwrap_or(0o755));
+                h.set_uid(self.owner.0);
+                h.set_gid(self.owner.1);
+                h
+            }
+        };
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_size(0);
+        self.b
+            .append_data(
+                &mut h,
+                format!("{}/", path.trim_start_matches('/')),
+                std::io::empty(),
+            )
+            .map_err(io("write the step's archive"))
+    }
+
+    fn file(&mut self, src: &Path, to: &str, mode_override: Option<u32>) -> Result<()> {
+        let m = std::fs::symlink_metadata(src).map_err(io("stat a source"))?;
+        let to = to.trim_start_matches('/');
+        if m.file_type().is_symlink() {
+            let mut h = self.header(&m, 0o777);
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            let target = std::fs::read_link(src).map_err(io("read a link"))?;
+            return self
+                .b
+                .append_link(&mut h, to, target)
+                .map_err(io("write the step's archive"));
+        }
+        if m.is_dir() {
+            self.dir(to, Some(&m))?;
+            let mut names: Vec<String> = std::fs::read_dir(src)
+                .map_err(io("read a source directory"))?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            for n in names {
+                self.file(&src.join(&n), &format!("{to}/{n}"), None)?;
+            }
+            return Ok(());
+        }
+        let mut h = self.header(&m, mode_override.unwrap_or(m.permissions().mode()));
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(m.len());
+        let f = std::fs::File::open(src).map_err(io("read a source"))?;
+        self.b
+            .append_data(&mut h, to, f)
+            .map_err(io("write the step's archive"))
+    }
+
+    /// A local archive's entries, under `dest`.
+    fn extract(&mut self, archive: &Path, dest: &str) -> Result<()> {
+        let f = std::fs::File::open(archive).map_err(io("read an archive"))?;
+        let mut head = [0u8; 2];
+        let gz = std::fs::File::open(archive)
+            .and_then(|mut f| f.read_exact(&mut head))
+            .is_ok()
+            && head == [0x1f, 0x8b];
+        let reader: Box<dyn Read> = if gz {
+            Box::new(flate2::read::GzDecoder::new(f))
+        } else {
+            Box::new(f)
+        };
+        let mut a = tar::Archive::new(reader);
+        for e in a.entries().map_err(io("read an archive"))? {
+            let mut e = e.map_err(io("read an archive"))?;
+            let p = e
+                .path()
+                .map_err(io("read an archive"))?
+                .to_string_lossy()
+                .into_owned();
+            if p.split('/').any(|c| c == "..") {
+                return Err(Error::invalid_argument(format!(
+                    "archive entry {p:?} leaves the destination"
+                )));
+            }
+            let to = format!(
+                "{}/{}",
+                dest.trim_end_matches('/'),
+                p.trim_start_matches("./")
+            );
+            let to = to.trim_start_matches('/').to_string();
+            let mut h = e.header().clone();
+            if e.header().entry_type().is_hard_link()
+                && let Ok(Some(l)) = e.link_name()
+            {
+                let l = format!("{}/{}", dest.trim_end_matches('/'), l.to_string_lossy());
+                h.set_link_name(l.trim_start_matches('/'))
+                    .map_err(io("write the step's archive"))?;
+            }
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).map_err(io("read an archive"))?;
+            self.b
+                .append_data(&mut h, to, data.as_slice())
+                .map_err(io("write the step's archive"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes the tar that puts `sources` at `dest` (paths relative to `/`). `dest_is_dir`: whether
+/// `dest` is a directory in the image already.
+pub fn write_tar(
+    tar_path: &Path,
+    sources: &[Source],
+    plan: &CopyPlan,
+    dest: &str,
+    dest_is_dir: bool,
+    owner: Option<(u64, u64)>,
+) -> Result<()> {
+    let chmod = plan.chmod.as_deref().map(parse_chmod).transpose()?;
+    let f = std::fs::File::create(tar_path).map_err(io("create the step's archive"))?;
+    let mut w = Writer {
+        b: tar::Builder::new(f),
+        owner: owner.unwrap_or((0, 0)),
+        chmod,
+    };
+    w.b.follow_symlinks(false);
+    let into_dir = dest.ends_with('/') || dest_is_dir;
+    let dest_clean = clean(dest);
+    for s in sources {
+        if s.extract {
+            w.extract(&s.path, &dest_clean)?;
+        } else if s.is_dir {
+            if !dest_is_dir {
+                w.dir(&dest_clean, None)?;
+            }
+            let mut names: Vec<String> = std::fs::read_dir(&s.path)
+                .map_err(io("read a source directory"))?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            for n in names {
+                w.file(&s.path.join(&n), &format!("{dest_clean}/{n}"), None)?;
+            }
+        } else {
+            let to = if into_dir {
+                format!("{}/{}", dest_clean.trim_end_matches('/'), s.name)
+            } else {
+                dest_clean.clone()
+            };
+            w.file(&s.path, &to, s.downloaded.then_some(0o600))?;
+        }
+    }
+    let mut f = w.b.into_inner().map_err(io("write the step's archive"))?;
+    f.flush().map_err(io("write the step's archive"))
+}
+
+/// A tar holding directory `dir` (WORKDIR), mode 0755, owned by root.
+pub fn mkdir_tar(tar_path: &Path, dir: &str) -> Result<()> {
+    let f = std::fs::File::create(tar_path).map_err(io("create the step's archive"))?;
+    let mut w = Writer {
+        b: tar::Builder::new(f),
+        owner: (0, 0),
+        chmod: None,
+    };
+    if dir != "/" {
+        w.dir(dir, None)?;
+    }
+    w.b.into_inner().map_err(io("write the step's archive"))?;
+    Ok(())
+}
+
+/// Unpacks a tar (from `docker cp` out of an image) into `into`.
+pub fn unpack_tar(tar_path: &Path, into: &Path) -> Result<()> {
+    let f = std::fs::File::open(tar_path).map_err(io("read an archive"))?;
+    let mut a = tar::Archive::new(f);
+    a.set_preserve_permissions(true);
+    a.unpack(into)
+        .map_err(|e| Error::internal("unpack files of an image").with_source(e))
+}
+
+/// The contents of the first regular file in a tar.
+pub fn first_file_of_tar(tar_path: &Path) -> Result<String> {
+    let f = std::fs::File::open(tar_path).map_err(io("read an archive"))?;
+    let mut a = tar::Archive::new(f);
+    for e in a.entries().map_err(io("read an archive"))? {
+        let mut e = e.map_err(io("read an archive"))?;
+        if e.header().entry_type().is_file() {
+            let mut s = String::new();
+            e.read_to_string(&mut s).map_err(io("read an archive"))?;
+            return Ok(s);
+        }
+    }
+    Ok(String::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_destinations() {
+        assert_eq!(clean("a/../../b/./c/"), "/b/c");
+        assert_eq!(normalize_dest("/app", "x"), "/app/x");
+        assert_eq!(normalize_dest("/app", "x/"), "/app/x/");
+        assert_eq!(normalize_dest("/app", "."), "/app/");
+        assert_eq!(normalize_dest("/", "/abs"), "/abs");
+        assert!(escapes("../x") && escapes("a/../../x") && !escapes("a/../x"));
+    }
+
+    #[test]
+    fn go_filepath_match() {
+        assert!(path_matches("*.txt", "a.txt"));
+        assert!(!path_matches("*.txt", "d/a.txt"));
+        assert!(path_matches("d/?.t[x-z]t", "d/a.txt"));
+        assert!(path_matches("[!b]*", "abc"));
+        assert!(!path_matches("[!a]*", "abc"));
+    }
+
+    #[test]
+    fn owners_from_passwd_and_group() {
+        let passwd = "root:x:0:0::/root:/bin/sh\napp:x:1000:1001::/home/app:/bin/sh\n";
+        let group = "root:x:0:\nstaff:x:50:\n";
+        assert_eq!(parse_owner("1:2", None, None).unwrap(), (1, 2));
+        assert_eq!(
+            parse_owner("app", Some(passwd), None).unwrap(),
+            (1000, 1000)
+        );
+        assert_eq!(
+            parse_owner("app:staff", Some(passwd), Some(group)).unwrap(),
+            (1000, 50)
+        );
+        assert!(parse_owner("nobody", Some(passwd), None).is_err());
+        assert_eq!(parse_chmod("755").unwrap(), 0o755);
+        assert!(parse_chmod("9").is_err());
+    }
+
+    #[tokio::test]
+    async fn sources_digests_follow_contents_not_mtimes() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(root.join("a.txt"), "one").unwrap();
+        std::fs::create_dir(root.join("d")).unwrap();
+        std::fs::write(root.join("d/b"), "two").unwrap();
+        let plan = |srcs: &[&str], dest: &str| CopyPlan {
+            srcs: srcs.iter().map(|s| s.to_string()).collect(),
+            dest: dest.into(),
+            ..Default::default()
+        };
+        let dl = root.join("dl");
+        let s = resolve(root, &plan(&["a.txt"], "/x"), &dl, "COPY")
+            .await
+            .unwrap();
+        let first = sources_digest(&s).unwrap();
+        assert!(first.starts_with("file:"));
+        std::fs::write(root.join("a.txt"), "one").unwrap();
+        assert_eq!(sources_digest(&s).unwrap(), first);
+        std::fs::write(root.join("a.txt"), "changed").unwrap();
+        assert_ne!(sources_digest(&s).unwrap(), first);
+        let s = resolve(root, &plan(&["d"], "/x"), &dl, "COPY")
+            .await
+            .unwrap();
+        assert!(sources_digest(&s).unwrap().starts_with("dir:"));
+        let err = resolve(root, &plan(&["*"], "/x"), &dl, "COPY")
+            .await
+            .unwrap_err();
+        assert!(err.chain().contains("must be a directory and end with a /"));
+        let err = resolve(root, &plan(&["nope"], "/x"), &dl, "COPY")
+            .await
+            .unwrap_err();
+        assert!(err.chain().contains("file not found in build context"));
+        let err = resolve(root, &plan(&["../x"], "/x"), &dl, "COPY")
+            .await
+            .unwrap_err();
+        assert!(err.chain().contains("outside the build context"));
+    }
+
+    #[tokio::test]
+    async fn the_tar_places_files_as_docker_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::write(root.join("a.txt"), "one").unwrap();
+        std::fs::create_dir(root.join("d")).unwrap();
+        std::fs::write(root.join("d/b"), "two").unwrap();
+        let dl = root.join("dl");
+        let names = |plan: &CopyPlan, dest: &str, is_dir: bool| {
+            let tar = root.join("t.tar");
+            let s = futures::executor::block_on(resolve(root, plan, &dl, "COPY")).unwrap();
+            write_tar(&tar, &s, plan, dest, is_dir, Some((5, 6))).unwrap();
+            let mut a = tar::Archive::new(std::fs::File::open(&tar).unwrap());
+            a.entries()
+                .unwrap()
+                .map(|e| {
+                    let e = e.unwrap();
+                    assert_eq!(e.header().uid().unwrap(), 5);
+                    e.path().unwrap().to_string_lossy().into_owned()
+                })
+                .collect::<Vec<_>>()
+        };
+        let p = CopyPlan {
+            srcs: vec!["a.txt".into()],
+            dest: "/x/".into(),
+            ..Default::default()
+        };
+        assert_eq!(names(&p, "/x/", false), ["x/a.txt"]);
+        assert_eq!(names(&p, "/x", false), ["x"]);
+        assert_eq!(names(&p, "/x", true), ["x/a.txt"]);
+        let p = CopyPlan {
+            srcs: vec!["d".into()],
+            dest: "/y".into(),
+            ..Default::default()
+        };
+        assert_eq!(names(&p, "/y", false), ["y/", "y/b"]);
+    }
+}
