@@ -805,6 +805,9 @@ impl ContainersApi for Fake {
 }
 
 impl ImagesApi for Fake {
+    fn cache_prune(&self, _req: images::CachePruneRequest) -> Fut<'_, images::CachePruneResponse> {
+        done(Ok(images::CachePruneResponse::default()))
+    }
     fn pull(&self, req: images::PullRequest) -> Fut<'_, Stream<images::PullResponse>> {
         use images::pull_response::Event;
         self.state().last_pull = Some(req.clone());

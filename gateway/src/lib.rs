@@ -262,13 +262,9 @@ pub fn go_arch() -> &'static str {
     }
 }
 
-/// Builds and commits need an image builder berth does not have yet.
+/// Commits need the engine's commit, which this gateway does not call yet.
 async fn not_supported(method: Method, uri: Uri) -> ApiError {
-    let what = if uri.path().starts_with("/build") {
-        "docker build"
-    } else {
-        "docker commit"
-    };
+    let what = "docker commit";
     ApiError(Error::new(
         ErrorKind::Unimplemented,
         format!(
@@ -462,13 +458,13 @@ mod tests {
     #[tokio::test]
     async fn unbuilt_endpoints_get_a_json_501_and_unknown_paths_a_404() {
         let dir = tempfile::tempdir().unwrap();
-        let (status, headers, body) = call(dir.path(), "POST", "/v1.45/build").await;
+        let (status, headers, body) = call(dir.path(), "POST", "/v1.45/session").await;
         assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
         assert_eq!(headers["content-type"], "application/json");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(
             v["message"],
-            "POST /build is not implemented by berth yet: docker build is not supported"
+            "berth has no BuildKit builder, so there is no build session to open at /session"
         );
         let (status, _, body) = call(dir.path(), "GET", "/v1.45/no/such/path").await;
         assert_eq!(status, StatusCode::NOT_FOUND);

@@ -22,7 +22,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use berth_builder::context::ContextError;
-use berth_core::{Error, ErrorKind, Result};
+use berth_core::{Error, Result};
 use berth_proto::berth::images::v1 as images;
 use futures::StreamExt;
 use serde_json::json;
@@ -260,14 +260,7 @@ async fn prune(State(st): State<AppState>, q: Query) -> std::result::Result<Resp
             filters,
             all: q.bool("all"),
         })
-        .await
-        .map_err(|e| {
-            if e.is(ErrorKind::Unimplemented) {
-                Error::unavailable("the images service has no build cache")
-            } else {
-                e
-            }
-        })?;
+        .await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({
