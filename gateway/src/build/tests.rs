@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use axum::http::StatusCode;
 use berth_core::{Error, Result};
 use berth_proto::berth::engine::v1 as engine;
 use berth_proto::berth::types::v1 as types;
@@ -368,17 +369,18 @@ async fn build_args_reach_run_only_and_are_recorded() {
     )
     .await;
     r.result.as_ref().unwrap();
-    let g = fake.0.lock().unwrap();
-    let run = g.commits.last().unwrap();
-    assert_eq!(run.created_by, "|1 V=x /bin/sh -c echo $V");
-    assert_eq!(run.config["Env"], json!(["PATH=/bin"]));
-    let req = g.creates.last().unwrap().config.as_ref().unwrap();
-    assert!(req.env.contains(&"V=x".to_string()));
+    {
+        let g = fake.0.lock().unwrap();
+        let run = g.commits.last().unwrap();
+        assert_eq!(run.created_by, "|1 V=x /bin/sh -c echo $V");
+        assert_eq!(run.config["Env"], json!(["PATH=/bin"]));
+        let req = g.creates.last().unwrap().config.as_ref().unwrap();
+        assert!(req.env.contains(&"V=x".to_string()));
+    }
     assert!(
         r.text()
             .contains("[Warning] One or more build-args [UNUSED] were not consumed")
     );
-    drop(g);
     // A different value is a different step.
     o.build_args.insert("V".into(), Some("y".into()));
     let r = build_with(
@@ -530,5 +532,5 @@ async fn build_prune_reports_what_the_images_service_reclaimed() {
             "",
         )
         .await;
-    assert_eq!(r.status, axum::http::StatusCode::BAD_REQUEST);
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
 }
