@@ -424,7 +424,10 @@ impl Images {
             }
         };
         if delete_record {
-            if !users.is_empty() {
+            if users.is_empty() && self.cached_images()?.contains(&id) {
+                // The build cache keeps it (untagged, hidden) until `docker builder prune`.
+                items.push(DeleteItem::Deleted(id.clone()));
+            } else if !users.is_empty() {
                 self.meta.write(|tx| {
                     if let Some(mut rec) = tx.get::<ImageRecord>(meta::IMAGES, &id)? {
                         rec.pending_delete = true;
