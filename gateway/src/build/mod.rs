@@ -95,10 +95,7 @@ async fn receive(body: Body, dockerfile: &str) -> Result<Prepared> {
             }
         }
     });
-    let bridge = ChannelReader {
-        rx,
-        current: bytes::Bytes::new(),
-    };
+    let bridge = ChannelReader::new(rx);
     let dockerfile = dockerfile.to_string();
     let prepared = tokio::task::spawn_blocking(move || {
         berth_builder::context::prepare(bridge, &into, &dockerfile)
@@ -113,21 +110,66 @@ async fn receive(body: Body, dockerfile: &str) -> Result<Prepared> {
 }
 
 /// A blocking reader over chunks sent from the async side.
+///
+/// The docker CLI's context for `-f -` ends right after the last entry's data, without the
+/// padding and end-of-archive blocks (Go's tar reader does not mind; the tar crate does), so an
+/// uncompressed stream is completed with zeros at its end.
 struct ChannelReader {
     rx: std::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
     current: bytes::Bytes,
+    /// Bytes read so far.
+    total: usize,
+    /// Whether the stream is a plain tar (decided on its first bytes).
+    plain: Option<bool>,
+    /// Zeros still to add at the end; `None` until the end was reached.
+    padding: Option<usize>,
+}
+
+impl ChannelReader {
+    fn new(rx: std::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>) -> Self {
+        Self {
+            rx,
+            current: bytes::Bytes::new(),
+            total: 0,
+            plain: None,
+            padding: None,
+        }
+    }
 }
 
 impl std::io::Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.current.is_empty() {
+        while self.current.is_empty() && self.padding.is_none() {
             match self.rx.recv() {
                 Ok(chunk) => self.current = chunk?,
-                Err(_) => return Ok(0),
+                Err(_) => {
+                    let plain = self.plain.unwrap_or(false);
+                    let to_block = (512 - self.total % 512) % 512;
+                    self.padding = Some(if plain && self.total > 0 {
+                        to_block + 1024
+                    } else {
+                        0
+                    });
+                }
             }
+        }
+        if let Some(left) = &mut self.padding {
+            let n = buf.len().min(*left);
+            buf[..n].fill(0);
+            *left -= n;
+            return Ok(n);
+        }
+        if self.plain.is_none() {
+            let head = &self.current[..];
+            let compressed = head.starts_with(&[0x1f, 0x8b])
+                || head.starts_with(b"BZh")
+                || head.starts_with(&[0xfd, b'7', b'z', b'X', b'Z', 0])
+                || head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]);
+            self.plain = Some(!compressed);
         }
         let n = buf.len().min(self.current.len());
         buf[..n].copy_from_slice(&self.current.split_to(n));
+        self.total += n;
         Ok(n)
     }
 }
