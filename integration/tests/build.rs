@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, Result, ensure};
-use berth_integration::gateway_kit::DockerStack;
+use berth_integration::gateway_kit::{DockerStack, Running};
 use berth_integration::py_kit;
 
 const DOCKERFILE: &str = r#"# syntax=docker/dockerfile:1
@@ -174,8 +174,12 @@ fn cli_builds_runs_and_caches() -> Result<()> {
         "{out}"
     );
 
-    // The cache survives removing the image.
+    // The cache survives removing the image; its intermediate images are not listed.
     d.ok(&["rmi", "bt:one", "bt:two"])?;
+    ensure!(
+        d.ok(&["images", "-q", "--filter", "dangling=true"])?
+            .is_empty()
+    );
     let o = build(&d, ctx.path(), &["-t", "bt:one"])?;
     let out = text(&o);
     ensure!(o.status.success() && !out.contains("Running in"), "{out}");
@@ -306,6 +310,69 @@ fn cli_stdin_forms_onbuild_failures_and_syntax_errors() -> Result<()> {
         d.ok(&["ps", "-aq"])? == containers_before,
         "a container was left"
     );
+
+    // ADD of a URL (a loopback HTTP server).
+    let www = tempfile::tempdir()?;
+    std::fs::write(www.path().join("remote.txt"), "fetched\n")?;
+    let port = berth_integration::images_kit::free_port();
+    let mut server = Command::new("python3");
+    server
+        .args(["-m", "http.server", "--bind", "127.0.0.1"])
+        .arg(port.to_string())
+        .arg("--directory")
+        .arg(www.path());
+    let _server = Running::spawn(&mut server)?;
+    let addr = format!("127.0.0.1:{port}");
+    ensure!(
+        (0..100).any(|_| {
+            let up = berth_integration::gateway_kit::http_get(&addr, "/remote.txt").is_ok();
+            if !up {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            up
+        }),
+        "the loopback HTTP server did not start"
+    );
+    std::fs::write(
+        bad.path().join("Dockerfile"),
+        format!("FROM busybox\nADD http://{addr}/remote.txt /dl/\n"),
+    )?;
+    let o = build(&d, bad.path(), &["-t", "added"])?;
+    ensure!(o.status.success(), "{}", text(&o));
+    ensure!(d.ok(&["run", "--rm", "added", "cat", "/dl/remote.txt"])? == "fetched");
+    ensure!(d.ok(&["run", "--rm", "added", "stat", "-c", "%a", "/dl/remote.txt"])? == "600");
+
+    // A client that goes away mid-build: the build stops and its step container goes.
+    std::fs::write(
+        bad.path().join("Dockerfile"),
+        "FROM busybox\nRUN echo started; sleep 600\n",
+    )?;
+    let mut c = d.cmd(&["build", "-t", "interrupted"]);
+    c.arg(bad.path()).env("DOCKER_BUILDKIT", "0");
+    let running = Running::spawn(&mut c)?;
+    ensure!(
+        running.wait_stdout(std::time::Duration::from_secs(60), |o| o
+            .contains("started")),
+        "the step never started: {}{}",
+        running.stdout(),
+        running.stderr()
+    );
+    drop(running);
+    let cleaned = (0..300).any(|_| {
+        let same = d
+            .ok(&["ps", "-aq"])
+            .is_ok_and(|ids| ids == containers_before);
+        if !same {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        same
+    });
+    ensure!(
+        cleaned,
+        "the interrupted build left a container: {}",
+        d.ok(&["ps", "-a"])?
+    );
+    ensure!(d.fails(&["image", "inspect", "interrupted"]).is_ok());
 
     // builder prune drops the records.
     let pruned = d.ok(&["builder", "prune", "-f"])?;

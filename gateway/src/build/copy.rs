@@ -319,9 +319,20 @@ fn follow_in(root: &Path, path: &Path) -> Result<PathBuf> {
     )))
 }
 
+/// A client for ADD's URLs and remote contexts (rustls with ring, as the gateway's registry
+/// client).
+pub fn http_client() -> Result<reqwest::Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .build()
+        .map_err(|e| Error::internal("http client").with_source(e))
+}
+
 async fn download(url: &str, dir: &Path) -> Result<Source> {
     std::fs::create_dir_all(dir).map_err(io("scratch directory"))?;
-    let resp = reqwest::get(url)
+    let resp = http_client()?
+        .get(url)
+        .send()
         .await
         .map_err(|e| Error::invalid_argument(format!("failed to GET {url}")).with_source(e))?;
     if !resp.status().is_success() {

@@ -187,7 +187,7 @@ async fn fetch_remote(url: &str, dockerfile: &str) -> Result<Prepared> {
             "unable to prepare context: remote context {url:?} is not a URL"
         )));
     }
-    let resp = reqwest::get(url).await.map_err(|e| {
+    let resp = copy::http_client()?.get(url).send().await.map_err(|e| {
         Error::invalid_argument(format!("unable to fetch the remote context {url}")).with_source(e)
     })?;
     if !resp.status().is_success() {
@@ -241,6 +241,8 @@ async fn build(
         }
     });
     tokio::spawn(async move {
+        // Also ends the watcher if the build task panics.
+        let _done = done.drop_guard();
         let mut out = Output::new(tx, opts.quiet, cancel);
         let (context, scratch) = (prepared.context(), prepared.scratch());
         let result = executor::Executor::new(&*backend, &opts, &context, &scratch, &mut out)
@@ -250,7 +252,6 @@ async fn build(
             tracing::info!(error = %err.chain(), "build failed");
             out.fail(err).await;
         }
-        done.cancel();
         drop(prepared);
     });
     let first = match rx.recv().await {
