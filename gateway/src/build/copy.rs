@@ -189,14 +189,37 @@ fn is_url(s: &str) -> bool {
     s.starts_with("http://") || s.starts_with("https://")
 }
 
+/// Whether ADD extracts the file: a tar, plain or compressed (gzip, bzip2, xz, zstd), as moby's
+/// `IsArchivePath` decides.
 fn sniff_archive(path: &Path) -> bool {
-    let mut head = [0u8; 512];
-    let Ok(mut f) = std::fs::File::open(path) else {
+    let Ok(f) = std::fs::File::open(path) else {
         return false;
     };
-    let n = f.read(&mut head).unwrap_or(0);
-    let h = &head[..n];
-    h.starts_with(&[0x1f, 0x8b]) || (n >= 262 && &h[257..262] == b"ustar")
+    let Ok(mut r) = berth_builder::context::decompress(f) else {
+        return false;
+    };
+    let mut head = [0u8; 512];
+    let mut n = 0;
+    while n < head.len() {
+        match r.read(&mut head[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
+    n == 512
+        && tar::Header::from_byte_slice(&head)
+            .cksum()
+            .is_ok_and(|sum| {
+                let mut unsigned: u32 = 0;
+                for (i, b) in head.iter().enumerate() {
+                    unsigned += if (148..156).contains(&i) {
+                        32
+                    } else {
+                        u32::from(*b)
+                    };
+                }
+                unsigned == sum
+            })
 }
 
 /// The sources of `plan` under `root` (the context or a `--from` image's files); ADD's URLs are
@@ -543,16 +566,7 @@ impl Writer {
     /// A local archive's entries, under `dest`.
     fn extract(&mut self, archive: &Path, dest: &str) -> Result<()> {
         let f = std::fs::File::open(archive).map_err(io("read an archive"))?;
-        let mut head = [0u8; 2];
-        let gz = std::fs::File::open(archive)
-            .and_then(|mut f| f.read_exact(&mut head))
-            .is_ok()
-            && head == [0x1f, 0x8b];
-        let reader: Box<dyn Read> = if gz {
-            Box::new(flate2::read::GzDecoder::new(f))
-        } else {
-            Box::new(f)
-        };
+        let reader = berth_builder::context::decompress(f).map_err(io("read an archive"))?;
         let mut a = tar::Archive::new(reader);
         for e in a.entries().map_err(io("read an archive"))? {
             let mut e = e.map_err(io("read an archive"))?;
