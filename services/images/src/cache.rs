@@ -120,3 +120,69 @@ impl Images {
         Ok(CachePruned { keys, bytes })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use berth_core::Config;
+
+    use super::*;
+
+    fn image(images: &Images, n: u8) -> String {
+        let id = format!("sha256:{}", hex::encode([n; 32]));
+        let rec = ImageRecord {
+            id: id.clone(),
+            ..Default::default()
+        };
+        images
+            .meta
+            .write(|tx| tx.put(meta::IMAGES, &rec.id, &rec))
+            .unwrap();
+        id
+    }
+
+    #[tokio::test]
+    async fn records_name_live_images_and_prune_drops_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = Images::open(Config {
+            root: dir.path().join("root"),
+            state_dir: dir.path().join("state"),
+            ..Default::default()
+        })
+        .unwrap();
+        let tagged = image(&images, 1);
+        let record = |id: &str| CacheRecord {
+            image_id: id.to_string(),
+            ..Default::default()
+        };
+        images.cache_store("k1", record(&tagged)).unwrap();
+        assert_eq!(images.cache_lookup("k1").unwrap(), Some(tagged.clone()));
+        assert_eq!(images.cache_lookup("k2").unwrap(), None);
+        assert!(images.cache_store("k3", record("sha256:nope")).is_err());
+        let cached = images.cached_images().unwrap();
+        let rec = images.meta.image(&tagged).unwrap().unwrap();
+        assert!(images.is_cache_only(&rec, &cached).unwrap());
+        images
+            .meta
+            .write(|tx| tx.put(meta::TAGS, "docker.io/library/x:latest", &tagged))
+            .unwrap();
+        assert!(!images.is_cache_only(&rec, &cached).unwrap());
+        // A record whose image went is a miss.
+        let gone = image(&images, 2);
+        images.cache_store("k4", record(&gone)).unwrap();
+        images.meta.write(|tx| tx.del(meta::IMAGES, &gone)).unwrap();
+        assert_eq!(images.cache_lookup("k4").unwrap(), None);
+        // Prune drops every record; the tagged image stays.
+        let p = images.cache_prune(None).await.unwrap();
+        assert_eq!(p.keys, ["k1", "k4"]);
+        assert!(images.meta.image(&tagged).unwrap().is_some());
+        assert_eq!(images.cache_lookup("k1").unwrap(), None);
+        // `until` keeps records made after it.
+        images.cache_store("k5", record(&tagged)).unwrap();
+        let p = images
+            .cache_prune(Some(SystemTime::UNIX_EPOCH))
+            .await
+            .unwrap();
+        assert!(p.keys.is_empty());
+        assert_eq!(images.cache_lookup("k5").unwrap(), Some(tagged));
+    }
+}
