@@ -264,6 +264,10 @@ pub trait ImagesApi: Send + Sync {
     fn cache_store(&self, req: images::CacheStoreRequest) -> Fut<'_, ()> {
         missing("build cache")
     }
+    /// `Images.CacheList`.
+    fn cache_list(&self) -> Fut<'_, Vec<images::CacheEntry>> {
+        missing("build cache")
+    }
     /// `Images.CachePrune`.
     fn cache_prune(&self, req: images::CachePruneRequest) -> Fut<'_, images::CachePruneResponse> {
         missing("build cache")

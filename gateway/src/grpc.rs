@@ -392,6 +392,10 @@ impl ImagesApi for GrpcImages {
     fn cache_store(&self, req: images::CacheStoreRequest) -> Fut<'_, ()> {
         unary!(self.0, cache_store, req)
     }
+    fn cache_list(&self) -> Fut<'_, Vec<images::CacheEntry>> {
+        unary!(self.0, cache_list, images::CacheListRequest {}, |r| r
+            .entries)
+    }
     fn cache_prune(&self, req: images::CachePruneRequest) -> Fut<'_, images::CachePruneResponse> {
         unary!(self.0, cache_prune, req)
     }

@@ -492,7 +492,7 @@ async fn events_stream(State(st): State<AppState>, q: Query) -> Result<Response,
 /// `GET /system/df`.
 async fn df(State(st): State<AppState>, version: ApiVersion) -> Result<Response, ApiError> {
     let b = &st.backends;
-    let (usage, image_list, containers, volumes) = tokio::join!(
+    let (usage, image_list, containers, volumes, cache) = tokio::join!(
         b.images.disk_usage(),
         b.images.list(images::ListImagesRequest::default()),
         b.containers.list(engine::ListContainersRequest {
@@ -505,8 +505,15 @@ async fn df(State(st): State<AppState>, version: ApiVersion) -> Result<Response,
             usage: true,
             ..Default::default()
         }),
+        b.images.cache_list(),
     );
     let usage = usage?;
+    // An images service without a build cache has nothing to count.
+    let build_cache: Vec<Value> = match cache {
+        Ok(entries) => entries.iter().map(crate::build::cache_entry_json).collect(),
+        Err(e) if e.is(berth_core::ErrorKind::Unimplemented) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
     let per_image: HashMap<&str, &images::ImageDiskUsage> = usage
         .images
         .iter()
@@ -544,7 +551,7 @@ async fn df(State(st): State<AppState>, version: ApiVersion) -> Result<Response,
             "Images": images,
             "Containers": containers,
             "Volumes": volumes,
-            "BuildCache": [],
+            "BuildCache": build_cache,
         }),
     ))
 }

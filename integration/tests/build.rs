@@ -190,6 +190,20 @@ fn cli_builds_runs_and_caches() -> Result<()> {
         "containers left"
     );
 
+    // `docker system df` counts the cache; `docker builder prune` empties it.
+    let df = || d.ok(&["system", "df", "--format", "{{.Type}}={{.TotalCount}}"]);
+    let count = |df: &str| -> usize {
+        df.lines()
+            .find_map(|l| l.strip_prefix("Build Cache="))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(usize::MAX)
+    };
+    let before = df()?;
+    ensure!(
+        count(&before) >= 20 && count(&before) != usize::MAX,
+        "{before}"
+    );
+
     // Pushed to the loopback registry, skopeo reads the layers and config the build made.
     let pushed = format!("{}/built:1", registry.host);
     d.ok(&["tag", "bt:one", &pushed])?;
@@ -204,6 +218,14 @@ fn cli_builds_runs_and_caches() -> Result<()> {
         String::from_utf8_lossy(&sk.stderr)
     );
     let remote: serde_json::Value = serde_json::from_slice(&sk.stdout)?;
+    let pruned = d.ok(&["builder", "prune", "-f"])?;
+    ensure!(pruned.contains("Total reclaimed space"), "{pruned}");
+    let after = df()?;
+    ensure!(count(&after) == 0, "{after}");
+    ensure!(
+        d.ok(&["run", "--rm", "bt:one"])?.starts_with("built\n"),
+        "tagged image gone"
+    );
     ensure!(remote["config"]["User"] == "app", "{remote}");
     let local: serde_json::Value = serde_json::from_str(&d.ok(&["image", "inspect", "bt:one"])?)?;
     ensure!(

@@ -313,5 +313,22 @@ async fn prune(State(st): State<AppState>, q: Query) -> std::result::Result<Resp
     ))
 }
 
+/// One build cache record as `GET /system/df` lists it (Docker's `BuildCache`).
+pub fn cache_entry_json(e: &images::CacheEntry) -> serde_json::Value {
+    let at = crate::time::rfc3339(e.created.as_ref());
+    json!({
+        "ID": e.key.chars().take(25).collect::<String>(),
+        "Parents": if e.parent_id.is_empty() { json!([]) } else { json!([e.parent_id]) },
+        "Type": "regular",
+        "Description": e.created_by,
+        "InUse": false,
+        "Shared": false,
+        "Size": e.size,
+        "CreatedAt": at,
+        "LastUsedAt": at,
+        "UsageCount": 1,
+    })
+}
+
 #[cfg(test)]
 mod tests;

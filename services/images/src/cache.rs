@@ -55,6 +55,20 @@ impl Images {
         self.meta.write(|tx| tx.put(meta::BUILD_CACHE, key, &rec))
     }
 
+    /// Every record with its key and the bytes its image adds to its parent.
+    pub fn cache_list(&self) -> Result<Vec<(String, CacheRecord, i64)>> {
+        let records = self
+            .meta
+            .read(|r| r.list::<CacheRecord>(meta::BUILD_CACHE))?;
+        let size = |id: &str| -> Result<i64> { Ok(self.meta.image(id)?.map_or(0, |i| i.size)) };
+        let mut out = Vec::new();
+        for (k, r) in records {
+            let own = (size(&r.image_id)? - size(&r.parent_id)?).max(0);
+            out.push((k, r, own));
+        }
+        Ok(out)
+    }
+
     /// Ids of the images cache records name.
     pub fn cached_images(&self) -> Result<BTreeSet<String>> {
         Ok(self

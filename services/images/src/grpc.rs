@@ -814,6 +814,30 @@ impl ImagesApi for ImagesService {
         Ok(Response::new(()))
     }
 
+    async fn cache_list(
+        &self,
+        _req: Request<pb::CacheListRequest>,
+    ) -> std::result::Result<Response<pb::CacheListResponse>, Status> {
+        let entries = self
+            .images
+            .cache_list()
+            .map_err(status)?
+            .into_iter()
+            .map(|(key, r, size)| pb::CacheEntry {
+                key,
+                image_id: r.image_id,
+                parent_id: r.parent_id,
+                created_by: r.created_by,
+                created: Some(prost_types::Timestamp {
+                    seconds: r.created_nanos / 1_000_000_000,
+                    nanos: (r.created_nanos % 1_000_000_000) as i32,
+                }),
+                size,
+            })
+            .collect();
+        Ok(Response::new(pb::CacheListResponse { entries }))
+    }
+
     async fn cache_prune(
         &self,
         req: Request<pb::CachePruneRequest>,
