@@ -11,7 +11,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::Request;
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -217,9 +217,9 @@ async fn strip_version(mut req: Request, next: Next) -> Response {
 /// longer sends (image inspect's `ContainerConfig`, to recreate a changed service): it gets
 /// answers shaped as 1.44, the newest version that still has them. Every other client gets the
 /// version it asked for.
-fn shape_for_client(requested: ApiVersion, headers: &axum::http::HeaderMap) -> ApiVersion {
+fn shape_for_client(requested: ApiVersion, headers: &HeaderMap) -> ApiVersion {
     let compose_v1 = headers
-        .get(axum::http::header::USER_AGENT)
+        .get(header::USER_AGENT)
         .and_then(|ua| ua.to_str().ok())
         .is_some_and(|ua| ua.starts_with("docker-compose/1."));
     if compose_v1 && !requested.before(1, 45) {
