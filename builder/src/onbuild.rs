@@ -39,3 +39,51 @@ pub fn triggers(on_build: &[String]) -> Result<Vec<Instruction>, ParseError> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dockerfile::ShellOrExec;
+
+    #[test]
+    fn triggers_parse_in_order() {
+        let t = triggers(&[
+            "RUN echo built".into(),
+            "COPY . /app".into(),
+            "ENV A=1".into(),
+        ])
+        .unwrap();
+        assert_eq!(t.len(), 3);
+        assert_eq!(
+            t[0].kind,
+            InstructionKind::Run {
+                args: ShellOrExec::Shell("echo built".into())
+            }
+        );
+        assert_eq!(t[1].original, "COPY . /app");
+        assert!(matches!(t[2].kind, InstructionKind::Env(_)));
+        assert!(triggers(&[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn refused_triggers() {
+        for (trigger, want) in [
+            (
+                "ONBUILD RUN x",
+                "Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed",
+            ),
+            ("FROM busybox", "FROM isn't allowed as an ONBUILD trigger"),
+            (
+                "maintainer me",
+                "MAINTAINER isn't allowed as an ONBUILD trigger",
+            ),
+            ("BOGUS x", "unknown instruction: BOGUS"),
+        ] {
+            assert_eq!(
+                triggers(&[trigger.to_string()]).unwrap_err().message,
+                want,
+                "{trigger}"
+            );
+        }
+    }
+}
