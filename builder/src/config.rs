@@ -164,17 +164,13 @@ pub fn apply(
             obj.insert("StopSignal".into(), json!(signal));
         }
         InstructionKind::Cmd(cmd) => {
-            obj.insert("Cmd".into(), json!(command(cmd, &current_shell)));
-            state.cmd_set = true;
+            let argv = command(cmd, &current_shell);
+            // An empty CMD does not count as "CMD set" for a later ENTRYPOINT (moby).
+            state.cmd_set |= !argv.is_empty();
+            obj.insert("Cmd".into(), json!(argv));
         }
         InstructionKind::Entrypoint(cmd) => {
-            let argv = command(cmd, &current_shell);
-            let value = if argv.is_empty() {
-                Value::Null
-            } else {
-                json!(argv)
-            };
-            obj.insert("Entrypoint".into(), value);
+            obj.insert("Entrypoint".into(), json!(command(cmd, &current_shell)));
             if !state.cmd_set {
                 obj.insert("Cmd".into(), Value::Null);
             }
@@ -199,8 +195,8 @@ pub fn apply(
     Ok(())
 }
 
-/// The argv of CMD/ENTRYPOINT: exec form as is, shell form through the shell; an empty shell
-/// form is empty.
+/// The argv of CMD/ENTRYPOINT (moby's `resolveCmdLine`): exec form as is, shell form through
+/// the shell; no command at all is an empty list (`[]` in the config, not `null`).
 fn command(cmd: &ShellOrExec, shell: &[String]) -> Vec<String> {
     match cmd {
         ShellOrExec::Shell(s) if s.is_empty() => Vec::new(),
@@ -380,10 +376,17 @@ mod tests {
         run(&mut c, "CMD [\"--flag\"]\nENTRYPOINT /app run").unwrap();
         assert_eq!(c["Entrypoint"], json!(["/bin/sh", "-c", "/app run"]));
         assert_eq!(c["Cmd"], json!(["--flag"]));
-        // ENTRYPOINT [] clears the entrypoint.
+        // ENTRYPOINT [] clears the entrypoint (to an empty list, as moby stores it).
         let mut c = json!({"Entrypoint": ["x"]});
         run(&mut c, "ENTRYPOINT []").unwrap();
-        assert_eq!(c["Entrypoint"], Value::Null);
+        assert_eq!(c["Entrypoint"], json!([]));
+        // An empty CMD is `[]` and does not protect the CMD from a later ENTRYPOINT.
+        let mut c = json!({});
+        run(&mut c, "CMD\nENTRYPOINT [\"e\"]").unwrap();
+        assert_eq!(c["Cmd"], Value::Null);
+        let mut c = json!({});
+        run(&mut c, "CMD []").unwrap();
+        assert_eq!(c["Cmd"], json!([]));
     }
 
     #[test]

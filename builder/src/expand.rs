@@ -127,7 +127,14 @@ pub fn expand_instruction(
             chown: opt(chown)?,
             chmod: opt(chmod)?,
         },
-        InstructionKind::Expose(ports) => InstructionKind::Expose(list(ports)?),
+        // moby splits EXPOSE words after expansion (`EXPOSE $PORTS` with `PORTS="80 443"`).
+        InstructionKind::Expose(ports) => {
+            let mut out = Vec::new();
+            for p in ports {
+                out.extend(process_words(p, vars, escape)?);
+            }
+            InstructionKind::Expose(out)
+        }
         InstructionKind::Volume(volumes) => InstructionKind::Volume(list(volumes)?),
         InstructionKind::User(user) => InstructionKind::User(word(user)?),
         InstructionKind::Workdir(dir) => InstructionKind::Workdir(word(dir)?),

@@ -14,6 +14,7 @@
 //! - [`onbuild`]: turning a base image's `OnBuild` triggers into instructions.
 //! - [`dockerignore`]: `.dockerignore` parsing and matching.
 //! - [`context`]: unpacking a build context tar and resolving/digesting COPY/ADD sources.
+//! - [`history`]: the `Cmd` and `created_by` moby records for each step.
 //! - [`config`]: applying instructions to a Docker image `Config` (and `docker commit --change`).
 
 pub mod args;
@@ -22,5 +23,6 @@ pub mod context;
 pub mod dockerfile;
 pub mod dockerignore;
 pub mod expand;
+pub mod history;
 pub mod onbuild;
 pub mod stages;
