@@ -162,13 +162,15 @@ pub fn prepare<R: Read>(
     };
     let rel = safe_relative(Path::new(dockerfile_path.trim_start_matches('/')))
         .map_err(|_| ContextError::NoDockerfile(dockerfile_path.to_string()))?;
-    let mut path = dir.join(&rel);
+    // Symlinks resolve inside the context: a Dockerfile linked to a host file is not read.
+    let mut path = dir.join(resolve_in_scope(dir, &rel)?);
     if !path.is_file() && dockerfile_path == "Dockerfile" {
-        path = dir.join("dockerfile");
+        path = dir.join(resolve_in_scope(dir, Path::new("dockerfile"))?);
     }
     let dockerfile = fs::read_to_string(&path)
         .map_err(|_| ContextError::NoDockerfile(dockerfile_path.to_string()))?;
-    let ignore = match fs::read_to_string(dir.join(".dockerignore")) {
+    let ignore_path = dir.join(resolve_in_scope(dir, Path::new(".dockerignore"))?);
+    let ignore = match fs::read_to_string(ignore_path) {
         Ok(text) => Matcher::from_dockerignore(&text)?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => Matcher::default(),
         Err(e) => return Err(e.into()),
@@ -220,6 +222,56 @@ fn prune_in(root: &Path, rel: &str, ignore: &Matcher) -> Result<(), ContextError
     Ok(())
 }
 
+/// Resolves `rel` inside `root` following symlinks the way moby's `FollowSymlinkInScope` does:
+/// a link's target is taken relative to the context root when absolute, `..` never climbs above
+/// the root, so the result is always inside the context (a link to `/etc` means `<root>/etc`).
+/// Returns the resolved path relative to `root`; it may not exist.
+pub fn resolve_in_scope(root: &Path, rel: &Path) -> io::Result<PathBuf> {
+    let mut resolved: Vec<std::ffi::OsString> = Vec::new();
+    let mut pending: std::collections::VecDeque<std::ffi::OsString> =
+        rel.components().filter_map(normal_or_parent).collect();
+    let mut links = 0;
+    while let Some(part) = pending.pop_front() {
+        if part == ".." {
+            resolved.pop();
+            continue;
+        }
+        let candidate: PathBuf = root
+            .iter()
+            .chain(resolved.iter().map(|p| p.as_os_str()))
+            .collect();
+        let candidate = candidate.join(&part);
+        match fs::symlink_metadata(&candidate) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                links += 1;
+                if links > 255 {
+                    return Err(io::Error::other(format!(
+                        "too many links resolving {}",
+                        rel.display()
+                    )));
+                }
+                let target = fs::read_link(&candidate)?;
+                if target.is_absolute() {
+                    resolved.clear();
+                }
+                for (i, c) in target.components().filter_map(normal_or_parent).enumerate() {
+                    pending.insert(i, c);
+                }
+            }
+            _ => resolved.push(part),
+        }
+    }
+    Ok(resolved.iter().collect())
+}
+
+fn normal_or_parent(c: Component<'_>) -> Option<std::ffi::OsString> {
+    match c {
+        Component::Normal(p) => Some(p.to_os_string()),
+        Component::ParentDir => Some("..".into()),
+        _ => None,
+    }
+}
+
 /// Whether a source has Go `filepath.Match` wildcards.
 pub fn has_wildcards(src: &str) -> bool {
     let mut escaped = false;
@@ -237,7 +289,9 @@ pub fn has_wildcards(src: &str) -> bool {
 /// Resolves COPY/ADD sources (as written after expansion) to paths relative to the context
 /// root, in order. A leading `/` or `./` is dropped (sources are context-relative); `..` that
 /// climbs out is refused; wildcards match with Go's `filepath.Match` against every path of the
-/// context; a missing source, or sources that match nothing, fail as moby fails.
+/// context; a missing source, or sources that match nothing, fail as moby fails. A source that
+/// is a symlink is resolved inside the context ([`resolve_in_scope`]); links inside a copied
+/// directory are copied as links.
 pub fn resolve_sources(root: &Path, srcs: &[String]) -> Result<Vec<PathBuf>, ContextError> {
     let mut out = Vec::new();
     for src in srcs {
@@ -255,7 +309,7 @@ pub fn resolve_sources(root: &Path, srcs: &[String]) -> Result<Vec<PathBuf>, Con
             walk(root, "", &mut all)?;
             for path in all {
                 if dockerignore::go_match(&cleaned, &path)? {
-                    out.push(PathBuf::from(path));
+                    out.push(resolve_in_scope(root, Path::new(&path))?);
                 }
             }
             continue;
@@ -265,6 +319,7 @@ pub fn resolve_sources(root: &Path, srcs: &[String]) -> Result<Vec<PathBuf>, Con
         } else {
             PathBuf::from(&cleaned)
         };
+        let rel = resolve_in_scope(root, &rel)?;
         if fs::symlink_metadata(root.join(&rel)).is_err() {
             return Err(ContextError::NotFound(trimmed.to_string()));
         }
@@ -660,6 +715,33 @@ mod tests {
         );
         assert!(has_wildcards("a*") && has_wildcards("a?") && has_wildcards("[a]"));
         assert!(!has_wildcards("a\\*b") && !has_wildcards("plain"));
+    }
+
+    #[test]
+    fn symlinks_resolve_inside_the_context() {
+        let ctx = context();
+        let root = ctx.path();
+        std::os::unix::fs::symlink("/src", root.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../../../../src/x.txt", root.join("up")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", root.join("host")).unwrap();
+        std::os::unix::fs::symlink("loop", root.join("loop")).unwrap();
+        let one = |src: &str| resolve_sources(root, &s(&[src]));
+        assert_eq!(one("abs").unwrap(), vec![PathBuf::from("src")]);
+        assert_eq!(one("abs/x.txt").unwrap(), vec![PathBuf::from("src/x.txt")]);
+        assert_eq!(one("up").unwrap(), vec![PathBuf::from("src/x.txt")]);
+        // A link to a host file means that path inside the context: missing here.
+        assert_eq!(
+            one("host").unwrap_err().to_string(),
+            "file not found in build context or excluded by .dockerignore: stat host: file does not exist"
+        );
+        assert!(one("loop").is_err());
+        // The Dockerfile too.
+        let data = link_tar("Dockerfile", "/etc/hostname", tar::EntryType::Symlink);
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            prepare(&data[..], dir.path(), "").unwrap_err().to_string(),
+            "Cannot locate specified Dockerfile: Dockerfile"
+        );
     }
 
     #[test]
