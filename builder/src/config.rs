@@ -26,7 +26,8 @@ use crate::expand::{self, ExpandError};
 pub enum ConfigError {
     #[error("{0} is not a valid change command")]
     InvalidChange(String),
-    #[error("{0}")]
+    /// Shown without the line: for `--change` moby reports the parser's message alone.
+    #[error("{}", .0.message)]
     Parse(#[from] ParseError),
     #[error("{0}")]
     Expand(#[from] ExpandError),
@@ -284,7 +285,7 @@ pub fn check_signal(signal: &str) -> Result<(), ConfigError> {
 }
 
 /// `docker commit --change`: parses each change as a Dockerfile instruction, refuses those
-/// `--change` does not accept (`FROM is not a valid change command`), expands their words with
+/// `--change` does not accept (`from is not a valid change command`), expands their words with
 /// the config's `Env` and applies them in order.
 pub fn apply_changes(config: &mut Value, changes: &[String]) -> Result<(), ConfigError> {
     let text = changes.join("\n");
@@ -293,7 +294,8 @@ pub fn apply_changes(config: &mut Value, changes: &[String]) -> Result<(), Confi
     for line in &lines {
         let keyword = line.text.split_whitespace().next().unwrap_or("");
         if !CHANGE_INSTRUCTIONS.contains(&keyword.to_ascii_uppercase().as_str()) {
-            return Err(ConfigError::InvalidChange(keyword.to_string()));
+            // moby prints the parser's node value, which is the keyword lowercased.
+            return Err(ConfigError::InvalidChange(keyword.to_ascii_lowercase()));
         }
         instructions.push(dockerfile::parse_instruction(&line.text, '\\')?);
     }
@@ -487,25 +489,22 @@ mod tests {
     #[test]
     fn commit_changes_refused() {
         for (change, want) in [
-            ("FROM busybox", "FROM is not a valid change command"),
-            ("RUN true", "RUN is not a valid change command"),
+            ("FROM busybox", "from is not a valid change command"),
+            ("RUN true", "run is not a valid change command"),
             ("copy a b", "copy is not a valid change command"),
-            ("ADD a b", "ADD is not a valid change command"),
-            ("ARG a", "ARG is not a valid change command"),
-            ("MAINTAINER me", "MAINTAINER is not a valid change command"),
+            ("ADD a b", "add is not a valid change command"),
+            ("ARG a", "arg is not a valid change command"),
+            ("MAINTAINER me", "maintainer is not a valid change command"),
             (
                 "SHELL [\"/bin/bash\"]",
-                "SHELL is not a valid change command",
+                "shell is not a valid change command",
             ),
-            ("BOGUS x", "BOGUS is not a valid change command"),
+            ("BOGUS x", "bogus is not a valid change command"),
             (
                 "CMD [\"a\", 1]",
-                "Dockerfile parse error line 1: when using JSON array syntax, arrays must be comprised of strings only",
+                "when using JSON array syntax, arrays must be comprised of strings only",
             ),
-            (
-                "ENV",
-                "Dockerfile parse error line 1: ENV requires at least one argument",
-            ),
+            ("ENV", "ENV requires at least one argument"),
         ] {
             let mut c = json!({"Cmd": ["keep"]});
             assert_eq!(
