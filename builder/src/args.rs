@@ -104,6 +104,20 @@ impl BuildArgs {
     }
 }
 
+impl BuildArgs {
+    /// moby's warning for [`BuildArgs::unused`]: `[Warning] One or more build-args [A B] were
+    /// not consumed`, or `None` when all were.
+    pub fn unused_warning(&self) -> Option<String> {
+        let unused = self.unused();
+        (!unused.is_empty()).then(|| {
+            format!(
+                "[Warning] One or more build-args [{}] were not consumed",
+                unused.join(" ")
+            )
+        })
+    }
+}
+
 /// The args a stage declared so far.
 #[derive(Debug, Clone)]
 pub struct StageArgs {
@@ -262,9 +276,14 @@ mod tests {
             s(&["PATH=/bin", "HTTP_PROXY=http://p"])
         );
         assert_eq!(args.unused(), s(&["SECRET"]));
+        assert_eq!(
+            args.unused_warning().unwrap(),
+            "[Warning] One or more build-args [SECRET] were not consumed"
+        );
         let mut args = args;
         args.mark_referenced("SECRET");
         assert!(args.unused().is_empty());
+        assert_eq!(args.unused_warning(), None);
     }
 
     #[test]

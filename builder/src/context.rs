@@ -272,6 +272,12 @@ fn normal_or_parent(c: Component<'_>) -> Option<std::ffi::OsString> {
     }
 }
 
+/// Whether an ADD source is a URL to fetch rather than a context path (moby's `urlutil.IsURL`:
+/// `http://` or `https://`). [`resolve_sources`] is for the others.
+pub fn is_url(src: &str) -> bool {
+    src.starts_with("http://") || src.starts_with("https://")
+}
+
 /// Whether a source has Go `filepath.Match` wildcards.
 pub fn has_wildcards(src: &str) -> bool {
     let mut escaped = false;
@@ -714,6 +720,7 @@ mod tests {
             "error processing .dockerignore: syntax error in pattern"
         );
         assert!(has_wildcards("a*") && has_wildcards("a?") && has_wildcards("[a]"));
+        assert!(is_url("https://x/y.tar") && is_url("http://x") && !is_url("x/http://"));
         assert!(!has_wildcards("a\\*b") && !has_wildcards("plain"));
     }
 

@@ -6,6 +6,12 @@
 
 use crate::dockerfile::{self, Instruction, InstructionKind, ParseError};
 
+/// The line moby prints before running the triggers.
+pub fn banner(count: usize) -> String {
+    let plural = if count == 1 { "" } else { "s" };
+    format!("# Executing {count} build trigger{plural}")
+}
+
 /// Parses the base image's `OnBuild` triggers into the instructions to run after FROM.
 pub fn triggers(on_build: &[String]) -> Result<Vec<Instruction>, ParseError> {
     let mut out = Vec::new();
@@ -28,6 +34,12 @@ pub fn triggers(on_build: &[String]) -> Result<Vec<Instruction>, ParseError> {
                 )));
             }
             _ => {}
+        }
+        let (_, lines, _) = dockerfile::logical_lines(trigger)?;
+        if lines.len() != 1 {
+            return Err(refuse(
+                "onbuild trigger should be a single expression".into(),
+            ));
         }
         let instruction = dockerfile::parse_instruction(trigger, '\\')?;
         if matches!(instruction.kind, InstructionKind::Onbuild(_)) {
@@ -63,6 +75,8 @@ mod tests {
         assert_eq!(t[1].original, "COPY . /app");
         assert!(matches!(t[2].kind, InstructionKind::Env(_)));
         assert!(triggers(&[]).unwrap().is_empty());
+        assert_eq!(banner(1), "# Executing 1 build trigger");
+        assert_eq!(banner(2), "# Executing 2 build triggers");
     }
 
     #[test]
@@ -78,6 +92,11 @@ mod tests {
                 "MAINTAINER isn't allowed as an ONBUILD trigger",
             ),
             ("BOGUS x", "unknown instruction: BOGUS"),
+            (
+                "RUN a\nRUN b",
+                "onbuild trigger should be a single expression",
+            ),
+            ("", "onbuild trigger should be a single expression"),
         ] {
             assert_eq!(
                 triggers(&[trigger.to_string()]).unwrap_err().message,
