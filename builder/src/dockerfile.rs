@@ -1710,4 +1710,96 @@ mod tests {
             "MAINTAINER"
         );
     }
+
+    #[test]
+    fn moby_docker_testfile_shapes() {
+        // Shapes from moby's parser testfile "docker": tabs as separators, tab-indented
+        // continuations (their tabs kept), old-form ENV/LABEL, comments between instructions.
+        let text = "# comment\n#\n\nFROM\tubuntu:14.04\nLABEL\tmaintainer\tTianon Gravi <admwiggin@gmail.com> (@tianon)\n\n\
+            # Packaged dependencies\nRUN\tapt-get update && install -yq \\\n\tapt-utils \\\n\ts3cmd=1.1.0* \\\n\t--no-install-recommends\n\
+            ENV\tPATH\t/usr/local/go/bin:$PATH\nENV\tDOCKER_CROSSPLATFORMS\t\\\n\tlinux/386 linux/arm \\\n\tdarwin/amd64\n\
+            # (set an explicit GOARM of 5 for maximum compatibility)\nENV\tGOARM\t5\n\
+            RUN\t/bin/echo -e '[default]\\naccess_key=$AWS_ACCESS_KEY' > /.s3cfg\n\
+            VOLUME\t/var/lib/docker\nENTRYPOINT\t[\"hack/dind\"]\nCOPY\t.\t/go/src/github.com/docker/docker\n";
+        let stage = only_stage(text);
+        assert_eq!(stage.base, "ubuntu:14.04");
+        assert_eq!(stage.line, 4);
+        let kinds: Vec<InstructionKind> = stage.instructions.into_iter().map(|i| i.kind).collect();
+        assert_eq!(kinds, vec![
+            InstructionKind::Label(vec![(
+                "maintainer".into(),
+                "Tianon Gravi <admwiggin@gmail.com> (@tianon)".into()
+            )]),
+            InstructionKind::Run {
+                args: ShellOrExec::Shell(
+                    "apt-get update && install -yq \tapt-utils \ts3cmd=1.1.0* \t--no-install-recommends"
+                        .into()
+                )
+            },
+            InstructionKind::Env(vec![("PATH".into(), "/usr/local/go/bin:$PATH".into())]),
+            InstructionKind::Env(vec![(
+                "DOCKER_CROSSPLATFORMS".into(),
+                "linux/386 linux/arm \tdarwin/amd64".into()
+            )]),
+            InstructionKind::Env(vec![("GOARM".into(), "5".into())]),
+            InstructionKind::Run {
+                args: ShellOrExec::Shell(
+                    "/bin/echo -e '[default]\\naccess_key=$AWS_ACCESS_KEY' > /.s3cfg".into()
+                )
+            },
+            InstructionKind::Volume(strs(&["/var/lib/docker"])),
+            InstructionKind::Entrypoint(ShellOrExec::Exec(strs(&["hack/dind"]))),
+            InstructionKind::Copy {
+                srcs: strs(&["."]),
+                dest: "/go/src/github.com/docker/docker".into(),
+                from: None,
+                chown: None,
+                chmod: None,
+            },
+        ]);
+    }
+
+    #[test]
+    fn moby_health_testfile() {
+        // moby's parser testfile "health", with the instruction-level verdicts.
+        assert_eq!(
+            err("FROM debian\nADD check.sh main.sh /app/\nCMD /app/main.sh\nHEALTHCHECK"),
+            "Dockerfile parse error line 4: HEALTHCHECK requires at least one argument"
+        );
+        let hc = |line: &str| match one(line) {
+            InstructionKind::Healthcheck(h) => h,
+            other => panic!("{other:?}"),
+        };
+        let h = hc(
+            "HEALTHCHECK --interval=5s --timeout=3s --retries=3 \\\n  CMD /app/check.sh --quiet",
+        );
+        assert_eq!(h.test, strs(&["CMD-SHELL", "/app/check.sh --quiet"]));
+        assert_eq!(
+            (h.interval, h.timeout, h.retries),
+            (Duration::from_secs(5), Duration::from_secs(3), 3)
+        );
+        assert_eq!(
+            err("FROM x\nHEALTHCHECK CMD"),
+            "Dockerfile parse error line 2: Missing command after HEALTHCHECK CMD"
+        );
+        assert_eq!(
+            hc("HEALTHCHECK   CMD   a b").test,
+            strs(&["CMD-SHELL", "a b"])
+        );
+        assert_eq!(
+            hc("HEALTHCHECK --timeout=3s CMD [\"foo\"]").test,
+            strs(&["CMD", "foo"])
+        );
+        assert_eq!(
+            err("FROM x\nHEALTHCHECK CONNECT TCP 7000"),
+            "Dockerfile parse error line 2: Unknown type \"CONNECT\" in HEALTHCHECK (try CMD)"
+        );
+        let h = hc(
+            "HEALTHCHECK --start-period=0s --interval=5s --timeout=0s --retries=0 CMD [\"foo\"]",
+        );
+        assert_eq!(
+            (h.start_period, h.interval, h.timeout, h.retries),
+            (Duration::ZERO, Duration::from_secs(5), Duration::ZERO, 0)
+        );
+    }
 }
