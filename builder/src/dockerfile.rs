@@ -23,7 +23,8 @@
 use std::fmt;
 use std::time::Duration;
 
-/// A parse failure, with the (1-based) line where the instruction starts; 0 when there is none.
+/// A parse failure, with the (1-based) line where the instruction starts; 0 when there is none
+/// (then it shows as the bare message, as moby shows file-level errors).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseError {
     pub line: usize,
@@ -33,7 +34,7 @@ pub struct ParseError {
 impl fmt::Display for ParseError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.line == 0 {
-            write!(f, "Dockerfile parse error: {}", self.message)
+            f.write_str(&self.message)
         } else {
             write!(
                 f,
@@ -234,7 +235,11 @@ pub fn parse(text: &str) -> Result<Dockerfile> {
         }
     }
     if stages.is_empty() {
-        return Err(no_stage(lines.last().map_or(0, |l| l.start)));
+        // Only ARGs: moby parses it, builds nothing and says so.
+        return Err(ParseError {
+            line: 0,
+            message: "No image was generated. Is your Dockerfile empty?".into(),
+        });
     }
     Ok(Dockerfile {
         directives,
@@ -1186,13 +1191,10 @@ mod tests {
         );
         assert_eq!(
             err("ARG a\n"),
-            "Dockerfile parse error line 1: no build stage in current context"
+            "No image was generated. Is your Dockerfile empty?"
         );
-        assert_eq!(err(""), "Dockerfile parse error: file with no instructions");
-        assert_eq!(
-            err("# just a comment\n\n"),
-            "Dockerfile parse error: file with no instructions"
-        );
+        assert_eq!(err(""), "file with no instructions");
+        assert_eq!(err("# just a comment\n\n"), "file with no instructions");
         assert_eq!(
             err("FROM x\nARG =v"),
             "Dockerfile parse error line 2: ARG names can not be blank"
