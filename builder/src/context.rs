@@ -20,7 +20,10 @@ use sha2::{Digest, Sha256};
 
 use crate::dockerignore::{self, Matcher, PatternError};
 
-/// Context errors; messages are moby's where moby has one.
+/// Context errors; messages are moby's where moby has one. For COPY/ADD sources moby shows them
+/// after the instruction: the caller prefixes `COPY failed: ` / `ADD failed: `, giving e.g.
+/// `COPY failed: file not found in build context or excluded by .dockerignore: stat x: file does
+/// not exist`.
 #[derive(Debug, thiserror::Error)]
 pub enum ContextError {
     #[error("build context entry {0:?} has an absolute path")]
