@@ -994,7 +994,8 @@ fn extract_flags(line: &str) -> (Vec<String>, &str) {
     }
 }
 
-/// moby's `BFlags`: declare the flags an instruction takes, then `finish` refuses the others.
+/// moby's `BFlags`: declare the flags an instruction takes, then `finish` refuses the others
+/// (messages name the flag with its `--`, as BuildKit's current `BFlags` does).
 struct Flags {
     keyword: String,
     words: Vec<String>,
@@ -1062,14 +1063,14 @@ impl Flags {
                 ));
             }
             if !self.declared.contains(&name) {
-                return Err(format!("unknown flag: {name}"));
+                return Err(format!("unknown flag: --{name}"));
             }
             if seen.contains(&name) {
-                return Err(format!("duplicate flag specified: {name}"));
+                return Err(format!("duplicate flag specified: --{name}"));
             }
             seen.push(name);
             if value.is_none() {
-                return Err(format!("missing a value on flag: {name}"));
+                return Err(format!("missing a value on flag: --{name}"));
             }
         }
         Ok(())
@@ -1150,7 +1151,7 @@ mod tests {
             ),
             (
                 "FROM --foo=bar a",
-                "Dockerfile parse error line 1: unknown flag: foo",
+                "Dockerfile parse error line 1: unknown flag: --foo",
             ),
         ] {
             assert_eq!(err(text), want, "{text}");
@@ -1286,7 +1287,7 @@ mod tests {
         }
         assert_eq!(
             err("FROM x\nRUN --foo true"),
-            "Dockerfile parse error line 2: unknown flag: foo"
+            "Dockerfile parse error line 2: unknown flag: --foo"
         );
     }
 
@@ -1332,7 +1333,7 @@ mod tests {
                 "ADD requires at least two arguments, but only one was provided. Destination \
                  could not be determined",
             ),
-            ("ADD --from=x a b", "unknown flag: from"),
+            ("ADD --from=x a b", "unknown flag: --from"),
             (
                 "COPY --link a b",
                 "COPY --link is not supported by berth's classic builder",
@@ -1349,10 +1350,10 @@ mod tests {
                 "ADD --checksum=sha256:x a b",
                 "ADD --checksum is not supported by berth's classic builder",
             ),
-            ("COPY --chown a b", "missing a value on flag: chown"),
+            ("COPY --chown a b", "missing a value on flag: --chown"),
             (
                 "COPY --from=a --from=b a b",
-                "duplicate flag specified: from",
+                "duplicate flag specified: --from",
             ),
         ] {
             assert_eq!(
@@ -1455,7 +1456,7 @@ mod tests {
             ),
             ("SHELL []", "SHELL requires at least one argument"),
             ("SHELL", "SHELL requires at least one argument"),
-            ("USER --x=1 a", "unknown flag: x"),
+            ("USER --x=1 a", "unknown flag: --x"),
         ] {
             assert_eq!(
                 err(&format!("FROM x\n{line}")),
@@ -1496,7 +1497,7 @@ mod tests {
         for (line, want) in [
             ("HEALTHCHECK", "HEALTHCHECK requires at least one argument"),
             ("HEALTHCHECK NONE x", "HEALTHCHECK NONE takes no arguments"),
-            ("HEALTHCHECK --interval=5s NONE", "unknown flag: interval"),
+            ("HEALTHCHECK --interval=5s NONE", "unknown flag: --interval"),
             (
                 "HEALTHCHECK FOO x",
                 "Unknown type \"FOO\" in HEALTHCHECK (try CMD)",
