@@ -1,0 +1,381 @@
+//! `docker commit` with the real docker CLI and docker-py: a changed container (added, modified
+//! and deleted files, a new directory, a deleted directory replaced) becomes an image whose
+//! files, config and history are right; `docker diff`/`export` stay right; the image survives
+//! `docker save` + `load` into a fresh stack, `docker push` to a loopback registry and skopeo;
+//! a running container is committed paused; bad input leaves nothing behind.
+//! Root only; skips cleanly otherwise.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, ensure};
+use berth_integration::gateway_kit::{DockerStack, raw_request, ready};
+use berth_integration::py_kit;
+use serde_json::Value;
+
+/// What the changing container does to the busybox image.
+const CHANGES: &str = "echo hello > /x \
+    && echo extra:x:1:1::/:/bin/sh >> /etc/passwd \
+    && rm /etc/group \
+    && mkdir -p /newdir/sub && echo deep > /newdir/sub/f \
+    && rm -rf /var/www && mkdir /var/www && echo fresh > /var/www/fresh";
+
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        out.push(e.path().display().to_string());
+    }
+    out.sort();
+    out
+}
+
+/// Blobs, snapshots, unfinished ingests and images of a stack: what a failed commit must not
+/// change.
+fn leftovers(d: &DockerStack) -> Result<(Vec<String>, Vec<String>, Vec<String>, String)> {
+    let root = d.stack.root();
+    Ok((
+        files_under(&root.join("content/blobs/sha256")),
+        files_under(&root.join("snapshotter/snapshots")),
+        files_under(&root.join("content/ingest")),
+        d.ok(&["images", "-a", "-q", "--no-trunc"])?,
+    ))
+}
+
+fn inspect(d: &DockerStack, what: &str) -> Result<Value> {
+    let out = d.ok(&["inspect", what])?;
+    let v: Value = serde_json::from_str(&out)?;
+    Ok(v[0].clone())
+}
+
+fn tar_list(bytes: &[u8]) -> Result<Vec<String>> {
+    let mut a = tar::Archive::new(bytes);
+    let mut out = Vec::new();
+    for e in a.entries()? {
+        out.push(e?.path()?.display().to_string());
+    }
+    Ok(out)
+}
+
+#[test]
+fn docker_commit_with_the_cli() -> Result<()> {
+    if !ready() {
+        return Ok(());
+    }
+    let d = DockerStack::start()?;
+    let registry = py_kit::with_busybox(&d)?;
+    let busybox = inspect(&d, "busybox")?;
+    let base_history = d.ok(&["history", "-q", "busybox"])?.lines().count();
+
+    d.ok(&["run", "--name", "cm-src", "busybox", "sh", "-c", CHANGES])?;
+    let src_id = d.ok(&["inspect", "-f", "{{.Id}}", "cm-src"])?;
+    let diff_before = d.ok(&["diff", "cm-src"])?;
+    for want in ["A /x", "C /etc/passwd", "D /etc/group", "A /newdir/sub/f"] {
+        ensure!(
+            diff_before.lines().any(|l| l == want),
+            "diff lacks {want}: {diff_before}"
+        );
+    }
+
+    // --- bad input first: nothing may be left behind --------------------------------------
+    let before = leftovers(&d)?;
+    let (_, err) = d.fails(&["commit", "cm-nope", "cm/x"])?;
+    ensure!(err.contains("No such container: cm-nope"), "{err}");
+    let (_, err) = d.fails(&["commit", "cm-src", "Bad/Name"])?;
+    ensure!(err.contains("invalid reference format"), "{err}");
+    let (_, err) = d.fails(&["commit", "-c", "RUN rm -rf /", "cm-src", "cm/x"])?;
+    ensure!(err.contains("RUN is not a valid change command"), "{err}");
+    let sock = d.socket();
+    let (code, _, body) = raw_request(&sock, "POST", "/v1.45/commit?container=cm-src", "{nope")?;
+    ensure!(
+        code == 400 && body.contains("invalid JSON"),
+        "{code} {body}"
+    );
+    let (code, _, body) = raw_request(&sock, "POST", "/v1.45/commit?container=cm-nope", "")?;
+    ensure!(
+        code == 404 && body.contains("No such container: cm-nope"),
+        "{code} {body}"
+    );
+    ensure!(leftovers(&d)? == before, "a refused commit left something");
+
+    // --- the commit ---------------------------------------------------------------------
+    let id = d.ok(&[
+        "commit",
+        "--change",
+        r#"CMD ["cat","/x"]"#,
+        "-c",
+        "ENV A=b",
+        "-m",
+        "msg",
+        "-a",
+        "me",
+        "cm-src",
+        "cm/app:v1",
+    ])?;
+    ensure!(id.starts_with("sha256:") && id.len() == 71, "id: {id}");
+    ensure!(d.ok(&["run", "--rm", "cm/app:v1"])? == "hello");
+    let seen = d.ok(&[
+        "run",
+        "--rm",
+        "cm/app:v1",
+        "sh",
+        "-c",
+        "tail -1 /etc/passwd; test -e /etc/group || echo nogroup; cat /newdir/sub/f; ls /var/www; echo A=$A",
+    ])?;
+    ensure!(
+        seen == "extra:x:1:1::/:/bin/sh\nnogroup\ndeep\nfresh\nA=b",
+        "files in the committed image: {seen:?}"
+    );
+    let img = inspect(&d, "cm/app:v1")?;
+    ensure!(img["Id"] == id.as_str(), "{img}");
+    ensure!(
+        img["Config"]["Cmd"] == serde_json::json!(["cat", "/x"]),
+        "{img}"
+    );
+    let env: Vec<&str> = img["Config"]["Env"]
+        .as_array()
+        .context("env")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    ensure!(
+        env.contains(&"A=b") && env.iter().any(|e| e.starts_with("PATH=")),
+        "{env:?}"
+    );
+    ensure!(img["Author"] == "me" && img["Comment"] == "msg", "{img}");
+    ensure!(img["Parent"] == busybox["Id"], "{img}");
+    // Older API versions show the committed container and its config, as Docker records them.
+    let old: Value = serde_json::from_str(
+        &raw_request(&d.socket(), "GET", "/v1.41/images/cm/app:v1/json", "")?.2,
+    )?;
+    ensure!(old["Container"] == src_id.as_str(), "{old}");
+    ensure!(
+        old["ContainerConfig"]["Cmd"] == serde_json::json!(["sh", "-c", CHANGES]),
+        "{old}"
+    );
+    let layers = |v: &Value| v["RootFS"]["Layers"].as_array().map(Vec::len).unwrap_or(0);
+    ensure!(layers(&img) == layers(&busybox) + 1, "{img}");
+
+    // --- history ------------------------------------------------------------------------
+    let rows = d.ok(&[
+        "history",
+        "--no-trunc",
+        "--format",
+        "{{.ID}}|{{.CreatedBy}}|{{.Comment}}",
+        "cm/app:v1",
+    ])?;
+    let rows: Vec<&str> = rows.lines().collect();
+    ensure!(rows.len() == base_history + 1, "history: {rows:?}");
+    ensure!(
+        rows[0].starts_with(&format!("{id}|sh -c {CHANGES}")) && rows[0].ends_with("|msg"),
+        "top row: {}",
+        rows[0]
+    );
+    let busybox_id = busybox["Id"].as_str().context("id")?;
+    ensure!(rows[1].starts_with(&format!("{busybox_id}|")), "{rows:?}");
+    ensure!(
+        rows[2..].iter().all(|r| r.starts_with("<missing>|")),
+        "{rows:?}"
+    );
+    let api: Value =
+        serde_json::from_str(&raw_request(&sock, "GET", "/v1.45/images/cm/app:v1/history", "")?.2)?;
+    ensure!(api[0]["Tags"] == serde_json::json!(["cm/app:v1"]), "{api}");
+    ensure!(api[0]["Size"].as_i64().unwrap_or(0) > 0, "{api}");
+
+    // --- diff and export stay right -----------------------------------------------------
+    ensure!(d.ok(&["diff", "cm-src"])? == diff_before);
+    d.ok(&[
+        "run",
+        "--name",
+        "cm-child",
+        "cm/app:v1",
+        "sh",
+        "-c",
+        "rm /x; echo y > /y",
+    ])?;
+    let child_diff = d.ok(&["diff", "cm-child"])?;
+    let mut lines: Vec<&str> = child_diff.lines().collect();
+    lines.sort();
+    ensure!(lines == ["A /y", "D /x"], "child diff: {child_diff}");
+    let export = d.cmd(&["export", "cm-child"]).output()?;
+    ensure!(export.status.success());
+    let names = tar_list(&export.stdout)?;
+    for want in ["y", "newdir/sub/f", "var/www/fresh"] {
+        ensure!(names.iter().any(|n| n == want), "export lacks {want}");
+    }
+    ensure!(
+        !names
+            .iter()
+            .any(|n| n == "x" || n == "etc/group" || n.starts_with("var/www/index.html")),
+        "export has deleted files"
+    );
+
+    // --- push, and skopeo reads it --------------------------------------------------------
+    let pushed = format!("{}/cm/app:v1", registry.host);
+    d.ok(&["tag", "cm/app:v1", &pushed])?;
+    d.ok(&["push", &pushed])?;
+    let out = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false", "--config"])
+        .arg(format!("docker://{pushed}"))
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg: Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        cfg["config"]["Cmd"] == serde_json::json!(["cat", "/x"]),
+        "{cfg}"
+    );
+    ensure!(
+        cfg["history"].as_array().map(Vec::len) == Some(base_history + 1),
+        "{cfg}"
+    );
+    let oci = tempfile::tempdir()?;
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet", "--src-tls-verify=false"])
+        .arg(format!("docker://{pushed}"))
+        .arg(format!("oci:{}:v1", oci.path().display()))
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let top = top_layer(oci.path())?;
+    let names = tar_list(&top)?;
+    for want in [
+        "x",
+        "etc/passwd",
+        "etc/.wh.group",
+        "newdir/sub/f",
+        "var/www/.wh..wh..opq",
+        "var/www/fresh",
+    ] {
+        ensure!(
+            names.iter().any(|n| n == want),
+            "layer lacks {want}: {names:?}"
+        );
+    }
+    ensure!(
+        !names
+            .iter()
+            .any(|n| n.starts_with("etc/hosts") || n.starts_with("proc")),
+        "layer has runtime mount points: {names:?}"
+    );
+
+    // --- save, and load into a fresh stack ------------------------------------------------
+    let dir = tempfile::tempdir()?;
+    let archive: PathBuf = dir.path().join("cm.tar");
+    d.ok(&["save", "-o", archive.to_str().context("path")?, "cm/app:v1"])?;
+    let fresh = DockerStack::start()?;
+    let load = fresh.ok(&["load", "-i", archive.to_str().context("path")?])?;
+    ensure!(load.contains("Loaded image: cm/app:v1"), "{load}");
+    ensure!(inspect(&fresh, "cm/app:v1")?["Id"] == id.as_str());
+    ensure!(fresh.ok(&["run", "--rm", "cm/app:v1"])? == "hello");
+    ensure!(
+        fresh.ok(&[
+            "run",
+            "--rm",
+            "cm/app:v1",
+            "sh",
+            "-c",
+            "ls /var/www; test -e /etc/group || echo nogroup"
+        ])? == "fresh\nnogroup"
+    );
+    // The pushed image pulled back by a stack that never saw it.
+    fresh.ok(&["pull", "-q", &pushed])?;
+    ensure!(fresh.ok(&["run", "--rm", &pushed])? == "hello");
+    Ok(())
+}
+
+/// The uncompressed top layer of the OCI layout `dir`'s only image.
+fn top_layer(dir: &Path) -> Result<Vec<u8>> {
+    let blob = |digest: &str| {
+        dir.join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
+    let index: Value = serde_json::from_slice(&std::fs::read(dir.join("index.json"))?)?;
+    let m = index["manifests"][0]["digest"]
+        .as_str()
+        .context("manifest")?;
+    let manifest: Value = serde_json::from_slice(&std::fs::read(blob(m))?)?;
+    let layer = manifest["layers"]
+        .as_array()
+        .and_then(|l| l.last())
+        .context("layers")?;
+    let media = layer["mediaType"].as_str().unwrap_or("");
+    ensure!(media.ends_with("gzip"), "layer media type {media}");
+    let data = std::fs::read(blob(layer["digest"].as_str().context("digest")?))?;
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(data.as_slice()), &mut out)?;
+    Ok(out)
+}
+
+const PY_SCRIPT: &str = r#"
+import time
+import docker
+client = docker.from_env(version="auto")
+c = client.containers.run("busybox", ["sh", "-c", "echo live > /live; rm /etc/group; sleep 300"],
+                          detach=True, name="cm-py-live")
+for _ in range(200):
+    if c.exec_run(["cat", "/live"]).output == b"live\n":
+        break
+    time.sleep(0.05)
+img = c.commit(repository="cm-py/live", tag="t", message="py", author="py",
+               changes=['CMD ["cat","/live"]'])
+c.reload()
+assert c.status == "running", c.status
+assert client.containers.run(img.id, remove=True) == b"live\n"
+assert client.containers.run(img.id, ["sh", "-c", "test -e /etc/group || echo gone"],
+                             remove=True) == b"gone\n"
+h = img.history()
+assert h[0]["Id"] == img.id and h[0]["Comment"] == "py", h[0]
+assert h[0]["Tags"] == ["cm-py/live:t"], h[0]
+img.reload()
+assert img.attrs["Config"]["Cmd"] == ["cat", "/live"], img.attrs["Config"]
+assert img.attrs["Author"] == "py"
+# Without pausing, and with a body config that is merged with the container's.
+img2 = c.commit(repository="cm-py/nopause", pause=False, conf={"Cmd": ["cat", "/live"]})
+img2.reload()
+assert img2.attrs["Config"]["Cmd"] == ["cat", "/live"]
+assert any(e.startswith("PATH=") for e in img2.attrs["Config"]["Env"])
+assert client.containers.run(img2.id, remove=True) == b"live\n"
+c.remove(force=True)
+try:
+    client.api.commit("cm-py-nope")
+    raise SystemExit("commit of a missing container succeeded")
+except docker.errors.NotFound as e:
+    assert "No such container: cm-py-nope" in str(e), e
+print("ok")
+"#;
+
+#[test]
+fn docker_py_commits_a_running_container() -> Result<()> {
+    if !py_kit::ready() {
+        return Ok(());
+    }
+    let d = DockerStack::start()?;
+    let _registry = py_kit::with_busybox(&d)?;
+    let out = py_kit::ok(&d, PY_SCRIPT)?;
+    ensure!(out.trim_end().ends_with("ok"), "{out}");
+    // The pause was undone and its events are Docker's.
+    let events = d.ok(&[
+        "events",
+        "--since",
+        "0",
+        "--until",
+        "0s",
+        "--filter",
+        "container=cm-py-live",
+        "--format",
+        "{{.Action}}",
+    ])?;
+    let pauses = events.lines().filter(|l| *l == "pause").count();
+    let unpauses = events.lines().filter(|l| *l == "unpause").count();
+    ensure!(pauses == 1 && unpauses == 1, "events: {events}");
+    Ok(())
+}
