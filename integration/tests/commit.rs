@@ -34,14 +34,22 @@ fn files_under(dir: &Path) -> Vec<String> {
 
 /// Blobs, snapshots, unfinished ingests and images of a stack: what a failed commit must not
 /// change.
-fn leftovers(d: &DockerStack) -> Result<(Vec<String>, Vec<String>, Vec<String>, String)> {
+#[derive(Debug, PartialEq)]
+struct Leftovers {
+    blobs: Vec<String>,
+    snapshots: Vec<String>,
+    ingests: Vec<String>,
+    images: String,
+}
+
+fn leftovers(d: &DockerStack) -> Result<Leftovers> {
     let root = d.stack.root();
-    Ok((
-        files_under(&root.join("content/blobs/sha256")),
-        files_under(&root.join("snapshotter/snapshots")),
-        files_under(&root.join("content/ingest")),
-        d.ok(&["images", "-a", "-q", "--no-trunc"])?,
-    ))
+    Ok(Leftovers {
+        blobs: files_under(&root.join("content/blobs/sha256")),
+        snapshots: files_under(&root.join("snapshotter/snapshots")),
+        ingests: files_under(&root.join("content/ingest")),
+        images: d.ok(&["images", "-a", "-q", "--no-trunc"])?,
+    })
 }
 
 fn inspect(d: &DockerStack, what: &str) -> Result<Value> {
