@@ -89,6 +89,10 @@ fn docker_commit_with_the_cli() -> Result<()> {
 
     // --- bad input first: nothing may be left behind --------------------------------------
     let before = leftovers(&d)?;
+    ensure!(
+        !before.blobs.is_empty() && !before.snapshots.is_empty(),
+        "no store found: {before:?}"
+    );
     let (_, err) = d.fails(&["commit", "cm-nope", "cm/x"])?;
     ensure!(err.contains("No such container: cm-nope"), "{err}");
     let (_, err) = d.fails(&["commit", "cm-src", "Bad/Name"])?;
@@ -386,4 +390,125 @@ fn docker_py_commits_a_running_container() -> Result<()> {
     let unpauses = events.lines().filter(|l| *l == "unpause").count();
     ensure!(pauses == 1 && unpauses == 1, "events: {events}");
     Ok(())
+}
+
+/// `Images.CreateImage` straight: an empty layer adds a history entry only; a layer that
+/// cannot be unpacked, an unknown parent or bad config JSON leave no blob, snapshot or record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_create_is_all_or_nothing() {
+    use berth_core::snapshots::Snapshotter;
+    use berth_integration::images_kit::{self as kit, ImagesStack};
+    use berth_proto::berth::images::v1 as pb;
+    if !kit::ready() {
+        return;
+    }
+    let stack = ImagesStack::start("").unwrap();
+    let mut c = stack.client();
+    let base = kit::import(&mut c, &kit::docker_archive("busybox"))
+        .await
+        .unwrap()
+        .images
+        .remove(0)
+        .image_id;
+    let create = |opts: pb::CreateImageOptions, data: Vec<u8>| {
+        let mut c = stack.client();
+        let mut msgs = vec![pb::CreateImageRequest {
+            part: Some(pb::create_image_request::Part::Options(opts)),
+        }];
+        for chunk in data.chunks(1 << 16) {
+            msgs.push(pb::CreateImageRequest {
+                part: Some(pb::create_image_request::Part::Data(chunk.to_vec())),
+            });
+        }
+        async move { c.create_image(tokio_stream::iter(msgs)).await }
+    };
+    let sn = stack.snapshotter();
+    let snapshots = || async { sn.list(&[]).await.unwrap().len() };
+    let blobs = stack.stored_blobs();
+    let snaps = snapshots().await;
+
+    // A layer tar that is not a tar: stored, then unpacking fails, and everything is undone.
+    let err = create(
+        pb::CreateImageOptions {
+            parent: base.clone(),
+            config: br#"{"Cmd":["sh"]}"#.to_vec(),
+            reference: "cm/broken:v1".into(),
+            ..Default::default()
+        },
+        vec![0x42; 5000],
+    )
+    .await
+    .unwrap_err();
+    assert!(err.message().contains("layer"), "{err:?}");
+    assert_eq!(stack.stored_blobs(), blobs, "blobs left by a failed create");
+    assert_eq!(snapshots().await, snaps, "snapshot left by a failed create");
+    for (opts, what) in [
+        (
+            pb::CreateImageOptions {
+                parent: "sha256:0123456789ab".into(),
+                ..Default::default()
+            },
+            "unknown parent",
+        ),
+        (
+            pb::CreateImageOptions {
+                parent: base.clone(),
+                config: b"{nope".to_vec(),
+                ..Default::default()
+            },
+            "bad config",
+        ),
+    ] {
+        assert!(create(opts, Vec::new()).await.is_err(), "{what}");
+        assert_eq!(stack.stored_blobs(), blobs, "{what}");
+    }
+    let list = c
+        .list(pb::ListImagesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .images;
+    assert_eq!(list.len(), 1, "{list:?}");
+
+    // An empty layer: same layers and chain, one more history entry marked empty.
+    let made = create(
+        pb::CreateImageOptions {
+            parent: base.clone(),
+            config: br#"{"Cmd":["true"]}"#.to_vec(),
+            created_by: "/bin/sh -c #(nop)  CMD [\"true\"]".into(),
+            empty_layer: true,
+            reference: "cm/empty:v1".into(),
+            ..Default::default()
+        },
+        Vec::new(),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let get = |r: &str| {
+        let mut c = stack.client();
+        let r = r.to_string();
+        async move {
+            c.get(pb::GetImageRequest {
+                reference: r,
+                platform: None,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .image
+            .unwrap()
+        }
+    };
+    let (child, parent) = (get(&made.image_id).await, get(&base).await);
+    assert_eq!(made.reference, "docker.io/cm/empty:v1");
+    assert_eq!(child.chain_id, parent.chain_id);
+    assert_eq!(child.parent, base);
+    assert_eq!(child.history.len(), parent.history.len() + 1);
+    let last = child.history.last().unwrap();
+    assert!(
+        last.empty_layer && last.created_by.contains("CMD"),
+        "{last:?}"
+    );
+    assert_eq!(snapshots().await, snaps, "an empty layer makes no snapshot");
 }
