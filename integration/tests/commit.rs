@@ -46,7 +46,7 @@ fn leftovers(d: &DockerStack) -> Result<Leftovers> {
     let root = d.stack.root();
     Ok(Leftovers {
         blobs: files_under(&root.join("content/blobs/sha256")),
-        snapshots: files_under(&root.join("snapshotter/snapshots")),
+        snapshots: files_under(&root.join("snapshotter/overlayfs/snapshots")),
         ingests: files_under(&root.join("content/ingest")),
         images: d.ok(&["images", "-a", "-q", "--no-trunc"])?,
     })
@@ -222,6 +222,60 @@ fn docker_commit_with_the_cli() -> Result<()> {
             .iter()
             .any(|n| n == "x" || n == "etc/group" || n.starts_with("var/www/index.html")),
         "export has deleted files"
+    );
+
+    // --- a commit of a container of the committed image: the parent chain in history ---------
+    let v2 = d.ok(&["commit", "cm-child", "cm/app:v2"])?;
+    ensure!(
+        d.ok(&[
+            "run",
+            "--rm",
+            "cm/app:v2",
+            "sh",
+            "-c",
+            "cat /y; test -e /x || echo nox; cat /newdir/sub/f"
+        ])? == "y\nnox\ndeep"
+    );
+    let rows = d.ok(&["history", "-q", "--no-trunc", "cm/app:v2"])?;
+    let rows: Vec<&str> = rows.lines().collect();
+    ensure!(
+        rows.len() == base_history + 2 && rows[..3] == [v2.as_str(), id.as_str(), busybox_id],
+        "v2 history: {rows:?}"
+    );
+
+    // --- the builder's commit: nothing changed, no layer ----------------------------------
+    d.ok(&["run", "--name", "cm-same", "busybox", "true"])?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let same = rt.block_on(async {
+        use berth_proto::berth::engine::v1 as epb;
+        let mut c = epb::containers_client::ContainersClient::new(berth_core::uds::channel(
+            d.stack.socket(berth_core::Service::Engine),
+        ));
+        c.commit(epb::CommitContainerRequest {
+            id: "cm-same".into(),
+            created_by: "/bin/sh -c #(nop)  LABEL a=b".into(),
+            config: br#"{"Cmd":["sh"],"Labels":{"a":"b"}}"#.to_vec(),
+            empty_layer_when_unchanged: true,
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().image_id)
+    })?;
+    let same_img = inspect(&d, &same)?;
+    ensure!(layers(&same_img) == layers(&busybox), "{same_img}");
+    ensure!(same_img["Config"]["Labels"]["a"] == "b", "{same_img}");
+    let top = d.ok(&[
+        "history",
+        "--no-trunc",
+        "--format",
+        "{{.CreatedBy}}|{{.Size}}",
+        &same,
+    ])?;
+    ensure!(
+        top.lines().next() == Some("/bin/sh -c #(nop)  LABEL a=b|0B"),
+        "history: {top}"
     );
 
     // --- push, and skopeo reads it --------------------------------------------------------

@@ -90,7 +90,7 @@ fn plan_dir(
         } else {
             format!("{rel}/{name}")
         };
-        if skip.iter().any(|s| s.trim_start_matches('/') == path) {
+        if skip.iter().any(|s| s.trim_matches('/') == path) {
             continue;
         }
         let host = e.path();
