@@ -428,7 +428,9 @@ fn docker_py_commits_a_running_container() -> Result<()> {
     let _registry = py_kit::with_busybox(&d)?;
     let out = py_kit::ok(&d, PY_SCRIPT)?;
     ensure!(out.trim_end().ends_with("ok"), "{out}");
-    // The pause was undone and its events are Docker's.
+    // The pause was undone and its events are Docker's. `--until` counts in whole seconds:
+    // let the second of the last event pass so the listing includes it.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let events = d.ok(&[
         "events",
         "--since",
@@ -440,6 +442,10 @@ fn docker_py_commits_a_running_container() -> Result<()> {
         "--format",
         "{{.Action}}",
     ])?;
+    ensure!(
+        events.lines().filter(|l| *l == "commit").count() == 2,
+        "events: {events}"
+    );
     let pauses = events.lines().filter(|l| *l == "pause").count();
     let unpauses = events.lines().filter(|l| *l == "unpause").count();
     ensure!(pauses == 1 && unpauses == 1, "events: {events}");

@@ -382,6 +382,7 @@ impl Engine {
             })
         });
         let empty_layer = feeder.is_none();
+        let comment = req.comment;
         let opts = images::CreateImageOptions {
             parent: rec.c.image_id.clone(),
             config,
@@ -390,7 +391,7 @@ impl Engine {
             container: ctr.id.clone(),
             created_by,
             author: req.author,
-            comment: req.comment,
+            comment: comment.clone(),
             empty_layer,
             reference: req.reference,
             snapshotter: rec.c.snapshotter.clone(),
@@ -399,7 +400,25 @@ impl Engine {
         if let Some(f) = feeder {
             let _ = f.await;
         }
-        Ok(made?.image_id)
+        let made = made?;
+        // Docker's container event, with the tag in its familiar form.
+        let image_ref = if made.reference.is_empty() {
+            String::new()
+        } else {
+            berth_core::Reference::parse(&made.reference)
+                .map(|r| r.familiar())
+                .unwrap_or_else(|_| made.reference.clone())
+        };
+        self.container_event(
+            &ctr.record(),
+            "commit",
+            [
+                ("comment".to_string(), comment),
+                ("imageID".to_string(), made.image_id.clone()),
+                ("imageRef".to_string(), image_ref),
+            ],
+        );
+        Ok(made.image_id)
     }
 }
 
