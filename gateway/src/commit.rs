@@ -65,7 +65,8 @@ pub async fn commit(
             pause: q.bool_or("pause", true),
             config,
             created_by: String::new(),
-            empty_layer_when_unchanged: false,
+            // moby records an unchanged rootfs as an empty layer too.
+            empty_layer_when_unchanged: true,
         })
         .await
         .map_err(container_not_found(&container))?;

@@ -278,6 +278,10 @@ fn docker_commit_with_the_cli() -> Result<()> {
         "history: {top}"
     );
 
+    // `docker commit` of an unchanged container records an empty layer, as moby does.
+    let same_cli = d.ok(&["commit", "cm-same", "cm/same:v1"])?;
+    ensure!(layers(&inspect(&d, &same_cli)?) == layers(&busybox));
+
     // --- push, and skopeo reads it --------------------------------------------------------
     let pushed = format!("{}/cm/app:v1", registry.host);
     d.ok(&["tag", "cm/app:v1", &pushed])?;

@@ -104,6 +104,9 @@ pub fn child_config(
     if !o.author.is_empty() {
         out.insert("author".into(), json!(o.author));
     }
+    if !o.comment.is_empty() {
+        out.insert("comment".into(), json!(o.comment));
+    }
     out.insert("config".into(), config);
     if !o.container.is_empty() {
         out.insert("container".into(), json!(o.container));
