@@ -27,6 +27,9 @@ pub async fn commit(
     let user = parse_config(&body)?;
     let reference = repo_tag(q.get("repo").unwrap_or(""), q.get("tag").unwrap_or(""))?;
     let container = q.get("container").unwrap_or("").to_string();
+    if container.is_empty() {
+        return Err(Error::invalid_argument("invalid container name or ID: value is empty").into());
+    }
     let changes: Vec<String> = q
         .all("changes")
         .into_iter()
@@ -341,6 +344,8 @@ mod tests {
             .await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST);
         let r = f.request("POST", "/commit?container=web", "{nope").await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        let r = f.request("POST", "/commit?repo=x", "").await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST);
         let r = f.request("POST", "/commit?container=nope", "").await;
         assert_eq!(r.status, StatusCode::NOT_FOUND);
