@@ -165,6 +165,10 @@ fn plan_dir(
             out.push(LayerEntry::Whiteout(path));
             continue;
         }
+        if meta.file_type().is_socket() {
+            // Tar has no sockets; Docker leaves them out of layers too.
+            continue;
+        }
         if !meta.is_dir() {
             out.push(LayerEntry::Upper {
                 path,
@@ -544,6 +548,12 @@ mod tests {
         };
         assert_eq!(rc, 0);
         std::os::unix::fs::symlink("deep/f", upper.join("new/l")).unwrap();
+        let _socket = std::os::unix::net::UnixListener::bind(upper.join("new/sock")).unwrap();
+        nix::unistd::mkfifo(
+            &upper.join("new/fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
         std::fs::write(upper.join("replaced/fresh"), "").unwrap();
         set_opaque(&upper.join("replaced"));
         whiteout(&upper.join("etc/deleted"));
@@ -592,6 +602,7 @@ mod tests {
                 "new/",
                 "new/deep/",
                 "new/deep/f",
+                "new/fifo",
                 "new/h",
                 "new/l",
                 "replaced/",
@@ -612,6 +623,7 @@ mod tests {
             "only the file's own xattrs, none of overlay's"
         );
         assert_eq!(by("new/l").1, tar::EntryType::Symlink);
+        assert_eq!(by("new/fifo").1, tar::EntryType::Fifo);
         // An unchanged upper dir plans nothing.
         let empty = t.path().join("e");
         std::fs::create_dir_all(empty.join("keep")).unwrap();
