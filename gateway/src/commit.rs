@@ -335,7 +335,7 @@ mod tests {
             .await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST);
         assert!(
-            r.text().contains("RUN is not a valid change command"),
+            r.text().contains("run is not a valid change command"),
             "{}",
             r.text()
         );

@@ -98,7 +98,7 @@ fn docker_commit_with_the_cli() -> Result<()> {
     let (_, err) = d.fails(&["commit", "cm-src", "Bad/Name"])?;
     ensure!(err.contains("invalid reference format"), "{err}");
     let (_, err) = d.fails(&["commit", "-c", "RUN rm -rf /", "cm-src", "cm/x"])?;
-    ensure!(err.contains("RUN is not a valid change command"), "{err}");
+    ensure!(err.contains("run is not a valid change command"), "{err}");
     let sock = d.socket();
     let (code, _, body) = raw_request(&sock, "POST", "/v1.45/commit?container=cm-src", "{nope")?;
     ensure!(
