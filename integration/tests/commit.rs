@@ -576,3 +576,82 @@ async fn images_create_is_all_or_nothing() {
     );
     assert_eq!(snapshots().await, snaps, "an empty layer makes no snapshot");
 }
+
+/// A `kill -9` of berth-images in the middle of a commit's layer upload: after the restart
+/// nothing of it is left (no partial layer, blob, snapshot or image).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_killed_mid_create_leaves_nothing() {
+    use berth_core::snapshots::Snapshotter;
+    use berth_integration::images_kit::{self as kit, ImagesStack};
+    use berth_integration::stack::wait_for;
+    use berth_proto::berth::images::v1 as pb;
+    if !kit::ready() {
+        return;
+    }
+    let mut stack = ImagesStack::start("").unwrap();
+    let mut c = stack.client();
+    let base = kit::import(&mut c, &kit::docker_archive("busybox"))
+        .await
+        .unwrap()
+        .images
+        .remove(0)
+        .image_id;
+    let blobs = stack.stored_blobs();
+    let snaps = stack.snapshotter().list(&[]).await.unwrap().len();
+    let ingest = stack.root.join("content/ingest");
+    let ingests = || std::fs::read_dir(&ingest).map(|d| d.count()).unwrap_or(0);
+
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::CreateImageRequest {
+        part: Some(pb::create_image_request::Part::Options(
+            pb::CreateImageOptions {
+                parent: base,
+                reference: "cm/killed:v1".into(),
+                ..Default::default()
+            },
+        )),
+    })
+    .await
+    .unwrap();
+    let layer = kit::raw_tar(&[("big", &vec![7u8; 1 << 20])]);
+    tx.send(pb::CreateImageRequest {
+        part: Some(pb::create_image_request::Part::Data(
+            layer[..1 << 19].to_vec(),
+        )),
+    })
+    .await
+    .unwrap();
+    let call = tokio::spawn(async move {
+        c.create_image(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    assert!(
+        wait_for(std::time::Duration::from_secs(20), || (ingests() > 0)
+            .then_some(()))
+        .is_some(),
+        "the layer upload never started"
+    );
+    stack.kill9_images();
+    assert!(
+        call.await.unwrap().is_err(),
+        "the create outlived its daemon"
+    );
+    drop(tx);
+    stack.start_images().unwrap();
+    assert!(
+        wait_for(std::time::Duration::from_secs(20), || (ingests() == 0)
+            .then_some(()))
+        .is_some(),
+        "the partial layer survived the restart"
+    );
+    assert_eq!(stack.stored_blobs(), blobs);
+    assert_eq!(stack.snapshotter().list(&[]).await.unwrap().len(), snaps);
+    let list = stack
+        .client()
+        .list(pb::ListImagesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .images;
+    assert_eq!(list.len(), 1, "{list:?}");
+}

@@ -18,6 +18,9 @@ use crate::meta::{self, ImageRecord, LayerInfo};
 use crate::oci::{self, Descriptor};
 use crate::service::Images;
 
+/// Ingest names of child image layers (`<prefix><process nonce>-<n>`).
+pub const LAYER_INGEST_PREFIX: &str = "child-layer-";
+
 /// What a child image is made of, besides its layer.
 #[derive(Debug, Clone, Default)]
 pub struct ChildOptions {
@@ -311,7 +314,7 @@ impl Images {
     async fn store_layer(self: &Arc<Self>, mut reader: ChannelReader) -> Result<StoredLayer> {
         let me = self.clone();
         crate::pull::blocking(move || {
-            let ingest = format!("layer-{}-{}", crate::nonce(), me.next_id());
+            let ingest = format!("{LAYER_INGEST_PREFIX}{}-{}", crate::nonce(), me.next_id());
             let mut w = me.content.writer(&ingest)?;
             let stored = (|| -> Result<(crate::content::Writer, Digest, u64)> {
                 w.restart()?;
