@@ -575,6 +575,27 @@ async fn images_create_is_all_or_nothing() {
         "{last:?}"
     );
     assert_eq!(snapshots().await, snaps, "an empty layer makes no snapshot");
+
+    // No parent (FROM scratch): one layer, one history entry, unpacked.
+    let made = create(
+        pb::CreateImageOptions {
+            config: br#"{"Cmd":["/hello"]}"#.to_vec(),
+            created_by: "COPY hello /".into(),
+            ..Default::default()
+        },
+        kit::raw_tar(&[("hello", b"hi")]),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let scratch = get(&made.image_id).await;
+    assert_eq!(scratch.diff_ids.len(), 1);
+    assert_eq!(scratch.history.len(), 1);
+    assert!(scratch.parent.is_empty());
+    assert_eq!(scratch.os, "linux");
+    let info = sn.stat(&scratch.chain_id).await.unwrap();
+    assert_eq!(info.kind, berth_core::snapshots::Kind::Committed);
+    assert!(made.reference.is_empty());
 }
 
 /// A `kill -9` of berth-images in the middle of a commit's layer upload: after the restart
