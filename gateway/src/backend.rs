@@ -93,6 +93,10 @@ pub trait ContainersApi: Send + Sync {
     fn export(&self, req: engine::ExportContainerRequest) -> Fut<'_, ByteStream> {
         missing("container export")
     }
+    /// `Containers.Commit`: the new image's id.
+    fn commit(&self, req: engine::CommitContainerRequest) -> Fut<'_, String> {
+        missing("container commit")
+    }
     /// `Containers.ArchiveStat`.
     fn archive_stat(
         &self,

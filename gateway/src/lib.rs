@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub mod backend;
+pub mod commit;
 pub mod containers;
 pub mod errors;
 pub mod exec;
@@ -157,7 +158,7 @@ pub fn app(state: AppState) -> Router {
         .merge(swarm::routes())
         .merge(plugins::routes())
         .route("/build", post(not_supported))
-        .route("/commit", post(not_supported))
+        .route("/commit", post(commit::commit))
         .route("/session", post(no_buildkit))
         .route("/grpc", post(no_buildkit))
         .fallback(not_implemented)

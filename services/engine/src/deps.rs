@@ -39,6 +39,20 @@ pub trait Images: Send + Sync {
     fn remove_user(&self, image_id: &str, container_id: &str) -> BoxFuture<'_, ()>;
     /// Replaces every record of the engine with `(image id, container id)` pairs.
     fn set_users(&self, users: Vec<(String, String)>) -> BoxFuture<'_, ()>;
+    /// Creates a child image (`docker commit`) from `options` and the uncompressed layer tar
+    /// whose chunks `layer` carries (nothing for an empty layer).
+    fn create_image(
+        &self,
+        options: images::CreateImageOptions,
+        layer: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    ) -> BoxFuture<'_, images::CreateImageResponse> {
+        let _ = (options, layer);
+        Box::pin(async {
+            Err(berth_core::Error::unimplemented(
+                "creating images is not available here",
+            ))
+        })
+    }
 }
 
 /// The snapshotter, as the engine uses it (container rootfs snapshots only).

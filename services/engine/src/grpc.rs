@@ -165,6 +165,21 @@ impl containers_server::Containers for Containers {
         Ok(Response::new(pb::ChangesResponse { changes }))
     }
 
+    async fn commit(
+        &self,
+        req: Request<pb::CommitContainerRequest>,
+    ) -> Rsp<pb::CommitContainerResponse> {
+        // Run to the end even when the caller goes away, so a paused container is always
+        // resumed and berth-images finishes or undoes what it started.
+        let engine = self.0.clone();
+        let req = req.into_inner();
+        let image_id = tokio::spawn(async move { engine.commit(req).await })
+            .await
+            .map_err(|e| status(Error::internal("commit task").with_source(e)))?
+            .map_err(status)?;
+        Ok(Response::new(pb::CommitContainerResponse { image_id }))
+    }
+
     type ExportStream = BoxStream<pb::ExportContainerResponse>;
 
     async fn export(&self, req: Request<pb::ExportContainerRequest>) -> Rsp<Self::ExportStream> {

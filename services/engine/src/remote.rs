@@ -92,6 +92,25 @@ impl Images for RemoteImages {
             Ok(())
         })
     }
+
+    fn create_image(
+        &self,
+        options: images::CreateImageOptions,
+        layer: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    ) -> BoxFuture<'_, images::CreateImageResponse> {
+        use images::create_image_request::Part;
+        let mut c = self.client.clone();
+        let first = images::CreateImageRequest {
+            part: Some(Part::Options(options)),
+        };
+        let data = tokio_stream::wrappers::ReceiverStream::new(layer).map(|d| {
+            images::CreateImageRequest {
+                part: Some(Part::Data(d)),
+            }
+        });
+        let stream = futures::stream::iter([first]).chain(data);
+        Box::pin(async move { Ok(c.create_image(stream).await?.into_inner()) })
+    }
 }
 
 /// The snapshotter over gRPC.

@@ -462,6 +462,50 @@ impl ImagesApi for ImagesService {
         }))
     }
 
+    async fn create_image(
+        &self,
+        req: Request<Streaming<pb::CreateImageRequest>>,
+    ) -> std::result::Result<Response<pb::CreateImageResponse>, Status> {
+        use pb::create_image_request::Part;
+        let mut stream = req.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty create stream"))?;
+        let Some(Part::Options(o)) = first.part else {
+            return Err(Status::invalid_argument(
+                "the first message of a create must carry its options",
+            ));
+        };
+        let reader = upload_reader(stream, None, |m: pb::CreateImageRequest| match m.part {
+            Some(Part::Data(d)) => Some(d),
+            _ => None,
+        });
+        let co = crate::child::ChildOptions {
+            parent: o.parent,
+            config: o.config,
+            container_config: o.container_config,
+            container: o.container,
+            created_by: o.created_by,
+            author: o.author,
+            comment: o.comment,
+            empty_layer: o.empty_layer,
+            reference: o.reference,
+            snapshotter: o.snapshotter,
+        };
+        // Run to the end even when the caller goes away: a half-made image is undone.
+        let images = self.images.clone();
+        let (image_id, reference) =
+            tokio::spawn(async move { images.create_child(reader, co).await })
+                .await
+                .map_err(|e| Status::internal(format!("create task: {e}")))?
+                .map_err(status)?;
+        Ok(Response::new(pb::CreateImageResponse {
+            image_id,
+            reference,
+        }))
+    }
+
     async fn resolve(
         &self,
         req: Request<pb::ResolveImageRequest>,

@@ -2,6 +2,7 @@
 
 pub mod apply;
 pub mod archive;
+pub mod child;
 pub mod content;
 pub mod convert;
 pub mod filters;

@@ -74,6 +74,9 @@ pub struct ImageRecord {
     /// The config's platform.
     #[serde(default)]
     pub platform: crate::oci::Platform,
+    /// The local image this one was made from (commit, build); "" for pulled and loaded ones.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub parent: String,
 }
 
 /// What keeps content alive while an operation runs (and, after a crash, until it expires so a

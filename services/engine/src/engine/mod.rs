@@ -11,6 +11,7 @@
 //! resources are released and the restart policy or auto-remove is applied.
 
 mod archive;
+mod commit;
 mod create;
 mod io;
 mod network;
