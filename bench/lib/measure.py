@@ -588,6 +588,48 @@ class Bench:
             if p.returncode != 0:
                 sh(self.docker_cmd(s, "load", "-i", self.cfg["busybox_tar"]), check=False)
 
+    def build(self):
+        """`docker build` (the classic builder, `POST /build`) of a 10-step Dockerfile with 5 RUN
+        steps: cold (`--no-cache`), rebuilt with nothing changed, and with one COPY source
+        changed (what follows that COPY reruns)."""
+        ctx = os.path.join(self.cfg["tmp"], "buildctx")
+        os.makedirs(ctx, exist_ok=True)
+        with open(os.path.join(ctx, "Dockerfile"), "w") as f:
+            f.write("FROM busybox:latest\n"
+                    "ENV BENCH=1\n"
+                    "RUN echo one > /one\n"
+                    "RUN echo two > /two\n"
+                    "COPY static.txt /static.txt\n"
+                    "RUN cat /static.txt > /copy1\n"
+                    "COPY changed.txt /changed.txt\n"
+                    "RUN cat /changed.txt > /copy2\n"
+                    "RUN ls / > /listing\n"
+                    'CMD ["sh"]\n')
+        with open(os.path.join(ctx, "static.txt"), "w") as f:
+            f.write("static\n")
+        with open(os.path.join(ctx, "changed.txt"), "w") as f:
+            f.write("0\n")
+        # Without buildx the CLI needs this to use the classic builder against dockerd; berth's
+        # ping already says it has only the classic one.
+        os.environ["DOCKER_BUILDKIT"] = "0"
+        build = lambda s, *flags: self.docker_cmd(s, "build", "-q", *flags, "-t", "benchbuild", ctx)
+        runs = min(self.runs, 10)
+        med, err = self.hyperfine("build_cold", {s: build(s, "--no-cache") for s in self.sides},
+                                  runs=runs, warmup=1)
+        self.row("build_cold", "`docker build --no-cache` of 10 steps with 5 RUN", "ms", med, err,
+                 target="≤ 0.5 × dockerd")
+        med, err = self.hyperfine("build_cached", {s: build(s) for s in self.sides},
+                                  runs=runs, warmup=1)
+        self.row("build_cached", "`docker build` of the same, nothing changed (every step cached)",
+                 "ms", med, err, target="≤ 0.2 × dockerd")
+        touch = ["sh", "-c", f"date +%s%N > {shlex.quote(os.path.join(ctx, 'changed.txt'))}"]
+        med, err = self.hyperfine("build_copy", {s: build(s) for s in self.sides}, runs=runs,
+                                  warmup=1, prepare={s: touch for s in self.sides})
+        self.row("build_copy", "`docker build` with one COPY source changed (3 steps rerun)", "ms",
+                 med, err, target="≤ 0.2 × dockerd")
+        for s in self.sides:
+            sh(self.docker_cmd(s, "rmi", "-f", "benchbuild"), check=False)
+
     def density(self):
         n = self.cfg.get("density", 200)
         if n <= 0:
@@ -653,7 +695,7 @@ def cmd_measure(args):
     os.makedirs(args.raw, exist_ok=True)
     b = Bench(cfg, args.raw)
     order = ["startup", "idle_memory", "cli_floor", "run_rm", "run_rm_none", "exec_true",
-             "runc_floor", "parallel20", "pull", "density", "idle_after"]
+             "runc_floor", "parallel20", "pull", "build", "density", "idle_after"]
     only = [s for s in cfg.get("scenarios", "").split(",") if s]
     unknown = [s for s in only if s not in order]
     if unknown:

@@ -59,7 +59,11 @@ impl BuildArgs {
         args_before_from: &[Arg],
         escape: char,
     ) -> Result<Vars, ExpandError> {
-        let mut vars = Vars::new();
+        // Predefined args given to the build are usable in FROM too (moby's `GetAllMeta`).
+        let mut vars: Vars = PREDEFINED
+            .iter()
+            .filter_map(|name| Some((name.to_string(), self.given(name)?.to_string())))
+            .collect();
         for arg in args_before_from {
             self.referenced.insert(arg.name.clone());
             let value = match (self.given(&arg.name), &arg.default) {
@@ -97,6 +101,20 @@ impl BuildArgs {
             .filter(|k| !self.referenced.contains(*k) && !PREDEFINED.contains(&k.as_str()))
             .cloned()
             .collect()
+    }
+}
+
+impl BuildArgs {
+    /// moby's warning for [`BuildArgs::unused`]: `[Warning] One or more build-args [A B] were
+    /// not consumed`, or `None` when all were.
+    pub fn unused_warning(&self) -> Option<String> {
+        let unused = self.unused();
+        (!unused.is_empty()).then(|| {
+            format!(
+                "[Warning] One or more build-args [{}] were not consumed",
+                unused.join(" ")
+            )
+        })
     }
 }
 
@@ -183,5 +201,142 @@ impl StageArgs {
         out.extend(recorded);
         out.extend_from_slice(argv);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dockerfile::{self, InstructionKind};
+
+    fn given(pairs: &[(&str, Option<&str>)]) -> BuildArgs {
+        BuildArgs::new(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.map(String::from)))
+                .collect(),
+        )
+    }
+
+    fn arg(name: &str, default: Option<&str>) -> Arg {
+        Arg {
+            name: name.into(),
+            default: default.map(String::from),
+        }
+    }
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn meta_args_resolve_in_order_with_overrides() {
+        let mut args = given(&[("TAG", Some("1.36")), ("http_proxy", Some("http://p"))]);
+        let df = dockerfile::parse(
+            "ARG REPO=busybox\nARG TAG=latest\nARG IMAGE=${REPO}:${TAG}\nARG EMPTY\nFROM $IMAGE\n",
+        )
+        .unwrap();
+        let vars = args.meta_vars(&df.args_before_from, '\\').unwrap();
+        assert_eq!(vars["IMAGE"], "busybox:1.36");
+        assert_eq!(vars["http_proxy"], "http://p");
+        assert!(!vars.contains_key("EMPTY"));
+        let base = expand::process_word(&df.stages[0].base, &vars, '\\').unwrap();
+        assert_eq!(base, "busybox:1.36");
+    }
+
+    #[test]
+    fn global_args_need_redeclaring_in_a_stage() {
+        let mut args = given(&[]);
+        args.meta_vars(&[arg("V", Some("global"))], '\\').unwrap();
+        let mut stage = args.stage();
+        assert_eq!(stage.run_env(&[]), Vec::<String>::new());
+        stage.declare(&arg("V", None));
+        assert_eq!(stage.run_env(&[]), s(&["V=global"]));
+        // A new default in the stage wins over the global one; a build arg wins over both.
+        let mut stage = args.stage();
+        stage.declare(&arg("V", Some("local")));
+        assert_eq!(stage.run_env(&[]), s(&["V=local"]));
+        let mut args = given(&[("V", Some("cli"))]);
+        args.meta_vars(&[arg("V", Some("global"))], '\\').unwrap();
+        let mut stage = args.stage();
+        stage.declare(&arg("V", Some("local")));
+        assert_eq!(stage.run_env(&[]), s(&["V=cli"]));
+    }
+
+    #[test]
+    fn undeclared_build_args_are_invisible_but_proxies_are_not() {
+        let args = given(&[
+            ("SECRET", Some("x")),
+            ("HTTP_PROXY", Some("http://p")),
+            ("no_proxy", None),
+        ]);
+        let stage = args.stage();
+        assert_eq!(
+            stage.run_env(&s(&["PATH=/bin"])),
+            s(&["PATH=/bin", "HTTP_PROXY=http://p"])
+        );
+        assert_eq!(args.unused(), s(&["SECRET"]));
+        assert_eq!(
+            args.unused_warning().unwrap(),
+            "[Warning] One or more build-args [SECRET] were not consumed"
+        );
+        let mut args = args;
+        args.mark_referenced("SECRET");
+        assert!(args.unused().is_empty());
+        assert_eq!(args.unused_warning(), None);
+    }
+
+    #[test]
+    fn env_wins_over_args() {
+        let args = given(&[("A", Some("arg"))]);
+        let mut stage = args.stage();
+        stage.declare(&arg("A", None));
+        stage.declare(&arg("B", Some("b")));
+        let env = s(&["A=env"]);
+        assert_eq!(stage.filter_allowed(&env), s(&["B=b"]));
+        let vars = stage.vars(&env);
+        assert_eq!(vars["A"], "env");
+        assert_eq!(vars["B"], "b");
+        // Declared without any value: not in the environment at all.
+        let mut stage = given(&[]).stage();
+        stage.declare(&arg("NOVALUE", None));
+        assert!(stage.filter_allowed(&[]).is_empty());
+    }
+
+    #[test]
+    fn run_history_form() {
+        let argv = s(&["/bin/sh", "-c", "echo $B"]);
+        let args = given(&[
+            ("B", Some("2")),
+            ("HTTP_PROXY", Some("http://p")),
+            ("https_proxy", Some("http://q")),
+        ]);
+        let mut stage = args.stage();
+        // Without declared args, only unreferenced proxies: moby still prefixes `|0`.
+        assert_eq!(
+            stage.run_created_by(&[], &argv),
+            s(&["|0", "/bin/sh", "-c", "echo $B"])
+        );
+        stage.declare(&arg("B", None));
+        stage.declare(&arg("A", Some("1")));
+        stage.declare(&arg("https_proxy", None));
+        assert_eq!(
+            stage.run_created_by(&[], &argv).join(" "),
+            "|3 A=1 B=2 https_proxy=http://q /bin/sh -c echo $B"
+        );
+        // No args at all: the plain command.
+        let stage = given(&[]).stage();
+        assert_eq!(stage.run_created_by(&[], &argv), argv);
+    }
+
+    #[test]
+    fn stage_args_from_a_parsed_dockerfile() {
+        let df = dockerfile::parse("FROM x\nARG A=1 B\n").unwrap();
+        let InstructionKind::Arg(decls) = &df.stages[0].instructions[0].kind else {
+            panic!()
+        };
+        let mut stage = given(&[("B", Some("b"))]).stage();
+        decls.iter().for_each(|a| stage.declare(a));
+        assert_eq!(stage.run_env(&[]), s(&["A=1", "B=b"]));
     }
 }

@@ -26,7 +26,8 @@ use crate::expand::{self, ExpandError};
 pub enum ConfigError {
     #[error("{0} is not a valid change command")]
     InvalidChange(String),
-    #[error("{0}")]
+    /// Shown without the line: for `--change` moby reports the parser's message alone.
+    #[error("{}", .0.message)]
     Parse(#[from] ParseError),
     #[error("{0}")]
     Expand(#[from] ExpandError),
@@ -47,8 +48,9 @@ pub struct StageState {
     pub cmd_set: bool,
 }
 
-/// The instructions `docker commit --change` accepts.
-pub const CHANGE_INSTRUCTIONS: [&str; 12] = [
+/// The instructions `docker commit --change` accepts (moby's `validCommitCommands`; SHELL is not
+/// one of them, so berth refuses it as dockerd does).
+pub const CHANGE_INSTRUCTIONS: [&str; 11] = [
     "CMD",
     "ENTRYPOINT",
     "ENV",
@@ -56,7 +58,6 @@ pub const CHANGE_INSTRUCTIONS: [&str; 12] = [
     "HEALTHCHECK",
     "LABEL",
     "ONBUILD",
-    "SHELL",
     "STOPSIGNAL",
     "USER",
     "VOLUME",
@@ -164,17 +165,13 @@ pub fn apply(
             obj.insert("StopSignal".into(), json!(signal));
         }
         InstructionKind::Cmd(cmd) => {
-            obj.insert("Cmd".into(), json!(command(cmd, &current_shell)));
-            state.cmd_set = true;
+            let argv = command(cmd, &current_shell);
+            // An empty CMD does not count as "CMD set" for a later ENTRYPOINT (moby).
+            state.cmd_set |= !argv.is_empty();
+            obj.insert("Cmd".into(), json!(argv));
         }
         InstructionKind::Entrypoint(cmd) => {
-            let argv = command(cmd, &current_shell);
-            let value = if argv.is_empty() {
-                Value::Null
-            } else {
-                json!(argv)
-            };
-            obj.insert("Entrypoint".into(), value);
+            obj.insert("Entrypoint".into(), json!(command(cmd, &current_shell)));
             if !state.cmd_set {
                 obj.insert("Cmd".into(), Value::Null);
             }
@@ -199,8 +196,8 @@ pub fn apply(
     Ok(())
 }
 
-/// The argv of CMD/ENTRYPOINT: exec form as is, shell form through the shell; an empty shell
-/// form is empty.
+/// The argv of CMD/ENTRYPOINT (moby's `resolveCmdLine`): exec form as is, shell form through
+/// the shell; no command at all is an empty list (`[]` in the config, not `null`).
 fn command(cmd: &ShellOrExec, shell: &[String]) -> Vec<String> {
     match cmd {
         ShellOrExec::Shell(s) if s.is_empty() => Vec::new(),
@@ -288,7 +285,7 @@ pub fn check_signal(signal: &str) -> Result<(), ConfigError> {
 }
 
 /// `docker commit --change`: parses each change as a Dockerfile instruction, refuses those
-/// `--change` does not accept (`FROM is not a valid change command`), expands their words with
+/// `--change` does not accept (`from is not a valid change command`), expands their words with
 /// the config's `Env` and applies them in order.
 pub fn apply_changes(config: &mut Value, changes: &[String]) -> Result<(), ConfigError> {
     let text = changes.join("\n");
@@ -297,15 +294,229 @@ pub fn apply_changes(config: &mut Value, changes: &[String]) -> Result<(), Confi
     for line in &lines {
         let keyword = line.text.split_whitespace().next().unwrap_or("");
         if !CHANGE_INSTRUCTIONS.contains(&keyword.to_ascii_uppercase().as_str()) {
-            return Err(ConfigError::InvalidChange(keyword.to_string()));
+            // moby prints the parser's node value, which is the keyword lowercased.
+            return Err(ConfigError::InvalidChange(keyword.to_ascii_lowercase()));
         }
         instructions.push(dockerfile::parse_instruction(&line.text, '\\')?);
     }
+    // Work on a copy: a change failing halfway leaves the config as it was.
+    let mut updated = config.clone();
     let mut state = StageState::default();
     for instruction in instructions {
-        let vars = expand::vars_from_env(&env(config));
+        let vars = expand::vars_from_env(&env(&updated));
         let kind = expand::expand_instruction(&instruction.kind, &vars, '\\')?;
-        apply(config, &kind, &mut state)?;
+        apply(&mut updated, &kind, &mut state)?;
     }
+    *config = updated;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dockerfile;
+
+    fn run(config: &mut Value, lines: &str) -> Result<(), ConfigError> {
+        let df = dockerfile::parse(&format!("FROM scratch\n{lines}")).unwrap();
+        let mut state = StageState::default();
+        for instruction in &df.stages[0].instructions {
+            let vars = expand::vars_from_env(&env(config));
+            let kind = expand::expand_instruction(&instruction.kind, &vars, '\\')?;
+            apply(config, &kind, &mut state)?;
+        }
+        Ok(())
+    }
+
+    fn changes(config: &mut Value, changes: &[&str]) -> Result<(), ConfigError> {
+        let changes: Vec<String> = changes.iter().map(|s| s.to_string()).collect();
+        apply_changes(config, &changes)
+    }
+
+    #[test]
+    fn every_config_instruction() {
+        let mut c = json!({"Env": ["PATH=/usr/bin", "A=0"], "Cmd": ["sh"]});
+        run(
+            &mut c,
+            "ENV A=1 B=\"two words\"\nENV C $A-$B\nLABEL l1=v1 \"l 2\"=\"v 2\"\nEXPOSE 80 53/UDP 8000-8001\n\
+             VOLUME /data [\"/x\"]\nVOLUME [\"/y\"]\nUSER app\nWORKDIR /srv\nWORKDIR app\nWORKDIR ../x/./y\n\
+             STOPSIGNAL SIGINT\nSHELL [\"/bin/bash\", \"-c\"]\nCMD echo hi\nONBUILD RUN make\nONBUILD COPY . /app\n\
+             HEALTHCHECK --interval=30s --retries=2 CMD [\"check\"]\nMAINTAINER me\nARG X=1\nRUN true\nCOPY a b",
+        )
+        .unwrap();
+        assert_eq!(
+            c["Env"],
+            json!(["PATH=/usr/bin", "A=1", "B=two words", "C=1-two words"])
+        );
+        assert_eq!(c["Labels"], json!({"l1": "v1", "l 2": "v 2"}));
+        assert_eq!(
+            c["ExposedPorts"],
+            json!({"80/tcp": {}, "53/udp": {}, "8000/tcp": {}, "8001/tcp": {}})
+        );
+        // Not JSON when mixed with a plain word: split, and the expansion removes the quotes.
+        assert_eq!(c["Volumes"], json!({"/data": {}, "[/x]": {}, "/y": {}}));
+        assert_eq!(c["User"], "app");
+        assert_eq!(c["WorkingDir"], "/srv/x/y");
+        assert_eq!(c["StopSignal"], "SIGINT");
+        assert_eq!(c["Shell"], json!(["/bin/bash", "-c"]));
+        // CMD's shell form uses the SHELL set before it.
+        assert_eq!(c["Cmd"], json!(["/bin/bash", "-c", "echo hi"]));
+        assert_eq!(c["OnBuild"], json!(["RUN make", "COPY . /app"]));
+        assert_eq!(
+            c["Healthcheck"],
+            json!({"Test": ["CMD", "check"], "Interval": 30_000_000_000u64, "Retries": 2})
+        );
+    }
+
+    #[test]
+    fn entrypoint_resets_an_inherited_cmd() {
+        let mut c = json!({"Cmd": ["from-base"]});
+        run(&mut c, "ENTRYPOINT [\"/app\"]").unwrap();
+        assert_eq!(c["Entrypoint"], json!(["/app"]));
+        assert_eq!(c["Cmd"], Value::Null);
+        // A CMD earlier in the same stage survives.
+        let mut c = json!({"Cmd": ["from-base"]});
+        run(&mut c, "CMD [\"--flag\"]\nENTRYPOINT /app run").unwrap();
+        assert_eq!(c["Entrypoint"], json!(["/bin/sh", "-c", "/app run"]));
+        assert_eq!(c["Cmd"], json!(["--flag"]));
+        // ENTRYPOINT [] clears the entrypoint (to an empty list, as moby stores it).
+        let mut c = json!({"Entrypoint": ["x"]});
+        run(&mut c, "ENTRYPOINT []").unwrap();
+        assert_eq!(c["Entrypoint"], json!([]));
+        // An empty CMD is `[]` and does not protect the CMD from a later ENTRYPOINT.
+        let mut c = json!({});
+        run(&mut c, "CMD\nENTRYPOINT [\"e\"]").unwrap();
+        assert_eq!(c["Cmd"], Value::Null);
+        let mut c = json!({});
+        run(&mut c, "CMD []").unwrap();
+        assert_eq!(c["Cmd"], json!([]));
+    }
+
+    #[test]
+    fn env_replaces_in_place() {
+        let mut c = json!({"Env": ["A=1", "B=2"]});
+        run(&mut c, "ENV A=3\nENV D=$B").unwrap();
+        assert_eq!(c["Env"], json!(["A=3", "B=2", "D=2"]));
+        // Values are expanded with the env before the instruction.
+        let mut c = json!({"Env": ["abc=hello"]});
+        run(&mut c, "ENV abc=bye def=$abc\nENV ghi=$abc").unwrap();
+        assert_eq!(c["Env"], json!(["abc=bye", "def=hello", "ghi=bye"]));
+    }
+
+    #[test]
+    fn healthcheck_none_and_workdir_rules() {
+        let mut c = json!({});
+        run(&mut c, "HEALTHCHECK NONE").unwrap();
+        assert_eq!(c["Healthcheck"], json!({"Test": ["NONE"]}));
+        assert_eq!(workdir("", "a"), "/a");
+        assert_eq!(workdir("/a", "/b/"), "/b");
+        assert_eq!(workdir("/a", "b/../c"), "/a/c");
+        assert_eq!(workdir("/a", ".."), "/");
+    }
+
+    #[test]
+    fn config_errors() {
+        for (line, want) in [
+            ("STOPSIGNAL SIGFOO", "Invalid signal: SIGFOO"),
+            ("STOPSIGNAL 0", "Invalid signal: 0"),
+            ("EXPOSE 80/xyz", "invalid proto: xyz"),
+            ("EXPOSE abc", "invalid containerPort: abc"),
+            ("EXPOSE 70000", "invalid containerPort: 70000"),
+        ] {
+            let mut c = json!({});
+            assert_eq!(run(&mut c, line).unwrap_err().to_string(), want, "{line}");
+        }
+        for ok in ["9", "KILL", "sigterm", "SIGRTMIN+3", "RTMAX-1"] {
+            check_signal(ok).unwrap();
+        }
+        assert!(
+            apply(
+                &mut json!([1]),
+                &InstructionKind::User("x".into()),
+                &mut StageState::default()
+            )
+            .is_err()
+        );
+        // A null config becomes an object.
+        let mut c = Value::Null;
+        run(&mut c, "USER x").unwrap();
+        assert_eq!(c, json!({"User": "x"}));
+    }
+
+    #[test]
+    fn commit_changes() {
+        let mut c = json!({"Env": ["HOME=/root"], "Cmd": ["sh"], "Entrypoint": null});
+        changes(
+            &mut c,
+            &[
+                "CMD [\"x\"]",
+                "ENV A=$HOME/a",
+                "EXPOSE 8080",
+                "LABEL k=v",
+                "USER 1000",
+                "WORKDIR /w",
+                "VOLUME /v",
+                "ONBUILD RUN y",
+                "STOPSIGNAL 9",
+                "HEALTHCHECK NONE",
+            ],
+        )
+        .unwrap();
+        assert_eq!(c["Cmd"], json!(["x"]));
+        assert_eq!(c["Env"], json!(["HOME=/root", "A=/root/a"]));
+        assert_eq!(c["ExposedPorts"], json!({"8080/tcp": {}}));
+        assert_eq!(c["Labels"], json!({"k": "v"}));
+        assert_eq!(c["User"], "1000");
+        assert_eq!(c["WorkingDir"], "/w");
+        assert_eq!(c["Volumes"], json!({"/v": {}}));
+        assert_eq!(c["OnBuild"], json!(["RUN y"]));
+        assert_eq!(c["StopSignal"], "9");
+        // A change may hold several lines; CMD then ENTRYPOINT keeps the CMD.
+        let mut c = json!({"Cmd": ["old"]});
+        changes(&mut c, &["CMD [\"a\"]\nENTRYPOINT [\"b\"]"]).unwrap();
+        assert_eq!(
+            (c["Cmd"].clone(), c["Entrypoint"].clone()),
+            (json!(["a"]), json!(["b"]))
+        );
+        let mut c = json!({"Cmd": ["old"]});
+        changes(&mut c, &["ENTRYPOINT [\"b\"]"]).unwrap();
+        assert_eq!(c["Cmd"], Value::Null);
+        // No changes: untouched.
+        let mut c = json!({"Cmd": ["old"]});
+        changes(&mut c, &[]).unwrap();
+        assert_eq!(c, json!({"Cmd": ["old"]}));
+    }
+
+    #[test]
+    fn commit_changes_refused() {
+        for (change, want) in [
+            ("FROM busybox", "from is not a valid change command"),
+            ("RUN true", "run is not a valid change command"),
+            ("copy a b", "copy is not a valid change command"),
+            ("ADD a b", "add is not a valid change command"),
+            ("ARG a", "arg is not a valid change command"),
+            ("MAINTAINER me", "maintainer is not a valid change command"),
+            (
+                "SHELL [\"/bin/bash\"]",
+                "shell is not a valid change command",
+            ),
+            ("BOGUS x", "bogus is not a valid change command"),
+            (
+                "CMD [\"a\", 1]",
+                "when using JSON array syntax, arrays must be comprised of strings only",
+            ),
+            ("ENV", "ENV requires at least one argument"),
+        ] {
+            let mut c = json!({"Cmd": ["keep"]});
+            assert_eq!(
+                changes(&mut c, &[change]).unwrap_err().to_string(),
+                want,
+                "{change}"
+            );
+        }
+        // A refused change leaves the config as it was, even after valid ones.
+        let mut c = json!({"Cmd": ["keep"]});
+        assert!(changes(&mut c, &["USER x", "RUN y"]).is_err());
+        assert!(changes(&mut c, &["USER x", "STOPSIGNAL NOPE"]).is_err());
+        assert_eq!(c, json!({"Cmd": ["keep"]}));
+    }
 }

@@ -23,7 +23,8 @@
 use std::fmt;
 use std::time::Duration;
 
-/// A parse failure, with the (1-based) line where the instruction starts; 0 when there is none.
+/// A parse failure, with the (1-based) line where the instruction starts; 0 when there is none
+/// (then it shows as the bare message, as moby shows file-level errors).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseError {
     pub line: usize,
@@ -33,7 +34,7 @@ pub struct ParseError {
 impl fmt::Display for ParseError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.line == 0 {
-            write!(f, "Dockerfile parse error: {}", self.message)
+            f.write_str(&self.message)
         } else {
             write!(
                 f,
@@ -234,7 +235,11 @@ pub fn parse(text: &str) -> Result<Dockerfile> {
         }
     }
     if stages.is_empty() {
-        return Err(no_stage(lines.last().map_or(0, |l| l.start)));
+        // Only ARGs: moby parses it, builds nothing and says so.
+        return Err(ParseError {
+            line: 0,
+            message: "No image was generated. Is your Dockerfile empty?".into(),
+        });
     }
     Ok(Dockerfile {
         directives,
@@ -989,7 +994,8 @@ fn extract_flags(line: &str) -> (Vec<String>, &str) {
     }
 }
 
-/// moby's `BFlags`: declare the flags an instruction takes, then `finish` refuses the others.
+/// moby's `BFlags`: declare the flags an instruction takes, then `finish` refuses the others
+/// (messages name the flag with its `--`, as BuildKit's current `BFlags` does).
 struct Flags {
     keyword: String,
     words: Vec<String>,
@@ -1057,16 +1063,19 @@ impl Flags {
                 ));
             }
             if !self.declared.contains(&name) {
-                return Err(format!("unknown flag: {name}"));
+                return Err(format!("unknown flag: --{name}"));
             }
             if seen.contains(&name) {
-                return Err(format!("duplicate flag specified: {name}"));
+                return Err(format!("duplicate flag specified: --{name}"));
             }
             seen.push(name);
             if value.is_none() {
-                return Err(format!("missing a value on flag: {name}"));
+                return Err(format!("missing a value on flag: --{name}"));
             }
         }
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -189,8 +189,13 @@ fn pattern_regex(pattern: &str) -> String {
                 }
                 None => re.push_str("\\\\"),
             },
-            '[' | ']' => re.push(ch),
-            _ => re.push_str(&regex::escape(&ch.to_string())),
+            // moby escapes only the regex characters that mean nothing to filepath.Match;
+            // `[`, `]`, `^` and `-` keep their class meaning.
+            '.' | '+' | '(' | ')' | '|' | '{' | '}' | '$' => {
+                re.push('\\');
+                re.push(ch);
+            }
+            _ => re.push(ch),
         }
     }
     re.push('$');
@@ -363,4 +368,295 @@ fn check_rest(p: &[char]) -> Result<(), PatternError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(patterns: &[&str]) -> Matcher {
+        Matcher::new(patterns).unwrap()
+    }
+
+    #[test]
+    fn moby_single_pattern_table() {
+        // (pattern, path, excluded) from moby/patternmatcher's TestMatches (exact or inexact
+        // matches are both exclusions: a parent directory matching excludes its contents).
+        let table: &[(&str, &str, bool)] = &[
+            ("**", "file", true),
+            ("**", "file/", true),
+            ("**/", "file", true),
+            ("**/", "file/", true),
+            ("**", "dir/file", true),
+            ("**/", "dir/file", true),
+            ("**/**", "dir/file", true),
+            ("dir/**", "dir/file", true),
+            ("dir/**", "dir/dir2/file", true),
+            ("**/dir", "dir", true),
+            ("**/dir", "dir/file", true),
+            ("**/dir2/*", "dir/dir2/file", true),
+            ("**/dir2/*", "dir/dir2/file/", true),
+            ("**/dir2/**", "dir/dir2/dir3/file", true),
+            ("**file", "file", true),
+            ("**file", "dir/file", true),
+            ("**/file", "dir/file", true),
+            ("**file", "dir/dir/file", true),
+            ("**/file", "dir/dir/file", true),
+            ("**/file*", "dir/dir/file", true),
+            ("**/file*", "dir/dir/file.txt", true),
+            ("**/file*txt", "dir/dir/file.txt", true),
+            ("**/file*.txt", "dir/dir/file.txt", true),
+            ("**/file*.txt*", "dir/dir/file.txt", true),
+            ("**/**/*.txt", "dir/dir/file.txt", true),
+            ("**/**/*.txt2", "dir/dir/file.txt", false),
+            ("**/*.txt", "file.txt", true),
+            ("**/**/*.txt", "file.txt", true),
+            ("a**/*.txt", "a/file.txt", true),
+            ("a**/*.txt", "a/dir/file.txt", true),
+            ("a**/*.txt", "a/dir/dir/file.txt", true),
+            ("a/*.txt", "a/dir/file.txt", false),
+            ("a/*.txt", "a/file.txt", true),
+            ("a/*.txt**", "a/file.txt", true),
+            ("a[b-d]e", "ae", false),
+            ("a[b-d]e", "ace", true),
+            ("a[b-d]e", "aae", false),
+            ("a[^b-d]e", "aze", true),
+            (".*", ".foo", true),
+            (".*", "foo", false),
+            ("abc.def", "abcdef", false),
+            ("abc.def", "abc.def", true),
+            ("abc.def", "abcZdef", false),
+            ("abc?def", "abcZdef", true),
+            ("abc?def", "abcdef", false),
+            ("**/foo/bar", "foo/bar", true),
+            ("**/foo/bar", "dir/foo/bar", true),
+            ("**/foo/bar", "dir/dir2/foo/bar", true),
+            ("abc/**", "abc", false),
+            ("abc/**", "abc/def", true),
+            ("abc/**", "abc/def/ghi", true),
+            ("**/.foo", ".foo", true),
+            ("**/.foo", "bar.foo", false),
+            ("a(b)c/def", "a(b)c/def", true),
+            ("a(b)c/def", "a(b)c/xyz", false),
+            ("a.|)$(}+{bc", "a.|)$(}+{bc", true),
+            (
+                "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl",
+                "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl",
+                true,
+            ),
+            (
+                "dist/*.whl",
+                "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl",
+                true,
+            ),
+            ("a\\\\", "a\\", true),
+            ("a\\*b", "a*b", true),
+            ("*", "fileutils.go", true),
+            ("*.go", "fileutils.go", true),
+            ("*.go", ".", false),
+            // Cleaning: a trailing slash, `./` and a leading `/` in the path.
+            ("docs/", "docs/README.md", true),
+            ("docs", "./docs/x", true),
+            ("a/../b", "b", true),
+        ];
+        for (pattern, path, want) in table {
+            assert_eq!(
+                m(&[pattern]).excluded(path, false),
+                *want,
+                "pattern={pattern:?} path={path:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn moby_multi_pattern_table() {
+        let table: &[(&[&str], &str, bool)] = &[
+            (&["**", "!util/docker/web"], "util/docker/web/foo", false),
+            (
+                &["**", "!util/docker/web", "util/docker/web/foo"],
+                "util/docker/web/foo",
+                true,
+            ),
+            (
+                &[
+                    "**",
+                    "!dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl",
+                ],
+                "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl",
+                false,
+            ),
+            (
+                &["**", "!dist/*.whl"],
+                "dist/proxy.py-2.4.0rc3.dev36+g08acad9-py3-none-any.whl",
+                false,
+            ),
+            (&["!fileutils.go", "*.go"], "fileutils.go", true),
+            (&["docs", "!docs/README.md"], "docs/README.md", false),
+            (&["docs/", "!docs/README.md"], "docs/README.md", false),
+            (&["docs/*", "!docs/README.md"], "docs/README.md", false),
+            (&["*.go", "!fileutils.go"], "fileutils.go", false),
+            (
+                &["*.md", "!README*.md", "README-secret.md"],
+                "README-secret.md",
+                true,
+            ),
+            (
+                &["*.md", "!README*.md", "README-secret.md"],
+                "README-public.md",
+                false,
+            ),
+            (&[], "/any/path/there", false),
+        ];
+        for (patterns, path, want) in table {
+            assert_eq!(
+                m(patterns).excluded(path, false),
+                *want,
+                "patterns={patterns:?} path={path:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_patterns() {
+        assert_eq!(
+            Matcher::new(&["!"]).unwrap_err(),
+            PatternError::IllegalExclusion
+        );
+        assert_eq!(Matcher::new(&["["]).unwrap_err(), PatternError::BadPattern);
+        assert_eq!(
+            Matcher::new(&["a[", "x"]).unwrap_err().to_string(),
+            "syntax error in pattern"
+        );
+        assert!(m(&["docs", "  !docs/README.md"]).has_exclusions());
+        assert!(m(&["docs", "!docs/README.md  "]).has_exclusions());
+        assert!(m(&["docs", "config", ""]).patterns.len() == 2);
+    }
+
+    #[test]
+    fn read_patterns_like_moby() {
+        let content = "test1\n/test2\n/a/file/here\n\nlastfile\n# this is a comment\n! /inverted/abs/path\n!\n! ";
+        assert_eq!(
+            read_patterns(content),
+            vec![
+                "test1",
+                "test2",
+                "a/file/here",
+                "lastfile",
+                "!inverted/abs/path",
+                "!",
+                "!"
+            ]
+        );
+        assert_eq!(
+            read_patterns("\u{feff}a/\r\n  b//c/ \n./d\n"),
+            vec!["a", "b/c", "d"]
+        );
+        // A leading `/` is dropped when reading the file (not by `Matcher::new`).
+        assert!(
+            Matcher::from_dockerignore("/docs\n")
+                .unwrap()
+                .excluded("docs/a", false)
+        );
+        // A `!` alone is refused when compiled.
+        assert!(Matcher::from_dockerignore("x\n!\n").is_err());
+    }
+
+    #[test]
+    fn skipping_directories() {
+        let ignore = m(&["vendor", "!vendor/keep/*.go", "node_modules"]);
+        assert!(ignore.excluded("vendor", true));
+        assert!(!ignore.can_skip_dir("vendor"));
+        assert!(!ignore.can_skip_dir("vendor/keep"));
+        assert!(ignore.can_skip_dir("node_modules"));
+        assert!(!ignore.excluded("vendor/keep/a.go", false));
+        assert!(ignore.excluded("vendor/other/a.go", false));
+        // Without exceptions every excluded directory can be skipped.
+        assert!(m(&["a"]).can_skip_dir("a"));
+    }
+
+    #[test]
+    fn go_filepath_match_table() {
+        // Go's filepath.Match tests, as moby's patternmatcher copies them.
+        let bad = Err(PatternError::BadPattern);
+        let table: &[(&str, &str, Result<bool, PatternError>)] = &[
+            ("abc", "abc", Ok(true)),
+            ("*", "abc", Ok(true)),
+            ("*c", "abc", Ok(true)),
+            ("a*", "a", Ok(true)),
+            ("a*", "abc", Ok(true)),
+            ("a*", "ab/c", Ok(false)),
+            ("a*/b", "abc/b", Ok(true)),
+            ("a*/b", "a/c/b", Ok(false)),
+            ("a*b*c*d*e*/f", "axbxcxdxe/f", Ok(true)),
+            ("a*b*c*d*e*/f", "axbxcxdxexxx/f", Ok(true)),
+            ("a*b*c*d*e*/f", "axbxcxdxe/xxx/f", Ok(false)),
+            ("a*b*c*d*e*/f", "axbxcxdxexxx/fff", Ok(false)),
+            ("a*b?c*x", "abxbbxdbxebxczzx", Ok(true)),
+            ("a*b?c*x", "abxbbxdbxebxczzy", Ok(false)),
+            ("ab[c]", "abc", Ok(true)),
+            ("ab[b-d]", "abc", Ok(true)),
+            ("ab[e-g]", "abc", Ok(false)),
+            ("ab[^c]", "abc", Ok(false)),
+            ("ab[^b-d]", "abc", Ok(false)),
+            ("ab[^e-g]", "abc", Ok(true)),
+            ("a\\*b", "a*b", Ok(true)),
+            ("a\\*b", "ab", Ok(false)),
+            ("a?b", "a☺b", Ok(true)),
+            ("a[^a]b", "a☺b", Ok(true)),
+            ("a???b", "a☺b", Ok(false)),
+            ("a[^a][^a][^a]b", "a☺b", Ok(false)),
+            ("[a-ζ]*", "α", Ok(true)),
+            ("*[a-ζ]", "A", Ok(false)),
+            ("a?b", "a/b", Ok(false)),
+            ("a*b", "a/b", Ok(false)),
+            ("[\\]a]", "]", Ok(true)),
+            ("[\\-]", "-", Ok(true)),
+            ("[x\\-]", "x", Ok(true)),
+            ("[x\\-]", "-", Ok(true)),
+            ("[x\\-]", "z", Ok(false)),
+            ("[\\-x]", "x", Ok(true)),
+            ("[\\-x]", "-", Ok(true)),
+            ("[\\-x]", "a", Ok(false)),
+            ("[]a]", "]", bad.clone()),
+            ("[-]", "-", bad.clone()),
+            ("[x-]", "x", bad.clone()),
+            ("[x-]", "-", bad.clone()),
+            ("[x-]", "z", bad.clone()),
+            ("[-x]", "x", bad.clone()),
+            ("[-x]", "-", bad.clone()),
+            ("[-x]", "a", bad.clone()),
+            ("\\", "a", bad.clone()),
+            ("[a-b-c]", "a", bad.clone()),
+            ("[", "a", bad.clone()),
+            ("[^", "a", bad.clone()),
+            ("[^bc", "a", bad.clone()),
+            ("a[", "a", bad.clone()),
+            ("a[", "ab", bad.clone()),
+            ("*x", "xxx", Ok(true)),
+        ];
+        for (pattern, name, want) in table {
+            assert_eq!(
+                &go_match(pattern, name),
+                want,
+                "Match({pattern:?}, {name:?})"
+            );
+        }
+    }
+
+    #[test]
+    fn clean_like_go() {
+        for (input, want) in [
+            ("", "."),
+            ("a/b/", "a/b"),
+            ("a//b", "a/b"),
+            ("./a", "a"),
+            ("a/./b/..", "a"),
+            ("../a", "../a"),
+            ("/../a", "/a"),
+            ("/", "/"),
+            ("a/..", "."),
+        ] {
+            assert_eq!(clean_path(input), want, "{input:?}");
+        }
+    }
 }

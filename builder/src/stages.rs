@@ -84,3 +84,63 @@ fn earlier_by_name(dockerfile: &Dockerfile, current: usize, name: &str) -> Optio
                 .is_some_and(|n| n.eq_ignore_ascii_case(name))
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dockerfile::parse;
+
+    const MULTI: &str = "FROM busybox AS Base\nFROM base AS build\nFROM alpine\nFROM scratch AS final\nCOPY --from=build /a /a\n";
+
+    #[test]
+    fn targets() {
+        let df = parse(MULTI).unwrap();
+        assert_eq!(target_index(&df, None).unwrap(), 3);
+        assert_eq!(target_index(&df, Some("")).unwrap(), 3);
+        assert_eq!(target_index(&df, Some("BUILD")).unwrap(), 1);
+        assert_eq!(stages_to_build(&df, Some("build")).unwrap(), 0..=1);
+        assert_eq!(
+            target_index(&df, Some("nope")).unwrap_err().to_string(),
+            "failed to reach build target nope in Dockerfile"
+        );
+    }
+
+    #[test]
+    fn from_refers_to_earlier_stages_by_name() {
+        let df = parse(MULTI).unwrap();
+        assert_eq!(resolve_from(&df, 1, "base"), StageRef::Stage(0));
+        assert_eq!(resolve_from(&df, 1, "BASE"), StageRef::Stage(0));
+        assert_eq!(
+            resolve_from(&df, 0, "busybox"),
+            StageRef::Image("busybox".into())
+        );
+        // A stage cannot use itself or a later stage; an index is not a stage for FROM.
+        assert_eq!(
+            resolve_from(&df, 1, "build"),
+            StageRef::Image("build".into())
+        );
+        assert_eq!(resolve_from(&df, 2, "0"), StageRef::Image("0".into()));
+    }
+
+    #[test]
+    fn copy_from_name_index_or_image() {
+        let df = parse(MULTI).unwrap();
+        assert_eq!(
+            resolve_copy_from(&df, 3, "build").unwrap(),
+            StageRef::Stage(1)
+        );
+        assert_eq!(resolve_copy_from(&df, 3, "2").unwrap(), StageRef::Stage(2));
+        assert_eq!(
+            resolve_copy_from(&df, 3, "busybox:1.36").unwrap(),
+            StageRef::Image("busybox:1.36".into())
+        );
+        assert_eq!(
+            resolve_copy_from(&df, 3, "3").unwrap_err().to_string(),
+            "invalid stage index 3"
+        );
+        assert_eq!(
+            resolve_copy_from(&df, 1, "-1").unwrap_err().to_string(),
+            "invalid stage index -1"
+        );
+    }
+}

@@ -93,6 +93,10 @@ pub trait ContainersApi: Send + Sync {
     fn export(&self, req: engine::ExportContainerRequest) -> Fut<'_, ByteStream> {
         missing("container export")
     }
+    /// `Containers.Commit`: the new image's id.
+    fn commit(&self, req: engine::CommitContainerRequest) -> Fut<'_, String> {
+        missing("container commit")
+    }
     /// `Containers.ArchiveStat`.
     fn archive_stat(
         &self,
@@ -110,13 +114,6 @@ pub trait ContainersApi: Send + Sync {
     /// `Containers.ArchivePut`.
     fn archive_put(&self, options: engine::ArchivePutOptions, data: Input<Bytes>) -> Fut<'_, ()> {
         missing("container archive")
-    }
-    /// `Containers.Commit`.
-    fn commit(
-        &self,
-        req: engine::CommitContainerRequest,
-    ) -> Fut<'_, engine::CommitContainerResponse> {
-        missing("container commit")
     }
 
     /// `Tasks.Start`.

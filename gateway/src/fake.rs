@@ -419,6 +419,41 @@ impl ContainersApi for Fake {
             ])
         }))
     }
+    fn commit(&self, req: engine::CommitContainerRequest) -> Fut<'_, String> {
+        let parent = match self.with(&req.id, |c| Ok(c.image_id.clone())) {
+            Ok(p) => p,
+            Err(e) => return done(Err(e)),
+        };
+        let mut st = self.state();
+        st.calls.push(format!(
+            "commit {} {} {} {}",
+            req.id,
+            req.reference,
+            req.pause,
+            String::from_utf8_lossy(&req.config)
+        ));
+        let base = st.images.iter().find(|i| i.id == parent).cloned();
+        let id = format!("sha256:{}", berth_core::Id::random());
+        let mut history = base.map(|b| b.history).unwrap_or_default();
+        history.push(images::HistoryEntry {
+            created_by: "sh".into(),
+            comment: req.comment.clone(),
+            size: 5,
+            ..Default::default()
+        });
+        st.images.push(images::Image {
+            id: id.clone(),
+            repo_tags: (!req.reference.is_empty())
+                .then(|| req.reference.clone())
+                .into_iter()
+                .collect(),
+            parent,
+            history,
+            config: b"{}".to_vec(),
+            ..Default::default()
+        });
+        done(Ok(id))
+    }
     fn export(&self, req: engine::ExportContainerRequest) -> Fut<'_, ByteStream> {
         done(self.with(&req.id, |_| {
             Ok(futures::stream::iter([Ok(Bytes::from_static(b"tar-data"))]).boxed())

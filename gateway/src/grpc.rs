@@ -181,6 +181,9 @@ impl ContainersApi for GrpcContainers {
     fn changes(&self, req: engine::ChangesRequest) -> Fut<'_, Vec<engine::Change>> {
         unary!(self.containers, changes, req, |r| r.changes)
     }
+    fn commit(&self, req: engine::CommitContainerRequest) -> Fut<'_, String> {
+        unary!(self.containers, commit, req, |r| r.image_id)
+    }
     fn export(&self, req: engine::ExportContainerRequest) -> Fut<'_, ByteStream> {
         let mut c = self.containers.clone();
         Box::pin(async move {
@@ -235,13 +238,6 @@ impl ContainersApi for GrpcContainers {
             Ok(())
         })
     }
-    fn commit(
-        &self,
-        req: engine::CommitContainerRequest,
-    ) -> Fut<'_, engine::CommitContainerResponse> {
-        unary!(self.containers, commit, req)
-    }
-
     fn start(&self, req: engine::StartTaskRequest) -> Fut<'_, engine::StartTaskResponse> {
         unary!(self.tasks, start, req)
     }

@@ -585,31 +585,60 @@ async fn inspect(st: &AppState, name: &str, version: ApiVersion) -> Result<Respo
     Ok(json_response(StatusCode::OK, &inspect_json(&i, version)))
 }
 
-/// `GET /images/{name}/history`, newest first.
-pub fn history_json(i: &images::Image) -> Vec<ImageHistoryResponseItem> {
-    let tags: Vec<String> = i.repo_tags.iter().map(|r| familiar(r)).collect();
+/// `GET /images/{name}/history`, newest first. As moby does it: the rows from the top carry the
+/// ids (and tags) of the image, its parent, the parent's parent... for as long as that chain
+/// of local images goes (images made by commit and build have parents; pulled ones do not),
+/// the others `<missing>`.
+pub fn history_json(chain: &[images::Image]) -> Vec<ImageHistoryResponseItem> {
+    let Some(i) = chain.first() else {
+        return Vec::new();
+    };
     i.history
         .iter()
         .rev()
         .enumerate()
-        .map(|(n, h)| ImageHistoryResponseItem {
-            id: if n == 0 {
-                i.id.clone()
-            } else {
-                "<missing>".into()
-            },
-            created: h.created.as_ref().map_or(0, |t| t.seconds),
-            created_by: h.created_by.clone(),
-            tags: if n == 0 { tags.clone() } else { Vec::new() },
-            size: h.size,
-            comment: h.comment.clone(),
+        .map(|(n, h)| {
+            let (id, tags) = match chain.get(n) {
+                Some(img) => (
+                    img.id.clone(),
+                    img.repo_tags.iter().map(|r| familiar(r)).collect(),
+                ),
+                None => ("<missing>".to_string(), Vec::new()),
+            };
+            ImageHistoryResponseItem {
+                id,
+                created: h.created.as_ref().map_or(0, |t| t.seconds),
+                created_by: h.created_by.clone(),
+                tags,
+                size: h.size,
+                comment: h.comment.clone(),
+            }
         })
         .collect()
 }
 
 async fn history(st: &AppState, name: &str) -> Result<Response, ApiError> {
-    let i = get_image(st, name).await?;
-    Ok(json_response(StatusCode::OK, &history_json(&i)))
+    let mut chain = vec![get_image(st, name).await?];
+    loop {
+        let parent = chain.last().map(|i| i.parent.clone()).unwrap_or_default();
+        if parent.is_empty() || chain.len() >= chain[0].history.len() {
+            break;
+        }
+        // A parent deleted since is where the known ids end.
+        match st
+            .backends
+            .images
+            .get(images::GetImageRequest {
+                reference: parent,
+                platform: None,
+            })
+            .await
+        {
+            Ok(p) => chain.push(p),
+            Err(_) => break,
+        }
+    }
+    Ok(json_response(StatusCode::OK, &history_json(&chain)))
 }
 
 async fn tag(st: &AppState, name: &str, q: &Query) -> Result<Response, ApiError> {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::Request;
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 pub mod backend;
 pub mod build;
+pub mod commit;
 pub mod containers;
 pub mod errors;
 pub mod exec;
@@ -158,7 +159,7 @@ pub fn app(state: AppState) -> Router {
         .merge(swarm::routes())
         .merge(plugins::routes())
         .merge(build::routes())
-        .route("/commit", post(not_supported))
+        .route("/commit", post(commit::commit))
         .route("/session", post(no_buildkit))
         .route("/grpc", post(no_buildkit))
         .fallback(not_implemented)
@@ -208,8 +209,26 @@ async fn strip_version(mut req: Request, next: Next) -> Response {
             }
         }
     }
-    req.extensions_mut().insert(requested);
+    let shaped = shape_for_client(requested, req.headers());
+    req.extensions_mut().insert(shaped);
     next.run(req).await
+}
+
+/// The version whose answers a client gets. docker-compose 1.x (on docker-py 5) asks for the
+/// server's newest version, yet was written against API 1.41 and reads fields that 1.45 no
+/// longer sends (image inspect's `ContainerConfig`, to recreate a changed service): it gets
+/// answers shaped as 1.44, the newest version that still has them. Every other client gets the
+/// version it asked for.
+fn shape_for_client(requested: ApiVersion, headers: &HeaderMap) -> ApiVersion {
+    let compose_v1 = headers
+        .get(header::USER_AGENT)
+        .and_then(|ua| ua.to_str().ok())
+        .is_some_and(|ua| ua.starts_with("docker-compose/1."));
+    if compose_v1 && !requested.before(1, 45) {
+        ApiVersion(1, 44)
+    } else {
+        requested
+    }
 }
 
 /// The version `v` names, when berth serves it.
@@ -260,18 +279,6 @@ pub fn go_arch() -> &'static str {
         "aarch64" => "arm64",
         other => other,
     }
-}
-
-/// Commits need the engine's commit, which this gateway does not call yet.
-async fn not_supported(method: Method, uri: Uri) -> ApiError {
-    let what = "docker commit";
-    ApiError(Error::new(
-        ErrorKind::Unimplemented,
-        format!(
-            "{method} {} is not implemented by berth yet: {what} is not supported",
-            uri.path()
-        ),
-    ))
 }
 
 /// `/session` and `/grpc` carry BuildKit's sessions; berth has no BuildKit to hand them to.
@@ -442,6 +449,28 @@ mod tests {
         assert_eq!(ApiVersion::parse("1.41"), Some(ApiVersion(1, 41)));
         assert!(ApiVersion(1, 41).before(1, 45) && !ApiVersion(1, 45).before(1, 45));
         assert!(check_version("1.99999999999").is_err());
+    }
+
+    #[test]
+    fn docker_compose_v1_gets_answers_shaped_as_1_44() {
+        let mut h = HeaderMap::new();
+        assert_eq!(
+            shape_for_client(ApiVersion::CURRENT, &h),
+            ApiVersion::CURRENT
+        );
+        h.insert(
+            "user-agent",
+            "docker-compose/1.29.2 docker-py/5.0.3 Linux/6.1"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(shape_for_client(ApiVersion::CURRENT, &h), ApiVersion(1, 44));
+        assert_eq!(shape_for_client(ApiVersion(1, 38), &h), ApiVersion(1, 38));
+        h.insert("user-agent", "docker-compose/2.29.0".parse().unwrap());
+        assert_eq!(
+            shape_for_client(ApiVersion::CURRENT, &h),
+            ApiVersion::CURRENT
+        );
     }
 
     #[tokio::test]

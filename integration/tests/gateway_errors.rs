@@ -135,12 +135,12 @@ fn wrong_input_gets_dockers_statuses_and_wording() -> Result<()> {
     );
     d.ok(&["network", "rm", "dupnet"])?;
 
-    // Not implemented yet: a clear 501 instead of a hang or a wrong answer.
-    let (code, _, body) = raw_request(&sock, "POST", "/v1.45/commit?container=busy", "")?;
+    let (code, _, body) = raw_request(&sock, "POST", "/v1.45/commit?container=nosuch", "")?;
     ensure!(
-        code == 501 && body.contains("docker commit is not supported"),
+        code == 404 && body.contains("No such container: nosuch"),
         "{code} {body}"
     );
+    // Not implemented yet: a clear 501 instead of a hang or a wrong answer.
     let (code, _, body) = raw_request(&sock, "POST", "/v1.45/build", "")?;
     ensure!(
         code == 501 && body.contains("docker build is not supported"),

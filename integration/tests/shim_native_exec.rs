@@ -135,27 +135,7 @@ fn runc_exec(t: &ShimTest, spec: &serde_json::Value) -> Result<String> {
 
 /// Runs `spec` through the shim (native exec) and returns its stdout.
 async fn shim_exec(c: &mut Client, id: &str, spec: &serde_json::Value) -> Result<String> {
-    c.exec(pb::ExecRequest {
-        exec_id: id.into(),
-        spec: serde_json::to_vec(spec)?,
-        ..Default::default()
-    })
-    .await?;
-    let attached = attach(
-        c,
-        pb::AttachOptions {
-            exec_id: id.into(),
-            stdout: true,
-            stderr: true,
-            stream: true,
-            ..Default::default()
-        },
-    )
-    .await?;
-    c.start(pb::StartRequest { exec_id: id.into() }).await?;
-    let (text, _, _) = attached.collect(T).await?;
-    tokio::time::timeout(T, c.wait(pb::WaitRequest { exec_id: id.into() })).await??;
-    Ok(text)
+    run_exec(c, id, spec, false).await
 }
 
 /// Runs `echo hi` on a pty through the shim and returns what the terminal gave back: runc
@@ -166,10 +146,20 @@ async fn tty_echo(c: &mut Client, id: &str) -> Result<String> {
         "terminal": true,
         "args": ["echo", "hi"], "env": ["PATH=/bin"], "cwd": "/", "user": {"uid": 0, "gid": 0}
     });
+    run_exec(c, id, &spec, true).await
+}
+
+/// Execs `spec` (on a pty with `terminal`), attached from its start, and returns its output.
+async fn run_exec(
+    c: &mut Client,
+    id: &str,
+    spec: &serde_json::Value,
+    terminal: bool,
+) -> Result<String> {
     c.exec(pb::ExecRequest {
         exec_id: id.into(),
-        spec: serde_json::to_vec(&spec)?,
-        terminal: true,
+        spec: serde_json::to_vec(spec)?,
+        terminal,
         ..Default::default()
     })
     .await?;
@@ -178,6 +168,7 @@ async fn tty_echo(c: &mut Client, id: &str) -> Result<String> {
         pb::AttachOptions {
             exec_id: id.into(),
             stdout: true,
+            stderr: !terminal,
             stream: true,
             ..Default::default()
         },

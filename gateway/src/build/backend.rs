@@ -302,7 +302,7 @@ impl BuildBackend for Engine {
                 empty_layer_when_unchanged: spec.empty_layer_when_unchanged,
                 ..Default::default()
             };
-            Ok(self.0.containers.commit(req).await?.image_id)
+            self.0.containers.commit(req).await
         })
     }
 

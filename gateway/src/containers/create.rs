@@ -53,8 +53,8 @@ const CONFIG_KEYS: &[&str] = &[
     "NetworkingConfig",
 ];
 
-/// HostConfig's fields (Resources included).
-const HOST_CONFIG_KEYS: &[&str] = &[
+/// Resources' fields: in HostConfig and in an update body.
+const RESOURCES_KEYS: &[&str] = &[
     "CpuShares",
     "Memory",
     "CgroupParent",
@@ -86,6 +86,10 @@ const HOST_CONFIG_KEYS: &[&str] = &[
     "CpuPercent",
     "IOMaximumIOps",
     "IOMaximumBandwidth",
+];
+
+/// HostConfig's own fields (besides Resources).
+const HOST_CONFIG_KEYS: &[&str] = &[
     "Binds",
     "ContainerIDFile",
     "LogConfig",
@@ -127,54 +131,21 @@ const HOST_CONFIG_KEYS: &[&str] = &[
     "ReadonlyPaths",
 ];
 
-/// The update body's fields (Resources and RestartPolicy).
-pub const UPDATE_KEYS: &[&str] = &[
-    "CpuShares",
-    "Memory",
-    "CgroupParent",
-    "BlkioWeight",
-    "BlkioWeightDevice",
-    "BlkioDeviceReadBps",
-    "BlkioDeviceWriteBps",
-    "BlkioDeviceReadIOps",
-    "BlkioDeviceWriteIOps",
-    "CpuPeriod",
-    "CpuQuota",
-    "CpuRealtimePeriod",
-    "CpuRealtimeRuntime",
-    "CpusetCpus",
-    "CpusetMems",
-    "Devices",
-    "DeviceCgroupRules",
-    "DeviceRequests",
-    "KernelMemoryTCP",
-    "MemoryReservation",
-    "MemorySwap",
-    "MemorySwappiness",
-    "NanoCpus",
-    "OomKillDisable",
-    "Init",
-    "PidsLimit",
-    "Ulimits",
-    "CpuCount",
-    "CpuPercent",
-    "IOMaximumIOps",
-    "IOMaximumBandwidth",
-    "RestartPolicy",
-];
+/// The update body's fields: Resources and RestartPolicy.
+pub const UPDATE_KEYS: &[&[&str]] = &[RESOURCES_KEYS, &["RestartPolicy"]];
 
-/// Renames the keys of `v` (an object) that match one of `known` ignoring case to its
+/// Renames the keys of `v` (an object) that match one of the `known` lists ignoring case to its
 /// spelling, as Go's JSON decoding matches them.
-pub fn canonical_keys(v: &mut serde_json::Value, known: &[&str]) {
+pub fn canonical_keys(v: &mut serde_json::Value, known: &[&[&str]]) {
+    let known = || known.iter().flat_map(|list| list.iter());
     let Some(obj) = v.as_object_mut() else {
         return;
     };
     let renames: Vec<(String, &str)> = obj
         .keys()
-        .filter(|k| !known.contains(&k.as_str()))
+        .filter(|k| !known().any(|c| c == k))
         .filter_map(|k| {
-            known
-                .iter()
+            known()
                 .find(|c| c.eq_ignore_ascii_case(k))
                 .map(|c| (k.clone(), *c))
         })
@@ -200,9 +171,9 @@ pub fn create_request(
         ));
     }
     let mut raw: serde_json::Value = crate::errors::parse_json(body)?;
-    canonical_keys(&mut raw, CONFIG_KEYS);
+    canonical_keys(&mut raw, &[CONFIG_KEYS]);
     if let Some(h) = raw.get_mut("HostConfig") {
-        canonical_keys(h, HOST_CONFIG_KEYS);
+        canonical_keys(h, &[RESOURCES_KEYS, HOST_CONFIG_KEYS]);
     }
     let body = &serde_json::to_vec(&raw)
         .map_err(|e| Error::internal("re-encode the create body").with_source(e))?;

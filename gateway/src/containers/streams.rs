@@ -123,24 +123,7 @@ pub async fn attach(
         stream: q.bool("stream"),
         detach_keys: q.get("detachKeys").unwrap_or("").to_string(),
     };
-    let (tx, rx) = mpsc::channel(16);
-    tx.send(engine::AttachTaskRequest {
-        event: Some(In::Options(options)),
-    })
-    .await
-    .map_err(|_| Error::internal("attach input closed"))?;
-    let mut out = st
-        .backends
-        .containers
-        .attach(ReceiverStream::new(rx).boxed())
-        .await
-        .map_err(container_not_found(&id))?;
-    let ready = match out.try_next().await.map_err(container_not_found(&id))? {
-        Some(engine::AttachTaskResponse {
-            event: Some(Out::Ready(ready)),
-        }) => ready,
-        _ => return Err(Error::internal("attach ended before it was ready").into()),
-    };
+    let (tx, out, ready) = open_attach(&st, &id, options).await?;
     let enc = Encoder { tty: ready.tty };
     // Docker closes the process' stdin at the client's EOF only for StdinOnce without a TTY.
     let close_on_eof = if with_stdin && !ready.tty {
@@ -216,24 +199,7 @@ pub async fn attach_ws(
     };
     get_container(&st, &id).await?;
     let ws = get_ws(ws)?;
-    let (tx, rx) = mpsc::channel(16);
-    tx.send(engine::AttachTaskRequest {
-        event: Some(In::Options(options)),
-    })
-    .await
-    .map_err(|_| Error::internal("attach input closed"))?;
-    let mut out = st
-        .backends
-        .containers
-        .attach(ReceiverStream::new(rx).boxed())
-        .await
-        .map_err(container_not_found(&id))?;
-    match out.try_next().await.map_err(container_not_found(&id))? {
-        Some(engine::AttachTaskResponse {
-            event: Some(Out::Ready(_)),
-        }) => {}
-        _ => return Err(Error::internal("attach ended before it was ready").into()),
-    }
+    let (tx, mut out, _ready) = open_attach(&st, &id, options).await?;
     Ok(ws.on_upgrade(move |socket| async move {
         let (mut sink, mut incoming) = socket.split();
         use futures::SinkExt;
@@ -675,4 +641,37 @@ pub async fn archive_put(
         .await
         .map_err(archive_error(&id, &path))?;
     Ok(StatusCode::OK.into_response())
+}
+
+/// Opens an attach session with `options`: the sender for its input (dropping it ends the
+/// session), the engine's output after its `Ready`, and the `Ready` itself.
+async fn open_attach(
+    st: &AppState,
+    id: &str,
+    options: engine::AttachOptions,
+) -> Result<(
+    mpsc::Sender<engine::AttachTaskRequest>,
+    crate::backend::Stream<engine::AttachTaskResponse>,
+    engine::AttachReady,
+)> {
+    use engine::attach_task_request::Event as In;
+    use engine::attach_task_response::Event as Out;
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(engine::AttachTaskRequest {
+        event: Some(In::Options(options)),
+    })
+    .await
+    .map_err(|_| Error::internal("attach input closed"))?;
+    let mut out = st
+        .backends
+        .containers
+        .attach(ReceiverStream::new(rx).boxed())
+        .await
+        .map_err(container_not_found(id))?;
+    match out.try_next().await.map_err(container_not_found(id))? {
+        Some(engine::AttachTaskResponse {
+            event: Some(Out::Ready(ready)),
+        }) => Ok((tx, out, ready)),
+        _ => Err(Error::internal("attach ended before it was ready")),
+    }
 }

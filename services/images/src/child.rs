@@ -18,6 +18,9 @@ use crate::meta::{self, ImageRecord, LayerInfo};
 use crate::oci::{self, Descriptor};
 use crate::service::Images;
 
+/// Ingest names of child image layers (`<prefix><process nonce>-<n>`).
+pub const LAYER_INGEST_PREFIX: &str = "child-layer-";
+
 /// What a child image is made of, besides its layer.
 #[derive(Debug, Clone, Default)]
 pub struct ChildOptions {
@@ -103,6 +106,9 @@ pub fn child_config(
     }
     if !o.author.is_empty() {
         out.insert("author".into(), json!(o.author));
+    }
+    if !o.comment.is_empty() {
+        out.insert("comment".into(), json!(o.comment));
     }
     out.insert("config".into(), config);
     if !o.container.is_empty() {
@@ -308,7 +314,7 @@ impl Images {
     async fn store_layer(self: &Arc<Self>, mut reader: ChannelReader) -> Result<StoredLayer> {
         let me = self.clone();
         crate::pull::blocking(move || {
-            let ingest = format!("layer-{}-{}", crate::nonce(), me.next_id());
+            let ingest = format!("{LAYER_INGEST_PREFIX}{}-{}", crate::nonce(), me.next_id());
             let mut w = me.content.writer(&ingest)?;
             let stored = (|| -> Result<(crate::content::Writer, Digest, u64)> {
                 w.restart()?;

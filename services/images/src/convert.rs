@@ -235,7 +235,14 @@ impl Images {
             variant: cfg.variant.clone().unwrap_or_default(),
             os_version: cfg.os_version.clone().unwrap_or_default(),
             author: cfg.author.clone().unwrap_or_default(),
-            comment: cfg.comment.clone().unwrap_or_default(),
+            // Docker shows the last history entry's comment when the config has none (that
+            // is where commit and import record theirs).
+            comment: cfg
+                .comment
+                .clone()
+                .filter(|c| !c.is_empty())
+                .or_else(|| cfg.history.last().and_then(|h| h.comment.clone()))
+                .unwrap_or_default(),
             docker_version: cfg.docker_version.clone().unwrap_or_default(),
             target: Some((&rec.target).into()),
             index: rec.index.as_ref().map(Into::into),

@@ -1126,7 +1126,8 @@ pub fn not_found(err: Error, reference: &berth_core::Reference) -> Error {
     Error::not_found(format!("{context}: {}", err.message()))
 }
 
-fn first_registry_error(body: &[u8]) -> Option<(String, String)> {
+/// The `errors` of a registry's error body (distribution's error envelope).
+fn registry_errors(body: &[u8]) -> Vec<(String, String)> {
     #[derive(serde::Deserialize)]
     struct E {
         #[serde(default)]
@@ -1139,34 +1140,25 @@ fn first_registry_error(body: &[u8]) -> Option<(String, String)> {
         #[serde(default)]
         errors: Vec<E>,
     }
-    let es: Es = serde_json::from_slice(body).ok()?;
-    es.errors.into_iter().next().map(|e| (e.code, e.message))
+    serde_json::from_slice::<Es>(body)
+        .map(|es| es.errors.into_iter().map(|e| (e.code, e.message)).collect())
+        .unwrap_or_default()
+}
+
+fn first_registry_error(body: &[u8]) -> Option<(String, String)> {
+    registry_errors(body).into_iter().next()
 }
 
 fn registry_error_text(body: &[u8]) -> String {
-    #[derive(serde::Deserialize)]
-    struct E {
-        #[serde(default)]
-        code: String,
-        #[serde(default)]
-        message: String,
+    let errors = registry_errors(body);
+    if errors.is_empty() {
+        return String::new();
     }
-    #[derive(serde::Deserialize)]
-    struct Es {
-        #[serde(default)]
-        errors: Vec<E>,
-    }
-    match serde_json::from_slice::<Es>(body) {
-        Ok(es) if !es.errors.is_empty() => {
-            let parts: Vec<String> = es
-                .errors
-                .iter()
-                .map(|e| format!("{}: {}", e.code.to_lowercase().replace('_', " "), e.message))
-                .collect();
-            format!(" ({})", parts.join("; "))
-        }
-        _ => String::new(),
-    }
+    let parts: Vec<String> = errors
+        .iter()
+        .map(|(code, message)| format!("{}: {message}", code.to_lowercase().replace('_', " ")))
+        .collect();
+    format!(" ({})", parts.join("; "))
 }
 
 /// Standard base64 with padding.

@@ -124,8 +124,9 @@ impl Images {
             .clone()
     }
 
-    /// Cleans up after a crash: unmounts and removes leftover unpack mounts, and removes active
-    /// snapshots of unpacks that never finished.
+    /// Cleans up after a crash: unmounts and removes leftover unpack mounts, removes active
+    /// snapshots of unpacks that never finished and the partial layers of unfinished child
+    /// images.
     pub async fn recover(&self) {
         // Pulls may already be running in this process: leave their names (this process's
         // nonce) alone.
@@ -143,6 +144,24 @@ impl Images {
                 // Never recursive: a directory still holding files is not ours to delete.
                 if let Err(err) = std::fs::remove_dir(&p) {
                     tracing::warn!(path = %p.display(), error = %err, "remove leftover unpack directory");
+                }
+            }
+        }
+        // A child image's layer cannot be resumed (its stream is gone with the caller): an
+        // unfinished one of an earlier process is dropped now rather than after 24 hours.
+        let my_layers = format!("{}{mine}", crate::child::LAYER_INGEST_PREFIX);
+        if let Ok(ingests) = self.content.ingests() {
+            for ing in ingests.into_iter().filter(|i| {
+                i.reference.starts_with(crate::child::LAYER_INGEST_PREFIX)
+                    && !i.reference.starts_with(&my_layers)
+            }) {
+                match std::fs::remove_dir_all(&ing.dir) {
+                    Ok(()) => {
+                        tracing::info!(ingest = %ing.reference, "removed unfinished commit layer")
+                    }
+                    Err(err) => {
+                        tracing::warn!(ingest = %ing.reference, error = %err, "remove unfinished commit layer")
+                    }
                 }
             }
         }

@@ -53,12 +53,72 @@ fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     use std::os::unix::ffi::OsStrExt;
     let p = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     let n = std::ffi::CString::new(name).ok()?;
-    let mut buf = [0u8; 256];
-    // SAFETY: both strings are NUL-terminated and live for the call; the buffer's length is
-    // passed with it.
+    // SAFETY: both strings are NUL-terminated and live for the call; a null buffer of size 0
+    // asks for the value's size.
+    let size = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), std::ptr::null_mut(), 0) };
+    if size < 0 {
+        return None;
+    }
+    let mut buf = vec![0u8; size as usize];
+    // SAFETY: as above, with the buffer passed with its length.
     let len =
         unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    (len >= 0).then(|| buf[..len as usize].to_vec())
+    (len >= 0).then(|| {
+        buf.truncate(len as usize);
+        buf
+    })
+}
+
+/// The extended attributes of `path` that belong to the file (overlay's own are left out).
+fn file_xattrs(path: &Path) -> Vec<(String, Vec<u8>)> {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(p) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return Vec::new();
+    };
+    let mut names = vec![0u8; 4096];
+    // SAFETY: a NUL-terminated path and a buffer passed with its length.
+    let len = unsafe { libc::llistxattr(p.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    if len <= 0 {
+        return Vec::new();
+    }
+    names.truncate(len as usize);
+    names
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .filter_map(|n| std::str::from_utf8(n).ok())
+        .filter(|n| !n.starts_with("trusted.overlay.") && !n.starts_with("user.overlay."))
+        .filter_map(|n| xattr(path, n).map(|v| (n.to_string(), v)))
+        .collect()
+}
+
+/// A PAX extended header carrying `SCHILY.xattr.<name>` records, for the entry that follows.
+fn append_xattrs<W: Write>(
+    tar: &mut tar::Builder<W>,
+    xattrs: &[(String, Vec<u8>)],
+) -> std::io::Result<()> {
+    if xattrs.is_empty() {
+        return Ok(());
+    }
+    let mut data = Vec::new();
+    for (name, value) in xattrs {
+        let mut body = format!(" SCHILY.xattr.{name}=").into_bytes();
+        body.extend_from_slice(value);
+        body.push(b'\n');
+        // The length counts its own digits.
+        let mut n = body.len() + 1;
+        while n.to_string().len() + body.len() != n {
+            n = n.to_string().len() + body.len();
+        }
+        data.extend_from_slice(n.to_string().as_bytes());
+        data.extend_from_slice(&body);
+    }
+    let mut h = tar::Header::new_ustar();
+    h.set_path("PaxHeaders/xattrs")?;
+    h.set_entry_type(tar::EntryType::XHeader);
+    h.set_mode(0o644);
+    h.set_size(data.len() as u64);
+    h.set_cksum();
+    tar.append(&h, data.as_slice())
 }
 
 /// What of the upper directory `upper` (over `lowers`, top first) is the container's change,
@@ -90,7 +150,7 @@ fn plan_dir(
         } else {
             format!("{rel}/{name}")
         };
-        if skip.iter().any(|s| s.trim_start_matches('/') == path) {
+        if skip.iter().any(|s| s.trim_matches('/') == path) {
             continue;
         }
         let host = e.path();
@@ -103,6 +163,10 @@ fn plan_dir(
         }
         if meta.file_type().is_char_device() && meta.rdev() == 0 {
             out.push(LayerEntry::Whiteout(path));
+            continue;
+        }
+        if meta.file_type().is_socket() {
+            // Tar has no sockets; Docker leaves them out of layers too.
             continue;
         }
         if !meta.is_dir() {
@@ -156,6 +220,14 @@ pub fn write_layer<W: Write>(upper: &Path, plan: &[LayerEntry], w: W) -> std::io
             LayerEntry::Upper { path, opaque } => {
                 let host = upper.join(path);
                 let meta = std::fs::symlink_metadata(&host)?;
+                // A second path of a hard-linked inode is a link entry: the first carries the
+                // xattrs.
+                let repeat_link = meta.is_file()
+                    && meta.nlink() > 1
+                    && inodes.contains_key(&(meta.dev(), meta.ino()));
+                if !repeat_link {
+                    append_xattrs(&mut tar, &file_xattrs(&host))?;
+                }
                 let mut header = tar::Header::new_gnu();
                 header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
                 let ft = meta.file_type();
@@ -382,6 +454,7 @@ impl Engine {
             })
         });
         let empty_layer = feeder.is_none();
+        let comment = req.comment;
         let opts = images::CreateImageOptions {
             parent: rec.c.image_id.clone(),
             config,
@@ -390,7 +463,7 @@ impl Engine {
             container: ctr.id.clone(),
             created_by,
             author: req.author,
-            comment: req.comment,
+            comment: comment.clone(),
             empty_layer,
             reference: req.reference,
             snapshotter: rec.c.snapshotter.clone(),
@@ -399,7 +472,25 @@ impl Engine {
         if let Some(f) = feeder {
             let _ = f.await;
         }
-        Ok(made?.image_id)
+        let made = made?;
+        // Docker's container event, with the tag in its familiar form.
+        let image_ref = if made.reference.is_empty() {
+            String::new()
+        } else {
+            berth_core::Reference::parse(&made.reference)
+                .map(|r| r.familiar())
+                .unwrap_or_else(|_| made.reference.clone())
+        };
+        self.container_event(
+            &ctr.record(),
+            "commit",
+            [
+                ("comment".to_string(), comment),
+                ("imageID".to_string(), made.image_id.clone()),
+                ("imageRef".to_string(), image_ref),
+            ],
+        );
+        Ok(made.image_id)
     }
 }
 
@@ -444,7 +535,25 @@ mod tests {
         std::fs::write(upper.join("etc/hosts"), "").unwrap();
         std::fs::write(upper.join("new/deep/f"), "data").unwrap();
         std::fs::hard_link(upper.join("new/deep/f"), upper.join("new/h")).unwrap();
+        let f = std::ffi::CString::new(upper.join("new/deep/f").to_str().unwrap()).unwrap();
+        // SAFETY: NUL-terminated strings and a value passed with its length.
+        let rc = unsafe {
+            libc::setxattr(
+                f.as_ptr(),
+                c"trusted.berth-test".as_ptr(),
+                c"v1".as_ptr().cast(),
+                2,
+                0,
+            )
+        };
+        assert_eq!(rc, 0);
         std::os::unix::fs::symlink("deep/f", upper.join("new/l")).unwrap();
+        let _socket = std::os::unix::net::UnixListener::bind(upper.join("new/sock")).unwrap();
+        nix::unistd::mkfifo(
+            &upper.join("new/fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
         std::fs::write(upper.join("replaced/fresh"), "").unwrap();
         set_opaque(&upper.join("replaced"));
         whiteout(&upper.join("etc/deleted"));
@@ -461,11 +570,23 @@ mod tests {
         let plan = plan_layer(&upper, std::slice::from_ref(&lower), &skip).unwrap();
         let tar = write_layer(&upper, &plan, Vec::new()).unwrap();
         let mut names = Vec::new();
+        let mut xattrs = Vec::new();
         let mut a = tar::Archive::new(tar.as_slice());
         for e in a.entries().unwrap() {
             let mut e = e.unwrap();
             let name = e.path().unwrap().display().to_string();
             let kind = e.header().entry_type();
+            let entry_path = e.path().unwrap().display().to_string();
+            if let Some(pax) = e.pax_extensions().unwrap() {
+                for x in pax {
+                    let x = x.unwrap();
+                    xattrs.push((
+                        entry_path.clone(),
+                        x.key().unwrap().to_string(),
+                        x.value_bytes().to_vec(),
+                    ));
+                }
+            }
             let mut body = String::new();
             e.read_to_string(&mut body).unwrap();
             names.push((name, kind, body));
@@ -481,6 +602,7 @@ mod tests {
                 "new/",
                 "new/deep/",
                 "new/deep/f",
+                "new/fifo",
                 "new/h",
                 "new/l",
                 "replaced/",
@@ -491,7 +613,17 @@ mod tests {
         let by = |n: &str| names.iter().find(|(m, _, _)| m == n).unwrap();
         assert_eq!(by("etc/passwd").2, "changed");
         assert_eq!(by("new/h").1, tar::EntryType::Link);
+        assert_eq!(
+            xattrs,
+            [(
+                "new/deep/f".to_string(),
+                "SCHILY.xattr.trusted.berth-test".to_string(),
+                b"v1".to_vec()
+            )],
+            "only the file's own xattrs, none of overlay's"
+        );
         assert_eq!(by("new/l").1, tar::EntryType::Symlink);
+        assert_eq!(by("new/fifo").1, tar::EntryType::Fifo);
         // An unchanged upper dir plans nothing.
         let empty = t.path().join("e");
         std::fs::create_dir_all(empty.join("keep")).unwrap();

@@ -72,21 +72,7 @@ impl Engine {
                     ..Default::default()
                 })
                 .await?;
-            settings = Some(pb::EndpointSettings {
-                network_id: att.network_id.clone(),
-                endpoint_id: att.endpoint_id.clone(),
-                ip_address: att.ipv4_address.clone(),
-                ip_prefix_len: att.ipv4_prefix_len,
-                gateway: att.ipv4_gateway.clone(),
-                mac_address: att.mac_address.clone(),
-                ipv6_address: att.ipv6_address.clone(),
-                ipv6_prefix_len: att.ipv6_prefix_len,
-                ipv6_gateway: att.ipv6_gateway.clone(),
-                aliases: att.aliases.clone(),
-                dns_names: att.dns_names.clone(),
-                interface_name: att.interface_name.clone(),
-                config: Some(endpoint.clone()),
-            });
+            settings = Some(endpoint_settings(&att, Some(endpoint.clone())));
             // The container's /etc/hosts learns its new address.
             let hosts = std::path::Path::new(&rec.c.hosts_path);
             if let Ok(mut text) = std::fs::read_to_string(hosts) {
@@ -296,5 +282,27 @@ impl Engine {
                 tracing::warn!(id = %ctr.id, error = %e.chain(), "persisting renamed links");
             }
         }
+    }
+}
+
+/// A container's endpoint as the network attached it, with what was `requested`.
+pub(super) fn endpoint_settings(
+    att: &net::Attachment,
+    requested: Option<pb::EndpointConfig>,
+) -> pb::EndpointSettings {
+    pb::EndpointSettings {
+        network_id: att.network_id.clone(),
+        endpoint_id: att.endpoint_id.clone(),
+        ip_address: att.ipv4_address.clone(),
+        ip_prefix_len: att.ipv4_prefix_len,
+        gateway: att.ipv4_gateway.clone(),
+        mac_address: att.mac_address.clone(),
+        ipv6_address: att.ipv6_address.clone(),
+        ipv6_prefix_len: att.ipv6_prefix_len,
+        ipv6_gateway: att.ipv6_gateway.clone(),
+        aliases: att.aliases.clone(),
+        dns_names: att.dns_names.clone(),
+        interface_name: att.interface_name.clone(),
+        config: requested,
     }
 }

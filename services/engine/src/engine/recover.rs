@@ -45,6 +45,15 @@ impl Engine {
         let t0 = Instant::now();
         let mut out = Recovery::default();
         let ctrs = self.all();
+        // Restarting as recorded before this start: those restarts were pending when the engine
+        // went away. An exit found by the reconcile below is marked restarting by its own phase
+        // one, which also schedules the restart (counting it); scheduling it here too would
+        // start it twice and lose the count.
+        let was_restarting: std::collections::HashSet<String> = ctrs
+            .iter()
+            .filter(|c| c.with(|r| r.status()) == pb::ContainerStatus::Restarting)
+            .map(|c| c.id.clone())
+            .collect();
         let limit = self.config.engine.reconnect_concurrency.max(1) as usize;
         let results: Vec<(Arc<Ctr>, Outcome)> = futures::stream::iter(ctrs.clone())
             .map(|ctr| {
@@ -87,18 +96,11 @@ impl Engine {
         for ctr in ctrs {
             let rec = ctr.record();
             let status = rec.status();
-            let restart_now = match status {
-                pb::ContainerStatus::Restarting => true,
-                pb::ContainerStatus::Exited
-                    if results
-                        .iter()
-                        .any(|(c, o)| Arc::ptr_eq(c, &ctr) && matches!(o, Outcome::Exited)) =>
-                {
-                    // Phase two of that exit applies the normal restart policy.
-                    false
-                }
-                _ => false,
-            };
+            let restart_now = status == pb::ContainerStatus::Restarting
+                && was_restarting.contains(&ctr.id)
+                && !results
+                    .iter()
+                    .any(|(c, o)| Arc::ptr_eq(c, &ctr) && matches!(o, Outcome::Exited));
             if restart_now {
                 let _op = ctr.op.lock().await;
                 let rs = rec.p.restart;

@@ -244,21 +244,10 @@ impl Engine {
                     }
                     settings.networks.insert(
                         name.clone(),
-                        pb::EndpointSettings {
-                            network_id: att.network_id.clone(),
-                            endpoint_id: att.endpoint_id.clone(),
-                            ip_address: att.ipv4_address.clone(),
-                            ip_prefix_len: att.ipv4_prefix_len,
-                            gateway: att.ipv4_gateway.clone(),
-                            mac_address: att.mac_address.clone(),
-                            ipv6_address: att.ipv6_address.clone(),
-                            ipv6_prefix_len: att.ipv6_prefix_len,
-                            ipv6_gateway: att.ipv6_gateway.clone(),
-                            aliases: att.aliases.clone(),
-                            dns_names: att.dns_names.clone(),
-                            interface_name: att.interface_name.clone(),
-                            config: rec.c.networks.get(name).cloned(),
-                        },
+                        crate::engine::network::endpoint_settings(
+                            att,
+                            rec.c.networks.get(name).cloned(),
+                        ),
                     );
                 }
                 settings.ports = ports_status(&cfg, &attachments);
