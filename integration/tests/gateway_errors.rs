@@ -140,10 +140,10 @@ fn wrong_input_gets_dockers_statuses_and_wording() -> Result<()> {
         code == 404 && body.contains("No such container: nosuch"),
         "{code} {body}"
     );
-    // Not implemented yet: a clear 501 instead of a hang or a wrong answer.
+    // A build without a context: Docker's 400, before any output.
     let (code, _, body) = raw_request(&sock, "POST", "/v1.45/build", "")?;
     ensure!(
-        code == 501 && body.contains("docker build is not supported"),
+        code == 400 && body.contains("Cannot locate specified Dockerfile: Dockerfile"),
         "{code} {body}"
     );
     Ok(())
