@@ -82,15 +82,13 @@ async fn receive(body: Body, dockerfile: &str) -> Result<Prepared> {
     let dir = temp_dir()?;
     let into = dir.path().join("context");
     // The body's chunks reach the blocking unpacker through a small bounded channel.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<bytes::Bytes>>(8);
+    let (tx, rx) = mpsc::channel::<std::io::Result<bytes::Bytes>>(8);
     let mut data = body.into_data_stream();
     tokio::spawn(async move {
         while let Some(chunk) = data.next().await {
             let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()));
             let failed = chunk.is_err();
-            let tx = tx.clone();
-            let sent = tokio::task::spawn_blocking(move || tx.send(chunk).is_ok()).await;
-            if failed || !matches!(sent, Ok(true)) {
+            if tx.send(chunk).await.is_err() || failed {
                 break;
             }
         }
@@ -115,7 +113,7 @@ async fn receive(body: Body, dockerfile: &str) -> Result<Prepared> {
 /// padding and end-of-archive blocks (Go's tar reader does not mind; the tar crate does), so an
 /// uncompressed stream is completed with zeros at its end.
 struct ChannelReader {
-    rx: std::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
+    rx: mpsc::Receiver<std::io::Result<bytes::Bytes>>,
     current: bytes::Bytes,
     /// Bytes read so far.
     total: usize,
@@ -126,7 +124,7 @@ struct ChannelReader {
 }
 
 impl ChannelReader {
-    fn new(rx: std::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>) -> Self {
+    fn new(rx: mpsc::Receiver<std::io::Result<bytes::Bytes>>) -> Self {
         Self {
             rx,
             current: bytes::Bytes::new(),
@@ -140,9 +138,9 @@ impl ChannelReader {
 impl std::io::Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         while self.current.is_empty() && self.padding.is_none() {
-            match self.rx.recv() {
-                Ok(chunk) => self.current = chunk?,
-                Err(_) => {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.current = chunk?,
+                None => {
                     let plain = self.plain.unwrap_or(false);
                     let to_block = (512 - self.total % 512) % 512;
                     self.padding = Some(if plain && self.total > 0 {

@@ -538,15 +538,15 @@ async fn build_prune_reports_what_the_images_service_reclaimed() {
 #[test]
 fn a_truncated_plain_context_is_completed_and_a_compressed_one_left_alone() {
     use std::io::Read;
-    let (tx, rx) = std::sync::mpsc::sync_channel(4);
-    tx.send(Ok(Bytes::from(vec![b'a'; 700]))).unwrap();
+    let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
+    tx.try_send(Ok(Bytes::from(vec![b'a'; 700]))).unwrap();
     drop(tx);
     let mut all = Vec::new();
     super::ChannelReader::new(rx).read_to_end(&mut all).unwrap();
     assert_eq!(all.len(), 1024 + 1024);
     assert!(all[700..].iter().all(|b| *b == 0));
-    let (tx, rx) = std::sync::mpsc::sync_channel(4);
-    tx.send(Ok(Bytes::from_static(&[0x1f, 0x8b, 1, 2])))
+    let (tx, rx) = mpsc::channel::<std::io::Result<Bytes>>(4);
+    tx.try_send(Ok(Bytes::from_static(&[0x1f, 0x8b, 1, 2])))
         .unwrap();
     drop(tx);
     let mut all = Vec::new();
