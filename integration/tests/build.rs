@@ -12,6 +12,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, Result, ensure};
 use berth_integration::gateway_kit::{DockerStack, Running};
+use berth_integration::images_kit::{Registry, RegistryOptions};
 use berth_integration::py_kit;
 
 const DOCKERFILE: &str = r#"# syntax=docker/dockerfile:1
@@ -395,6 +396,38 @@ fn cli_stdin_forms_onbuild_failures_and_syntax_errors() -> Result<()> {
         d.ok(&["ps", "-a"])?
     );
     ensure!(d.fails(&["image", "inspect", "interrupted"]).is_ok());
+
+    // FROM an image of a registry that needs a login: the CLI's X-Registry-Config carries it.
+    let secured = Registry::start(RegistryOptions {
+        basic_auth: Some(("alice".into(), "wonderland".into())),
+        ..Default::default()
+    })?;
+    let mut login = d.cmd(&["login", "-u", "alice", "--password-stdin", &secured.host]);
+    let mut child = login
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(b"wonderland")?;
+    let out = child.wait_with_output()?;
+    ensure!(out.status.success(), "login: {}", text(&out));
+    let private = format!("{}/private:v1", secured.host);
+    d.ok(&["tag", "busybox", &private])?;
+    d.ok(&["push", &private])?;
+    d.ok(&["rmi", &private])?;
+    std::fs::write(
+        bad.path().join("Dockerfile"),
+        format!("FROM {private}\nRUN echo from-private\n"),
+    )?;
+    let o = build(&d, bad.path(), &["-t", "from-private"])?;
+    let out = text(&o);
+    ensure!(o.status.success(), "{out}");
+    ensure!(out.contains("from-private"), "{out}");
+    d.ok(&["logout", &secured.host])?;
 
     // builder prune drops the records.
     let pruned = d.ok(&["builder", "prune", "-f"])?;
