@@ -264,6 +264,21 @@ fn cli_stdin_forms_onbuild_failures_and_syntax_errors() -> Result<()> {
     ensure!(o.status.success(), "{}", text(&o));
     ensure!(d.ok(&["run", "--rm", "stdin-df", "cat", "/f.txt"])? == "from context");
 
+    // FROM scratch, copied out of into a second stage; nothing dangling is left listed.
+    let scratch = tempfile::tempdir()?;
+    std::fs::write(scratch.path().join("f.txt"), "on scratch\n")?;
+    std::fs::write(
+        scratch.path().join("Dockerfile"),
+        "FROM scratch AS s\nCOPY f.txt /f.txt\nFROM busybox\nCOPY --from=s /f.txt /g\n",
+    )?;
+    let o = build(&d, scratch.path(), &["-t", "from-scratch"])?;
+    ensure!(o.status.success(), "{}", text(&o));
+    ensure!(d.ok(&["run", "--rm", "from-scratch", "cat", "/g"])? == "on scratch");
+    ensure!(
+        d.ok(&["images", "-q", "--filter", "dangling=true"])?
+            .is_empty()
+    );
+
     // The whole context as a tar.gz on stdin; its FROM has an ONBUILD trigger that fires.
     let tgz = ctx.path().join("ctx.tar.gz");
     {

@@ -556,7 +556,8 @@ impl<'a> Executor<'a> {
         let created_by = cmd.join(" ");
         let config = state.config.clone();
         let key = cache_key(&state.image_id, &created_by, &config, &state.maintainer);
-        if !state.image_id.is_empty() && self.probe(state, &key).await? {
+        // On `FROM scratch` the parent in the key is "" whichever empty image the step uses.
+        if self.probe(state, &key).await? {
             return Ok(());
         }
         let id = if state.image_id.is_empty() {
@@ -722,7 +723,17 @@ impl<'a> Executor<'a> {
     /// FROM scratch has no image to make a container of: the first layer goes onto an empty
     /// one.
     async fn scratch_container(&mut self, state: &mut State, cmd: Vec<String>) -> Result<String> {
-        let empty = self.backend.empty_image().await?;
+        // One empty image serves every scratch build: recorded in the cache, so it stays
+        // hidden from `docker images` and goes with `docker builder prune`.
+        let key = cache_key("", "scratch", &json!({}), "");
+        let empty = match self.backend.cache_lookup(&key).await? {
+            Some(id) => id,
+            None => {
+                let id = self.backend.empty_image().await?;
+                self.backend.cache_store(&key, &id, "", "scratch").await?;
+                id
+            }
+        };
         state.image_id = empty;
         self.create(state, cmd, None).await
     }

@@ -553,3 +553,30 @@ fn a_truncated_plain_context_is_completed_and_a_compressed_one_left_alone() {
     super::ChannelReader::new(rx).read_to_end(&mut all).unwrap();
     assert_eq!(all, [0x1f, 0x8b, 1, 2]);
 }
+
+#[tokio::test]
+async fn from_scratch_builds_on_an_empty_image_and_caches() {
+    let fake = FakeBuild::new();
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(ctx.path().join("f"), "x").unwrap();
+    let df = "FROM scratch\nENV a=b\nCOPY f /f\nCMD [\"/f\"]\n";
+    let first = build(&fake, df, ctx.path()).await;
+    let id = first.result.as_ref().unwrap().clone();
+    {
+        let g = fake.0.lock().unwrap();
+        let copy = g
+            .commits
+            .iter()
+            .find(|c| c.created_by.contains("COPY"))
+            .unwrap();
+        // The ENV before the first layer is part of the COPY step's config.
+        assert_eq!(copy.config["Env"], json!(["a=b"]));
+        assert_eq!(
+            g.creates[0].config.as_ref().unwrap().image,
+            format!("sha256:{:064x}", 0xe)
+        );
+    }
+    let again = build(&fake, df, ctx.path()).await;
+    assert_eq!(again.result.as_ref().unwrap(), &id);
+    assert!(!again.text().contains("Running in"));
+}
