@@ -30,7 +30,9 @@ pub enum ContextError {
     AbsolutePath(String),
     #[error("build context entry {0:?} points outside the build context")]
     Escape(String),
-    #[error("forbidden path outside the build context: {0}")]
+    /// moby shows the resolved path in the parentheses; it refuses before resolving, so they
+    /// stay empty.
+    #[error("forbidden path outside the build context: {0} ()")]
     OutsideContext(String),
     #[error(
         "file not found in build context or excluded by .dockerignore: stat {0}: file does not exist"
@@ -290,49 +292,72 @@ pub fn has_wildcards(src: &str) -> bool {
     false
 }
 
+/// One COPY/ADD source found in the context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourcePath {
+    /// The path as written, or as a wildcard matched it, cleaned and relative to the root. A
+    /// copy into a directory is named after its last element even when it is a symlink (moby's
+    /// `filepath.Base(origPath)`).
+    pub matched: String,
+    /// Where it resolves inside the root ([`resolve_in_scope`]); may be missing when a wildcard
+    /// matched a dangling link.
+    pub resolved: PathBuf,
+}
+
 /// Resolves COPY/ADD sources (as written after expansion) to paths relative to the context
-/// root, in order. A leading `/` or `./` is dropped (sources are context-relative); `..` that
-/// climbs out is refused; wildcards match with Go's `filepath.Match` against every path of the
-/// context; a missing source, or sources that match nothing, fail as moby fails. A source that
-/// is a symlink is resolved inside the context ([`resolve_in_scope`]); links inside a copied
-/// directory are copied as links.
+/// root, in order; see [`resolve_source`]. Sources that match nothing at all are
+/// [`ContextError::NoSources`].
 pub fn resolve_sources(root: &Path, srcs: &[String]) -> Result<Vec<PathBuf>, ContextError> {
     let mut out = Vec::new();
     for src in srcs {
-        let trimmed = src
-            .strip_prefix('/')
-            .filter(|s| !s.is_empty())
-            .unwrap_or(src);
-        let trimmed = trimmed.strip_prefix("./").unwrap_or(trimmed);
-        let cleaned = dockerignore::clean_path(trimmed);
-        if cleaned == ".." || cleaned.starts_with("../") {
-            return Err(ContextError::OutsideContext(src.clone()));
-        }
-        if has_wildcards(&cleaned) {
-            let mut all = Vec::new();
-            walk(root, "", &mut all)?;
-            for path in all {
-                if dockerignore::go_match(&cleaned, &path)? {
-                    out.push(resolve_in_scope(root, Path::new(&path))?);
-                }
-            }
-            continue;
-        }
-        let rel = if cleaned == "." {
-            PathBuf::new()
-        } else {
-            PathBuf::from(&cleaned)
-        };
-        let rel = resolve_in_scope(root, &rel)?;
-        if fs::symlink_metadata(root.join(&rel)).is_err() {
-            return Err(ContextError::NotFound(trimmed.to_string()));
-        }
-        out.push(rel);
+        out.extend(resolve_source(root, src)?.into_iter().map(|s| s.resolved));
     }
     if out.is_empty() {
         return Err(ContextError::NoSources);
     }
     Ok(out)
+}
+
+/// Resolves one COPY/ADD source. A leading `/` or `./` is dropped (sources are
+/// context-relative); `..` that climbs out is refused; wildcards match with Go's
+/// `filepath.Match` against every path of the context (possibly none); a missing source fails
+/// as moby fails. A source that is a symlink is resolved inside the context
+/// ([`resolve_in_scope`]); links inside a copied directory are copied as links.
+pub fn resolve_source(root: &Path, src: &str) -> Result<Vec<SourcePath>, ContextError> {
+    let trimmed = src
+        .strip_prefix('/')
+        .filter(|s| !s.is_empty())
+        .unwrap_or(src);
+    let trimmed = trimmed.strip_prefix("./").unwrap_or(trimmed);
+    let cleaned = dockerignore::clean_path(trimmed);
+    if cleaned == ".." || cleaned.starts_with("../") {
+        return Err(ContextError::OutsideContext(src.to_string()));
+    }
+    if has_wildcards(&cleaned) {
+        let mut all = Vec::new();
+        walk(root, "", &mut all)?;
+        let mut out = Vec::new();
+        for path in all {
+            if dockerignore::go_match(&cleaned, &path)? {
+                let resolved = resolve_in_scope(root, Path::new(&path))?;
+                out.push(SourcePath {
+                    matched: path,
+                    resolved,
+                });
+            }
+        }
+        return Ok(out);
+    }
+    let matched = if cleaned == "." {
+        String::new()
+    } else {
+        cleaned
+    };
+    let resolved = resolve_in_scope(root, Path::new(&matched))?;
+    if fs::symlink_metadata(root.join(&resolved)).is_err() {
+        return Err(ContextError::NotFound(trimmed.to_string()));
+    }
+    Ok(vec![SourcePath { matched, resolved }])
 }
 
 /// Every path under `root/rel`, relative to `root`, sorted, directories before their contents.
@@ -366,27 +391,44 @@ pub fn digest_sources(
     sources: &[PathBuf],
     chown: Option<&str>,
 ) -> Result<String, ContextError> {
+    let named: Vec<(String, PathBuf)> = sources
+        .iter()
+        .map(|s| (s.to_string_lossy().into_owned(), root.join(s)))
+        .collect();
+    digest_named(named.iter().map(|(n, p)| (n.as_str(), p.as_path())), chown)
+}
+
+/// [`digest_sources`] for sources that are not all under one root (a `--from` stage's files,
+/// ADD's downloads): each is `(name, path)`, hashed under `name` (so where the host keeps it
+/// does not matter) with the contents found at `path`.
+pub fn digest_named<'a>(
+    sources: impl IntoIterator<Item = (&'a str, &'a Path)>,
+    chown: Option<&str>,
+) -> Result<String, ContextError> {
     let mut hasher = Sha256::new();
     let owner = chown.unwrap_or("0:0");
     hasher.update(format!("owner {owner}\0").as_bytes());
-    for source in sources {
-        hasher.update(format!("source {}\0", source.display()).as_bytes());
-        let rel = source.to_string_lossy().into_owned();
-        let mut paths = vec![rel.clone()];
-        let top = root.join(source);
-        if fs::metadata(&top).map(|m| m.is_dir()).unwrap_or(false) {
-            walk(root, &rel, &mut paths)?;
-        }
-        for path in paths {
-            digest_entry(&mut hasher, root, &path)?;
+    for (name, path) in sources {
+        hasher.update(format!("source {name}\0").as_bytes());
+        digest_entry(&mut hasher, name, path)?;
+        if fs::symlink_metadata(path)?.is_dir() {
+            let mut under = Vec::new();
+            walk(path, "", &mut under)?;
+            for rel in under {
+                let child = if name.is_empty() {
+                    rel.clone()
+                } else {
+                    format!("{name}/{rel}")
+                };
+                digest_entry(&mut hasher, &child, &path.join(&rel))?;
+            }
         }
     }
     Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
 }
 
-fn digest_entry(hasher: &mut Sha256, root: &Path, rel: &str) -> Result<(), ContextError> {
-    let path = root.join(rel);
-    let meta = fs::symlink_metadata(&path)?;
+fn digest_entry(hasher: &mut Sha256, rel: &str, path: &Path) -> Result<(), ContextError> {
+    let meta = fs::symlink_metadata(path)?;
     let mode = meta.permissions().mode() & 0o7777;
     let kind = if meta.is_dir() {
         "dir"
@@ -405,9 +447,9 @@ fn digest_entry(hasher: &mut Sha256, root: &Path, rel: &str) -> Result<(), Conte
         .as_bytes(),
     );
     if meta.file_type().is_symlink() {
-        hasher.update(fs::read_link(&path)?.as_os_str().as_encoded_bytes());
+        hasher.update(fs::read_link(path)?.as_os_str().as_encoded_bytes());
     } else if meta.is_file() {
-        let mut file = fs::File::open(&path)?;
+        let mut file = fs::File::open(path)?;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = file.read(&mut buf)?;
@@ -698,11 +740,11 @@ mod tests {
         );
         assert_eq!(
             paths(&["../x"]).unwrap_err().to_string(),
-            "forbidden path outside the build context: ../x"
+            "forbidden path outside the build context: ../x ()"
         );
         assert_eq!(
             paths(&["src/../../x"]).unwrap_err().to_string(),
-            "forbidden path outside the build context: src/../../x"
+            "forbidden path outside the build context: src/../../x ()"
         );
         assert_eq!(
             paths(&["*.nothing"]).unwrap_err().to_string(),
