@@ -5,8 +5,9 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use berth_builder::context::{ContextError, SourcePath, digest_named, is_url, resolve_source};
+use berth_builder::dockerignore::clean_path;
 use berth_core::{Error, Result};
-use sha2::{Digest as _, Sha256};
 
 /// A COPY or ADD after expansion.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -38,17 +39,7 @@ fn io(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
 
 /// `path` made absolute and clean (`.`/`..` resolved, never above `/`), without trailing `/`.
 pub fn clean(path: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for c in path.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            c => parts.push(c),
-        }
-    }
-    format!("/{}", parts.join("/"))
+    clean_path(&format!("/{path}"))
 }
 
 /// The destination relative to the working directory, keeping a trailing `/` (moby's
@@ -64,129 +55,6 @@ pub fn normalize_dest(workdir: &str, dest: &str) -> String {
     } else {
         joined
     }
-}
-
-fn has_wildcard(s: &str) -> bool {
-    s.contains(['*', '?', '['])
-}
-
-/// Go's `filepath.Match` for one path element.
-fn match_element(pattern: &[char], name: &[char]) -> bool {
-    let (mut p, mut n) = (0, 0);
-    let (mut star_p, mut star_n) = (usize::MAX, 0);
-    while n < name.len() {
-        if p < pattern.len() {
-            match pattern[p] {
-                '*' => {
-                    star_p = p;
-                    star_n = n;
-                    p += 1;
-                    continue;
-                }
-                '?' => {
-                    p += 1;
-                    n += 1;
-                    continue;
-                }
-                '[' => {
-                    if let Some((ok, len)) = match_class(&pattern[p..], name[n])
-                        && ok
-                    {
-                        p += len;
-                        n += 1;
-                        continue;
-                    }
-                }
-                '\\' if p + 1 < pattern.len() && pattern[p + 1] == name[n] => {
-                    p += 2;
-                    n += 1;
-                    continue;
-                }
-                c if c == name[n] => {
-                    p += 1;
-                    n += 1;
-                    continue;
-                }
-                _ => {}
-            }
-        }
-        if star_p == usize::MAX {
-            return false;
-        }
-        p = star_p + 1;
-        star_n += 1;
-        n = star_n;
-    }
-    pattern[p..].iter().all(|c| *c == '*')
-}
-
-/// `[...]` at the start of `pattern` against `c`: (matched, length of the class).
-fn match_class(pattern: &[char], c: char) -> Option<(bool, usize)> {
-    let mut i = 1;
-    let negate = matches!(pattern.get(1), Some('^' | '!'));
-    if negate {
-        i += 1;
-    }
-    let mut matched = false;
-    let mut first = true;
-    while i < pattern.len() {
-        if pattern[i] == ']' && !first {
-            return Some((matched != negate, i + 1));
-        }
-        first = false;
-        let lo = pattern[i];
-        if i + 2 < pattern.len() && pattern[i + 1] == '-' && pattern[i + 2] != ']' {
-            if lo <= c && c <= pattern[i + 2] {
-                matched = true;
-            }
-            i += 3;
-        } else {
-            if lo == c {
-                matched = true;
-            }
-            i += 1;
-        }
-    }
-    None
-}
-
-/// Go's `filepath.Match` of a whole relative path.
-pub fn path_matches(pattern: &str, path: &str) -> bool {
-    let ps: Vec<&str> = pattern.split('/').filter(|s| !s.is_empty()).collect();
-    let ns: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    ps.len() == ns.len()
-        && ps.iter().zip(&ns).all(|(p, n)| {
-            match_element(
-                &p.chars().collect::<Vec<_>>(),
-                &n.chars().collect::<Vec<_>>(),
-            )
-        })
-}
-
-fn walk(root: &Path, rel: &str, out: &mut Vec<String>) -> Result<()> {
-    let dir = root.join(rel);
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .map_err(io("read the build context"))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    for n in names {
-        let r = if rel.is_empty() {
-            n.clone()
-        } else {
-            format!("{rel}/{n}")
-        };
-        out.push(r.clone());
-        if std::fs::symlink_metadata(root.join(&r)).is_ok_and(|m| m.is_dir()) {
-            walk(root, &r, out)?;
-        }
-    }
-    Ok(())
-}
-
-fn is_url(s: &str) -> bool {
-    s.starts_with("http://") || s.starts_with("https://")
 }
 
 /// Whether ADD extracts the file: a tar, plain or compressed (gzip, bzip2, xz, zstd), as moby's
@@ -230,8 +98,13 @@ pub async fn resolve(
     downloads: &Path,
     name: &str,
 ) -> Result<Vec<Source>> {
+    let not_found = |src: &str| {
+        Error::invalid_argument(format!(
+            "{name} failed: {}",
+            ContextError::NotFound(src.to_string())
+        ))
+    };
     let mut out = Vec::new();
-    let mut wildcard = false;
     for src in &plan.srcs {
         if is_url(src) {
             if !plan.add {
@@ -240,44 +113,22 @@ pub async fn resolve(
             out.push(download(src, downloads).await?);
             continue;
         }
-        let rel = clean(src).trim_start_matches('/').to_string();
-        if src.split('/').filter(|c| *c == "..").count() > 0 && escapes(src) {
-            return Err(Error::invalid_argument(format!(
-                "forbidden path outside the build context: {src} ()"
-            )));
+        let found = resolve_source(root, src).map_err(|e| match e {
+            ContextError::Io(e) => Error::internal("read the build context").with_source(e),
+            e @ ContextError::OutsideContext(_) => Error::invalid_argument(e.to_string()),
+            e => Error::invalid_argument(format!("{name} failed: {e}")),
+        })?;
+        // A wildcard that matches nothing is a missing file here, not moby's "no source files".
+        if found.is_empty() {
+            return Err(not_found(src));
         }
-        let rels = if has_wildcard(&rel) {
-            wildcard = true;
-            let mut all = Vec::new();
-            walk(root, "", &mut all)?;
-            all.into_iter().filter(|p| path_matches(&rel, p)).collect()
-        } else {
-            vec![rel.clone()]
-        };
-        if rels.is_empty() || (!wildcard && std::fs::symlink_metadata(root.join(&rel)).is_err()) {
-            return Err(Error::invalid_argument(format!(
-                "{name} failed: file not found in build context or excluded by .dockerignore: \
-                 stat {src}: file does not exist"
-            )));
-        }
-        for r in rels {
-            let path = if r.is_empty() {
-                root.to_path_buf()
-            } else {
-                root.join(&r)
-            };
-            // A top-level symlink is followed, inside the context.
-            let path = follow_in(root, &path)?;
-            let meta = std::fs::metadata(&path).map_err(|_| {
-                Error::invalid_argument(format!(
-                    "{name} failed: file not found in build context or excluded by \
-                     .dockerignore: stat {src}: file does not exist"
-                ))
-            })?;
+        for SourcePath { matched, resolved } in found {
+            let path = root.join(resolved);
+            let meta = std::fs::metadata(&path).map_err(|_| not_found(src))?;
             let is_dir = meta.is_dir();
             out.push(Source {
                 extract: plan.add && !is_dir && sniff_archive(&path),
-                name: Path::new(&r)
+                name: Path::new(&matched)
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default(),
@@ -287,59 +138,13 @@ pub async fn resolve(
             });
         }
     }
-    let many = out.len() > 1 || wildcard && out.len() > 1;
-    if many && !plan.dest.ends_with('/') {
+    if out.len() > 1 && !plan.dest.ends_with('/') {
         return Err(Error::invalid_argument(format!(
             "When using {name} with more than one source file, the destination must be a \
              directory and end with a /"
         )));
     }
     Ok(out)
-}
-
-fn escapes(src: &str) -> bool {
-    let mut depth: i64 = 0;
-    for c in src.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                depth -= 1;
-                if depth < 0 {
-                    return true;
-                }
-            }
-            _ => depth += 1,
-        }
-    }
-    false
-}
-
-/// `path` with symlinks resolved, refusing targets outside `root`.
-fn follow_in(root: &Path, path: &Path) -> Result<PathBuf> {
-    let mut p = path.to_path_buf();
-    for _ in 0..40 {
-        match std::fs::read_link(&p) {
-            Ok(target) => {
-                let rel_base = p
-                    .parent()
-                    .and_then(|d| d.strip_prefix(root).ok())
-                    .map(|d| d.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let t = target.to_string_lossy();
-                let joined = if t.starts_with('/') {
-                    clean(&t)
-                } else {
-                    clean(&format!("/{rel_base}/{t}"))
-                };
-                p = root.join(joined.trim_start_matches('/'));
-            }
-            Err(_) => return Ok(p),
-        }
-    }
-    Err(Error::invalid_argument(format!(
-        "too many levels of symbolic links: {}",
-        path.display()
-    )))
 }
 
 /// A client for ADD's URLs and remote contexts (rustls with ring, as the gateway's registry
@@ -391,64 +196,22 @@ async fn download(url: &str, dir: &Path) -> Result<Source> {
     })
 }
 
-fn hash_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(io("read a source"))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        let n = f.read(&mut buf).map_err(io("read a source"))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
-}
-
-/// Lines describing one entry: type, path, permissions, and the content or link target.
-fn describe(path: &Path, rel: &str, h: &mut Sha256) -> Result<()> {
-    let m = std::fs::symlink_metadata(path).map_err(io("stat a source"))?;
-    let mode = m.permissions().mode() & 0o7777;
-    if m.file_type().is_symlink() {
-        let t = std::fs::read_link(path).map_err(io("read a link"))?;
-        h.update(format!("l {rel} {}\n", t.display()).as_bytes());
-    } else if m.is_dir() {
-        h.update(format!("d {rel} {mode:o}\n").as_bytes());
-        let mut names: Vec<String> = std::fs::read_dir(path)
-            .map_err(io("read a source directory"))?
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        for n in names {
-            describe(&path.join(&n), &format!("{rel}/{n}"), h)?;
-        }
-    } else {
-        h.update(format!("f {rel} {mode:o} {}\n", hash_file(path)?).as_bytes());
-    }
-    Ok(())
-}
-
-/// The content digest of the sources (contents, names and modes; not mtimes or owners), in
-/// moby's history form: `file:<hex>`, `dir:<hex>` or `multi:<hex>`.
-pub fn sources_digest(sources: &[Source]) -> Result<String> {
-    let one = |s: &Source| -> Result<String> {
-        let mut h = Sha256::new();
-        describe(&s.path, &s.name, &mut h)?;
-        if s.extract {
-            h.update(b"extract\n");
-        }
-        let kind = if s.is_dir { "dir" } else { "file" };
-        Ok(format!("{kind}:{}", hex::encode(h.finalize())))
+/// The content digest of the sources for the cache and the history, in moby's form: `file:<hex>`,
+/// `dir:<hex>` or `multi:<hex>`. Contents, names, modes, the `--chown` owner and link targets
+/// count, mtimes do not ([`digest_named`]).
+pub fn sources_digest(sources: &[Source], chown: Option<&str>) -> Result<String> {
+    let kind = match sources {
+        [s] if s.is_dir => "dir",
+        [_] => "file",
+        _ => "multi",
     };
-    if let [s] = sources {
-        return one(s);
-    }
-    let all: Vec<String> = sources.iter().map(one).collect::<Result<_>>()?;
-    Ok(format!(
-        "multi:{}",
-        hex::encode(Sha256::digest(all.join(",").as_bytes()))
-    ))
+    let digest = digest_named(
+        sources.iter().map(|s| (s.name.as_str(), s.path.as_path())),
+        chown,
+    )
+    .map_err(|e| Error::internal("digest the sources").with_source(e))?;
+    let hex = digest.strip_prefix("sha256:").unwrap_or(&digest);
+    Ok(format!("{kind}:{hex}"))
 }
 
 /// `--chmod` as octal permissions.
@@ -703,16 +466,6 @@ mod tests {
         assert_eq!(normalize_dest("/app", "x/"), "/app/x/");
         assert_eq!(normalize_dest("/app", "."), "/app/");
         assert_eq!(normalize_dest("/", "/abs"), "/abs");
-        assert!(escapes("../x") && escapes("a/../../x") && !escapes("a/../x"));
-    }
-
-    #[test]
-    fn go_filepath_match() {
-        assert!(path_matches("*.txt", "a.txt"));
-        assert!(!path_matches("*.txt", "d/a.txt"));
-        assert!(path_matches("d/?.t[x-z]t", "d/a.txt"));
-        assert!(path_matches("[!b]*", "abc"));
-        assert!(!path_matches("[!a]*", "abc"));
     }
 
     #[test]
@@ -749,16 +502,16 @@ mod tests {
         let s = resolve(root, &plan(&["a.txt"], "/x"), &dl, "COPY")
             .await
             .unwrap();
-        let first = sources_digest(&s).unwrap();
+        let first = sources_digest(&s, None).unwrap();
         assert!(first.starts_with("file:"));
         std::fs::write(root.join("a.txt"), "one").unwrap();
-        assert_eq!(sources_digest(&s).unwrap(), first);
+        assert_eq!(sources_digest(&s, None).unwrap(), first);
         std::fs::write(root.join("a.txt"), "changed").unwrap();
-        assert_ne!(sources_digest(&s).unwrap(), first);
+        assert_ne!(sources_digest(&s, None).unwrap(), first);
         let s = resolve(root, &plan(&["d"], "/x"), &dl, "COPY")
             .await
             .unwrap();
-        assert!(sources_digest(&s).unwrap().starts_with("dir:"));
+        assert!(sources_digest(&s, None).unwrap().starts_with("dir:"));
         let err = resolve(root, &plan(&["*"], "/x"), &dl, "COPY")
             .await
             .unwrap_err();

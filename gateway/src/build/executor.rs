@@ -538,7 +538,7 @@ impl<'a> Executor<'a> {
         let root: PathBuf = from_root.unwrap_or_else(|| self.context.to_path_buf());
         let downloads = self.scratch_file("downloads");
         let sources = copy::resolve(&root, &plan, &downloads, name).await?;
-        let hash = copy::sources_digest(&sources)?;
+        let hash = copy::sources_digest(&sources, plan.chown.as_deref())?;
         let chown = plan
             .chown
             .as_ref()
