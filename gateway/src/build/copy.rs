@@ -512,6 +512,27 @@ mod tests {
             .await
             .unwrap();
         assert!(sources_digest(&s, None).unwrap().starts_with("dir:"));
+        assert_ne!(
+            sources_digest(&s, Some("1000:1000")).unwrap(),
+            sources_digest(&s, None).unwrap()
+        );
+        // A symlink source resolves inside the context and keeps its own name.
+        std::os::unix::fs::symlink("/a.txt", root.join("link")).unwrap();
+        let s = resolve(root, &plan(&["link"], "/x/"), &dl, "COPY")
+            .await
+            .unwrap();
+        assert_eq!(
+            (s[0].name.as_str(), &s[0].path),
+            ("link", &root.join("a.txt"))
+        );
+        let s = resolve(root, &plan(&["d/?"], "/x"), &dl, "COPY")
+            .await
+            .unwrap();
+        assert_eq!(s[0].path, root.join("d/b"));
+        let err = resolve(root, &plan(&["*.none"], "/x"), &dl, "COPY")
+            .await
+            .unwrap_err();
+        assert!(err.chain().contains("COPY failed: file not found"));
         let err = resolve(root, &plan(&["*"], "/x"), &dl, "COPY")
             .await
             .unwrap_err();
