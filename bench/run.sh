@@ -10,7 +10,8 @@
 # blocks those runs are cut into), DENSITY (200 sleep containers; 0 skips), PARALLEL_ROUNDS (5,
 # repetitions of the 20-parallel scenario), BREAKDOWN (1: traced stage breakdown of `docker run`),
 # BREAKDOWN_RUNS (20), PULL (1: bench/pull.sh, synthetic 4 x 64 MB), PULL_RUNS (5),
-# BERTH_BIN_DIR (use these binaries, no build), DOCKER (the docker CLI).
+# BERTH_BIN_DIR (use these binaries, no build), DOCKER (the docker CLI), SCENARIOS (comma-separated
+# names of bench/lib/measure.py's scenarios to run, e.g. build,run_rm; empty = all).
 #
 # Everything runs on temp dirs under /var/tmp with its own sockets, bridges (bbench0, bbench1,
 # dbench0), subnets (10.219.0.0/16, 10.220.0.0/22), cgroup parents and iptables chains; all of
@@ -210,7 +211,7 @@ if with_dockerd:
         "shim_match": ["containerd-shim-runc-v2", f"{d}/containerd/containerd.sock"]}
 ref = open(f"{tmp}/registry_ref").read().strip() if os.path.exists(f"{tmp}/registry_ref") else None
 json.dump({"docker": docker, "tmp": tmp, "runs": $RUNS, "rounds": $ROUNDS, "warmup": 3, "density": $DENSITY,
-           "parallel_rounds": $PARALLEL_ROUNDS, "registry_ref": ref,
+           "parallel_rounds": $PARALLEL_ROUNDS, "registry_ref": ref, "scenarios": "${SCENARIOS:-}",
            "busybox_tar": "$BUSYBOX_TAR", "sides": sides}, sys.stdout, indent=1)
 PY
 log "scenarios: RUNS=$RUNS ROUNDS=$ROUNDS DENSITY=$DENSITY${BENCH_DOCKERD:+ with dockerd}"
