@@ -550,24 +550,7 @@ impl Engine {
         };
         let upper = PathBuf::from(upper);
         let lowers: Vec<PathBuf> = m.lowerdirs().into_iter().map(PathBuf::from).collect();
-        // Mount points the runtime creates in the upper layer are not the container's changes.
-        let skip: Vec<String> = [
-            "/etc/hosts",
-            "/etc/hostname",
-            "/etc/resolv.conf",
-            "/dev",
-            "/proc",
-            "/sys",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain(ctr.with(|r| {
-            r.c.mounts
-                .iter()
-                .map(|m| m.destination.clone())
-                .collect::<Vec<_>>()
-        }))
-        .collect();
+        let skip = ctr.with(|r| runtime_mount_points(&r.c));
         tokio::task::spawn_blocking(move || {
             let mut out = Vec::new();
             diff_upper(&upper, &lowers, "", &skip, &mut out)?;
@@ -577,6 +560,24 @@ impl Engine {
         .await
         .map_err(|e| Error::internal("changes task").with_source(e))?
     }
+}
+
+/// Paths whose entries in the upper layer the runtime made (berth's hosts/hostname/resolv.conf
+/// bind targets, the kernel filesystems, and the container's mounts), not the container: left
+/// out of `docker diff` and of a commit's layer.
+pub(super) fn runtime_mount_points(c: &pb::Container) -> Vec<String> {
+    [
+        "/etc/hosts",
+        "/etc/hostname",
+        "/etc/resolv.conf",
+        "/dev",
+        "/proc",
+        "/sys",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(c.mounts.iter().map(|m| m.destination.clone()))
+    .collect()
 }
 
 fn is_mount_point(path: &Path) -> bool {

@@ -385,18 +385,7 @@ impl Engine {
                 ));
             }
         };
-        let skip: Vec<String> = [
-            "/etc/hosts",
-            "/etc/hostname",
-            "/etc/resolv.conf",
-            "/dev",
-            "/proc",
-            "/sys",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain(rec.c.mounts.iter().map(|m| m.destination.clone()))
-        .collect();
+        let skip = super::archive::runtime_mount_points(&rec.c);
         let cfg = rec.config();
         let container_config = docker_config(&ctr.id, cfg);
         let config = if req.config.is_empty() {
