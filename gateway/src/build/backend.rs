@@ -75,6 +75,10 @@ pub trait BuildBackend: Send + Sync {
     fn get_archive(&self, id: &str, path: &str, into: PathBuf) -> Fut<'_, ()>;
     /// Commits a step's container; the new image id.
     fn commit(&self, spec: CommitSpec) -> Fut<'_, String>;
+    /// A config-only step's image, made without a container: a child of image `parent` with
+    /// `spec.config` and an empty-layer history entry; `cmd` is the step's `#(nop)` command
+    /// (`spec.container` is unused).
+    fn commit_config(&self, parent: &str, cmd: Vec<String>, spec: CommitSpec) -> Fut<'_, String>;
     /// Removes container `id` (killing it first if it runs).
     fn remove(&self, id: &str) -> Fut<'_, ()>;
     /// Tags image `id` as `reference`.
@@ -304,6 +308,25 @@ impl BuildBackend for Engine {
             };
             self.0.containers.commit(req).await
         })
+    }
+
+    fn commit_config(&self, parent: &str, cmd: Vec<String>, spec: CommitSpec) -> Fut<'_, String> {
+        // What Docker records as the step's `container_config`: its config running the
+        // step's `#(nop)` command.
+        let mut container_config = spec.config.clone();
+        if let Some(obj) = container_config.as_object_mut() {
+            obj.insert("Cmd".into(), Value::from(cmd));
+        }
+        let options = images::CreateImageOptions {
+            parent: parent.to_string(),
+            config: serde_json::to_vec(&spec.config).unwrap_or_default(),
+            container_config: serde_json::to_vec(&container_config).unwrap_or_default(),
+            created_by: spec.created_by,
+            author: spec.author,
+            empty_layer: true,
+            ..Default::default()
+        };
+        Box::pin(async move { self.0.images.create_config_image(options).await })
     }
 
     fn remove(&self, id: &str) -> Fut<'_, ()> {

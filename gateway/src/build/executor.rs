@@ -453,6 +453,20 @@ impl<'a> Executor<'a> {
         if self.probe(state, &key).await? {
             return Ok(());
         }
+        if mkdir.is_none() && !state.image_id.is_empty() {
+            // Nothing to change in the filesystem: the image is made without a container,
+            // where moby creates and removes one.
+            let parent = state.image_id.clone();
+            let spec = CommitSpec {
+                container: String::new(),
+                config,
+                created_by: created_by.clone(),
+                author: state.maintainer.clone(),
+                empty_layer_when_unchanged: true,
+            };
+            let image = self.backend.commit_config(&parent, cmd, spec).await?;
+            return self.record_step(state, &key, image, &created_by).await;
+        }
         let id = self.create(state, cmd, None).await?;
         let result = async {
             if let Some(dir) = mkdir {
@@ -790,7 +804,6 @@ impl<'a> Executor<'a> {
         key: &str,
         empty_layer_when_unchanged: bool,
     ) -> Result<()> {
-        let parent = state.image_id.clone();
         let image = self
             .backend
             .commit(CommitSpec {
@@ -801,9 +814,20 @@ impl<'a> Executor<'a> {
                 empty_layer_when_unchanged,
             })
             .await?;
+        self.record_step(state, key, image, created_by).await
+    }
+
+    /// A step's new image: recorded in the cache under `key` and the state's image from now on.
+    async fn record_step(
+        &mut self,
+        state: &mut State,
+        key: &str,
+        image: String,
+        created_by: &str,
+    ) -> Result<()> {
         if let Err(err) = self
             .backend
-            .cache_store(key, &image, &parent, created_by)
+            .cache_store(key, &image, &state.image_id, created_by)
             .await
         {
             tracing::warn!(error = %err.chain(), "build cache record not stored");

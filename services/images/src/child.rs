@@ -179,7 +179,7 @@ impl Images {
             Some(self.ensure_unpacked(&rec, &sn_name).await?)
         };
         let _op = self.gc_lock.read().await;
-        let lease = self.lease()?;
+        let lease = self.local_lease()?;
         let mut undo = Undo::default();
         let made = self
             .create_child_locked(
@@ -283,7 +283,8 @@ impl Images {
             self.lease_add(lease, &[&d], &[])?;
         }
         if let Some(l) = &layer {
-            self.meta.write(|tx| {
+            // Made durable by commit_image's write below; worthless without it.
+            self.meta.write_volatile(|tx| {
                 tx.put(
                     meta::LAYERS,
                     l.diff_id.as_str(),
