@@ -257,22 +257,13 @@ impl BuildBackend for Engine {
     }
 
     fn empty_image(&self) -> Fut<'_, String> {
-        Box::pin(async move {
-            // Two zero blocks: an empty tar.
-            let data = futures::stream::iter([Bytes::from(vec![0u8; 1024])]).boxed();
-            let r = self
-                .0
-                .images
-                .import_rootfs(
-                    images::ImportRootfsOptions {
-                        message: "berth: FROM scratch".into(),
-                        ..Default::default()
-                    },
-                    data,
-                )
-                .await?;
-            Ok(r.image_id)
-        })
+        // No parent, no layer, no history: an empty base whose first step's layer is the
+        // image's first, as with Docker.
+        let options = images::CreateImageOptions {
+            config: b"{}".to_vec(),
+            ..Default::default()
+        };
+        Box::pin(async move { self.0.images.create_config_image(options).await })
     }
 
     fn get_archive(&self, id: &str, path: &str, into: PathBuf) -> Fut<'_, ()> {
