@@ -145,6 +145,12 @@ fn cli_builds_runs_and_caches() -> Result<()> {
         history.contains("/bin/sh -c #(nop)  ENV GREETING=hello"),
         "{history}"
     );
+    ensure!(
+        history.contains(
+            r#"/bin/sh -c #(nop)  HEALTHCHECK &{["CMD-SHELL" "true"] "30s" "5s" "0s" "0s" '\x00'}"#
+        ),
+        "{history}"
+    );
 
     // Nothing changed: every step from the cache, no RUN step runs.
     let o = build(&d, ctx.path(), &["-t", "bt:one"])?;

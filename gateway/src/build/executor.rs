@@ -22,6 +22,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::backend::{BuildBackend, BuildImage, CommitSpec, RunEvent};
 use super::copy::{self, CopyPlan};
+use super::gofmt;
 use super::options::BuildOptions;
 use super::output::Output;
 use crate::progress::short_digest;
@@ -76,15 +77,6 @@ fn string_list(v: Option<&Value>) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// Go's `%q` of a string slice: `["a" "b"]`, as moby's history comments print argv.
-fn go_quoted(list: &[String]) -> String {
-    let items: Vec<String> = list
-        .iter()
-        .map(|s| serde_json::to_string(s).unwrap_or_default())
-        .collect();
-    format!("[{}]", items.join(" "))
 }
 
 /// A step's cache key: its parent, its history line, the config it leaves and its inputs.
@@ -897,12 +889,15 @@ fn nop_comment(kind: &InstructionKind, config: &Value) -> Nop {
                 .to_string();
             Nop::Workdir(format!("WORKDIR {dir}"), dir)
         }
-        InstructionKind::Cmd(_) => Nop::Two(format!("CMD {}", go_quoted(&argv("Cmd")))),
-        InstructionKind::Entrypoint(_) => {
-            Nop::Two(format!("ENTRYPOINT {}", go_quoted(&argv("Entrypoint"))))
+        InstructionKind::Cmd(_) => Nop::Two(format!("CMD {}", gofmt::quoted_list(&argv("Cmd")))),
+        InstructionKind::Entrypoint(_) => Nop::Two(format!(
+            "ENTRYPOINT {}",
+            gofmt::quoted_list(&argv("Entrypoint"))
+        )),
+        InstructionKind::Healthcheck(h) => {
+            Nop::Two(format!("HEALTHCHECK {}", gofmt::health_config(h)))
         }
-        InstructionKind::Healthcheck(h) => Nop::Two(format!("HEALTHCHECK {}", go_quoted(&h.test))),
-        InstructionKind::Shell(s) => Nop::Two(format!("SHELL {}", go_quoted(s))),
+        InstructionKind::Shell(s) => Nop::Two(format!("SHELL {}", gofmt::quoted_list(s))),
         InstructionKind::StopSignal(s) => Nop::Two(format!("STOPSIGNAL {s}")),
         InstructionKind::Onbuild(t) => Nop::Two(format!("ONBUILD {}", t.original)),
         other => Nop::Two(other.keyword().to_string()),

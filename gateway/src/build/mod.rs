@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod copy;
 pub mod executor;
+mod gofmt;
 pub mod options;
 pub mod output;
 
