@@ -132,6 +132,7 @@ impl ImageService for CriImages {
             .pull(images::PullRequest {
                 reference: name.to_string(),
                 auth,
+                cancel_when_gone: true,
                 ..Default::default()
             })
             .await?
