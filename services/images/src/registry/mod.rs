@@ -18,6 +18,7 @@ use berth_core::{Digest, Error, ErrorKind, Result};
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
 
+use crate::hosts::{self, Capabilities, HostEntry};
 use crate::oci;
 
 mod errors;
@@ -53,6 +54,8 @@ pub struct RegistryConfig {
     pub insecure_registries: Vec<String>,
     pub registry_mirrors: Vec<String>,
     pub certs_dir: PathBuf,
+    /// containerd-style `<dir>/<host>/hosts.toml` files; empty = none.
+    pub registry_config_path: PathBuf,
 }
 
 /// One place a repository can be reached.
@@ -64,18 +67,73 @@ pub struct Endpoint {
     pub https: bool,
     /// Skip certificate verification and fall back to plain http.
     pub insecure: bool,
-    /// A docker.io mirror (failures fall through to the next endpoint).
+    /// A docker.io mirror or a hosts.toml host (failures fall through to the next endpoint).
     pub mirror: bool,
+    /// The API root: `/v2` unless a hosts.toml says otherwise.
+    pub path: String,
+    /// What the endpoint may be asked to do (a hosts.toml's `capabilities`).
+    pub capabilities: Capabilities,
+    /// CA files, client certificates, headers and dial timeout from a hosts.toml.
+    pub extras: Extras,
+}
+
+/// What a hosts.toml adds to how an endpoint is reached.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Extras {
+    pub ca: Vec<PathBuf>,
+    pub client: Vec<(PathBuf, Option<PathBuf>)>,
+    pub headers: Vec<(String, String)>,
+    pub dial_timeout: Option<Duration>,
+}
+
+impl Endpoint {
+    /// An endpoint as Docker reaches a registry (no hosts.toml).
+    fn docker(host: String, https: bool, insecure: bool, mirror: bool) -> Self {
+        Self {
+            host,
+            https,
+            insecure,
+            mirror,
+            path: "/v2".into(),
+            capabilities: Capabilities::ALL,
+            extras: Extras::default(),
+        }
+    }
+
+    /// An endpoint from a hosts.toml entry: `http://` hosts are plain http, `skip_verify`
+    /// skips certificate checks.
+    fn from_hosts(h: &HostEntry, mirror: bool) -> Self {
+        Self {
+            host: h.host.clone(),
+            https: h.https,
+            insecure: h.skip_verify == Some(true),
+            mirror,
+            path: h.path.clone(),
+            capabilities: h.capabilities,
+            extras: extras(h),
+        }
+    }
+}
+
+fn extras(h: &HostEntry) -> Extras {
+    Extras {
+        ca: h.ca.clone(),
+        client: h.client.clone(),
+        headers: h.headers.clone(),
+        dial_timeout: h.dial_timeout,
+    }
 }
 
 /// An HTTP client and the certificate files (with their mtimes) it was built from.
 type CachedClient = (Vec<(PathBuf, std::time::SystemTime)>, reqwest::Client);
+/// What a client is built for: host, skip verification, hosts.toml extras.
+type ClientKey = (String, bool, Extras);
 
 /// Registry access shared by all operations: endpoint selection and HTTP clients.
 #[derive(Debug)]
 pub struct Registries {
     cfg: RegistryConfig,
-    clients: Mutex<HashMap<(String, bool), CachedClient>>,
+    clients: Mutex<HashMap<ClientKey, CachedClient>>,
 }
 
 impl Registries {
@@ -88,47 +146,66 @@ impl Registries {
         }
     }
 
-    /// Where to reach `domain` (a reference's registry), in the order to try.
+    /// Where to reach `domain` (a reference's registry), in the order to try: the hosts of its
+    /// hosts.toml (for a push only those with the push capability), Docker's registry mirrors
+    /// (docker.io pulls), then the hosts.toml's `server` or the registry itself.
     pub async fn endpoints(&self, domain: &str, push: bool) -> Result<Vec<Endpoint>> {
+        let configured = if self.cfg.registry_config_path.as_os_str().is_empty() {
+            None
+        } else {
+            hosts::load(&self.cfg.registry_config_path, domain)?
+        };
         let mut out = Vec::new();
-        if domain == berth_core::reference::DEFAULT_DOMAIN {
-            if !push {
-                for m in &self.cfg.registry_mirrors {
-                    let (https, rest) = if let Some(r) = m.strip_prefix("https://") {
-                        (true, r)
-                    } else if let Some(r) = m.strip_prefix("http://") {
-                        (false, r)
-                    } else {
-                        (true, m.as_str())
-                    };
-                    let host = rest.trim_end_matches('/').to_string();
-                    if host.is_empty() || host.contains('/') {
-                        tracing::warn!(mirror = %m, "registry mirror with a path is not supported; skipped");
-                        continue;
-                    }
-                    let insecure = self.is_insecure(&host).await;
-                    out.push(Endpoint {
-                        host,
-                        https,
-                        insecure,
-                        mirror: true,
-                    });
+        if let Some(h) = &configured {
+            for m in &h.mirrors {
+                let able = if push {
+                    m.capabilities.push
+                } else {
+                    m.capabilities.pull
+                };
+                if able {
+                    out.push(Endpoint::from_hosts(m, true));
                 }
             }
-            out.push(Endpoint {
-                host: DOCKER_HUB_HOST.into(),
-                https: true,
-                insecure: false,
-                mirror: false,
-            });
-        } else {
-            let insecure = self.is_insecure(domain).await;
-            out.push(Endpoint {
-                host: domain.into(),
-                https: true,
-                insecure,
-                mirror: false,
-            });
+        }
+        if domain == berth_core::reference::DEFAULT_DOMAIN && !push {
+            for m in &self.cfg.registry_mirrors {
+                let (https, rest) = if let Some(r) = m.strip_prefix("https://") {
+                    (true, r)
+                } else if let Some(r) = m.strip_prefix("http://") {
+                    (false, r)
+                } else {
+                    (true, m.as_str())
+                };
+                let host = rest.trim_end_matches('/').to_string();
+                if host.is_empty() || host.contains('/') {
+                    tracing::warn!(mirror = %m, "registry mirror with a path is not supported; skipped");
+                    continue;
+                }
+                let insecure = self.is_insecure(&host).await;
+                out.push(Endpoint::docker(host, https, insecure, true));
+            }
+        }
+        match configured {
+            Some(hosts::Hosts {
+                server: Some(server),
+                ..
+            }) => out.push(Endpoint::from_hosts(&server, false)),
+            other => {
+                let mut upstream = if domain == berth_core::reference::DEFAULT_DOMAIN {
+                    Endpoint::docker(DOCKER_HUB_HOST.into(), true, false, false)
+                } else {
+                    let insecure = self.is_insecure(domain).await;
+                    Endpoint::docker(domain.into(), true, insecure, false)
+                };
+                // Root-level settings of a hosts.toml without `server` apply to the registry.
+                if let Some(settings) = other.and_then(|h| h.server_settings) {
+                    upstream.insecure |= settings.skip_verify == Some(true);
+                    upstream.capabilities = settings.capabilities;
+                    upstream.extras = extras(&settings);
+                }
+                out.push(upstream);
+            }
         }
         Ok(out)
     }
@@ -172,7 +249,7 @@ impl Registries {
         })
     }
 
-    fn client(&self, host: &str, insecure: bool) -> Result<reqwest::Client> {
+    fn client(&self, host: &str, insecure: bool, extras: &Extras) -> Result<reqwest::Client> {
         // `[::1]:5000` may also be spelled without brackets in a certs.d directory name.
         let dirs = [
             self.cfg.certs_dir.join(host),
@@ -194,7 +271,18 @@ impl Registries {
             }
         }
         files.sort();
-        let key = (host.to_string(), insecure);
+        for p in extras.ca.iter().chain(
+            extras
+                .client
+                .iter()
+                .flat_map(|(c, k)| std::iter::once(c).chain(k)),
+        ) {
+            let mtime = std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            files.push((p.clone(), mtime));
+        }
+        let key = (host.to_string(), insecure, extras.clone());
         if let Some((f, c)) = self.clients.lock().unwrap().get(&key)
             && *f == files
         {
@@ -230,6 +318,47 @@ impl Registries {
                     b = b.identity(id);
                 }
             }
+        }
+        for path in &extras.ca {
+            let pem = std::fs::read(path)
+                .map_err(|e| Error::internal(format!("read {}", path.display())).with_source(e))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                Error::invalid_argument(format!("CA certificate {}", path.display())).with_source(e)
+            })?;
+            roots.extend(certs);
+        }
+        for (cert, key) in &extras.client {
+            let mut pem = std::fs::read(cert)
+                .map_err(|e| Error::internal(format!("read {}", cert.display())).with_source(e))?;
+            if let Some(key) = key {
+                let k = std::fs::read(key).map_err(|e| {
+                    Error::internal(format!("read {}", key.display())).with_source(e)
+                })?;
+                pem.extend_from_slice(b"\n");
+                pem.extend_from_slice(&k);
+            }
+            let id = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                Error::invalid_argument(format!("client certificate {}", cert.display()))
+                    .with_source(e)
+            })?;
+            b = b.identity(id);
+        }
+        if !extras.headers.is_empty() {
+            let mut headers = HeaderMap::new();
+            for (name, value) in &extras.headers {
+                let name =
+                    reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|e| {
+                        Error::invalid_argument(format!("header name {name:?}")).with_source(e)
+                    })?;
+                let value = HeaderValue::from_str(value).map_err(|e| {
+                    Error::invalid_argument(format!("header value for {name}")).with_source(e)
+                })?;
+                headers.append(name, value);
+            }
+            b = b.default_headers(headers);
+        }
+        if let Some(t) = extras.dial_timeout {
+            b = b.connect_timeout(t);
         }
         if !roots.is_empty() {
             b = b.tls_certs_merge(roots);
@@ -283,8 +412,13 @@ impl Registries {
         reference: &str,
     ) -> Result<(Repository, FetchedManifest)> {
         let endpoints = self.endpoints(domain, false).await?;
+        // Only hosts trusted to resolve turn a tag into a manifest; any puller serves digests.
+        let by_digest = reference.contains(':');
         let mut last_err = None;
-        for ep in endpoints {
+        for ep in endpoints
+            .into_iter()
+            .filter(|ep| by_digest || ep.capabilities.resolve)
+        {
             let fetched = match self.connect(&ep, domain, path, creds, false).await {
                 Ok(repo) => match repo.get_manifest(reference).await {
                     Ok(manifest) => Ok((repo, manifest)),
@@ -330,11 +464,12 @@ impl Registries {
         if !ep.https || ep.insecure {
             schemes.push("http");
         }
-        let client = self.client(&ep.host, ep.insecure)?;
+        let client = self.client(&ep.host, ep.insecure, &ep.extras)?;
         let mut first_err = None;
         for scheme in schemes {
             let base = format!("{scheme}://{}", ep.host);
-            match client.get(format!("{base}/v2/")).send().await {
+            let root = format!("{base}{}", ep.path);
+            match client.get(format!("{root}/")).send().await {
                 Ok(resp) => {
                     let challenge = if resp.status() == StatusCode::UNAUTHORIZED {
                         resp.headers()
@@ -351,6 +486,7 @@ impl Registries {
                     let repo = Repository {
                         client: client.clone(),
                         base,
+                        root,
                         domain: domain.to_string(),
                         name: path.to_string(),
                         creds: creds.clone(),
@@ -363,7 +499,7 @@ impl Registries {
                     return Ok(repo);
                 }
                 Err(e) => {
-                    let err = http_error(e, &format!("{scheme}://{}/v2/", ep.host));
+                    let err = http_error(e, &format!("{scheme}://{}{}/", ep.host, ep.path));
                     tracing::debug!(endpoint = %ep.host, scheme, error = %err.chain(), "registry ping failed");
                     if first_err.is_none() {
                         first_err = Some(err);
@@ -500,6 +636,8 @@ struct AuthState {
 pub struct Repository {
     client: reqwest::Client,
     base: String,
+    /// `base` and the API root (`/v2`).
+    root: String,
     domain: String,
     name: String,
     creds: Credentials,
@@ -546,7 +684,7 @@ impl Repository {
     }
 
     fn url(&self, rest: &str) -> String {
-        format!("{}/v2/{}/{rest}", self.base, self.name)
+        format!("{}/{}/{rest}", self.root, self.name)
     }
 
     /// Sends a request built by `build`, answering an auth challenge once.
@@ -1058,16 +1196,67 @@ mod tests {
         assert_eq!(eps.len(), 3);
         assert_eq!(
             eps[0],
-            Endpoint {
-                host: "127.0.0.1:5001".into(),
-                https: false,
-                insecure: true,
-                mirror: true
-            }
+            Endpoint::docker("127.0.0.1:5001".into(), false, true, true)
         );
         assert!(eps[1].https && eps[1].mirror);
         assert_eq!(r.endpoints("docker.io", true).await.unwrap().len(), 1);
         assert_eq!(r.endpoints("quay.io", false).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn hosts_toml_hosts_come_first_then_the_server() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("registry.k8s.io");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(
+            dir.join("hosts.toml"),
+            r#"
+server = "https://upstream.example"
+[host."http://127.0.0.1:5000"]
+  capabilities = ["pull", "resolve"]
+[host."https://pull-only.example/mirror"]
+  capabilities = ["pull"]
+  skip_verify = true
+"#,
+        )
+        .unwrap();
+        let hub = root.path().join("docker.io");
+        std::fs::create_dir(&hub).unwrap();
+        std::fs::write(hub.join("hosts.toml"), "[host.\"http://127.0.0.1:5002\"]\n").unwrap();
+        let r = Registries::new(RegistryConfig {
+            registry_mirrors: vec!["http://127.0.0.1:5001".into()],
+            registry_config_path: root.path().to_path_buf(),
+            ..Default::default()
+        });
+        let eps = r.endpoints("registry.k8s.io", false).await.unwrap();
+        let hosts: Vec<(&str, bool, bool, &str)> = eps
+            .iter()
+            .map(|e| (e.host.as_str(), e.https, e.mirror, e.path.as_str()))
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                ("127.0.0.1:5000", false, true, "/v2"),
+                ("pull-only.example", true, true, "/mirror/v2"),
+                ("upstream.example", true, false, "/v2"),
+            ]
+        );
+        assert!(eps[1].insecure && !eps[1].capabilities.resolve);
+        // A push goes only to hosts that may take one: here the server.
+        let eps = r.endpoints("registry.k8s.io", true).await.unwrap();
+        assert_eq!(eps.len(), 1);
+        assert_eq!(eps[0].host, "upstream.example");
+        // docker.io: hosts.toml hosts, then Docker's registry-mirrors, then Docker Hub.
+        let eps = r.endpoints("docker.io", false).await.unwrap();
+        let hosts: Vec<&str> = eps.iter().map(|e| e.host.as_str()).collect();
+        assert_eq!(hosts, ["127.0.0.1:5002", "127.0.0.1:5001", DOCKER_HUB_HOST]);
+        // Without a hosts.toml, nothing changes.
+        let eps = r.endpoints("quay.io", false).await.unwrap();
+        assert_eq!(eps.len(), 1);
+        assert_eq!(eps[0].host, "quay.io");
+        std::fs::write(dir.join("hosts.toml"), "server = [").unwrap();
+        let err = r.endpoints("registry.k8s.io", false).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     }
 
     #[test]
