@@ -170,8 +170,12 @@ async fn images_through_a_hosts_toml_mirror_in_one_store_with_docker() -> Result
         ..Default::default()
     })?;
     registry.push_oci(&oci_dir("busybox"), "pause:3.10")?;
+    // Every other namespace falls back to `_default`: an open registry.
+    let open = Registry::start(RegistryOptions::default())?;
+    open.push_oci(&oci_dir("busybox"), "google-samples/busybox:1.0")?;
     let certs = tempfile::tempdir()?;
     hosts_toml(certs.path(), "registry.k8s.io", &registry.host)?;
+    hosts_toml(certs.path(), "_default", &open.host)?;
     let d = DockerStack::start_with(&format!(
         "[images]\nregistry_config_path = \"{}\"\n",
         certs.path().display()
@@ -305,6 +309,50 @@ async fn images_through_a_hosts_toml_mirror_in_one_store_with_docker() -> Result
         image: spec(&pulled.image_ref),
     })
     .await?;
+    // And by id.
+    let again = img
+        .pull_image(cri::PullImageRequest {
+            image: spec(name),
+            auth: auth.clone(),
+            sandbox_config: None,
+        })
+        .await?
+        .into_inner();
+    img.remove_image(cri::RemoveImageRequest {
+        image: spec(&again.image_ref),
+    })
+    .await?;
+    let st = img
+        .image_status(cri::ImageStatusRequest {
+            image: spec(&again.image_ref),
+            verbose: false,
+        })
+        .await?
+        .into_inner();
+    assert!(st.image.is_none(), "{st:?}");
+
+    // The Docker side pulls through the hosts.toml too (here `_default`), and the CRI sees it.
+    d.ok(&["pull", "-q", "gcr.io/google-samples/busybox:1.0"])?;
+    let st = img
+        .image_status(cri::ImageStatusRequest {
+            image: spec("gcr.io/google-samples/busybox:1.0"),
+            verbose: false,
+        })
+        .await?
+        .into_inner();
+    let docker_pulled = st.image.context("docker's pull is in the CRI's store")?;
+    assert_eq!(
+        docker_pulled.repo_tags,
+        ["gcr.io/google-samples/busybox:1.0"]
+    );
+    // Removal by digest.
+    let open_digest = open.manifest_digest("google-samples/busybox:1.0")?;
+    img.remove_image(cri::RemoveImageRequest {
+        image: spec(&format!("gcr.io/google-samples/busybox@{open_digest}")),
+    })
+    .await?;
+    let gone = d.fails(&["image", "inspect", "gcr.io/google-samples/busybox:1.0"])?;
+    assert!(gone.1.contains("No such image"), "{gone:?}");
 
     // A pull of something that does not exist is NotFound and leaves nothing.
     let count = image_count(&mut img).await?;
@@ -325,5 +373,54 @@ async fn images_through_a_hosts_toml_mirror_in_one_store_with_docker() -> Result
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    Ok(())
+}
+
+/// A pull whose caller goes away is cancelled in berth-images: the connection to a registry
+/// that never answers is closed by berth at once, not when its read timeout (60 s) ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_pull_is_cancelled() -> Result<()> {
+    if !gateway_kit::ready() {
+        return Ok(());
+    }
+    let stall = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = stall.local_addr()?.to_string();
+    let certs = tempfile::tempdir()?;
+    hosts_toml(certs.path(), "stalled.example", &addr)?;
+    let d = DockerStack::start_with(&format!(
+        "[images]\nregistry_config_path = \"{}\"\n",
+        certs.path().display()
+    ))?;
+    let (_, mut img) = clients(&d);
+    // Accepts berth's connection, then reads until berth closes it (EOF) or 30 s pass.
+    let watcher = std::thread::spawn(move || -> std::io::Result<bool> {
+        use std::io::Read;
+        let (mut conn, _) = stall.accept()?;
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => return Ok(true),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(true),
+                Err(_) => return Ok(false),
+            }
+        }
+    });
+    let pull = img.pull_image(cri::PullImageRequest {
+        image: spec("stalled.example/never:1"),
+        ..Default::default()
+    });
+    // kubelet gives up (its deadline, or a cancelled pod): the call is dropped.
+    let gave_up = tokio::time::timeout(std::time::Duration::from_secs(2), pull).await;
+    assert!(gave_up.is_err(), "the stalled pull answered: {gave_up:?}");
+    let closed = tokio::task::spawn_blocking(move || watcher.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("watcher panicked"))??;
+    assert!(
+        closed,
+        "berth kept reading from the registry after the caller went away"
+    );
+    assert_eq!(image_count(&mut img).await?, 0);
     Ok(())
 }
