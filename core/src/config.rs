@@ -331,6 +331,9 @@ pub struct CriConfig {
     pub enabled: bool,
     /// Socket path (mode 0660, group `socket_group`); default `<state_dir>/cri.sock`.
     pub socket: Option<PathBuf>,
+    /// Seconds a CRI pull may go without progress before it is cancelled (containerd's
+    /// `image_pull_progress_timeout`); 0 = never.
+    pub image_pull_progress_timeout: u64,
 }
 
 impl Default for CriConfig {
@@ -338,6 +341,7 @@ impl Default for CriConfig {
         Self {
             enabled: true,
             socket: None,
+            image_pull_progress_timeout: 300,
         }
     }
 }

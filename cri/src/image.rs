@@ -3,7 +3,7 @@
 //! image filesystem's usage).
 
 use std::path::PathBuf;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use berth_core::uds::{Channel, channel};
 use berth_core::{Config, Error, ErrorKind, Service};
@@ -29,6 +29,8 @@ pub struct CriImages {
     snapshots: SnapshotsClient<Channel>,
     snapshotter: String,
     mountpoint: PathBuf,
+    /// How long a pull may go without progress; `None`: forever.
+    pull_progress_timeout: Option<Duration>,
 }
 
 impl CriImages {
@@ -40,6 +42,10 @@ impl CriImages {
             snapshots: SnapshotsClient::new(channel(&sockets.snapshotter)),
             snapshotter: config.snapshotter.driver.clone(),
             mountpoint: config.data_dir(Service::Snapshotter),
+            pull_progress_timeout: match config.cri.image_pull_progress_timeout {
+                0 => None,
+                secs => Some(Duration::from_secs(secs)),
+            },
         }
     }
 
@@ -117,7 +123,8 @@ impl ImageService for CriImages {
 
     /// Pulls through berth-images (its per-host registry configuration applies). When kubelet
     /// drops the call (cancellation or its deadline), this future is dropped, which drops the
-    /// stream from berth-images, which cancels the pull there.
+    /// stream from berth-images, which cancels the pull there; so does a pull that makes no
+    /// progress for `[cri] image_pull_progress_timeout`.
     async fn pull_image(
         &self,
         req: Request<cri::PullImageRequest>,
@@ -137,7 +144,23 @@ impl ImageService for CriImages {
             })
             .await?
             .into_inner();
-        while let Some(msg) = progress.message().await? {
+        loop {
+            let next = progress.message();
+            let msg = match self.pull_progress_timeout {
+                None => next.await?,
+                Some(limit) => tokio::time::timeout(limit, next).await.map_err(|_| {
+                    Error::new(
+                        ErrorKind::DeadlineExceeded,
+                        format!(
+                            "pull of {name} cancelled: no progress for {}s (image_pull_progress_timeout)",
+                            limit.as_secs()
+                        ),
+                    )
+                })??,
+            };
+            let Some(msg) = msg else {
+                break;
+            };
             if let Some(images::pull_response::Event::Done(done)) = msg.event {
                 return Ok(Response::new(cri::PullImageResponse {
                     image_ref: done.image_id,

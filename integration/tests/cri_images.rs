@@ -376,23 +376,11 @@ async fn images_through_a_hosts_toml_mirror_in_one_store_with_docker() -> Result
     Ok(())
 }
 
-/// A pull whose caller goes away is cancelled in berth-images: the connection to a registry
-/// that never answers is closed by berth at once, not when its read timeout (60 s) ends.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dropped_pull_is_cancelled() -> Result<()> {
-    if !gateway_kit::ready() {
-        return Ok(());
-    }
+/// A registry host that accepts one connection and never answers; the thread reports whether
+/// berth closed the connection (true) or 30 s passed first (false).
+fn stalled_registry() -> Result<(String, std::thread::JoinHandle<std::io::Result<bool>>)> {
     let stall = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = stall.local_addr()?.to_string();
-    let certs = tempfile::tempdir()?;
-    hosts_toml(certs.path(), "stalled.example", &addr)?;
-    let d = DockerStack::start_with(&format!(
-        "[images]\nregistry_config_path = \"{}\"\n",
-        certs.path().display()
-    ))?;
-    let (_, mut img) = clients(&d);
-    // Accepts berth's connection, then reads until berth closes it (EOF) or 30 s pass.
     let watcher = std::thread::spawn(move || -> std::io::Result<bool> {
         use std::io::Read;
         let (mut conn, _) = stall.accept()?;
@@ -407,6 +395,30 @@ async fn a_dropped_pull_is_cancelled() -> Result<()> {
             }
         }
     });
+    Ok((addr, watcher))
+}
+
+async fn closed_by_berth(watcher: std::thread::JoinHandle<std::io::Result<bool>>) -> Result<bool> {
+    Ok(tokio::task::spawn_blocking(move || watcher.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("watcher panicked"))??)
+}
+
+/// A pull whose caller goes away is cancelled in berth-images: the connection to a registry
+/// that never answers is closed by berth at once, not when its read timeout (60 s) ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_pull_is_cancelled() -> Result<()> {
+    if !gateway_kit::ready() {
+        return Ok(());
+    }
+    let (addr, watcher) = stalled_registry()?;
+    let certs = tempfile::tempdir()?;
+    hosts_toml(certs.path(), "stalled.example", &addr)?;
+    let d = DockerStack::start_with(&format!(
+        "[images]\nregistry_config_path = \"{}\"\n",
+        certs.path().display()
+    ))?;
+    let (_, mut img) = clients(&d);
     let pull = img.pull_image(cri::PullImageRequest {
         image: spec("stalled.example/never:1"),
         ..Default::default()
@@ -414,13 +426,41 @@ async fn a_dropped_pull_is_cancelled() -> Result<()> {
     // kubelet gives up (its deadline, or a cancelled pod): the call is dropped.
     let gave_up = tokio::time::timeout(std::time::Duration::from_secs(2), pull).await;
     assert!(gave_up.is_err(), "the stalled pull answered: {gave_up:?}");
-    let closed = tokio::task::spawn_blocking(move || watcher.join())
-        .await?
-        .map_err(|_| anyhow::anyhow!("watcher panicked"))??;
     assert!(
-        closed,
+        closed_by_berth(watcher).await?,
         "berth kept reading from the registry after the caller went away"
     );
     assert_eq!(image_count(&mut img).await?, 0);
+    Ok(())
+}
+
+/// A pull that makes no progress for `[cri] image_pull_progress_timeout` fails with
+/// DEADLINE_EXCEEDED and is cancelled in berth-images.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_without_progress_times_out() -> Result<()> {
+    if !gateway_kit::ready() {
+        return Ok(());
+    }
+    let (addr, watcher) = stalled_registry()?;
+    let certs = tempfile::tempdir()?;
+    hosts_toml(certs.path(), "stalled.example", &addr)?;
+    let d = DockerStack::start_with(&format!(
+        "[images]\nregistry_config_path = \"{}\"\n[cri]\nimage_pull_progress_timeout = 1\n",
+        certs.path().display()
+    ))?;
+    let (_, mut img) = clients(&d);
+    let err = img
+        .pull_image(cri::PullImageRequest {
+            image: spec("stalled.example/never:1"),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(err.message().contains("no progress"), "{err:?}");
+    assert!(
+        closed_by_berth(watcher).await?,
+        "berth kept reading from the registry after the pull timed out"
+    );
     Ok(())
 }
