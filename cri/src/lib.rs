@@ -5,6 +5,7 @@
 //! snapshotter services, so a `kill -9` of the gateway loses nothing. The one thing kubelet
 //! tells the runtime (`UpdateRuntimeConfig`'s pod CIDR) is kept in the state directory.
 
+pub mod backend;
 mod convert;
 mod image;
 mod runtime;
