@@ -2,10 +2,15 @@
 
 use std::pin::Pin;
 
+use std::path::PathBuf;
+
+use berth_core::grpc::ServingStatus;
 use berth_core::uds::{Channel, channel};
 use berth_core::{Error, ErrorKind, Result};
 use berth_proto::berth::images::v1 as images;
 use berth_proto::berth::images::v1::images_client::ImagesClient;
+use berth_proto::berth::network::v1 as network;
+use berth_proto::berth::network::v1::networks_client::NetworksClient;
 use berth_proto::containerd::services::snapshots::v1 as snapshots;
 use berth_proto::containerd::services::snapshots::v1::snapshots_client::SnapshotsClient;
 use futures::future::BoxFuture;
@@ -162,6 +167,52 @@ impl ImageStore for GrpcImageStore {
                 }
             }
             Ok((bytes, inodes))
+        })
+    }
+}
+
+/// What the runtime service asks the rest of berth for its readiness.
+pub trait RuntimeProbe: Send + Sync + 'static {
+    /// berth-engine's health.
+    fn engine_health(&self) -> Fut<'_, ServingStatus>;
+    /// The CNI configs berth-network finds for pods (their files, the default first).
+    fn cni_configs(&self) -> Fut<'_, Vec<String>>;
+}
+
+/// [`RuntimeProbe`] over berth-engine's health service and berth-network.
+#[derive(Debug, Clone)]
+pub struct GrpcRuntimeProbe {
+    engine: PathBuf,
+    networks: NetworksClient<Channel>,
+}
+
+impl GrpcRuntimeProbe {
+    /// A probe of the services `sockets` names.
+    pub fn new(sockets: &Sockets) -> Self {
+        Self {
+            engine: sockets.engine.clone(),
+            networks: NetworksClient::new(channel(&sockets.network)),
+        }
+    }
+}
+
+impl RuntimeProbe for GrpcRuntimeProbe {
+    fn engine_health(&self) -> Fut<'_, ServingStatus> {
+        Box::pin(berth_core::grpc::check_health(&self.engine))
+    }
+
+    fn cni_configs(&self) -> Fut<'_, Vec<String>> {
+        Box::pin(async move {
+            Ok(self
+                .networks
+                .clone()
+                .list_cni_configs(network::ListCniConfigsRequest {})
+                .await?
+                .into_inner()
+                .configs
+                .into_iter()
+                .map(|c| c.path)
+                .collect())
         })
     }
 }

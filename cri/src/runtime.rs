@@ -5,16 +5,14 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
 use berth_core::grpc::ServingStatus;
-use berth_core::uds::{Channel, channel};
 use berth_core::{Config, Error, ErrorKind, Result as BerthResult};
-use berth_proto::berth::network::v1 as network;
-use berth_proto::berth::network::v1::networks_client::NetworksClient;
 use berth_proto::cri::runtime::v1 as cri;
 use berth_proto::cri::runtime::v1::runtime_service_server::RuntimeService;
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::Sockets;
+use crate::backend::{GrpcRuntimeProbe, RuntimeProbe};
 use crate::convert;
 
 /// The runtime's name in `Version` (kubelet logs it; crictl prints it).
@@ -31,10 +29,9 @@ const RUNTIME_READY: &str = "RuntimeReady";
 type EventStream = Pin<Box<dyn Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send>>;
 
 /// The CRI runtime service.
-#[derive(Debug, Clone)]
-pub struct CriRuntime {
-    engine: PathBuf,
-    networks: NetworksClient<Channel>,
+#[derive(Debug)]
+pub struct CriRuntime<P = GrpcRuntimeProbe> {
+    probe: P,
     cni_conf_dir: PathBuf,
     /// Where `UpdateRuntimeConfig`'s pod CIDR is kept (the state directory: kubelet sends it
     /// again after a reboot, and a gateway restart must not lose it).
@@ -44,9 +41,15 @@ pub struct CriRuntime {
 impl CriRuntime {
     /// A runtime service over the services `sockets` names.
     pub fn new(config: &Config, sockets: &Sockets) -> Self {
+        Self::with_probe(GrpcRuntimeProbe::new(sockets), config)
+    }
+}
+
+impl<P: RuntimeProbe> CriRuntime<P> {
+    /// A runtime service asking `probe`.
+    pub fn with_probe(probe: P, config: &Config) -> Self {
         Self {
-            engine: sockets.engine.clone(),
-            networks: NetworksClient::new(channel(&sockets.network)),
+            probe,
             cni_conf_dir: config.network.cni_conf_dir.clone(),
             pod_cidr_file: config.state_dir.join("cri").join("pod-cidr"),
         }
@@ -54,7 +57,7 @@ impl CriRuntime {
 
     /// RuntimeReady: the engine, which runs every container, answers its health check.
     async fn runtime_condition(&self) -> cri::RuntimeCondition {
-        let (status, reason, message) = match berth_core::grpc::check_health(&self.engine).await {
+        let (status, reason, message) = match self.probe.engine_health().await {
             Ok(ServingStatus::Serving) => (true, String::new(), String::new()),
             Ok(other) => (
                 false,
@@ -73,44 +76,32 @@ impl CriRuntime {
 
     /// NetworkReady: berth-network finds a CNI config for pods.
     async fn network_condition(&self) -> (cri::RuntimeCondition, Vec<String>) {
-        let listed = self
-            .networks
-            .clone()
-            .list_cni_configs(network::ListCniConfigsRequest {})
-            .await;
         let not_ready = |message: String| cri::RuntimeCondition {
             r#type: NETWORK_READY.into(),
             status: false,
             reason: NETWORK_NOT_READY_REASON.into(),
             message,
         };
-        match listed {
-            Ok(resp) => {
-                let names: Vec<String> = resp
-                    .into_inner()
-                    .configs
-                    .into_iter()
-                    .map(|c| c.path)
-                    .collect();
-                if names.is_empty() {
-                    let message = format!(
-                        "Network plugin returns error: cni plugin not initialized: no network config found in {}",
-                        self.cni_conf_dir.display()
-                    );
-                    (not_ready(message), names)
-                } else {
-                    let ready = cri::RuntimeCondition {
-                        r#type: NETWORK_READY.into(),
-                        status: true,
-                        ..Default::default()
-                    };
-                    (ready, names)
-                }
+        match self.probe.cni_configs().await {
+            Ok(names) if names.is_empty() => {
+                let message = format!(
+                    "Network plugin returns error: cni plugin not initialized: no network config found in {}",
+                    self.cni_conf_dir.display()
+                );
+                (not_ready(message), names)
             }
-            Err(status) => (
+            Ok(names) => {
+                let ready = cri::RuntimeCondition {
+                    r#type: NETWORK_READY.into(),
+                    status: true,
+                    ..Default::default()
+                };
+                (ready, names)
+            }
+            Err(err) => (
                 not_ready(format!(
                     "cannot ask berth-network for CNI configs: {}",
-                    Error::from(status).chain()
+                    err.chain()
                 )),
                 Vec::new(),
             ),
@@ -146,7 +137,7 @@ fn not_yet(method: &str) -> Status {
 }
 
 #[tonic::async_trait]
-impl RuntimeService for CriRuntime {
+impl<P: RuntimeProbe> RuntimeService for CriRuntime<P> {
     type GetContainerEventsStream = EventStream;
 
     async fn version(
@@ -397,5 +388,152 @@ impl RuntimeService for CriRuntime {
         _req: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
         Err(not_yet("ListPodSandboxMetrics"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::backend::Fut;
+
+    /// Answers what it is told to.
+    struct Probe {
+        engine: Mutex<Result<ServingStatus, String>>,
+        cni: Mutex<Result<Vec<String>, String>>,
+    }
+
+    impl RuntimeProbe for Probe {
+        fn engine_health(&self) -> Fut<'_, ServingStatus> {
+            let r = self
+                .engine
+                .lock()
+                .unwrap()
+                .clone()
+                .map_err(Error::unavailable);
+            Box::pin(async move { r })
+        }
+
+        fn cni_configs(&self) -> Fut<'_, Vec<String>> {
+            let r = self.cni.lock().unwrap().clone().map_err(Error::unavailable);
+            Box::pin(async move { r })
+        }
+    }
+
+    fn runtime(state: &Path) -> CriRuntime<Probe> {
+        let config = Config {
+            state_dir: state.to_path_buf(),
+            ..Default::default()
+        };
+        CriRuntime::with_probe(
+            Probe {
+                engine: Mutex::new(Ok(ServingStatus::Serving)),
+                cni: Mutex::new(Ok(Vec::new())),
+            },
+            &config,
+        )
+    }
+
+    async fn conditions(rt: &CriRuntime<Probe>) -> (cri::RuntimeCondition, cri::RuntimeCondition) {
+        let s = rt
+            .status(Request::new(cri::StatusRequest { verbose: false }))
+            .await
+            .unwrap()
+            .into_inner();
+        let c = s.status.unwrap().conditions;
+        assert_eq!(c[0].r#type, "RuntimeReady");
+        assert_eq!(c[1].r#type, "NetworkReady");
+        (c[0].clone(), c[1].clone())
+    }
+
+    #[tokio::test]
+    async fn readiness_follows_the_engine_and_the_cni_configs() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(dir.path());
+        let (run, net) = conditions(&rt).await;
+        assert!(run.status);
+        assert!(!net.status);
+        assert_eq!(net.reason, "NetworkPluginNotReady");
+        assert!(net.message.contains("/etc/cni/net.d"), "{}", net.message);
+
+        *rt.probe.cni.lock().unwrap() = Ok(vec!["/etc/cni/net.d/10-pods.conflist".into()]);
+        let (_, net) = conditions(&rt).await;
+        assert!(net.status && net.reason.is_empty());
+
+        *rt.probe.cni.lock().unwrap() = Err("network down".into());
+        *rt.probe.engine.lock().unwrap() = Err("connect engine.sock".into());
+        let (run, net) = conditions(&rt).await;
+        assert!(!run.status);
+        assert_eq!(run.reason, "EngineUnavailable");
+        assert!(run.message.contains("engine.sock"));
+        assert!(!net.status);
+        assert!(net.message.contains("network down"), "{}", net.message);
+
+        *rt.probe.engine.lock().unwrap() = Ok(ServingStatus::NotServing);
+        let (run, _) = conditions(&rt).await;
+        assert!(!run.status);
+        assert_eq!(run.reason, "EngineNotServing");
+    }
+
+    #[tokio::test]
+    async fn the_pod_cidr_is_kept_in_the_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(dir.path());
+        let update = |cidr: &str| {
+            Request::new(cri::UpdateRuntimeConfigRequest {
+                runtime_config: Some(cri::RuntimeConfig {
+                    network_config: Some(cri::NetworkConfig {
+                        pod_cidr: cidr.into(),
+                    }),
+                }),
+            })
+        };
+        rt.update_runtime_config(update("10.88.0.0/16,fd00::/64"))
+            .await
+            .unwrap();
+        // An empty update (kubelet before it knows) keeps what is there.
+        rt.update_runtime_config(update("")).await.unwrap();
+        let err = rt
+            .update_runtime_config(update("nonsense"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        // A new process (after kill -9) reads it back.
+        let again = runtime(dir.path());
+        assert_eq!(again.pod_cidrs(), ["10.88.0.0/16", "fd00::/64"]);
+        let s = again
+            .status(Request::new(cri::StatusRequest { verbose: true }))
+            .await
+            .unwrap()
+            .into_inner();
+        let config: serde_json::Value = serde_json::from_str(&s.info["config"]).unwrap();
+        assert_eq!(config["podCIDRs"][1], "fd00::/64");
+        assert_eq!(config["cgroupDriver"], "cgroupfs");
+    }
+
+    #[tokio::test]
+    async fn unimplemented_methods_name_themselves() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(dir.path());
+        let err = rt
+            .list_pod_sandbox(Request::new(cri::ListPodSandboxRequest::default()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unimplemented);
+        assert!(
+            err.message()
+                .starts_with("runtime.v1.RuntimeService.ListPodSandbox is not implemented yet"),
+            "{err:?}"
+        );
+        let v = rt
+            .version(Request::new(cri::VersionRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (v.runtime_name.as_str(), v.runtime_api_version.as_str()),
+            ("berth", "v1")
+        );
     }
 }
