@@ -67,14 +67,14 @@ pub struct HostEntry {
     pub dial_timeout: Option<Duration>,
 }
 
-/// A namespace's hosts: the mirrors in order, then the server (`None`: the namespace itself,
-/// reached as berth would reach it without a hosts.toml).
+/// A namespace's hosts: the mirrors in order, then the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hosts {
     pub mirrors: Vec<HostEntry>,
-    pub server: Option<HostEntry>,
-    /// The server's own settings when no `server` URL is given (TLS files, skip_verify...).
-    pub server_settings: Option<HostEntry>,
+    /// The file's `server` with its top-level settings. Its `host` is empty when the file names
+    /// no server: then the namespace itself is reached as berth reaches it without a
+    /// hosts.toml, with these settings (CA, skip_verify, headers...).
+    pub server: HostEntry,
 }
 
 /// The directory whose hosts.toml configures `namespace` (`host[:port]`), if any exists.
@@ -163,38 +163,43 @@ pub fn parse(dir: &Path, text: &str) -> Result<Hosts> {
         let settings: FileHost = value
             .try_into()
             .map_err(|e| Error::invalid_argument(format!("host {url:?}")).with_source(e))?;
-        mirrors.push(entry(dir, &url, settings)?);
+        mirrors.push(entry(dir, Some(&url), settings)?);
     }
-    let (server, server_settings) = match file.server.as_deref().map(str::trim) {
-        Some(url) if !url.is_empty() => (Some(entry(dir, url, file.root)?), None),
-        _ => (None, Some(entry(dir, "https://placeholder", file.root)?)),
-    };
-    Ok(Hosts {
-        mirrors,
-        server,
-        server_settings,
-    })
+    let server = file
+        .server
+        .as_deref()
+        .map(str::trim)
+        .filter(|u| !u.is_empty());
+    let server = entry(dir, server, file.root)?;
+    Ok(Hosts { mirrors, server })
 }
 
-fn entry(dir: &Path, url: &str, h: FileHost) -> Result<HostEntry> {
+/// One host from its URL (`None`: the server of a file that names none) and settings.
+fn entry(dir: &Path, url: Option<&str>, h: FileHost) -> Result<HostEntry> {
     let bad = |why: &str| Error::invalid_argument(format!("host {url:?}: {why}"));
-    let full = if url.starts_with("http://") || url.starts_with("https://") {
-        url.to_string()
-    } else {
-        format!("https://{url}")
+    let (https, host, path) = match url {
+        None => (true, String::new(), String::new()),
+        Some(url) => {
+            let full = if url.starts_with("http://") || url.starts_with("https://") {
+                url.to_string()
+            } else {
+                format!("https://{url}")
+            };
+            let (https, rest) = match full.strip_prefix("https://") {
+                Some(r) => (true, r),
+                None => (false, full.strip_prefix("http://").unwrap_or_default()),
+            };
+            let (host, path) = match rest.find('/') {
+                Some(i) => (&rest[..i], &rest[i..]),
+                None => (rest, ""),
+            };
+            if host.is_empty() {
+                return Err(bad("no host"));
+            }
+            (https, host.to_string(), path.to_string())
+        }
     };
-    let (https, rest) = match full.strip_prefix("https://") {
-        Some(r) => (true, r),
-        None => (false, full.strip_prefix("http://").unwrap_or_default()),
-    };
-    let (host, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, ""),
-    };
-    if host.is_empty() {
-        return Err(bad("no host"));
-    }
-    let path = clean_path(path);
+    let path = clean_path(&path);
     let path = if h.override_path || path.ends_with("/v2") {
         path
     } else {
@@ -274,7 +279,7 @@ fn entry(dir: &Path, url: &str, h: FileHost) -> Result<HostEntry> {
         .transpose()?;
     Ok(HostEntry {
         https,
-        host: host.to_string(),
+        host,
         path,
         capabilities,
         skip_verify: h.skip_verify,
@@ -369,7 +374,7 @@ server = "https://registry-1.docker.io"    # upstream
         assert_eq!(m[2].skip_verify, Some(true));
         assert_eq!(m[2].capabilities, Capabilities::ALL);
         assert_eq!(m[2].path, "/v2");
-        let server = hosts.server.unwrap();
+        let server = hosts.server;
         assert_eq!(
             (server.host.as_str(), server.https, server.path.as_str()),
             ("registry-1.docker.io", true, "/v2")
@@ -386,7 +391,10 @@ server = "https://registry-1.docker.io"    # upstream
         .unwrap();
         let names: Vec<&str> = hosts.mirrors.iter().map(|h| h.host.as_str()).collect();
         assert_eq!(names, ["z.example", "a.example", "m.example"]);
-        assert!(hosts.server.is_none());
+        assert!(
+            hosts.server.host.is_empty(),
+            "no server: the namespace itself"
+        );
     }
 
     #[test]
@@ -424,7 +432,7 @@ dial_timeout = "1m30s"
                 ("x-custom-2".to_string(), "b".to_string())
             ]
         );
-        let server = hosts.server.unwrap();
+        let server = hosts.server;
         assert!(server.https, "a server without a scheme is https");
         assert_eq!(server.host, "registry.example");
         assert_eq!(
@@ -495,7 +503,7 @@ dial_timeout = "1m30s"
         )
         .unwrap();
         let hosts = load(root.path(), "gcr.io").unwrap().unwrap();
-        assert_eq!(hosts.server.unwrap().host, "127.0.0.1:5000");
+        assert_eq!(hosts.server.host, "127.0.0.1:5000");
         std::fs::write(root.path().join("_default/hosts.toml"), "server = [").unwrap();
         let err = load(root.path(), "gcr.io").unwrap_err();
         assert!(

@@ -186,20 +186,19 @@ impl Registries {
                 out.push(Endpoint::docker(host, https, insecure, true));
             }
         }
-        match configured {
-            Some(hosts::Hosts {
-                server: Some(server),
-                ..
-            }) => out.push(Endpoint::from_hosts(&server, false)),
-            other => {
+        match configured.map(|h| h.server) {
+            Some(server) if !server.host.is_empty() => {
+                out.push(Endpoint::from_hosts(&server, false));
+            }
+            settings => {
                 let mut upstream = if domain == berth_core::reference::DEFAULT_DOMAIN {
                     Endpoint::docker(DOCKER_HUB_HOST.into(), true, false, false)
                 } else {
                     let insecure = self.is_insecure(domain).await;
                     Endpoint::docker(domain.into(), true, insecure, false)
                 };
-                // Root-level settings of a hosts.toml without `server` apply to the registry.
-                if let Some(settings) = other.and_then(|h| h.server_settings) {
+                // Top-level settings of a hosts.toml without `server` apply to the registry.
+                if let Some(settings) = settings {
                     upstream.insecure |= settings.skip_verify == Some(true);
                     upstream.capabilities = settings.capabilities;
                     upstream.extras = extras(&settings);
@@ -1250,6 +1249,19 @@ server = "https://upstream.example"
         let eps = r.endpoints("docker.io", false).await.unwrap();
         let hosts: Vec<&str> = eps.iter().map(|e| e.host.as_str()).collect();
         assert_eq!(hosts, ["127.0.0.1:5002", "127.0.0.1:5001", DOCKER_HUB_HOST]);
+        // Top-level settings without a server apply to the registry itself.
+        let own = root.path().join("own.example");
+        std::fs::create_dir(&own).unwrap();
+        std::fs::write(
+            own.join("hosts.toml"),
+            "skip_verify = true\nca = \"ca.crt\"\n",
+        )
+        .unwrap();
+        let eps = r.endpoints("own.example", false).await.unwrap();
+        assert_eq!(eps.len(), 1);
+        assert_eq!(eps[0].host, "own.example");
+        assert!(eps[0].insecure && eps[0].https && !eps[0].mirror);
+        assert_eq!(eps[0].extras.ca, [own.join("ca.crt")]);
         // Without a hosts.toml, nothing changes.
         let eps = r.endpoints("quay.io", false).await.unwrap();
         assert_eq!(eps.len(), 1);
