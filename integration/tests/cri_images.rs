@@ -210,6 +210,12 @@ async fn images_through_a_hosts_toml_mirror_in_one_store_with_docker() -> Result
         .await?
         .into_inner();
     assert!(pulled.image_ref.starts_with("sha256:"), "{pulled:?}");
+    // The mirror was told which namespace it stands in for, as containerd tells it.
+    let log = registry.log_text();
+    assert!(
+        log.contains("/v2/pause/manifests/3.10?ns=registry.k8s.io"),
+        "registry log: {log}"
+    );
 
     let st = img
         .image_status(cri::ImageStatusRequest {

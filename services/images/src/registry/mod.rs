@@ -75,6 +75,9 @@ pub struct Endpoint {
     pub capabilities: Capabilities,
     /// CA files, client certificates, headers and dial timeout from a hosts.toml.
     pub extras: Extras,
+    /// containerd's `ns` query parameter: the namespace a hosts.toml host stands in for, sent
+    /// with every repository request to a host other than the namespace itself.
+    pub ns: Option<String>,
 }
 
 /// What a hosts.toml adds to how an endpoint is reached.
@@ -97,12 +100,15 @@ impl Endpoint {
             path: "/v2".into(),
             capabilities: Capabilities::ALL,
             extras: Extras::default(),
+            ns: None,
         }
     }
 
     /// An endpoint from a hosts.toml entry: `http://` hosts are plain http, `skip_verify`
     /// skips certificate checks.
-    fn from_hosts(h: &HostEntry, mirror: bool) -> Self {
+    fn from_hosts(h: &HostEntry, mirror: bool, namespace: &str) -> Self {
+        let same = h.host == namespace
+            || (namespace == berth_core::reference::DEFAULT_DOMAIN && h.host == DOCKER_HUB_HOST);
         Self {
             host: h.host.clone(),
             https: h.https,
@@ -111,6 +117,7 @@ impl Endpoint {
             path: h.path.clone(),
             capabilities: h.capabilities,
             extras: extras(h),
+            ns: (!same).then(|| namespace.to_string()),
         }
     }
 }
@@ -164,7 +171,7 @@ impl Registries {
                     m.capabilities.pull
                 };
                 if able {
-                    out.push(Endpoint::from_hosts(m, true));
+                    out.push(Endpoint::from_hosts(m, true, domain));
                 }
             }
         }
@@ -188,7 +195,7 @@ impl Registries {
         }
         match configured.map(|h| h.server) {
             Some(server) if !server.host.is_empty() => {
-                out.push(Endpoint::from_hosts(&server, false));
+                out.push(Endpoint::from_hosts(&server, false, domain));
             }
             settings => {
                 let mut upstream = if domain == berth_core::reference::DEFAULT_DOMAIN {
@@ -494,6 +501,7 @@ impl Registries {
                             header: None,
                         })),
                         scopes,
+                        ns: ep.ns.clone(),
                     };
                     return Ok(repo);
                 }
@@ -642,6 +650,8 @@ pub struct Repository {
     creds: Credentials,
     auth: Arc<tokio::sync::Mutex<AuthState>>,
     scopes: Vec<String>,
+    /// Added to every request as `ns=` (see [`Endpoint::ns`]).
+    ns: Option<String>,
 }
 
 /// A fetched manifest.
@@ -683,7 +693,15 @@ impl Repository {
     }
 
     fn url(&self, rest: &str) -> String {
-        format!("{}/{}/{rest}", self.root, self.name)
+        let url = format!("{}/{}/{rest}", self.root, self.name);
+        match &self.ns {
+            None => url,
+            Some(ns) => {
+                let sep = if rest.contains('?') { '&' } else { '?' };
+                let ns: String = form_urlencoded::byte_serialize(ns.as_bytes()).collect();
+                format!("{url}{sep}ns={ns}")
+            }
+        }
     }
 
     /// Sends a request built by `build`, answering an auth challenge once.
@@ -1241,6 +1259,9 @@ server = "https://upstream.example"
             ]
         );
         assert!(eps[1].insecure && !eps[1].capabilities.resolve);
+        // Hosts other than the namespace hear which namespace they stand in for.
+        assert_eq!(eps[0].ns.as_deref(), Some("registry.k8s.io"));
+        assert_eq!(eps[2].ns.as_deref(), Some("registry.k8s.io"));
         // A push goes only to hosts that may take one: here the server.
         let eps = r.endpoints("registry.k8s.io", true).await.unwrap();
         assert_eq!(eps.len(), 1);
