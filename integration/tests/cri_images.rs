@@ -351,6 +351,15 @@ async fn images_through_a_hosts_toml_mirror_in_one_store_with_docker() -> Result
         docker_pulled.repo_tags,
         ["gcr.io/google-samples/busybox:1.0"]
     );
+    // Pushes follow the hosts.toml as well: `_default`'s server takes them.
+    d.ok(&[
+        "tag",
+        "gcr.io/google-samples/busybox:1.0",
+        "gcr.io/pushed/busybox:2",
+    ])?;
+    d.ok(&["push", "gcr.io/pushed/busybox:2"])?;
+    open.manifest_digest("pushed/busybox:2")
+        .context("the push reached the _default server")?;
     // Removal by digest.
     let open_digest = open.manifest_digest("google-samples/busybox:1.0")?;
     img.remove_image(cri::RemoveImageRequest {
