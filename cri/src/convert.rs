@@ -32,10 +32,9 @@ pub fn image(img: &images::Image) -> cri::Image {
         size: u64::try_from(img.content_size).unwrap_or(0),
         uid: uid.map(|value| cri::Int64Value { value }),
         username,
-        spec: Some(cri::ImageSpec {
-            image: img.id.clone(),
-            ..Default::default()
-        }),
+        // As containerd: no spec (kubelet reads none from a listed image), nothing pinned (berth
+        // has no pause image to protect from kubelet's image GC).
+        spec: None,
         pinned: false,
     }
 }
@@ -224,7 +223,6 @@ mod tests {
         assert_eq!(c.repo_digests, img.repo_digests);
         assert_eq!(c.size, 2000);
         assert_eq!(c.uid, Some(cri::Int64Value { value: 65534 }));
-        assert_eq!(c.spec.unwrap().image, "sha256:abc");
         let info = image_info(&img);
         let v: serde_json::Value = serde_json::from_str(&info["info"]).unwrap();
         assert_eq!(v["imageSpec"]["config"]["User"], "65534");
