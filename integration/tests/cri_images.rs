@@ -137,6 +137,20 @@ async fn runtime_identity_readiness_and_config() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_cri_serves_no_socket() -> Result<()> {
+    if !gateway_kit::ready() {
+        return Ok(());
+    }
+    let d = DockerStack::start_with("[cri]\nenabled = false\n")?;
+    d.ok(&["version"])?;
+    assert!(
+        !d.cri_socket().exists(),
+        "cri.sock exists though [cri] enabled = false"
+    );
+    Ok(())
+}
+
 /// A hosts.toml that sends `registry.k8s.io` to the loopback registry, first as a mirror
 /// host, then as the server (so nothing ever leaves the machine).
 fn hosts_toml(dir: &Path, namespace: &str, registry: &str) -> Result<()> {
@@ -235,6 +249,18 @@ async fn images_through_a_hosts_toml_mirror_in_one_store_with_docker() -> Result
     assert!(image.size > 0);
     let info: serde_json::Value = serde_json::from_str(&st.info["info"])?;
     assert_eq!(info["imageSpec"]["os"], "linux", "{info}");
+
+    // The gateway holds nothing: after a kill -9 the same image is there.
+    d.kill9_gateway()?;
+    let after = img
+        .list_images(cri::ListImagesRequest {
+            filter: Some(cri::ImageFilter { image: spec(name) }),
+        })
+        .await?
+        .into_inner()
+        .images;
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].id, pulled.image_ref);
 
     // By digest too, through the same mirror.
     let by_digest = format!("registry.k8s.io/pause@{digest}");
