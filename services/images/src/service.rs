@@ -78,6 +78,7 @@ impl Images {
             insecure_registries: config.images.insecure_registries.clone(),
             registry_mirrors: config.images.registry_mirrors.clone(),
             certs_dir: config.images.certs_dir.clone(),
+            registry_config_path: config.images.registry_config_path.clone(),
         });
         Ok(Self {
             config,
