@@ -308,7 +308,12 @@ pub(crate) fn not_routed(method: &Method, path: &str) -> ApiError {
 
 /// Serves the Docker API on every host in `config` until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
-    let service = versioned(app(AppState::new(&config)));
+    let state = AppState::new(&config);
+    tokio::spawn(remove_interrupted_builds(
+        state.backends.clone(),
+        shutdown.clone(),
+    ));
+    let service = versioned(app(state));
     // The CRI socket is bound before the Docker API's, so it is up once `GET /version` (what
     // `berth up` waits for) answers.
     let cri = if config.cri.enabled {
@@ -401,6 +406,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         }
     }
     result
+}
+
+/// Removes what builds cut short by an earlier gateway process left (`build::orphans`), once
+/// the engine answers.
+async fn remove_interrupted_builds(backends: Backends, shutdown: CancellationToken) {
+    for _ in 0..30 {
+        match build::orphans::remove_orphans(&backends).await {
+            Ok(_) => return,
+            Err(e) if e.is(ErrorKind::Unavailable) => {}
+            Err(e) => {
+                tracing::warn!(error = %e.chain(), "look for interrupted builds' containers");
+                return;
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ use super::backend::{BuildBackend, BuildImage, CommitSpec, RunEvent};
 use super::copy::{self, CopyPlan};
 use super::gofmt;
 use super::options::BuildOptions;
+use super::orphans;
 use super::output::Output;
 use crate::progress::short_digest;
 
@@ -606,6 +607,8 @@ impl<'a> Executor<'a> {
                 }),
                 ..Default::default()
             }),
+            // Always removed after use.
+            extensions: orphans::step_extensions(true),
             ..Default::default()
         };
         let id = self.backend.create(req).await?;
@@ -783,6 +786,7 @@ impl<'a> Executor<'a> {
                 ..Default::default()
             }),
             platform: o.platform.clone(),
+            extensions: orphans::step_extensions(o.rm || o.force_rm),
             ..Default::default()
         }
     }

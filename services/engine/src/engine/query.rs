@@ -63,6 +63,8 @@ pub fn list_keys() -> &'static [&'static str] {
         "health",
         "isolation",
         "is-task",
+        // berth's own: containers that carry the named extension (not a Docker filter).
+        "berth.extension",
     ]
 }
 
@@ -364,6 +366,13 @@ impl Engine {
             if !args.values("exited").any(|v| v == code) {
                 return Ok(false);
             }
+        }
+        if args.contains("berth.extension")
+            && !args
+                .values("berth.extension")
+                .any(|k| c.extensions.contains_key(k))
+        {
+            return Ok(false);
         }
         if args.contains("ancestor") && !args.values("ancestor").any(|a| ancestor_matches(rec, a)) {
             return Ok(false);
