@@ -243,6 +243,10 @@ pub struct EngineConfig {
     pub cgroup_parent: String,
     /// Seconds a stop waits before KILL when the container names no timeout.
     pub stop_timeout: u32,
+    /// Events kept for `docker events --since` (on disk, so they survive restarts).
+    pub events_max_count: u32,
+    /// Seconds an event is kept for `--since`; 0 keeps events regardless of age.
+    pub events_max_age: u64,
 }
 
 impl Default for EngineConfig {
@@ -268,6 +272,8 @@ impl Default for EngineConfig {
             reconnect_concurrency: 64,
             cgroup_parent: "berth".into(),
             stop_timeout: 10,
+            events_max_count: 4096,
+            events_max_age: 7 * 24 * 3600,
         }
     }
 }
@@ -448,6 +454,11 @@ impl Config {
                 "engine.default_runtime: no runtime named {:?}",
                 self.engine.default_runtime
             )));
+        }
+        if self.engine.events_max_count == 0 {
+            return Err(Error::invalid_argument(
+                "engine.events_max_count: must be at least 1",
+            ));
         }
         if !matches!(self.engine.log_driver.as_str(), "json-file" | "none") {
             return Err(Error::invalid_argument(format!(

@@ -22,7 +22,7 @@ mod task;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use berth_core::id::{ObjectKind, resolve};
 use berth_core::{Config, Error, Result};
@@ -223,7 +223,14 @@ impl Engine {
                 .map_err(|e| Error::internal(format!("create {}", dir.display())).with_source(e))?;
         }
         let store = Store::open(&paths.data.join("engine.redb"))?;
-        let hub = Hub::new(events::DEFAULT_HISTORY);
+        let hub = Hub::open(
+            &paths.data.join("events.log"),
+            events::Retention {
+                max_count: config.engine.events_max_count as usize,
+                max_age: (config.engine.events_max_age > 0)
+                    .then(|| Duration::from_secs(config.engine.events_max_age)),
+            },
+        )?;
         let volumes = Volumes::load(paths.volumes.clone(), store.clone(), hub.clone())?;
         let mut reg = Registry::default();
         for rec in store.containers()? {
