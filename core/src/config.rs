@@ -74,6 +74,32 @@ pub struct TelemetryConfig {
     pub log_format: String,
     /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`; traces are exported only when set.
     pub otlp_endpoint: Option<String>,
+    /// `host:port` where the gateway serves every daemon's Prometheus metrics (`GET
+    /// /metrics`); off when unset. A loopback address unless `metrics_allow_remote`.
+    pub metrics_addr: Option<String>,
+    /// Allows a `metrics_addr` other hosts can reach (the metrics name every container).
+    pub metrics_allow_remote: bool,
+}
+
+impl TelemetryConfig {
+    /// The metrics address, checked: `None` when off.
+    pub fn metrics_socket_addr(&self) -> Result<Option<std::net::SocketAddr>> {
+        let Some(addr) = &self.metrics_addr else {
+            return Ok(None);
+        };
+        let parsed: std::net::SocketAddr = addr.parse().map_err(|_| {
+            Error::invalid_argument(format!(
+                "telemetry.metrics_addr: {addr:?} is not an address:port such as 127.0.0.1:9323"
+            ))
+        })?;
+        if !parsed.ip().is_loopback() && !self.metrics_allow_remote {
+            return Err(Error::invalid_argument(format!(
+                "telemetry.metrics_addr: {addr} is not a loopback address; set \
+                 telemetry.metrics_allow_remote = true to serve metrics to other hosts"
+            )));
+        }
+        Ok(Some(parsed))
+    }
 }
 
 impl Default for TelemetryConfig {
@@ -82,6 +108,8 @@ impl Default for TelemetryConfig {
             log_level: "info".into(),
             log_format: "text".into(),
             otlp_endpoint: None,
+            metrics_addr: None,
+            metrics_allow_remote: false,
         }
     }
 }
@@ -455,6 +483,7 @@ impl Config {
                 self.engine.default_runtime
             )));
         }
+        self.telemetry.metrics_socket_addr()?;
         if self.engine.events_max_count == 0 {
             return Err(Error::invalid_argument(
                 "engine.events_max_count: must be at least 1",
@@ -571,6 +600,27 @@ mod tests {
             PathBuf::from("/run/berth/engine.sock")
         );
         assert_eq!(cfg.gateway_hosts(), ["unix:///run/berth/docker.sock"]);
+    }
+
+    #[test]
+    fn metrics_addr_is_loopback_unless_allowed() {
+        let mut cfg = Config::default();
+        assert_eq!(cfg.telemetry.metrics_socket_addr().unwrap(), None);
+        cfg.telemetry.metrics_addr = Some("127.0.0.1:9323".into());
+        assert!(cfg.validate().is_ok());
+        cfg.telemetry.metrics_addr = Some("[::1]:9323".into());
+        assert!(cfg.validate().is_ok());
+        cfg.telemetry.metrics_addr = Some("0.0.0.0:9323".into());
+        let err = cfg.validate().unwrap_err();
+        assert!(
+            err.chain().contains("metrics_allow_remote"),
+            "{}",
+            err.chain()
+        );
+        cfg.telemetry.metrics_allow_remote = true;
+        assert!(cfg.validate().is_ok());
+        cfg.telemetry.metrics_addr = Some("localhost".into());
+        assert!(cfg.validate().is_err());
     }
 
     #[test]
