@@ -23,6 +23,8 @@ use berth_proto::berth::metrics::v1::metrics_server::{Metrics, MetricsServer};
 use futures::future::BoxFuture;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::{Config, Service};
+
 pub use grpc_layer::GrpcMetricsLayer;
 
 /// Latency buckets (seconds) of every `*_seconds` histogram: 0.5 ms to 60 s.
@@ -125,6 +127,59 @@ impl Metrics for MetricsService {
     }
 }
 
+/// How long a scrape waits for one daemon.
+const SCRAPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Scrapes one daemon's `berth.metrics.v1.Metrics` on `socket`. A daemon that does not serve
+/// metrics answers an empty text.
+pub async fn scrape(socket: &std::path::Path) -> crate::Result<String> {
+    use berth_proto::berth::metrics::v1::metrics_client::MetricsClient;
+    let mut client = MetricsClient::new(crate::uds::channel(socket));
+    let call = client.scrape(pb::ScrapeRequest {});
+    match tokio::time::timeout(SCRAPE_TIMEOUT, call).await {
+        Err(_) => Err(crate::Error::new(
+            crate::ErrorKind::Unavailable,
+            format!("metrics scrape of {} timed out", socket.display()),
+        )),
+        Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => Ok(String::new()),
+        Ok(Err(status)) => Err(status.into()),
+        Ok(Ok(resp)) => Ok(resp.into_inner().text),
+    }
+}
+
+/// Scrapes every gRPC daemon of `config` at once, in [`Service::ALL`] order.
+pub async fn scrape_daemons(config: &Config) -> Vec<(Service, crate::Result<String>)> {
+    let daemons = Service::ALL
+        .into_iter()
+        .filter(|s| *s != Service::Gateway)
+        .map(|s| async move { (s, scrape(&config.socket(s)).await) });
+    futures::future::join_all(daemons).await
+}
+
+/// One text of every source's metrics under a `service` label, with `berth_up{service}` (0
+/// for a source that could not be scraped).
+pub fn merge_services(parts: &[(&str, Option<&str>)]) -> String {
+    let mut up = Exposition::new();
+    up.family(
+        "berth_up",
+        Kind::Gauge,
+        "Whether the service answered this scrape (1) or not (0).",
+    );
+    for (name, text) in parts {
+        up.sample(
+            "berth_up",
+            &[("service", name)],
+            f64::from(u8::from(text.is_some())),
+        );
+    }
+    let mut merged = text::merge(
+        "service",
+        parts.iter().filter_map(|(n, t)| Some((*n, (*t)?))),
+    );
+    merged.push_str(&up.finish());
+    merged
+}
+
 /// The metric kinds of the exposition format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -188,6 +243,26 @@ impl Exposition {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn merged_services_are_labelled_and_a_missing_one_is_down() {
+        let text = merge_services(&[
+            ("engine", Some("# TYPE a counter\na 1\n")),
+            ("images", None),
+        ]);
+        let samples = text::parse(&text).unwrap();
+        let find = |name: &str, svc: &str| {
+            samples
+                .iter()
+                .find(|s| s.name == name && s.label("service") == Some(svc))
+                .map(|s| s.value)
+        };
+        assert_eq!(find("a", "engine"), Some(1.0));
+        assert_eq!(find("berth_up", "engine"), Some(1.0));
+        assert_eq!(find("berth_up", "images"), Some(0.0));
+        let dir = tempfile::tempdir().unwrap();
+        assert!(scrape(&dir.path().join("none.sock")).await.is_err());
+    }
 
     #[test]
     fn exposition_round_trips_through_the_parser() {

@@ -43,7 +43,8 @@ pub async fn run(
             ImagesServer::new(ImagesService::new(images))
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
-        );
+        )
+        .add_service(berth_core::metrics::service(None));
     berth_core::grpc::serve(router, listener, shutdown.cancelled_owned()).await
 }
 

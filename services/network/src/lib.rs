@@ -64,6 +64,7 @@ pub async fn run(
     let (_health, health_service) = core_grpc::health().await;
     let router = core_grpc::server()
         .add_service(health_service)
-        .add_service(NetworksServer::new(grpc::NetworksApi::new(service)));
+        .add_service(NetworksServer::new(grpc::NetworksApi::new(service)))
+        .add_service(berth_core::metrics::service(None));
     core_grpc::serve(router, listener, shutdown.cancelled_owned()).await
 }

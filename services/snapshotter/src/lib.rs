@@ -55,6 +55,7 @@ pub async fn run(
     let (_health, health_service) = grpc::health().await;
     let router = grpc::server()
         .add_service(health_service)
-        .add_service(SnapshotsService::new(snapshotter).into_server());
+        .add_service(SnapshotsService::new(snapshotter).into_server())
+        .add_service(berth_core::metrics::service(None));
     grpc::serve(router, listener, shutdown.cancelled_owned()).await
 }

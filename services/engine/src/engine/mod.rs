@@ -303,6 +303,7 @@ impl Engine {
     ) {
         let mut attrs = rec.event_attributes();
         attrs.extend(extra);
+        crate::metrics::container_event(action, &attrs);
         let ns = if rec.p.namespace.is_empty() {
             DEFAULT_NAMESPACE
         } else {

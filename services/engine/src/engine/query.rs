@@ -564,7 +564,8 @@ impl Engine {
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
-    async fn sample(&self, ctr: &Arc<Ctr>) -> pb::ContainerStats {
+    /// One stats sample of `ctr` (empty when it is not running).
+    pub(crate) async fn sample(&self, ctr: &Arc<Ctr>) -> pb::ContainerStats {
         let rec = ctr.record();
         let mut out = pb::ContainerStats {
             id: rec.c.id.clone(),
