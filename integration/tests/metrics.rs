@@ -97,8 +97,6 @@ fn metrics_endpoint_counts_what_happened() -> Result<()> {
     let addr = format!("127.0.0.1:{}", free_port());
     let d = DockerStack::start_with(&format!("[telemetry]\nmetrics_addr = \"{addr}\"\n"))?;
     let busybox = format!("{}/busybox:latest", registry.host);
-    d.ok(&["pull", &busybox])?;
-    d.ok(&["tag", &busybox, "busybox"])?;
 
     let before = Scrape::take(&addr)?;
     for service in ["snapshotter", "images", "network", "engine", "gateway"] {
@@ -113,13 +111,16 @@ fn metrics_endpoint_counts_what_happened() -> Result<()> {
         ensure!(before.one("process_open_fds", &[("service", service)])? >= 3.0);
     }
 
-    // Known activity: two runs that exit 0 and 3, one that keeps running with a memory limit,
+    // Known activity: a pull, two runs that exit 0 and 3, one that keeps running with a memory limit,
     // one OOM kill, one inspect of nothing.
+    d.ok(&["pull", &busybox])?;
+    d.ok(&["tag", &busybox, "busybox"])?;
     d.ok(&["run", "--rm", "busybox", "true"])?;
     let out = d.run(&["run", "--rm", "busybox", "sh", "-c", "exit 3"])?;
     ensure!(out.status.code() == Some(3), "{out:?}");
+    let publish = format!("127.0.0.1:{}:80", free_port());
     let id = d.ok(&[
-        "run", "-d", "--name", "met-mem", "-m", "64m", "busybox", "sleep", "300",
+        "run", "-d", "--name", "met-mem", "-m", "64m", "-p", &publish, "busybox", "sleep", "300",
     ])?;
     let out = d.run(&[
         "run",
@@ -152,6 +153,34 @@ fn metrics_endpoint_counts_what_happened() -> Result<()> {
     ensure!(delta("berth_container_oom_kills_total", &[engine]) == 1.0);
     ensure!(after.one("berth_containers", &[engine, ("state", "running")])? == 1.0);
     ensure!(after.one("berth_containers", &[engine, ("state", "exited")])? == 1.0);
+
+    // Images, network, snapshotter.
+    let images = ("service", "images");
+    ensure!(delta("berth_image_pulls_total", &[images, ("result", "ok")]) == 1.0);
+    let pulled = delta("berth_image_pull_bytes_total", &[images]);
+    let store = after.one("berth_image_content_store_bytes", &[images])?;
+    ensure!(
+        pulled > 0.0 && pulled <= store,
+        "pulled {pulled}, store {store}"
+    );
+    ensure!(delta("berth_image_layers_unpacked_total", &[images]) >= 1.0);
+    ensure!(after.one("berth_images", &[images])? >= 1.0);
+    let bridge = [("service", "network"), ("driver", "bridge")];
+    ensure!(after.one("berth_network_endpoints", &bridge)? >= 1.0);
+    let ports = d.ok(&["port", "met-mem"])?;
+    ensure!(
+        after.one("berth_network_published_ports", &bridge)? >= 1.0,
+        "docker port: {ports}; {:?}",
+        after
+            .0
+            .iter()
+            .filter(|s| s.name.starts_with("berth_network"))
+            .collect::<Vec<_>>()
+    );
+    let snap = ("service", "snapshotter");
+    ensure!(after.one("berth_snapshots", &[snap, ("kind", "committed")])? >= 1.0);
+    ensure!(after.one("berth_snapshots", &[snap, ("kind", "active")])? >= 1.0);
+    ensure!(after.one("berth_snapshot_disk_bytes", &[snap, ("kind", "committed")])? > 0.0);
 
     // The running container's cgroup, as the scrape saw it and as the kernel has it.
     let c = [

@@ -107,7 +107,11 @@ impl ImagesApi for ImagesService {
         let (tx, rx) = mpsc::unbounded_channel();
         let images = self.images.clone();
         let stream = run_streaming(
-            async move { images.pull(opts, tx).await },
+            async move {
+                let done = images.pull(opts, tx).await;
+                crate::metrics::pull_done(done.is_ok());
+                done
+            },
             rx,
             |done: crate::pull::PullDone| {
                 Some(pb::PullResponse {
