@@ -242,6 +242,27 @@ fn metrics_endpoint_counts_what_happened() -> Result<()> {
         ) == after.sum("berth_grpc_request_duration_seconds_count", &[engine])
     );
 
+    // `berth status` reads the same metrics: memory, request rate and error share per service.
+    let out = d.stack.berth("status").output()?;
+    let status = String::from_utf8_lossy(&out.stdout);
+    println!("{status}");
+    ensure!(out.status.success(), "berth status: {status}");
+    for service in ["snapshotter", "images", "network", "engine", "gateway"] {
+        let row: Vec<&str> = status
+            .lines()
+            .find(|l| l.starts_with(&format!("{service} ")))
+            .context("no row")?
+            .split_whitespace()
+            .collect();
+        ensure!(row[4].ends_with("MiB") && row[4] != "0.0MiB", "{row:?}");
+        let rate: f64 = row[5].parse()?;
+        let err: f64 = row[6].parse()?;
+        ensure!((0.0..=100.0).contains(&err), "{row:?}");
+        if service == "engine" || service == "gateway" {
+            ensure!(rate > 0.0, "{row:?}");
+        }
+    }
+
     d.ok(&["rm", "-f", "met-mem", "met-oom"])?;
     Ok(())
 }
