@@ -228,32 +228,6 @@ fn human(d: Duration) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn load_counts_requests_and_server_faults_but_not_probes() {
-        let text = "process_resident_memory_bytes 2097152\n\
-            process_start_time_seconds 100\n\
-            berth_grpc_requests_total{method=\"/grpc.health.v1.Health/Check\",code=\"OK\"} 50\n\
-            berth_grpc_requests_total{method=\"/berth.engine.v1.Containers/Get\",code=\"OK\"} 6\n\
-            berth_grpc_requests_total{method=\"/berth.engine.v1.Containers/Get\",code=\"NotFound\"} 2\n\
-            berth_grpc_requests_total{method=\"/berth.engine.v1.Tasks/Start\",code=\"Internal\"} 2\n\
-            berth_http_requests_total{route=\"/x\",status=\"500\"} 1\n\
-            berth_http_requests_total{route=\"/x\",status=\"404\"} 9\n";
-        let samples = berth_core::metrics::text::parse(text).unwrap();
-        let load = Load::from_samples(&samples);
-        assert_eq!(load.rss, 2097152.0);
-        assert_eq!(load.requests, 20.0);
-        assert_eq!(load.errors, 3.0);
-        let (rate, err) = load.rates(110.0);
-        assert_eq!(rate, 2.0);
-        assert_eq!(err, 15.0);
-        assert_eq!(mib(load.rss), "2.0MiB");
-    }
-}
-
 pub fn main(args: ConfigArgs) -> ExitCode {
     let cfg = match args.load() {
         Ok(cfg) => cfg,
@@ -321,5 +295,31 @@ pub fn main(args: ConfigArgs) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_counts_requests_and_server_faults_but_not_probes() {
+        let text = "process_resident_memory_bytes 2097152\n\
+            process_start_time_seconds 100\n\
+            berth_grpc_requests_total{method=\"/grpc.health.v1.Health/Check\",code=\"OK\"} 50\n\
+            berth_grpc_requests_total{method=\"/berth.engine.v1.Containers/Get\",code=\"OK\"} 6\n\
+            berth_grpc_requests_total{method=\"/berth.engine.v1.Containers/Get\",code=\"NotFound\"} 2\n\
+            berth_grpc_requests_total{method=\"/berth.engine.v1.Tasks/Start\",code=\"Internal\"} 2\n\
+            berth_http_requests_total{route=\"/x\",status=\"500\"} 1\n\
+            berth_http_requests_total{route=\"/x\",status=\"404\"} 9\n";
+        let samples = berth_core::metrics::text::parse(text).unwrap();
+        let load = Load::from_samples(&samples);
+        assert_eq!(load.rss, 2097152.0);
+        assert_eq!(load.requests, 20.0);
+        assert_eq!(load.errors, 3.0);
+        let (rate, err) = load.rates(110.0);
+        assert_eq!(rate, 2.0);
+        assert_eq!(err, 15.0);
+        assert_eq!(mib(load.rss), "2.0MiB");
     }
 }
