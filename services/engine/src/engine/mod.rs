@@ -17,6 +17,7 @@ mod io;
 mod network;
 mod query;
 mod recover;
+mod stats;
 mod task;
 
 use std::collections::HashMap;
@@ -198,6 +199,8 @@ pub struct Engine {
     host: HostInfo,
     reg: Mutex<Registry>,
     execs: Mutex<HashMap<String, Arc<ExecInstance>>>,
+    /// Stats samplers of containers someone streams stats of, by id.
+    samplers: Mutex<HashMap<String, std::sync::Weak<stats::Sampler>>>,
     /// Cancelled when the engine stops (background tasks end; containers keep running).
     pub shutdown: CancellationToken,
 }
@@ -247,6 +250,7 @@ impl Engine {
             host,
             reg: Mutex::new(reg),
             execs: Mutex::new(HashMap::new()),
+            samplers: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
         }))
     }

@@ -519,28 +519,22 @@ impl Engine {
         let ctr = self.get(input)?;
         let engine = self.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        tokio::spawn(async move {
-            let mut prev: Option<(types::CpuStats, Timestamp)> = None;
-            let mut first = true;
-            loop {
-                let sample = engine.sample(&ctr).await;
-                let read = sample
-                    .stats
-                    .as_ref()
-                    .and_then(|s| s.read)
-                    .unwrap_or_else(super::now);
-                let cpu = sample.stats.as_ref().and_then(|s| s.cpu.clone());
-                let mut out = sample.clone();
-                if let Some((pc, pt)) = &prev {
-                    out.precpu = Some(pc.clone());
-                    out.preread = Some(*pt);
-                }
-                prev = cpu.map(|c| (c, read));
-                // Docker's non-streaming sample carries precpu from a second read a second
-                // later, unless one-shot.
-                let emit = stream || one_shot || !first;
-                first = false;
-                if emit {
+        if stream {
+            // Streams share one sample a second per container (see `stats.rs`).
+            let sampler = self.sampler(&ctr);
+            let mut samples = sampler.subscribe();
+            tokio::spawn(async move {
+                let _sampler = sampler;
+                let mut prev: Option<(types::CpuStats, Timestamp)> = None;
+                loop {
+                    tokio::select! {
+                        changed = samples.changed() => if changed.is_err() { return },
+                        _ = tx.closed() => return,
+                    }
+                    let Some(sample) = samples.borrow_and_update().clone() else {
+                        continue;
+                    };
+                    let out = with_previous(&sample, &mut prev);
                     if tx
                         .send(Ok(pb::StatsResponse { stats: Some(out) }))
                         .await
@@ -548,9 +542,23 @@ impl Engine {
                     {
                         return;
                     }
-                    if !stream {
-                        return;
-                    }
+                }
+            });
+            return Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)));
+        }
+        tokio::spawn(async move {
+            let mut prev: Option<(types::CpuStats, Timestamp)> = None;
+            let mut first = true;
+            loop {
+                let sample = engine.sample(&ctr).await;
+                let out = with_previous(&sample, &mut prev);
+                // Docker's non-streaming sample carries precpu from a second read a second
+                // later, unless one-shot.
+                let emit = one_shot || !first;
+                first = false;
+                if emit {
+                    let _ = tx.send(Ok(pb::StatsResponse { stats: Some(out) })).await;
+                    return;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -659,6 +667,29 @@ impl Engine {
             .collect();
         Ok(Box::pin(futures::stream::iter(batches)))
     }
+}
+
+/// `sample` with the previous sample's CPU counters as `precpu`/`preread`; remembers its own.
+fn with_previous(
+    sample: &pb::ContainerStats,
+    prev: &mut Option<(types::CpuStats, Timestamp)>,
+) -> pb::ContainerStats {
+    let read = sample
+        .stats
+        .as_ref()
+        .and_then(|s| s.read)
+        .unwrap_or_else(super::now);
+    let mut out = sample.clone();
+    if let Some((pc, pt)) = prev.as_ref() {
+        out.precpu = Some(pc.clone());
+        out.preread = Some(*pt);
+    }
+    *prev = sample
+        .stats
+        .as_ref()
+        .and_then(|s| s.cpu.clone())
+        .map(|c| (c, read));
+    out
 }
 
 /// Docker's parsing of `ps` output: titles from the first line, the PID column found by name,
