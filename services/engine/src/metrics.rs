@@ -126,7 +126,7 @@ async fn render(engine: &Arc<Engine>) -> String {
         .map(|ctr| {
             let engine = engine.clone();
             async move {
-                let sample = engine.sample(&ctr).await;
+                let sample = engine.sample_with(&ctr, false).await;
                 Reading {
                     rec: ctr.record(),
                     stats: sample.stats.unwrap_or_default(),
