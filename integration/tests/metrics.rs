@@ -153,6 +153,9 @@ fn metrics_endpoint_counts_what_happened() -> Result<()> {
     ensure!(delta("berth_container_oom_kills_total", &[engine]) == 1.0);
     ensure!(after.one("berth_containers", &[engine, ("state", "running")])? == 1.0);
     ensure!(after.one("berth_containers", &[engine, ("state", "exited")])? == 1.0);
+    // create, start, die for each of the four runs at least (plus destroy, oom, …).
+    ensure!(delta("berth_events_total", &[engine, ("type", "container")]) >= 12.0);
+    ensure!(after.one("berth_events_retained", &[engine])? >= 12.0);
 
     // Images, network, snapshotter.
     let images = ("service", "images");

@@ -60,6 +60,10 @@ pub fn code_class(code: i64) -> &'static str {
 
 fn describe() {
     metrics::describe_counter!(
+        "berth_events_total",
+        "Events published to the hub, by type (repeats of retried task payloads not counted)."
+    );
+    metrics::describe_counter!(
         "berth_container_starts_total",
         "Container starts (Docker's start events)."
     );
@@ -147,6 +151,12 @@ async fn render(engine: &Arc<Engine>) -> String {
     for (state, n) in &by_state {
         e.sample("berth_containers", &[("state", state)], *n as f64);
     }
+    e.single(
+        "berth_events_retained",
+        Kind::Gauge,
+        "Events kept for `docker events --since` (in memory and in events.log).",
+        engine.hub.retained() as f64,
+    );
     write_cgroup_metrics(&mut e, &readings);
     e.finish()
 }

@@ -236,9 +236,15 @@ impl Hub {
         let ev = Arc::new(ev);
         inner.ring.push_back(ev.clone());
         self.trim(&mut inner, now);
+        metrics::counter!("berth_events_total", "type" => type_name(ev.r#type())).increment(1);
         // Nobody listening is fine.
         let _ = self.live.send(ev.clone());
         Some(ev)
+    }
+
+    /// Envelopes retained for `since`.
+    pub fn retained(&self) -> usize {
+        self.inner.lock().unwrap().ring.len()
     }
 
     /// A subscription: retained events with `since <= time <= until` (none without `since`),
@@ -356,6 +362,20 @@ impl Subscription {
             (Some(until), Some(t)) => to_system_time(t) > until,
             _ => false,
         }
+    }
+}
+
+/// Docker's name of an event type (`container`, …; `task` for shim payloads).
+pub fn type_name(ty: EventType) -> &'static str {
+    match ty {
+        EventType::Container => "container",
+        EventType::Volume => "volume",
+        EventType::Network => "network",
+        EventType::Image => "image",
+        EventType::Daemon => "daemon",
+        EventType::Plugin => "plugin",
+        EventType::Task => "task",
+        EventType::Unspecified => "unspecified",
     }
 }
 
