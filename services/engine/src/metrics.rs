@@ -20,6 +20,9 @@ use crate::record::{Record, status_name};
 /// Shims asked for stats at once during a scrape.
 const SCRAPE_CONCURRENCY: usize = 32;
 
+/// How long a scrape waits for one container's sample.
+const SAMPLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Counts a container event the engine publishes.
 pub fn container_event(action: &str, attrs: &[(String, String)]) {
     match action {
@@ -130,15 +133,19 @@ async fn render(engine: &Arc<Engine>) -> String {
         .map(|ctr| {
             let engine = engine.clone();
             async move {
-                let sample = engine.sample_with(&ctr, false).await;
-                Reading {
+                // A shim that does not answer costs its container's samples, not the scrape.
+                let sample = tokio::time::timeout(SAMPLE_TIMEOUT, engine.sample_with(&ctr, false))
+                    .await
+                    .ok()?;
+                Some(Reading {
                     rec: ctr.record(),
                     stats: sample.stats.unwrap_or_default(),
                     networks: sample.networks,
-                }
+                })
             }
         })
         .buffer_unordered(SCRAPE_CONCURRENCY)
+        .filter_map(std::future::ready)
         .collect()
         .await;
 
