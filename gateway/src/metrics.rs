@@ -94,3 +94,53 @@ pub fn router(config: Arc<Config>) -> Router {
         .route("/metrics", get(metrics_handler))
         .with_state(config)
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_endpoint_answers_with_every_service_and_who_is_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            state_dir: dir.path().to_path_buf(),
+            ..Default::default()
+        };
+        let resp = router(Arc::new(config))
+            .oneshot(
+                Request::builder()
+                    .uri("/metrics")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            resp.headers()[header::CONTENT_TYPE],
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let samples = berth_core::metrics::text::parse(&String::from_utf8_lossy(&body)).unwrap();
+        let up = |s: &str| {
+            samples
+                .iter()
+                .find(|x| x.name == "berth_up" && x.label("service") == Some(s))
+                .map(|x| x.value)
+        };
+        // No daemon runs here: each is reported down, the gateway itself up with its process.
+        for s in ["snapshotter", "images", "network", "engine"] {
+            assert_eq!(up(s), Some(0.0), "{s}");
+        }
+        assert_eq!(up("gateway"), Some(1.0));
+        assert!(
+            samples
+                .iter()
+                .any(|x| x.name == "process_open_fds" && x.label("service") == Some("gateway"))
+        );
+    }
+}
