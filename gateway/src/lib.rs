@@ -30,6 +30,7 @@ pub mod exec;
 pub mod grpc;
 pub mod hijack;
 pub mod images;
+pub mod metrics;
 pub mod networks;
 pub mod plugins;
 pub mod progress;
@@ -163,6 +164,7 @@ pub fn app(state: AppState) -> Router {
         .route("/session", post(no_buildkit))
         .route("/grpc", post(no_buildkit))
         .fallback(not_implemented)
+        .layer(middleware::from_fn(metrics::record))
         .layer(middleware::from_fn(docker_headers))
         .with_state(state)
 }
@@ -382,6 +384,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
                 }
             }
         }
+    }
+    if let Some(addr) = config.telemetry.metrics_socket_addr()? {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .context(ErrorKind::Unavailable, format!("bind metrics {addr}"))?;
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+        let router = metrics::router(Arc::new(config.clone()));
+        let stop = shutdown.clone().cancelled_owned();
+        servers.spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop)
+                .await
+        });
     }
     berth_core::daemon::notify_ready();
     let mut result = Ok(());

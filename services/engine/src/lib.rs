@@ -15,6 +15,7 @@ pub mod hostfiles;
 pub mod imageconfig;
 pub mod links;
 pub mod logs;
+pub mod metrics;
 pub mod names;
 pub mod record;
 pub mod remote;
@@ -116,7 +117,10 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .add_service(VolumesServer::new(grpc::Volumes(engine.clone())))
-        .add_service(EventsServer::new(grpc::Events(engine.clone())));
+        .add_service(EventsServer::new(grpc::Events(engine.clone())))
+        .add_service(berth_core::metrics::service(Some(metrics::collector(
+            Arc::downgrade(&engine),
+        ))));
     let stop = engine.shutdown.clone();
     let result = berth_core::grpc::serve(router, listener, async move {
         shutdown.cancelled().await;
