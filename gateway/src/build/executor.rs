@@ -12,6 +12,7 @@ use berth_builder::args::{BuildArgs, StageArgs};
 use berth_builder::config;
 use berth_builder::dockerfile::{Dockerfile, Instruction, InstructionKind, ShellOrExec};
 use berth_builder::expand;
+use berth_builder::history;
 use berth_builder::stages::{self, StageRef};
 use berth_core::{Error, ErrorKind, Reference, Result};
 use berth_proto::berth::engine::v1 as engine;
@@ -22,7 +23,6 @@ use sha2::{Digest as _, Sha256};
 
 use super::backend::{BuildBackend, BuildImage, CommitSpec, RunEvent};
 use super::copy::{self, CopyPlan};
-use super::gofmt;
 use super::options::BuildOptions;
 use super::orphans;
 use super::output::Output;
@@ -889,40 +889,15 @@ enum Nop {
 /// The history comment of a config-only instruction already applied to `config`, as moby
 /// writes it.
 fn nop_comment(kind: &InstructionKind, config: &Value) -> Nop {
-    let pairs = |ps: &[(String, String)]| {
-        ps.iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    let argv = |key: &str| string_list(config.get(key));
-    match kind {
-        InstructionKind::Env(ps) => Nop::Two(format!("ENV {}", pairs(ps))),
-        InstructionKind::Label(ps) => Nop::Two(format!("LABEL {}", pairs(ps))),
-        InstructionKind::Expose(ports) => Nop::Two(format!("EXPOSE {}", ports.join(" "))),
-        InstructionKind::User(u) => Nop::Two(format!("USER {u}")),
-        InstructionKind::Volume(v) => Nop::Two(format!("VOLUME [{}]", v.join(" "))),
-        InstructionKind::Workdir(_) => {
-            let dir = config
-                .get("WorkingDir")
-                .and_then(Value::as_str)
-                .unwrap_or("/")
-                .to_string();
-            Nop::Workdir(format!("WORKDIR {dir}"), dir)
-        }
-        InstructionKind::Cmd(_) => Nop::Two(format!("CMD {}", gofmt::quoted_list(&argv("Cmd")))),
-        InstructionKind::Entrypoint(_) => Nop::Two(format!(
-            "ENTRYPOINT {}",
-            gofmt::quoted_list(&argv("Entrypoint"))
-        )),
-        InstructionKind::Healthcheck(h) => {
-            Nop::Two(format!("HEALTHCHECK {}", gofmt::health_config(h)))
-        }
-        InstructionKind::Shell(s) => Nop::Two(format!("SHELL {}", gofmt::quoted_list(s))),
-        InstructionKind::StopSignal(s) => Nop::Two(format!("STOPSIGNAL {s}")),
-        InstructionKind::Onbuild(t) => Nop::Two(format!("ONBUILD {}", t.original)),
-        other => Nop::Two(other.keyword().to_string()),
+    if let InstructionKind::Workdir(_) = kind {
+        let dir = config
+            .get("WorkingDir")
+            .and_then(Value::as_str)
+            .unwrap_or("/")
+            .to_string();
+        return Nop::Workdir(format!("WORKDIR {dir}"), dir);
     }
+    Nop::Two(history::comment(kind, config).unwrap_or_else(|| kind.keyword().to_string()))
 }
 
 /// Whether image config `a`'s layers and history are a prefix of `b`'s.

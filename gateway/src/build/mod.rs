@@ -9,7 +9,6 @@
 pub mod backend;
 pub mod copy;
 pub mod executor;
-mod gofmt;
 pub mod options;
 pub mod orphans;
 pub mod output;
