@@ -22,6 +22,8 @@
 # from a cri-tools v1.32.0 checkout with Go 1.23 (Debian bookworm-backports: golang-1.23-go):
 #   cd cri-tools && GOFLAGS=-mod=vendor /usr/lib/go-1.23/bin/go test -c -o /var/tmp/critest-bin/critest ./cmd/critest
 # or set CRI_TOOLS_SRC=<that checkout> and this script builds it there when it is missing.
+# crictl ($CRICTL, default beside critest; `go build -o ... ./cmd/crictl`), when present, removes
+# the pods an interrupted run leaves before the runtime is stopped.
 #
 # RUNTIME=containerd runs the same suite, images, mirrors and CNI config against Debian's
 # containerd 1.6 CRI plugin instead (its own root, state and socket): the reference.
@@ -35,6 +37,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=$ROOT/../shared
 BIN=$ROOT/target/debug
 CRITEST=${CRITEST:-/var/tmp/critest-bin/critest}
+CRICTL=${CRICTL:-$(dirname "$CRITEST")/crictl}
 RUNTIME=${RUNTIME:-berth}
 case "$RUNTIME" in berth | containerd) ;; *) echo "RUNTIME is berth or containerd" >&2; exit 2 ;; esac
 RESULTS=${RESULTS:-$ROOT/target/critest/$RUNTIME-$(date -u +%Y%m%dT%H%M%SZ)}
@@ -55,7 +58,8 @@ if [ ! -x "$CRITEST" ]; then
     mkdir -p "$(dirname "$CRITEST")"
     (cd "$CRI_TOOLS_SRC" && GOFLAGS=-mod=vendor GOTOOLCHAIN=local \
       GOCACHE=${GOCACHE:-/var/tmp/gocache} GOMODCACHE=${GOMODCACHE:-/var/tmp/gomodcache} \
-      "${GO:-/usr/lib/go-1.23/bin/go}" test -c -o "$CRITEST" ./cmd/critest)
+      sh -c '"$0" test -c -o "$1" ./cmd/critest && "$0" build -o "$2" ./cmd/crictl' \
+      "${GO:-/usr/lib/go-1.23/bin/go}" "$CRITEST" "$CRICTL")
   else
     say "no critest at $CRITEST: set CRITEST, or CRI_TOOLS_SRC to a cri-tools v1.32.0 checkout"
     exit 2
@@ -86,6 +90,12 @@ cleanup() {
   local rc=$?
   set +e
   say "cleaning up"
+  stop_pid "${CRITEST_PID:-}" 10
+  # Pods an interrupted spec left: removed through the CRI, so the runtime tears down their
+  # networks (CNI DEL) before it stops.
+  if [ -n "${SOCK:-}" ] && [ -x "$CRICTL" ]; then
+    timeout 60 "$CRICTL" --runtime-endpoint "$SOCK" --timeout 20s rmp --all --force >/dev/null 2>&1
+  fi
   berth_stop berth
   if [ -f "$BENCH_TMP/containerd/pid" ]; then
     stop_pid "$(cat "$BENCH_TMP/containerd/pid")" 25
@@ -128,7 +138,7 @@ for host in gcr.io registry.k8s.io _default; do
   mkdir -p "$CERTS/$host"
   cat > "$CERTS/$host/hosts.toml" <<TOML
 # The loopback registry is the mirror and the server too, so a missing image fails here and
-# never reaches the network. (With only `server`, containerd 1.6.20's CRI still went to
+# never reaches the network. (With only a server, containerd 1.6.20's CRI still went to
 # https://gcr.io here: it needs the [host] entry.)
 server = "http://127.0.0.1:$PORT"
 
@@ -180,6 +190,7 @@ state = "$CTD/state"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "registry.k8s.io/pause:3.10"
   restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$CNI_DIR"
@@ -230,12 +241,16 @@ say "$RUNTIME up: $SOCK"
 # 5. critest -----------------------------------------------------------------------------------
 mkdir -p "$RESULTS"
 say "critest $(basename "$CRITEST") -> $RESULTS"
-set +e
-(cd "$BENCH_TMP" && "$CRITEST" \
+# In the background and waited for, so a TERM or INT to this script runs the cleanup at once.
+(cd "$BENCH_TMP" && exec "$CRITEST" \
   --runtime-endpoint "$SOCK" --image-endpoint "$SOCK" \
   --ginkgo.junit-report "$RESULTS/junit.xml" --ginkgo.json-report "$RESULTS/report.json" \
-  --ginkgo.no-color --ginkgo.timeout 2h "$@") > "$RESULTS/critest.log" 2>&1
+  --ginkgo.no-color --ginkgo.timeout 2h "$@") > "$RESULTS/critest.log" 2>&1 &
+CRITEST_PID=$!
+set +e
+wait "$CRITEST_PID"
 CRITEST_RC=$?
+CRITEST_PID=
 set -e
 cp "$RUNTIME_LOG" "$RESULTS/$RUNTIME.log" 2>/dev/null || true
 
