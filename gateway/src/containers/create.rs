@@ -703,6 +703,8 @@ fn host_config(h: &HostConfig) -> Result<engine::HostConfig> {
         volumes_from: h.volumes_from.clone().unwrap_or_default(),
         annotations: h.annotations.clone().unwrap_or_default(),
         cni: None,
+        // Docker containers belong to no pod sandbox.
+        sandbox_id: String::new(),
     })
 }
 

@@ -180,6 +180,12 @@ impl Engine {
             return Err(Error::invalid_argument("config.image is required"));
         }
         let mut hc = req.host_config.clone().unwrap_or_default();
+        let sandbox_hostname = self.join_sandbox_at_create(&mut hc)?;
+        if !hc.sandbox_id.is_empty() && !req.networks.is_empty() {
+            return Err(Error::invalid_argument(
+                "a container of a pod sandbox uses the pod's network; it cannot name networks",
+            ));
+        }
         let warnings = validate_host_config(self, &hc)?;
 
         let name = if req.name.is_empty() {
@@ -195,6 +201,12 @@ impl Engine {
             self.reserve_name(&n)?;
             n
         };
+        let mut user_config = user_config;
+        if let Some(h) = sandbox_hostname
+            && user_config.hostname.is_empty()
+        {
+            user_config.hostname = h;
+        }
         let result = self
             .create_named(&name, req, user_config, &mut hc, namespace)
             .await;
@@ -481,6 +493,7 @@ impl Engine {
         let mut networks = networks;
         let mode = network_mode(hc).to_string();
         if networks.is_empty()
+            && hc.sandbox_id.is_empty()
             && !matches!(mode.as_str(), "host" | "none" | "cni")
             && !mode.starts_with("container:")
         {

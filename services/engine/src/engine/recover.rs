@@ -44,6 +44,7 @@ impl Engine {
     pub async fn recover(self: &Arc<Self>) -> Result<Recovery> {
         let t0 = Instant::now();
         let mut out = Recovery::default();
+        self.recover_sandboxes().await;
         let ctrs = self.all();
         // Restarting as recorded before this start: those restarts were pending when the engine
         // went away. An exit found by the reconcile below is marked restarting by its own phase

@@ -269,6 +269,7 @@ pub fn docker_event(
         EventType::Daemon => "daemon",
         EventType::Plugin => "plugins",
         EventType::Task => "tasks",
+        EventType::Sandbox => "sandboxes",
         EventType::Unspecified => "events",
     };
     let topic_action = action.split(':').next().unwrap_or(&action).to_string();

@@ -185,88 +185,105 @@ impl Engine {
         let (link_env, link_hosts) = self.link_children(&rec)?;
         let mut settings = pb::NetworkSettings::default();
         let mut network_files = true;
-        let net_ns = match mode.as_str() {
-            "host" => {
-                let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
-                write_atomic(&dir.join("hosts"), hosts.as_bytes())?;
-                let resolv = Resolv::build(&own_dns, &Resolv::default(), &host_resolv, true);
-                write_atomic(&dir.join("resolv.conf"), resolv.render().as_bytes())?;
-                Namespace::Host
+        let sandbox = if hc.sandbox_id.is_empty() {
+            None
+        } else {
+            Some(self.sandbox_join(&hc.sandbox_id, &hc.pid_mode)?)
+        };
+        let net_ns = if let Some(sj) = &sandbox {
+            // The pod's files, as they are now (the kubelet may bind its own over them).
+            for f in ["hosts", "resolv.conf"] {
+                std::fs::copy(sj.files_dir.join(f), dir.join(f))
+                    .map_err(|e| Error::internal(format!("copy the pod's {f}")).with_source(e))?;
             }
-            "none" => {
-                let hosts = hostfiles::hosts(&self.extra_hosts(&hc, ""), &[]);
-                write_atomic(&dir.join("hosts"), hosts.as_bytes())?;
-                let resolv = Resolv::build(&own_dns, &Resolv::default(), &host_resolv, false);
-                write_atomic(&dir.join("resolv.conf"), resolv.render().as_bytes())?;
-                Namespace::Private
-            }
-            other if other.starts_with("container:") => {
-                let target = self.get(&other["container:".len()..])?;
-                let (running, pid, ns, tdir) = target.with(|r| {
-                    (
-                        r.is_running(),
-                        r.state().pid,
-                        r.p.netns.clone(),
-                        self.paths.container_dir(r.id()),
-                    )
-                });
-                if !running {
-                    return Err(Error::failed_precondition(format!(
-                        "cannot join network of a non running container: {}",
-                        target.id
-                    )));
+            settings.sandbox_key = sj.netns_path.clone();
+            sj.network.clone()
+        } else {
+            match mode.as_str() {
+                "host" => {
+                    let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+                    write_atomic(&dir.join("hosts"), hosts.as_bytes())?;
+                    let resolv = Resolv::build(&own_dns, &Resolv::default(), &host_resolv, true);
+                    write_atomic(&dir.join("resolv.conf"), resolv.render().as_bytes())?;
+                    Namespace::Host
                 }
-                for f in ["hosts", "resolv.conf"] {
-                    let _ = std::fs::copy(tdir.join(f), dir.join(f));
+                "none" => {
+                    let hosts = hostfiles::hosts(&self.extra_hosts(&hc, ""), &[]);
+                    write_atomic(&dir.join("hosts"), hosts.as_bytes())?;
+                    let resolv = Resolv::build(&own_dns, &Resolv::default(), &host_resolv, false);
+                    write_atomic(&dir.join("resolv.conf"), resolv.render().as_bytes())?;
+                    Namespace::Private
                 }
-                Namespace::Join(ns.unwrap_or_else(|| PathBuf::from(format!("/proc/{pid}/ns/net"))))
-            }
-            "cni" => {
-                return Err(Error::unimplemented(
-                    "network mode \"cni\" is not supported by the engine yet",
-                ));
-            }
-            _ => {
-                let ns = self.deps.netns.create(&id).await?;
-                partial.netns = Some(ns.clone());
-                settings.sandbox_key = ns.display().to_string();
-                let attachments = self.attach_networks(&rec, &ns, partial).await?;
-                let mut host_entries = Vec::new();
-                let mut net_dns = Resolv::default();
-                for (name, att) in &attachments {
-                    host_entries.extend(att.hosts.iter().cloned());
-                    if att.default_route || net_dns.servers.is_empty() {
-                        net_dns = Resolv {
-                            servers: att.dns_servers.clone(),
-                            search: att.dns_search.clone(),
-                            options: att.dns_options.clone(),
-                        };
+                other if other.starts_with("container:") => {
+                    let target = self.get(&other["container:".len()..])?;
+                    let (running, pid, ns, tdir) = target.with(|r| {
+                        (
+                            r.is_running(),
+                            r.state().pid,
+                            r.p.netns.clone(),
+                            self.paths.container_dir(r.id()),
+                        )
+                    });
+                    if !running {
+                        return Err(Error::failed_precondition(format!(
+                            "cannot join network of a non running container: {}",
+                            target.id
+                        )));
                     }
-                    settings.networks.insert(
-                        name.clone(),
-                        crate::engine::network::endpoint_settings(
-                            att,
-                            rec.c.networks.get(name).cloned(),
-                        ),
-                    );
+                    for f in ["hosts", "resolv.conf"] {
+                        let _ = std::fs::copy(tdir.join(f), dir.join(f));
+                    }
+                    Namespace::Join(
+                        ns.unwrap_or_else(|| PathBuf::from(format!("/proc/{pid}/ns/net"))),
+                    )
                 }
-                settings.ports = ports_status(&cfg, &attachments);
-                let gateway = attachments
-                    .iter()
-                    .find(|(_, a)| a.default_route)
-                    .or(attachments.first())
-                    .map(|(_, a)| a.ipv4_gateway.clone())
-                    .unwrap_or_default();
-                let mut extra = self.extra_hosts(&hc, &gateway);
-                extra.extend(link_hosts.iter().cloned());
-                let hosts = hostfiles::hosts(&extra, &host_entries);
-                write_atomic(&dir.join("hosts"), hosts.as_bytes())?;
-                let resolv = Resolv::build(&own_dns, &net_dns, &host_resolv, false);
-                write_atomic(&dir.join("resolv.conf"), resolv.render().as_bytes())?;
-                Namespace::Join(ns)
+                "cni" => {
+                    return Err(Error::unimplemented(
+                        "network mode \"cni\" is not supported by the engine yet",
+                    ));
+                }
+                _ => {
+                    let ns = self.deps.netns.create(&id).await?;
+                    partial.netns = Some(ns.clone());
+                    settings.sandbox_key = ns.display().to_string();
+                    let attachments = self.attach_networks(&rec, &ns, partial).await?;
+                    let mut host_entries = Vec::new();
+                    let mut net_dns = Resolv::default();
+                    for (name, att) in &attachments {
+                        host_entries.extend(att.hosts.iter().cloned());
+                        if att.default_route || net_dns.servers.is_empty() {
+                            net_dns = Resolv {
+                                servers: att.dns_servers.clone(),
+                                search: att.dns_search.clone(),
+                                options: att.dns_options.clone(),
+                            };
+                        }
+                        settings.networks.insert(
+                            name.clone(),
+                            crate::engine::network::endpoint_settings(
+                                att,
+                                rec.c.networks.get(name).cloned(),
+                            ),
+                        );
+                    }
+                    settings.ports = ports_status(&cfg, &attachments);
+                    let gateway = attachments
+                        .iter()
+                        .find(|(_, a)| a.default_route)
+                        .or(attachments.first())
+                        .map(|(_, a)| a.ipv4_gateway.clone())
+                        .unwrap_or_default();
+                    let mut extra = self.extra_hosts(&hc, &gateway);
+                    extra.extend(link_hosts.iter().cloned());
+                    let hosts = hostfiles::hosts(&extra, &host_entries);
+                    write_atomic(&dir.join("hosts"), hosts.as_bytes())?;
+                    let resolv = Resolv::build(&own_dns, &net_dns, &host_resolv, false);
+                    write_atomic(&dir.join("resolv.conf"), resolv.render().as_bytes())?;
+                    Namespace::Join(ns)
+                }
             }
         };
-        if mode.starts_with("container:") {
+        if sandbox.is_none() && mode.starts_with("container:") {
             network_files = dir.join("hosts").exists();
         }
         write_atomic(
@@ -299,10 +316,14 @@ impl Engine {
             }
         }
         let devices = host_devices(&hc.devices)?;
-        let pid_ns = self.join_mode(&hc.pid_mode, "pid")?;
-        let ipc_ns = match hc.ipc_mode.as_str() {
-            "host" => Namespace::Host,
-            m if m.starts_with("container:") => self.join_mode(m, "ipc")?,
+        let pid_ns = match &sandbox {
+            Some(sj) => sj.pid.clone(),
+            None => self.join_mode(&hc.pid_mode, "pid")?,
+        };
+        let ipc_ns = match (&sandbox, hc.ipc_mode.as_str()) {
+            (Some(sj), _) => sj.ipc.clone(),
+            (None, "host") => Namespace::Host,
+            (None, m) if m.starts_with("container:") => self.join_mode(m, "ipc")?,
             _ => Namespace::Private,
         };
         let input = SpecInput {
@@ -314,10 +335,10 @@ impl Engine {
             network: net_ns,
             pid: pid_ns,
             ipc: ipc_ns,
-            uts: if hc.uts_mode == "host" {
-                Namespace::Host
-            } else {
-                Namespace::Private
+            uts: match &sandbox {
+                Some(sj) => sj.uts.clone(),
+                None if hc.uts_mode == "host" => Namespace::Host,
+                None => Namespace::Private,
             },
             cgroup: match hc.cgroupns_mode.as_str() {
                 "private" => Namespace::Private,
