@@ -1,0 +1,427 @@
+//! Pod sandboxes through the engine's gRPC (`berth.engine.v1.Sandboxes`), real binaries, real
+//! runc and the reference CNI plugins: a pod on a CNI bridge conflist with two containers that
+//! share its network (one serves HTTP on localhost, the other fetches it) and PID namespace, the
+//! pod's hostname and resolv.conf inside, the pod IP reported; `kill -9` of the engine keeps
+//! the pod and its containers; stop (CNI DEL) and remove (namespace files and mounts gone, PID
+//! holder ended); bad input answered with the right codes and nothing left behind.
+//! Root only; needs /usr/lib/cni.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, ensure};
+use berth_integration::engine_kit::{EngineStack, busybox, unique};
+use berth_integration::network_kit::NetSlot;
+use berth_integration::stack::{running, wait_for};
+use berth_proto::berth::engine::v1 as pb;
+use berth_proto::berth::types::v1 as types;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tonic::Code;
+
+/// Kills PID holders by PID when a test ends early with the engine unable to remove its pods.
+#[derive(Default)]
+struct Holders(Vec<i32>);
+
+impl Drop for Holders {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            if running(*pid) {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+fn plugins_ready() -> bool {
+    if !berth_integration::engine_kit::ready() {
+        return false;
+    }
+    for p in ["bridge", "host-local", "loopback"] {
+        if !Path::new("/usr/lib/cni").join(p).is_file() {
+            eprintln!("skipped: the CNI reference plugins are not in /usr/lib/cni");
+            return false;
+        }
+    }
+    true
+}
+
+/// A CNI config directory with one bridge conflist on a subnet of the stack's slot, its
+/// host-local state in a temp dir of its own.
+struct CniConf {
+    conf: tempfile::TempDir,
+    ipam: tempfile::TempDir,
+    name: String,
+    subnet: String,
+}
+
+impl CniConf {
+    fn new(slot: &NetSlot) -> Result<Self> {
+        let conf = tempfile::tempdir()?;
+        let ipam = tempfile::tempdir()?;
+        let name = format!("pods{}", std::process::id());
+        let subnet = slot.subnet(5);
+        let conflist = serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": name,
+            "plugins": [{
+                "type": "bridge",
+                "bridge": slot.name("pod"),
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{ "subnet": subnet }]],
+                    "dataDir": ipam.path(),
+                }
+            }]
+        });
+        std::fs::write(conf.path().join("10-pods.conflist"), conflist.to_string())?;
+        Ok(Self {
+            conf,
+            ipam,
+            name,
+            subnet,
+        })
+    }
+
+    /// Addresses host-local has handed out (one file per address).
+    fn leases(&self) -> Vec<String> {
+        std::fs::read_dir(self.ipam.path().join(&self.name))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+            .collect()
+    }
+}
+
+/// A stack whose berth-network reads CNI configs from `conf`.
+async fn stack_with(conf: &Path) -> Result<EngineStack> {
+    EngineStack::builder()
+        .network_toml(&format!("cni_conf_dir = \"{}\"", conf.display()))
+        .start()
+        .await
+}
+
+fn pod(name: &str) -> pb::RunSandboxRequest {
+    pb::RunSandboxRequest {
+        config: Some(pb::SandboxConfig {
+            metadata: Some(pb::SandboxMetadata {
+                name: name.into(),
+                uid: format!("uid-{name}"),
+                namespace: "berth-test".into(),
+                attempt: 0,
+            }),
+            hostname: "pod-host".into(),
+            dns: Some(pb::SandboxDnsConfig {
+                servers: vec!["10.96.0.10".into()],
+                searches: vec!["svc.cluster.local".into()],
+                options: vec!["ndots:5".into()],
+            }),
+            labels: [("app".to_string(), name.to_string())].into(),
+            linux: Some(pb::SandboxLinux {
+                security: Some(pb::SandboxSecurity {
+                    namespace_options: Some(pb::SandboxNamespaceOptions {
+                        pid: pb::NamespaceMode::Pod.into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn in_pod(sandbox: &str) -> pb::HostConfig {
+    pb::HostConfig {
+        sandbox_id: sandbox.into(),
+        ..Default::default()
+    }
+}
+
+async fn get(es: &EngineStack, id: &str) -> Result<pb::Sandbox> {
+    es.sandboxes()
+        .get(pb::GetSandboxRequest {
+            id: id.into(),
+            verbose: false,
+        })
+        .await?
+        .into_inner()
+        .sandbox
+        .context("no sandbox")
+}
+
+fn mounts_naming(id: &str) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(id))
+        .map(str::to_string)
+        .collect()
+}
+
+fn code<T>(r: std::result::Result<tonic::Response<T>, tonic::Status>) -> Option<Code> {
+    r.err().map(|s| s.code())
+}
+
+/// A client in the pod: fetches the server's page over the pod's loopback.
+const FETCH: &str = "for i in $(seq 1 100); do wget -q -O- http://127.0.0.1:8080/ && exit 0; sleep 0.1; done; exit 1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_shares_its_namespaces_survives_the_engine_and_goes_away() -> Result<()> {
+    if !plugins_ready() {
+        return Ok(());
+    }
+    let slot_for_conf = NetSlot::claim()?;
+    let cni = CniConf::new(&slot_for_conf)?;
+    let es = stack_with(cni.conf.path()).await?;
+    let mut holders = Holders::default();
+
+    let sb = es
+        .sandboxes()
+        .run(pod(&unique("web")))
+        .await?
+        .into_inner()
+        .sandbox
+        .context("no sandbox")?;
+    holders.0.push(sb.pid_holder);
+    ensure!(sb.state() == pb::SandboxState::Ready, "{sb:?}");
+    let ip = sb.network.clone().unwrap_or_default().ip;
+    let prefix = cni.subnet.rsplit_once('.').map(|(p, _)| p).unwrap_or("");
+    ensure!(ip.starts_with(prefix), "pod ip {ip} outside {}", cni.subnet);
+    ensure!(cni.leases().contains(&ip), "leases {:?}", cni.leases());
+    let ns = sb.namespaces.clone().unwrap_or_default();
+    let ns_dir = es.stack().state_dir().join("sandboxes").join(&sb.id);
+    for (path, kind) in [
+        (&ns.network, "net"),
+        (&ns.ipc, "ipc"),
+        (&ns.uts, "uts"),
+        (&ns.pid, "pid"),
+    ] {
+        ensure!(Path::new(path) == ns_dir.join(kind), "{kind}: {path}");
+        ensure!(!mounts_naming(path).is_empty(), "{path} is not mounted");
+    }
+    ensure!(
+        running(sb.pid_holder),
+        "pid holder {} not running",
+        sb.pid_holder
+    );
+
+    // The server listens on the pod's loopback only.
+    let server = es
+        .create(
+            &unique("srv"),
+            busybox(&[
+                "sh",
+                "-c",
+                "mkdir -p /www && echo hello-pod > /www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /www",
+            ]),
+            in_pod(&sb.id),
+        )
+        .await?;
+    es.start_task(&server.id).await?;
+    let client = es
+        .run(
+            &unique("cli"),
+            busybox(&[
+                "sh",
+                "-c",
+                &format!(
+                    "hostname; cat /etc/resolv.conf; pidof httpd >/dev/null && echo sees-httpd; {FETCH}"
+                ),
+            ]),
+            in_pod(&sb.id),
+        )
+        .await?;
+    ensure!(
+        client.exit_code == 0,
+        "client: {} / {}",
+        client.stdout,
+        client.stderr
+    );
+    let out = &client.stdout;
+    ensure!(out.starts_with("pod-host\n"), "hostname: {out}");
+    ensure!(out.contains("nameserver 10.96.0.10"), "resolv.conf: {out}");
+    ensure!(
+        out.contains("search svc.cluster.local"),
+        "resolv.conf: {out}"
+    );
+    ensure!(out.contains("options ndots:5"), "resolv.conf: {out}");
+    ensure!(
+        out.contains("sees-httpd"),
+        "pid namespace not shared: {out}"
+    );
+    ensure!(out.contains("hello-pod"), "fetch: {out}");
+    let got = get(&es, &sb.id).await?;
+    ensure!(got.container_ids.len() == 2, "{:?}", got.container_ids);
+
+    // kill -9 of the engine keeps the pod and its running container.
+    es.kill9_engine()?;
+    let got = wait_for(Duration::from_secs(30), || {
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::block_in_place(|| rt.block_on(get(&es, &sb.id)).ok())
+    })
+    .context("sandbox after the engine restart")?;
+    ensure!(got.state() == pb::SandboxState::Ready, "{got:?}");
+    ensure!(got.network.unwrap_or_default().ip == ip);
+    let srv = es.inspect(&server.id).await?;
+    ensure!(
+        srv.state.unwrap_or_default().status() == pb::ContainerStatus::Running,
+        "server not running after the engine restart"
+    );
+    let again = es
+        .run(
+            &unique("cli"),
+            busybox(&["sh", "-c", FETCH]),
+            in_pod(&sb.id),
+        )
+        .await?;
+    ensure!(again.stdout.contains("hello-pod"), "{again:?}");
+
+    // Stop: containers killed, network torn down (host-local lease released), holder ended.
+    es.sandboxes()
+        .stop(pb::StopSandboxRequest { id: sb.id.clone() })
+        .await?;
+    let got = get(&es, &sb.id).await?;
+    ensure!(got.state() == pb::SandboxState::Notready);
+    ensure!(
+        cni.leases().is_empty(),
+        "leases after stop: {:?}",
+        cni.leases()
+    );
+    ensure!(
+        wait_for(Duration::from_secs(5), || (!running(sb.pid_holder))
+            .then_some(()))
+        .is_some(),
+        "pid holder still running"
+    );
+    let srv = es.inspect(&server.id).await?;
+    ensure!(srv.state.unwrap_or_default().status() != pb::ContainerStatus::Running);
+    // Stop again is fine; a container cannot join a stopped pod.
+    es.sandboxes()
+        .stop(pb::StopSandboxRequest { id: sb.id.clone() })
+        .await?;
+    let err = es
+        .create(&unique("late"), busybox(&["true"]), in_pod(&sb.id))
+        .await
+        .unwrap_err();
+    let status = err.downcast_ref::<tonic::Status>().context("a status")?;
+    ensure!(status.code() == Code::FailedPrecondition, "{status:?}");
+
+    // Remove: containers, namespace files and mounts, pod files gone.
+    es.sandboxes()
+        .remove(pb::RemoveSandboxRequest { id: sb.id.clone() })
+        .await?;
+    ensure!(!ns_dir.exists(), "{} still exists", ns_dir.display());
+    let left = mounts_naming(&sb.id);
+    ensure!(left.is_empty(), "mounts left: {left:?}");
+    ensure!(!Path::new(&sb.resolv_conf_path).exists());
+    let err = es.inspect(&server.id).await.unwrap_err();
+    ensure!(err.downcast_ref::<tonic::Status>().map(|s| s.code()) == Some(Code::NotFound));
+    let err = get(&es, &sb.id).await.unwrap_err();
+    ensure!(err.downcast_ref::<tonic::Status>().map(|s| s.code()) == Some(Code::NotFound));
+    let left = es
+        .leftovers(&[server.id.clone(), client.id.clone()])
+        .await?;
+    ensure!(left.is_empty(), "left behind: {left:?}");
+    drop(slot_for_conf);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_the_right_codes_and_leaves_nothing() -> Result<()> {
+    if !plugins_ready() {
+        return Ok(());
+    }
+    let slot_for_conf = NetSlot::claim()?;
+    let cni = CniConf::new(&slot_for_conf)?;
+    let es = stack_with(cni.conf.path()).await?;
+    let mut holders = Holders::default();
+
+    // Unknown ids.
+    let unknown = "f".repeat(64);
+    ensure!(
+        code(
+            es.sandboxes()
+                .get(pb::GetSandboxRequest {
+                    id: unknown.clone(),
+                    verbose: true
+                })
+                .await
+        ) == Some(Code::NotFound)
+    );
+    ensure!(
+        code(
+            es.sandboxes()
+                .stop(pb::StopSandboxRequest {
+                    id: unknown.clone()
+                })
+                .await
+        ) == Some(Code::NotFound)
+    );
+    let err = es
+        .create(&unique("orphan"), busybox(&["true"]), in_pod(&unknown))
+        .await
+        .unwrap_err();
+    ensure!(err.downcast_ref::<tonic::Status>().map(|s| s.code()) == Some(Code::NotFound));
+
+    // A duplicate name.
+    let name = unique("dup");
+    let sb = es
+        .sandboxes()
+        .run(pod(&name))
+        .await?
+        .into_inner()
+        .sandbox
+        .context("no sandbox")?;
+    holders.0.push(sb.pid_holder);
+    ensure!(code(es.sandboxes().run(pod(&name)).await) == Some(Code::AlreadyExists));
+
+    // A CNI config that does not exist: a clear error, nothing left behind.
+    let before: Vec<_> = std::fs::read_dir(es.stack().state_dir().join("sandboxes"))?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    let mut req = pod(&unique("nonet"));
+    req.network = Some(pb::SandboxNetworkOptions {
+        cni_config_name: "no-such-network".into(),
+        ..Default::default()
+    });
+    let st = es.sandboxes().run(req).await.unwrap_err();
+    ensure!(st.code() == Code::FailedPrecondition, "{st:?}");
+    ensure!(st.message().contains("no-such-network"), "{st:?}");
+    let after: Vec<_> = std::fs::read_dir(es.stack().state_dir().join("sandboxes"))?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    ensure!(before == after, "{before:?} → {after:?}");
+    let list = es
+        .sandboxes()
+        .list(pb::ListSandboxesRequest {
+            filters: vec![types::Filter {
+                key: "state".into(),
+                value: "ready".into(),
+            }],
+        })
+        .await?
+        .into_inner()
+        .sandboxes;
+    ensure!(list.len() == 1 && list[0].id == sb.id, "{list:?}");
+    ensure!(cni.leases().len() == 1, "leases: {:?}", cni.leases());
+
+    // A container that asks for another network than the pod's.
+    let mut hc = in_pod(&sb.id);
+    hc.network_mode = "host".into();
+    let err = es
+        .create(&unique("hostnet"), busybox(&["true"]), hc)
+        .await
+        .unwrap_err();
+    ensure!(err.downcast_ref::<tonic::Status>().map(|s| s.code()) == Some(Code::InvalidArgument));
+    drop(slot_for_conf);
+    Ok(())
+}
