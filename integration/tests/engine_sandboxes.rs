@@ -170,7 +170,8 @@ fn code<T>(r: std::result::Result<tonic::Response<T>, tonic::Status>) -> Option<
 }
 
 /// A client in the pod: fetches the server's page over the pod's loopback.
-const FETCH: &str = "for i in $(seq 1 100); do wget -q -O- http://127.0.0.1:8080/ && exit 0; sleep 0.1; done; exit 1";
+const FETCH: &str =
+    "for i in $(seq 1 100); do wget -q -O- http://127.0.0.1:8080/ && break; sleep 0.1; done";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_shares_its_namespaces_survives_the_engine_and_goes_away() -> Result<()> {
@@ -219,7 +220,7 @@ async fn a_pod_shares_its_namespaces_survives_the_engine_and_goes_away() -> Resu
             busybox(&[
                 "sh",
                 "-c",
-                "mkdir -p /www && echo hello-pod > /www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /www",
+                "echo shared-shm > /dev/shm/pod && mkdir -p /www && echo hello-pod > /www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /www",
             ]),
             in_pod(&sb.id),
         )
@@ -232,7 +233,7 @@ async fn a_pod_shares_its_namespaces_survives_the_engine_and_goes_away() -> Resu
                 "sh",
                 "-c",
                 &format!(
-                    "hostname; cat /etc/resolv.conf; pidof httpd >/dev/null && echo sees-httpd; {FETCH}"
+                    "hostname; cat /etc/resolv.conf; pidof httpd >/dev/null && echo sees-httpd; {FETCH}; cat /dev/shm/pod"
                 ),
             ]),
             in_pod(&sb.id),
@@ -257,6 +258,7 @@ async fn a_pod_shares_its_namespaces_survives_the_engine_and_goes_away() -> Resu
         "pid namespace not shared: {out}"
     );
     ensure!(out.contains("hello-pod"), "fetch: {out}");
+    ensure!(out.contains("shared-shm"), "/dev/shm not shared: {out}");
     let got = get(&es, &sb.id).await?;
     ensure!(got.container_ids.len() == 2, "{:?}", got.container_ids);
 

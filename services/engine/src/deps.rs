@@ -115,6 +115,8 @@ pub struct PodNsPaths {
     pub ipc: Option<PathBuf>,
     /// UTS namespace file.
     pub uts: Option<PathBuf>,
+    /// The pod's /dev/shm (a tmpfs) that goes with its IPC namespace.
+    pub shm: Option<PathBuf>,
 }
 
 /// Namespaces of pod sandboxes, owned by the engine: bind mounts of namespace files under a
@@ -122,7 +124,8 @@ pub struct PodNsPaths {
 /// short process spawn); the engine calls them from blocking tasks.
 pub trait PodNamespaces: Send + Sync {
     /// Makes the namespaces of `want` and bind-mounts them as `<dir>/{net,ipc,uts}`; the UTS
-    /// one gets `hostname`. On failure nothing is left mounted.
+    /// one gets `hostname`; with the IPC one goes a tmpfs at `<dir>/shm` (the pod's /dev/shm).
+    /// On failure nothing is left mounted.
     fn create(&self, dir: &Path, want: PodNsWant, hostname: &str) -> Result<PodNsPaths>;
     /// Starts the PID namespace holder: a tiny process that is the init of a new PID
     /// namespace (it reaps what is re-parented to it and does nothing else), detached from the
@@ -135,8 +138,8 @@ pub trait PodNamespaces: Send + Sync {
     fn stop_pid_holder(&self, pid: u32, ns_file: &Path);
     /// Whether `path` is (still) a mounted namespace file.
     fn ns_alive(&self, path: &Path) -> bool;
-    /// Unmounts every namespace file under `dir` and removes `dir`; a missing one is not an
-    /// error.
+    /// Unmounts every namespace file (and the shm tmpfs) under `dir` and removes `dir`; a
+    /// missing one is not an error.
     fn remove(&self, dir: &Path) -> Result<()>;
 }
 

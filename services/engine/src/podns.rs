@@ -3,6 +3,9 @@
 //! loopback up and bind-mounts `/proc/thread-self/ns/{net,ipc,uts}` onto files in the
 //! sandbox's directory; the mounts keep them alive after the thread is gone.
 //!
+//! With the IPC namespace goes the pod's /dev/shm, a tmpfs at `<dir>/shm` bound into each
+//! container (POSIX shared memory is files there, so sharing IPC means sharing it too).
+//!
 //! A PID namespace cannot be held that way: one whose init has exited takes no new processes.
 //! Its holder is the smallest process that works, `berth-engine pid-holder` (this binary, a
 //! few hundred KiB resident): started with `CLONE_NEWPID` unshared and a session of its own,
@@ -68,6 +71,22 @@ fn bind(source: &Path, target: &Path) -> Result<()> {
             target.display()
         ))
         .with_source(e)
+    })
+}
+
+/// The pod's /dev/shm: what Docker gives a container (64 MiB), shared by the pod.
+fn mount_shm(target: &Path) -> Result<()> {
+    std::fs::create_dir_all(target)
+        .map_err(|e| Error::internal(format!("create {}", target.display())).with_source(e))?;
+    nix::mount::mount(
+        Some("shm"),
+        target,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("mode=1777,size=65536k"),
+    )
+    .map_err(|e| {
+        Error::internal(format!("mount the pod's shm on {}", target.display())).with_source(e)
     })
 }
 
@@ -137,10 +156,13 @@ impl PodNamespaces for HostPodNamespaces {
         })
         .join()
         .map_err(|_| Error::internal("pod namespace thread panicked"))?;
+        let shm = dir.join("shm");
+        let result = result.and_then(|()| if want.ipc { mount_shm(&shm) } else { Ok(()) });
         if let Err(e) = result {
             for kind in &kinds {
                 let _ = unmount_and_remove(&dir.join(kind));
             }
+            let _ = nix::mount::umount2(&shm, MntFlags::MNT_DETACH);
             return Err(e);
         }
         let path = |k: &str| kinds.contains(&k).then(|| dir.join(k));
@@ -148,6 +170,7 @@ impl PodNamespaces for HostPodNamespaces {
             net: path("net"),
             ipc: path("ipc"),
             uts: path("uts"),
+            shm: want.ipc.then_some(shm),
         })
     }
 
@@ -217,6 +240,12 @@ impl PodNamespaces for HostPodNamespaces {
     fn remove(&self, dir: &Path) -> Result<()> {
         for kind in NS_FILES {
             unmount_and_remove(&dir.join(kind))?;
+        }
+        match nix::mount::umount2(&dir.join("shm"), MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => {
+                return Err(Error::internal("unmount the pod's shm").with_source(e));
+            }
         }
         match std::fs::remove_dir_all(dir) {
             Ok(()) => Ok(()),

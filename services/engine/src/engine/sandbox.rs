@@ -84,6 +84,8 @@ pub(crate) struct SandboxJoin {
     pub pid: Namespace,
     pub files_dir: PathBuf,
     pub netns_path: String,
+    /// The pod's /dev/shm, with a pod IPC namespace.
+    pub shm: Option<PathBuf>,
 }
 
 fn mode(m: i32) -> pb::NamespaceMode {
@@ -333,6 +335,7 @@ impl Engine {
             n.network = show(&paths.net);
             n.ipc = show(&paths.ipc);
             n.uts = show(&paths.uts);
+            n.shm = show(&paths.shm);
         });
         if pid_mode == pb::NamespaceMode::Pod {
             let pod_ns = self.deps.pod_ns.clone();
@@ -555,6 +558,7 @@ impl Engine {
                     "uts": ns.uts,
                     "pid": ns.pid,
                 },
+                "shm": ns.shm,
                 "pidHolder": if s.pid_holder != 0 { "berth-engine pid-holder" } else { "" },
                 "files": {
                     "hostname": s.hostname_path,
@@ -672,6 +676,7 @@ impl Engine {
             pid,
             files_dir: rec.p.files_dir.clone(),
             netns_path: ns.network.clone(),
+            shm: (!ns.shm.is_empty()).then(|| PathBuf::from(&ns.shm)),
         })
     }
 

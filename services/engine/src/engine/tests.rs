@@ -195,6 +195,7 @@ impl PodNamespaces for FakePodNs {
             net: make(want.net, "net"),
             ipc: make(want.ipc, "ipc"),
             uts: make(want.uts, "uts"),
+            shm: make(want.ipc, "shm"),
         })
     }
     fn start_pid_holder(&self, dir: &Path) -> Result<(u32, PathBuf)> {

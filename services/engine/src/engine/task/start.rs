@@ -315,6 +315,16 @@ impl Engine {
                 });
             }
         }
+        if let Some(shm) = sandbox.as_ref().and_then(|sj| sj.shm.as_ref())
+            && !mounts.iter().any(|m| m.destination == "/dev/shm")
+        {
+            mounts.push(SpecMount {
+                destination: "/dev/shm".into(),
+                typ: "bind".into(),
+                source: shm.display().to_string(),
+                options: vec!["rbind".into(), "rprivate".into(), "rw".into()],
+            });
+        }
         let devices = host_devices(&hc.devices)?;
         let pid_ns = match &sandbox {
             Some(sj) => sj.pid.clone(),

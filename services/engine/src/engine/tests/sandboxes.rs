@@ -101,6 +101,13 @@ async fn a_pod_runs_its_containers_in_its_namespaces_and_goes_away() {
     assert_eq!(ns_path("uts").unwrap(), nsd.uts);
     assert_eq!(ns_path("pid").unwrap(), nsd.pid);
     assert_eq!(spec["hostname"], "web-host");
+    let shm = spec["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["destination"] == "/dev/shm")
+        .unwrap();
+    assert_eq!(shm["source"], nsd.shm, "the pod's /dev/shm");
     assert_eq!(
         spec["linux"]["cgroupsPath"],
         format!("/kubepods/pod1/{}", c.id)
