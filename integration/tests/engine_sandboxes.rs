@@ -427,3 +427,103 @@ async fn bad_input_gets_the_right_codes_and_leaves_nothing() -> Result<()> {
     drop(slot_for_conf);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_container_logs_in_the_cri_format_and_reopens_its_log() -> Result<()> {
+    if !plugins_ready() {
+        return Ok(());
+    }
+    let slot_for_conf = NetSlot::claim()?;
+    let cni = CniConf::new(&slot_for_conf)?;
+    let es = stack_with(cni.conf.path()).await?;
+    let mut holders = Holders::default();
+    let sb = es
+        .sandboxes()
+        .run(pod(&unique("logs")))
+        .await?
+        .into_inner()
+        .sandbox
+        .context("no sandbox")?;
+    holders.0.push(sb.pid_holder);
+    let logs = tempfile::tempdir()?;
+    let trigger = tempfile::tempdir()?;
+    let log = logs.path().join("app/0.log");
+    let mut hc = in_pod(&sb.id);
+    hc.log_config = Some(pb::LogConfig {
+        r#type: "cri".into(),
+        options: [("path".to_string(), log.display().to_string())].into(),
+    });
+    hc.mounts = vec![pb::MountSpec {
+        r#type: pb::MountType::Bind.into(),
+        source: trigger.path().display().to_string(),
+        target: "/trigger".into(),
+        ..Default::default()
+    }];
+    let c = es
+        .create(
+            &unique("app"),
+            busybox(&[
+                "sh",
+                "-c",
+                "echo first; echo oops >&2; while [ ! -e /trigger/go ]; do sleep 0.1; done; echo second; exec sleep 1000",
+            ]),
+            hc,
+        )
+        .await?;
+    es.start_task(&c.id).await?;
+    let text = wait_for(Duration::from_secs(20), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.contains("first") && t.contains("oops"))
+    })
+    .context("the first lines in the CRI log")?;
+    for line in text.lines() {
+        // <RFC3339Nano> stdout|stderr F|P <line>
+        let mut parts = line.splitn(4, ' ');
+        let (ts, stream, tag) = (parts.next(), parts.next(), parts.next());
+        ensure!(
+            ts.is_some_and(|t| t.contains('T') && t.ends_with('Z')),
+            "{line}"
+        );
+        ensure!(matches!(stream, Some("stdout" | "stderr")), "{line}");
+        ensure!(tag == Some("F"), "{line}");
+    }
+    ensure!(
+        text.contains(" stdout F first\n") && text.contains(" stderr F oops\n"),
+        "{text}"
+    );
+
+    // The kubelet's rotation: rename, then ReopenLog; new output goes to a new file.
+    let rotated = logs.path().join("app/0.log.20261207-000000");
+    std::fs::rename(&log, &rotated)?;
+    es.tasks()
+        .reopen_log(pb::ReopenLogRequest { id: c.id.clone() })
+        .await?;
+    std::fs::write(trigger.path().join("go"), b"")?;
+    let text = wait_for(Duration::from_secs(20), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.contains("second"))
+    })
+    .context("the line after reopening")?;
+    ensure!(!text.contains("first"), "{text}");
+    ensure!(!std::fs::read_to_string(&rotated)?.contains("second"));
+
+    // Not running: FAILED_PRECONDITION.
+    es.tasks()
+        .stop(pb::StopTaskRequest {
+            id: c.id.clone(),
+            timeout_seconds: Some(0),
+            ..Default::default()
+        })
+        .await?;
+    ensure!(
+        code(
+            es.tasks()
+                .reopen_log(pb::ReopenLogRequest { id: c.id.clone() })
+                .await
+        ) == Some(Code::FailedPrecondition)
+    );
+    drop(slot_for_conf);
+    Ok(())
+}

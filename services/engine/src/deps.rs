@@ -220,6 +220,14 @@ pub trait Shim: Send + Sync {
     fn info(&self) -> BoxFuture<'_, shim::InfoResponse>;
     /// Ends the shim.
     fn shutdown(&self, now: bool) -> BoxFuture<'_, ()>;
+    /// Closes the init's log file and opens its path again.
+    fn reopen_log(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {
+            Err(berth_core::Error::unimplemented(
+                "this shim cannot reopen its log",
+            ))
+        })
+    }
     /// The container's health (NOT_FOUND without a healthcheck).
     fn health(&self) -> BoxFuture<'_, types::Health> {
         Box::pin(async {

@@ -467,6 +467,14 @@ impl tasks_server::Tasks for Tasks {
                 .map_err(status)?,
         ))
     }
+
+    async fn reopen_log(&self, req: Request<pb::ReopenLogRequest>) -> Rsp<()> {
+        self.0
+            .reopen_log(&req.into_inner().id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(()))
+    }
 }
 
 impl Volumes {

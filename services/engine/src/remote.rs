@@ -406,6 +406,14 @@ impl Shim for RemoteShim {
         })
     }
 
+    fn reopen_log(&self) -> BoxFuture<'_, ()> {
+        let mut c = self.client.clone();
+        Box::pin(async move {
+            c.reopen_log(shim::ReopenLogRequest {}).await?;
+            Ok(())
+        })
+    }
+
     fn shutdown(&self, now: bool) -> BoxFuture<'_, ()> {
         let mut c = self.client.clone();
         Box::pin(async move {

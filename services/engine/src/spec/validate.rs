@@ -86,6 +86,20 @@ pub fn log_config(lc: &pb::LogConfig, default_driver: &str) -> Result<()> {
             )));
         }
     }
+    if driver == "cri" {
+        // The kubelet reads the file at exactly this path; a relative or dot-dot path would
+        // land where it never looks.
+        let path = opts.get("path").map(String::as_str).unwrap_or("");
+        let p = std::path::Path::new(path);
+        if !p.is_absolute()
+            || p.components().any(|c| c == std::path::Component::ParentDir)
+            || path.ends_with('/')
+        {
+            return Err(Error::invalid_argument(format!(
+                "logger: the cri log driver needs an absolute file path, not {path:?}"
+            )));
+        }
+    }
     if let Some(size) = opts.get("max-size") {
         match crate::engine::parse_size(size) {
             None => {
@@ -287,6 +301,13 @@ mod tests {
             msg(log_config(&lc("json-file", &[("mode", "fast")]), "")),
             "logger: logging mode not supported: fast"
         );
+        log_config(&lc("cri", &[("path", "/var/log/pods/p/c/0.log")]), "").unwrap();
+        for bad in ["", "c/0.log", "/var/log/pods/../x.log", "/var/log/pods/"] {
+            assert!(
+                msg(log_config(&lc("cri", &[("path", bad)]), "")).contains("absolute file path"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
