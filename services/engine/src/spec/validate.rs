@@ -2,7 +2,7 @@
 //! late: log driver options, namespace modes, devices, and bind propagation that the host mount
 //! under the source cannot give. Docker's messages where Docker has them.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use berth_core::{Error, Result};
 use berth_proto::berth::engine::v1 as pb;
@@ -90,9 +90,9 @@ pub fn log_config(lc: &pb::LogConfig, default_driver: &str) -> Result<()> {
         // The kubelet reads the file at exactly this path; a relative or dot-dot path would
         // land where it never looks.
         let path = opts.get("path").map(String::as_str).unwrap_or("");
-        let p = std::path::Path::new(path);
+        let p = Path::new(path);
         if !p.is_absolute()
-            || p.components().any(|c| c == std::path::Component::ParentDir)
+            || p.components().any(|c| c == Component::ParentDir)
             || path.ends_with('/')
         {
             return Err(Error::invalid_argument(format!(
