@@ -3,7 +3,8 @@
 //! share its network (one serves HTTP on localhost, the other fetches it) and PID namespace, the
 //! pod's hostname and resolv.conf inside, the pod IP reported; `kill -9` of the engine keeps
 //! the pod and its containers; stop (CNI DEL) and remove (namespace files and mounts gone, PID
-//! holder ended); bad input answered with the right codes and nothing left behind.
+//! holder ended); CRI-format logs reopened after a rename; recursive read-only binds; bad
+//! input answered with the right codes and nothing left behind.
 //! Root only; needs /usr/lib/cni.
 
 use std::path::Path;
@@ -30,6 +31,15 @@ impl Drop for Holders {
                 let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
             }
         }
+    }
+}
+
+/// Unmounts a test's own mount point on drop.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
@@ -508,6 +518,46 @@ async fn a_pod_container_logs_in_the_cri_format_and_reopens_its_log() -> Result<
     .context("the line after reopening")?;
     ensure!(!text.contains("first"), "{text}");
     ensure!(!std::fs::read_to_string(&rotated)?.contains("second"));
+
+    // Recursive read-only binds: a submount of the source is read-only too (plain ro covers
+    // only the top mount).
+    let src = tempfile::tempdir()?;
+    let sub = src.path().join("sub");
+    std::fs::create_dir(&sub)?;
+    nix::mount::mount(
+        Some("tmpfs"),
+        &sub,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )?;
+    let _sub = Unmount(sub.clone());
+    for (recursive, want) in [(true, "readonly"), (false, "writable")] {
+        let mut hc = in_pod(&sb.id);
+        hc.mounts = vec![pb::MountSpec {
+            r#type: pb::MountType::Bind.into(),
+            source: src.path().display().to_string(),
+            target: "/m".into(),
+            read_only: true,
+            bind: Some(pb::BindOptions {
+                read_only_force_recursive: recursive,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }];
+        let r = es
+            .run(
+                &unique("rro"),
+                busybox(&[
+                    "sh",
+                    "-c",
+                    "touch /m/sub/x 2>/dev/null && echo writable || echo readonly",
+                ]),
+                hc,
+            )
+            .await?;
+        ensure!(r.stdout.trim() == want, "recursive={recursive}: {r:?}");
+    }
 
     // Not running: FAILED_PRECONDITION.
     es.tasks()

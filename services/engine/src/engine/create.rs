@@ -299,7 +299,14 @@ impl Engine {
                             m.source
                         )));
                     }
-                    let create = m.bind.as_ref().is_some_and(|b| b.create_host_path);
+                    let b = m.bind.unwrap_or_default();
+                    if b.read_only_force_recursive && (!m.read_only || b.non_recursive) {
+                        return Err(Error::invalid_argument(format!(
+                            "invalid mount config for {}: recursive read-only needs a read-only, recursive bind",
+                            m.target
+                        )));
+                    }
+                    let create = b.create_host_path;
                     if !create && !Path::new(&m.source).exists() {
                         return Err(Error::invalid_argument(format!(
                             "invalid mount config for type \"bind\": bind source path does not exist: {}",

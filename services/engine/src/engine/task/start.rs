@@ -575,15 +575,21 @@ impl Engine {
                         pb::Propagation::Slave => "slave",
                         pb::Propagation::Rslave => "rslave",
                     };
+                    let mut options = vec![
+                        if b.non_recursive { "bind" } else { "rbind" }.to_string(),
+                        ro.into(),
+                        prop.into(),
+                    ];
+                    if m.read_only && b.read_only_force_recursive {
+                        // runc makes every submount read-only too (mount_setattr with
+                        // AT_RECURSIVE); plain "ro" only covers the top mount.
+                        options.push("rro".into());
+                    }
                     out.push(SpecMount {
                         destination: m.target.clone(),
                         typ: "bind".into(),
                         source: m.source.clone(),
-                        options: vec![
-                            if b.non_recursive { "bind" } else { "rbind" }.into(),
-                            ro.into(),
-                            prop.into(),
-                        ],
+                        options,
                     });
                 }
                 pb::MountType::Volume => {
