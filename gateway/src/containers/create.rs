@@ -705,6 +705,7 @@ fn host_config(h: &HostConfig) -> Result<engine::HostConfig> {
         cni: None,
         // Docker containers belong to no pod sandbox.
         sandbox_id: String::new(),
+        strict_supplemental_groups: false,
     })
 }
 

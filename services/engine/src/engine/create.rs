@@ -568,6 +568,7 @@ impl Engine {
             size_root_fs: -1,
             extensions: req.extensions.clone(),
             bundle_path: self.paths.bundle(id).display().to_string(),
+            process_user: None,
         };
         let rec = Record {
             c: container,

@@ -154,16 +154,23 @@ impl Engine {
             let scratch = self.paths.scratch.clone();
             let spec_user = cfg.user.clone();
             let group_add = hc.group_add.clone();
+            let strict = hc.strict_supplemental_groups;
             tokio::task::spawn_blocking(move || -> Result<crate::user::ResolvedUser> {
                 let passwd = crate::rootfs::read_file(&rootfs, "/etc/passwd", &scratch)?;
                 let group = crate::rootfs::read_file(&rootfs, "/etc/group", &scratch)?;
                 let text = |d: Option<Vec<u8>>| d.map(|d| String::from_utf8_lossy(&d).into_owned());
-                crate::user::resolve(
+                let group = text(group);
+                let mut user = crate::user::resolve(
                     &spec_user,
                     text(passwd).as_deref(),
-                    text(group).as_deref(),
+                    group.as_deref(),
                     &group_add,
-                )
+                )?;
+                if strict {
+                    // Only what was asked for: no memberships from the image's /etc/group.
+                    user.additional_gids = crate::user::group_ids(group.as_deref(), &group_add)?;
+                }
+                Ok(user)
             })
             .await
             .map_err(|e| Error::internal("user lookup task").with_source(e))??
@@ -426,6 +433,11 @@ impl Engine {
             r.p.task_pid = pid;
             r.p.netns = partial.netns.clone();
             r.p.attached = partial.attached;
+            r.c.process_user = Some(pb::ProcessUser {
+                uid: user.uid,
+                gid: user.gid,
+                additional_gids: user.additional_gids.clone(),
+            });
             r.c.network_settings = Some(settings);
             let st = r.state_mut();
             st.status = pb::ContainerStatus::Running.into();

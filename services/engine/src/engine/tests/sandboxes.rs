@@ -298,3 +298,33 @@ async fn a_restart_keeps_ready_pods_and_clears_half_made_ones() {
     assert_eq!(got.state(), pb::SandboxState::Notready);
     assert!(kit.networks.cni.lock().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn strict_supplemental_groups_leave_out_the_images_memberships() {
+    let kit = Kit::new();
+    std::fs::write(
+        kit.images.rootfs.join("etc/group"),
+        "root:x:0:\npostgres:x:70:\naudio:x:29:postgres\n",
+    )
+    .unwrap();
+    let engine = kit.engine();
+    for (name, strict, want) in [
+        ("merge", false, vec![29, 1234]),
+        ("strict", true, vec![1234]),
+    ] {
+        let mut req = create_req(name, &["sleep"]);
+        req.config.as_mut().unwrap().user = "postgres".into();
+        let hc = req.host_config.as_mut().unwrap();
+        hc.group_add = vec!["1234".into()];
+        hc.strict_supplemental_groups = strict;
+        engine.create(req, "default").await.unwrap();
+        engine.start(name).await.unwrap();
+        let user = engine
+            .get(name)
+            .unwrap()
+            .with(|r| r.c.process_user.clone())
+            .unwrap();
+        assert_eq!((user.uid, user.gid), (70, 70), "{name}");
+        assert_eq!(user.additional_gids, want, "{name}");
+    }
+}
