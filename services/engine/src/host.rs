@@ -306,6 +306,12 @@ pub fn detect_host() -> HostInfo {
         seccomp_x32: x32_abi_from_config(read_kernel_config().as_deref()),
         cpu_realtime: !v2 && cg.join("cpu/cpu.rt_runtime_us").exists(),
         min_oom_score_adj: min_oom_score_adj(),
+        hugetlb: if v2 {
+            std::fs::read_to_string(cg.join("cgroup.controllers"))
+                .is_ok_and(|c| c.split_whitespace().any(|w| w == "hugetlb"))
+        } else {
+            cg.join("hugetlb").is_dir()
+        },
     }
 }
 

@@ -54,6 +54,8 @@ pub struct HostInfo {
     /// engine's own (lowering it needs that capability, so runc's write would fail). Lower
     /// requests are clamped to it, as containerd's `restrict_oom_score_adj` does.
     pub min_oom_score_adj: i32,
+    /// The hugetlb cgroup controller is where runc sets limits (the v1 hierarchy, or v2 only).
+    pub hugetlb: bool,
 }
 
 impl Default for HostInfo {
@@ -68,6 +70,7 @@ impl Default for HostInfo {
             seccomp_x32: true,
             cpu_realtime: false,
             min_oom_score_adj: -1000,
+            hugetlb: false,
         }
     }
 }
@@ -823,6 +826,7 @@ mod tests {
             cpu_realtime: false,
             // As without CAP_SYS_RESOURCE, with the engine at 0.
             min_oom_score_adj: 0,
+            hugetlb: true,
             devices: vec![Device {
                 path: "/dev/fuse".into(),
                 kind: 'c',
