@@ -482,6 +482,7 @@ impl ResourceFields<'_> {
                 })
                 .collect(),
             unified: HashMap::new(),
+            hugepage_limits: Vec::new(),
         }
     }
 }
