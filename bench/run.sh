@@ -10,7 +10,7 @@
 # blocks those runs are cut into), DENSITY (200 sleep containers; 0 skips), PARALLEL_ROUNDS (5,
 # repetitions of the 20-parallel scenario), BREAKDOWN (1: traced stage breakdown of `docker run`),
 # BREAKDOWN_RUNS (20), PULL (1: bench/pull.sh, synthetic 4 x 64 MB), PULL_RUNS (5),
-# BERTH_BIN_DIR (use these binaries, no build), DOCKER (the docker CLI), SCENARIOS (comma-separated
+# BENCH_OUT (results directory), BERTH_BIN_DIR (use these binaries, no build), DOCKER (the docker CLI), SCENARIOS (comma-separated
 # names of bench/lib/measure.py's scenarios to run, e.g. build,run_rm; empty = all).
 #
 # Everything runs on temp dirs under /var/tmp with its own sockets, bridges (bbench0, bbench1,
@@ -32,7 +32,7 @@ PULL=${PULL:-1}
 PULL_RUNS=${PULL_RUNS:-5}
 BENCH_DOCKERD=${BENCH_DOCKERD:-}
 DATE=$(date -u +%Y-%m-%d)
-OUT=$ROOT/bench/results/$DATE
+OUT=${BENCH_OUT:-$ROOT/bench/results/$DATE}
 RAW=$OUT/raw
 
 # shellcheck source=bench/lib/stack.sh

@@ -44,6 +44,9 @@ pub enum ContextError {
     NoDockerfile(String),
     #[error("error processing .dockerignore: {0}")]
     Dockerignore(#[from] PatternError),
+    /// A COPY/ADD source whose wildcard pattern is malformed (Go's `filepath.ErrBadPattern`).
+    #[error("{0}")]
+    SourcePattern(PatternError),
     #[error("reading the build context: {0}")]
     Io(#[from] io::Error),
 }
@@ -338,7 +341,7 @@ pub fn resolve_source(root: &Path, src: &str) -> Result<Vec<SourcePath>, Context
         walk(root, "", &mut all)?;
         let mut out = Vec::new();
         for path in all {
-            if dockerignore::go_match(&cleaned, &path)? {
+            if dockerignore::go_match(&cleaned, &path).map_err(ContextError::SourcePattern)? {
                 let resolved = resolve_in_scope(root, Path::new(&path))?;
                 out.push(SourcePath {
                     matched: path,
@@ -752,7 +755,7 @@ mod tests {
         );
         assert_eq!(
             paths(&["[x"]).unwrap_err().to_string(),
-            "error processing .dockerignore: syntax error in pattern"
+            "syntax error in pattern"
         );
         assert!(has_wildcards("a*") && has_wildcards("a?") && has_wildcards("[a]"));
         assert!(is_url("https://x/y.tar") && is_url("http://x") && !is_url("x/http://"));

@@ -125,8 +125,13 @@ async fn up(args: &ConfigArgs, cfg: &Config) -> Result<()> {
     }
     if start_error.is_none() {
         tracing::info!(state_dir = %cfg.state_dir.display(), "berth is up");
+        let cri = if cfg.cri.enabled {
+            format!("; CRI at unix://{}", cfg.cri_socket().display())
+        } else {
+            String::new()
+        };
         println!(
-            "berth is up; Docker API at {}",
+            "berth is up; Docker API at {}{cri}",
             cfg.gateway_hosts().join(", ")
         );
         signal.await;

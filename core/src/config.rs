@@ -41,6 +41,8 @@ pub struct Config {
     pub shim: ShimConfig,
     /// berth-gateway.
     pub gateway: GatewayConfig,
+    /// The Kubernetes CRI, served by berth-gateway.
+    pub cri: CriConfig,
     /// External containerd-compatible plugins, by name (`[proxy_plugins.NAME]`).
     pub proxy_plugins: BTreeMap<String, ProxyPlugin>,
 }
@@ -59,6 +61,7 @@ impl Default for Config {
             engine: EngineConfig::default(),
             shim: ShimConfig::default(),
             gateway: GatewayConfig::default(),
+            cri: CriConfig::default(),
             proxy_plugins: BTreeMap::new(),
         }
     }
@@ -103,6 +106,9 @@ pub struct ImagesConfig {
     pub registry_mirrors: Vec<String>,
     /// Per-registry CA certificates: `<certs_dir>/<host:port>/*.crt`.
     pub certs_dir: PathBuf,
+    /// Per-registry hosts in containerd's layout: `<dir>/<host>/hosts.toml` (mirrors, TLS,
+    /// plain http), for pulls from both the Docker API and the CRI.
+    pub registry_config_path: PathBuf,
     /// The platform picked from multi-platform images, `os/arch[/variant]`.
     pub platform: String,
 }
@@ -116,6 +122,7 @@ impl Default for ImagesConfig {
             insecure_registries: Vec::new(),
             registry_mirrors: Vec::new(),
             certs_dir: PathBuf::from("/etc/berth/certs.d"),
+            registry_config_path: PathBuf::from("/etc/berth/certs.d"),
             platform: "linux/amd64".into(),
         }
     }
@@ -314,8 +321,29 @@ pub struct GatewayConfig {
     pub tlscert: Option<PathBuf>,
     /// Server key.
     pub tlskey: Option<PathBuf>,
-    /// The CRI socket; default `<state_dir>/cri.sock`.
-    pub cri_socket: Option<PathBuf>,
+}
+
+/// The Kubernetes CRI (`runtime.v1`), served by berth-gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CriConfig {
+    /// Serve the CRI at all.
+    pub enabled: bool,
+    /// Socket path (mode 0660, group `socket_group`); default `<state_dir>/cri.sock`.
+    pub socket: Option<PathBuf>,
+    /// Seconds a CRI pull may go without progress before it is cancelled (containerd's
+    /// `image_pull_progress_timeout`); 0 = never.
+    pub image_pull_progress_timeout: u64,
+}
+
+impl Default for CriConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            socket: None,
+            image_pull_progress_timeout: 300,
+        }
+    }
 }
 
 /// The long-running processes of a berth stack, in start order.
@@ -506,6 +534,14 @@ impl Config {
         } else {
             self.gateway.hosts.clone()
         }
+    }
+
+    /// Where the CRI is served.
+    pub fn cri_socket(&self) -> PathBuf {
+        self.cri
+            .socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("cri.sock"))
     }
 
     /// The PID file of `service`.

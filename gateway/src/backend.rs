@@ -257,6 +257,11 @@ pub trait ImagesApi: Send + Sync {
     fn cache_lookup(&self, key: String) -> Fut<'_, Option<String>> {
         missing("build cache")
     }
+    /// `Images.CreateImage` without a layer: a child of `options.parent` with a new config and
+    /// an empty-layer history entry. The new image's id.
+    fn create_config_image(&self, options: images::CreateImageOptions) -> Fut<'_, String> {
+        missing("image create")
+    }
     /// `Images.CacheStore`.
     fn cache_store(&self, req: images::CacheStoreRequest) -> Fut<'_, ()> {
         missing("build cache")

@@ -368,6 +368,23 @@ impl ImagesApi for GrpcImages {
                 .into_inner())
         })
     }
+    fn create_config_image(&self, options: images::CreateImageOptions) -> Fut<'_, String> {
+        use images::create_image_request::Part;
+        let mut c = self.0.clone();
+        Box::pin(async move {
+            let only = futures::stream::iter([images::CreateImageRequest {
+                part: Some(Part::Options(images::CreateImageOptions {
+                    empty_layer: true,
+                    ..options
+                })),
+            }]);
+            Ok(c.create_image(feed(only.boxed()))
+                .await
+                .map_err(Error::from)?
+                .into_inner()
+                .image_id)
+        })
+    }
     fn disk_usage(&self) -> Fut<'_, images::DiskUsageResponse> {
         unary!(self.0, disk_usage, images::DiskUsageRequest {})
     }

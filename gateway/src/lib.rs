@@ -309,6 +309,26 @@ pub(crate) fn not_routed(method: &Method, path: &str) -> ApiError {
 /// Serves the Docker API on every host in `config` until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let service = versioned(app(AppState::new(&config)));
+    // The CRI socket is bound before the Docker API's, so it is up once `GET /version` (what
+    // `berth up` waits for) answers.
+    let cri = if config.cri.enabled {
+        let path = config.cri_socket();
+        let listener = berth_core::uds::bind(&path, 0o660, config.socket_group.as_deref()).await?;
+        tracing::info!(socket = %path.display(), "serving the Kubernetes CRI");
+        let cri_config = config.clone();
+        let stop = shutdown.clone();
+        let failed = shutdown.clone();
+        Some(tokio::spawn(async move {
+            let result = berth_cri::serve(&cri_config, listener, stop.cancelled_owned()).await;
+            if let Err(err) = &result {
+                tracing::error!(error = %err.chain(), "CRI server failed");
+                failed.cancel();
+            }
+            result
+        }))
+    } else {
+        None
+    };
     let mut servers = tokio::task::JoinSet::new();
     let mut sockets = Vec::new();
     for host in config.gateway_hosts() {
@@ -369,6 +389,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     }
     for path in sockets {
         let _ = std::fs::remove_file(path);
+    }
+    if let Some(cri) = cri {
+        shutdown.cancel();
+        match cri.await {
+            Ok(Err(err)) if result.is_ok() => result = Err(err),
+            Err(err) if result.is_ok() => {
+                result = Err(Error::internal("CRI server panicked").with_source(err));
+            }
+            _ => {}
+        }
     }
     result
 }

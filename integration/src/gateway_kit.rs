@@ -158,9 +158,21 @@ impl DockerStack {
         })
     }
 
+    /// Starts a stack from `builder` (extra TOML, environment).
+    pub fn start_from(builder: crate::stack::StackBuilder) -> Result<Self> {
+        Ok(Self {
+            stack: builder.start()?,
+        })
+    }
+
     /// The Docker API socket.
     pub fn socket(&self) -> PathBuf {
         self.stack.docker_socket()
+    }
+
+    /// The Kubernetes CRI socket (served by the gateway).
+    pub fn cri_socket(&self) -> PathBuf {
+        self.stack.state_dir().join("cri.sock")
     }
 
     /// A `docker` command aimed at this stack.

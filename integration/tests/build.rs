@@ -145,6 +145,12 @@ fn cli_builds_runs_and_caches() -> Result<()> {
         history.contains("/bin/sh -c #(nop)  ENV GREETING=hello"),
         "{history}"
     );
+    ensure!(
+        history.contains(
+            r#"/bin/sh -c #(nop)  HEALTHCHECK &{["CMD-SHELL" "true"] "30s" "5s" "0s" "0s" '\x00'}"#
+        ),
+        "{history}"
+    );
 
     // Nothing changed: every step from the cache, no RUN step runs.
     let o = build(&d, ctx.path(), &["-t", "bt:one"])?;
@@ -278,6 +284,19 @@ fn cli_stdin_forms_onbuild_failures_and_syntax_errors() -> Result<()> {
         d.ok(&["images", "-q", "--filter", "dangling=true"])?
             .is_empty()
     );
+    // The scratch stage alone: one layer and one history entry, as Docker makes it.
+    let o = build(&d, scratch.path(), &["-t", "scratch-only", "--target", "s"])?;
+    ensure!(o.status.success(), "{}", text(&o));
+    let layers = d.ok(&[
+        "image",
+        "inspect",
+        "-f",
+        "{{len .RootFS.Layers}}",
+        "scratch-only",
+    ])?;
+    ensure!(layers == "1", "FROM scratch + COPY gave {layers} layers");
+    let history = d.ok(&["history", "-q", "scratch-only"])?;
+    ensure!(history.lines().count() == 1, "history: {history}");
 
     // The whole context as a tar.gz on stdin; its FROM has an ONBUILD trigger that fires.
     let tgz = ctx.path().join("ctx.tar.gz");

@@ -15,6 +15,12 @@ pub use tonic;
 
 include!(concat!(env!("OUT_DIR"), "/_includes.rs"));
 
+/// The Kubernetes Container Runtime Interface (k8s.io/cri-api v0.32, vendored under
+/// `proto/cri/`): `cri::runtime::v1::{runtime_service_server, image_service_server, …}`.
+pub mod cri {
+    pub use crate::runtime;
+}
+
 /// The encoded `FileDescriptorSet` of every API in this crate (for reflection and the API
 /// snapshot test).
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));

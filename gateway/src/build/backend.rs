@@ -75,6 +75,10 @@ pub trait BuildBackend: Send + Sync {
     fn get_archive(&self, id: &str, path: &str, into: PathBuf) -> Fut<'_, ()>;
     /// Commits a step's container; the new image id.
     fn commit(&self, spec: CommitSpec) -> Fut<'_, String>;
+    /// A config-only step's image, made without a container: a child of image `parent` with
+    /// `spec.config` and an empty-layer history entry; `cmd` is the step's `#(nop)` command
+    /// (`spec.container` is unused).
+    fn commit_config(&self, parent: &str, cmd: Vec<String>, spec: CommitSpec) -> Fut<'_, String>;
     /// Removes container `id` (killing it first if it runs).
     fn remove(&self, id: &str) -> Fut<'_, ()>;
     /// Tags image `id` as `reference`.
@@ -253,22 +257,13 @@ impl BuildBackend for Engine {
     }
 
     fn empty_image(&self) -> Fut<'_, String> {
-        Box::pin(async move {
-            // Two zero blocks: an empty tar.
-            let data = futures::stream::iter([Bytes::from(vec![0u8; 1024])]).boxed();
-            let r = self
-                .0
-                .images
-                .import_rootfs(
-                    images::ImportRootfsOptions {
-                        message: "berth: FROM scratch".into(),
-                        ..Default::default()
-                    },
-                    data,
-                )
-                .await?;
-            Ok(r.image_id)
-        })
+        // No parent, no layer, no history: an empty base whose first step's layer is the
+        // image's first, as with Docker.
+        let options = images::CreateImageOptions {
+            config: b"{}".to_vec(),
+            ..Default::default()
+        };
+        Box::pin(async move { self.0.images.create_config_image(options).await })
     }
 
     fn get_archive(&self, id: &str, path: &str, into: PathBuf) -> Fut<'_, ()> {
@@ -304,6 +299,25 @@ impl BuildBackend for Engine {
             };
             self.0.containers.commit(req).await
         })
+    }
+
+    fn commit_config(&self, parent: &str, cmd: Vec<String>, spec: CommitSpec) -> Fut<'_, String> {
+        // What Docker records as the step's `container_config`: its config running the
+        // step's `#(nop)` command.
+        let mut container_config = spec.config.clone();
+        if let Some(obj) = container_config.as_object_mut() {
+            obj.insert("Cmd".into(), Value::from(cmd));
+        }
+        let options = images::CreateImageOptions {
+            parent: parent.to_string(),
+            config: serde_json::to_vec(&spec.config).unwrap_or_default(),
+            container_config: serde_json::to_vec(&container_config).unwrap_or_default(),
+            created_by: spec.created_by,
+            author: spec.author,
+            empty_layer: true,
+            ..Default::default()
+        };
+        Box::pin(async move { self.0.images.create_config_image(options).await })
     }
 
     fn remove(&self, id: &str) -> Fut<'_, ()> {

@@ -22,6 +22,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::backend::{BuildBackend, BuildImage, CommitSpec, RunEvent};
 use super::copy::{self, CopyPlan};
+use super::gofmt;
 use super::options::BuildOptions;
 use super::output::Output;
 use crate::progress::short_digest;
@@ -76,15 +77,6 @@ fn string_list(v: Option<&Value>) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// Go's `%q` of a string slice: `["a" "b"]`, as moby's history comments print argv.
-fn go_quoted(list: &[String]) -> String {
-    let items: Vec<String> = list
-        .iter()
-        .map(|s| serde_json::to_string(s).unwrap_or_default())
-        .collect();
-    format!("[{}]", items.join(" "))
 }
 
 /// A step's cache key: its parent, its history line, the config it leaves and its inputs.
@@ -453,6 +445,20 @@ impl<'a> Executor<'a> {
         if self.probe(state, &key).await? {
             return Ok(());
         }
+        if mkdir.is_none() && !state.image_id.is_empty() {
+            // Nothing to change in the filesystem: the image is made without a container,
+            // where moby creates and removes one.
+            let parent = state.image_id.clone();
+            let spec = CommitSpec {
+                container: String::new(),
+                config,
+                created_by: created_by.clone(),
+                author: state.maintainer.clone(),
+                empty_layer_when_unchanged: true,
+            };
+            let image = self.backend.commit_config(&parent, cmd, spec).await?;
+            return self.record_step(state, &key, image, &created_by).await;
+        }
         let id = self.create(state, cmd, None).await?;
         let result = async {
             if let Some(dir) = mkdir {
@@ -790,7 +796,6 @@ impl<'a> Executor<'a> {
         key: &str,
         empty_layer_when_unchanged: bool,
     ) -> Result<()> {
-        let parent = state.image_id.clone();
         let image = self
             .backend
             .commit(CommitSpec {
@@ -801,9 +806,20 @@ impl<'a> Executor<'a> {
                 empty_layer_when_unchanged,
             })
             .await?;
+        self.record_step(state, key, image, created_by).await
+    }
+
+    /// A step's new image: recorded in the cache under `key` and the state's image from now on.
+    async fn record_step(
+        &mut self,
+        state: &mut State,
+        key: &str,
+        image: String,
+        created_by: &str,
+    ) -> Result<()> {
         if let Err(err) = self
             .backend
-            .cache_store(key, &image, &parent, created_by)
+            .cache_store(key, &image, &state.image_id, created_by)
             .await
         {
             tracing::warn!(error = %err.chain(), "build cache record not stored");
@@ -873,12 +889,15 @@ fn nop_comment(kind: &InstructionKind, config: &Value) -> Nop {
                 .to_string();
             Nop::Workdir(format!("WORKDIR {dir}"), dir)
         }
-        InstructionKind::Cmd(_) => Nop::Two(format!("CMD {}", go_quoted(&argv("Cmd")))),
-        InstructionKind::Entrypoint(_) => {
-            Nop::Two(format!("ENTRYPOINT {}", go_quoted(&argv("Entrypoint"))))
+        InstructionKind::Cmd(_) => Nop::Two(format!("CMD {}", gofmt::quoted_list(&argv("Cmd")))),
+        InstructionKind::Entrypoint(_) => Nop::Two(format!(
+            "ENTRYPOINT {}",
+            gofmt::quoted_list(&argv("Entrypoint"))
+        )),
+        InstructionKind::Healthcheck(h) => {
+            Nop::Two(format!("HEALTHCHECK {}", gofmt::health_config(h)))
         }
-        InstructionKind::Healthcheck(h) => Nop::Two(format!("HEALTHCHECK {}", go_quoted(&h.test))),
-        InstructionKind::Shell(s) => Nop::Two(format!("SHELL {}", go_quoted(s))),
+        InstructionKind::Shell(s) => Nop::Two(format!("SHELL {}", gofmt::quoted_list(s))),
         InstructionKind::StopSignal(s) => Nop::Two(format!("STOPSIGNAL {s}")),
         InstructionKind::Onbuild(t) => Nop::Two(format!("ONBUILD {}", t.original)),
         other => Nop::Two(other.keyword().to_string()),

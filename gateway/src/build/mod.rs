@@ -9,6 +9,7 @@
 pub mod backend;
 pub mod copy;
 pub mod executor;
+mod gofmt;
 pub mod options;
 pub mod output;
 
@@ -22,8 +23,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use berth_builder::context::ContextError;
-use berth_core::{Error, Result};
+use berth_core::{Error, ErrorKind, Result};
 use berth_proto::berth::images::v1 as images;
+use berth_proto::berth::network::v1 as network;
 use futures::StreamExt;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -212,6 +214,21 @@ async fn fetch_remote(url: &str, dockerfile: &str) -> Result<Prepared> {
     receive(Body::from(bytes), dockerfile).await
 }
 
+/// A named network for RUN steps must exist: refused before any step runs, where a container
+/// would be left by a failed start.
+async fn check_network(st: &AppState, mode: &str) -> Result<()> {
+    if matches!(mode, "default" | "bridge" | "host" | "none") || mode.starts_with("container:") {
+        return Ok(());
+    }
+    let req = network::GetNetworkRequest { id: mode.into() };
+    match st.backends.networks.get(req).await {
+        Err(e) if e.is(ErrorKind::NotFound) => {
+            Err(Error::not_found(format!("network {mode} not found")))
+        }
+        r => r.map(drop),
+    }
+}
+
 async fn build(
     State(st): State<AppState>,
     q: Query,
@@ -219,6 +236,7 @@ async fn build(
     body: Body,
 ) -> std::result::Result<Response, ApiError> {
     let opts = BuildOptions::parse(&q, &headers)?;
+    check_network(&st, &opts.network_mode).await?;
     let prepared = match &opts.remote {
         Some(url) => fetch_remote(url, &opts.dockerfile).await?,
         None => receive(body, &opts.dockerfile).await?,

@@ -141,6 +141,9 @@ impl BuildBackend for FakeBuild {
         g.commits.push(spec);
         ok(id)
     }
+    fn commit_config(&self, _parent: &str, _cmd: Vec<String>, spec: CommitSpec) -> Fut<'_, String> {
+        self.commit(spec)
+    }
     fn remove(&self, id: &str) -> Fut<'_, ()> {
         self.0.lock().unwrap().removed.push(id.to_string());
         ok(())
@@ -263,22 +266,22 @@ async fn stream_and_history_lines_as_the_classic_builder_writes_them() {
     let want = vec![
         "Step 1/3 : FROM busybox\n".to_string(),
         format!(" ---> {}\n", short(BASE)),
+        // A config-only step needs no container.
         "Step 2/3 : ENV a=b\n".into(),
-        format!(" ---> Running in {}\n", containers[0]),
-        format!("Removing intermediate container {}\n", containers[0]),
         format!(" ---> {}\n", short(&first_commit)),
         "Step 3/3 : RUN echo hi\n".into(),
-        format!(" ---> Running in {}\n", containers[1]),
+        format!(" ---> Running in {}\n", containers[0]),
         "ran /bin/sh -c echo hi\n".into(),
-        format!("Removing intermediate container {}\n", containers[1]),
+        format!("Removing intermediate container {}\n", containers[0]),
         format!(" ---> {}\n", short(&id)),
         format!("aux {id}\n"),
         format!("Successfully built {}\n", short(&id)),
         "Successfully tagged x:latest\n".into(),
     ];
     assert_eq!(r.lines, want);
+    assert_eq!(g.creates.len(), 1);
     // RUN's container: the step's command, no entrypoint, the image's env, no health check.
-    let run = g.creates[1].config.as_ref().unwrap();
+    let run = g.creates[0].config.as_ref().unwrap();
     assert_eq!(run.image, first_commit);
     assert_eq!(
         run.entrypoint.as_ref().unwrap().values,

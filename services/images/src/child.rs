@@ -121,6 +121,8 @@ pub fn child_config(
     let mut history: Vec<Value> = from_parent("history")
         .and_then(|h| h.as_array().cloned())
         .unwrap_or_default();
+    // No parent, no layer and no command: the empty base of `FROM scratch`, with no history.
+    let base = parent.is_none() && diff_id.is_none() && o.created_by.is_empty();
     let mut entry = Map::new();
     if !o.author.is_empty() {
         entry.insert("author".into(), json!(o.author));
@@ -133,7 +135,9 @@ pub fn child_config(
     if diff_id.is_none() {
         entry.insert("empty_layer".into(), json!(true));
     }
-    history.push(Value::Object(entry));
+    if !base {
+        history.push(Value::Object(entry));
+    }
     out.insert("history".into(), json!(history));
     let mut diff_ids: Vec<Value> = parent
         .and_then(|p| p.pointer("/rootfs/diff_ids"))
@@ -179,7 +183,7 @@ impl Images {
             Some(self.ensure_unpacked(&rec, &sn_name).await?)
         };
         let _op = self.gc_lock.read().await;
-        let lease = self.lease()?;
+        let lease = self.local_lease()?;
         let mut undo = Undo::default();
         let made = self
             .create_child_locked(
@@ -283,7 +287,8 @@ impl Images {
             self.lease_add(lease, &[&d], &[])?;
         }
         if let Some(l) = &layer {
-            self.meta.write(|tx| {
+            // Made durable by commit_image's write below; worthless without it.
+            self.meta.write_volatile(|tx| {
                 tx.put(
                     meta::LAYERS,
                     l.diff_id.as_str(),

@@ -39,11 +39,13 @@ fn status(e: Error) -> Status {
 }
 
 /// Runs `op` in its own task, forwarding its events as stream items, then its result. The
-/// operation goes on if the client goes away (a pull half done is still worth finishing).
+/// operation goes on if the client goes away (a pull half done is still worth finishing),
+/// unless `cancel_when_gone`: then the client's going aborts it.
 fn run_streaming<E, R, T, F>(
     op: F,
     mut events: mpsc::UnboundedReceiver<E>,
     last: impl FnOnce(R) -> Option<T> + Send + 'static,
+    cancel_when_gone: bool,
 ) -> Stream_<T>
 where
     E: Into<T> + Send + 'static,
@@ -64,6 +66,11 @@ where
                     }
                 }
                 r = &mut task => break r,
+                () = tx.closed(), if cancel_when_gone => {
+                    task.abort();
+                    tracing::info!("caller went away; operation cancelled");
+                    return;
+                }
             }
         };
         while let Ok(e) = events.try_recv() {
@@ -106,6 +113,7 @@ impl ImagesApi for ImagesService {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let images = self.images.clone();
+        let cancel_when_gone = req.cancel_when_gone;
         let stream = run_streaming(
             async move { images.pull(opts, tx).await },
             rx,
@@ -119,6 +127,7 @@ impl ImagesApi for ImagesService {
                     })),
                 })
             },
+            cancel_when_gone,
         );
         Ok(Response::new(stream))
     }
@@ -140,6 +149,7 @@ impl ImagesApi for ImagesService {
             async move { images.push(opts, tx).await },
             rx,
             |()| None,
+            false,
         )))
     }
 

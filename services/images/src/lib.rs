@@ -8,6 +8,7 @@ pub mod content;
 pub mod convert;
 pub mod filters;
 pub mod grpc;
+pub mod hosts;
 pub mod meta;
 pub mod oci;
 pub mod pull;

@@ -165,9 +165,20 @@ impl Meta {
         Ok(meta)
     }
 
-    /// Runs `f` in one write transaction, committed when it returns `Ok`.
+    /// Runs `f` in one write transaction, committed (and on disk) when it returns `Ok`.
     pub fn write<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
         let txn = self.db.begin_write().map_err(db_err)?;
+        let out = f(&Tx(&txn))?;
+        txn.commit().map_err(db_err)?;
+        Ok(out)
+    }
+
+    /// Like [`Meta::write`], but the commit is not flushed to disk: it becomes durable with the
+    /// next [`Meta::write`], and a crash before that loses it. For records that only matter
+    /// while this process runs (leases of running operations), so they cost no fsync.
+    pub fn write_volatile<T>(&self, f: impl FnOnce(&Tx<'_>) -> Result<T>) -> Result<T> {
+        let mut txn = self.db.begin_write().map_err(db_err)?;
+        txn.set_durability(redb::Durability::None).map_err(db_err)?;
         let out = f(&Tx(&txn))?;
         txn.commit().map_err(db_err)?;
         Ok(out)

@@ -78,6 +78,7 @@ impl Images {
             insecure_registries: config.images.insecure_registries.clone(),
             registry_mirrors: config.images.registry_mirrors.clone(),
             certs_dir: config.images.certs_dir.clone(),
+            registry_config_path: config.images.registry_config_path.clone(),
         });
         Ok(Self {
             config,
@@ -192,16 +193,31 @@ impl Images {
     // ---------------------------------------------------------------------------------------
     // Leases
 
-    /// Starts a persisted lease; the returned guard deletes it when dropped.
+    /// Starts a persisted lease; the returned guard deletes it when dropped. It outlives a crash
+    /// of this process until it expires, so content a pull stored stays for the next pull.
     pub fn lease(self: &Arc<Self>) -> Result<LeaseGuard> {
-        let id = format!("op-{}-{}", std::process::id(), self.next_id());
+        self.start_lease(format!("op-{}-{}", std::process::id(), self.next_id()))
+    }
+
+    /// Starts a lease that only guards a local operation (a commit) against a concurrent GC
+    /// while this process runs: its writes cost no fsync, and a crash may forget it, which
+    /// loses nothing, since what it guards is not wanted after a crash.
+    pub fn local_lease(self: &Arc<Self>) -> Result<LeaseGuard> {
+        self.start_lease(format!(
+            "{LOCAL_LEASE_PREFIX}{}-{}",
+            std::process::id(),
+            self.next_id()
+        ))
+    }
+
+    fn start_lease(self: &Arc<Self>, id: String) -> Result<LeaseGuard> {
         let now = SystemTime::now();
         let lease = Lease {
             created_nanos: crate::time::to_nanos(now),
             expires_nanos: crate::time::to_nanos(now + LEASE_EXPIRY),
             ..Default::default()
         };
-        self.meta.write(|tx| tx.put(meta::LEASES, &id, &lease))?;
+        lease_write(&self.meta, &id, |tx| tx.put(meta::LEASES, &id, &lease))?;
         Ok(LeaseGuard {
             images: self.clone(),
             id,
@@ -709,7 +725,7 @@ impl Images {
 
     /// Adds `digest` to a lease (so GC keeps it after a crash).
     pub fn lease_add(&self, lease: &str, blobs: &[&Digest], snapshots: &[&Digest]) -> Result<()> {
-        self.meta.write(|tx| {
+        lease_write(&self.meta, lease, |tx| {
             let Some(mut l) = tx.get::<Lease>(meta::LEASES, lease)? else {
                 return Ok(());
             };
@@ -753,9 +769,23 @@ pub struct LeaseGuard {
 
 impl Drop for LeaseGuard {
     fn drop(&mut self) {
-        if let Err(err) = self.images.meta.write(|tx| tx.del(meta::LEASES, &self.id)) {
+        if let Err(err) = lease_write(&self.images.meta, &self.id, |tx| {
+            tx.del(meta::LEASES, &self.id).map(drop)
+        }) {
             tracing::warn!(lease = %self.id, error = %err.chain(), "delete lease");
         }
+    }
+}
+
+/// The id prefix of [`Images::local_lease`]'s leases.
+const LOCAL_LEASE_PREFIX: &str = "local-";
+
+/// A write to lease `id`: flushed to disk for persisted leases, not for local ones.
+fn lease_write(meta: &Meta, id: &str, f: impl FnOnce(&meta::Tx<'_>) -> Result<()>) -> Result<()> {
+    if id.starts_with(LOCAL_LEASE_PREFIX) {
+        meta.write_volatile(f)
+    } else {
+        meta.write(f)
     }
 }
 

@@ -352,6 +352,16 @@ pub fn docker_config(id: &str, c: &pb::ContainerConfig) -> Value {
 }
 
 impl Engine {
+    /// Whether the container's image has no layers (its rootfs snapshot has no parent).
+    async fn image_has_no_layers(&self, c: &pb::Container) -> Result<bool> {
+        let image = self
+            .deps
+            .images
+            .resolve(&c.image_id, None, &c.snapshotter)
+            .await?;
+        Ok(image.chain_id.is_empty())
+    }
+
     /// `docker commit`: returns the new image's id.
     pub async fn commit(&self, req: pb::CommitContainerRequest) -> Result<String> {
         let ctr = self.get(&req.id)?;
@@ -379,6 +389,11 @@ impl Engine {
                     .map(PathBuf::from)
                     .collect::<Vec<_>>(),
             ),
+            // A snapshot with no parent (an image without layers, as a build's `FROM scratch`)
+            // is a plain directory: all of it is the change.
+            [m] if m.fstype == "bind" && self.image_has_no_layers(&rec.c).await? => {
+                (PathBuf::from(&m.source), Vec::new())
+            }
             _ => {
                 return Err(Error::unimplemented(
                     "commit is only supported for overlay snapshots",

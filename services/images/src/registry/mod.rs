@@ -18,7 +18,13 @@ use berth_core::{Digest, Error, ErrorKind, Result};
 use reqwest::header::{HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
 
+use crate::hosts::{self, Capabilities, HostEntry};
 use crate::oci;
+
+mod errors;
+
+pub use errors::{NotThere, base64, http_error, is_tls_error, not_found, retry};
+use errors::{not_there, registry_error_text};
 
 /// The host docker.io references are actually pulled from.
 pub const DOCKER_HUB_HOST: &str = "registry-1.docker.io";
@@ -48,6 +54,8 @@ pub struct RegistryConfig {
     pub insecure_registries: Vec<String>,
     pub registry_mirrors: Vec<String>,
     pub certs_dir: PathBuf,
+    /// containerd-style `<dir>/<host>/hosts.toml` files; empty = none.
+    pub registry_config_path: PathBuf,
 }
 
 /// One place a repository can be reached.
@@ -59,18 +67,80 @@ pub struct Endpoint {
     pub https: bool,
     /// Skip certificate verification and fall back to plain http.
     pub insecure: bool,
-    /// A docker.io mirror (failures fall through to the next endpoint).
+    /// A docker.io mirror or a hosts.toml host (failures fall through to the next endpoint).
     pub mirror: bool,
+    /// The API root: `/v2` unless a hosts.toml says otherwise.
+    pub path: String,
+    /// What the endpoint may be asked to do (a hosts.toml's `capabilities`).
+    pub capabilities: Capabilities,
+    /// CA files, client certificates, headers and dial timeout from a hosts.toml.
+    pub extras: Extras,
+    /// containerd's `ns` query parameter: the namespace a hosts.toml host stands in for, sent
+    /// with every repository request to a host other than the namespace itself.
+    pub ns: Option<String>,
+}
+
+/// What a hosts.toml adds to how an endpoint is reached.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Extras {
+    pub ca: Vec<PathBuf>,
+    pub client: Vec<(PathBuf, Option<PathBuf>)>,
+    pub headers: Vec<(String, String)>,
+    pub dial_timeout: Option<Duration>,
+}
+
+impl Endpoint {
+    /// An endpoint as Docker reaches a registry (no hosts.toml).
+    fn docker(host: String, https: bool, insecure: bool, mirror: bool) -> Self {
+        Self {
+            host,
+            https,
+            insecure,
+            mirror,
+            path: "/v2".into(),
+            capabilities: Capabilities::ALL,
+            extras: Extras::default(),
+            ns: None,
+        }
+    }
+
+    /// An endpoint from a hosts.toml entry: `http://` hosts are plain http, `skip_verify`
+    /// skips certificate checks.
+    fn from_hosts(h: &HostEntry, mirror: bool, namespace: &str) -> Self {
+        let same = h.host == namespace
+            || (namespace == berth_core::reference::DEFAULT_DOMAIN && h.host == DOCKER_HUB_HOST);
+        Self {
+            host: h.host.clone(),
+            https: h.https,
+            insecure: h.skip_verify == Some(true),
+            mirror,
+            path: h.path.clone(),
+            capabilities: h.capabilities,
+            extras: extras(h),
+            ns: (!same).then(|| namespace.to_string()),
+        }
+    }
+}
+
+fn extras(h: &HostEntry) -> Extras {
+    Extras {
+        ca: h.ca.clone(),
+        client: h.client.clone(),
+        headers: h.headers.clone(),
+        dial_timeout: h.dial_timeout,
+    }
 }
 
 /// An HTTP client and the certificate files (with their mtimes) it was built from.
 type CachedClient = (Vec<(PathBuf, std::time::SystemTime)>, reqwest::Client);
+/// What a client is built for: host, skip verification, hosts.toml extras.
+type ClientKey = (String, bool, Extras);
 
 /// Registry access shared by all operations: endpoint selection and HTTP clients.
 #[derive(Debug)]
 pub struct Registries {
     cfg: RegistryConfig,
-    clients: Mutex<HashMap<(String, bool), CachedClient>>,
+    clients: Mutex<HashMap<ClientKey, CachedClient>>,
 }
 
 impl Registries {
@@ -83,47 +153,65 @@ impl Registries {
         }
     }
 
-    /// Where to reach `domain` (a reference's registry), in the order to try.
+    /// Where to reach `domain` (a reference's registry), in the order to try: the hosts of its
+    /// hosts.toml (for a push only those with the push capability), Docker's registry mirrors
+    /// (docker.io pulls), then the hosts.toml's `server` or the registry itself.
     pub async fn endpoints(&self, domain: &str, push: bool) -> Result<Vec<Endpoint>> {
+        let configured = if self.cfg.registry_config_path.as_os_str().is_empty() {
+            None
+        } else {
+            hosts::load(&self.cfg.registry_config_path, domain)?
+        };
         let mut out = Vec::new();
-        if domain == berth_core::reference::DEFAULT_DOMAIN {
-            if !push {
-                for m in &self.cfg.registry_mirrors {
-                    let (https, rest) = if let Some(r) = m.strip_prefix("https://") {
-                        (true, r)
-                    } else if let Some(r) = m.strip_prefix("http://") {
-                        (false, r)
-                    } else {
-                        (true, m.as_str())
-                    };
-                    let host = rest.trim_end_matches('/').to_string();
-                    if host.is_empty() || host.contains('/') {
-                        tracing::warn!(mirror = %m, "registry mirror with a path is not supported; skipped");
-                        continue;
-                    }
-                    let insecure = self.is_insecure(&host).await;
-                    out.push(Endpoint {
-                        host,
-                        https,
-                        insecure,
-                        mirror: true,
-                    });
+        if let Some(h) = &configured {
+            for m in &h.mirrors {
+                let able = if push {
+                    m.capabilities.push
+                } else {
+                    m.capabilities.pull
+                };
+                if able {
+                    out.push(Endpoint::from_hosts(m, true, domain));
                 }
             }
-            out.push(Endpoint {
-                host: DOCKER_HUB_HOST.into(),
-                https: true,
-                insecure: false,
-                mirror: false,
-            });
-        } else {
-            let insecure = self.is_insecure(domain).await;
-            out.push(Endpoint {
-                host: domain.into(),
-                https: true,
-                insecure,
-                mirror: false,
-            });
+        }
+        if domain == berth_core::reference::DEFAULT_DOMAIN && !push {
+            for m in &self.cfg.registry_mirrors {
+                let (https, rest) = if let Some(r) = m.strip_prefix("https://") {
+                    (true, r)
+                } else if let Some(r) = m.strip_prefix("http://") {
+                    (false, r)
+                } else {
+                    (true, m.as_str())
+                };
+                let host = rest.trim_end_matches('/').to_string();
+                if host.is_empty() || host.contains('/') {
+                    tracing::warn!(mirror = %m, "registry mirror with a path is not supported; skipped");
+                    continue;
+                }
+                let insecure = self.is_insecure(&host).await;
+                out.push(Endpoint::docker(host, https, insecure, true));
+            }
+        }
+        match configured.map(|h| h.server) {
+            Some(server) if !server.host.is_empty() => {
+                out.push(Endpoint::from_hosts(&server, false, domain));
+            }
+            settings => {
+                let mut upstream = if domain == berth_core::reference::DEFAULT_DOMAIN {
+                    Endpoint::docker(DOCKER_HUB_HOST.into(), true, false, false)
+                } else {
+                    let insecure = self.is_insecure(domain).await;
+                    Endpoint::docker(domain.into(), true, insecure, false)
+                };
+                // Top-level settings of a hosts.toml without `server` apply to the registry.
+                if let Some(settings) = settings {
+                    upstream.insecure |= settings.skip_verify == Some(true);
+                    upstream.capabilities = settings.capabilities;
+                    upstream.extras = extras(&settings);
+                }
+                out.push(upstream);
+            }
         }
         Ok(out)
     }
@@ -167,7 +255,7 @@ impl Registries {
         })
     }
 
-    fn client(&self, host: &str, insecure: bool) -> Result<reqwest::Client> {
+    fn client(&self, host: &str, insecure: bool, extras: &Extras) -> Result<reqwest::Client> {
         // `[::1]:5000` may also be spelled without brackets in a certs.d directory name.
         let dirs = [
             self.cfg.certs_dir.join(host),
@@ -189,7 +277,18 @@ impl Registries {
             }
         }
         files.sort();
-        let key = (host.to_string(), insecure);
+        for p in extras.ca.iter().chain(
+            extras
+                .client
+                .iter()
+                .flat_map(|(c, k)| std::iter::once(c).chain(k)),
+        ) {
+            let mtime = std::fs::metadata(p)
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            files.push((p.clone(), mtime));
+        }
+        let key = (host.to_string(), insecure, extras.clone());
         if let Some((f, c)) = self.clients.lock().unwrap().get(&key)
             && *f == files
         {
@@ -225,6 +324,47 @@ impl Registries {
                     b = b.identity(id);
                 }
             }
+        }
+        for path in &extras.ca {
+            let pem = std::fs::read(path)
+                .map_err(|e| Error::internal(format!("read {}", path.display())).with_source(e))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                Error::invalid_argument(format!("CA certificate {}", path.display())).with_source(e)
+            })?;
+            roots.extend(certs);
+        }
+        for (cert, key) in &extras.client {
+            let mut pem = std::fs::read(cert)
+                .map_err(|e| Error::internal(format!("read {}", cert.display())).with_source(e))?;
+            if let Some(key) = key {
+                let k = std::fs::read(key).map_err(|e| {
+                    Error::internal(format!("read {}", key.display())).with_source(e)
+                })?;
+                pem.extend_from_slice(b"\n");
+                pem.extend_from_slice(&k);
+            }
+            let id = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                Error::invalid_argument(format!("client certificate {}", cert.display()))
+                    .with_source(e)
+            })?;
+            b = b.identity(id);
+        }
+        if !extras.headers.is_empty() {
+            let mut headers = HeaderMap::new();
+            for (name, value) in &extras.headers {
+                let name =
+                    reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|e| {
+                        Error::invalid_argument(format!("header name {name:?}")).with_source(e)
+                    })?;
+                let value = HeaderValue::from_str(value).map_err(|e| {
+                    Error::invalid_argument(format!("header value for {name}")).with_source(e)
+                })?;
+                headers.append(name, value);
+            }
+            b = b.default_headers(headers);
+        }
+        if let Some(t) = extras.dial_timeout {
+            b = b.connect_timeout(t);
         }
         if !roots.is_empty() {
             b = b.tls_certs_merge(roots);
@@ -278,8 +418,13 @@ impl Registries {
         reference: &str,
     ) -> Result<(Repository, FetchedManifest)> {
         let endpoints = self.endpoints(domain, false).await?;
+        // Only hosts trusted to resolve turn a tag into a manifest; any puller serves digests.
+        let by_digest = reference.contains(':');
         let mut last_err = None;
-        for ep in endpoints {
+        for ep in endpoints
+            .into_iter()
+            .filter(|ep| by_digest || ep.capabilities.resolve)
+        {
             let fetched = match self.connect(&ep, domain, path, creds, false).await {
                 Ok(repo) => match repo.get_manifest(reference).await {
                     Ok(manifest) => Ok((repo, manifest)),
@@ -325,11 +470,12 @@ impl Registries {
         if !ep.https || ep.insecure {
             schemes.push("http");
         }
-        let client = self.client(&ep.host, ep.insecure)?;
+        let client = self.client(&ep.host, ep.insecure, &ep.extras)?;
         let mut first_err = None;
         for scheme in schemes {
             let base = format!("{scheme}://{}", ep.host);
-            match client.get(format!("{base}/v2/")).send().await {
+            let root = format!("{base}{}", ep.path);
+            match client.get(format!("{root}/")).send().await {
                 Ok(resp) => {
                     let challenge = if resp.status() == StatusCode::UNAUTHORIZED {
                         resp.headers()
@@ -346,6 +492,7 @@ impl Registries {
                     let repo = Repository {
                         client: client.clone(),
                         base,
+                        root,
                         domain: domain.to_string(),
                         name: path.to_string(),
                         creds: creds.clone(),
@@ -354,11 +501,12 @@ impl Registries {
                             header: None,
                         })),
                         scopes,
+                        ns: ep.ns.clone(),
                     };
                     return Ok(repo);
                 }
                 Err(e) => {
-                    let err = http_error(e, &format!("{scheme}://{}/v2/", ep.host));
+                    let err = http_error(e, &format!("{scheme}://{}{}/", ep.host, ep.path));
                     tracing::debug!(endpoint = %ep.host, scheme, error = %err.chain(), "registry ping failed");
                     if first_err.is_none() {
                         first_err = Some(err);
@@ -495,11 +643,15 @@ struct AuthState {
 pub struct Repository {
     client: reqwest::Client,
     base: String,
+    /// `base` and the API root (`/v2`).
+    root: String,
     domain: String,
     name: String,
     creds: Credentials,
     auth: Arc<tokio::sync::Mutex<AuthState>>,
     scopes: Vec<String>,
+    /// Added to every request as `ns=` (see [`Endpoint::ns`]).
+    ns: Option<String>,
 }
 
 /// A fetched manifest.
@@ -541,7 +693,15 @@ impl Repository {
     }
 
     fn url(&self, rest: &str) -> String {
-        format!("{}/v2/{}/{rest}", self.base, self.name)
+        let url = format!("{}/{}/{rest}", self.root, self.name);
+        match &self.ns {
+            None => url,
+            Some(ns) => {
+                let sep = if rest.contains('?') { '&' } else { '?' };
+                let ns: String = form_urlencoded::byte_serialize(ns.as_bytes()).collect();
+                format!("{url}{sep}ns={ns}")
+            }
+        }
     }
 
     /// Sends a request built by `build`, answering an auth challenge once.
@@ -989,205 +1149,6 @@ impl Repository {
     }
 }
 
-/// Retries `f` on `Unavailable` errors (5xx, 429, dropped connections), with backoff.
-pub async fn retry<T, F, Fut>(attempts: u32, mut f: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T>>,
-{
-    let mut n = 0;
-    loop {
-        match f().await {
-            Err(e)
-                if e.kind() == ErrorKind::Unavailable && n + 1 < attempts && !is_tls_error(&e) =>
-            {
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(200 << n)).await;
-            }
-            other => return other,
-        }
-    }
-}
-
-/// Whether `e` is a certificate / TLS failure (never worth retrying).
-pub fn is_tls_error(e: &Error) -> bool {
-    e.message().starts_with("tls:")
-}
-
-/// Maps a transport error to an [`Error`] whose message says what failed.
-pub fn http_error(e: reqwest::Error, what: &str) -> Error {
-    let mut texts = Vec::new();
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-    while let Some(err) = cur {
-        texts.push(err.to_string());
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && let Some(inner) = io.get_ref()
-        {
-            texts.push(inner.to_string());
-        }
-        cur = err.source();
-    }
-    let all = texts.join(": ");
-    let tls = [
-        "certificate",
-        "UnknownIssuer",
-        "InvalidContentType",
-        "handshake",
-        "tls",
-        "TLS",
-    ]
-    .iter()
-    .any(|w| all.contains(w));
-    let detail = texts.last().cloned().unwrap_or_default();
-    if tls && e.is_connect() {
-        let kind = if all.contains("certificate")
-            || all.contains("UnknownIssuer")
-            || all.contains("NotValidForName")
-        {
-            "certificate verification failed"
-        } else {
-            "handshake failed"
-        };
-        return Error::unavailable(format!("tls: {kind} for {what}: {detail}"));
-    }
-    if e.is_timeout() {
-        return Error::unavailable(format!("{what}: timed out"));
-    }
-    if e.is_connect() {
-        return Error::unavailable(format!("{what}: cannot connect: {detail}"));
-    }
-    Error::unavailable(format!("{what}: {all}"))
-}
-
-/// Why a registry has nothing to give, as Docker names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotThere {
-    /// `DENIED`: the repository does not exist or the credentials do not reach it.
-    Denied,
-    /// `NAME_UNKNOWN`: no such repository.
-    NameUnknown,
-    /// `MANIFEST_UNKNOWN`: no such tag or digest.
-    ManifestUnknown,
-}
-
-impl NotThere {
-    const ALL: [(Self, &'static str); 3] = [
-        (Self::Denied, "DENIED"),
-        (Self::NameUnknown, "NAME_UNKNOWN"),
-        (Self::ManifestUnknown, "MANIFEST_UNKNOWN"),
-    ];
-
-    fn text(self) -> &'static str {
-        match self {
-            Self::Denied => "denied",
-            Self::NameUnknown => "name unknown",
-            Self::ManifestUnknown => "manifest unknown",
-        }
-    }
-
-    /// Which of these `err` (from [`Repository`]) is, if any.
-    pub fn of(err: &Error) -> Option<Self> {
-        Self::ALL
-            .iter()
-            .map(|(n, _)| *n)
-            .find(|n| err.message().starts_with(&format!("{}: ", n.text())))
-    }
-}
-
-/// The error for a response whose first registry error code is one of [`NotThere`]'s.
-fn not_there(status: StatusCode, body: &[u8]) -> Option<Error> {
-    let (code, message) = first_registry_error(body)?;
-    let (what, _) = NotThere::ALL.iter().find(|(_, c)| *c == code)?;
-    let kind = match status {
-        StatusCode::UNAUTHORIZED => ErrorKind::Unauthenticated,
-        StatusCode::FORBIDDEN => ErrorKind::PermissionDenied,
-        _ => ErrorKind::NotFound,
-    };
-    Some(Error::new(kind, format!("{}: {message}", what.text())))
-}
-
-/// Docker's wording for a pull of `reference` that found nothing, always a 404: a repository
-/// that does not exist (or is denied) is "pull access denied for X, repository does not exist or
-/// may require 'docker login'", as dockerd words it (clients such as docker-py raise
-/// ImageNotFound on "repository does not exist"); a tag it does not have is "manifest for X:tag
-/// not found". The registry's own error follows, as moby's `notFoundError` does. Any other
-/// error is returned as it is.
-pub fn not_found(err: Error, reference: &berth_core::Reference) -> Error {
-    let Some(what) = NotThere::of(&err) else {
-        return err;
-    };
-    let context = match what {
-        NotThere::Denied | NotThere::NameUnknown => format!(
-            "pull access denied for {}, repository does not exist or may require 'docker login'",
-            reference.familiar_repository()
-        ),
-        NotThere::ManifestUnknown => format!("manifest for {} not found", reference.familiar()),
-    };
-    Error::not_found(format!("{context}: {}", err.message()))
-}
-
-/// The `errors` of a registry's error body (distribution's error envelope).
-fn registry_errors(body: &[u8]) -> Vec<(String, String)> {
-    #[derive(serde::Deserialize)]
-    struct E {
-        #[serde(default)]
-        code: String,
-        #[serde(default)]
-        message: String,
-    }
-    #[derive(serde::Deserialize)]
-    struct Es {
-        #[serde(default)]
-        errors: Vec<E>,
-    }
-    serde_json::from_slice::<Es>(body)
-        .map(|es| es.errors.into_iter().map(|e| (e.code, e.message)).collect())
-        .unwrap_or_default()
-}
-
-fn first_registry_error(body: &[u8]) -> Option<(String, String)> {
-    registry_errors(body).into_iter().next()
-}
-
-fn registry_error_text(body: &[u8]) -> String {
-    let errors = registry_errors(body);
-    if errors.is_empty() {
-        return String::new();
-    }
-    let parts: Vec<String> = errors
-        .iter()
-        .map(|(code, message)| format!("{}: {message}", code.to_lowercase().replace('_', " ")))
-        .collect();
-    format!(" ({})", parts.join("; "))
-}
-
-/// Standard base64 with padding.
-pub fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        out.push(T[(n >> 18) as usize & 63] as char);
-        out.push(T[(n >> 12) as usize & 63] as char);
-        out.push(if chunk.len() > 1 {
-            T[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        out.push(if chunk.len() > 2 {
-            T[n as usize & 63] as char
-        } else {
-            '='
-        });
-    }
-    out
-}
-
 /// The certs.d directory for a registry host.
 pub fn certs_dir_for(root: &Path, host: &str) -> PathBuf {
     root.join(host)
@@ -1196,41 +1157,6 @@ pub fn certs_dir_for(root: &Path, host: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pulls_that_find_nothing_have_dockers_words() {
-        let r = berth_core::Reference::parse("127.0.0.1:5000/nosuch").unwrap();
-        let body = br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{"Tag":"latest"}}]}"#;
-        let err = not_there(StatusCode::NOT_FOUND, body).unwrap();
-        assert_eq!(NotThere::of(&err), Some(NotThere::ManifestUnknown));
-        let err = not_found(err, &r);
-        assert_eq!(err.kind(), ErrorKind::NotFound);
-        assert_eq!(
-            err.message(),
-            "manifest for 127.0.0.1:5000/nosuch:latest not found: manifest unknown: manifest unknown"
-        );
-        let hub = berth_core::Reference::parse("nosuch/thing").unwrap();
-        let body = br#"{"errors":[{"code":"DENIED","message":"requested access to the resource is denied"}]}"#;
-        let err = not_found(not_there(StatusCode::UNAUTHORIZED, body).unwrap(), &hub);
-        assert_eq!(err.kind(), ErrorKind::NotFound);
-        assert_eq!(
-            err.message(),
-            "pull access denied for nosuch/thing, repository does not exist or may require \
-             'docker login': denied: requested access to the resource is denied"
-        );
-        let body = br#"{"errors":[{"code":"NAME_UNKNOWN","message":"repository name not known to registry"}]}"#;
-        let err = not_found(not_there(StatusCode::NOT_FOUND, body).unwrap(), &r);
-        assert_eq!(
-            err.message(),
-            "pull access denied for 127.0.0.1:5000/nosuch, repository does not exist or may \
-             require 'docker login': name unknown: repository name not known to registry"
-        );
-        // Other codes keep the registry's answer as it was.
-        let body = br#"{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown"}]}"#;
-        assert!(not_there(StatusCode::NOT_FOUND, body).is_none());
-        let other = Error::unavailable("x: cannot connect");
-        assert_eq!(not_found(other, &r).message(), "x: cannot connect");
-    }
 
     #[test]
     fn challenges() {
@@ -1252,15 +1178,6 @@ mod tests {
         );
         assert_eq!(Challenge::parse("Negotiate abc"), None);
         assert_eq!(Challenge::parse("Bearer service=x"), None);
-    }
-
-    #[test]
-    fn base64_matches_rfc4648() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foo"), "Zm9v");
-        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
     }
 
     #[tokio::test]
@@ -1296,16 +1213,83 @@ mod tests {
         assert_eq!(eps.len(), 3);
         assert_eq!(
             eps[0],
-            Endpoint {
-                host: "127.0.0.1:5001".into(),
-                https: false,
-                insecure: true,
-                mirror: true
-            }
+            Endpoint::docker("127.0.0.1:5001".into(), false, true, true)
         );
         assert!(eps[1].https && eps[1].mirror);
         assert_eq!(r.endpoints("docker.io", true).await.unwrap().len(), 1);
         assert_eq!(r.endpoints("quay.io", false).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn hosts_toml_hosts_come_first_then_the_server() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("registry.k8s.io");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(
+            dir.join("hosts.toml"),
+            r#"
+server = "https://upstream.example"
+[host."http://127.0.0.1:5000"]
+  capabilities = ["pull", "resolve"]
+[host."https://pull-only.example/mirror"]
+  capabilities = ["pull"]
+  skip_verify = true
+"#,
+        )
+        .unwrap();
+        let hub = root.path().join("docker.io");
+        std::fs::create_dir(&hub).unwrap();
+        std::fs::write(hub.join("hosts.toml"), "[host.\"http://127.0.0.1:5002\"]\n").unwrap();
+        let r = Registries::new(RegistryConfig {
+            registry_mirrors: vec!["http://127.0.0.1:5001".into()],
+            registry_config_path: root.path().to_path_buf(),
+            ..Default::default()
+        });
+        let eps = r.endpoints("registry.k8s.io", false).await.unwrap();
+        let hosts: Vec<(&str, bool, bool, &str)> = eps
+            .iter()
+            .map(|e| (e.host.as_str(), e.https, e.mirror, e.path.as_str()))
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                ("127.0.0.1:5000", false, true, "/v2"),
+                ("pull-only.example", true, true, "/mirror/v2"),
+                ("upstream.example", true, false, "/v2"),
+            ]
+        );
+        assert!(eps[1].insecure && !eps[1].capabilities.resolve);
+        // Hosts other than the namespace hear which namespace they stand in for.
+        assert_eq!(eps[0].ns.as_deref(), Some("registry.k8s.io"));
+        assert_eq!(eps[2].ns.as_deref(), Some("registry.k8s.io"));
+        // A push goes only to hosts that may take one: here the server.
+        let eps = r.endpoints("registry.k8s.io", true).await.unwrap();
+        assert_eq!(eps.len(), 1);
+        assert_eq!(eps[0].host, "upstream.example");
+        // docker.io: hosts.toml hosts, then Docker's registry-mirrors, then Docker Hub.
+        let eps = r.endpoints("docker.io", false).await.unwrap();
+        let hosts: Vec<&str> = eps.iter().map(|e| e.host.as_str()).collect();
+        assert_eq!(hosts, ["127.0.0.1:5002", "127.0.0.1:5001", DOCKER_HUB_HOST]);
+        // Top-level settings without a server apply to the registry itself.
+        let own = root.path().join("own.example");
+        std::fs::create_dir(&own).unwrap();
+        std::fs::write(
+            own.join("hosts.toml"),
+            "skip_verify = true\nca = \"ca.crt\"\n",
+        )
+        .unwrap();
+        let eps = r.endpoints("own.example", false).await.unwrap();
+        assert_eq!(eps.len(), 1);
+        assert_eq!(eps[0].host, "own.example");
+        assert!(eps[0].insecure && eps[0].https && !eps[0].mirror);
+        assert_eq!(eps[0].extras.ca, [own.join("ca.crt")]);
+        // Without a hosts.toml, nothing changes.
+        let eps = r.endpoints("quay.io", false).await.unwrap();
+        assert_eq!(eps.len(), 1);
+        assert_eq!(eps[0].host, "quay.io");
+        std::fs::write(dir.join("hosts.toml"), "server = [").unwrap();
+        let err = r.endpoints("registry.k8s.io", false).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     }
 
     #[test]

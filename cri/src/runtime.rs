@@ -1,0 +1,539 @@
+//! The CRI `RuntimeService`: what berth is and whether it is ready. Pods and containers arrive
+//! with the engine's sandboxes; until then those methods answer UNIMPLEMENTED, naming the method.
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+
+use berth_core::grpc::ServingStatus;
+use berth_core::{Config, Error, ErrorKind, Result as BerthResult};
+use berth_proto::cri::runtime::v1 as cri;
+use berth_proto::cri::runtime::v1::runtime_service_server::RuntimeService;
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::Sockets;
+use crate::backend::{GrpcRuntimeProbe, RuntimeProbe};
+use crate::convert;
+
+/// The runtime's name in `Version` (kubelet logs it; crictl prints it).
+pub const RUNTIME_NAME: &str = "berth";
+/// The CRI version berth speaks.
+pub const RUNTIME_API_VERSION: &str = "v1";
+
+/// The condition kubelet reads for the network, and the reason it expects while no CNI config
+/// exists.
+const NETWORK_READY: &str = "NetworkReady";
+const NETWORK_NOT_READY_REASON: &str = "NetworkPluginNotReady";
+const RUNTIME_READY: &str = "RuntimeReady";
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<cri::ContainerEventResponse, Status>> + Send>>;
+
+/// The CRI runtime service.
+#[derive(Debug)]
+pub struct CriRuntime<P = GrpcRuntimeProbe> {
+    probe: P,
+    cni_conf_dir: PathBuf,
+    /// Where `UpdateRuntimeConfig`'s pod CIDR is kept (the state directory: kubelet sends it
+    /// again after a reboot, and a gateway restart must not lose it).
+    pod_cidr_file: PathBuf,
+}
+
+impl CriRuntime {
+    /// A runtime service over the services `sockets` names.
+    pub fn new(config: &Config, sockets: &Sockets) -> Self {
+        Self::with_probe(GrpcRuntimeProbe::new(sockets), config)
+    }
+}
+
+impl<P: RuntimeProbe> CriRuntime<P> {
+    /// A runtime service asking `probe`.
+    pub fn with_probe(probe: P, config: &Config) -> Self {
+        Self {
+            probe,
+            cni_conf_dir: config.network.cni_conf_dir.clone(),
+            pod_cidr_file: config.state_dir.join("cri").join("pod-cidr"),
+        }
+    }
+
+    /// RuntimeReady: the engine, which runs every container, answers its health check.
+    async fn runtime_condition(&self) -> cri::RuntimeCondition {
+        let (status, reason, message) = match self.probe.engine_health().await {
+            Ok(ServingStatus::Serving) => (true, String::new(), String::new()),
+            Ok(other) => (
+                false,
+                "EngineNotServing".to_string(),
+                format!("berth-engine reports {other:?}"),
+            ),
+            Err(err) => (false, "EngineUnavailable".to_string(), err.chain()),
+        };
+        cri::RuntimeCondition {
+            r#type: RUNTIME_READY.into(),
+            status,
+            reason,
+            message,
+        }
+    }
+
+    /// NetworkReady: berth-network finds a CNI config for pods.
+    async fn network_condition(&self) -> (cri::RuntimeCondition, Vec<String>) {
+        let not_ready = |message: String| cri::RuntimeCondition {
+            r#type: NETWORK_READY.into(),
+            status: false,
+            reason: NETWORK_NOT_READY_REASON.into(),
+            message,
+        };
+        match self.probe.cni_configs().await {
+            Ok(names) if names.is_empty() => {
+                let message = format!(
+                    "Network plugin returns error: cni plugin not initialized: no network config found in {}",
+                    self.cni_conf_dir.display()
+                );
+                (not_ready(message), names)
+            }
+            Ok(names) => {
+                let ready = cri::RuntimeCondition {
+                    r#type: NETWORK_READY.into(),
+                    status: true,
+                    ..Default::default()
+                };
+                (ready, names)
+            }
+            Err(err) => (
+                not_ready(format!(
+                    "cannot ask berth-network for CNI configs: {}",
+                    err.chain()
+                )),
+                Vec::new(),
+            ),
+        }
+    }
+
+    fn pod_cidrs(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.pod_cidr_file)
+            .ok()
+            .and_then(|t| convert::pod_cidrs(&t).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// Writes `text` to `path` so that a reader sees the old or the new contents, never a part.
+fn write_atomic(path: &Path, text: &str) -> BerthResult<()> {
+    use berth_core::error::Context as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .context(ErrorKind::Internal, format!("create {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).context(ErrorKind::Internal, format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).context(ErrorKind::Internal, format!("rename {}", path.display()))
+}
+
+/// The UNIMPLEMENTED answer of a method whose implementation has not landed yet.
+fn not_yet(method: &str) -> Status {
+    Error::unimplemented(format!(
+        "runtime.v1.RuntimeService.{method} is not implemented yet: berth's pod sandboxes are not wired into the CRI"
+    ))
+    .into()
+}
+
+#[tonic::async_trait]
+impl<P: RuntimeProbe> RuntimeService for CriRuntime<P> {
+    type GetContainerEventsStream = EventStream;
+
+    async fn version(
+        &self,
+        _req: Request<cri::VersionRequest>,
+    ) -> Result<Response<cri::VersionResponse>, Status> {
+        Ok(Response::new(cri::VersionResponse {
+            // The version of the kubelet-runtime API (always 0.1.0 in v1).
+            version: "0.1.0".into(),
+            runtime_name: RUNTIME_NAME.into(),
+            runtime_version: env!("CARGO_PKG_VERSION").into(),
+            runtime_api_version: RUNTIME_API_VERSION.into(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        req: Request<cri::StatusRequest>,
+    ) -> Result<Response<cri::StatusResponse>, Status> {
+        let (runtime, (network, cni_configs)) =
+            tokio::join!(self.runtime_condition(), self.network_condition());
+        let info = if req.into_inner().verbose {
+            let config = serde_json::json!({
+                "cgroupDriver": "cgroupfs",
+                "cniConfDir": self.cni_conf_dir,
+                "cniConfigs": cni_configs,
+                "podCIDRs": self.pod_cidrs(),
+            });
+            [("config".to_string(), config.to_string())].into()
+        } else {
+            Default::default()
+        };
+        Ok(Response::new(cri::StatusResponse {
+            status: Some(cri::RuntimeStatus {
+                conditions: vec![runtime, network],
+            }),
+            info,
+            runtime_handlers: Vec::new(),
+            features: None,
+        }))
+    }
+
+    /// berth's engine places containers in cgroups itself (cgroupfs); the systemd driver is not
+    /// available, so kubelet must run with `cgroupDriver: cgroupfs`.
+    async fn runtime_config(
+        &self,
+        _req: Request<cri::RuntimeConfigRequest>,
+    ) -> Result<Response<cri::RuntimeConfigResponse>, Status> {
+        Ok(Response::new(cri::RuntimeConfigResponse {
+            linux: Some(cri::LinuxRuntimeConfiguration {
+                cgroup_driver: cri::CgroupDriver::Cgroupfs.into(),
+            }),
+        }))
+    }
+
+    async fn update_runtime_config(
+        &self,
+        req: Request<cri::UpdateRuntimeConfigRequest>,
+    ) -> Result<Response<cri::UpdateRuntimeConfigResponse>, Status> {
+        let text = req
+            .into_inner()
+            .runtime_config
+            .and_then(|c| c.network_config)
+            .map(|n| n.pod_cidr)
+            .unwrap_or_default();
+        let cidrs = convert::pod_cidrs(&text)?;
+        // An empty update carries nothing to store (kubelet sends one before it knows the CIDR).
+        if !cidrs.is_empty() {
+            write_atomic(&self.pod_cidr_file, &cidrs.join(","))?;
+            tracing::info!(pod_cidr = %cidrs.join(","), "cri pod CIDR updated");
+        }
+        Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
+    }
+
+    async fn checkpoint_container(
+        &self,
+        _req: Request<cri::CheckpointContainerRequest>,
+    ) -> Result<Response<cri::CheckpointContainerResponse>, Status> {
+        Err(Error::unimplemented(
+            "runtime.v1.RuntimeService.CheckpointContainer is not supported by berth: container checkpoint/restore (CRIU) is not part of berth",
+        )
+        .into())
+    }
+
+    async fn get_container_events(
+        &self,
+        _req: Request<cri::GetEventsRequest>,
+    ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
+        Err(not_yet("GetContainerEvents"))
+    }
+
+    async fn run_pod_sandbox(
+        &self,
+        _req: Request<cri::RunPodSandboxRequest>,
+    ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
+        Err(not_yet("RunPodSandbox"))
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        _req: Request<cri::StopPodSandboxRequest>,
+    ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
+        Err(not_yet("StopPodSandbox"))
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        _req: Request<cri::RemovePodSandboxRequest>,
+    ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
+        Err(not_yet("RemovePodSandbox"))
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        _req: Request<cri::PodSandboxStatusRequest>,
+    ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
+        Err(not_yet("PodSandboxStatus"))
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        _req: Request<cri::ListPodSandboxRequest>,
+    ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
+        Err(not_yet("ListPodSandbox"))
+    }
+
+    async fn create_container(
+        &self,
+        _req: Request<cri::CreateContainerRequest>,
+    ) -> Result<Response<cri::CreateContainerResponse>, Status> {
+        Err(not_yet("CreateContainer"))
+    }
+
+    async fn start_container(
+        &self,
+        _req: Request<cri::StartContainerRequest>,
+    ) -> Result<Response<cri::StartContainerResponse>, Status> {
+        Err(not_yet("StartContainer"))
+    }
+
+    async fn stop_container(
+        &self,
+        _req: Request<cri::StopContainerRequest>,
+    ) -> Result<Response<cri::StopContainerResponse>, Status> {
+        Err(not_yet("StopContainer"))
+    }
+
+    async fn remove_container(
+        &self,
+        _req: Request<cri::RemoveContainerRequest>,
+    ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
+        Err(not_yet("RemoveContainer"))
+    }
+
+    async fn list_containers(
+        &self,
+        _req: Request<cri::ListContainersRequest>,
+    ) -> Result<Response<cri::ListContainersResponse>, Status> {
+        Err(not_yet("ListContainers"))
+    }
+
+    async fn container_status(
+        &self,
+        _req: Request<cri::ContainerStatusRequest>,
+    ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
+        Err(not_yet("ContainerStatus"))
+    }
+
+    async fn update_container_resources(
+        &self,
+        _req: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
+        Err(not_yet("UpdateContainerResources"))
+    }
+
+    async fn reopen_container_log(
+        &self,
+        _req: Request<cri::ReopenContainerLogRequest>,
+    ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
+        Err(not_yet("ReopenContainerLog"))
+    }
+
+    async fn exec_sync(
+        &self,
+        _req: Request<cri::ExecSyncRequest>,
+    ) -> Result<Response<cri::ExecSyncResponse>, Status> {
+        Err(not_yet("ExecSync"))
+    }
+
+    async fn exec(
+        &self,
+        _req: Request<cri::ExecRequest>,
+    ) -> Result<Response<cri::ExecResponse>, Status> {
+        Err(not_yet("Exec"))
+    }
+
+    async fn attach(
+        &self,
+        _req: Request<cri::AttachRequest>,
+    ) -> Result<Response<cri::AttachResponse>, Status> {
+        Err(not_yet("Attach"))
+    }
+
+    async fn port_forward(
+        &self,
+        _req: Request<cri::PortForwardRequest>,
+    ) -> Result<Response<cri::PortForwardResponse>, Status> {
+        Err(not_yet("PortForward"))
+    }
+
+    async fn container_stats(
+        &self,
+        _req: Request<cri::ContainerStatsRequest>,
+    ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
+        Err(not_yet("ContainerStats"))
+    }
+
+    async fn list_container_stats(
+        &self,
+        _req: Request<cri::ListContainerStatsRequest>,
+    ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
+        Err(not_yet("ListContainerStats"))
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        _req: Request<cri::PodSandboxStatsRequest>,
+    ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
+        Err(not_yet("PodSandboxStats"))
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        _req: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        Err(not_yet("ListPodSandboxStats"))
+    }
+
+    async fn list_metric_descriptors(
+        &self,
+        _req: Request<cri::ListMetricDescriptorsRequest>,
+    ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
+        Err(not_yet("ListMetricDescriptors"))
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _req: Request<cri::ListPodSandboxMetricsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
+        Err(not_yet("ListPodSandboxMetrics"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::backend::Fut;
+
+    /// Answers what it is told to.
+    struct Probe {
+        engine: Mutex<Result<ServingStatus, String>>,
+        cni: Mutex<Result<Vec<String>, String>>,
+    }
+
+    impl RuntimeProbe for Probe {
+        fn engine_health(&self) -> Fut<'_, ServingStatus> {
+            let r = self
+                .engine
+                .lock()
+                .unwrap()
+                .clone()
+                .map_err(Error::unavailable);
+            Box::pin(async move { r })
+        }
+
+        fn cni_configs(&self) -> Fut<'_, Vec<String>> {
+            let r = self.cni.lock().unwrap().clone().map_err(Error::unavailable);
+            Box::pin(async move { r })
+        }
+    }
+
+    fn runtime(state: &Path) -> CriRuntime<Probe> {
+        let config = Config {
+            state_dir: state.to_path_buf(),
+            ..Default::default()
+        };
+        CriRuntime::with_probe(
+            Probe {
+                engine: Mutex::new(Ok(ServingStatus::Serving)),
+                cni: Mutex::new(Ok(Vec::new())),
+            },
+            &config,
+        )
+    }
+
+    async fn conditions(rt: &CriRuntime<Probe>) -> (cri::RuntimeCondition, cri::RuntimeCondition) {
+        let s = rt
+            .status(Request::new(cri::StatusRequest { verbose: false }))
+            .await
+            .unwrap()
+            .into_inner();
+        let c = s.status.unwrap().conditions;
+        assert_eq!(c[0].r#type, "RuntimeReady");
+        assert_eq!(c[1].r#type, "NetworkReady");
+        (c[0].clone(), c[1].clone())
+    }
+
+    #[tokio::test]
+    async fn readiness_follows_the_engine_and_the_cni_configs() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(dir.path());
+        let (run, net) = conditions(&rt).await;
+        assert!(run.status);
+        assert!(!net.status);
+        assert_eq!(net.reason, "NetworkPluginNotReady");
+        assert!(net.message.contains("/etc/cni/net.d"), "{}", net.message);
+
+        *rt.probe.cni.lock().unwrap() = Ok(vec!["/etc/cni/net.d/10-pods.conflist".into()]);
+        let (_, net) = conditions(&rt).await;
+        assert!(net.status && net.reason.is_empty());
+
+        *rt.probe.cni.lock().unwrap() = Err("network down".into());
+        *rt.probe.engine.lock().unwrap() = Err("connect engine.sock".into());
+        let (run, net) = conditions(&rt).await;
+        assert!(!run.status);
+        assert_eq!(run.reason, "EngineUnavailable");
+        assert!(run.message.contains("engine.sock"));
+        assert!(!net.status);
+        assert!(net.message.contains("network down"), "{}", net.message);
+
+        *rt.probe.engine.lock().unwrap() = Ok(ServingStatus::NotServing);
+        let (run, _) = conditions(&rt).await;
+        assert!(!run.status);
+        assert_eq!(run.reason, "EngineNotServing");
+    }
+
+    #[tokio::test]
+    async fn the_pod_cidr_is_kept_in_the_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(dir.path());
+        let update = |cidr: &str| {
+            Request::new(cri::UpdateRuntimeConfigRequest {
+                runtime_config: Some(cri::RuntimeConfig {
+                    network_config: Some(cri::NetworkConfig {
+                        pod_cidr: cidr.into(),
+                    }),
+                }),
+            })
+        };
+        rt.update_runtime_config(update("10.88.0.0/16,fd00::/64"))
+            .await
+            .unwrap();
+        // An empty update (kubelet before it knows) keeps what is there.
+        rt.update_runtime_config(update("")).await.unwrap();
+        let err = rt
+            .update_runtime_config(update("nonsense"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        // A new process (after kill -9) reads it back.
+        let again = runtime(dir.path());
+        assert_eq!(again.pod_cidrs(), ["10.88.0.0/16", "fd00::/64"]);
+        let s = again
+            .status(Request::new(cri::StatusRequest { verbose: true }))
+            .await
+            .unwrap()
+            .into_inner();
+        let config: serde_json::Value = serde_json::from_str(&s.info["config"]).unwrap();
+        assert_eq!(config["podCIDRs"][1], "fd00::/64");
+        assert_eq!(config["cgroupDriver"], "cgroupfs");
+    }
+
+    #[tokio::test]
+    async fn unimplemented_methods_name_themselves() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = runtime(dir.path());
+        let err = rt
+            .list_pod_sandbox(Request::new(cri::ListPodSandboxRequest::default()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unimplemented);
+        assert!(
+            err.message()
+                .starts_with("runtime.v1.RuntimeService.ListPodSandbox is not implemented yet"),
+            "{err:?}"
+        );
+        let v = rt
+            .version(Request::new(cri::VersionRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (v.runtime_name.as_str(), v.runtime_api_version.as_str()),
+            ("berth", "v1")
+        );
+    }
+}
