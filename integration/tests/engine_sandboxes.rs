@@ -67,24 +67,31 @@ struct CniConf {
 
 impl CniConf {
     fn new(slot: &NetSlot) -> Result<Self> {
+        Self::with_plugins(slot, &[])
+    }
+
+    /// The bridge conflist, then `more` plugins (e.g. portmap).
+    fn with_plugins(slot: &NetSlot, more: &[serde_json::Value]) -> Result<Self> {
         let conf = tempfile::tempdir()?;
         let ipam = tempfile::tempdir()?;
         let name = format!("pods{}", std::process::id());
         let subnet = slot.subnet(5);
+        let mut plugins = vec![serde_json::json!({
+            "type": "bridge",
+            "bridge": slot.name("pod"),
+            "isGateway": true,
+            "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{ "subnet": subnet }]],
+                "dataDir": ipam.path(),
+            }
+        })];
+        plugins.extend(more.iter().cloned());
         let conflist = serde_json::json!({
             "cniVersion": "1.0.0",
             "name": name,
-            "plugins": [{
-                "type": "bridge",
-                "bridge": slot.name("pod"),
-                "isGateway": true,
-                "ipMasq": false,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{ "subnet": subnet }]],
-                    "dataDir": ipam.path(),
-                }
-            }]
+            "plugins": plugins,
         });
         std::fs::write(conf.path().join("10-pods.conflist"), conflist.to_string())?;
         Ok(Self {
@@ -573,6 +580,139 @@ async fn a_pod_container_logs_in_the_cri_format_and_reopens_its_log() -> Result<
                 .reopen_log(pb::ReopenLogRequest { id: c.id.clone() })
                 .await
         ) == Some(Code::FailedPrecondition)
+    );
+    drop(slot_for_conf);
+    Ok(())
+}
+
+fn iptables_mentioning(id: &str) -> Vec<String> {
+    let out = std::process::Command::new("iptables-save")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out.lines()
+        .filter(|l| l.contains(id))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_ports_through_portmap_and_host_network_pods() -> Result<()> {
+    if !plugins_ready() || !Path::new("/usr/lib/cni/portmap").is_file() {
+        return Ok(());
+    }
+    let slot_for_conf = NetSlot::claim()?;
+    let portmap = serde_json::json!({
+        "type": "portmap",
+        "capabilities": { "portMappings": true },
+        "snat": true,
+    });
+    let cni = CniConf::with_plugins(&slot_for_conf, &[portmap])?;
+    let es = stack_with(cni.conf.path()).await?;
+    let mut holders = Holders::default();
+
+    // A host port: DNAT by the portmap plugin from the runtime config; a port without a host
+    // port is not published.
+    let host_port = berth_integration::images_kit::free_port();
+    let mut req = pod(&unique("ports"));
+    req.config.as_mut().context("config")?.port_mappings = vec![
+        types::PortMapping {
+            container_port: 8080,
+            host_port: u32::from(host_port),
+            protocol: types::Protocol::Tcp.into(),
+            ..Default::default()
+        },
+        types::PortMapping {
+            container_port: 9090,
+            protocol: types::Protocol::Tcp.into(),
+            ..Default::default()
+        },
+    ];
+    let sb = es
+        .sandboxes()
+        .run(req)
+        .await?
+        .into_inner()
+        .sandbox
+        .context("no sandbox")?;
+    holders.0.push(sb.pid_holder);
+    let result: serde_json::Value =
+        serde_json::from_slice(&sb.network.clone().unwrap_or_default().cni_result)?;
+    let gateway = result["ips"][0]["gateway"]
+        .as_str()
+        .context("a gateway in the CNI result")?
+        .to_string();
+    let server = es
+        .create(
+            &unique("web"),
+            busybox(&[
+                "sh",
+                "-c",
+                "mkdir -p /www && echo via-host-port > /www/index.html && exec httpd -f -p 8080 -h /www",
+            ]),
+            in_pod(&sb.id),
+        )
+        .await?;
+    es.start_task(&server.id).await?;
+    let addr = format!("{gateway}:{host_port}");
+    let body = wait_for(Duration::from_secs(20), || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        text.contains("via-host-port").then_some(text)
+    });
+    ensure!(body.is_some(), "no answer on {addr}");
+    ensure!(!iptables_mentioning(&sb.id).is_empty(), "no portmap rules");
+    es.sandboxes()
+        .remove(pb::RemoveSandboxRequest { id: sb.id.clone() })
+        .await?;
+    let left = iptables_mentioning(&sb.id);
+    ensure!(left.is_empty(), "rules left: {left:?}");
+
+    // The host's network: no namespaces made, no CNI, the host's name.
+    let mut req = pod(&unique("hostnet"));
+    let linux = req
+        .config
+        .as_mut()
+        .and_then(|c| c.linux.as_mut())
+        .context("linux")?;
+    linux.security = Some(pb::SandboxSecurity {
+        namespace_options: Some(pb::SandboxNamespaceOptions {
+            network: pb::NamespaceMode::Node.into(),
+            pid: pb::NamespaceMode::Container.into(),
+            ipc: pb::NamespaceMode::Node.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let sb = es
+        .sandboxes()
+        .run(req)
+        .await?
+        .into_inner()
+        .sandbox
+        .context("no sandbox")?;
+    ensure!(sb.namespaces.clone().unwrap_or_default() == pb::SandboxNamespacePaths::default());
+    ensure!(sb.pid_holder == 0 && sb.network.clone().unwrap_or_default().ip.is_empty());
+    ensure!(cni.leases().is_empty(), "{:?}", cni.leases());
+    let r = es
+        .run(
+            &unique("hn"),
+            busybox(&["sh", "-c", "hostname; readlink /proc/self/ns/net"]),
+            in_pod(&sb.id),
+        )
+        .await?;
+    let host_name = nix::unistd::gethostname()?.to_string_lossy().into_owned();
+    let host_net = std::fs::read_link("/proc/self/ns/net")?
+        .display()
+        .to_string();
+    ensure!(
+        r.stdout == format!("{host_name}\n{host_net}\n"),
+        "{:?} vs {host_name} {host_net}",
+        r.stdout
     );
     drop(slot_for_conf);
     Ok(())
