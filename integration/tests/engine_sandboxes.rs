@@ -585,6 +585,65 @@ async fn a_pod_container_logs_in_the_cri_format_and_reopens_its_log() -> Result<
     Ok(())
 }
 
+/// Removes the portmap plugin's shared chains (which it never deletes) once no pod on this
+/// host uses them any more.
+struct PortmapChains;
+
+impl Drop for PortmapChains {
+    fn drop(&mut self) {
+        let ipt = |args: &[&str]| {
+            std::process::Command::new("iptables")
+                .args(["-w", "-t", "nat"])
+                .args(args)
+                .output()
+        };
+        let in_use = ipt(&["-S", "CNI-HOSTPORT-DNAT"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().count() > 1)
+            .unwrap_or(false);
+        if in_use {
+            return;
+        }
+        let _ = ipt(&[
+            "-D",
+            "PREROUTING",
+            "-m",
+            "addrtype",
+            "--dst-type",
+            "LOCAL",
+            "-j",
+            "CNI-HOSTPORT-DNAT",
+        ]);
+        let _ = ipt(&[
+            "-D",
+            "OUTPUT",
+            "-m",
+            "addrtype",
+            "--dst-type",
+            "LOCAL",
+            "-j",
+            "CNI-HOSTPORT-DNAT",
+        ]);
+        let _ = ipt(&[
+            "-D",
+            "POSTROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "CNI portfwd requiring masquerade",
+            "-j",
+            "CNI-HOSTPORT-MASQ",
+        ]);
+        for chain in [
+            "CNI-HOSTPORT-DNAT",
+            "CNI-HOSTPORT-MASQ",
+            "CNI-HOSTPORT-SETMARK",
+        ] {
+            let _ = ipt(&["-F", chain]);
+            let _ = ipt(&["-X", chain]);
+        }
+    }
+}
+
 fn iptables_mentioning(id: &str) -> Vec<String> {
     let out = std::process::Command::new("iptables-save")
         .output()
@@ -607,6 +666,7 @@ async fn host_ports_through_portmap_and_host_network_pods() -> Result<()> {
         "capabilities": { "portMappings": true },
         "snat": true,
     });
+    let _chains = PortmapChains;
     let cni = CniConf::with_plugins(&slot_for_conf, &[portmap])?;
     let es = stack_with(cni.conf.path()).await?;
     let mut holders = Holders::default();
