@@ -422,7 +422,9 @@ impl Engine {
     async fn tear_down_sandbox(&self, sbx: &Sbx, remove: bool) -> Result<()> {
         let rec = sbx.record();
         let mut first_err = None;
-        if rec.p.cni_added {
+        // Remove DELs again whatever Stop did (DEL is idempotent; berth-network answers an
+        // attachment it does not know with success).
+        if rec.p.cni_added || (remove && !rec.namespaces().network.is_empty()) {
             let config = rec
                 .s
                 .network_options
