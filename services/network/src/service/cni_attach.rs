@@ -100,6 +100,21 @@ impl NetworkService {
         };
         let added = cni::add(self.deps.cni.as_ref(), &config.conflist, &inv);
         let mut st = self.lock();
+        if added.is_ok() && !st.cni.contains_key(&key) {
+            // A detach came while the plugins ran (the caller gave up, e.g. an engine that
+            // restarted tears down a half-made pod): undo this ADD instead of recording it.
+            drop(st);
+            if let Ok(result) = &added {
+                rec.result = result.clone();
+                if let Err(e) = self.cni_del(&rec) {
+                    tracing::warn!(container = rec.container_id, error = %e.chain(), "cni delete of an attachment detached while it was added");
+                }
+            }
+            return Err(Error::failed_precondition(format!(
+                "the CNI attachment of {} was detached while it was being added",
+                req.container_id
+            )));
+        }
         match added {
             Ok(result) => {
                 rec.result = result.clone();
