@@ -344,10 +344,30 @@ async fn a_pod_shares_its_namespaces_survives_the_engine_and_goes_away() -> Resu
     ensure!(err.downcast_ref::<tonic::Status>().map(|s| s.code()) == Some(Code::NotFound));
     let err = get(&es, &sb.id).await.unwrap_err();
     ensure!(err.downcast_ref::<tonic::Status>().map(|s| s.code()) == Some(Code::NotFound));
-    let left = es
-        .leftovers(&[server.id.clone(), client.id.clone()])
-        .await?;
-    ensure!(left.is_empty(), "left behind: {left:?}");
+    // A shim exits right after answering Shutdown, not before: give it a moment.
+    let ids = [server.id.clone(), client.id.clone(), again.id.clone()];
+    let mut left = es.leftovers(&ids).await?;
+    for _ in 0..100 {
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = es.leftovers(&ids).await?;
+    }
+    if !left.is_empty() {
+        let log = es.stack().log_text();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| ids.iter().any(|id| l.contains(&id[..12])))
+            .collect();
+        anyhow::bail!(
+            "left behind: {left:?}\nids: server {} client {} again {}\n{}",
+            server.id,
+            client.id,
+            again.id,
+            lines.join("\n")
+        );
+    }
     drop(slot_for_conf);
     Ok(())
 }

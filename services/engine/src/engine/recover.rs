@@ -194,6 +194,15 @@ impl Engine {
                     self.cleanup_task(ctr).await;
                     return Outcome::Nothing;
                 }
+                Err(e) if e.is(berth_core::ErrorKind::NotFound) => {
+                    // The shim answers but its task was deleted: the engine went away between
+                    // the shim's Delete and its Shutdown. End it, then clean up as for a shim
+                    // that is gone.
+                    tracing::info!(id = %ctr.id, "shim without a task; shutting it down");
+                    if let Err(e) = shim.shutdown(true).await {
+                        tracing::warn!(id = %ctr.id, error = %e.chain(), "shim shutdown");
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(id = %ctr.id, error = %e.chain(), "shim state; treating the shim as gone");
                 }
