@@ -4,13 +4,23 @@
 use super::*;
 
 impl NetworkService {
+    /// `CNI_PATH`: the plugin directories, colon-separated.
+    fn cni_path(&self) -> String {
+        self.settings
+            .cni_bin_dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+
     /// The CNI configs of the config directory.
     pub fn cni_configs(&self) -> Result<Vec<CniConfigFile>> {
         cni::load_dir(&self.settings.cni_conf_dir)
     }
 
     pub(super) fn cni_del(&self, rec: &CniRecord) -> Result<()> {
-        let cni_path = self.settings.cni_bin_dir.display().to_string();
+        let cni_path = self.cni_path();
         let inv = Invocation {
             container_id: &rec.container_id,
             netns: &rec.netns_path,
@@ -89,7 +99,7 @@ impl NetworkService {
             st.cni.insert(key.clone(), rec.clone());
         }
         // Plugins are slow (tens of ms each); they run without the service lock.
-        let cni_path = self.settings.cni_bin_dir.display().to_string();
+        let cni_path = self.cni_path();
         let inv = Invocation {
             container_id: &req.container_id,
             netns: &req.netns_path,

@@ -225,7 +225,7 @@ fn settings(dir: &Path) -> Settings {
         dns_search: vec![],
         dns_options: vec![],
         cni_conf_dir: dir.join("cni"),
-        cni_bin_dir: "/usr/lib/cni".into(),
+        cni_bin_dirs: vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()],
         dns_port: 0,
     }
 }
