@@ -24,7 +24,9 @@ use super::backend::{BuildBackend, BuildImage, CommitSpec, RunEvent};
 use super::copy::{self, CopyPlan};
 use super::gofmt;
 use super::options::BuildOptions;
+use super::orphans;
 use super::output::Output;
+use crate::backend::Fut;
 use crate::progress::short_digest;
 
 /// Bumped when what a cache key covers changes, so old records stop matching.
@@ -112,6 +114,8 @@ pub struct Executor<'a> {
     /// Images made by the stages so far, by index.
     stage_images: Vec<String>,
     scratch_counter: usize,
+    /// Step containers being removed in the background, awaited before the build ends.
+    removals: Vec<(String, Fut<'static, ()>)>,
 }
 
 impl std::fmt::Debug for Executor<'_> {
@@ -136,11 +140,34 @@ impl<'a> Executor<'a> {
             out,
             stage_images: Vec::new(),
             scratch_counter: 0,
+            removals: Vec::new(),
         }
     }
 
-    /// Runs the whole build; the final image id. Tags it and writes the closing lines.
-    pub async fn run(mut self, mut dockerfile: Dockerfile) -> Result<String> {
+    /// Runs the whole build; the final image id. Tags it and writes the closing lines. Returns
+    /// once every step container it removes is gone, whatever the outcome.
+    pub async fn run(mut self, dockerfile: Dockerfile) -> Result<String> {
+        let result = self.build(dockerfile).await;
+        self.settle_removals().await;
+        result
+    }
+
+    /// Waits for the step containers being removed; a failure is reported in the stream.
+    async fn settle_removals(&mut self) {
+        for (id, removal) in std::mem::take(&mut self.removals) {
+            if let Err(err) = removal.await {
+                self.out
+                    .stream(&format!(
+                        "Error removing intermediate container {}: {}\n",
+                        short_digest(&id),
+                        err.chain()
+                    ))
+                    .await
+            }
+        }
+    }
+
+    async fn build(&mut self, mut dockerfile: Dockerfile) -> Result<String> {
         let escape = dockerfile.directives.escape;
         let range = stages::stages_to_build(&dockerfile, self.opts.target.as_deref())
             .map_err(|e| Error::invalid_argument(e.to_string()))?;
@@ -247,6 +274,7 @@ impl<'a> Executor<'a> {
                 "No image was generated. Is your Dockerfile empty?",
             ));
         }
+        self.settle_removals().await;
         self.out
             .stream(&format!("Successfully built {}\n", short_digest(&last)))
             .await;
@@ -606,6 +634,8 @@ impl<'a> Executor<'a> {
                 }),
                 ..Default::default()
             }),
+            // Always removed after use.
+            extensions: orphans::step_extensions(true),
             ..Default::default()
         };
         let id = self.backend.create(req).await?;
@@ -783,6 +813,7 @@ impl<'a> Executor<'a> {
                 ..Default::default()
             }),
             platform: o.platform.clone(),
+            extensions: orphans::step_extensions(o.rm || o.force_rm),
             ..Default::default()
         }
     }
@@ -835,25 +866,15 @@ impl<'a> Executor<'a> {
         if !(self.opts.force_rm || cancelled || (ok && self.opts.rm)) {
             return;
         }
-        match self.backend.remove(id).await {
-            Ok(()) => {
-                self.out
-                    .stream(&format!(
-                        "Removing intermediate container {}\n",
-                        short_digest(id)
-                    ))
-                    .await
-            }
-            Err(err) => {
-                self.out
-                    .stream(&format!(
-                        "Error removing intermediate container {}: {}\n",
-                        short_digest(id),
-                        err.chain()
-                    ))
-                    .await
-            }
-        }
+        // Removed in the background, overlapping the next step; awaited before the build ends.
+        self.removals
+            .push((id.to_string(), self.backend.remove_detached(id)));
+        self.out
+            .stream(&format!(
+                "Removing intermediate container {}\n",
+                short_digest(id)
+            ))
+            .await
     }
 }
 

@@ -11,6 +11,7 @@ pub mod copy;
 pub mod executor;
 mod gofmt;
 pub mod options;
+pub mod orphans;
 pub mod output;
 
 use std::path::PathBuf;

@@ -15,6 +15,7 @@ pub mod hostfiles;
 pub mod imageconfig;
 pub mod links;
 pub mod logs;
+pub mod metrics;
 pub mod names;
 pub mod podns;
 pub mod record;
@@ -121,7 +122,10 @@ pub async fn serve(
         )
         .add_service(VolumesServer::new(grpc::Volumes(engine.clone())))
         .add_service(SandboxesServer::new(grpc::Sandboxes(engine.clone())))
-        .add_service(EventsServer::new(grpc::Events(engine.clone())));
+        .add_service(EventsServer::new(grpc::Events(engine.clone())))
+        .add_service(berth_core::metrics::service(Some(metrics::collector(
+            Arc::downgrade(&engine),
+        ))));
     let stop = engine.shutdown.clone();
     let result = berth_core::grpc::serve(router, listener, async move {
         shutdown.cancelled().await;

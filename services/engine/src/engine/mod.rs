@@ -18,12 +18,13 @@ mod network;
 mod query;
 mod recover;
 mod sandbox;
+mod stats;
 mod task;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use berth_core::id::{ObjectKind, resolve};
 use berth_core::{Config, Error, Result};
@@ -207,6 +208,8 @@ pub struct Engine {
     reg: Mutex<Registry>,
     sandboxes: Mutex<sandbox::SandboxRegistry>,
     execs: Mutex<HashMap<String, Arc<ExecInstance>>>,
+    /// Stats samplers of containers someone streams stats of, by id.
+    samplers: Mutex<HashMap<String, std::sync::Weak<stats::Sampler>>>,
     /// Cancelled when the engine stops (background tasks end; containers keep running).
     pub shutdown: CancellationToken,
 }
@@ -232,7 +235,14 @@ impl Engine {
                 .map_err(|e| Error::internal(format!("create {}", dir.display())).with_source(e))?;
         }
         let store = Store::open(&paths.data.join("engine.redb"))?;
-        let hub = Hub::new(events::DEFAULT_HISTORY);
+        let hub = Hub::open(
+            &paths.data.join("events.log"),
+            events::Retention {
+                max_count: config.engine.events_max_count as usize,
+                max_age: (config.engine.events_max_age > 0)
+                    .then(|| Duration::from_secs(config.engine.events_max_age)),
+            },
+        )?;
         let volumes = Volumes::load(paths.volumes.clone(), store.clone(), hub.clone())?;
         let mut reg = Registry::default();
         for rec in store.containers()? {
@@ -251,6 +261,7 @@ impl Engine {
             reg: Mutex::new(reg),
             sandboxes: Mutex::new(sandboxes),
             execs: Mutex::new(HashMap::new()),
+            samplers: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
         }))
     }
@@ -307,6 +318,7 @@ impl Engine {
     ) {
         let mut attrs = rec.event_attributes();
         attrs.extend(extra);
+        crate::metrics::container_event(action, &attrs);
         let ns = if rec.p.namespace.is_empty() {
             DEFAULT_NAMESPACE
         } else {

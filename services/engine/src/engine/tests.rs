@@ -242,6 +242,7 @@ struct FakeShim {
     started: Mutex<bool>,
     exit: watch::Sender<Option<(u32, Timestamp)>>,
     shut_down: Mutex<bool>,
+    stats_calls: std::sync::atomic::AtomicUsize,
 }
 
 impl FakeShim {
@@ -385,6 +386,8 @@ impl Shim for FakeShim {
         Box::pin(async { Ok(()) })
     }
     fn stats(&self) -> BoxFuture<'_, types::CgroupStats> {
+        self.stats_calls
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Box::pin(async { Ok(types::CgroupStats::default()) })
     }
     fn info(&self) -> BoxFuture<'_, shimpb::InfoResponse> {
@@ -428,6 +431,7 @@ impl ShimLauncher for FakeLauncher {
             started: Mutex::new(false),
             exit: watch::Sender::new(None),
             shut_down: Mutex::new(false),
+            stats_calls: Default::default(),
         });
         self.shims
             .lock()
@@ -1259,6 +1263,34 @@ async fn a_restarting_container_is_removed_only_by_force() {
         "restarted after removal"
     );
     assert_eq!(engine.get(&c.id).unwrap_err().kind(), ErrorKind::NotFound);
+}
+
+#[tokio::test]
+async fn stats_streams_of_one_container_share_each_sample() {
+    use futures::StreamExt;
+    let kit = Kit::new();
+    let engine = kit.engine();
+    engine
+        .create(create_req("st", &["sleep", "60"]), "default")
+        .await
+        .unwrap();
+    engine.start("st").await.unwrap();
+    let id = engine.get("st").unwrap().id.clone();
+    let mut a = engine.stats("st", true, false).await.unwrap();
+    let mut b = engine.stats("st", true, false).await.unwrap();
+    for _ in 0..3 {
+        for s in [&mut a, &mut b] {
+            let got = s.next().await.unwrap().unwrap();
+            assert_eq!(got.stats.unwrap().id, id);
+        }
+    }
+    let calls = kit.shims.shims.lock().unwrap()[&id]
+        .stats_calls
+        .load(std::sync::atomic::Ordering::SeqCst);
+    // Three samples seen by both streams; the sampler may have taken the fourth already.
+    // Unshared, that is six reads.
+    assert!((3..=4).contains(&calls), "{calls} cgroup reads");
+    drop((a, b));
 }
 
 mod sandboxes;
