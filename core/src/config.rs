@@ -223,8 +223,8 @@ pub struct NetworkConfig {
     pub dns_options: Vec<String>,
     /// Directory of CNI network configs for the orchestrator path.
     pub cni_conf_dir: PathBuf,
-    /// Directory of CNI plugin binaries.
-    pub cni_bin_dir: PathBuf,
+    /// Directories of CNI plugin binaries, searched in order (and passed as `CNI_PATH`).
+    pub cni_bin_dirs: Vec<PathBuf>,
 }
 
 impl Default for NetworkConfig {
@@ -242,7 +242,7 @@ impl Default for NetworkConfig {
             dns_search: Vec::new(),
             dns_options: Vec::new(),
             cni_conf_dir: PathBuf::from("/etc/cni/net.d"),
-            cni_bin_dir: PathBuf::from("/usr/lib/cni"),
+            cni_bin_dirs: vec![PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")],
         }
     }
 }

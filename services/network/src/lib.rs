@@ -51,7 +51,7 @@ pub async fn run(
         firewall: Arc::new(iptables::Iptables::default()),
         host: Arc::new(host::RealHost::default()),
         cni: Arc::new(cni::ExecPlugins {
-            bin_dir: settings.cni_bin_dir.clone(),
+            bin_dirs: settings.cni_bin_dirs.clone(),
         }),
         events: Arc::new(events),
     };

@@ -17,6 +17,7 @@ mod io;
 mod network;
 mod query;
 mod recover;
+mod sandbox;
 mod stats;
 mod task;
 
@@ -42,6 +43,7 @@ use crate::volumes::Volumes;
 
 pub use io::{AttachInput, ExecInstance};
 pub use query::list_keys;
+pub use sandbox::Sbx;
 pub(crate) use task::parse_size;
 
 /// Where the engine keeps things.
@@ -57,6 +59,10 @@ pub struct Paths {
     pub scratch: PathBuf,
     /// `<root>/volumes`.
     pub volumes: PathBuf,
+    /// `<root>/engine/sandboxes`: each pod's hostname, hosts and resolv.conf.
+    pub sandbox_files: PathBuf,
+    /// `<state>/sandboxes`: each pod's namespace files.
+    pub sandbox_ns: PathBuf,
 }
 
 impl Paths {
@@ -65,6 +71,8 @@ impl Paths {
         let data = config.root.join("engine");
         Self {
             containers: data.join("containers"),
+            sandbox_files: data.join("sandboxes"),
+            sandbox_ns: config.state_dir.join("sandboxes"),
             data,
             bundles: config.state_dir.join("bundles"),
             scratch: config.state_dir.join("engine-tmp"),
@@ -198,6 +206,7 @@ pub struct Engine {
     deps: Deps,
     host: HostInfo,
     reg: Mutex<Registry>,
+    sandboxes: Mutex<sandbox::SandboxRegistry>,
     execs: Mutex<HashMap<String, Arc<ExecInstance>>>,
     /// Stats samplers of containers someone streams stats of, by id.
     samplers: Mutex<HashMap<String, std::sync::Weak<stats::Sampler>>>,
@@ -240,6 +249,7 @@ impl Engine {
             reg.names.insert(rec.c.name.clone(), rec.id().to_string());
             reg.by_id.insert(rec.id().to_string(), Ctr::new(rec));
         }
+        let sandboxes = sandbox::SandboxRegistry::load(store.sandboxes()?);
         Ok(Arc::new(Self {
             config,
             paths,
@@ -249,6 +259,7 @@ impl Engine {
             deps,
             host,
             reg: Mutex::new(reg),
+            sandboxes: Mutex::new(sandboxes),
             execs: Mutex::new(HashMap::new()),
             samplers: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),

@@ -120,6 +120,8 @@ impl Snapshots for FakeSnapshots {
 #[derive(Default)]
 struct FakeNetworks {
     attached: Mutex<Vec<String>>,
+    /// Sandbox ids with a CNI attachment.
+    cni: Mutex<Vec<String>>,
 }
 
 impl Networks for FakeNetworks {
@@ -150,6 +152,68 @@ impl Networks for FakeNetworks {
     fn get(&self, network: &str) -> BoxFuture<'_, (String, String)> {
         let n = network.to_string();
         Box::pin(async move { Ok(("n".repeat(64), n)) })
+    }
+    fn cni_attach(&self, req: net::CniAttachRequest) -> BoxFuture<'_, net::CniAttachResponse> {
+        Box::pin(async move {
+            if req.config_name == "missing" {
+                return Err(Error::not_found("no CNI network config named \"missing\""));
+            }
+            self.cni.lock().unwrap().push(req.container_id);
+            Ok(net::CniAttachResponse {
+                ips: vec![net::CniIpConfig {
+                    address: "10.88.0.5/16".into(),
+                    gateway: "10.88.0.1".into(),
+                    interface: 0,
+                }],
+                result: b"{}".to_vec(),
+                ..Default::default()
+            })
+        })
+    }
+    fn cni_detach(&self, container_id: &str, _: &str) -> BoxFuture<'_, ()> {
+        self.cni.lock().unwrap().retain(|c| c != container_id);
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Pod namespaces as entries in a list.
+#[derive(Default)]
+struct FakePodNs {
+    live: Mutex<Vec<PathBuf>>,
+}
+
+impl PodNamespaces for FakePodNs {
+    fn create(&self, dir: &Path, want: PodNsWant, _hostname: &str) -> Result<PodNsPaths> {
+        let mut live = self.live.lock().unwrap();
+        let mut make = |on: bool, k: &str| {
+            on.then(|| {
+                live.push(dir.join(k));
+                dir.join(k)
+            })
+        };
+        Ok(PodNsPaths {
+            net: make(want.net, "net"),
+            ipc: make(want.ipc, "ipc"),
+            uts: make(want.uts, "uts"),
+            shm: make(want.ipc, "shm"),
+        })
+    }
+    fn start_pid_holder(&self, dir: &Path) -> Result<(u32, PathBuf)> {
+        self.live.lock().unwrap().push(dir.join("pid"));
+        Ok((4242, dir.join("pid")))
+    }
+    fn holder_alive(&self, _pid: u32, ns_file: &Path) -> bool {
+        self.ns_alive(ns_file)
+    }
+    fn stop_pid_holder(&self, _pid: u32, ns_file: &Path) {
+        self.live.lock().unwrap().retain(|p| p != ns_file);
+    }
+    fn ns_alive(&self, path: &Path) -> bool {
+        self.live.lock().unwrap().iter().any(|p| p == path)
+    }
+    fn remove(&self, dir: &Path) -> Result<()> {
+        self.live.lock().unwrap().retain(|p| !p.starts_with(dir));
+        Ok(())
     }
 }
 
@@ -407,6 +471,7 @@ struct Kit {
     networks: Arc<FakeNetworks>,
     netns: Arc<FakeNetns>,
     shims: Arc<FakeLauncher>,
+    pod_ns: Arc<FakePodNs>,
 }
 
 impl Kit {
@@ -437,6 +502,7 @@ impl Kit {
             networks: Arc::new(FakeNetworks::default()),
             netns: Arc::new(FakeNetns::default()),
             shims: Arc::new(FakeLauncher::default()),
+            pod_ns: Arc::new(FakePodNs::default()),
             config,
             _dir: dir,
         }
@@ -449,6 +515,7 @@ impl Kit {
             networks: self.networks.clone(),
             netns: self.netns.clone(),
             shims: self.shims.clone(),
+            pod_ns: self.pod_ns.clone(),
         };
         let host = HostInfo {
             ncpu: 2,
@@ -1225,3 +1292,5 @@ async fn stats_streams_of_one_container_share_each_sample() {
     assert!((3..=4).contains(&calls), "{calls} cgroup reads");
     drop((a, b));
 }
+
+mod sandboxes;

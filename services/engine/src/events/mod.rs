@@ -375,6 +375,7 @@ pub fn type_name(ty: EventType) -> &'static str {
         EventType::Daemon => "daemon",
         EventType::Plugin => "plugin",
         EventType::Task => "task",
+        EventType::Sandbox => "sandbox",
         EventType::Unspecified => "unspecified",
     }
 }
@@ -395,6 +396,7 @@ pub fn docker_event(
         EventType::Daemon => "daemon",
         EventType::Plugin => "plugins",
         EventType::Task => "tasks",
+        EventType::Sandbox => "sandboxes",
         EventType::Unspecified => "events",
     };
     let topic_action = action.split(':').next().unwrap_or(&action).to_string();
