@@ -219,7 +219,7 @@ bridge = "bcs$TAG"
 bip = "10.234.0.1/24"
 default_address_pools = [{ base = "10.235.0.0/16", size = 24 }]
 cni_conf_dir = "$CNI_DIR"
-cni_bin_dir = "/usr/lib/cni"
+cni_bin_dirs = ["/usr/lib/cni"]
 
 [engine]
 cgroup_parent = "$CGROUP_PARENT"
