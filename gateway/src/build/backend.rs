@@ -90,6 +90,15 @@ pub trait BuildBackend: Send + Sync {
     fn cache_lookup(&self, key: &str) -> Fut<'_, Option<String>>;
     /// Records a step's image.
     fn cache_store(&self, key: &str, image: &str, parent: &str, created_by: &str) -> Fut<'_, ()>;
+    /// Starts [`BuildBackend::cache_store`] and returns at once: the store goes on whether or
+    /// not the returned future is polled, which ends with it.
+    fn cache_store_detached(
+        &self,
+        key: &str,
+        image: &str,
+        parent: &str,
+        created_by: &str,
+    ) -> Fut<'static, ()>;
 }
 
 /// [`BuildBackend`] over the gateway's service backends.
@@ -369,6 +378,30 @@ impl BuildBackend for Engine {
             image_id: image.to_string(),
             parent_id: parent.to_string(),
             created_by: created_by.to_string(),
+        })
+    }
+
+    fn cache_store_detached(
+        &self,
+        key: &str,
+        image: &str,
+        parent: &str,
+        created_by: &str,
+    ) -> Fut<'static, ()> {
+        let engine = self.clone();
+        let (key, image, parent, created_by) = (
+            key.to_string(),
+            image.to_string(),
+            parent.to_string(),
+            created_by.to_string(),
+        );
+        let task =
+            tokio::spawn(
+                async move { engine.cache_store(&key, &image, &parent, &created_by).await },
+            );
+        Box::pin(async move {
+            task.await
+                .map_err(|e| Error::internal("build cache record").with_source(e))?
         })
     }
 }

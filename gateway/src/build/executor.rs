@@ -6,6 +6,7 @@
 //! COPY/ADD put an archive into a created one; the config-only instructions commit a created one
 //! with `empty_layer_when_unchanged`, so their history entries are Docker's `#(nop)` lines.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use berth_builder::args::{BuildArgs, StageArgs};
@@ -116,6 +117,11 @@ pub struct Executor<'a> {
     scratch_counter: usize,
     /// Step containers being removed in the background, awaited before the build ends.
     removals: Vec<(String, Fut<'static, ()>)>,
+    /// Cache records being stored in the background, awaited before the build ends.
+    records: Vec<Fut<'static, ()>>,
+    /// The records this build made (key → image), so that a later step finds them while they
+    /// are still being stored.
+    recorded: HashMap<String, String>,
 }
 
 impl std::fmt::Debug for Executor<'_> {
@@ -141,6 +147,8 @@ impl<'a> Executor<'a> {
             stage_images: Vec::new(),
             scratch_counter: 0,
             removals: Vec::new(),
+            records: Vec::new(),
+            recorded: HashMap::new(),
         }
     }
 
@@ -152,8 +160,14 @@ impl<'a> Executor<'a> {
         result
     }
 
-    /// Waits for the step containers being removed; a failure is reported in the stream.
+    /// Waits for the step containers being removed (a failure is reported in the stream) and
+    /// the cache records being stored (a failure is logged: the build stands without them).
     async fn settle_removals(&mut self) {
+        for record in std::mem::take(&mut self.records) {
+            if let Err(err) = record.await {
+                tracing::warn!(error = %err.chain(), "build cache record not stored");
+            }
+        }
         for (id, removal) in std::mem::take(&mut self.removals) {
             if let Err(err) = removal.await {
                 self.out
@@ -710,7 +724,11 @@ impl<'a> Executor<'a> {
         if self.opts.no_cache {
             return Ok(false);
         }
-        let Some(hit) = self.backend.cache_lookup(key).await? else {
+        let hit = match self.recorded.get(key) {
+            Some(image) => Some(image.clone()),
+            None => self.backend.cache_lookup(key).await?,
+        };
+        let Some(hit) = hit else {
             return Ok(false);
         };
         if !self.opts.cache_from.is_empty() && !self.cache_from_allows(&hit).await? {
@@ -848,13 +866,14 @@ impl<'a> Executor<'a> {
         image: String,
         created_by: &str,
     ) -> Result<()> {
-        if let Err(err) = self
-            .backend
-            .cache_store(key, &image, &state.image_id, created_by)
-            .await
-        {
-            tracing::warn!(error = %err.chain(), "build cache record not stored");
-        }
+        // Stored in the background, overlapping the next step; awaited before the build ends.
+        self.records.push(self.backend.cache_store_detached(
+            key,
+            &image,
+            &state.image_id,
+            created_by,
+        ));
+        self.recorded.insert(key.to_string(), image.clone());
         state.image_id = image;
         Ok(())
     }

@@ -171,6 +171,14 @@ impl BuildBackend for FakeBuild {
             .insert(key.to_string(), image.to_string());
         ok(())
     }
+    fn cache_store_detached(&self, key: &str, image: &str, _: &str, _: &str) -> Fut<'static, ()> {
+        self.0
+            .lock()
+            .unwrap()
+            .cache
+            .insert(key.to_string(), image.to_string());
+        Box::pin(async { Ok(()) })
+    }
 }
 
 struct Run {
