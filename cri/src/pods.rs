@@ -246,6 +246,7 @@ pub fn run_request(req: cri::RunPodSandboxRequest) -> Result<pb::RunSandboxReque
         ));
     }
     let linux = config.linux.map(linux_config).transpose()?;
+    let network = network_options(&config.annotations)?;
     let port_mappings = config
         .port_mappings
         .into_iter()
@@ -272,8 +273,80 @@ pub fn run_request(req: cri::RunPodSandboxRequest) -> Result<pb::RunSandboxReque
             linux,
         }),
         runtime_handler: req.runtime_handler,
-        network: Some(pb::SandboxNetworkOptions::default()),
+        network: Some(network),
     })
+}
+
+/// The pod annotations kubelet's bandwidth shaping reads (CNI `bandwidth` capability).
+const INGRESS_BANDWIDTH: &str = "kubernetes.io/ingress-bandwidth";
+const EGRESS_BANDWIDTH: &str = "kubernetes.io/egress-bandwidth";
+
+/// The CNI options a pod's annotations ask for: bandwidth limits, bits per second.
+fn network_options(annotations: &HashMap<String, String>) -> Result<pb::SandboxNetworkOptions> {
+    let rate = |key: &str| -> Result<u64> {
+        let Some(text) = annotations.get(key) else {
+            return Ok(0);
+        };
+        let bits = quantity(text).ok_or_else(|| {
+            Error::invalid_argument(format!("annotation {key}: {text:?} is not a quantity"))
+        })?;
+        // kubelet's own bounds (1k..1P).
+        if !(1_000..=1_000_000_000_000_000).contains(&bits) {
+            return Err(Error::invalid_argument(format!(
+                "annotation {key}: {text:?} is outside 1k..1P"
+            )));
+        }
+        Ok(bits)
+    };
+    Ok(pb::SandboxNetworkOptions {
+        ingress_rate: rate(INGRESS_BANDWIDTH)?,
+        egress_rate: rate(EGRESS_BANDWIDTH)?,
+        ..Default::default()
+    })
+}
+
+/// A Kubernetes resource quantity (`10M`, `1.5Gi`, `100000`), rounded up to a whole number.
+fn quantity(text: &str) -> Option<u64> {
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    let multiplier: u128 = match suffix {
+        "" => 1,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "P" => 1_000_000_000_000_000,
+        "E" => 1_000_000_000_000_000_000,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "Pi" => 1 << 50,
+        "Ei" => 1 << 60,
+        _ => return None,
+    };
+    let (whole, frac) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() && frac.is_empty() || frac.len() > 18 {
+        return None;
+    }
+    let whole: u128 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
+    let scale = 10u128.pow(frac.len() as u32);
+    let frac: u128 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().ok()?
+    };
+    let scaled = whole
+        .checked_mul(scale)?
+        .checked_add(frac)?
+        .checked_mul(multiplier)?;
+    u64::try_from(scaled.div_ceil(scale)).ok()
 }
 
 /// A CRI port mapping as the engine's; `None` for one without a host port (kubelet's
@@ -781,6 +854,26 @@ mod tests {
                 ("label", "app=web")
             ]
         );
+    }
+
+    #[test]
+    fn bandwidth_annotations_become_cni_rates() {
+        assert_eq!(quantity("10M"), Some(10_000_000));
+        assert_eq!(quantity("1.5Ki"), Some(1536));
+        assert_eq!(quantity("100000"), Some(100_000));
+        assert_eq!(quantity("0.0001"), Some(1));
+        assert_eq!(quantity("10m"), None);
+        assert_eq!(quantity(""), None);
+        assert_eq!(quantity("."), None);
+        let annotations = |v: &str| -> HashMap<String, String> {
+            [(INGRESS_BANDWIDTH.to_string(), v.to_string())].into()
+        };
+        let n = network_options(&annotations("2M")).unwrap();
+        assert_eq!((n.ingress_rate, n.egress_rate), (2_000_000, 0));
+        for bad in ["fast", "10", "2E"] {
+            let err = network_options(&annotations(bad)).unwrap_err();
+            assert!(err.is(ErrorKind::InvalidArgument), "{bad}: {err:?}");
+        }
     }
 
     #[test]
