@@ -1,8 +1,8 @@
 //! CRI pod sandboxes on `<state>/cri.sock`, real binaries and the reference CNI plugins: a pod
 //! on a CNI bridge conflist is READY with an address from the conflist's subnet, found by the
 //! list filters (id prefix, state, labels), NOTREADY after StopPodSandbox and gone after
-//! RemovePodSandbox; Stop and Remove of an unknown id succeed, its status is NOT_FOUND; Status
-//! advertises the default runtime handler.
+//! RemovePodSandbox; a `kill -9` of the gateway changes nothing; Stop and Remove of an unknown
+//! id succeed, its status is NOT_FOUND; Status advertises the default runtime handler.
 //! Root only; needs /usr/lib/cni.
 
 use std::path::{Path, PathBuf};
@@ -202,6 +202,8 @@ async fn pods_run_report_list_stop_and_go_away() -> Result<()> {
         id: other.clone(),
     };
 
+    // The gateway keeps nothing: after its kill -9 the pods are as they were.
+    d.kill9_gateway()?;
     let st = status(&mut rt, &id).await?;
     ensure!(
         st.state == cri::PodSandboxState::SandboxReady as i32,
