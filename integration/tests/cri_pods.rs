@@ -175,6 +175,10 @@ async fn pods_run_report_list_stop_and_go_away() -> Result<()> {
             .is_some_and(|f| f.recursive_read_only_mounts),
         "{s:?}"
     );
+    ensure!(
+        s.features.is_some_and(|f| f.supplemental_groups_policy),
+        "{s:?}"
+    );
 
     let id = rt
         .run_pod_sandbox(cri::RunPodSandboxRequest {
