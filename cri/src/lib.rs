@@ -8,6 +8,7 @@
 pub mod backend;
 mod convert;
 mod image;
+mod pods;
 mod runtime;
 
 use std::path::PathBuf;

@@ -1,5 +1,5 @@
-//! The CRI `RuntimeService`: what berth is and whether it is ready. Pods and containers arrive
-//! with the engine's sandboxes; until then those methods answer UNIMPLEMENTED, naming the method.
+//! The CRI `RuntimeService`: what berth is and whether it is ready; pod sandboxes through
+//! `crate::pods`. Methods not wired yet answer UNIMPLEMENTED, naming the method.
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use crate::Sockets;
 use crate::backend::{GrpcRuntimeProbe, RuntimeProbe};
 use crate::convert;
+use crate::pods::{GrpcSandboxStore, Pods};
 
 /// The runtime's name in `Version` (kubelet logs it; crictl prints it).
 pub const RUNTIME_NAME: &str = "berth";
@@ -36,6 +37,8 @@ pub struct CriRuntime<P = GrpcRuntimeProbe> {
     /// Where `UpdateRuntimeConfig`'s pod CIDR is kept (the state directory: kubelet sends it
     /// again after a reboot, and a gateway restart must not lose it).
     pod_cidr_file: PathBuf,
+    /// The pod sandbox methods (`crate::pods`).
+    pods: Pods,
 }
 
 impl CriRuntime {
@@ -52,6 +55,7 @@ impl<P: RuntimeProbe> CriRuntime<P> {
             probe,
             cni_conf_dir: config.network.cni_conf_dir.clone(),
             pod_cidr_file: config.state_dir.join("cri").join("pod-cidr"),
+            pods: Pods::new(GrpcSandboxStore::new(&Sockets::from_config(config).engine)),
         }
     }
 
@@ -175,8 +179,8 @@ impl<P: RuntimeProbe> RuntimeService for CriRuntime<P> {
                 conditions: vec![runtime, network],
             }),
             info,
-            runtime_handlers: Vec::new(),
-            features: None,
+            runtime_handlers: crate::pods::runtime_handlers(),
+            features: Some(crate::pods::runtime_features()),
         }))
     }
 
@@ -231,37 +235,37 @@ impl<P: RuntimeProbe> RuntimeService for CriRuntime<P> {
 
     async fn run_pod_sandbox(
         &self,
-        _req: Request<cri::RunPodSandboxRequest>,
+        req: Request<cri::RunPodSandboxRequest>,
     ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
-        Err(not_yet("RunPodSandbox"))
+        Ok(Response::new(self.pods.run(req.into_inner()).await?))
     }
 
     async fn stop_pod_sandbox(
         &self,
-        _req: Request<cri::StopPodSandboxRequest>,
+        req: Request<cri::StopPodSandboxRequest>,
     ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
-        Err(not_yet("StopPodSandbox"))
+        Ok(Response::new(self.pods.stop(req.into_inner()).await?))
     }
 
     async fn remove_pod_sandbox(
         &self,
-        _req: Request<cri::RemovePodSandboxRequest>,
+        req: Request<cri::RemovePodSandboxRequest>,
     ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
-        Err(not_yet("RemovePodSandbox"))
+        Ok(Response::new(self.pods.remove(req.into_inner()).await?))
     }
 
     async fn pod_sandbox_status(
         &self,
-        _req: Request<cri::PodSandboxStatusRequest>,
+        req: Request<cri::PodSandboxStatusRequest>,
     ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
-        Err(not_yet("PodSandboxStatus"))
+        Ok(Response::new(self.pods.status(req.into_inner()).await?))
     }
 
     async fn list_pod_sandbox(
         &self,
-        _req: Request<cri::ListPodSandboxRequest>,
+        req: Request<cri::ListPodSandboxRequest>,
     ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
-        Err(not_yet("ListPodSandbox"))
+        Ok(Response::new(self.pods.list(req.into_inner()).await?))
     }
 
     async fn create_container(
@@ -517,13 +521,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rt = runtime(dir.path());
         let err = rt
-            .list_pod_sandbox(Request::new(cri::ListPodSandboxRequest::default()))
+            .list_containers(Request::new(cri::ListContainersRequest::default()))
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unimplemented);
         assert!(
             err.message()
-                .starts_with("runtime.v1.RuntimeService.ListPodSandbox is not implemented yet"),
+                .starts_with("runtime.v1.RuntimeService.ListContainers is not implemented yet"),
             "{err:?}"
         );
         let v = rt
