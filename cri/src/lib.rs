@@ -9,6 +9,7 @@ pub mod backend;
 mod convert;
 mod image;
 mod runtime;
+pub mod streaming;
 
 use std::path::PathBuf;
 

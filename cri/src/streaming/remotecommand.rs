@@ -1,0 +1,516 @@
+//! Exec and attach over the wire: Kubernetes' remotecommand protocols, on SPDY streams or on
+//! websocket channels (kubelet's `cri/streaming/remotecommand`).
+//!
+//! SPDY: the client opens one stream per role, named by its `streamType` header — `error`
+//! always, `stdin`/`stdout`/`stderr` as requested, `resize` with a TTY (v3 and later). Websocket:
+//! every message starts with its channel byte (0 stdin, 1 stdout, 2 stderr, 3 error, 4 resize;
+//! v5 adds 255 "close", whose second byte names the channel the client closed). The error
+//! stream/channel carries the outcome once, at the end: from v4 on a JSON `metav1.Status`
+//! (`Success`, or `Failure` with reason `NonZeroExitCode` and the exit code as an `ExitCode`
+//! cause); before v4 only a failure's message, as text.
+
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use super::backend::{ExecSpec, Exit, Input, Output, SessionBackend};
+use super::conn::{self, Event};
+use super::spdy;
+
+/// How long the client has to open its streams (kubelet's `StreamCreationTimeout`).
+const STREAM_CREATION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The remotecommand protocol versions, oldest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Version {
+    V1,
+    V2,
+    V3,
+    V4,
+    V5,
+}
+
+/// The SPDY sub-protocols berth speaks, most preferred first (`X-Stream-Protocol-Version`).
+pub const SPDY_PROTOCOLS: &[&str] = &[
+    "v4.channel.k8s.io",
+    "v3.channel.k8s.io",
+    "v2.channel.k8s.io",
+    "channel.k8s.io",
+];
+
+/// The websocket sub-protocols berth speaks, most preferred first (`Sec-WebSocket-Protocol`).
+pub const WS_PROTOCOLS: &[&str] = &[
+    "v5.channel.k8s.io",
+    "v4.channel.k8s.io",
+    "v4.base64.channel.k8s.io",
+    "channel.k8s.io",
+    "base64.channel.k8s.io",
+];
+
+/// The version a negotiated protocol name stands for; `""` (no negotiation) is v1.
+pub fn version(protocol: &str) -> Option<Version> {
+    Some(match protocol {
+        "v5.channel.k8s.io" => Version::V5,
+        "v4.channel.k8s.io" | "v4.base64.channel.k8s.io" => Version::V4,
+        "v3.channel.k8s.io" => Version::V3,
+        "v2.channel.k8s.io" => Version::V2,
+        "channel.k8s.io" | "base64.channel.k8s.io" | "" => Version::V1,
+        _ => return None,
+    })
+}
+
+/// What a session is.
+#[derive(Debug, Clone)]
+pub enum Session {
+    Exec(ExecSpec),
+    Attach(ExecSpec),
+}
+
+impl Session {
+    fn spec(&self) -> &ExecSpec {
+        match self {
+            Session::Exec(s) | Session::Attach(s) => s,
+        }
+    }
+}
+
+/// How a session ended, as the error stream reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    ExitCode(i32),
+    Error(String),
+}
+
+/// The bytes the error stream carries for `outcome` in `version`; empty for a v1–v3 success.
+pub fn status(version: Version, outcome: &Outcome) -> Vec<u8> {
+    let message = match outcome {
+        Outcome::Success => None,
+        Outcome::ExitCode(code) => Some(format!(
+            "command terminated with non-zero exit code: command terminated with exit code {code}"
+        )),
+        Outcome::Error(m) => Some(format!("error executing command in container: {m}")),
+    };
+    if version < Version::V4 {
+        return message.unwrap_or_default().into_bytes();
+    }
+    let value = match outcome {
+        Outcome::Success => serde_json::json!({"metadata": {}, "status": "Success"}),
+        Outcome::ExitCode(code) => serde_json::json!({
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": "NonZeroExitCode",
+            "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]},
+        }),
+        Outcome::Error(_) => serde_json::json!({
+            "metadata": {},
+            "status": "Failure",
+            "message": message,
+            "reason": "InternalError",
+            "details": {"causes": [{"message": message}]},
+            "code": 500,
+        }),
+    };
+    value.to_string().into_bytes()
+}
+
+/// Runs `session` on `backend`, fed from `input`, writing to `output`.
+pub async fn run(
+    backend: &dyn SessionBackend,
+    session: Session,
+    input: mpsc::Receiver<Input>,
+    output: mpsc::Sender<Output>,
+) -> Outcome {
+    match session {
+        Session::Exec(spec) => match backend.exec(spec, input, output).await {
+            Ok(Exit::Code(0)) => Outcome::Success,
+            Ok(Exit::Code(code)) => Outcome::ExitCode(code),
+            Ok(Exit::Failed(m)) => Outcome::Error(m),
+            Err(e) => Outcome::Error(e.chain()),
+        },
+        Session::Attach(spec) => match backend.attach(spec, input, output).await {
+            Ok(()) => Outcome::Success,
+            Err(e) => Outcome::Error(e.chain()),
+        },
+    }
+}
+
+/// A TTY size as the client sends it on the resize stream (Go's `remotecommand.TerminalSize`).
+#[derive(Debug, Deserialize)]
+struct TerminalSize {
+    #[serde(rename = "Width")]
+    width: u16,
+    #[serde(rename = "Height")]
+    height: u16,
+}
+
+/// Decodes the resize stream: a sequence of JSON objects, split across frames anyhow.
+#[derive(Debug, Default)]
+struct ResizeDecoder {
+    buf: Vec<u8>,
+}
+
+impl ResizeDecoder {
+    fn push(&mut self, data: &[u8]) -> Vec<Input> {
+        self.buf.extend_from_slice(data);
+        let mut sizes = Vec::new();
+        let mut it = serde_json::Deserializer::from_slice(&self.buf).into_iter::<TerminalSize>();
+        let mut used = 0;
+        loop {
+            match it.next() {
+                Some(Ok(s)) => {
+                    used = it.byte_offset();
+                    sizes.push(Input::Resize {
+                        width: s.width,
+                        height: s.height,
+                    });
+                }
+                Some(Err(e)) if e.is_eof() => break,
+                Some(Err(_)) => {
+                    // Garbage: drop what is there, as a decoder restart would.
+                    used = self.buf.len();
+                    break;
+                }
+                None => {
+                    used = self.buf.len();
+                    break;
+                }
+            }
+        }
+        self.buf.drain(..used);
+        sizes
+    }
+}
+
+#[derive(Debug, Default)]
+struct Streams {
+    error: Option<u32>,
+    stdin: Option<u32>,
+    stdout: Option<u32>,
+    stderr: Option<u32>,
+    resize: Option<u32>,
+}
+
+/// Serves `session` on an upgraded SPDY connection speaking `version`.
+pub async fn serve_spdy<IO>(
+    io: IO,
+    version: Version,
+    session: Session,
+    backend: std::sync::Arc<dyn SessionBackend>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (w, mut events) = conn::serve(io);
+    let spec = session.spec().clone();
+    let expected = 1
+        + usize::from(spec.stdin)
+        + usize::from(spec.stdout)
+        + usize::from(spec.stderr)
+        + usize::from(spec.tty && version >= Version::V3);
+    let mut streams = Streams::default();
+    // Data that arrives before the last stream is opened.
+    let mut early = Vec::new();
+    let deadline = tokio::time::sleep(STREAM_CREATION_TIMEOUT);
+    tokio::pin!(deadline);
+    let mut got = 0;
+    while got < expected {
+        let event = tokio::select! {
+            e = events.recv() => e,
+            () = &mut deadline => None,
+        };
+        match event {
+            None => {
+                tracing::debug!("cri streaming: the client did not open its streams");
+                w.close();
+                return;
+            }
+            Some(Event::Stream { id, headers }) => {
+                let slot = match spdy::header(&headers, "streamType") {
+                    Some("error") => &mut streams.error,
+                    Some("stdin") if spec.stdin => &mut streams.stdin,
+                    Some("stdout") if spec.stdout => &mut streams.stdout,
+                    Some("stderr") if spec.stderr => &mut streams.stderr,
+                    Some("resize") if spec.tty => &mut streams.resize,
+                    other => {
+                        tracing::debug!(stream = ?other, "cri streaming: unexpected stream");
+                        w.reset(id, spdy::rst::REFUSED_STREAM);
+                        continue;
+                    }
+                };
+                if slot.replace(id).is_none() {
+                    got += 1;
+                }
+            }
+            Some(other) => early.push(other),
+        }
+    }
+
+    let (in_tx, in_rx) = mpsc::channel::<Input>(16);
+    let (out_tx, mut out_rx) = mpsc::channel::<Output>(16);
+    let stdin_id = streams.stdin;
+    let resize_id = streams.resize;
+    // The client's side: stdin bytes, its end, and resizes.
+    let pump_in = tokio::spawn(async move {
+        let mut resize = ResizeDecoder::default();
+        let mut early = early.into_iter();
+        loop {
+            let event = match early.next() {
+                Some(e) => e,
+                None => match events.recv().await {
+                    Some(e) => e,
+                    None => break,
+                },
+            };
+            let inputs = match event {
+                Event::Data { id, data, fin } if Some(id) == stdin_id => {
+                    let mut v = Vec::new();
+                    if !data.is_empty() {
+                        v.push(Input::Stdin(data));
+                    }
+                    if fin {
+                        v.push(Input::CloseStdin);
+                    }
+                    v
+                }
+                Event::Reset { id } if Some(id) == stdin_id => vec![Input::CloseStdin],
+                Event::Data { id, data, .. } if Some(id) == resize_id => resize.push(&data),
+                _ => Vec::new(),
+            };
+            for i in inputs {
+                if in_tx.send(i).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let writer = w.clone();
+    let (stdout_id, stderr_id) = (streams.stdout, streams.stderr);
+    let pump_out = tokio::spawn(async move {
+        while let Some(out) = out_rx.recv().await {
+            let (id, data) = match out {
+                Output::Stdout(d) => (stdout_id.or(stderr_id), d),
+                Output::Stderr(d) => (stderr_id.or(stdout_id), d),
+            };
+            if let Some(id) = id {
+                writer.data(id, &data);
+            }
+        }
+    });
+
+    let outcome = run(&*backend, session, in_rx, out_tx).await;
+    let _ = pump_out.await;
+    pump_in.abort();
+    for id in [streams.stdout, streams.stderr].into_iter().flatten() {
+        w.fin(id);
+    }
+    if let Some(id) = streams.error {
+        let status = status(version, &outcome);
+        if !status.is_empty() {
+            w.data(id, &status);
+        }
+        w.fin(id);
+    }
+    w.close();
+}
+
+/// The websocket sub-protocol in use.
+#[derive(Debug, Clone, Copy)]
+pub struct WsProtocol {
+    pub version: Version,
+    /// Text messages: the channel as an ASCII digit, then the data in base64.
+    pub base64: bool,
+}
+
+impl WsProtocol {
+    /// The protocol named `name` (`""`: the client named none).
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(Self {
+            version: version(name)?,
+            base64: name.contains("base64"),
+        })
+    }
+}
+
+const CH_STDIN: u8 = 0;
+const CH_STDOUT: u8 = 1;
+const CH_STDERR: u8 = 2;
+const CH_ERROR: u8 = 3;
+const CH_RESIZE: u8 = 4;
+const CH_CLOSE: u8 = 255;
+
+/// One message on `channel` in `proto`'s encoding.
+pub fn ws_message(proto: WsProtocol, channel: u8, data: &[u8]) -> Message {
+    if proto.base64 {
+        let text = format!(
+            "{}{}",
+            char::from(b'0' + channel),
+            base64::engine::general_purpose::STANDARD.encode(data)
+        );
+        Message::Text(text.into())
+    } else {
+        let mut v = Vec::with_capacity(data.len() + 1);
+        v.push(channel);
+        v.extend_from_slice(data);
+        Message::Binary(v.into())
+    }
+}
+
+/// The channel and data of a client message; `None` for control messages and garbage.
+pub fn ws_parse(proto: WsProtocol, msg: Message) -> Option<(u8, Bytes)> {
+    match msg {
+        Message::Binary(b) if !proto.base64 && !b.is_empty() => Some((b[0], b.slice(1..))),
+        Message::Text(t) if proto.base64 && !t.is_empty() => {
+            let t = t.as_str();
+            let channel = t.as_bytes()[0].checked_sub(b'0')?;
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(&t[1..])
+                .ok()?;
+            Some((channel, data.into()))
+        }
+        _ => None,
+    }
+}
+
+/// Serves `session` on an upgraded websocket speaking `proto`.
+pub async fn serve_ws(
+    socket: WebSocket,
+    proto: WsProtocol,
+    session: Session,
+    backend: std::sync::Arc<dyn SessionBackend>,
+) {
+    use futures::{SinkExt, StreamExt};
+    let spec = session.spec().clone();
+    let (mut tx, mut rx) = socket.split();
+    // An empty message on the first channel the server writes says the session is open.
+    let first = if spec.stdout {
+        CH_STDOUT
+    } else if spec.stderr {
+        CH_STDERR
+    } else {
+        CH_ERROR
+    };
+    if tx.send(ws_message(proto, first, &[])).await.is_err() {
+        return;
+    }
+    let (in_tx, in_rx) = mpsc::channel::<Input>(16);
+    let (out_tx, mut out_rx) = mpsc::channel::<Output>(16);
+    let (stdin, v5) = (spec.stdin, proto.version >= Version::V5);
+    let pump_in = tokio::spawn(async move {
+        let mut resize = ResizeDecoder::default();
+        while let Some(Ok(msg)) = rx.next().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+            let inputs = match ws_parse(proto, msg) {
+                Some((CH_STDIN, data)) if stdin && !data.is_empty() => vec![Input::Stdin(data)],
+                Some((CH_RESIZE, data)) => resize.push(&data),
+                Some((CH_CLOSE, data)) if v5 && data.first() == Some(&CH_STDIN) => {
+                    vec![Input::CloseStdin]
+                }
+                _ => Vec::new(),
+            };
+            for i in inputs {
+                if in_tx.send(i).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let send_out = async {
+        while let Some(out) = out_rx.recv().await {
+            let (ch, data) = match out {
+                Output::Stdout(d) => (CH_STDOUT, d),
+                Output::Stderr(d) => (CH_STDERR, d),
+            };
+            if tx.send(ws_message(proto, ch, &data)).await.is_err() {
+                // Keep draining so the session is not blocked on a gone client.
+                while out_rx.recv().await.is_some() {}
+                return false;
+            }
+        }
+        true
+    };
+    let (outcome, open) = tokio::join!(run(&*backend, session, in_rx, out_tx), send_out);
+    pump_in.abort();
+    if open {
+        let status = status(proto.version, &outcome);
+        if !status.is_empty() {
+            let _ = tx.send(ws_message(proto, CH_ERROR, &status)).await;
+        }
+        let _ = tx.send(Message::Close(None)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_error_stream_speaks_metav1_status_from_v4() {
+        let s: serde_json::Value =
+            serde_json::from_slice(&status(Version::V4, &Outcome::ExitCode(3))).unwrap();
+        assert_eq!(s["status"], "Failure");
+        assert_eq!(s["reason"], "NonZeroExitCode");
+        assert_eq!(s["details"]["causes"][0]["reason"], "ExitCode");
+        assert_eq!(s["details"]["causes"][0]["message"], "3");
+        let ok: serde_json::Value =
+            serde_json::from_slice(&status(Version::V5, &Outcome::Success)).unwrap();
+        assert_eq!(ok, serde_json::json!({"metadata": {}, "status": "Success"}));
+        assert!(status(Version::V3, &Outcome::Success).is_empty());
+        let text = String::from_utf8(status(Version::V2, &Outcome::ExitCode(3))).unwrap();
+        assert!(text.ends_with("exit code 3"), "{text}");
+    }
+
+    #[test]
+    fn resize_objects_split_across_frames() {
+        let mut d = ResizeDecoder::default();
+        assert_eq!(d.push(br#"{"Width":80,"#), vec![]);
+        assert_eq!(
+            d.push(br#""Height":24}{"Width":100,"Height":30}{"Wi"#),
+            vec![
+                Input::Resize {
+                    width: 80,
+                    height: 24
+                },
+                Input::Resize {
+                    width: 100,
+                    height: 30
+                }
+            ]
+        );
+        assert_eq!(
+            d.push(br#"dth":1,"Height":2}"#),
+            vec![Input::Resize {
+                width: 1,
+                height: 2
+            }]
+        );
+    }
+
+    #[test]
+    fn websocket_channel_framing() {
+        let bin = WsProtocol::parse("v5.channel.k8s.io").unwrap();
+        assert_eq!(bin.version, Version::V5);
+        let m = ws_message(bin, CH_STDOUT, b"hi");
+        assert_eq!(m, Message::Binary(vec![1, b'h', b'i'].into()));
+        assert_eq!(ws_parse(bin, m), Some((1, Bytes::from_static(b"hi"))));
+        assert_eq!(
+            ws_parse(bin, Message::Binary(vec![CH_CLOSE, CH_STDIN].into())),
+            Some((CH_CLOSE, Bytes::from_static(&[0])))
+        );
+        assert_eq!(ws_parse(bin, Message::Binary(Bytes::new())), None);
+
+        let b64 = WsProtocol::parse("v4.base64.channel.k8s.io").unwrap();
+        assert_eq!(b64.version, Version::V4);
+        let m = ws_message(b64, CH_STDERR, b"hi");
+        assert_eq!(m, Message::Text("2aGk=".into()));
+        assert_eq!(ws_parse(b64, m), Some((2, Bytes::from_static(b"hi"))));
+        assert_eq!(WsProtocol::parse("").unwrap().version, Version::V1);
+        assert!(WsProtocol::parse("v9.channel.k8s.io").is_none());
+    }
+}
