@@ -14,6 +14,8 @@ use tonic::{Request, Response, Status};
 use crate::Sockets;
 use crate::backend::{GrpcRuntimeProbe, RuntimeProbe};
 use crate::convert;
+use crate::streaming::backend::ExecSpec;
+use crate::streaming::{Pending, StreamServer};
 
 /// The runtime's name in `Version` (kubelet logs it; crictl prints it).
 pub const RUNTIME_NAME: &str = "berth";
@@ -36,6 +38,8 @@ pub struct CriRuntime<P = GrpcRuntimeProbe> {
     /// Where `UpdateRuntimeConfig`'s pod CIDR is kept (the state directory: kubelet sends it
     /// again after a reboot, and a gateway restart must not lose it).
     pod_cidr_file: PathBuf,
+    /// The streaming server that Exec, Attach and PortForward hand out URLs on.
+    streams: Option<StreamServer>,
 }
 
 impl CriRuntime {
@@ -52,7 +56,21 @@ impl<P: RuntimeProbe> CriRuntime<P> {
             probe,
             cni_conf_dir: config.network.cni_conf_dir.clone(),
             pod_cidr_file: config.state_dir.join("cri").join("pod-cidr"),
+            streams: None,
         }
+    }
+
+    /// Exec, Attach and PortForward hand out URLs on `server` (and ExecSync runs on its
+    /// backend).
+    pub fn with_streaming(mut self, server: StreamServer) -> Self {
+        self.streams = Some(server);
+        self
+    }
+
+    fn streams(&self) -> Result<&StreamServer, Status> {
+        self.streams
+            .as_ref()
+            .ok_or_else(|| Status::unavailable("the CRI streaming server is not running"))
     }
 
     /// RuntimeReady: the engine, which runs every container, answers its health check.
@@ -126,6 +144,17 @@ fn write_atomic(path: &Path, text: &str) -> BerthResult<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).context(ErrorKind::Internal, format!("write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).context(ErrorKind::Internal, format!("rename {}", path.display()))
+}
+
+/// kubelet's checks of a streaming request: with a TTY stdout and stderr are one stream.
+fn check_streams(tty: bool, stdin: bool, stdout: bool, stderr: bool) -> Result<(), Status> {
+    if tty && stderr {
+        return Err(Error::invalid_argument("tty and stderr cannot both be true").into());
+    }
+    if !stdin && !stdout && !stderr {
+        return Err(Error::invalid_argument("one of stdin, stdout, or stderr must be set").into());
+    }
+    Ok(())
 }
 
 /// The UNIMPLEMENTED answer of a method whose implementation has not landed yet.
@@ -320,32 +349,89 @@ impl<P: RuntimeProbe> RuntimeService for CriRuntime<P> {
         Err(not_yet("ReopenContainerLog"))
     }
 
+    /// Runs the command without stdin and collects its output; past the timeout the process
+    /// is killed and the call fails with DEADLINE_EXCEEDED (kubelet's probe timeout), as
+    /// containerd does.
     async fn exec_sync(
         &self,
-        _req: Request<cri::ExecSyncRequest>,
+        req: Request<cri::ExecSyncRequest>,
     ) -> Result<Response<cri::ExecSyncResponse>, Status> {
-        Err(not_yet("ExecSync"))
+        let req = req.into_inner();
+        if req.cmd.is_empty() {
+            return Err(Error::invalid_argument("cmd must not be empty").into());
+        }
+        let timeout = u64::try_from(req.timeout)
+            .ok()
+            .filter(|t| *t > 0)
+            .map(std::time::Duration::from_secs);
+        let backend = self.streams()?.backend();
+        let id = backend.running(&req.container_id).await?;
+        let (stdout, stderr, exit_code) = backend
+            .exec_sync(
+                ExecSpec {
+                    container_id: id,
+                    cmd: req.cmd,
+                    ..Default::default()
+                },
+                timeout,
+            )
+            .await?;
+        Ok(Response::new(cri::ExecSyncResponse {
+            stdout,
+            stderr,
+            exit_code,
+        }))
     }
 
     async fn exec(
         &self,
-        _req: Request<cri::ExecRequest>,
+        req: Request<cri::ExecRequest>,
     ) -> Result<Response<cri::ExecResponse>, Status> {
-        Err(not_yet("Exec"))
+        let req = req.into_inner();
+        if req.cmd.is_empty() {
+            return Err(Error::invalid_argument("cmd must not be empty").into());
+        }
+        check_streams(req.tty, req.stdin, req.stdout, req.stderr)?;
+        let streams = self.streams()?;
+        let id = streams.backend().running(&req.container_id).await?;
+        let url = streams.url(Pending::Exec(ExecSpec {
+            container_id: id,
+            cmd: req.cmd,
+            tty: req.tty,
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+        }))?;
+        Ok(Response::new(cri::ExecResponse { url }))
     }
 
     async fn attach(
         &self,
-        _req: Request<cri::AttachRequest>,
+        req: Request<cri::AttachRequest>,
     ) -> Result<Response<cri::AttachResponse>, Status> {
-        Err(not_yet("Attach"))
+        let req = req.into_inner();
+        check_streams(req.tty, req.stdin, req.stdout, req.stderr)?;
+        let streams = self.streams()?;
+        let id = streams.backend().running(&req.container_id).await?;
+        let url = streams.url(Pending::Attach(ExecSpec {
+            container_id: id,
+            cmd: Vec::new(),
+            tty: req.tty,
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+        }))?;
+        Ok(Response::new(cri::AttachResponse { url }))
     }
 
+    /// Pod sandboxes do not exist yet, so no id names one. The forwarding itself is ready:
+    /// `Pending::PortForward` with the sandbox's netns path.
     async fn port_forward(
         &self,
-        _req: Request<cri::PortForwardRequest>,
+        req: Request<cri::PortForwardRequest>,
     ) -> Result<Response<cri::PortForwardResponse>, Status> {
-        Err(not_yet("PortForward"))
+        let req = req.into_inner();
+        Err(Error::not_found(format!("pod sandbox {:?} not found", req.pod_sandbox_id)).into())
     }
 
     async fn container_stats(
