@@ -1,5 +1,7 @@
-//! The CRI `RuntimeService`: what berth is and whether it is ready. Pods and containers arrive
-//! with the engine's sandboxes; until then those methods answer UNIMPLEMENTED, naming the method.
+//! The CRI `RuntimeService`: what berth is and whether it is ready, and exec/attach into any
+//! running container (URLs on the streaming server; `ExecSync` directly). Pods and containers
+//! arrive with the engine's sandboxes; until then those methods answer UNIMPLEMENTED, naming
+//! the method.
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
