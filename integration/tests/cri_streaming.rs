@@ -412,7 +412,10 @@ async fn exec_attach_and_port_forward_over_spdy_and_websockets() -> Result<()> {
     );
     let stop = tokio_util_cancel();
     let serving = tokio::spawn(streaming::serve(server.clone(), listener, stop.1));
-    let url = server.url(Pending::PortForward(format!("/proc/{pid}/ns/net").into()))?;
+    let url = server.url(Pending::PortForward(
+        format!("/proc/{pid}/ns/net").into(),
+        Vec::new(),
+    ))?;
     let mut c = SpdyClient::connect(&url, &["portforward.k8s.io"])
         .await?
         .map_err(|r| anyhow::anyhow!("refused: {r:?}"))?;
@@ -465,6 +468,43 @@ async fn exec_attach_and_port_forward_over_spdy_and_websockets() -> Result<()> {
     let r = c.until_finished(&[e, data]).await?;
     assert!(r.text(e).contains("error forwarding port 1"), "{r:?}");
     drop(c);
+
+    // The websocket variant: the ports come with the request, channel 0 is port 0's data and
+    // channel 1 its errors, each opened with the port (u16 little endian).
+    let netns = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
+    let mut got = Vec::new();
+    for _ in 0..50 {
+        let url = server.url(Pending::PortForward(netns.clone(), vec![8080]))?;
+        let (addr, path) = split_url(&url)?;
+        let mut req = format!("ws://{addr}{path}").into_client_request()?;
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", "v4.channel.k8s.io".parse()?);
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+        let (mut data, mut errors, mut opened) = (Vec::new(), Vec::new(), Vec::new());
+        while !data.ends_with(b"\n") && errors.is_empty() {
+            match tokio::time::timeout(STEP, ws.next()).await? {
+                Some(Ok(Message::Binary(b))) if b.len() == 3 && opened.len() < 2 => {
+                    opened.push(b.to_vec())
+                }
+                Some(Ok(Message::Binary(b))) => match b.first() {
+                    Some(0) => data.extend_from_slice(&b[1..]),
+                    Some(1) => errors.extend_from_slice(&b[1..]),
+                    _ => {}
+                },
+                Some(Ok(Message::Close(_))) | None => break,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Err(e.into()),
+            }
+        }
+        assert_eq!(opened, [vec![0u8, 0x90, 0x1f], vec![1u8, 0x90, 0x1f]]);
+        let _ = ws.close(None).await;
+        if !data.is_empty() {
+            got = data;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(String::from_utf8_lossy(&got), "hello-from-the-pod\n");
     let _ = stop.0.send(());
     serving.await??;
     Ok(())

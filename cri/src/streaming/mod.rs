@@ -40,8 +40,9 @@ const MAX_IN_FLIGHT: usize = 1000;
 pub enum Pending {
     Exec(ExecSpec),
     Attach(ExecSpec),
-    /// Forwarding into the network namespace at this path.
-    PortForward(PathBuf),
+    /// Forwarding into the network namespace at this path; the ports the request named (what
+    /// a websocket client forwards; a SPDY client names its port per stream).
+    PortForward(PathBuf, Vec<u16>),
 }
 
 impl Pending {
@@ -49,7 +50,7 @@ impl Pending {
         match self {
             Pending::Exec(_) => "exec",
             Pending::Attach(_) => "attach",
-            Pending::PortForward(_) => "portforward",
+            Pending::PortForward(..) => "portforward",
         }
     }
 }
@@ -183,18 +184,62 @@ async fn port_forward(
     Path(token): Path<String>,
     req: Request,
 ) -> Response {
-    let Some(Pending::PortForward(netns)) = s.take(&token) else {
+    let Some(Pending::PortForward(netns, ports)) = s.take(&token) else {
         return not_found();
     };
     if is_websocket(&req) {
-        return plain(
-            StatusCode::BAD_REQUEST,
-            "port forwarding over websockets is not supported by berth: use SPDY",
-        );
+        return websocket(req, portforward::WS_PROTOCOLS, move |socket, proto| {
+            portforward::serve_ws(socket, proto, netns, ports)
+        })
+        .await;
     }
     spdy_upgrade(req, &[portforward::PROTOCOL], move |io, _| {
         portforward::serve_spdy(io, netns)
     })
+}
+
+/// Upgrades to a websocket speaking the first of the client's `Sec-WebSocket-Protocol`s that
+/// is in `supported` (none offered: binary v1), then runs `serve` on it.
+async fn websocket<F, Fut>(req: Request, supported: &'static [&'static str], serve: F) -> Response
+where
+    F: FnOnce(axum::extract::ws::WebSocket, WsProtocol) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let offered: Vec<String> = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
+        .collect();
+    let chosen = if offered.is_empty() {
+        Some(String::new())
+    } else {
+        offered
+            .iter()
+            .find(|p| supported.contains(&p.as_str()))
+            .cloned()
+    };
+    let Some(chosen) = chosen else {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "unable to upgrade: websocket protocols {offered:?} not supported; berth speaks {supported:?}"
+            ),
+        );
+    };
+    let proto = WsProtocol::parse(&chosen).expect("a listed protocol");
+    let (mut parts, _) = req.into_parts();
+    let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let ws = if chosen.is_empty() {
+        ws
+    } else {
+        ws.protocols([chosen])
+    };
+    ws.on_upgrade(move |socket| serve(socket, proto))
 }
 
 fn is_websocket(req: &Request) -> bool {
@@ -207,44 +252,10 @@ fn is_websocket(req: &Request) -> bool {
 async fn session(s: StreamServer, session: Session, req: Request) -> Response {
     let backend = s.backend.clone();
     if is_websocket(&req) {
-        let offered: Vec<String> = req
-            .headers()
-            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
-            .collect();
-        // The first protocol the client offers that berth speaks; none offered is v1.
-        let chosen = if offered.is_empty() {
-            Some(String::new())
-        } else {
-            offered
-                .iter()
-                .find(|p| remotecommand::WS_PROTOCOLS.contains(&p.as_str()))
-                .cloned()
-        };
-        let Some(chosen) = chosen else {
-            return plain(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "unable to upgrade: websocket protocols {offered:?} not supported; berth speaks {:?}",
-                    remotecommand::WS_PROTOCOLS
-                ),
-            );
-        };
-        let proto = WsProtocol::parse(&chosen).expect("a listed protocol");
-        let (mut parts, _) = req.into_parts();
-        let ws = match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
-            Ok(ws) => ws,
-            Err(rejection) => return rejection.into_response(),
-        };
-        let ws = if chosen.is_empty() {
-            ws
-        } else {
-            ws.protocols([chosen])
-        };
-        return ws
-            .on_upgrade(move |socket| remotecommand::serve_ws(socket, proto, session, backend));
+        return websocket(req, remotecommand::WS_PROTOCOLS, move |socket, proto| {
+            remotecommand::serve_ws(socket, proto, session, backend)
+        })
+        .await;
     }
     spdy_upgrade(req, remotecommand::SPDY_PROTOCOLS, move |io, protocol| {
         let version = remotecommand::version(protocol).unwrap_or(remotecommand::Version::V1);
@@ -343,25 +354,33 @@ mod tests {
     fn tokens_are_single_use_and_expire() {
         let mut t = Tokens::default();
         let now = Instant::now();
-        let a = t.insert(Pending::PortForward("/a".into()), now).unwrap();
-        let b = t.insert(Pending::PortForward("/b".into()), now).unwrap();
+        let a = t
+            .insert(Pending::PortForward("/a".into(), Vec::new()), now)
+            .unwrap();
+        let b = t
+            .insert(Pending::PortForward("/b".into(), Vec::new()), now)
+            .unwrap();
         assert_ne!(a, b);
         assert_eq!(a.len(), 11, "8 random bytes, base64url");
         assert!(
-            matches!(t.take(&a, now), Some(Pending::PortForward(p)) if p == std::path::Path::new("/a"))
+            matches!(t.take(&a, now), Some(Pending::PortForward(p, _)) if p == std::path::Path::new("/a"))
         );
         assert!(t.take(&a, now).is_none(), "used once");
         assert!(t.take(&b, now + TOKEN_TTL).is_none(), "expired");
         assert!(t.take("nonsense", now).is_none());
         for _ in 0..MAX_IN_FLIGHT {
-            t.insert(Pending::PortForward("/c".into()), now).unwrap();
+            t.insert(Pending::PortForward("/c".into(), Vec::new()), now)
+                .unwrap();
         }
         let err = t
-            .insert(Pending::PortForward("/c".into()), now)
+            .insert(Pending::PortForward("/c".into(), Vec::new()), now)
             .unwrap_err();
         assert!(err.is(ErrorKind::ResourceExhausted));
         // Expired entries make room.
-        t.insert(Pending::PortForward("/d".into()), now + TOKEN_TTL)
-            .unwrap();
+        t.insert(
+            Pending::PortForward("/d".into(), Vec::new()),
+            now + TOKEN_TTL,
+        )
+        .unwrap();
     }
 }

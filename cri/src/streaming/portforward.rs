@@ -2,7 +2,7 @@
 //! for each forwarded connection the client opens an `error` and a `data` stream carrying the
 //! same `port` and `requestID` headers; berth connects to that port on localhost inside the
 //! pod's network namespace and copies bytes both ways. A failure is reported as text on the
-//! error stream.
+//! error stream. Over a websocket the ports come from the request instead (see [`serve_ws`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,7 +11,10 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use axum::extract::ws::{Message, WebSocket};
+
 use super::conn::{self, Event, Writer};
+use super::remotecommand::{WsProtocol, ws_message, ws_parse};
 use super::spdy;
 
 /// The SPDY sub-protocol of port forwarding.
@@ -120,7 +123,7 @@ async fn forward(
     port: u16,
     error: u32,
     data: u32,
-    mut from_client: mpsc::Receiver<(Bytes, bool)>,
+    from_client: mpsc::Receiver<(Bytes, bool)>,
 ) {
     let tcp = match connect_in_netns(&netns, port).await {
         Ok(t) => t,
@@ -135,6 +138,99 @@ async fn forward(
             return;
         }
     };
+    let writer = w.clone();
+    pipe(tcp, from_client, |b: Bytes| {
+        let ok = writer.data(data, &b);
+        async move { ok }
+    })
+    .await;
+    w.fin(data);
+    w.fin(error);
+}
+
+/// The websocket sub-protocols of port forwarding (none offered: binary).
+pub const WS_PROTOCOLS: &[&str] = &["v4.channel.k8s.io", "v4.base64.channel.k8s.io"];
+
+/// Serves port forwarding over a websocket (kubelet's `portforward/websocket.go`): each port of
+/// the request gets a data channel `2i` and an error channel `2i+1`, each opened by a message
+/// holding the port (u16, little endian); one connection per port for the life of the socket.
+pub async fn serve_ws(socket: WebSocket, proto: WsProtocol, netns: PathBuf, ports: Vec<u16>) {
+    use futures::{SinkExt, StreamExt};
+    let (mut tx, mut rx) = socket.split();
+    let (out_tx, mut out_rx) = mpsc::channel::<(u8, Bytes)>(16);
+    let mut inputs = Vec::new();
+    let mut tasks = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let (data_ch, error_ch) = ((2 * i) as u8, (2 * i + 1) as u8);
+        for ch in [data_ch, error_ch] {
+            if tx
+                .send(ws_message(proto, ch, &port.to_le_bytes()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let (in_tx, in_rx) = mpsc::channel::<(Bytes, bool)>(16);
+        inputs.push(in_tx);
+        let (out, netns, port) = (out_tx.clone(), netns.clone(), *port);
+        tasks.push(tokio::spawn(async move {
+            match connect_in_netns(&netns, port).await {
+                Ok(tcp) => {
+                    let to_client = |b: Bytes| {
+                        let out = out.clone();
+                        async move { out.send((data_ch, b)).await.is_ok() }
+                    };
+                    pipe(tcp, in_rx, to_client).await;
+                }
+                Err(e) => {
+                    let msg = format!(
+                        "error forwarding port {port} to pod network namespace {}: {e}",
+                        netns.display()
+                    );
+                    let _ = out.send((error_ch, Bytes::from(msg))).await;
+                }
+            }
+        }));
+    }
+    drop(out_tx);
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(msg)) = rx.next().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+            if let Some((ch, data)) = ws_parse(proto, msg)
+                && ch % 2 == 0
+                && let Some(input) = inputs.get(usize::from(ch / 2))
+                && !data.is_empty()
+            {
+                let _ = input.send((data, false)).await;
+            }
+        }
+        // Dropping the inputs half-closes every pod-side connection.
+    });
+    while let Some((ch, data)) = out_rx.recv().await {
+        if tx.send(ws_message(proto, ch, &data)).await.is_err() {
+            break;
+        }
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    reader.abort();
+    let _ = tx.send(Message::Close(None)).await;
+}
+
+/// Copies between `tcp` and the client until both directions are done: the client's bytes
+/// (until its FIN, or its end) into `tcp`, `tcp`'s into `to_client`.
+async fn pipe<F, Fut>(
+    tcp: tokio::net::TcpStream,
+    mut from_client: mpsc::Receiver<(Bytes, bool)>,
+    to_client: F,
+) where
+    F: Fn(Bytes) -> Fut,
+    Fut: Future<Output = bool>,
+{
     let (mut rd, mut wr) = tcp.into_split();
     let to_pod = async move {
         while let Some((bytes, fin)) = from_client.recv().await {
@@ -147,21 +243,18 @@ async fn forward(
         }
         let _ = wr.shutdown().await;
     };
-    let writer = w.clone();
     let from_pod = async move {
         let mut buf = vec![0u8; spdy::DATA_CHUNK];
         loop {
             match rd.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if !writer.data(data, &buf[..n]) {
+                    if !to_client(Bytes::copy_from_slice(&buf[..n])).await {
                         break;
                     }
                 }
             }
         }
-        writer.fin(data);
     };
     tokio::join!(to_pod, from_pod);
-    w.fin(error);
 }
