@@ -448,7 +448,161 @@ pub async fn serve_ws(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use bytes::BytesMut;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
+    use crate::backend::Fut;
+    use crate::streaming::spdy::{Decoder, Encoder, Frame, headers};
+
+    /// Echoes stdin to stdout, reports resizes on stderr, exits with the number of stdin bytes.
+    struct Echo;
+
+    impl SessionBackend for Echo {
+        fn running(&self, id: &str) -> Fut<'_, String> {
+            let id = id.to_string();
+            Box::pin(async move { Ok(id) })
+        }
+
+        fn exec(
+            &self,
+            _spec: ExecSpec,
+            mut input: mpsc::Receiver<Input>,
+            output: mpsc::Sender<Output>,
+        ) -> Fut<'_, Exit> {
+            Box::pin(async move {
+                let mut n = 0;
+                while let Some(i) = input.recv().await {
+                    match i {
+                        Input::Stdin(b) => {
+                            n += b.len() as i32;
+                            output.send(Output::Stdout(b)).await.unwrap();
+                        }
+                        Input::Resize { width, height } => {
+                            let text = format!("{width}x{height}");
+                            output.send(Output::Stderr(text.into())).await.unwrap();
+                        }
+                        Input::CloseStdin => break,
+                    }
+                }
+                Ok(Exit::Code(n))
+            })
+        }
+
+        fn attach(
+            &self,
+            _spec: ExecSpec,
+            _input: mpsc::Receiver<Input>,
+            _output: mpsc::Sender<Output>,
+        ) -> Fut<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+
+        fn exec_sync(
+            &self,
+            _spec: ExecSpec,
+            _timeout: Option<Duration>,
+        ) -> Fut<'_, (Vec<u8>, Vec<u8>, i32)> {
+            Box::pin(async { Ok((Vec::new(), Vec::new(), 0)) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_spdy_session_end_to_end_over_a_pipe() {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let spec = ExecSpec {
+            container_id: "c".into(),
+            cmd: vec!["cat".into()],
+            tty: false,
+            stdin: true,
+            stdout: true,
+            stderr: true,
+        };
+        tokio::spawn(serve_spdy(
+            server,
+            Version::V4,
+            Session::Exec(spec),
+            Arc::new(Echo),
+        ));
+        let (mut rd, mut wr) = tokio::io::split(client);
+        let mut enc = Encoder::default();
+        let mut out = BytesMut::new();
+        let syn = |id: u32, kind: &str| Frame::SynStream {
+            stream_id: id,
+            associated_to: 0,
+            priority: 0,
+            flags: 0,
+            headers: headers([("streamType", kind)]),
+        };
+        // An unknown stream is refused; the session does not wait for it.
+        for f in [
+            syn(1, "error"),
+            syn(3, "stdin"),
+            syn(5, "stdout"),
+            syn(7, "bogus"),
+            syn(9, "stderr"),
+            Frame::Ping { id: 11 },
+            Frame::Data {
+                stream_id: 3,
+                fin: false,
+                data: Bytes::from_static(b"hello"),
+            },
+            Frame::Data {
+                stream_id: 3,
+                fin: true,
+                data: Bytes::from_static(b"!"),
+            },
+        ] {
+            enc.encode(&f, &mut out);
+        }
+        wr.write_all(&out).await.unwrap();
+
+        let mut dec = Decoder::default();
+        let mut buf = BytesMut::new();
+        let (mut stdout, mut status) = (Vec::new(), Vec::new());
+        let (mut replies, mut fins, mut resets, mut pongs, mut goaway) =
+            (Vec::new(), Vec::new(), Vec::new(), 0, false);
+        'read: loop {
+            while let Some(f) = dec.decode(&mut buf).unwrap() {
+                match f {
+                    Frame::SynReply { stream_id, .. } => replies.push(stream_id),
+                    Frame::RstStream { stream_id, .. } => resets.push(stream_id),
+                    Frame::Ping { id: 11 } => pongs += 1,
+                    Frame::Data {
+                        stream_id,
+                        fin,
+                        data,
+                    } => {
+                        match stream_id {
+                            5 => stdout.extend_from_slice(&data),
+                            1 => status.extend_from_slice(&data),
+                            _ => {}
+                        }
+                        if fin {
+                            fins.push(stream_id);
+                        }
+                    }
+                    Frame::GoAway { .. } => {
+                        goaway = true;
+                        break 'read;
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            assert!(rd.read_buf(&mut buf).await.unwrap() > 0, "closed early");
+        }
+        assert_eq!(replies, [1, 3, 5, 7, 9]);
+        assert_eq!(resets, [7]);
+        assert_eq!(pongs, 1);
+        assert_eq!(stdout, b"hello!");
+        fins.sort();
+        assert_eq!(fins, [1, 5, 9]);
+        let s: serde_json::Value = serde_json::from_slice(&status).unwrap();
+        assert_eq!(s["details"]["causes"][0]["message"], "6");
+        assert!(goaway);
+    }
 
     #[test]
     fn the_error_stream_speaks_metav1_status_from_v4() {
