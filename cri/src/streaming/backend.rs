@@ -163,6 +163,15 @@ impl EngineSessions {
     }
 }
 
+/// The most ExecSync keeps of each of stdout and stderr: both together stay under the CRI's
+/// 16 MiB message limit. The rest is dropped, as kubelet's own limit would.
+const EXEC_SYNC_OUTPUT_LIMIT: usize = 8 << 20;
+
+fn keep(buf: &mut Vec<u8>, data: &[u8]) {
+    let room = EXEC_SYNC_OUTPUT_LIMIT.saturating_sub(buf.len());
+    buf.extend_from_slice(&data[..data.len().min(room)]);
+}
+
 fn to_output(chunk: types::OutputChunk) -> Output {
     if chunk.stream == types::OutputStream::Stderr as i32 {
         Output::Stderr(chunk.data.into())
@@ -293,8 +302,8 @@ impl SessionBackend for EngineSessions {
                 while let Some(msg) = stream.next().await {
                     match msg?.event {
                         Some(Event::Output(chunk)) => match to_output(chunk) {
-                            Output::Stdout(b) => out.extend_from_slice(&b),
-                            Output::Stderr(b) => err.extend_from_slice(&b),
+                            Output::Stdout(b) => keep(&mut out, &b),
+                            Output::Stderr(b) => keep(&mut err, &b),
                         },
                         Some(Event::End(end)) => return Ok(end.exit_code),
                         Some(Event::Failed(f)) => return Err(Error::internal(f.message)),
