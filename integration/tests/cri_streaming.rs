@@ -294,6 +294,33 @@ async fn exec_attach_and_port_forward_over_spdy_and_websockets() -> Result<()> {
     let status: serde_json::Value = serde_json::from_slice(&status)?;
     assert_eq!(status["details"]["causes"][0]["message"], "5");
 
+    // --- The same with a client Kubernetes ships: the Python client's websocket stream
+    // (kubernetes.stream.ws_client, v5 then v4), when the test venv has it.
+    if kubernetes_py().is_some() {
+        let url = exec_url(
+            &mut rt,
+            cri::ExecRequest {
+                container_id: id.clone(),
+                cmd: sh("cat; echo to-stderr >&2; exit 6"),
+                stdin: true,
+                stdout: true,
+                stderr: true,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let (addr, path) = split_url(&url)?;
+        let out = run_kubernetes_py(&format!("ws://{addr}{path}"))?;
+        assert_eq!(
+            out.trim(),
+            r#"{"protocol": "v5.channel.k8s.io", "stdout": "from-python", "stderr": "to-stderr\n", "code": 6}"#
+        );
+    } else {
+        eprintln!(
+            "note: the test venv has no kubernetes package (make pyvenv); its client is not run"
+        );
+    }
+
     eprintln!("step: Attach to a container's main process.");
     // --- Attach to a container's main process.
     let cat = d.ok(&[
@@ -519,4 +546,40 @@ fn tokio_util_cancel() -> (
     (tx, async move {
         let _ = rx.await;
     })
+}
+
+/// The venv's python when it has the `kubernetes` package.
+fn kubernetes_py() -> Option<std::path::PathBuf> {
+    let python = berth_integration::py_kit::venv().join("bin/python");
+    let ok = std::process::Command::new(&python)
+        .args(["-c", "import kubernetes.stream.ws_client"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then_some(python)
+}
+
+/// Runs an exec session at `url` with the Kubernetes Python client: writes stdin, closes it
+/// (v5), and prints what came back as JSON.
+fn run_kubernetes_py(url: &str) -> Result<String> {
+    const SCRIPT: &str = r#"
+import json, sys
+from kubernetes.client import Configuration
+from kubernetes.stream.ws_client import WSClient
+c = WSClient(Configuration(), sys.argv[1], None, capture_all=True)
+c.write_stdin("from-python")
+c.close_channel(0)
+c.run_forever(timeout=60)
+print(json.dumps({"protocol": c.subprotocol, "stdout": c.read_stdout(), "stderr": c.read_stderr(), "code": c.returncode}))
+"#;
+    let python = kubernetes_py().context("no kubernetes package")?;
+    let out = gateway_kit::run_for(
+        std::process::Command::new(python).args(["-c", SCRIPT, url]),
+        Duration::from_secs(120),
+    )?;
+    ensure!(
+        out.status.success(),
+        "kubernetes client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

@@ -360,20 +360,23 @@ pub fn ws_message(proto: WsProtocol, channel: u8, data: &[u8]) -> Message {
     }
 }
 
-/// The channel and data of a client message; `None` for control messages and garbage.
+/// The channel and data of a client message; `None` for control messages and garbage. The
+/// frame's opcode does not matter (Go's server reads both; the Python client sends text).
 pub fn ws_parse(proto: WsProtocol, msg: Message) -> Option<(u8, Bytes)> {
-    match msg {
-        Message::Binary(b) if !proto.base64 && !b.is_empty() => Some((b[0], b.slice(1..))),
-        Message::Text(t) if proto.base64 && !t.is_empty() => {
-            let t = t.as_str();
-            let channel = t.as_bytes()[0].checked_sub(b'0')?;
-            let data = base64::engine::general_purpose::STANDARD
-                .decode(&t[1..])
-                .ok()?;
-            Some((channel, data.into()))
-        }
-        _ => None,
+    let raw: Bytes = match msg {
+        Message::Binary(b) => b,
+        Message::Text(t) => Bytes::copy_from_slice(t.as_str().as_bytes()),
+        _ => return None,
+    };
+    let (&first, rest) = raw.split_first()?;
+    if !proto.base64 {
+        return Some((first, raw.slice(1..)));
     }
+    let channel = first.checked_sub(b'0')?;
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(rest)
+        .ok()?;
+    Some((channel, data.into()))
 }
 
 /// Serves `session` on an upgraded websocket speaking `proto`.
@@ -655,6 +658,11 @@ mod tests {
             Some((CH_CLOSE, Bytes::from_static(&[0])))
         );
         assert_eq!(ws_parse(bin, Message::Binary(Bytes::new())), None);
+        // A text frame in a binary protocol (the Kubernetes Python client's stdin).
+        assert_eq!(
+            ws_parse(bin, Message::Text("\u{0}abc".into())),
+            Some((0, Bytes::from_static(b"abc")))
+        );
 
         let b64 = WsProtocol::parse("v4.base64.channel.k8s.io").unwrap();
         assert_eq!(b64.version, Version::V4);
