@@ -532,6 +532,20 @@ async fn exec_attach_and_port_forward_over_spdy_and_websockets() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(String::from_utf8_lossy(&got), "hello-from-the-pod\n");
+    // And the Kubernetes Python client's port forwarding (websocket), when the venv has it.
+    if kubernetes_py().is_some() {
+        let mut got = String::new();
+        for _ in 0..50 {
+            let url = server.url(Pending::PortForward(netns.clone(), vec![8080]))?;
+            let (addr, path) = split_url(&url)?;
+            got = run_py(PY_PORT_FORWARD, &format!("ws://{addr}{path}"))?;
+            if got.contains("hello") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(got.trim(), "hello-from-the-pod None");
+    }
     let _ = stop.0.send(());
     serving.await??;
     Ok(())
@@ -561,7 +575,30 @@ fn kubernetes_py() -> Option<std::path::PathBuf> {
 /// Runs an exec session at `url` with the Kubernetes Python client: writes stdin, closes it
 /// (v5), and prints what came back as JSON.
 fn run_kubernetes_py(url: &str) -> Result<String> {
-    const SCRIPT: &str = r#"
+    run_py(PY_EXEC, url)
+}
+
+/// Reads one line from port 8080 through the Python client's `PortForward`; prints it and the
+/// port's error (None when there is none).
+const PY_PORT_FORWARD: &str = r#"
+import sys
+from kubernetes.client import Configuration
+from kubernetes.stream.ws_client import PortForward, create_websocket
+ws = create_websocket(Configuration(), sys.argv[1], {"sec-websocket-protocol": "v4.channel.k8s.io"})
+pf = PortForward(ws, [8080])
+s = pf.socket(8080)
+s.settimeout(60)
+data = b""
+while not data.endswith(b"\n"):
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    data += chunk
+print(data.decode().strip(), pf.error(8080))
+pf.close()
+"#;
+
+const PY_EXEC: &str = r#"
 import json, sys
 from kubernetes.client import Configuration
 from kubernetes.stream.ws_client import WSClient
@@ -571,9 +608,12 @@ c.close_channel(0)
 c.run_forever(timeout=60)
 print(json.dumps({"protocol": c.subprotocol, "stdout": c.read_stdout(), "stderr": c.read_stderr(), "code": c.returncode}))
 "#;
+
+/// Runs `script` with `url` as its argument in the venv's python; its stdout.
+fn run_py(script: &str, url: &str) -> Result<String> {
     let python = kubernetes_py().context("no kubernetes package")?;
     let out = gateway_kit::run_for(
-        std::process::Command::new(python).args(["-c", SCRIPT, url]),
+        std::process::Command::new(python).args(["-c", script, url]),
         Duration::from_secs(120),
     )?;
     ensure!(
