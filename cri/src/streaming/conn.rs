@@ -31,10 +31,14 @@ enum Out {
     Close,
 }
 
+/// Frames queued for the socket at most: a slow client slows the session down instead of
+/// growing the gateway's memory.
+const QUEUE: usize = 64;
+
 /// Sends frames on the connection; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Writer {
-    tx: mpsc::UnboundedSender<Out>,
+    tx: mpsc::Sender<Out>,
 }
 
 impl std::fmt::Debug for Out {
@@ -47,42 +51,48 @@ impl std::fmt::Debug for Out {
 }
 
 impl Writer {
-    /// Writes `data` on stream `id` in frames of at most [`spdy::DATA_CHUNK`] bytes. False when
-    /// the connection is gone.
-    pub fn data(&self, id: u32, data: &[u8]) -> bool {
-        data.chunks(spdy::DATA_CHUNK).all(|chunk| {
-            self.frame(Frame::Data {
+    /// Writes `data` on stream `id` in frames of at most [`spdy::DATA_CHUNK`] bytes, waiting
+    /// while the queue is full. False when the connection is gone.
+    pub async fn data(&self, id: u32, data: &[u8]) -> bool {
+        for chunk in data.chunks(spdy::DATA_CHUNK) {
+            let frame = Frame::Data {
                 stream_id: id,
                 fin: false,
                 data: Bytes::copy_from_slice(chunk),
-            })
-        })
+            };
+            if !self.frame(frame).await {
+                return false;
+            }
+        }
+        true
     }
 
     /// Half-closes stream `id`: berth sends no more on it.
-    pub fn fin(&self, id: u32) -> bool {
+    pub async fn fin(&self, id: u32) -> bool {
         self.frame(Frame::Data {
             stream_id: id,
             fin: true,
             data: Bytes::new(),
         })
+        .await
     }
 
     /// Refuses stream `id`.
-    pub fn reset(&self, id: u32, status: u32) -> bool {
+    pub async fn reset(&self, id: u32, status: u32) -> bool {
         self.frame(Frame::RstStream {
             stream_id: id,
             status,
         })
+        .await
     }
 
     /// Ends the connection after everything queued so far.
-    pub fn close(&self) {
-        let _ = self.tx.send(Out::Close);
+    pub async fn close(&self) {
+        let _ = self.tx.send(Out::Close).await;
     }
 
-    fn frame(&self, frame: Frame) -> bool {
-        self.tx.send(Out::Frame(frame)).is_ok()
+    async fn frame(&self, frame: Frame) -> bool {
+        self.tx.send(Out::Frame(frame)).await.is_ok()
     }
 }
 
@@ -93,7 +103,7 @@ where
     IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let (mut rd, mut wr) = tokio::io::split(io);
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Out>();
+    let (out_tx, mut out_rx) = mpsc::channel::<Out>(QUEUE);
     let (ev_tx, ev_rx) = mpsc::channel::<Event>(64);
     let writer = Writer { tx: out_tx };
     let (gone_tx, mut gone_rx) = tokio::sync::watch::channel(false);
@@ -168,11 +178,13 @@ where
                     Frame::SynStream {
                         stream_id, headers, ..
                     } => {
-                        replies.frame(Frame::SynReply {
-                            stream_id,
-                            fin: false,
-                            headers: Headers::new(),
-                        });
+                        replies
+                            .frame(Frame::SynReply {
+                                stream_id,
+                                fin: false,
+                                headers: Headers::new(),
+                            })
+                            .await;
                         Event::Stream {
                             id: stream_id,
                             headers,
@@ -190,7 +202,7 @@ where
                     Frame::RstStream { stream_id, .. } => Event::Reset { id: stream_id },
                     // Client-initiated pings have odd ids; echo them.
                     Frame::Ping { id } if id % 2 == 1 => {
-                        replies.frame(Frame::Ping { id });
+                        replies.frame(Frame::Ping { id }).await;
                         continue;
                     }
                     Frame::GoAway { .. } => break 'read,

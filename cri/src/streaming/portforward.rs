@@ -83,7 +83,7 @@ where
                         pair.port = Some(p);
                     }
                     _ => {
-                        w.reset(id, spdy::rst::PROTOCOL_ERROR);
+                        w.reset(id, spdy::rst::PROTOCOL_ERROR).await;
                         continue;
                     }
                 }
@@ -113,7 +113,7 @@ where
             }
         }
     }
-    w.close();
+    w.close().await;
 }
 
 /// One forwarded connection.
@@ -132,20 +132,20 @@ async fn forward(
                 "error forwarding port {port} to pod network namespace {}: {e}",
                 netns.display()
             );
-            w.data(error, msg.as_bytes());
-            w.fin(error);
-            w.fin(data);
+            w.data(error, msg.as_bytes()).await;
+            w.fin(error).await;
+            w.fin(data).await;
             return;
         }
     };
     let writer = w.clone();
     pipe(tcp, from_client, |b: Bytes| {
-        let ok = writer.data(data, &b);
-        async move { ok }
+        let writer = writer.clone();
+        async move { writer.data(data, &b).await }
     })
     .await;
-    w.fin(data);
-    w.fin(error);
+    w.fin(data).await;
+    w.fin(error).await;
 }
 
 /// The websocket sub-protocols of port forwarding (none offered: binary).

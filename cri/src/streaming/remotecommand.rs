@@ -226,7 +226,7 @@ pub async fn serve_spdy<IO>(
         match event {
             None => {
                 tracing::debug!("cri streaming: the client did not open its streams");
-                w.close();
+                w.close().await;
                 return;
             }
             Some(Event::Stream { id, headers }) => {
@@ -238,7 +238,7 @@ pub async fn serve_spdy<IO>(
                     Some("resize") if spec.tty => &mut streams.resize,
                     other => {
                         tracing::debug!(stream = ?other, "cri streaming: unexpected stream");
-                        w.reset(id, spdy::rst::REFUSED_STREAM);
+                        w.reset(id, spdy::rst::REFUSED_STREAM).await;
                         continue;
                     }
                 };
@@ -297,7 +297,7 @@ pub async fn serve_spdy<IO>(
                 Output::Stderr(d) => (stderr_id.or(stdout_id), d),
             };
             if let Some(id) = id {
-                writer.data(id, &data);
+                writer.data(id, &data).await;
             }
         }
     });
@@ -306,16 +306,16 @@ pub async fn serve_spdy<IO>(
     let _ = pump_out.await;
     pump_in.abort();
     for id in [streams.stdout, streams.stderr].into_iter().flatten() {
-        w.fin(id);
+        w.fin(id).await;
     }
     if let Some(id) = streams.error {
         let status = status(version, &outcome);
         if !status.is_empty() {
-            w.data(id, &status);
+            w.data(id, &status).await;
         }
-        w.fin(id);
+        w.fin(id).await;
     }
-    w.close();
+    w.close().await;
 }
 
 /// The websocket sub-protocol in use.
