@@ -120,6 +120,27 @@ async fn exec_attach_and_port_forward_over_spdy_and_websockets() -> Result<()> {
     let refused = again.err().context("a used token must not upgrade")?;
     assert_eq!(refused.status, 404, "{}", refused.head);
 
+    // --- Much output: split into frames, none lost.
+    let url = exec_url(
+        &mut rt,
+        cri::ExecRequest {
+            container_id: id.clone(),
+            cmd: sh("head -c 3000000 /dev/zero"),
+            stdout: true,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let mut c = SpdyClient::connect(&url, &["v4.channel.k8s.io"])
+        .await?
+        .map_err(|r| anyhow::anyhow!("refused: {r:?}"))?;
+    let [error, _, stdout, _, _] = open_streams(&mut c, false, true, false, false).await?;
+    let r = c.until_finished(&[error.unwrap(), stdout.unwrap()]).await?;
+    let out = &r.data[&stdout.unwrap()];
+    assert_eq!(out.len(), 3_000_000);
+    assert!(out.iter().all(|b| *b == 0));
+    assert_eq!(status_json(&r, error.unwrap())?["status"], "Success");
+
     eprintln!("step: stdin, and its close ending `cat`; success is a Success status.");
     // --- stdin, and its close ending `cat`; success is a Success status.
     let url = exec_url(
