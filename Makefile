@@ -5,7 +5,7 @@ BERTH_ARGS ?=
 # Parallel test processes (integration tests mostly wait on processes and the kernel).
 TEST_THREADS ?= 4
 
-.PHONY: all deps pyvenv build release up test unit lint fmt bench clean
+.PHONY: all deps pyvenv build release up test unit lint fmt bench critest clean
 
 all: build
 
@@ -49,6 +49,14 @@ fmt:
 # ratios. Knobs: DENSITY (200), RUNS (30), BREAKDOWN (1), PULL (1), ...
 bench: deps release
 	BERTH_BIN_DIR=$(CURDIR)/target/release ./bench/run.sh
+
+# CRI conformance (docs/cri.md "Conformance: critest"): critest v1.32 against this tree's berth,
+# offline. Needs a critest binary (CRITEST, default /var/tmp/critest-bin/critest);
+# CRITEST_ARGS passes flags, e.g. CRITEST_ARGS="--ginkgo.focus=Image"; RUNTIME=containerd runs
+# the same suite against Debian's containerd 1.6.
+CRITEST_ARGS ?=
+critest: deps build
+	./deploy/critest.sh $(CRITEST_ARGS)
 
 clean:
 	$(CARGO) clean

@@ -173,7 +173,10 @@ if [ "$BREAKDOWN" = 1 ]; then
 fi
 
 # 5. The stacks.
-berth_start main bbench0 10.219.0.1/22 10.219.8.0/21
+# The metrics endpoint, for the density scenario's scrape (a free loopback port).
+BENCH_METRICS_ADDR=127.0.0.1:$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+berth_start main bbench0 10.219.0.1/22 10.219.8.0/21 "[telemetry]
+metrics_addr = \"$BENCH_METRICS_ADDR\""
 "$DOCKER" -H "unix://$BENCH_TMP/main/state/docker.sock" load -i "$BUSYBOX_TAR" >/dev/null \
   || log "berth: docker load failed; its scenarios will fail"
 if [ "$BENCH_DOCKERD" = 1 ]; then
@@ -200,6 +203,7 @@ sides = {"berth": {
                 **{f"berth-{s}": pid(f"{state}/{s}.pid")
                    for s in ("snapshotter", "images", "network", "engine", "gateway")}},
     "bundle_config": f"{state}/bundles/{{id}}/config.json",
+    "metrics_addr": "$BENCH_METRICS_ADDR",
     "shim_match": ["berth-shim", " serve ", f"--state-dir {state} "]}}
 if with_dockerd:
     d = f"{tmp}/dockerd"

@@ -100,6 +100,27 @@ def memory(side):
     }
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids):
+    """User + system CPU seconds of `pids` so far (processes that are gone count 0)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def side_pids(side):
+    """Every daemon and shim of a side."""
+    return list(side["daemons"].values()) + shim_pids(side["shim_match"])
+
+
 # ------------------------------------------------------------------------------------------------
 # in-process HTTP over the Docker socket: the server's time without a client process start-up
 
@@ -696,12 +717,31 @@ class Bench:
         for s in self.sides:
             sh(self.docker_cmd(s, "rmi", "-f", "benchbuild"), check=False)
 
+    def stats_cpu(self, s, window=10.0, warmup=3.0):
+        """CPU % of one core the side's daemons and shims spend while one `docker stats` client
+        streams every running container (the client's own CPU is not counted)."""
+        client = subprocess.Popen(self.docker_cmd(s, "stats", "--format", "{{.Name}} {{.CPUPerc}}"),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(warmup)
+            pids = side_pids(self.sides[s])
+            c0, t0 = cpu_seconds(pids), time.monotonic()
+            time.sleep(window)
+            c1, t1 = cpu_seconds(pids), time.monotonic()
+            if client.poll() is not None:
+                raise Failed(f"docker stats exited {client.returncode}")
+            return 100.0 * (c1 - c0) / (t1 - t0)
+        finally:
+            client.kill()
+            client.wait()
+
     def density(self):
         n = self.cfg.get("density", 200)
         if n <= 0:
             return
         parallel = self.cfg.get("density_parallel", 8)
-        vals = {k: {} for k in ("start", "rss", "pss", "shim_rss", "list", "list_api", "ps", "rm")}
+        vals = {k: {} for k in ("start", "rss", "pss", "shim_rss", "list", "list_api", "ps", "rm",
+                                "stats_cpu", "scrape")}
         errs = {}
         for s in self.sides:  # one side at a time: the memory growth is that side's alone
             try:
@@ -731,6 +771,17 @@ class Bench:
                 if err.get(s):
                     errs.setdefault(s, err[s])
                 settle()
+                vals["stats_cpu"][s] = self.stats_cpu(s)
+                addr = self.sides[s].get("metrics_addr")
+                if addr:
+                    settle()
+                    med, err = self.hyperfine(f"scrape{n}.{s}", {s: ["curl", "-sf", "-o", "/dev/null",
+                                                                    f"http://{addr}/metrics"]},
+                                              runs=10, warmup=2)
+                    vals["scrape"][s] = med.get(s)
+                    if err.get(s):
+                        errs.setdefault(s, err[s])
+                settle()
                 vals["rm"][s] = self.remove_many(s, "d", n)
             except Exception as e:
                 errs[s] = str(e)
@@ -748,6 +799,11 @@ class Bench:
         self.row("density_list_api", f"density: `GET /containers/json` with {n} running, keep-alive connection",
                  "ms", vals["list_api"], errs, target="berth ≤ 20 ms with 1,000")
         self.row("density_ps", f"density: `docker ps` with {n} running", "ms", vals["ps"], errs)
+        self.row("density_stats_cpu", f"density: CPU while `docker stats` streams {n} containers "
+                 "(daemons + shims, % of one core)", "%", vals["stats_cpu"], errs,
+                 target="berth < 5 % with 100")
+        self.row("density_scrape", f"density: metrics scrape (`GET /metrics`) with {n} running", "ms",
+                 vals["scrape"], errs)
         self.row("density_rm", f"density: `docker rm -f` of {n} (one call)", "s", vals["rm"], errs)
 
     def idle_after(self):

@@ -77,6 +77,32 @@ pub struct TelemetryConfig {
     pub log_format: String,
     /// OTLP/gRPC collector, e.g. `http://127.0.0.1:4317`; traces are exported only when set.
     pub otlp_endpoint: Option<String>,
+    /// `host:port` where the gateway serves every daemon's Prometheus metrics (`GET
+    /// /metrics`); off when unset. A loopback address unless `metrics_allow_remote`.
+    pub metrics_addr: Option<String>,
+    /// Allows a `metrics_addr` other hosts can reach (the metrics name every container).
+    pub metrics_allow_remote: bool,
+}
+
+impl TelemetryConfig {
+    /// The metrics address, checked: `None` when off.
+    pub fn metrics_socket_addr(&self) -> Result<Option<std::net::SocketAddr>> {
+        let Some(addr) = &self.metrics_addr else {
+            return Ok(None);
+        };
+        let parsed: std::net::SocketAddr = addr.parse().map_err(|_| {
+            Error::invalid_argument(format!(
+                "telemetry.metrics_addr: {addr:?} is not an address:port such as 127.0.0.1:9323"
+            ))
+        })?;
+        if !parsed.ip().is_loopback() && !self.metrics_allow_remote {
+            return Err(Error::invalid_argument(format!(
+                "telemetry.metrics_addr: {addr} is not a loopback address; set \
+                 telemetry.metrics_allow_remote = true to serve metrics to other hosts"
+            )));
+        }
+        Ok(Some(parsed))
+    }
 }
 
 impl Default for TelemetryConfig {
@@ -85,6 +111,8 @@ impl Default for TelemetryConfig {
             log_level: "info".into(),
             log_format: "text".into(),
             otlp_endpoint: None,
+            metrics_addr: None,
+            metrics_allow_remote: false,
         }
     }
 }
@@ -195,8 +223,8 @@ pub struct NetworkConfig {
     pub dns_options: Vec<String>,
     /// Directory of CNI network configs for the orchestrator path.
     pub cni_conf_dir: PathBuf,
-    /// Directory of CNI plugin binaries.
-    pub cni_bin_dir: PathBuf,
+    /// Directories of CNI plugin binaries, searched in order (and passed as `CNI_PATH`).
+    pub cni_bin_dirs: Vec<PathBuf>,
 }
 
 impl Default for NetworkConfig {
@@ -214,7 +242,7 @@ impl Default for NetworkConfig {
             dns_search: Vec::new(),
             dns_options: Vec::new(),
             cni_conf_dir: PathBuf::from("/etc/cni/net.d"),
-            cni_bin_dir: PathBuf::from("/usr/lib/cni"),
+            cni_bin_dirs: vec![PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")],
         }
     }
 }
@@ -250,6 +278,10 @@ pub struct EngineConfig {
     pub cgroup_parent: String,
     /// Seconds a stop waits before KILL when the container names no timeout.
     pub stop_timeout: u32,
+    /// Events kept for `docker events --since` (on disk, so they survive restarts).
+    pub events_max_count: u32,
+    /// Seconds an event is kept for `--since`; 0 keeps events regardless of age.
+    pub events_max_age: u64,
 }
 
 impl Default for EngineConfig {
@@ -275,6 +307,8 @@ impl Default for EngineConfig {
             reconnect_concurrency: 64,
             cgroup_parent: "berth".into(),
             stop_timeout: 10,
+            events_max_count: 4096,
+            events_max_age: 7 * 24 * 3600,
         }
     }
 }
@@ -481,6 +515,12 @@ impl Config {
                 self.engine.default_runtime
             )));
         }
+        self.telemetry.metrics_socket_addr()?;
+        if self.engine.events_max_count == 0 {
+            return Err(Error::invalid_argument(
+                "engine.events_max_count: must be at least 1",
+            ));
+        }
         if !matches!(self.engine.log_driver.as_str(), "json-file" | "none") {
             return Err(Error::invalid_argument(format!(
                 "engine.log_driver: {:?} is not supported (json-file, none)",
@@ -600,6 +640,27 @@ mod tests {
             PathBuf::from("/run/berth/engine.sock")
         );
         assert_eq!(cfg.gateway_hosts(), ["unix:///run/berth/docker.sock"]);
+    }
+
+    #[test]
+    fn metrics_addr_is_loopback_unless_allowed() {
+        let mut cfg = Config::default();
+        assert_eq!(cfg.telemetry.metrics_socket_addr().unwrap(), None);
+        cfg.telemetry.metrics_addr = Some("127.0.0.1:9323".into());
+        assert!(cfg.validate().is_ok());
+        cfg.telemetry.metrics_addr = Some("[::1]:9323".into());
+        assert!(cfg.validate().is_ok());
+        cfg.telemetry.metrics_addr = Some("0.0.0.0:9323".into());
+        let err = cfg.validate().unwrap_err();
+        assert!(
+            err.chain().contains("metrics_allow_remote"),
+            "{}",
+            err.chain()
+        );
+        cfg.telemetry.metrics_allow_remote = true;
+        assert!(cfg.validate().is_ok());
+        cfg.telemetry.metrics_addr = Some("localhost".into());
+        assert!(cfg.validate().is_err());
     }
 
     #[test]

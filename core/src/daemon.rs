@@ -169,7 +169,9 @@ where
             on_signal.cancel();
         });
         tracing::info!(pid = std::process::id(), "{} starting", service.binary());
+        crate::metrics::install();
         tokio::spawn(crate::memory::trim_when_idle(shutdown.clone()));
+        tokio::spawn(metrics_upkeep(shutdown.clone()));
         let prepared = std::fs::create_dir_all(&cfg.state_dir)
             .and_then(|_| std::fs::create_dir_all(&cfg.root))
             .context(ErrorKind::Internal, "create the state and data directories");
@@ -188,6 +190,17 @@ where
             Err(err) => exit_code(&err),
         }
     })
+}
+
+/// Folds histogram samples into their buckets every minute, so a daemon nobody scrapes does not
+/// keep every sample.
+async fn metrics_upkeep(shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => crate::metrics::upkeep(),
+        }
+    }
 }
 
 /// The Tokio runtime for `service`. The engine and the gateway get two workers: they do the

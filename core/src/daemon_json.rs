@@ -133,6 +133,7 @@ const KNOWN: &[&str] = &[
     "max-concurrent-uploads",
     "group",
     "cgroup-parent",
+    "metrics-addr",
 ];
 
 fn value<T: DeserializeOwned>(v: Value) -> Result<T> {
@@ -216,6 +217,7 @@ fn apply_key(cfg: &mut Config, key: &str, v: Value) -> Result<()> {
         "max-concurrent-uploads" => cfg.images.max_concurrent_uploads = value(v)?,
         "group" => cfg.socket_group = Some(value(v)?),
         "cgroup-parent" => cfg.engine.cgroup_parent = value(v)?,
+        "metrics-addr" => cfg.telemetry.metrics_addr = Some(value(v)?),
         _ => unreachable!("key {key} is in KNOWN but not handled"),
     }
     Ok(())
@@ -247,6 +249,7 @@ mod tests {
                 "tls": true, "tlscert": "/c.pem", "tlskey": "/k.pem",
                 "tlsverify": true, "tlscacert": "/ca.pem",
                 "log-level": "warning",
+                "metrics-addr": "127.0.0.1:9323",
                 "live-restore": true,
                 "runtimes": {"fast": {"path": "/usr/bin/crun", "runtimeArgs": ["--debug"]}},
                 "default-address-pools": [{"base": "10.10.0.0/16", "size": 24}]
@@ -262,6 +265,10 @@ mod tests {
         assert_eq!(cfg.images.insecure_registries, ["reg.local:5000"]);
         assert!(cfg.gateway.tls && cfg.gateway.tlsverify);
         assert_eq!(cfg.telemetry.log_level, "warn");
+        assert_eq!(
+            cfg.telemetry.metrics_addr.as_deref(),
+            Some("127.0.0.1:9323")
+        );
         assert_eq!(cfg.engine.runtimes["fast"].args, ["--debug"]);
         assert_eq!(cfg.network.default_address_pools[0].size, 24);
         assert_eq!(applied.ignored.len(), 1);

@@ -17,9 +17,21 @@ use crate::error::{Context, ErrorKind, Result};
 pub use tonic_health::ServingStatus;
 pub use tonic_health::server::HealthReporter;
 
-/// A server builder whose requests run in spans parented to the caller's trace.
-pub fn server() -> Server {
-    Server::builder().trace_fn(crate::telemetry::server_span)
+/// The layers [`server`] puts around every route.
+pub type Layers =
+    tower::layer::util::Stack<crate::metrics::GrpcMetricsLayer, tower::layer::util::Identity>;
+
+/// A router built from [`server`].
+pub type Router = tonic::transport::server::Router<Layers>;
+
+/// A server builder whose requests run in spans parented to the caller's trace and are counted
+/// and timed in the process's metrics ([`crate::metrics::GrpcMetricsLayer`]).
+pub fn server()
+-> Server<tower::layer::util::Stack<crate::metrics::GrpcMetricsLayer, tower::layer::util::Identity>>
+{
+    Server::builder()
+        .trace_fn(crate::telemetry::server_span)
+        .layer(crate::metrics::GrpcMetricsLayer)
 }
 
 /// The `grpc.health.v1` service and its reporter. The overall status (service "") starts as
@@ -37,7 +49,7 @@ pub async fn health() -> (
 
 /// Serves `router` on `listener` until `shutdown` completes, then removes the socket file.
 pub async fn serve(
-    router: tonic::transport::server::Router,
+    router: Router,
     listener: UnixListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {

@@ -10,6 +10,7 @@ pub mod error;
 pub mod grpc;
 pub mod id;
 pub mod memory;
+pub mod metrics;
 pub mod mount;
 pub mod reference;
 pub mod snapshots;

@@ -30,6 +30,7 @@ pub mod exec;
 pub mod grpc;
 pub mod hijack;
 pub mod images;
+pub mod metrics;
 pub mod networks;
 pub mod plugins;
 pub mod progress;
@@ -163,6 +164,7 @@ pub fn app(state: AppState) -> Router {
         .route("/session", post(no_buildkit))
         .route("/grpc", post(no_buildkit))
         .fallback(not_implemented)
+        .layer(middleware::from_fn(metrics::record))
         .layer(middleware::from_fn(docker_headers))
         .with_state(state)
 }
@@ -308,7 +310,12 @@ pub(crate) fn not_routed(method: &Method, path: &str) -> ApiError {
 
 /// Serves the Docker API on every host in `config` until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
-    let service = versioned(app(AppState::new(&config)));
+    let state = AppState::new(&config);
+    tokio::spawn(remove_interrupted_builds(
+        state.backends.clone(),
+        shutdown.clone(),
+    ));
+    let service = versioned(app(state));
     // The CRI socket is bound before the Docker API's, so it is up once `GET /version` (what
     // `berth up` waits for) answers.
     let cri = if config.cri.enabled {
@@ -378,6 +385,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             }
         }
     }
+    if let Some(addr) = config.telemetry.metrics_socket_addr()? {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .context(ErrorKind::Unavailable, format!("bind metrics {addr}"))?;
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+        let router = metrics::router(Arc::new(config.clone()));
+        let stop = shutdown.clone().cancelled_owned();
+        servers.spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop)
+                .await
+        });
+    }
     berth_core::daemon::notify_ready();
     let mut result = Ok(());
     while let Some(done) = servers.join_next().await {
@@ -401,6 +421,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         }
     }
     result
+}
+
+/// Removes what builds cut short by an earlier gateway process left (`build::orphans`), once
+/// the engine answers.
+async fn remove_interrupted_builds(backends: Backends, shutdown: CancellationToken) {
+    for _ in 0..30 {
+        match build::orphans::remove_orphans(&backends).await {
+            Ok(_) => return,
+            Err(e) if e.is(ErrorKind::Unavailable) => {}
+            Err(e) => {
+                tracing::warn!(error = %e.chain(), "look for interrupted builds' containers");
+                return;
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
 }
 
 #[cfg(test)]

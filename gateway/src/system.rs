@@ -425,7 +425,7 @@ pub fn event_json(e: &events::Envelope) -> Option<Value> {
         T::Network => "network",
         T::Daemon => "daemon",
         T::Plugin => "plugin",
-        T::Task | T::Unspecified => return None,
+        T::Task | T::Sandbox | T::Unspecified => return None,
     };
     let actor = e.actor.clone().unwrap_or_default();
     let ts = e.timestamp.unwrap_or_default();

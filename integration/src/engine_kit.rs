@@ -76,6 +76,7 @@ pub fn busybox_archive() -> &'static Path {
 #[derive(Debug, Default)]
 pub struct EngineStackBuilder {
     engine: String,
+    network: String,
     extra: String,
 }
 
@@ -84,6 +85,13 @@ impl EngineStackBuilder {
     pub fn engine_toml(mut self, lines: &str) -> Self {
         self.engine.push_str(lines);
         self.engine.push('\n');
+        self
+    }
+
+    /// Extra lines for the `[network]` section (e.g. `cni_conf_dir`).
+    pub fn network_toml(mut self, lines: &str) -> Self {
+        self.network.push_str(lines);
+        self.network.push('\n');
         self
     }
 
@@ -99,8 +107,9 @@ impl EngineStackBuilder {
         let net = NetSlot::claim()?;
         let cgroup_parent = format!("berth-test-{}-{}", net.index(), std::process::id());
         let toml = format!(
-            "{}\n[engine]\ncgroup_parent = \"{cgroup_parent}\"\n{}\n{}",
+            "{}{}\n[engine]\ncgroup_parent = \"{cgroup_parent}\"\n{}\n{}",
             net.config_toml(None),
+            self.network,
             self.engine,
             self.extra
         );
@@ -207,6 +216,15 @@ impl EngineStack {
     /// Volumes client.
     pub fn volumes(&self) -> VolumesClient<Channel> {
         VolumesClient::new(self.channel(Service::Engine))
+    }
+
+    /// Sandboxes client (pod sandboxes).
+    pub fn sandboxes(
+        &self,
+    ) -> berth_proto::berth::engine::v1::sandboxes_client::SandboxesClient<Channel> {
+        berth_proto::berth::engine::v1::sandboxes_client::SandboxesClient::new(
+            self.channel(Service::Engine),
+        )
     }
 
     /// Events client.
@@ -452,6 +470,22 @@ impl EngineStack {
 
     /// Everything this stack's engine has on record, then removes it all (best effort).
     async fn remove_all(&self) {
+        // Pod sandboxes first: removing one tears down its network (CNI DEL), ends its PID
+        // holder and removes its containers.
+        if let Ok(list) = self
+            .sandboxes()
+            .list(pb::ListSandboxesRequest::default())
+            .await
+        {
+            for sb in list.into_inner().sandboxes {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(30),
+                    self.sandboxes()
+                        .remove(pb::RemoveSandboxRequest { id: sb.id }),
+                )
+                .await;
+            }
+        }
         let Ok(list) = self
             .containers()
             .list(pb::ListContainersRequest {

@@ -252,17 +252,24 @@ impl DockerStack {
 
     /// `kill -9`s the gateway and waits until `berth up` has restarted it and it answers.
     pub fn kill9_gateway(&self) -> Result<(i32, i32)> {
-        let old = self.stack.pid(Service::Gateway).context("gateway pid")?;
+        self.kill9(Service::Gateway)
+    }
+
+    /// `kill -9`s `service` and waits until `berth up` has restarted it and `docker ps`
+    /// (gateway → engine) answers again. Returns the old and the new PID.
+    pub fn kill9(&self, service: Service) -> Result<(i32, i32)> {
+        let old = self.stack.pid(service).context("service pid")?;
         kill(Pid::from_raw(old), Signal::SIGKILL)?;
         let new = wait_for(Duration::from_secs(20), || {
-            let pid = self.stack.pid(Service::Gateway)?;
-            (pid != old && running(pid) && self.run(&["version"]).is_ok_and(|o| o.status.success()))
+            let pid = self.stack.pid(service)?;
+            (pid != old && running(pid) && self.run(&["ps"]).is_ok_and(|o| o.status.success()))
                 .then_some(pid)
         });
         match new {
             Some(pid) => Ok((old, pid)),
             None => bail!(
-                "the gateway was not restarted after kill -9; log:\n{}",
+                "{} was not restarted after kill -9; log:\n{}",
+                service.name(),
                 self.stack.log_text()
             ),
         }

@@ -224,3 +224,46 @@ fn a_remote_context_is_fetched_or_refused_clearly() -> Result<()> {
     ensure!(!ok && out.contains("404"), "{out}");
     Ok(())
 }
+
+#[test]
+fn a_gateway_killed_mid_build_leaves_no_step_container() -> Result<()> {
+    if !berth_integration::gateway_kit::ready() {
+        return Ok(());
+    }
+    let d = DockerStack::start()?;
+    let _registry = py_kit::with_busybox(&d)?;
+    let ctx = tempfile::tempdir()?;
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox\nRUN echo started && sleep 300\n",
+    )?;
+    let mut c = d.cmd(&["build"]);
+    c.arg(ctx.path()).env("DOCKER_BUILDKIT", "0");
+    let build = Running::spawn(&mut c)?;
+    ensure!(
+        build.wait_stdout(Duration::from_secs(60), |s| s
+            .lines()
+            .any(|l| l.trim() == "started")),
+        "the RUN step did not start: {}{}",
+        build.stdout(),
+        build.stderr()
+    );
+    let running = d.ok(&["ps", "-a", "--format", "{{.ID}} {{.Status}}"])?;
+    ensure!(
+        running.contains(" Up "),
+        "no step container runs: {running:?}"
+    );
+    d.kill9_gateway()?;
+    // The restarted gateway removes the step container the dead one left.
+    let gone = (0..60).any(|_| {
+        std::thread::sleep(Duration::from_millis(500));
+        d.ok(&["ps", "-aq"]).is_ok_and(|s| s.is_empty())
+    });
+    ensure!(gone, "left behind: {}", d.ok(&["ps", "-a"])?);
+    // Nothing of the step was committed or tagged.
+    ensure!(
+        d.ok(&["images", "-q", "--filter", "dangling=true"])?
+            .is_empty()
+    );
+    Ok(())
+}

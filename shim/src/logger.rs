@@ -147,6 +147,8 @@ enum Msg {
     Eof(Stream),
     /// Reply with the position once everything queued before it is written.
     Mark(oneshot::Sender<LogPosition>),
+    /// Close the file and open the path again (after someone else rotated it).
+    Reopen(oneshot::Sender<std::io::Result<()>>),
 }
 
 /// Handle to a log writer thread. Dropping every handle ends the thread after it has written
@@ -261,6 +263,17 @@ impl Logger {
         rx
     }
 
+    /// Writes what is queued, closes the file and opens the path again (creating it): the
+    /// kubelet renames a CRI log to rotate it, then asks for this.
+    pub async fn reopen(&self) -> std::io::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Reopen(tx))
+            .map_err(|_| std::io::Error::other("the log writer has stopped"))?;
+        rx.await
+            .map_err(|_| std::io::Error::other("the log writer has stopped"))?
+    }
+
     /// Bytes dropped so far because the buffer was full.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
@@ -322,7 +335,27 @@ impl Writer {
                 self.publish();
                 let _ = reply.send(*self.position.borrow());
             }
+            Msg::Reopen(reply) => {
+                let _ = reply.send(self.reopen());
+            }
         }
+    }
+
+    fn reopen(&mut self) -> std::io::Result<()> {
+        let _ = self.file.flush();
+        let rotation = self.rotation.clone();
+        let _guard = rotation.write().unwrap_or_else(|e| e.into_inner());
+        let path = &self.options.path;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        self.size = file.metadata()?.len();
+        self.file = BufWriter::with_capacity(16 * 1024, file);
+        self.generation += 1;
+        self.failing = false;
+        self.publish();
+        Ok(())
     }
 
     fn data(&mut self, stream: Stream, at: SystemTime, mut bytes: &[u8]) {
@@ -607,6 +640,27 @@ mod tests {
         let one = std::fs::read_to_string(opts.file(1)).unwrap();
         let two = std::fs::read_to_string(opts.file(2)).unwrap();
         assert!(two.lines().last().unwrap() < one.lines().next().unwrap());
+    }
+
+    #[tokio::test]
+    async fn reopen_starts_a_new_file_after_an_outside_rename() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = LogOptions::json_file(dir.path().join("0.log"));
+        opts.format = LogFormat::Cri;
+        let logger = Logger::start(opts).unwrap();
+        logger.write(Stream::Stdout, at(1), Bytes::from_static(b"before\n"));
+        logger.mark().await;
+        std::fs::rename(dir.path().join("0.log"), dir.path().join("0.log.1")).unwrap();
+        logger.reopen().await.unwrap();
+        logger.write(Stream::Stdout, at(2), Bytes::from_static(b"after\n"));
+        logger.mark().await;
+        let old = std::fs::read_to_string(dir.path().join("0.log.1")).unwrap();
+        let new = std::fs::read_to_string(dir.path().join("0.log")).unwrap();
+        assert!(old.ends_with("stdout F before\n"), "{old}");
+        assert!(
+            new.ends_with("stdout F after\n") && !new.contains("before"),
+            "{new}"
+        );
     }
 
     #[tokio::test]

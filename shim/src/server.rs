@@ -207,6 +207,10 @@ impl pb::shim_server::Shim for ShimService {
         reply(self.shim.shutdown(req.into_inner().now).await)
     }
 
+    async fn reopen_log(&self, _req: Request<pb::ReopenLogRequest>) -> Reply<()> {
+        reply(self.shim.reopen_log().await)
+    }
+
     async fn health(&self, _req: Request<pb::HealthRequest>) -> Reply<pb::HealthResponse> {
         reply(self.shim.health().map(|h| pb::HealthResponse {
             health: Some((&h).into()),

@@ -81,6 +81,9 @@ pub trait BuildBackend: Send + Sync {
     fn commit_config(&self, parent: &str, cmd: Vec<String>, spec: CommitSpec) -> Fut<'_, String>;
     /// Removes container `id` (killing it first if it runs).
     fn remove(&self, id: &str) -> Fut<'_, ()>;
+    /// Starts removing container `id` (as [`BuildBackend::remove`]) and returns at once: the
+    /// removal goes on whether or not the returned future is polled, which ends with it.
+    fn remove_detached(&self, id: &str) -> Fut<'static, ()>;
     /// Tags image `id` as `reference`.
     fn tag(&self, id: &str, reference: &str) -> Fut<'_, ()>;
     /// The image recorded for a step key.
@@ -332,6 +335,16 @@ impl BuildBackend for Engine {
                 Err(e) if e.is(ErrorKind::NotFound) => Ok(()),
                 r => r,
             }
+        })
+    }
+
+    fn remove_detached(&self, id: &str) -> Fut<'static, ()> {
+        let engine = self.clone();
+        let id = id.to_string();
+        let task = tokio::spawn(async move { engine.remove(&id).await });
+        Box::pin(async move {
+            task.await
+                .map_err(|e| Error::internal("container removal").with_source(e))?
         })
     }
 

@@ -12,6 +12,7 @@ use berth_builder::args::{BuildArgs, StageArgs};
 use berth_builder::config;
 use berth_builder::dockerfile::{Dockerfile, Instruction, InstructionKind, ShellOrExec};
 use berth_builder::expand;
+use berth_builder::history;
 use berth_builder::stages::{self, StageRef};
 use berth_core::{Error, ErrorKind, Reference, Result};
 use berth_proto::berth::engine::v1 as engine;
@@ -22,9 +23,10 @@ use sha2::{Digest as _, Sha256};
 
 use super::backend::{BuildBackend, BuildImage, CommitSpec, RunEvent};
 use super::copy::{self, CopyPlan};
-use super::gofmt;
 use super::options::BuildOptions;
+use super::orphans;
 use super::output::Output;
+use crate::backend::Fut;
 use crate::progress::short_digest;
 
 /// Bumped when what a cache key covers changes, so old records stop matching.
@@ -112,6 +114,8 @@ pub struct Executor<'a> {
     /// Images made by the stages so far, by index.
     stage_images: Vec<String>,
     scratch_counter: usize,
+    /// Step containers being removed in the background, awaited before the build ends.
+    removals: Vec<(String, Fut<'static, ()>)>,
 }
 
 impl std::fmt::Debug for Executor<'_> {
@@ -136,11 +140,34 @@ impl<'a> Executor<'a> {
             out,
             stage_images: Vec::new(),
             scratch_counter: 0,
+            removals: Vec::new(),
         }
     }
 
-    /// Runs the whole build; the final image id. Tags it and writes the closing lines.
-    pub async fn run(mut self, mut dockerfile: Dockerfile) -> Result<String> {
+    /// Runs the whole build; the final image id. Tags it and writes the closing lines. Returns
+    /// once every step container it removes is gone, whatever the outcome.
+    pub async fn run(mut self, dockerfile: Dockerfile) -> Result<String> {
+        let result = self.build(dockerfile).await;
+        self.settle_removals().await;
+        result
+    }
+
+    /// Waits for the step containers being removed; a failure is reported in the stream.
+    async fn settle_removals(&mut self) {
+        for (id, removal) in std::mem::take(&mut self.removals) {
+            if let Err(err) = removal.await {
+                self.out
+                    .stream(&format!(
+                        "Error removing intermediate container {}: {}\n",
+                        short_digest(&id),
+                        err.chain()
+                    ))
+                    .await
+            }
+        }
+    }
+
+    async fn build(&mut self, mut dockerfile: Dockerfile) -> Result<String> {
         let escape = dockerfile.directives.escape;
         let range = stages::stages_to_build(&dockerfile, self.opts.target.as_deref())
             .map_err(|e| Error::invalid_argument(e.to_string()))?;
@@ -247,6 +274,7 @@ impl<'a> Executor<'a> {
                 "No image was generated. Is your Dockerfile empty?",
             ));
         }
+        self.settle_removals().await;
         self.out
             .stream(&format!("Successfully built {}\n", short_digest(&last)))
             .await;
@@ -606,6 +634,8 @@ impl<'a> Executor<'a> {
                 }),
                 ..Default::default()
             }),
+            // Always removed after use.
+            extensions: orphans::step_extensions(true),
             ..Default::default()
         };
         let id = self.backend.create(req).await?;
@@ -783,6 +813,7 @@ impl<'a> Executor<'a> {
                 ..Default::default()
             }),
             platform: o.platform.clone(),
+            extensions: orphans::step_extensions(o.rm || o.force_rm),
             ..Default::default()
         }
     }
@@ -835,25 +866,15 @@ impl<'a> Executor<'a> {
         if !(self.opts.force_rm || cancelled || (ok && self.opts.rm)) {
             return;
         }
-        match self.backend.remove(id).await {
-            Ok(()) => {
-                self.out
-                    .stream(&format!(
-                        "Removing intermediate container {}\n",
-                        short_digest(id)
-                    ))
-                    .await
-            }
-            Err(err) => {
-                self.out
-                    .stream(&format!(
-                        "Error removing intermediate container {}: {}\n",
-                        short_digest(id),
-                        err.chain()
-                    ))
-                    .await
-            }
-        }
+        // Removed in the background, overlapping the next step; awaited before the build ends.
+        self.removals
+            .push((id.to_string(), self.backend.remove_detached(id)));
+        self.out
+            .stream(&format!(
+                "Removing intermediate container {}\n",
+                short_digest(id)
+            ))
+            .await
     }
 }
 
@@ -868,40 +889,15 @@ enum Nop {
 /// The history comment of a config-only instruction already applied to `config`, as moby
 /// writes it.
 fn nop_comment(kind: &InstructionKind, config: &Value) -> Nop {
-    let pairs = |ps: &[(String, String)]| {
-        ps.iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
-    let argv = |key: &str| string_list(config.get(key));
-    match kind {
-        InstructionKind::Env(ps) => Nop::Two(format!("ENV {}", pairs(ps))),
-        InstructionKind::Label(ps) => Nop::Two(format!("LABEL {}", pairs(ps))),
-        InstructionKind::Expose(ports) => Nop::Two(format!("EXPOSE {}", ports.join(" "))),
-        InstructionKind::User(u) => Nop::Two(format!("USER {u}")),
-        InstructionKind::Volume(v) => Nop::Two(format!("VOLUME [{}]", v.join(" "))),
-        InstructionKind::Workdir(_) => {
-            let dir = config
-                .get("WorkingDir")
-                .and_then(Value::as_str)
-                .unwrap_or("/")
-                .to_string();
-            Nop::Workdir(format!("WORKDIR {dir}"), dir)
-        }
-        InstructionKind::Cmd(_) => Nop::Two(format!("CMD {}", gofmt::quoted_list(&argv("Cmd")))),
-        InstructionKind::Entrypoint(_) => Nop::Two(format!(
-            "ENTRYPOINT {}",
-            gofmt::quoted_list(&argv("Entrypoint"))
-        )),
-        InstructionKind::Healthcheck(h) => {
-            Nop::Two(format!("HEALTHCHECK {}", gofmt::health_config(h)))
-        }
-        InstructionKind::Shell(s) => Nop::Two(format!("SHELL {}", gofmt::quoted_list(s))),
-        InstructionKind::StopSignal(s) => Nop::Two(format!("STOPSIGNAL {s}")),
-        InstructionKind::Onbuild(t) => Nop::Two(format!("ONBUILD {}", t.original)),
-        other => Nop::Two(other.keyword().to_string()),
+    if let InstructionKind::Workdir(_) = kind {
+        let dir = config
+            .get("WorkingDir")
+            .and_then(Value::as_str)
+            .unwrap_or("/")
+            .to_string();
+        return Nop::Workdir(format!("WORKDIR {dir}"), dir);
     }
+    Nop::Two(history::comment(kind, config).unwrap_or_else(|| kind.keyword().to_string()))
 }
 
 /// Whether image config `a`'s layers and history are a prefix of `b`'s.

@@ -9,8 +9,8 @@
 pub mod backend;
 pub mod copy;
 pub mod executor;
-mod gofmt;
 pub mod options;
+pub mod orphans;
 pub mod output;
 
 use std::path::PathBuf;

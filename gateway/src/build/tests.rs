@@ -144,6 +144,10 @@ impl BuildBackend for FakeBuild {
     fn commit_config(&self, _parent: &str, _cmd: Vec<String>, spec: CommitSpec) -> Fut<'_, String> {
         self.commit(spec)
     }
+    fn remove_detached(&self, id: &str) -> Fut<'static, ()> {
+        self.0.lock().unwrap().removed.push(id.to_string());
+        Box::pin(async { Ok(()) })
+    }
     fn remove(&self, id: &str) -> Fut<'_, ()> {
         self.0.lock().unwrap().removed.push(id.to_string());
         ok(())

@@ -482,6 +482,7 @@ impl ResourceFields<'_> {
                 })
                 .collect(),
             unified: HashMap::new(),
+            hugepage_limits: Vec::new(),
         }
     }
 }
@@ -703,6 +704,9 @@ fn host_config(h: &HostConfig) -> Result<engine::HostConfig> {
         volumes_from: h.volumes_from.clone().unwrap_or_default(),
         annotations: h.annotations.clone().unwrap_or_default(),
         cni: None,
+        // Docker containers belong to no pod sandbox.
+        sandbox_id: String::new(),
+        strict_supplemental_groups: false,
     })
 }
 

@@ -75,6 +75,72 @@ pub trait Networks: Send + Sync {
     fn detach(&self, container_id: &str, network: &str, force: bool) -> BoxFuture<'_, ()>;
     /// Resolves a network name, id or prefix to `(id, name)`.
     fn get(&self, network: &str) -> BoxFuture<'_, (String, String)>;
+    /// CNI ADD of a pod sandbox's network namespace (idempotent for the same id and config).
+    fn cni_attach(&self, req: net::CniAttachRequest) -> BoxFuture<'_, net::CniAttachResponse> {
+        let _ = req;
+        Box::pin(async {
+            Err(berth_core::Error::unimplemented(
+                "CNI attachments are not available here",
+            ))
+        })
+    }
+    /// CNI DEL of what [`Networks::cni_attach`] made; nothing to delete is not an error.
+    fn cni_detach(&self, container_id: &str, config_name: &str) -> BoxFuture<'_, ()> {
+        let _ = (container_id, config_name);
+        Box::pin(async {
+            Err(berth_core::Error::unimplemented(
+                "CNI attachments are not available here",
+            ))
+        })
+    }
+}
+
+/// Which namespaces a pod sandbox holds itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PodNsWant {
+    /// A network namespace (with loopback up).
+    pub net: bool,
+    /// An IPC namespace.
+    pub ipc: bool,
+    /// A UTS namespace (its hostname set).
+    pub uts: bool,
+}
+
+/// The namespace files of a pod sandbox (`None` for those it does not hold).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodNsPaths {
+    /// Network namespace file.
+    pub net: Option<PathBuf>,
+    /// IPC namespace file.
+    pub ipc: Option<PathBuf>,
+    /// UTS namespace file.
+    pub uts: Option<PathBuf>,
+    /// The pod's /dev/shm (a tmpfs) that goes with its IPC namespace.
+    pub shm: Option<PathBuf>,
+}
+
+/// Namespaces of pod sandboxes, owned by the engine: bind mounts of namespace files under a
+/// sandbox's directory, and the PID namespace holder. Every method blocks (kernel calls and a
+/// short process spawn); the engine calls them from blocking tasks.
+pub trait PodNamespaces: Send + Sync {
+    /// Makes the namespaces of `want` and bind-mounts them as `<dir>/{net,ipc,uts}`; the UTS
+    /// one gets `hostname`; with the IPC one goes a tmpfs at `<dir>/shm` (the pod's /dev/shm).
+    /// On failure nothing is left mounted.
+    fn create(&self, dir: &Path, want: PodNsWant, hostname: &str) -> Result<PodNsPaths>;
+    /// Starts the PID namespace holder: a tiny process that is the init of a new PID
+    /// namespace (it reaps what is re-parented to it and does nothing else), detached from the
+    /// engine; the namespace file is bind-mounted as `<dir>/pid`. Returns its host pid.
+    fn start_pid_holder(&self, dir: &Path) -> Result<(u32, PathBuf)>;
+    /// Whether holder `pid` still runs and is the init of the namespace at `ns_file`.
+    fn holder_alive(&self, pid: u32, ns_file: &Path) -> bool;
+    /// Kills the holder (and with it every process of its PID namespace) when it is still the
+    /// one of `ns_file`.
+    fn stop_pid_holder(&self, pid: u32, ns_file: &Path);
+    /// Whether `path` is (still) a mounted namespace file.
+    fn ns_alive(&self, path: &Path) -> bool;
+    /// Unmounts every namespace file (and the shm tmpfs) under `dir` and removes `dir`; a
+    /// missing one is not an error.
+    fn remove(&self, dir: &Path) -> Result<()>;
 }
 
 /// Network namespaces that outlive their first process (bind mounts under the state dir).
@@ -154,6 +220,14 @@ pub trait Shim: Send + Sync {
     fn info(&self) -> BoxFuture<'_, shim::InfoResponse>;
     /// Ends the shim.
     fn shutdown(&self, now: bool) -> BoxFuture<'_, ()>;
+    /// Closes the init's log file and opens its path again.
+    fn reopen_log(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {
+            Err(berth_core::Error::unimplemented(
+                "this shim cannot reopen its log",
+            ))
+        })
+    }
     /// The container's health (NOT_FOUND without a healthcheck).
     fn health(&self) -> BoxFuture<'_, types::Health> {
         Box::pin(async {
@@ -177,6 +251,8 @@ pub struct Deps {
     pub netns: Arc<dyn Netns>,
     /// Shims.
     pub shims: Arc<dyn ShimLauncher>,
+    /// Pod sandbox namespaces.
+    pub pod_ns: Arc<dyn PodNamespaces>,
 }
 
 impl std::fmt::Debug for Deps {

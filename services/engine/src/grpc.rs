@@ -1,4 +1,4 @@
-//! The gRPC adapters: `berth.engine.v1` Containers, Tasks, Volumes and `berth.events.v1`
+//! The gRPC adapters: `berth.engine.v1` Containers, Tasks, Volumes, Sandboxes and `berth.events.v1`
 //! Events. Thin: unwrap the request, call the engine, map errors.
 
 use std::pin::Pin;
@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use berth_core::{Error, Result};
-use berth_proto::berth::engine::v1::{self as pb, containers_server, tasks_server, volumes_server};
+use berth_proto::berth::engine::v1::{
+    self as pb, containers_server, sandboxes_server, tasks_server, volumes_server,
+};
 use berth_proto::berth::events::v1::{self as evpb, events_server};
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
@@ -465,6 +467,14 @@ impl tasks_server::Tasks for Tasks {
                 .map_err(status)?,
         ))
     }
+
+    async fn reopen_log(&self, req: Request<pb::ReopenLogRequest>) -> Rsp<()> {
+        self.0
+            .reopen_log(&req.into_inner().id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(()))
+    }
 }
 
 impl Volumes {
@@ -624,5 +634,57 @@ impl events_server::Events for Events {
             &self.0,
             ReceiverStream::new(rx),
         )))
+    }
+}
+
+/// Sandboxes.
+#[derive(Debug, Clone)]
+pub struct Sandboxes(pub Arc<Engine>);
+
+#[tonic::async_trait]
+impl sandboxes_server::Sandboxes for Sandboxes {
+    async fn run(&self, req: Request<pb::RunSandboxRequest>) -> Rsp<pb::RunSandboxResponse> {
+        let ns = namespace(&req);
+        let sandbox = self
+            .0
+            .run_sandbox(req.into_inner(), &ns)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::RunSandboxResponse {
+            sandbox: Some(sandbox),
+        }))
+    }
+
+    async fn stop(&self, req: Request<pb::StopSandboxRequest>) -> Rsp<()> {
+        self.0
+            .stop_sandbox(&req.into_inner().id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(()))
+    }
+
+    async fn remove(&self, req: Request<pb::RemoveSandboxRequest>) -> Rsp<()> {
+        self.0
+            .remove_sandbox(&req.into_inner().id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(()))
+    }
+
+    async fn get(&self, req: Request<pb::GetSandboxRequest>) -> Rsp<pb::GetSandboxResponse> {
+        let r = req.into_inner();
+        let (sandbox, info) = self.0.get_sandbox(&r.id, r.verbose).map_err(status)?;
+        Ok(Response::new(pb::GetSandboxResponse {
+            sandbox: Some(sandbox),
+            info,
+        }))
+    }
+
+    async fn list(&self, req: Request<pb::ListSandboxesRequest>) -> Rsp<pb::ListSandboxesResponse> {
+        let sandboxes = self
+            .0
+            .list_sandboxes(&req.into_inner().filters)
+            .map_err(status)?;
+        Ok(Response::new(pb::ListSandboxesResponse { sandboxes }))
     }
 }

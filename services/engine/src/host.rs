@@ -26,7 +26,7 @@ impl HostNetns {
     }
 }
 
-fn loopback_up() -> std::io::Result<()> {
+pub(crate) fn loopback_up() -> std::io::Result<()> {
     // SAFETY: plain socket/ioctl calls on a zeroed, correctly sized ifreq whose name is a
     // NUL-terminated "lo"; the descriptor is closed before returning.
     unsafe {
@@ -305,7 +305,26 @@ pub fn detect_host() -> HostInfo {
         nofile: nofile_limit(),
         seccomp_x32: x32_abi_from_config(read_kernel_config().as_deref()),
         cpu_realtime: !v2 && cg.join("cpu/cpu.rt_runtime_us").exists(),
+        min_oom_score_adj: min_oom_score_adj(),
+        hugetlb: if v2 {
+            std::fs::read_to_string(cg.join("cgroup.controllers"))
+                .is_ok_and(|c| c.split_whitespace().any(|w| w == "hugetlb"))
+        } else {
+            cg.join("hugetlb").is_dir()
+        },
     }
+}
+
+/// -1000 when this process may lower `oom_score_adj` (CAP_SYS_RESOURCE), else its own value:
+/// what a container started through the shim and runc can still be given.
+fn min_oom_score_adj() -> i32 {
+    if caps::has_sys_resource() {
+        return -1000;
+    }
+    std::fs::read_to_string("/proc/self/oom_score_adj")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// The running kernel's build config, from /proc/config.gz, when the kernel exposes it.

@@ -2,7 +2,7 @@
 //!
 //! [`run`] wires the real seams (the other services over gRPC, `berth-shim` processes, network
 //! namespace files), reconciles the records with the shims that survived, and serves
-//! `berth.engine.v1` (Containers, Tasks, Volumes) and `berth.events.v1` (Events). See
+//! `berth.engine.v1` (Containers, Tasks, Volumes, Sandboxes) and `berth.events.v1` (Events). See
 //! `docs/engine.md`.
 
 pub mod deps;
@@ -15,11 +15,14 @@ pub mod hostfiles;
 pub mod imageconfig;
 pub mod links;
 pub mod logs;
+pub mod metrics;
 pub mod names;
+pub mod podns;
 pub mod record;
 pub mod remote;
 pub mod restart;
 pub mod rootfs;
+pub mod sandbox;
 pub mod signal;
 pub mod spec;
 pub mod store;
@@ -31,6 +34,7 @@ use std::sync::Arc;
 use berth_core::snapshots::RemoteSnapshotter;
 use berth_core::{Config, Error, Result, Service};
 use berth_proto::berth::engine::v1::containers_server::ContainersServer;
+use berth_proto::berth::engine::v1::sandboxes_server::SandboxesServer;
 use berth_proto::berth::engine::v1::tasks_server::TasksServer;
 use berth_proto::berth::engine::v1::volumes_server::VolumesServer;
 use berth_proto::berth::events::v1::events_server::EventsServer;
@@ -71,6 +75,7 @@ pub fn real_deps(config: &Config) -> Deps {
             log_buffer_bytes: config.shim.log_buffer_bytes,
             exec: config.shim.exec.clone(),
         }),
+        pod_ns: Arc::new(podns::HostPodNamespaces::new()),
     }
 }
 
@@ -116,7 +121,11 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .add_service(VolumesServer::new(grpc::Volumes(engine.clone())))
-        .add_service(EventsServer::new(grpc::Events(engine.clone())));
+        .add_service(SandboxesServer::new(grpc::Sandboxes(engine.clone())))
+        .add_service(EventsServer::new(grpc::Events(engine.clone())))
+        .add_service(berth_core::metrics::service(Some(metrics::collector(
+            Arc::downgrade(&engine),
+        ))));
     let stop = engine.shutdown.clone();
     let result = berth_core::grpc::serve(router, listener, async move {
         shutdown.cancelled().await;

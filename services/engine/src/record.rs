@@ -150,7 +150,8 @@ impl Record {
         &self.config().labels
     }
 
-    /// Docker's event attributes of this container: name, image, and its labels.
+    /// Docker's event attributes of this container: name, image, its labels, and the pod
+    /// sandbox it belongs to (`sandboxID`), if any.
     pub fn event_attributes(&self) -> Vec<(String, String)> {
         let mut attrs: Vec<(String, String)> = self
             .labels()
@@ -159,6 +160,11 @@ impl Record {
             .collect();
         attrs.push(("name".into(), self.c.name.clone()));
         attrs.push(("image".into(), self.c.image.clone()));
+        let sandbox = &self.host_config().sandbox_id;
+        if !sandbox.is_empty() {
+            // The CRI's container events name the pod sandbox.
+            attrs.push(("sandboxID".into(), sandbox.clone()));
+        }
         attrs
     }
 }

@@ -198,6 +198,24 @@ impl Networks for RemoteNetworks {
             Ok((n.id, n.name))
         })
     }
+
+    fn cni_attach(&self, req: net::CniAttachRequest) -> BoxFuture<'_, net::CniAttachResponse> {
+        let mut c = self.client.clone();
+        Box::pin(async move { Ok(c.cni_attach(req).await?.into_inner()) })
+    }
+
+    fn cni_detach(&self, container_id: &str, config_name: &str) -> BoxFuture<'_, ()> {
+        let mut c = self.client.clone();
+        let req = net::CniDetachRequest {
+            container_id: container_id.into(),
+            config_name: config_name.into(),
+            interface_name: String::new(),
+        };
+        Box::pin(async move {
+            c.cni_detach(req).await?;
+            Ok(())
+        })
+    }
 }
 
 /// A shim over its own socket.
@@ -385,6 +403,14 @@ impl Shim for RemoteShim {
                 .into_inner()
                 .health
                 .unwrap_or_default())
+        })
+    }
+
+    fn reopen_log(&self) -> BoxFuture<'_, ()> {
+        let mut c = self.client.clone();
+        Box::pin(async move {
+            c.reopen_log(shim::ReopenLogRequest {}).await?;
+            Ok(())
         })
     }
 

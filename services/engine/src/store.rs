@@ -1,6 +1,6 @@
-//! The engine's records in redb (`<root>/engine/engine.redb`): containers and volumes. Every
-//! write is committed before its call returns, so a `kill -9` at any moment leaves either the
-//! old or the new record. Writes go to one writer thread (a commit waits for fsync) that
+//! The engine's records in redb (`<root>/engine/engine.redb`): containers, volumes and pod
+//! sandboxes. Every write is committed before its call returns, so a `kill -9` at any moment
+//! leaves either the old or the new record. Writes go to one writer thread (a commit waits for fsync) that
 //! commits whatever queued up meanwhile in one transaction (group commit): redb has one write
 //! transaction at a time, so 20 containers starting at once would otherwise wait for 20
 //! fsyncs in a row. Writes are applied in the order they were made.
@@ -14,9 +14,11 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::record::Record;
+use crate::sandbox::SandboxRecord;
 
 const CONTAINERS: TableDefinition<&str, &[u8]> = TableDefinition::new("containers");
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
+const SANDBOXES: TableDefinition<&str, &[u8]> = TableDefinition::new("sandboxes");
 
 /// A volume's record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +78,8 @@ impl Store {
         txn.open_table(CONTAINERS)
             .map_err(|e| db_err("open table")(e.into()))?;
         txn.open_table(VOLUMES)
+            .map_err(|e| db_err("open table")(e.into()))?;
+        txn.open_table(SANDBOXES)
             .map_err(|e| db_err("open table")(e.into()))?;
         txn.commit().map_err(|e| db_err("commit")(e.into()))?;
         let db = Arc::new(db);
@@ -141,6 +145,31 @@ impl Store {
                 Ok(r) => out.push(r),
                 Err(e) => {
                     tracing::error!(id, error = %e.chain(), "skipping unreadable container record")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes a pod sandbox record.
+    pub async fn put_sandbox(&self, rec: &SandboxRecord) -> Result<()> {
+        self.write(SANDBOXES, rec.id().to_string(), Some(rec.encode()))
+            .await
+    }
+
+    /// Removes a pod sandbox record (no error when it is gone).
+    pub async fn delete_sandbox(&self, id: &str) -> Result<()> {
+        self.write(SANDBOXES, id.to_string(), None).await
+    }
+
+    /// Every pod sandbox record (unreadable ones are reported and skipped).
+    pub fn sandboxes(&self) -> Result<Vec<SandboxRecord>> {
+        let mut out = Vec::new();
+        for (id, bytes) in self.all_raw(SANDBOXES)? {
+            match SandboxRecord::decode(&bytes) {
+                Ok(r) => out.push(r),
+                Err(e) => {
+                    tracing::error!(id, error = %e.chain(), "skipping unreadable sandbox record")
                 }
             }
         }

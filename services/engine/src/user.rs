@@ -143,6 +143,19 @@ pub fn resolve(
     Ok(out)
 }
 
+/// The gids of `group_add` (names looked up in the container's /etc/group, or numbers).
+pub fn group_ids(group: Option<&str>, group_add: &[String]) -> Result<Vec<u32>> {
+    let groups = group.map(parse_group).unwrap_or_default();
+    let mut out = Vec::new();
+    for g in group_add {
+        let gid = lookup_group(&groups, g)?;
+        if !out.contains(&gid) {
+            out.push(gid);
+        }
+    }
+    Ok(out)
+}
+
 fn lookup_group(groups: &[Group], g: &str) -> Result<u32> {
     let numeric = g.parse::<u32>().ok();
     if let Some(found) = groups.iter().find(|e| e.name == g) {

@@ -115,7 +115,11 @@ impl ImagesApi for ImagesService {
         let images = self.images.clone();
         let cancel_when_gone = req.cancel_when_gone;
         let stream = run_streaming(
-            async move { images.pull(opts, tx).await },
+            async move {
+                let done = images.pull(opts, tx).await;
+                crate::metrics::pull_done(done.is_ok());
+                done
+            },
             rx,
             |done: crate::pull::PullDone| {
                 Some(pb::PullResponse {

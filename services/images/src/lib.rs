@@ -10,6 +10,7 @@ pub mod filters;
 pub mod grpc;
 pub mod hosts;
 pub mod meta;
+pub mod metrics;
 pub mod oci;
 pub mod pull;
 pub mod push;
@@ -36,6 +37,7 @@ pub async fn run(
 ) -> Result<()> {
     let images = Arc::new(Images::open(config)?);
     let recovering = images.clone();
+    let metrics_images = images.clone();
     tokio::spawn(async move { recovering.recover().await });
     let (_health, health_service) = berth_core::grpc::health().await;
     let router = berth_core::grpc::server()
@@ -44,7 +46,10 @@ pub async fn run(
             ImagesServer::new(ImagesService::new(images))
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
-        );
+        )
+        .add_service(berth_core::metrics::service(Some(metrics::collector(
+            Arc::downgrade(&metrics_images),
+        ))));
     berth_core::grpc::serve(router, listener, shutdown.cancelled_owned()).await
 }
 

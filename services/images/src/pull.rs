@@ -757,6 +757,7 @@ impl Images {
                 })
                 .await?;
                 written += n;
+                crate::metrics::pulled_bytes(n);
                 dl.update(|s| s.written = written);
                 if last.elapsed() >= Duration::from_millis(100) {
                     last = Instant::now();
@@ -891,6 +892,7 @@ impl Images {
         let size = applied.size as i64;
         self.meta
             .write(|tx| tx.put(meta::LAYERS, diff_id.as_str(), &LayerInfo { size }))?;
+        crate::metrics::layer_unpacked();
         Ok(size)
     }
 

@@ -124,11 +124,11 @@ pub trait PluginExec: Send + Sync {
     fn exec(&self, plugin_type: &str, env: &[(String, String)], stdin: &[u8]) -> Result<Vec<u8>>;
 }
 
-/// Executes plugin binaries from a directory.
+/// Executes plugin binaries from directories (the first that has the plugin).
 #[derive(Debug, Clone)]
 pub struct ExecPlugins {
-    /// Where the plugin binaries are (`cni_bin_dir`).
-    pub bin_dir: PathBuf,
+    /// Where the plugin binaries are (`cni_bin_dirs`), in search order.
+    pub bin_dirs: Vec<PathBuf>,
 }
 
 /// The error a plugin printed, as a berth error.
@@ -169,13 +169,22 @@ impl PluginExec for ExecPlugins {
                 "invalid cni plugin type {plugin_type:?}"
             )));
         }
-        let binary = self.bin_dir.join(plugin_type);
-        if !binary.exists() {
+        let Some(binary) = self
+            .bin_dirs
+            .iter()
+            .map(|d| d.join(plugin_type))
+            .find(|b| b.is_file())
+        else {
+            let dirs: Vec<String> = self
+                .bin_dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect();
             return Err(Error::not_found(format!(
                 "cni plugin {plugin_type} not found in {}",
-                self.bin_dir.display()
+                dirs.join(", ")
             )));
-        }
+        };
         let command = env
             .iter()
             .find(|(k, _)| k == "CNI_COMMAND")

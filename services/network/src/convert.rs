@@ -308,6 +308,26 @@ pub fn runtime_config(c: &pb::CniCapabilities) -> Result<Map<String, Value>> {
     if !c.cgroup_path.is_empty() {
         rc.insert("cgroupPath".into(), json!(c.cgroup_path));
     }
+    if !c.ip_ranges.is_empty() {
+        // One range set of the given subnets, as the kubelet's pod CIDR reaches host-local.
+        let set = c
+            .ip_ranges
+            .iter()
+            .map(|r| {
+                let (ip, len) = r.split_once('/').ok_or_else(|| {
+                    Error::invalid_argument(format!("ip range {r:?} is not a CIDR"))
+                })?;
+                let ok = ip.parse::<IpAddr>().is_ok() && len.parse::<u8>().is_ok();
+                if !ok {
+                    return Err(Error::invalid_argument(format!(
+                        "ip range {r:?} is not a CIDR"
+                    )));
+                }
+                Ok(json!({ "subnet": r }))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        rc.insert("ipRanges".into(), json!([set]));
+    }
     Ok(rc)
 }
 
@@ -477,6 +497,17 @@ mod tests {
             ..Default::default()
         };
         assert!(runtime_config(&random).is_err());
+        let ranges = pb::CniCapabilities {
+            ip_ranges: vec!["10.88.0.0/16".into()],
+            ..Default::default()
+        };
+        let rc = runtime_config(&ranges).unwrap();
+        assert_eq!(rc["ipRanges"][0][0]["subnet"], "10.88.0.0/16");
+        let bad = pb::CniCapabilities {
+            ip_ranges: vec!["10.88.0.0".into()],
+            ..Default::default()
+        };
+        assert!(runtime_config(&bad).is_err());
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod host;
 pub mod ipam;
 pub mod iptables;
 pub mod kernel;
+pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod ports;
@@ -50,7 +51,7 @@ pub async fn run(
         firewall: Arc::new(iptables::Iptables::default()),
         host: Arc::new(host::RealHost::default()),
         cni: Arc::new(cni::ExecPlugins {
-            bin_dir: settings.cni_bin_dir.clone(),
+            bin_dirs: settings.cni_bin_dirs.clone(),
         }),
         events: Arc::new(events),
     };
@@ -64,6 +65,9 @@ pub async fn run(
     let (_health, health_service) = core_grpc::health().await;
     let router = core_grpc::server()
         .add_service(health_service)
+        .add_service(berth_core::metrics::service(Some(metrics::collector(
+            Arc::downgrade(&service),
+        ))))
         .add_service(NetworksServer::new(grpc::NetworksApi::new(service)));
     core_grpc::serve(router, listener, shutdown.cancelled_owned()).await
 }

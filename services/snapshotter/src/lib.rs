@@ -11,6 +11,7 @@ pub mod conformance;
 mod filter;
 mod fsutil;
 mod local;
+mod metrics;
 mod store;
 
 use berth_core::snapshots::SnapshotsService;
@@ -55,6 +56,9 @@ pub async fn run(
     let (_health, health_service) = grpc::health().await;
     let router = grpc::server()
         .add_service(health_service)
+        .add_service(berth_core::metrics::service(Some(metrics::collector(
+            snapshotter.clone(),
+        ))))
         .add_service(SnapshotsService::new(snapshotter).into_server());
     grpc::serve(router, listener, shutdown.cancelled_owned()).await
 }

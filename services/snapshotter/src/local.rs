@@ -458,7 +458,45 @@ impl Inner {
     }
 }
 
+/// Snapshots and their disk use, by kind (`view`, `active`, `committed`).
+pub type KindTotals = std::collections::BTreeMap<&'static str, (u64, i64)>;
+
+impl Inner {
+    fn totals(&self) -> Result<KindTotals> {
+        let all = self.store.read()?.all()?;
+        let mut out = KindTotals::new();
+        for kind in ["view", "active", "committed"] {
+            out.insert(kind, (0, 0));
+        }
+        for (_, record) in all {
+            let (kind, bytes) = match (record.kind, record.usage) {
+                (StoredKind::Committed, Some(u)) => ("committed", u.size),
+                (StoredKind::Committed, None) => ("committed", self.measure(record.id)),
+                (StoredKind::Active, _) => ("active", self.measure(record.id)),
+                // A view's directory is empty: it mounts its parent read-only.
+                (StoredKind::View, _) => ("view", 0),
+            };
+            let t = out.entry(kind).or_default();
+            t.0 += 1;
+            t.1 += bytes.max(0);
+        }
+        Ok(out)
+    }
+
+    fn measure(&self, id: u64) -> i64 {
+        fsutil::disk_usage(&self.fs_dir(id))
+            .map(|u| u.size)
+            .unwrap_or(0)
+    }
+}
+
 impl LocalSnapshotter {
+    /// Snapshots and bytes on disk by kind, for the metrics: committed snapshots from the size
+    /// recorded at commit, active ones measured now (their upper directories).
+    pub async fn totals(&self) -> Result<KindTotals> {
+        self.blocking(|s| s.totals()).await
+    }
+
     /// Like [`Snapshotter::cleanup`], returning how many directories were removed.
     pub async fn cleanup_count(&self) -> Result<usize> {
         self.blocking(|s| s.cleanup()).await

@@ -953,6 +953,20 @@ impl Shim {
         self.runtime()?.update(self.id(), resources).await
     }
 
+    /// Closes the init's log file and opens its path again.
+    pub async fn reopen_log(&self) -> Result<()> {
+        let logger = {
+            let st = self.inner.state.lock().unwrap();
+            st.log.as_ref().and_then(|l| l.logger.clone())
+        };
+        let logger = logger.ok_or_else(|| {
+            Error::failed_precondition("the container has no log writer (not running, or no log)")
+        })?;
+        logger.reopen().await.map_err(|e| {
+            Error::internal(format!("reopen {}", logger.options().path.display())).with_source(e)
+        })
+    }
+
     /// The container's cgroup counters.
     pub fn stats(&self) -> Result<Stats> {
         let oom = {

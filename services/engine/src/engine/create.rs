@@ -180,6 +180,12 @@ impl Engine {
             return Err(Error::invalid_argument("config.image is required"));
         }
         let mut hc = req.host_config.clone().unwrap_or_default();
+        let sandbox_hostname = self.join_sandbox_at_create(&mut hc)?;
+        if !hc.sandbox_id.is_empty() && !req.networks.is_empty() {
+            return Err(Error::invalid_argument(
+                "a container of a pod sandbox uses the pod's network; it cannot name networks",
+            ));
+        }
         let warnings = validate_host_config(self, &hc)?;
 
         let name = if req.name.is_empty() {
@@ -195,6 +201,12 @@ impl Engine {
             self.reserve_name(&n)?;
             n
         };
+        let mut user_config = user_config;
+        if let Some(h) = sandbox_hostname
+            && user_config.hostname.is_empty()
+        {
+            user_config.hostname = h;
+        }
         let result = self
             .create_named(&name, req, user_config, &mut hc, namespace)
             .await;
@@ -287,7 +299,14 @@ impl Engine {
                             m.source
                         )));
                     }
-                    let create = m.bind.as_ref().is_some_and(|b| b.create_host_path);
+                    let b = m.bind.unwrap_or_default();
+                    if b.read_only_force_recursive && (!m.read_only || b.non_recursive) {
+                        return Err(Error::invalid_argument(format!(
+                            "invalid mount config for {}: recursive read-only needs a read-only, recursive bind",
+                            m.target
+                        )));
+                    }
+                    let create = b.create_host_path;
                     if !create && !Path::new(&m.source).exists() {
                         return Err(Error::invalid_argument(format!(
                             "invalid mount config for type \"bind\": bind source path does not exist: {}",
@@ -481,6 +500,7 @@ impl Engine {
         let mut networks = networks;
         let mode = network_mode(hc).to_string();
         if networks.is_empty()
+            && hc.sandbox_id.is_empty()
             && !matches!(mode.as_str(), "host" | "none" | "cni")
             && !mode.starts_with("container:")
         {
@@ -548,6 +568,7 @@ impl Engine {
             size_root_fs: -1,
             extensions: req.extensions.clone(),
             bundle_path: self.paths.bundle(id).display().to_string(),
+            process_user: None,
         };
         let rec = Record {
             c: container,

@@ -17,12 +17,14 @@ mod io;
 mod network;
 mod query;
 mod recover;
+mod sandbox;
+mod stats;
 mod task;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use berth_core::id::{ObjectKind, resolve};
 use berth_core::{Config, Error, Result};
@@ -41,6 +43,7 @@ use crate::volumes::Volumes;
 
 pub use io::{AttachInput, ExecInstance};
 pub use query::list_keys;
+pub use sandbox::Sbx;
 pub(crate) use task::parse_size;
 
 /// Where the engine keeps things.
@@ -56,6 +59,10 @@ pub struct Paths {
     pub scratch: PathBuf,
     /// `<root>/volumes`.
     pub volumes: PathBuf,
+    /// `<root>/engine/sandboxes`: each pod's hostname, hosts and resolv.conf.
+    pub sandbox_files: PathBuf,
+    /// `<state>/sandboxes`: each pod's namespace files.
+    pub sandbox_ns: PathBuf,
 }
 
 impl Paths {
@@ -64,6 +71,8 @@ impl Paths {
         let data = config.root.join("engine");
         Self {
             containers: data.join("containers"),
+            sandbox_files: data.join("sandboxes"),
+            sandbox_ns: config.state_dir.join("sandboxes"),
             data,
             bundles: config.state_dir.join("bundles"),
             scratch: config.state_dir.join("engine-tmp"),
@@ -197,7 +206,10 @@ pub struct Engine {
     deps: Deps,
     host: HostInfo,
     reg: Mutex<Registry>,
+    sandboxes: Mutex<sandbox::SandboxRegistry>,
     execs: Mutex<HashMap<String, Arc<ExecInstance>>>,
+    /// Stats samplers of containers someone streams stats of, by id.
+    samplers: Mutex<HashMap<String, std::sync::Weak<stats::Sampler>>>,
     /// Cancelled when the engine stops (background tasks end; containers keep running).
     pub shutdown: CancellationToken,
 }
@@ -223,13 +235,21 @@ impl Engine {
                 .map_err(|e| Error::internal(format!("create {}", dir.display())).with_source(e))?;
         }
         let store = Store::open(&paths.data.join("engine.redb"))?;
-        let hub = Hub::new(events::DEFAULT_HISTORY);
+        let hub = Hub::open(
+            &paths.data.join("events.log"),
+            events::Retention {
+                max_count: config.engine.events_max_count as usize,
+                max_age: (config.engine.events_max_age > 0)
+                    .then(|| Duration::from_secs(config.engine.events_max_age)),
+            },
+        )?;
         let volumes = Volumes::load(paths.volumes.clone(), store.clone(), hub.clone())?;
         let mut reg = Registry::default();
         for rec in store.containers()? {
             reg.names.insert(rec.c.name.clone(), rec.id().to_string());
             reg.by_id.insert(rec.id().to_string(), Ctr::new(rec));
         }
+        let sandboxes = sandbox::SandboxRegistry::load(store.sandboxes()?);
         Ok(Arc::new(Self {
             config,
             paths,
@@ -239,7 +259,9 @@ impl Engine {
             deps,
             host,
             reg: Mutex::new(reg),
+            sandboxes: Mutex::new(sandboxes),
             execs: Mutex::new(HashMap::new()),
+            samplers: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
         }))
     }
@@ -296,6 +318,7 @@ impl Engine {
     ) {
         let mut attrs = rec.event_attributes();
         attrs.extend(extra);
+        crate::metrics::container_event(action, &attrs);
         let ns = if rec.p.namespace.is_empty() {
             DEFAULT_NAMESPACE
         } else {

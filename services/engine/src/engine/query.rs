@@ -63,6 +63,8 @@ pub fn list_keys() -> &'static [&'static str] {
         "health",
         "isolation",
         "is-task",
+        // berth's own: containers that carry the named extension (not a Docker filter).
+        "berth.extension",
     ]
 }
 
@@ -365,6 +367,13 @@ impl Engine {
                 return Ok(false);
             }
         }
+        if args.contains("berth.extension")
+            && !args
+                .values("berth.extension")
+                .any(|k| c.extensions.contains_key(k))
+        {
+            return Ok(false);
+        }
         if args.contains("ancestor") && !args.values("ancestor").any(|a| ancestor_matches(rec, a)) {
             return Ok(false);
         }
@@ -519,28 +528,22 @@ impl Engine {
         let ctr = self.get(input)?;
         let engine = self.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        tokio::spawn(async move {
-            let mut prev: Option<(types::CpuStats, Timestamp)> = None;
-            let mut first = true;
-            loop {
-                let sample = engine.sample(&ctr).await;
-                let read = sample
-                    .stats
-                    .as_ref()
-                    .and_then(|s| s.read)
-                    .unwrap_or_else(super::now);
-                let cpu = sample.stats.as_ref().and_then(|s| s.cpu.clone());
-                let mut out = sample.clone();
-                if let Some((pc, pt)) = &prev {
-                    out.precpu = Some(pc.clone());
-                    out.preread = Some(*pt);
-                }
-                prev = cpu.map(|c| (c, read));
-                // Docker's non-streaming sample carries precpu from a second read a second
-                // later, unless one-shot.
-                let emit = stream || one_shot || !first;
-                first = false;
-                if emit {
+        if stream {
+            // Streams share one sample a second per container (see `stats.rs`).
+            let sampler = self.sampler(&ctr);
+            let mut samples = sampler.subscribe();
+            tokio::spawn(async move {
+                let _sampler = sampler;
+                let mut prev: Option<(types::CpuStats, Timestamp)> = None;
+                loop {
+                    tokio::select! {
+                        changed = samples.changed() => if changed.is_err() { return },
+                        _ = tx.closed() => return,
+                    }
+                    let Some(sample) = samples.borrow_and_update().clone() else {
+                        continue;
+                    };
+                    let out = with_previous(&sample, &mut prev);
                     if tx
                         .send(Ok(pb::StatsResponse { stats: Some(out) }))
                         .await
@@ -548,9 +551,23 @@ impl Engine {
                     {
                         return;
                     }
-                    if !stream {
-                        return;
-                    }
+                }
+            });
+            return Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)));
+        }
+        tokio::spawn(async move {
+            let mut prev: Option<(types::CpuStats, Timestamp)> = None;
+            let mut first = true;
+            loop {
+                let sample = engine.sample(&ctr).await;
+                let out = with_previous(&sample, &mut prev);
+                // Docker's non-streaming sample carries precpu from a second read a second
+                // later, unless one-shot.
+                let emit = one_shot || !first;
+                first = false;
+                if emit {
+                    let _ = tx.send(Ok(pb::StatsResponse { stats: Some(out) })).await;
+                    return;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -564,7 +581,13 @@ impl Engine {
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
-    async fn sample(&self, ctr: &Arc<Ctr>) -> pb::ContainerStats {
+    /// One stats sample of `ctr` (empty when it is not running).
+    pub(crate) async fn sample(&self, ctr: &Arc<Ctr>) -> pb::ContainerStats {
+        self.sample_with(ctr, true).await
+    }
+
+    /// Like [`Self::sample`]; without `num_procs` (one shim call fewer) unless `procs`.
+    pub(crate) async fn sample_with(&self, ctr: &Arc<Ctr>, procs: bool) -> pb::ContainerStats {
         let rec = ctr.record();
         let mut out = pb::ContainerStats {
             id: rec.c.id.clone(),
@@ -592,7 +615,9 @@ impl Engine {
                 }
             }
             out.stats = Some(stats);
-            out.num_procs = shim.pids().await.map(|p| p.len() as u32).unwrap_or(0);
+            if procs {
+                out.num_procs = shim.pids().await.map(|p| p.len() as u32).unwrap_or(0);
+            }
         }
         let pid = rec.state().pid;
         if pid > 0 {
@@ -658,6 +683,29 @@ impl Engine {
             .collect();
         Ok(Box::pin(futures::stream::iter(batches)))
     }
+}
+
+/// `sample` with the previous sample's CPU counters as `precpu`/`preread`; remembers its own.
+fn with_previous(
+    sample: &pb::ContainerStats,
+    prev: &mut Option<(types::CpuStats, Timestamp)>,
+) -> pb::ContainerStats {
+    let read = sample
+        .stats
+        .as_ref()
+        .and_then(|s| s.read)
+        .unwrap_or_else(super::now);
+    let mut out = sample.clone();
+    if let Some((pc, pt)) = prev.as_ref() {
+        out.precpu = Some(pc.clone());
+        out.preread = Some(*pt);
+    }
+    *prev = sample
+        .stats
+        .as_ref()
+        .and_then(|s| s.cpu.clone())
+        .map(|c| (c, read));
+    out
 }
 
 /// Docker's parsing of `ps` output: titles from the first line, the PID column found by name,

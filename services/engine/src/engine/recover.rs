@@ -44,6 +44,7 @@ impl Engine {
     pub async fn recover(self: &Arc<Self>) -> Result<Recovery> {
         let t0 = Instant::now();
         let mut out = Recovery::default();
+        self.recover_sandboxes().await;
         let ctrs = self.all();
         // Restarting as recorded before this start: those restarts were pending when the engine
         // went away. An exit found by the reconcile below is marked restarting by its own phase
@@ -192,6 +193,15 @@ impl Engine {
                     let _op = ctr.op.lock().await;
                     self.cleanup_task(ctr).await;
                     return Outcome::Nothing;
+                }
+                Err(e) if e.is(berth_core::ErrorKind::NotFound) => {
+                    // The shim answers but its task was deleted: the engine went away between
+                    // the shim's Delete and its Shutdown. End it, then clean up as for a shim
+                    // that is gone.
+                    tracing::info!(id = %ctr.id, "shim without a task; shutting it down");
+                    if let Err(e) = shim.shutdown(true).await {
+                        tracing::warn!(id = %ctr.id, error = %e.chain(), "shim shutdown");
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(id = %ctr.id, error = %e.chain(), "shim state; treating the shim as gone");

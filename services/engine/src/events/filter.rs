@@ -35,6 +35,7 @@ pub fn type_name(t: EventType) -> &'static str {
         EventType::Daemon => "daemon",
         EventType::Plugin => "plugin",
         EventType::Task => "task",
+        EventType::Sandbox => "sandbox",
     }
 }
 
@@ -69,6 +70,10 @@ impl EventFilter {
         let ty = ev.r#type();
         // Internal task payloads go only to those who ask for them.
         if ty == EventType::Task && !a.values("type").any(|v| v == "task") {
+            return false;
+        }
+        // So are pod sandbox events (the CRI's; Docker clients know no such type).
+        if ty == EventType::Sandbox && !a.values("type").any(|v| v == "sandbox") {
             return false;
         }
         let namespace_ok = match &self.namespace {

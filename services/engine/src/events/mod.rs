@@ -9,10 +9,15 @@
 //!
 //! Shims retry publishing until it succeeds, so the same task payload can arrive twice; the hub
 //! keeps the keys of recent task payloads and drops repeats.
+//!
+//! The history is bounded by count and by age, and with a [`journal::Journal`] it is also on
+//! disk: a restarted hub continues the sequence numbers and answers `since`/`until` as before.
 
 pub mod filter;
+pub mod journal;
 
 use std::collections::{HashSet, VecDeque};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -21,9 +26,26 @@ use berth_proto::prost_types::Timestamp;
 use tokio::sync::broadcast;
 
 pub use filter::EventFilter;
+use journal::Journal;
 
-/// Default number of envelopes kept for `since`.
-pub const DEFAULT_HISTORY: usize = 4096;
+/// How much history a hub keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Envelopes kept at most (at least one).
+    pub max_count: usize,
+    /// Envelopes older than this are dropped; `None` keeps them regardless of age.
+    pub max_age: Option<Duration>,
+}
+
+impl Retention {
+    /// At most `max_count` envelopes, of any age.
+    pub fn count(max_count: usize) -> Self {
+        Self {
+            max_count,
+            max_age: None,
+        }
+    }
+}
 
 /// The hub. Cheap to share behind an `Arc`.
 #[derive(Debug)]
@@ -31,11 +53,13 @@ pub struct Hub {
     inner: Mutex<Inner>,
     live: broadcast::Sender<Arc<pb::Envelope>>,
     capacity: usize,
+    max_age: Option<Duration>,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     ring: VecDeque<Arc<pb::Envelope>>,
+    journal: Option<Journal>,
     next_seq: u64,
     last_time: Option<SystemTime>,
     /// Keys of recent task payloads, to drop the repeats of retried publishes.
@@ -71,15 +95,100 @@ fn task_key(ev: &pb::Envelope) -> Option<String> {
     })
 }
 
+impl Inner {
+    fn remember_task(&mut self, key: String) -> bool {
+        if !self.seen_set.insert(key.clone()) {
+            return false;
+        }
+        self.seen_tasks.push_back(key);
+        if self.seen_tasks.len() > SEEN_TASKS
+            && let Some(old) = self.seen_tasks.pop_front()
+        {
+            self.seen_set.remove(&old);
+        }
+        true
+    }
+}
+
 impl Hub {
-    /// A hub keeping `capacity` envelopes of history.
+    /// A hub keeping `capacity` envelopes of history in memory only.
     pub fn new(capacity: usize) -> Arc<Self> {
+        Self::with_inner(Inner::default(), Retention::count(capacity))
+    }
+
+    fn with_inner(inner: Inner, retention: Retention) -> Arc<Self> {
         let (live, _) = broadcast::channel(1024);
         Arc::new(Self {
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(inner),
             live,
-            capacity: capacity.max(1),
+            capacity: retention.max_count.max(1),
+            max_age: retention.max_age,
         })
+    }
+
+    /// A hub whose history is kept in the journal at `path` as well: what the journal holds
+    /// within `retention` is loaded, and sequence numbers and times continue after it.
+    pub fn open(path: &Path, retention: Retention) -> berth_core::Result<Arc<Self>> {
+        let io_err = |e: std::io::Error| {
+            berth_core::Error::internal(format!("events journal {}", path.display())).with_source(e)
+        };
+        let (journal, events) = Journal::open(path).map_err(io_err)?;
+        let mut inner = Inner {
+            journal: Some(journal),
+            ..Inner::default()
+        };
+        for ev in events {
+            if let Some(key) = task_key(&ev) {
+                inner.remember_task(key);
+            }
+            inner.next_seq = inner.next_seq.max(ev.sequence);
+            let t = ev.timestamp.as_ref().map(to_system_time);
+            if let Some(t) = t
+                && inner.last_time.is_none_or(|last| t > last)
+            {
+                inner.last_time = Some(t);
+            }
+            inner.ring.push_back(Arc::new(ev));
+        }
+        let hub = Self::with_inner(inner, retention);
+        {
+            let mut inner = hub.inner.lock().unwrap();
+            hub.trim(&mut inner, SystemTime::now());
+            let Inner { ring, journal, .. } = &mut *inner;
+            let journal = journal.as_mut().expect("opened with a journal");
+            if journal.records() != ring.len() {
+                journal
+                    .rewrite(ring.iter().map(|ev| ev.as_ref()))
+                    .map_err(io_err)?;
+            }
+        }
+        Ok(hub)
+    }
+
+    /// Drops what is beyond the count or older than the age limit, and rewrites the journal
+    /// once it holds twice what is retained.
+    fn trim(&self, inner: &mut Inner, now: SystemTime) {
+        while inner.ring.len() > self.capacity {
+            inner.ring.pop_front();
+        }
+        if let Some(max_age) = self.max_age
+            && let Some(oldest) = now.checked_sub(max_age)
+        {
+            while inner.ring.front().is_some_and(|ev| {
+                ev.timestamp
+                    .as_ref()
+                    .is_none_or(|t| to_system_time(t) < oldest)
+            }) {
+                inner.ring.pop_front();
+            }
+        }
+        let Inner { ring, journal, .. } = inner;
+        if let Some(journal) = journal
+            && journal.records() >= 2 * self.capacity.max(ring.len()).max(64)
+            && let Err(e) = journal.rewrite(ring.iter().map(|ev| ev.as_ref()))
+        {
+            tracing::warn!(error = %e, "events journal: rewrite failed");
+        }
     }
 
     /// Adds `ev`, filling `timestamp` (when unset), `namespace` (when empty, with
@@ -91,17 +200,10 @@ impl Hub {
         default_namespace: &str,
     ) -> Option<Arc<pb::Envelope>> {
         let mut inner = self.inner.lock().unwrap();
-        if let Some(key) = task_key(&ev) {
-            if inner.seen_set.contains(&key) {
-                return None;
-            }
-            inner.seen_set.insert(key.clone());
-            inner.seen_tasks.push_back(key);
-            if inner.seen_tasks.len() > SEEN_TASKS
-                && let Some(old) = inner.seen_tasks.pop_front()
-            {
-                inner.seen_set.remove(&old);
-            }
+        if let Some(key) = task_key(&ev)
+            && !inner.remember_task(key)
+        {
+            return None;
         }
         // Times never go backwards within the hub, so that `since`/`until` agree with the order
         // subscribers see.
@@ -125,14 +227,24 @@ impl Hub {
         }
         inner.next_seq += 1;
         ev.sequence = inner.next_seq;
+        if let Some(journal) = inner.journal.as_mut()
+            && let Err(e) = journal.append(&ev)
+        {
+            // The event still reaches every subscriber; only a restart would forget it.
+            tracing::warn!(error = %e, "events journal: append failed");
+        }
         let ev = Arc::new(ev);
         inner.ring.push_back(ev.clone());
-        while inner.ring.len() > self.capacity {
-            inner.ring.pop_front();
-        }
+        self.trim(&mut inner, now);
+        metrics::counter!("berth_events_total", "type" => type_name(ev.r#type())).increment(1);
         // Nobody listening is fine.
         let _ = self.live.send(ev.clone());
         Some(ev)
+    }
+
+    /// Envelopes retained for `since`.
+    pub fn retained(&self) -> usize {
+        self.inner.lock().unwrap().ring.len()
     }
 
     /// A subscription: retained events with `since <= time <= until` (none without `since`),
@@ -253,6 +365,21 @@ impl Subscription {
     }
 }
 
+/// Docker's name of an event type (`container`, …; `task` for shim payloads).
+pub fn type_name(ty: EventType) -> &'static str {
+    match ty {
+        EventType::Container => "container",
+        EventType::Volume => "volume",
+        EventType::Network => "network",
+        EventType::Image => "image",
+        EventType::Daemon => "daemon",
+        EventType::Plugin => "plugin",
+        EventType::Task => "task",
+        EventType::Sandbox => "sandbox",
+        EventType::Unspecified => "unspecified",
+    }
+}
+
 /// An envelope for a Docker-visible event published by the engine itself.
 pub fn docker_event(
     ty: EventType,
@@ -269,6 +396,7 @@ pub fn docker_event(
         EventType::Daemon => "daemon",
         EventType::Plugin => "plugins",
         EventType::Task => "tasks",
+        EventType::Sandbox => "sandboxes",
         EventType::Unspecified => "events",
     };
     let topic_action = action.split(':').next().unwrap_or(&action).to_string();
@@ -390,9 +518,69 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn repeated_task_payloads_are_dropped() {
-        let hub = Hub::new(10);
-        let exit = pb::Envelope {
+    async fn a_reopened_hub_answers_the_same_and_continues_the_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.log");
+        let retention = Retention {
+            max_count: 5,
+            max_age: None,
+        };
+        let hub = Hub::open(&path, retention).unwrap();
+        let before = SystemTime::now();
+        for i in 0..20 {
+            hub.publish(container("start", &format!("c{i}")), "default");
+        }
+        let until = SystemTime::now();
+        let read = |hub: &Arc<Hub>| {
+            let mut s = hub.subscribe(f(&[]), Some(before), Some(until));
+            async move {
+                let mut got = Vec::new();
+                while let Some(ev) = s.next().await {
+                    got.push((ev.sequence, ev.actor.as_ref().unwrap().id.clone()));
+                }
+                got
+            }
+        };
+        let first = read(&hub).await;
+        assert_eq!(first.len(), 5);
+        assert_eq!(first[0].1, "c15");
+        drop(hub);
+        let hub = Hub::open(&path, retention).unwrap();
+        assert_eq!(read(&hub).await, first);
+        let next = hub.publish(container("stop", "x"), "default").unwrap();
+        assert_eq!(next.sequence, 21);
+        assert!(to_system_time(next.timestamp.as_ref().unwrap()) > until);
+    }
+
+    #[tokio::test]
+    async fn old_events_age_out_and_task_repeats_stay_dropped_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.log");
+        let retention = Retention {
+            max_count: 100,
+            max_age: Some(Duration::from_secs(3600)),
+        };
+        let hub = Hub::open(&path, retention).unwrap();
+        let mut old = container("create", "old");
+        old.timestamp = Some((SystemTime::now() - Duration::from_secs(7200)).into());
+        hub.publish(old, "default");
+        let exit = task_exit();
+        assert!(hub.publish(exit.clone(), "default").is_some());
+        hub.publish(container("start", "new"), "default");
+        drop(hub);
+        let hub = Hub::open(&path, retention).unwrap();
+        let mut s = hub.subscribe(
+            f(&[]),
+            Some(SystemTime::UNIX_EPOCH),
+            Some(SystemTime::now()),
+        );
+        assert_eq!(s.next().await.unwrap().actor.as_ref().unwrap().id, "new");
+        assert!(s.next().await.is_none());
+        assert!(hub.publish(exit, "default").is_none(), "a retried exit");
+    }
+
+    fn task_exit() -> pb::Envelope {
+        pb::Envelope {
             r#type: EventType::Task.into(),
             topic: "/tasks/exit".into(),
             payload: Some(Payload::TaskExit(pb::TaskExit {
@@ -403,7 +591,13 @@ mod tests {
                 ..Default::default()
             })),
             ..Default::default()
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn repeated_task_payloads_are_dropped() {
+        let hub = Hub::new(10);
+        let exit = task_exit();
         assert!(hub.publish(exit.clone(), "default").is_some());
         assert!(hub.publish(exit, "default").is_none());
     }

@@ -50,6 +50,12 @@ pub struct HostInfo {
     pub seccomp_x32: bool,
     /// Real-time group scheduling (`cpu.rt_runtime_us` in the cgroup v1 cpu hierarchy).
     pub cpu_realtime: bool,
+    /// The lowest `oom_score_adj` a container can get: -1000 with CAP_SYS_RESOURCE, else the
+    /// engine's own (lowering it needs that capability, so runc's write would fail). Lower
+    /// requests are clamped to it, as containerd's `restrict_oom_score_adj` does.
+    pub min_oom_score_adj: i32,
+    /// The hugetlb cgroup controller is where runc sets limits (the v1 hierarchy, or v2 only).
+    pub hugetlb: bool,
 }
 
 impl Default for HostInfo {
@@ -63,6 +69,8 @@ impl Default for HostInfo {
             nofile: DEFAULT_NOFILE,
             seccomp_x32: true,
             cpu_realtime: false,
+            min_oom_score_adj: -1000,
+            hugetlb: false,
         }
     }
 }
@@ -521,7 +529,14 @@ pub fn generate(input: &SpecInput<'_>) -> Result<(Spec, Vec<String>)> {
                 hc.oom_score_adj
             )));
         }
-        process.set_oom_score_adj(Some(hc.oom_score_adj));
+        let adj = hc.oom_score_adj.max(input.host.min_oom_score_adj);
+        if adj != hc.oom_score_adj {
+            warnings.push(format!(
+                "oom score adj {} clamped to {adj}: lowering it needs CAP_SYS_RESOURCE",
+                hc.oom_score_adj
+            ));
+        }
+        process.set_oom_score_adj(Some(adj));
     }
     if let Some(size) = &hc.console_size
         && cfg.tty
@@ -809,6 +824,9 @@ mod tests {
             nofile: DEFAULT_NOFILE,
             seccomp_x32: true,
             cpu_realtime: false,
+            // As without CAP_SYS_RESOURCE, with the engine at 0.
+            min_oom_score_adj: 0,
+            hugetlb: true,
             devices: vec![Device {
                 path: "/dev/fuse".into(),
                 kind: 'c',
@@ -914,6 +932,20 @@ mod tests {
         assert!(!ns.iter().any(|(t, _)| *t == "cgroup"));
         let rules = j["linux"]["resources"]["devices"].as_array().unwrap();
         assert_eq!(rules[0]["allow"], false);
+    }
+
+    #[test]
+    fn negative_oom_score_adj_is_clamped_not_refused() {
+        let hc = pb::HostConfig {
+            oom_score_adj: -998,
+            ..Default::default()
+        };
+        let (spec, warnings) = gen_with(&hc, &[]);
+        assert_eq!(json(&spec)["process"]["oomScoreAdj"], 0);
+        assert!(
+            warnings.iter().any(|w| w.contains("clamped")),
+            "{warnings:?}"
+        );
     }
 
     #[test]

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use berth_core::{Error, Result};
 use berth_proto::berth::engine::v1 as pb;
 use oci_spec::runtime::{
-    LinuxBlockIo, LinuxCpu, LinuxMemory, LinuxPids, LinuxResources, LinuxThrottleDevice,
-    LinuxThrottleDeviceBuilder, LinuxWeightDevice, LinuxWeightDeviceBuilder,
+    LinuxBlockIo, LinuxCpu, LinuxHugepageLimitBuilder, LinuxMemory, LinuxPids, LinuxResources,
+    LinuxThrottleDevice, LinuxThrottleDeviceBuilder, LinuxWeightDevice, LinuxWeightDeviceBuilder,
 };
 
 use super::HostInfo;
@@ -19,6 +19,24 @@ pub const MIN_MEMORY: i64 = 6 * 1024 * 1024;
 
 /// Checks values the way dockerd does before anything is created.
 pub fn validate(r: &pb::Resources, host: &HostInfo) -> Result<()> {
+    if !r.hugepage_limits.is_empty() && !host.hugetlb {
+        return Err(Error::invalid_argument(
+            "hugepage limits are not supported here: the hugetlb cgroup controller is not where the runtime sets limits",
+        ));
+    }
+    for h in &r.hugepage_limits {
+        let digits = h.page_size.trim_end_matches(['K', 'M', 'G', 'B']);
+        let unit = &h.page_size[digits.len()..];
+        if digits.is_empty()
+            || !digits.bytes().all(|b| b.is_ascii_digit())
+            || !matches!(unit, "KB" | "MB" | "GB")
+        {
+            return Err(Error::invalid_argument(format!(
+                "invalid hugepage size {:?} (want e.g. 2MB or 1GB)",
+                h.page_size
+            )));
+        }
+    }
     if let Some(m) = r.memory
         && m > 0
         && m < MIN_MEMORY
@@ -409,6 +427,20 @@ pub fn to_oci(
     if any_bio {
         out.set_block_io(Some(bio));
     }
+    if !r.hugepage_limits.is_empty() {
+        out.set_hugepage_limits(Some(
+            r.hugepage_limits
+                .iter()
+                .map(|h| {
+                    LinuxHugepageLimitBuilder::default()
+                        .page_size(h.page_size.clone())
+                        .limit(h.limit as i64)
+                        .build()
+                        .map_err(|e| Error::internal("hugepage limit").with_source(e))
+                })
+                .collect::<Result<Vec<_>>>()?,
+        ));
+    }
     if !r.unified.is_empty() {
         out.set_unified(Some(
             r.unified
@@ -452,6 +484,9 @@ pub fn merge(current: &mut pb::Resources, update: &pb::Resources) {
     for (k, v) in &update.unified {
         current.unified.insert(k.clone(), v.clone());
     }
+    if !update.hugepage_limits.is_empty() {
+        current.hugepage_limits = update.hugepage_limits.clone();
+    }
 }
 
 #[cfg(test)]
@@ -469,6 +504,36 @@ mod tests {
 
     fn no_dev(_: &str) -> Result<(i64, i64)> {
         Ok((8, 0))
+    }
+
+    #[test]
+    fn hugepage_limits_need_the_controller_and_valid_sizes() {
+        let r = pb::Resources {
+            hugepage_limits: vec![pb::HugepageLimit {
+                page_size: "2MB".into(),
+                limit: 4 << 20,
+            }],
+            ..Default::default()
+        };
+        let err = validate(&r, &host()).unwrap_err();
+        assert!(err.message().contains("hugetlb"), "{}", err.message());
+        let with = HostInfo {
+            hugetlb: true,
+            ..host()
+        };
+        validate(&r, &with).unwrap();
+        let oci = to_oci(&r, &with, true, &no_dev, &mut Vec::new()).unwrap();
+        let j = serde_json::to_value(&oci).unwrap();
+        assert_eq!(j["hugepageLimits"][0]["pageSize"], "2MB");
+        assert_eq!(j["hugepageLimits"][0]["limit"], 4 << 20);
+        let bad = pb::Resources {
+            hugepage_limits: vec![pb::HugepageLimit {
+                page_size: "2M".into(),
+                limit: 1,
+            }],
+            ..Default::default()
+        };
+        assert!(validate(&bad, &with).is_err());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! late: log driver options, namespace modes, devices, and bind propagation that the host mount
 //! under the source cannot give. Docker's messages where Docker has them.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use berth_core::{Error, Result};
 use berth_proto::berth::engine::v1 as pb;
@@ -83,6 +83,20 @@ pub fn log_config(lc: &pb::LogConfig, default_driver: &str) -> Result<()> {
         if !honoured.contains(&key.as_str()) && !harmless {
             return Err(Error::invalid_argument(format!(
                 "log opt '{key}' of the {driver} log driver is not supported by berth"
+            )));
+        }
+    }
+    if driver == "cri" {
+        // The kubelet reads the file at exactly this path; a relative or dot-dot path would
+        // land where it never looks.
+        let path = opts.get("path").map(String::as_str).unwrap_or("");
+        let p = Path::new(path);
+        if !p.is_absolute()
+            || p.components().any(|c| c == Component::ParentDir)
+            || path.ends_with('/')
+        {
+            return Err(Error::invalid_argument(format!(
+                "logger: the cri log driver needs an absolute file path, not {path:?}"
             )));
         }
     }
@@ -287,6 +301,13 @@ mod tests {
             msg(log_config(&lc("json-file", &[("mode", "fast")]), "")),
             "logger: logging mode not supported: fast"
         );
+        log_config(&lc("cri", &[("path", "/var/log/pods/p/c/0.log")]), "").unwrap();
+        for bad in ["", "c/0.log", "/var/log/pods/../x.log", "/var/log/pods/"] {
+            assert!(
+                msg(log_config(&lc("cri", &[("path", bad)]), "")).contains("absolute file path"),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

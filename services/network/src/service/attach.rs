@@ -651,6 +651,24 @@ impl NetworkService {
             .collect())
     }
 
+    /// Networks, endpoints and published ports by network driver, for the metrics.
+    pub fn counts_by_driver(&self) -> BTreeMap<&'static str, [u64; 3]> {
+        let st = self.lock();
+        let mut out: BTreeMap<&'static str, [u64; 3]> = Default::default();
+        for n in st.networks.values() {
+            out.entry(n.driver.as_str()).or_default()[0] += 1;
+        }
+        for a in st.attachments.values() {
+            let Some(n) = st.networks.get(&a.network_id) else {
+                continue;
+            };
+            let c = out.entry(n.driver.as_str()).or_default();
+            c[1] += 1;
+            c[2] += a.ports.len() as u64;
+        }
+        out
+    }
+
     /// Resolves a name as the container DNS does, on a network or as seen by a container.
     pub fn lookup(&self, name: &str, network: &str, from_container: &str) -> Result<Addresses> {
         if name.is_empty() {

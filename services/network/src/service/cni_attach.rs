@@ -4,13 +4,23 @@
 use super::*;
 
 impl NetworkService {
+    /// `CNI_PATH`: the plugin directories, colon-separated.
+    fn cni_path(&self) -> String {
+        self.settings
+            .cni_bin_dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":")
+    }
+
     /// The CNI configs of the config directory.
     pub fn cni_configs(&self) -> Result<Vec<CniConfigFile>> {
         cni::load_dir(&self.settings.cni_conf_dir)
     }
 
     pub(super) fn cni_del(&self, rec: &CniRecord) -> Result<()> {
-        let cni_path = self.settings.cni_bin_dir.display().to_string();
+        let cni_path = self.cni_path();
         let inv = Invocation {
             container_id: &rec.container_id,
             netns: &rec.netns_path,
@@ -89,7 +99,7 @@ impl NetworkService {
             st.cni.insert(key.clone(), rec.clone());
         }
         // Plugins are slow (tens of ms each); they run without the service lock.
-        let cni_path = self.settings.cni_bin_dir.display().to_string();
+        let cni_path = self.cni_path();
         let inv = Invocation {
             container_id: &req.container_id,
             netns: &req.netns_path,
@@ -100,6 +110,21 @@ impl NetworkService {
         };
         let added = cni::add(self.deps.cni.as_ref(), &config.conflist, &inv);
         let mut st = self.lock();
+        if added.is_ok() && !st.cni.contains_key(&key) {
+            // A detach came while the plugins ran (the caller gave up, e.g. an engine that
+            // restarted tears down a half-made pod): undo this ADD instead of recording it.
+            drop(st);
+            if let Ok(result) = &added {
+                rec.result = result.clone();
+                if let Err(e) = self.cni_del(&rec) {
+                    tracing::warn!(container = rec.container_id, error = %e.chain(), "cni delete of an attachment detached while it was added");
+                }
+            }
+            return Err(Error::failed_precondition(format!(
+                "the CNI attachment of {} was detached while it was being added",
+                req.container_id
+            )));
+        }
         match added {
             Ok(result) => {
                 rec.result = result.clone();

@@ -68,8 +68,8 @@ pub struct Settings {
     pub dns_options: Vec<String>,
     /// CNI config directory.
     pub cni_conf_dir: PathBuf,
-    /// CNI plugin directory.
-    pub cni_bin_dir: PathBuf,
+    /// CNI plugin directories, in search order.
+    pub cni_bin_dirs: Vec<PathBuf>,
     /// Port of the network resolvers (53).
     pub dns_port: u16,
 }
@@ -118,7 +118,7 @@ impl Settings {
             dns_search: n.dns_search.clone(),
             dns_options: n.dns_options.clone(),
             cni_conf_dir: n.cni_conf_dir.clone(),
-            cni_bin_dir: n.cni_bin_dir.clone(),
+            cni_bin_dirs: n.cni_bin_dirs.clone(),
             dns_port: 53,
         })
     }

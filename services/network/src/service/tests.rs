@@ -165,6 +165,8 @@ impl Host for FakeHost {
 #[derive(Default)]
 struct FakeCni {
     calls: Mutex<Vec<(String, String)>>,
+    /// When set, the next ADD says it has started and waits for the go-ahead.
+    hold_add: Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
 }
 
 impl PluginExec for FakeCni {
@@ -175,7 +177,16 @@ impl PluginExec for FakeCni {
             .unwrap()
             .1
             .clone();
-        self.calls.lock().unwrap().push((ty.to_string(), cmd));
+        self.calls
+            .lock()
+            .unwrap()
+            .push((ty.to_string(), cmd.clone()));
+        if cmd == "ADD"
+            && let Some((started, go)) = self.hold_add.lock().unwrap().take()
+        {
+            started.send(()).unwrap();
+            go.recv().unwrap();
+        }
         Ok(br#"{"cniVersion":"1.0.0","ips":[{"address":"10.88.0.5/16","gateway":"10.88.0.1","interface":0}],"interfaces":[{"name":"eth0","sandbox":"/x"}]}"#.to_vec())
     }
 }
@@ -214,7 +225,7 @@ fn settings(dir: &Path) -> Settings {
         dns_search: vec![],
         dns_options: vec![],
         cni_conf_dir: dir.join("cni"),
-        cni_bin_dir: "/usr/lib/cni".into(),
+        cni_bin_dirs: vec!["/opt/cni/bin".into(), "/usr/lib/cni".into()],
         dns_port: 0,
     }
 }
@@ -1030,6 +1041,47 @@ fn cni_attach_and_detach_use_the_recorded_arguments() {
         ]
     );
     h.svc.cni_detach("sandbox1", "", "").unwrap();
+}
+
+#[test]
+fn a_detach_during_the_add_undoes_the_add() {
+    let h = Harness::new();
+    let dir = h.dir.path().join("cni");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("10-pods.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge"}]}"#,
+    )
+    .unwrap();
+    let netns = h.netns("pod");
+    let (started_tx, started) = std::sync::mpsc::channel();
+    let (go, go_rx) = std::sync::mpsc::channel();
+    *h.cni.hold_add.lock().unwrap() = Some((started_tx, go_rx));
+    std::thread::scope(|s| {
+        let attach = s.spawn(|| {
+            h.svc.cni_attach(CniAttachRequest {
+                container_id: "sb".into(),
+                netns_path: netns.clone(),
+                ..Default::default()
+            })
+        });
+        started.recv().unwrap();
+        // The caller gave up (an engine tearing down a half-made pod): DEL while ADD runs.
+        h.svc.cni_detach("sb", "", "").unwrap();
+        go.send(()).unwrap();
+        let err = attach.join().unwrap().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::FailedPrecondition, "{}", err.chain());
+    });
+    let calls = h.cni.calls.lock().unwrap().clone();
+    let cmds: Vec<&str> = calls.iter().map(|(_, c)| c.as_str()).collect();
+    assert_eq!(
+        cmds,
+        ["ADD", "DEL", "DEL"],
+        "the ADD undone after it finished"
+    );
+    // Nothing recorded: a later detach has nothing to do.
+    h.svc.cni_detach("sb", "", "").unwrap();
+    assert_eq!(h.cni.calls.lock().unwrap().len(), 3);
 }
 
 #[test]

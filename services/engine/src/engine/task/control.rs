@@ -349,6 +349,19 @@ impl Engine {
         Ok((id, fut))
     }
 
+    /// Reopens a running container's log file (after the kubelet renamed it).
+    pub async fn reopen_log(&self, input: &str) -> Result<()> {
+        let ctr = self.get(input)?;
+        if !ctr.with(|r| r.is_running()) {
+            return Err(Error::failed_precondition(format!(
+                "container {} is not running",
+                ctr.id
+            )));
+        }
+        let shim = self.task_shim(&ctr).await?;
+        shim.reopen_log().await
+    }
+
     /// Removes a container. Running or paused ones need `force` (they are killed).
     pub async fn delete(
         self: &Arc<Self>,

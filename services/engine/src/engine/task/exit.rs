@@ -233,6 +233,7 @@ impl Engine {
         let token = CancellationToken::new();
         *ctr.restart_cancel.lock().unwrap() = token.clone();
         tracing::info!(id = %ctr.id, count = rs.count, ?delay, "restarting after backoff");
+        crate::metrics::policy_restart();
         let engine = self.clone();
         let ctr = ctr.clone();
         tokio::spawn(async move {

@@ -154,16 +154,23 @@ impl Engine {
             let scratch = self.paths.scratch.clone();
             let spec_user = cfg.user.clone();
             let group_add = hc.group_add.clone();
+            let strict = hc.strict_supplemental_groups;
             tokio::task::spawn_blocking(move || -> Result<crate::user::ResolvedUser> {
                 let passwd = crate::rootfs::read_file(&rootfs, "/etc/passwd", &scratch)?;
                 let group = crate::rootfs::read_file(&rootfs, "/etc/group", &scratch)?;
                 let text = |d: Option<Vec<u8>>| d.map(|d| String::from_utf8_lossy(&d).into_owned());
-                crate::user::resolve(
+                let group = text(group);
+                let mut user = crate::user::resolve(
                     &spec_user,
                     text(passwd).as_deref(),
-                    text(group).as_deref(),
+                    group.as_deref(),
                     &group_add,
-                )
+                )?;
+                if strict {
+                    // Only what was asked for: no memberships from the image's /etc/group.
+                    user.additional_gids = crate::user::group_ids(group.as_deref(), &group_add)?;
+                }
+                Ok(user)
             })
             .await
             .map_err(|e| Error::internal("user lookup task").with_source(e))??
@@ -185,88 +192,105 @@ impl Engine {
         let (link_env, link_hosts) = self.link_children(&rec)?;
         let mut settings = pb::NetworkSettings::default();
         let mut network_files = true;
-        let net_ns = match mode.as_str() {
-            "host" => {
-                let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
-                write_atomic(&dir.join("hosts"), hosts.as_bytes())?;
-                let resolv = Resolv::build(&own_dns, &Resolv::default(), &host_resolv, true);
-                write_atomic(&dir.join("resolv.conf"), resolv.render().as_bytes())?;
-                Namespace::Host
+        let sandbox = if hc.sandbox_id.is_empty() {
+            None
+        } else {
+            Some(self.sandbox_join(&hc.sandbox_id, &hc.pid_mode)?)
+        };
+        let net_ns = if let Some(sj) = &sandbox {
+            // The pod's files, as they are now (the kubelet may bind its own over them).
+            for f in ["hosts", "resolv.conf"] {
+                std::fs::copy(sj.files_dir.join(f), dir.join(f))
+                    .map_err(|e| Error::internal(format!("copy the pod's {f}")).with_source(e))?;
             }
-            "none" => {
-                let hosts = hostfiles::hosts(&self.extra_hosts(&hc, ""), &[]);
-                write_atomic(&dir.join("hosts"), hosts.as_bytes())?;
-                let resolv = Resolv::build(&own_dns, &Resolv::default(), &host_resolv, false);
-                write_atomic(&dir.join("resolv.conf"), resolv.render().as_bytes())?;
-                Namespace::Private
-            }
-            other if other.starts_with("container:") => {
-                let target = self.get(&other["container:".len()..])?;
-                let (running, pid, ns, tdir) = target.with(|r| {
-                    (
-                        r.is_running(),
-                        r.state().pid,
-                        r.p.netns.clone(),
-                        self.paths.container_dir(r.id()),
-                    )
-                });
-                if !running {
-                    return Err(Error::failed_precondition(format!(
-                        "cannot join network of a non running container: {}",
-                        target.id
-                    )));
+            settings.sandbox_key = sj.netns_path.clone();
+            sj.network.clone()
+        } else {
+            match mode.as_str() {
+                "host" => {
+                    let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+                    write_atomic(&dir.join("hosts"), hosts.as_bytes())?;
+                    let resolv = Resolv::build(&own_dns, &Resolv::default(), &host_resolv, true);
+                    write_atomic(&dir.join("resolv.conf"), resolv.render().as_bytes())?;
+                    Namespace::Host
                 }
-                for f in ["hosts", "resolv.conf"] {
-                    let _ = std::fs::copy(tdir.join(f), dir.join(f));
+                "none" => {
+                    let hosts = hostfiles::hosts(&self.extra_hosts(&hc, ""), &[]);
+                    write_atomic(&dir.join("hosts"), hosts.as_bytes())?;
+                    let resolv = Resolv::build(&own_dns, &Resolv::default(), &host_resolv, false);
+                    write_atomic(&dir.join("resolv.conf"), resolv.render().as_bytes())?;
+                    Namespace::Private
                 }
-                Namespace::Join(ns.unwrap_or_else(|| PathBuf::from(format!("/proc/{pid}/ns/net"))))
-            }
-            "cni" => {
-                return Err(Error::unimplemented(
-                    "network mode \"cni\" is not supported by the engine yet",
-                ));
-            }
-            _ => {
-                let ns = self.deps.netns.create(&id).await?;
-                partial.netns = Some(ns.clone());
-                settings.sandbox_key = ns.display().to_string();
-                let attachments = self.attach_networks(&rec, &ns, partial).await?;
-                let mut host_entries = Vec::new();
-                let mut net_dns = Resolv::default();
-                for (name, att) in &attachments {
-                    host_entries.extend(att.hosts.iter().cloned());
-                    if att.default_route || net_dns.servers.is_empty() {
-                        net_dns = Resolv {
-                            servers: att.dns_servers.clone(),
-                            search: att.dns_search.clone(),
-                            options: att.dns_options.clone(),
-                        };
+                other if other.starts_with("container:") => {
+                    let target = self.get(&other["container:".len()..])?;
+                    let (running, pid, ns, tdir) = target.with(|r| {
+                        (
+                            r.is_running(),
+                            r.state().pid,
+                            r.p.netns.clone(),
+                            self.paths.container_dir(r.id()),
+                        )
+                    });
+                    if !running {
+                        return Err(Error::failed_precondition(format!(
+                            "cannot join network of a non running container: {}",
+                            target.id
+                        )));
                     }
-                    settings.networks.insert(
-                        name.clone(),
-                        crate::engine::network::endpoint_settings(
-                            att,
-                            rec.c.networks.get(name).cloned(),
-                        ),
-                    );
+                    for f in ["hosts", "resolv.conf"] {
+                        let _ = std::fs::copy(tdir.join(f), dir.join(f));
+                    }
+                    Namespace::Join(
+                        ns.unwrap_or_else(|| PathBuf::from(format!("/proc/{pid}/ns/net"))),
+                    )
                 }
-                settings.ports = ports_status(&cfg, &attachments);
-                let gateway = attachments
-                    .iter()
-                    .find(|(_, a)| a.default_route)
-                    .or(attachments.first())
-                    .map(|(_, a)| a.ipv4_gateway.clone())
-                    .unwrap_or_default();
-                let mut extra = self.extra_hosts(&hc, &gateway);
-                extra.extend(link_hosts.iter().cloned());
-                let hosts = hostfiles::hosts(&extra, &host_entries);
-                write_atomic(&dir.join("hosts"), hosts.as_bytes())?;
-                let resolv = Resolv::build(&own_dns, &net_dns, &host_resolv, false);
-                write_atomic(&dir.join("resolv.conf"), resolv.render().as_bytes())?;
-                Namespace::Join(ns)
+                "cni" => {
+                    return Err(Error::unimplemented(
+                        "network mode \"cni\" is not supported by the engine yet",
+                    ));
+                }
+                _ => {
+                    let ns = self.deps.netns.create(&id).await?;
+                    partial.netns = Some(ns.clone());
+                    settings.sandbox_key = ns.display().to_string();
+                    let attachments = self.attach_networks(&rec, &ns, partial).await?;
+                    let mut host_entries = Vec::new();
+                    let mut net_dns = Resolv::default();
+                    for (name, att) in &attachments {
+                        host_entries.extend(att.hosts.iter().cloned());
+                        if att.default_route || net_dns.servers.is_empty() {
+                            net_dns = Resolv {
+                                servers: att.dns_servers.clone(),
+                                search: att.dns_search.clone(),
+                                options: att.dns_options.clone(),
+                            };
+                        }
+                        settings.networks.insert(
+                            name.clone(),
+                            crate::engine::network::endpoint_settings(
+                                att,
+                                rec.c.networks.get(name).cloned(),
+                            ),
+                        );
+                    }
+                    settings.ports = ports_status(&cfg, &attachments);
+                    let gateway = attachments
+                        .iter()
+                        .find(|(_, a)| a.default_route)
+                        .or(attachments.first())
+                        .map(|(_, a)| a.ipv4_gateway.clone())
+                        .unwrap_or_default();
+                    let mut extra = self.extra_hosts(&hc, &gateway);
+                    extra.extend(link_hosts.iter().cloned());
+                    let hosts = hostfiles::hosts(&extra, &host_entries);
+                    write_atomic(&dir.join("hosts"), hosts.as_bytes())?;
+                    let resolv = Resolv::build(&own_dns, &net_dns, &host_resolv, false);
+                    write_atomic(&dir.join("resolv.conf"), resolv.render().as_bytes())?;
+                    Namespace::Join(ns)
+                }
             }
         };
-        if mode.starts_with("container:") {
+        if sandbox.is_none() && mode.starts_with("container:") {
             network_files = dir.join("hosts").exists();
         }
         write_atomic(
@@ -298,11 +322,25 @@ impl Engine {
                 });
             }
         }
+        if let Some(shm) = sandbox.as_ref().and_then(|sj| sj.shm.as_ref())
+            && !mounts.iter().any(|m| m.destination == "/dev/shm")
+        {
+            mounts.push(SpecMount {
+                destination: "/dev/shm".into(),
+                typ: "bind".into(),
+                source: shm.display().to_string(),
+                options: vec!["rbind".into(), "rprivate".into(), "rw".into()],
+            });
+        }
         let devices = host_devices(&hc.devices)?;
-        let pid_ns = self.join_mode(&hc.pid_mode, "pid")?;
-        let ipc_ns = match hc.ipc_mode.as_str() {
-            "host" => Namespace::Host,
-            m if m.starts_with("container:") => self.join_mode(m, "ipc")?,
+        let pid_ns = match &sandbox {
+            Some(sj) => sj.pid.clone(),
+            None => self.join_mode(&hc.pid_mode, "pid")?,
+        };
+        let ipc_ns = match (&sandbox, hc.ipc_mode.as_str()) {
+            (Some(sj), _) => sj.ipc.clone(),
+            (None, "host") => Namespace::Host,
+            (None, m) if m.starts_with("container:") => self.join_mode(m, "ipc")?,
             _ => Namespace::Private,
         };
         let input = SpecInput {
@@ -314,10 +352,10 @@ impl Engine {
             network: net_ns,
             pid: pid_ns,
             ipc: ipc_ns,
-            uts: if hc.uts_mode == "host" {
-                Namespace::Host
-            } else {
-                Namespace::Private
+            uts: match &sandbox {
+                Some(sj) => sj.uts.clone(),
+                None if hc.uts_mode == "host" => Namespace::Host,
+                None => Namespace::Private,
             },
             cgroup: match hc.cgroupns_mode.as_str() {
                 "private" => Namespace::Private,
@@ -395,6 +433,11 @@ impl Engine {
             r.p.task_pid = pid;
             r.p.netns = partial.netns.clone();
             r.p.attached = partial.attached;
+            r.c.process_user = Some(pb::ProcessUser {
+                uid: user.uid,
+                gid: user.gid,
+                additional_gids: user.additional_gids.clone(),
+            });
             r.c.network_settings = Some(settings);
             let st = r.state_mut();
             st.status = pb::ContainerStatus::Running.into();
@@ -544,15 +587,21 @@ impl Engine {
                         pb::Propagation::Slave => "slave",
                         pb::Propagation::Rslave => "rslave",
                     };
+                    let mut options = vec![
+                        if b.non_recursive { "bind" } else { "rbind" }.to_string(),
+                        ro.into(),
+                        prop.into(),
+                    ];
+                    if m.read_only && b.read_only_force_recursive {
+                        // runc makes every submount read-only too (mount_setattr with
+                        // AT_RECURSIVE); plain "ro" only covers the top mount.
+                        options.push("rro".into());
+                    }
                     out.push(SpecMount {
                         destination: m.target.clone(),
                         typ: "bind".into(),
                         source: m.source.clone(),
-                        options: vec![
-                            if b.non_recursive { "bind" } else { "rbind" }.into(),
-                            ro.into(),
-                            prop.into(),
-                        ],
+                        options,
                     });
                 }
                 pb::MountType::Volume => {
