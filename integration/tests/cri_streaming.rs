@@ -342,6 +342,63 @@ async fn exec_attach_and_port_forward_over_spdy_and_websockets() -> Result<()> {
         );
     }
 
+    // --- crictl (Go: client-go's SPDY and websocket executors), when it is on this machine.
+    if let Some(crictl) = crictl() {
+        let run = |args: &[&str], stdin: &str| -> Result<std::process::Output> {
+            use std::io::Write as _;
+            let mut child = std::process::Command::new(&crictl)
+                .arg("--runtime-endpoint")
+                .arg(format!("unix://{}", d.cri_socket().display()))
+                .args(args)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()?;
+            child.stdin.take().unwrap().write_all(stdin.as_bytes())?;
+            let out = child.wait_with_output()?;
+            Ok(out)
+        };
+        for transport in ["spdy", "websocket"] {
+            let out = run(
+                &[
+                    "exec",
+                    "--transport",
+                    transport,
+                    &id,
+                    "sh",
+                    "-c",
+                    "echo hi; exit 3",
+                ],
+                "",
+            )?;
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                "hi\n",
+                "{transport}: {out:?}"
+            );
+            // client-go turns the ExitCode cause into this error (crictl then exits 1).
+            assert!(!out.status.success(), "{transport}: {out:?}");
+            assert!(
+                String::from_utf8_lossy(&out.stderr)
+                    .contains("command terminated with exit code 3"),
+                "{transport}: {out:?}"
+            );
+            let out = run(&["exec", "-i", "--transport", transport, &id, "cat"], "abc")?;
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                "abc",
+                "{transport}: {out:?}"
+            );
+            assert!(out.status.success(), "{transport}: {out:?}");
+        }
+        let out = run(&["exec", "-s", "--timeout", "1", &id, "sleep", "60"], "")?;
+        assert!(!out.status.success(), "{out:?}");
+    } else {
+        eprintln!(
+            "note: no crictl (CRICTL or /var/tmp/critest-bin/crictl); Go's client is not run"
+        );
+    }
+
     eprintln!("step: Attach to a container's main process.");
     // --- Attach to a container's main process.
     let cat = d.ok(&[
@@ -643,4 +700,12 @@ fn run_py(script: &str, url: &str) -> Result<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// crictl, built from cri-tools by deploy/critest.sh, when it is here.
+fn crictl() -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("CRICTL")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/var/tmp/critest-bin/crictl".into());
+    path.is_file().then_some(path)
 }

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use axum::extract::ws::{Message, WebSocket};
 
 use super::conn::{self, Event, Writer};
-use super::remotecommand::{WsProtocol, ws_message, ws_parse};
+use super::remotecommand::{WsProtocol, normal_close, ws_message, ws_parse};
 use super::spdy;
 
 /// The SPDY sub-protocol of port forwarding.
@@ -218,7 +218,7 @@ pub async fn serve_ws(socket: WebSocket, proto: WsProtocol, netns: PathBuf, port
         let _ = t.await;
     }
     reader.abort();
-    let _ = tx.send(Message::Close(None)).await;
+    let _ = tx.send(normal_close()).await;
 }
 
 /// Copies between `tcp` and the client until both directions are done: the client's bytes

@@ -360,6 +360,15 @@ pub fn ws_message(proto: WsProtocol, channel: u8, data: &[u8]) -> Message {
     }
 }
 
+/// The close message that ends a session: 1000, normal closure (client-go's websocket
+/// executor reads a close without a status as an error).
+pub fn normal_close() -> Message {
+    Message::Close(Some(axum::extract::ws::CloseFrame {
+        code: axum::extract::ws::close_code::NORMAL,
+        reason: "".into(),
+    }))
+}
+
 /// The channel and data of a client message; `None` for control messages and garbage. The
 /// frame's opcode does not matter (Go's server reads both; the Python client sends text).
 pub fn ws_parse(proto: WsProtocol, msg: Message) -> Option<(u8, Bytes)> {
@@ -445,7 +454,7 @@ pub async fn serve_ws(
         if !status.is_empty() {
             let _ = tx.send(ws_message(proto, CH_ERROR, &status)).await;
         }
-        let _ = tx.send(Message::Close(None)).await;
+        let _ = tx.send(normal_close()).await;
     }
 }
 
