@@ -393,6 +393,21 @@ async fn exec_attach_and_port_forward_over_spdy_and_websockets() -> Result<()> {
         }
         let out = run(&["exec", "-s", "--timeout", "1", &id, "sleep", "60"], "")?;
         assert!(!out.status.success(), "{out:?}");
+        let reader = d.ok(&[
+            "run",
+            "-d",
+            "-i",
+            "busybox",
+            "sh",
+            "-c",
+            "read x; echo got-$x",
+        ])?;
+        let out = run(&["attach", "-i", &reader], "crictl\n")?;
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "got-crictl\n",
+            "{out:?}"
+        );
     } else {
         eprintln!(
             "note: no crictl (CRICTL or /var/tmp/critest-bin/crictl); Go's client is not run"
