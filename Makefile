@@ -12,7 +12,8 @@ all: build
 deps:
 	./deploy/install-deps.sh
 
-# docker-py (PyPI) in target/pyvenv for the integration tests that drive berth with it.
+# docker-py and the Kubernetes Python client (PyPI) in target/pyvenv for the integration tests
+# that drive berth with them.
 pyvenv:
 	./deploy/pyvenv.sh target/pyvenv
 

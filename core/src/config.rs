@@ -368,6 +368,9 @@ pub struct CriConfig {
     /// Seconds a CRI pull may go without progress before it is cancelled (containerd's
     /// `image_pull_progress_timeout`); 0 = never.
     pub image_pull_progress_timeout: u64,
+    /// Where the streaming server (Exec, Attach, PortForward URLs) listens: `host:port`; port 0
+    /// picks a free one at every start.
+    pub stream_address: String,
 }
 
 impl Default for CriConfig {
@@ -376,6 +379,7 @@ impl Default for CriConfig {
             enabled: true,
             socket: None,
             image_pull_progress_timeout: 300,
+            stream_address: "127.0.0.1:0".into(),
         }
     }
 }

@@ -10,8 +10,10 @@ mod convert;
 mod image;
 mod pods;
 mod runtime;
+pub mod streaming;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use berth_core::{Config, Result, Service};
 use berth_proto::cri::runtime::v1::image_service_server::ImageServiceServer;
@@ -53,9 +55,25 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let sockets = Sockets::from_config(config);
+    let stream_listener = streaming::bind(&config.cri.stream_address).await?;
+    let stream_addr = stream_listener
+        .local_addr()
+        .map_err(|e| berth_core::Error::internal(format!("cri stream address: {e}")))?;
+    let streams = streaming::StreamServer::new(
+        stream_addr,
+        Arc::new(streaming::backend::EngineSessions::new(&sockets.engine)),
+    );
+    tracing::info!(address = %stream_addr, "cri streaming server listening");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stream_task = tokio::spawn(streaming::serve(
+        streams.clone(),
+        stream_listener,
+        stop.clone().cancelled_owned(),
+    ));
+    let runtime = CriRuntime::new(config, &sockets).with_streaming(streams);
     let router = berth_core::grpc::server()
         .add_service(
-            RuntimeServiceServer::new(CriRuntime::new(config, &sockets))
+            RuntimeServiceServer::new(runtime)
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
@@ -64,5 +82,9 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         );
-    berth_core::grpc::serve(router, listener, shutdown).await
+    let result = berth_core::grpc::serve(router, listener, shutdown).await;
+    stop.cancel();
+    // Sessions in progress (upgraded connections) are not waited for.
+    stream_task.abort();
+    result
 }

@@ -141,6 +141,28 @@ impl Pods {
         }
     }
 
+    /// The network namespace file of ready sandbox `id`, for port forwarding: `NotFound` for
+    /// an unknown sandbox, `FailedPrecondition` for one that is not ready or shares the host's
+    /// network.
+    pub async fn netns(&self, id: &str) -> Result<std::path::PathBuf> {
+        let Some(got) = self.store.get(id, false).await? else {
+            return Err(Error::not_found(format!("pod sandbox {id:?} not found")));
+        };
+        let sb = got.sandbox.unwrap_or_default();
+        if sb.state() != pb::SandboxState::Ready {
+            return Err(Error::failed_precondition(format!(
+                "pod sandbox {id:?} is not ready"
+            )));
+        }
+        let path = sb.namespaces.map(|n| n.network).unwrap_or_default();
+        if path.is_empty() {
+            return Err(Error::failed_precondition(format!(
+                "pod sandbox {id:?} uses the host's network: forward to the host's ports directly"
+            )));
+        }
+        Ok(path.into())
+    }
+
     /// RunPodSandbox.
     pub async fn run(&self, req: cri::RunPodSandboxRequest) -> Result<cri::RunPodSandboxResponse> {
         let run = run_request(req)?;

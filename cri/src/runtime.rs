@@ -1,5 +1,7 @@
 //! The CRI `RuntimeService`: what berth is and whether it is ready; pod sandboxes through
-//! `crate::pods`. Methods not wired yet answer UNIMPLEMENTED, naming the method.
+//! `crate::pods`; exec/attach into any running container and port forwarding into a pod (URLs
+//! on the streaming server; `ExecSync` directly). Methods not wired yet answer UNIMPLEMENTED,
+//! naming the method.
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -15,6 +17,8 @@ use crate::Sockets;
 use crate::backend::{GrpcRuntimeProbe, RuntimeProbe};
 use crate::convert;
 use crate::pods::{GrpcSandboxStore, Pods};
+use crate::streaming::backend::ExecSpec;
+use crate::streaming::{Pending, StreamServer};
 
 /// The runtime's name in `Version` (kubelet logs it; crictl prints it).
 pub const RUNTIME_NAME: &str = "berth";
@@ -39,6 +43,8 @@ pub struct CriRuntime<P = GrpcRuntimeProbe> {
     pod_cidr_file: PathBuf,
     /// The pod sandbox methods (`crate::pods`).
     pods: Pods,
+    /// The streaming server that Exec, Attach and PortForward hand out URLs on.
+    streams: Option<StreamServer>,
 }
 
 impl CriRuntime {
@@ -56,7 +62,21 @@ impl<P: RuntimeProbe> CriRuntime<P> {
             cni_conf_dir: config.network.cni_conf_dir.clone(),
             pod_cidr_file: config.state_dir.join("cri").join("pod-cidr"),
             pods: Pods::new(GrpcSandboxStore::new(&Sockets::from_config(config).engine)),
+            streams: None,
         }
+    }
+
+    /// Exec, Attach and PortForward hand out URLs on `server` (and ExecSync runs on its
+    /// backend).
+    pub fn with_streaming(mut self, server: StreamServer) -> Self {
+        self.streams = Some(server);
+        self
+    }
+
+    fn streams(&self) -> Result<&StreamServer, Status> {
+        self.streams
+            .as_ref()
+            .ok_or_else(|| Status::unavailable("the CRI streaming server is not running"))
     }
 
     /// RuntimeReady: the engine, which runs every container, answers its health check.
@@ -130,6 +150,17 @@ fn write_atomic(path: &Path, text: &str) -> BerthResult<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text).context(ErrorKind::Internal, format!("write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).context(ErrorKind::Internal, format!("rename {}", path.display()))
+}
+
+/// kubelet's checks of a streaming request: with a TTY stdout and stderr are one stream.
+fn check_streams(tty: bool, stdin: bool, stdout: bool, stderr: bool) -> Result<(), Status> {
+    if tty && stderr {
+        return Err(Error::invalid_argument("tty and stderr cannot both be true").into());
+    }
+    if !stdin && !stdout && !stderr {
+        return Err(Error::invalid_argument("one of stdin, stdout, or stderr must be set").into());
+    }
+    Ok(())
 }
 
 /// The UNIMPLEMENTED answer of a method whose implementation has not landed yet.
@@ -324,32 +355,97 @@ impl<P: RuntimeProbe> RuntimeService for CriRuntime<P> {
         Err(not_yet("ReopenContainerLog"))
     }
 
+    /// Runs the command without stdin and collects its output; past the timeout the process
+    /// is killed and the call fails with DEADLINE_EXCEEDED (kubelet's probe timeout), as
+    /// containerd does.
     async fn exec_sync(
         &self,
-        _req: Request<cri::ExecSyncRequest>,
+        req: Request<cri::ExecSyncRequest>,
     ) -> Result<Response<cri::ExecSyncResponse>, Status> {
-        Err(not_yet("ExecSync"))
+        let req = req.into_inner();
+        if req.cmd.is_empty() {
+            return Err(Error::invalid_argument("cmd must not be empty").into());
+        }
+        let timeout = u64::try_from(req.timeout)
+            .ok()
+            .filter(|t| *t > 0)
+            .map(std::time::Duration::from_secs);
+        let backend = self.streams()?.backend();
+        let id = backend.running(&req.container_id).await?;
+        let (stdout, stderr, exit_code) = backend
+            .exec_sync(
+                ExecSpec {
+                    container_id: id,
+                    cmd: req.cmd,
+                    ..Default::default()
+                },
+                timeout,
+            )
+            .await?;
+        Ok(Response::new(cri::ExecSyncResponse {
+            stdout,
+            stderr,
+            exit_code,
+        }))
     }
 
     async fn exec(
         &self,
-        _req: Request<cri::ExecRequest>,
+        req: Request<cri::ExecRequest>,
     ) -> Result<Response<cri::ExecResponse>, Status> {
-        Err(not_yet("Exec"))
+        let req = req.into_inner();
+        if req.cmd.is_empty() {
+            return Err(Error::invalid_argument("cmd must not be empty").into());
+        }
+        check_streams(req.tty, req.stdin, req.stdout, req.stderr)?;
+        let streams = self.streams()?;
+        let id = streams.backend().running(&req.container_id).await?;
+        let url = streams.url(Pending::Exec(ExecSpec {
+            container_id: id,
+            cmd: req.cmd,
+            tty: req.tty,
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+        }))?;
+        Ok(Response::new(cri::ExecResponse { url }))
     }
 
     async fn attach(
         &self,
-        _req: Request<cri::AttachRequest>,
+        req: Request<cri::AttachRequest>,
     ) -> Result<Response<cri::AttachResponse>, Status> {
-        Err(not_yet("Attach"))
+        let req = req.into_inner();
+        check_streams(req.tty, req.stdin, req.stdout, req.stderr)?;
+        let streams = self.streams()?;
+        let id = streams.backend().running(&req.container_id).await?;
+        let url = streams.url(Pending::Attach(ExecSpec {
+            container_id: id,
+            cmd: Vec::new(),
+            tty: req.tty,
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+        }))?;
+        Ok(Response::new(cri::AttachResponse { url }))
     }
 
+    /// A URL forwarding into the pod's network namespace.
     async fn port_forward(
         &self,
-        _req: Request<cri::PortForwardRequest>,
+        req: Request<cri::PortForwardRequest>,
     ) -> Result<Response<cri::PortForwardResponse>, Status> {
-        Err(not_yet("PortForward"))
+        let req = req.into_inner();
+        let streams = self.streams()?;
+        let netns = self.pods.netns(&req.pod_sandbox_id).await?;
+        let mut ports = Vec::new();
+        for p in req.port {
+            ports.push(u16::try_from(p).ok().filter(|p| *p > 0).ok_or_else(|| {
+                Error::invalid_argument(format!("invalid port {p}: ports are 1-65535"))
+            })?);
+        }
+        let url = streams.url(Pending::PortForward(netns, ports))?;
+        Ok(Response::new(cri::PortForwardResponse { url }))
     }
 
     async fn container_stats(

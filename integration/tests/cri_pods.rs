@@ -243,6 +243,28 @@ async fn pods_run_report_list_stop_and_go_away() -> Result<()> {
         .into_inner();
     ensure!(!verbose.info.is_empty(), "verbose status has no info");
 
+    // Port forwarding into the ready pod's network namespace: a streaming URL.
+    let url = rt
+        .port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: id.clone(),
+            port: vec![8080],
+        })
+        .await?
+        .into_inner()
+        .url;
+    ensure!(
+        url.starts_with("http://127.0.0.1:") && url.contains("/portforward/"),
+        "{url}"
+    );
+    let err = rt
+        .port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: "0123456789ab".into(),
+            port: vec![8080],
+        })
+        .await
+        .unwrap_err();
+    ensure!(err.code() == Code::NotFound, "{err:?}");
+
     // Filters.
     let all = list(&mut rt, cri::PodSandboxFilter::default()).await?;
     ensure!(all.contains(&id) && all.contains(&other), "{all:?}");
@@ -279,6 +301,14 @@ async fn pods_run_report_list_stop_and_go_away() -> Result<()> {
         st.state == cri::PodSandboxState::SandboxNotready as i32,
         "{st:?}"
     );
+    let err = rt
+        .port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: id.clone(),
+            port: vec![8080],
+        })
+        .await
+        .unwrap_err();
+    ensure!(err.code() == Code::FailedPrecondition, "{err:?}");
     let ready = list(
         &mut rt,
         cri::PodSandboxFilter {
