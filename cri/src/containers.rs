@@ -824,7 +824,11 @@ fn status_of(c: &pb::Container, blob: cri::CreateContainerRequest) -> cri::Conta
         linux: Some(cri::LinuxContainerUser {
             uid: i64::from(u.uid),
             gid: i64::from(u.gid),
-            supplemental_groups: u.additional_gids.iter().map(|g| i64::from(*g)).collect(),
+            // As containerd answers it (and `id -G` prints it): the primary group first.
+            supplemental_groups: std::iter::once(u.gid)
+                .chain(u.additional_gids.iter().copied().filter(|g| *g != u.gid))
+                .map(i64::from)
+                .collect(),
         }),
     });
     cri::ContainerStatus {
@@ -901,6 +905,11 @@ mod tests {
                     config: req.config,
                     host_config: req.host_config,
                     extensions: req.extensions,
+                    process_user: Some(pb::ProcessUser {
+                        uid: 1000,
+                        gid: 10,
+                        additional_gids: vec![5, 10],
+                    }),
                     state: Some(pb::ContainerState {
                         status: pb::ContainerStatus::Created as i32,
                         ..Default::default()
@@ -1107,6 +1116,8 @@ mod tests {
         };
         let st = status(&id).await.unwrap().status.unwrap();
         assert_eq!(st.state, cri::ContainerState::ContainerCreated as i32);
+        let user = st.user.clone().unwrap().linux.unwrap();
+        assert_eq!(user.supplemental_groups, [10, 5]);
         assert_eq!(st.metadata.unwrap().name, "a");
         assert_eq!(st.labels["app"], "x");
         assert_eq!(st.log_path, "/var/log/pods/p/c/2.log");

@@ -539,13 +539,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rt = runtime(dir.path());
         let err = rt
-            .list_containers(Request::new(cri::ListContainersRequest::default()))
+            .container_stats(Request::new(cri::ContainerStatsRequest::default()))
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unimplemented);
         assert!(
             err.message()
-                .starts_with("runtime.v1.RuntimeService.ListContainers is not implemented yet"),
+                .starts_with("runtime.v1.RuntimeService.ContainerStats is not implemented yet"),
             "{err:?}"
         );
         let v = rt
