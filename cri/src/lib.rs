@@ -6,6 +6,7 @@
 //! tells the runtime (`UpdateRuntimeConfig`'s pod CIDR) is kept in the state directory.
 
 pub mod backend;
+mod containers;
 mod convert;
 mod image;
 mod pods;

@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use crate::Sockets;
 use crate::backend::{GrpcRuntimeProbe, RuntimeProbe};
+use crate::containers::{Containers, GrpcContainerStore};
 use crate::convert;
 use crate::pods::{GrpcSandboxStore, Pods};
 use crate::streaming::backend::ExecSpec;
@@ -45,6 +46,8 @@ pub struct CriRuntime<P = GrpcRuntimeProbe> {
     pods: Pods,
     /// The streaming server that Exec, Attach and PortForward hand out URLs on.
     streams: Option<StreamServer>,
+    /// The container methods (`crate::containers`).
+    containers: Containers,
 }
 
 impl CriRuntime {
@@ -63,6 +66,9 @@ impl<P: RuntimeProbe> CriRuntime<P> {
             pod_cidr_file: config.state_dir.join("cri").join("pod-cidr"),
             pods: Pods::new(GrpcSandboxStore::new(&Sockets::from_config(config).engine)),
             streams: None,
+            containers: Containers::new(GrpcContainerStore::new(
+                &Sockets::from_config(config).engine,
+            )),
         }
     }
 
@@ -301,58 +307,70 @@ impl<P: RuntimeProbe> RuntimeService for CriRuntime<P> {
 
     async fn create_container(
         &self,
-        _req: Request<cri::CreateContainerRequest>,
+        req: Request<cri::CreateContainerRequest>,
     ) -> Result<Response<cri::CreateContainerResponse>, Status> {
-        Err(not_yet("CreateContainer"))
+        Ok(Response::new(
+            self.containers.create(req.into_inner()).await?,
+        ))
     }
 
     async fn start_container(
         &self,
-        _req: Request<cri::StartContainerRequest>,
+        req: Request<cri::StartContainerRequest>,
     ) -> Result<Response<cri::StartContainerResponse>, Status> {
-        Err(not_yet("StartContainer"))
+        Ok(Response::new(
+            self.containers.start(req.into_inner()).await?,
+        ))
     }
 
     async fn stop_container(
         &self,
-        _req: Request<cri::StopContainerRequest>,
+        req: Request<cri::StopContainerRequest>,
     ) -> Result<Response<cri::StopContainerResponse>, Status> {
-        Err(not_yet("StopContainer"))
+        Ok(Response::new(self.containers.stop(req.into_inner()).await?))
     }
 
     async fn remove_container(
         &self,
-        _req: Request<cri::RemoveContainerRequest>,
+        req: Request<cri::RemoveContainerRequest>,
     ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
-        Err(not_yet("RemoveContainer"))
+        Ok(Response::new(
+            self.containers.remove(req.into_inner()).await?,
+        ))
     }
 
     async fn list_containers(
         &self,
-        _req: Request<cri::ListContainersRequest>,
+        req: Request<cri::ListContainersRequest>,
     ) -> Result<Response<cri::ListContainersResponse>, Status> {
-        Err(not_yet("ListContainers"))
+        Ok(Response::new(self.containers.list(req.into_inner()).await?))
     }
 
     async fn container_status(
         &self,
-        _req: Request<cri::ContainerStatusRequest>,
+        req: Request<cri::ContainerStatusRequest>,
     ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
-        Err(not_yet("ContainerStatus"))
+        Ok(Response::new(
+            self.containers.status(req.into_inner()).await?,
+        ))
     }
 
     async fn update_container_resources(
         &self,
-        _req: Request<cri::UpdateContainerResourcesRequest>,
+        req: Request<cri::UpdateContainerResourcesRequest>,
     ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
-        Err(not_yet("UpdateContainerResources"))
+        Ok(Response::new(
+            self.containers.update(req.into_inner()).await?,
+        ))
     }
 
     async fn reopen_container_log(
         &self,
-        _req: Request<cri::ReopenContainerLogRequest>,
+        req: Request<cri::ReopenContainerLogRequest>,
     ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
-        Err(not_yet("ReopenContainerLog"))
+        Ok(Response::new(
+            self.containers.reopen_log(req.into_inner()).await?,
+        ))
     }
 
     /// Runs the command without stdin and collects its output; past the timeout the process
@@ -617,13 +635,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rt = runtime(dir.path());
         let err = rt
-            .list_containers(Request::new(cri::ListContainersRequest::default()))
+            .container_stats(Request::new(cri::ContainerStatsRequest::default()))
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unimplemented);
         assert!(
             err.message()
-                .starts_with("runtime.v1.RuntimeService.ListContainers is not implemented yet"),
+                .starts_with("runtime.v1.RuntimeService.ContainerStats is not implemented yet"),
             "{err:?}"
         );
         let v = rt

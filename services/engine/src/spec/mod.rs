@@ -1037,7 +1037,7 @@ mod tests {
                 .as_array()
                 .unwrap()
                 .len(),
-            caps::ALL.len()
+            caps::available().len()
         );
         let hc = pb::HostConfig {
             security: Some(pb::SecurityOptions {

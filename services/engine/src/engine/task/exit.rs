@@ -137,7 +137,13 @@ impl Engine {
             st.status = pb::ContainerStatus::Exited.into();
             st.exit_code = status as i32;
             st.pid = 0;
-            st.finished_at = Some(at);
+            // The start is stamped when the runtime call returns, which a quick process can
+            // outlive; an exit is never before the start.
+            let started = st.started_at.as_ref().map(|t| (t.seconds, t.nanos));
+            st.finished_at = Some(match started {
+                Some(s) if s > (at.seconds, at.nanos) => st.started_at.unwrap_or(at),
+                _ => at,
+            });
             st.oom_killed |= oom;
             // Docker goes from running straight to restarting when the policy restarts: the
             // decision is taken here (phase two takes it again, with the same inputs unless
