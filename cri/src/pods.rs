@@ -141,9 +141,9 @@ impl Pods {
         }
     }
 
-    /// The network namespace file of ready sandbox `id`, for port forwarding: `NotFound` for
-    /// an unknown sandbox, `FailedPrecondition` for one that is not ready or shares the host's
-    /// network.
+    /// The network namespace file of ready sandbox `id`, for port forwarding (the host's for a
+    /// host-network pod): `NotFound` for an unknown sandbox, `FailedPrecondition` for one that
+    /// is not ready.
     pub async fn netns(&self, id: &str) -> Result<std::path::PathBuf> {
         let Some(got) = self.store.get(id, false).await? else {
             return Err(Error::not_found(format!("pod sandbox {id:?} not found")));
@@ -156,9 +156,8 @@ impl Pods {
         }
         let path = sb.namespaces.map(|n| n.network).unwrap_or_default();
         if path.is_empty() {
-            return Err(Error::failed_precondition(format!(
-                "pod sandbox {id:?} uses the host's network: forward to the host's ports directly"
-            )));
+            // A host-network pod: its ports are the host's, in this process's namespace.
+            return Ok("/proc/self/ns/net".into());
         }
         Ok(path.into())
     }
