@@ -172,7 +172,7 @@ fn check_streams(tty: bool, stdin: bool, stdout: bool, stderr: bool) -> Result<(
 /// The UNIMPLEMENTED answer of a method whose implementation has not landed yet.
 fn not_yet(method: &str) -> Status {
     Error::unimplemented(format!(
-        "runtime.v1.RuntimeService.{method} is not implemented yet: berth's pod sandboxes are not wired into the CRI"
+        "runtime.v1.RuntimeService.{method} is not implemented yet in berth"
     ))
     .into()
 }

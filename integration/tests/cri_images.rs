@@ -121,13 +121,13 @@ async fn runtime_identity_readiness_and_config() -> Result<()> {
     let config: serde_json::Value = serde_json::from_str(&s.info["config"])?;
     assert_eq!(config["podCIDRs"], serde_json::json!(["10.88.0.0/16"]));
 
-    // Containers are not served yet; checkpoints never are. Both say so.
+    // Container stats are not served yet; checkpoints never are. Both say so.
     let err = rt
-        .create_container(cri::CreateContainerRequest::default())
+        .container_stats(cri::ContainerStatsRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("CreateContainer"), "{err:?}");
+    assert!(err.message().contains("ContainerStats"), "{err:?}");
     let err = rt
         .checkpoint_container(cri::CheckpointContainerRequest::default())
         .await
