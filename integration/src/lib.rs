@@ -1,6 +1,7 @@
 //! Test kit shared by the integration tests: starting real berth binaries on temp dirs, test
 //! images, registries, and cleanup that runs even when a test fails.
 
+pub mod cri_kit;
 pub mod cri_stream_kit;
 pub mod engine_kit;
 pub mod gateway_kit;

@@ -6,11 +6,12 @@
 //! (twice: idempotent); unknown ids: Stop and Remove succeed, Status is NOT_FOUND, Create in an
 //! unknown pod is NOT_FOUND. Root only; needs /usr/lib/cni.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
-use berth_integration::gateway_kit::{self, DockerStack};
+use berth_integration::cri_kit::{PodGuard, conflist, plugins_ready};
+use berth_integration::gateway_kit::DockerStack;
 use berth_integration::network_kit::NetSlot;
 use berth_integration::py_kit::with_busybox;
 use berth_integration::stack::Stack;
@@ -19,72 +20,6 @@ use berth_proto::cri::runtime::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::Code;
 
 type Channel = berth_core::uds::Channel;
-
-fn plugins_ready() -> bool {
-    if !gateway_kit::ready() {
-        return false;
-    }
-    for p in ["bridge", "host-local", "loopback"] {
-        if !Path::new("/usr/lib/cni").join(p).is_file() {
-            eprintln!("skipped: the CNI reference plugins are not in /usr/lib/cni");
-            return false;
-        }
-    }
-    true
-}
-
-/// Removes a pod (and with it its containers) through the CRI when the test ends early (on its
-/// own thread: Drop is not async).
-struct PodGuard {
-    socket: PathBuf,
-    id: String,
-}
-
-impl Drop for PodGuard {
-    fn drop(&mut self) {
-        let (socket, id) = (self.socket.clone(), self.id.clone());
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let mut c = RuntimeServiceClient::new(berth_core::uds::channel(socket));
-                let _ = c
-                    .stop_pod_sandbox(cri::StopPodSandboxRequest {
-                        pod_sandbox_id: id.clone(),
-                    })
-                    .await;
-                let _ = c
-                    .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id })
-                    .await;
-            });
-        })
-        .join();
-    }
-}
-
-fn conflist(slot: &NetSlot, conf: &Path, ipam: &Path) -> Result<()> {
-    let conflist = serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": format!("cricont{}", std::process::id()),
-        "plugins": [{
-            "type": "bridge",
-            "bridge": slot.name("crc"),
-            "isGateway": true,
-            "ipMasq": false,
-            "ipam": {
-                "type": "host-local",
-                "ranges": [[{ "subnet": slot.subnet(6) }]],
-                "dataDir": ipam,
-            }
-        }],
-    });
-    std::fs::write(conf.join("10-pods.conflist"), conflist.to_string())?;
-    Ok(())
-}
 
 fn pod_config(log_dir: &Path) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
@@ -183,7 +118,7 @@ async fn pod_containers_share_the_network_log_and_stop() -> Result<()> {
     let conf = tempfile::tempdir()?;
     let ipam = tempfile::tempdir()?;
     let logs = tempfile::tempdir()?;
-    conflist(&slot, conf.path(), ipam.path())?;
+    conflist(&slot, "crc", 6, conf.path(), ipam.path())?;
     let d = DockerStack::start_from(
         Stack::builder().env("BERTH_NETWORK__CNI_CONF_DIR", conf.path().to_str().unwrap()),
     )?;

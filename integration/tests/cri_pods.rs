@@ -5,10 +5,11 @@
 //! id succeed, its status is NOT_FOUND; Status advertises the default runtime handler.
 //! Root only; needs /usr/lib/cni.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Result, ensure};
-use berth_integration::gateway_kit::{self, DockerStack};
+use berth_integration::cri_kit::{PodGuard, conflist, plugins_ready};
+use berth_integration::gateway_kit::DockerStack;
 use berth_integration::network_kit::NetSlot;
 use berth_integration::stack::Stack;
 use berth_proto::cri::runtime::v1 as cri;
@@ -16,69 +17,6 @@ use berth_proto::cri::runtime::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::Code;
 
 type Channel = berth_core::uds::Channel;
-
-fn plugins_ready() -> bool {
-    if !gateway_kit::ready() {
-        return false;
-    }
-    for p in ["bridge", "host-local", "loopback"] {
-        if !Path::new("/usr/lib/cni").join(p).is_file() {
-            eprintln!("skipped: the CNI reference plugins are not in /usr/lib/cni");
-            return false;
-        }
-    }
-    true
-}
-
-/// Removes a pod through the CRI when the test ends early (on its own thread: Drop is not
-/// async).
-struct PodGuard {
-    socket: PathBuf,
-    id: String,
-}
-
-impl Drop for PodGuard {
-    fn drop(&mut self) {
-        let (socket, id) = (self.socket.clone(), self.id.clone());
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                let mut c = RuntimeServiceClient::new(berth_core::uds::channel(socket));
-                let _ = c
-                    .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: id })
-                    .await;
-            });
-        })
-        .join();
-    }
-}
-
-/// A CNI config directory with one bridge conflist on a subnet of `slot`.
-fn conflist(slot: &NetSlot, conf: &Path, ipam: &Path) -> Result<String> {
-    let subnet = slot.subnet(5);
-    let conflist = serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": format!("cripods{}", std::process::id()),
-        "plugins": [{
-            "type": "bridge",
-            "bridge": slot.name("cri"),
-            "isGateway": true,
-            "ipMasq": false,
-            "ipam": {
-                "type": "host-local",
-                "ranges": [[{ "subnet": subnet }]],
-                "dataDir": ipam,
-            }
-        }],
-    });
-    std::fs::write(conf.join("10-pods.conflist"), conflist.to_string())?;
-    Ok(subnet)
-}
 
 fn pod_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
@@ -157,7 +95,7 @@ async fn pods_run_report_list_stop_and_go_away() -> Result<()> {
     let conf = tempfile::tempdir()?;
     let ipam = tempfile::tempdir()?;
     let logs = tempfile::tempdir()?;
-    let subnet = conflist(&slot, conf.path(), ipam.path())?;
+    let subnet = conflist(&slot, "cri", 5, conf.path(), ipam.path())?;
     let d = DockerStack::start_from(
         Stack::builder().env("BERTH_NETWORK__CNI_CONF_DIR", conf.path().to_str().unwrap()),
     )?;
