@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use berth_core::grpc::ServingStatus;
 use berth_core::uds::{Channel, channel};
-use berth_core::{Error, ErrorKind, Result};
+use berth_core::{Error, Result};
 use berth_proto::berth::images::v1 as images;
 use berth_proto::berth::images::v1::images_client::ImagesClient;
 use berth_proto::berth::network::v1 as network;
@@ -18,6 +18,7 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 
 use crate::Sockets;
+use crate::convert::not_found_is_none;
 
 /// A boxed future of a berth result.
 pub type Fut<'a, T> = BoxFuture<'a, Result<T>>;
@@ -59,20 +60,6 @@ impl GrpcImageStore {
                 .max_decoding_message_size(crate::MAX_MESSAGE),
             snapshots: SnapshotsClient::new(channel(&sockets.snapshotter)),
             snapshotter: snapshotter.to_string(),
-        }
-    }
-}
-
-fn not_found_is_none<T>(r: std::result::Result<T, tonic::Status>) -> Result<Option<T>> {
-    match r {
-        Ok(v) => Ok(Some(v)),
-        Err(status) => {
-            let err = Error::from(status);
-            if err.is(ErrorKind::NotFound) {
-                Ok(None)
-            } else {
-                Err(err)
-            }
         }
     }
 }

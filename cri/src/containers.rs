@@ -20,6 +20,7 @@ use berth_proto::cri::runtime::v1 as cri;
 use berth_proto::prost::Message;
 
 use crate::backend::Fut;
+use crate::convert::{nanos, not_found_is_none, required_id};
 
 /// The key of the CRI blob in a container's extensions.
 pub const EXTENSION: &str = "cri";
@@ -68,21 +69,6 @@ impl GrpcContainerStore {
     }
 }
 
-/// `Ok(None)` for NOT_FOUND.
-fn found<T>(r: std::result::Result<tonic::Response<T>, tonic::Status>) -> Result<Option<T>> {
-    match r {
-        Ok(v) => Ok(Some(v.into_inner())),
-        Err(status) => {
-            let err = Error::from(status);
-            if err.is(ErrorKind::NotFound) {
-                Ok(None)
-            } else {
-                Err(err)
-            }
-        }
-    }
-}
-
 impl ContainerStore for GrpcContainerStore {
     fn sandbox<'a>(&'a self, id: &'a str) -> Fut<'a, Option<pb::Sandbox>> {
         Box::pin(async move {
@@ -94,7 +80,7 @@ impl ContainerStore for GrpcContainerStore {
                     verbose: false,
                 })
                 .await;
-            Ok(found(r)?.and_then(|g| g.sandbox))
+            Ok(not_found_is_none(r.map(tonic::Response::into_inner))?.and_then(|g| g.sandbox))
         })
     }
 
@@ -120,7 +106,7 @@ impl ContainerStore for GrpcContainerStore {
                     size: false,
                 })
                 .await;
-            Ok(found(r)?.and_then(|g| g.container))
+            Ok(not_found_is_none(r.map(tonic::Response::into_inner))?.and_then(|g| g.container))
         })
     }
 
@@ -160,7 +146,7 @@ impl ContainerStore for GrpcContainerStore {
                     timeout_seconds: Some(timeout.max(0)),
                 })
                 .await;
-            Ok(found(r)?.is_some())
+            Ok(not_found_is_none(r.map(tonic::Response::into_inner))?.is_some())
         })
     }
 
@@ -175,7 +161,7 @@ impl ContainerStore for GrpcContainerStore {
                     ..Default::default()
                 })
                 .await;
-            Ok(found(r)?.is_some())
+            Ok(not_found_is_none(r.map(tonic::Response::into_inner))?.is_some())
         })
     }
 
@@ -214,13 +200,6 @@ impl std::fmt::Debug for Containers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Containers").finish_non_exhaustive()
     }
-}
-
-fn required_id(id: &str) -> Result<&str> {
-    if id.is_empty() {
-        return Err(Error::invalid_argument("container_id is required"));
-    }
-    Ok(id)
 }
 
 impl Containers {
@@ -272,7 +251,7 @@ impl Containers {
         &self,
         req: cri::StartContainerRequest,
     ) -> Result<cri::StartContainerResponse> {
-        let id = required_id(&req.container_id)?;
+        let id = required_id(&req.container_id, "container_id")?;
         self.cri_container(id).await?;
         self.store.start(id).await?;
         Ok(cri::StartContainerResponse {})
@@ -280,7 +259,7 @@ impl Containers {
 
     /// StopContainer: SIGKILL after `timeout` seconds; one that is gone is stopped.
     pub async fn stop(&self, req: cri::StopContainerRequest) -> Result<cri::StopContainerResponse> {
-        let id = required_id(&req.container_id)?;
+        let id = required_id(&req.container_id, "container_id")?;
         if !self.store.stop(id, req.timeout).await? {
             tracing::debug!(id, "StopContainer of a container that is gone");
         }
@@ -292,7 +271,7 @@ impl Containers {
         &self,
         req: cri::RemoveContainerRequest,
     ) -> Result<cri::RemoveContainerResponse> {
-        let id = required_id(&req.container_id)?;
+        let id = required_id(&req.container_id, "container_id")?;
         if !self.store.remove(id).await? {
             tracing::debug!(id, "RemoveContainer of a container that is gone");
         }
@@ -304,7 +283,7 @@ impl Containers {
         &self,
         req: cri::ContainerStatusRequest,
     ) -> Result<cri::ContainerStatusResponse> {
-        let id = required_id(&req.container_id)?;
+        let id = required_id(&req.container_id, "container_id")?;
         let (c, blob) = self.cri_container(id).await?;
         Ok(cri::ContainerStatusResponse {
             status: Some(status_of(&c, blob)),
@@ -334,7 +313,7 @@ impl Containers {
         &self,
         req: cri::UpdateContainerResourcesRequest,
     ) -> Result<cri::UpdateContainerResourcesResponse> {
-        let id = required_id(&req.container_id)?;
+        let id = required_id(&req.container_id, "container_id")?;
         if req.windows.is_some() {
             return Err(Error::invalid_argument(
                 "Windows container resources cannot apply on berth (Linux only)",
@@ -352,7 +331,7 @@ impl Containers {
         &self,
         req: cri::ReopenContainerLogRequest,
     ) -> Result<cri::ReopenContainerLogResponse> {
-        let id = required_id(&req.container_id)?;
+        let id = required_id(&req.container_id, "container_id")?;
         self.cri_container(id).await?;
         self.store.reopen_log(id).await?;
         Ok(cri::ReopenContainerLogResponse {})
@@ -755,16 +734,6 @@ fn localhost_seccomp(path: &str) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| {
         Error::invalid_argument(format!("cannot read the seccomp profile {path}: {e}"))
     })
-}
-
-fn nanos(t: Option<&berth_proto::prost_types::Timestamp>) -> i64 {
-    match t {
-        Some(t) if t.seconds > 0 => t
-            .seconds
-            .saturating_mul(1_000_000_000)
-            .saturating_add(i64::from(t.nanos)),
-        _ => 0,
-    }
 }
 
 fn state_of(c: &pb::Container) -> cri::ContainerState {

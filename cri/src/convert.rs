@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use base64::Engine as _;
-use berth_core::{Error, Result};
+use berth_core::{Error, ErrorKind, Result};
 use berth_proto::berth::images::v1 as images;
 use berth_proto::berth::types::v1 as types;
 use berth_proto::cri::runtime::v1 as cri;
@@ -130,6 +130,40 @@ pub fn pod_cidrs(text: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// `Ok(None)` for a NOT_FOUND answer of a berth service, the value otherwise.
+pub fn not_found_is_none<T>(r: std::result::Result<T, tonic::Status>) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(status) => {
+            let err = Error::from(status);
+            if err.is(ErrorKind::NotFound) {
+                Ok(None)
+            } else {
+                Err(err)
+            }
+        }
+    }
+}
+
+/// A request's id field, which the CRI requires: `InvalidArgument` naming `field` when empty.
+pub fn required_id<'a>(id: &'a str, field: &str) -> Result<&'a str> {
+    if id.is_empty() {
+        return Err(Error::invalid_argument(format!("{field} is required")));
+    }
+    Ok(id)
+}
+
+/// Nanoseconds since the epoch of a protobuf timestamp, as the CRI's times are; 0 for none.
+pub fn nanos(t: Option<&berth_proto::prost_types::Timestamp>) -> i64 {
+    match t {
+        Some(t) if t.seconds > 0 => t
+            .seconds
+            .saturating_mul(1_000_000_000)
+            .saturating_add(i64::from(t.nanos)),
+        _ => 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,13 +218,13 @@ mod tests {
             ..Default::default()
         }))
         .unwrap_err();
-        assert_eq!(err.kind(), berth_core::ErrorKind::InvalidArgument);
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
         let err = registry_auth(Some(&cri::AuthConfig {
             auth: "bm9jb2xvbg==".into(), // nocolon
             ..Default::default()
         }))
         .unwrap_err();
-        assert_eq!(err.kind(), berth_core::ErrorKind::InvalidArgument);
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     }
 
     #[test]

@@ -6,13 +6,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use berth_core::uds::{Channel, channel};
-use berth_core::{Error, ErrorKind, Result};
+use berth_core::{Error, Result};
 use berth_proto::berth::engine::v1 as pb;
 use berth_proto::berth::engine::v1::sandboxes_client::SandboxesClient;
 use berth_proto::berth::types::v1 as types;
 use berth_proto::cri::runtime::v1 as cri;
 
 use crate::backend::Fut;
+use crate::convert::{nanos, not_found_is_none, required_id};
 
 /// The engine's sandbox records, as the CRI pod methods need them.
 pub trait SandboxStore: Send + Sync + 'static {
@@ -44,21 +45,6 @@ impl GrpcSandboxStore {
     }
 }
 
-/// `Ok(None)` for NOT_FOUND.
-fn found<T>(r: std::result::Result<tonic::Response<T>, tonic::Status>) -> Result<Option<T>> {
-    match r {
-        Ok(v) => Ok(Some(v.into_inner())),
-        Err(status) => {
-            let err = Error::from(status);
-            if err.is(ErrorKind::NotFound) {
-                Ok(None)
-            } else {
-                Err(err)
-            }
-        }
-    }
-}
-
 impl SandboxStore for GrpcSandboxStore {
     fn run(&self, req: pb::RunSandboxRequest) -> Fut<'_, pb::Sandbox> {
         Box::pin(async move {
@@ -79,7 +65,7 @@ impl SandboxStore for GrpcSandboxStore {
                 .clone()
                 .stop(pb::StopSandboxRequest { id: id.into() })
                 .await;
-            Ok(found(r)?.is_some())
+            Ok(not_found_is_none(r.map(tonic::Response::into_inner))?.is_some())
         })
     }
 
@@ -90,7 +76,7 @@ impl SandboxStore for GrpcSandboxStore {
                 .clone()
                 .remove(pb::RemoveSandboxRequest { id: id.into() })
                 .await;
-            Ok(found(r)?.is_some())
+            Ok(not_found_is_none(r.map(tonic::Response::into_inner))?.is_some())
         })
     }
 
@@ -104,7 +90,7 @@ impl SandboxStore for GrpcSandboxStore {
                     verbose,
                 })
                 .await;
-            found(r)
+            not_found_is_none(r.map(tonic::Response::into_inner))
         })
     }
 
@@ -176,7 +162,7 @@ impl Pods {
         &self,
         req: cri::StopPodSandboxRequest,
     ) -> Result<cri::StopPodSandboxResponse> {
-        let id = required_id(&req.pod_sandbox_id)?;
+        let id = required_id(&req.pod_sandbox_id, "pod_sandbox_id")?;
         if !self.store.stop(id).await? {
             tracing::debug!(id, "StopPodSandbox of a sandbox that is gone");
         }
@@ -189,7 +175,7 @@ impl Pods {
         &self,
         req: cri::RemovePodSandboxRequest,
     ) -> Result<cri::RemovePodSandboxResponse> {
-        let id = required_id(&req.pod_sandbox_id)?;
+        let id = required_id(&req.pod_sandbox_id, "pod_sandbox_id")?;
         if !self.store.remove(id).await? {
             tracing::debug!(id, "RemovePodSandbox of a sandbox that is gone");
         }
@@ -201,7 +187,7 @@ impl Pods {
         &self,
         req: cri::PodSandboxStatusRequest,
     ) -> Result<cri::PodSandboxStatusResponse> {
-        let id = required_id(&req.pod_sandbox_id)?;
+        let id = required_id(&req.pod_sandbox_id, "pod_sandbox_id")?;
         let got = self
             .store
             .get(id, req.verbose)
@@ -237,13 +223,6 @@ impl Pods {
             .collect();
         Ok(cri::ListPodSandboxResponse { items })
     }
-}
-
-fn required_id(id: &str) -> Result<&str> {
-    if id.is_empty() {
-        return Err(Error::invalid_argument("pod_sandbox_id is required"));
-    }
-    Ok(id)
 }
 
 fn now_nanos() -> i64 {
@@ -512,13 +491,6 @@ fn state_of(s: &pb::Sandbox) -> i32 {
     }
 }
 
-fn created_nanos(s: &pb::Sandbox) -> i64 {
-    s.created
-        .as_ref()
-        .map(|t| t.seconds.saturating_mul(1_000_000_000) + i64::from(t.nanos))
-        .unwrap_or(0)
-}
-
 fn metadata_of(c: &pb::SandboxConfig) -> Option<cri::PodSandboxMetadata> {
     c.metadata.as_ref().map(|m| cri::PodSandboxMetadata {
         name: m.name.clone(),
@@ -531,7 +503,7 @@ fn metadata_of(c: &pb::SandboxConfig) -> Option<cri::PodSandboxMetadata> {
 /// A list item.
 fn pod_of(s: pb::Sandbox) -> cri::PodSandbox {
     let state = state_of(&s);
-    let created_at = created_nanos(&s);
+    let created_at = nanos(s.created.as_ref());
     let config = s.config.unwrap_or_default();
     cri::PodSandbox {
         id: s.id,
@@ -547,7 +519,7 @@ fn pod_of(s: pb::Sandbox) -> cri::PodSandbox {
 /// The CRI status of a sandbox.
 fn status_of(s: pb::Sandbox) -> cri::PodSandboxStatus {
     let state = state_of(&s);
-    let created_at = created_nanos(&s);
+    let created_at = nanos(s.created.as_ref());
     let config = s.config.unwrap_or_default();
     let options = config
         .linux
@@ -610,6 +582,8 @@ pub fn runtime_features() -> cri::RuntimeFeatures {
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
+
+    use berth_core::ErrorKind;
 
     use super::*;
 
