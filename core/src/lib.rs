@@ -6,6 +6,7 @@ pub mod caps;
 pub mod config;
 pub mod daemon;
 pub mod daemon_json;
+pub mod duration;
 pub mod error;
 pub mod grpc;
 pub mod id;

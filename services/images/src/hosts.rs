@@ -275,7 +275,9 @@ fn entry(dir: &Path, url: Option<&str>, h: FileHost) -> Result<HostEntry> {
     let dial_timeout = h
         .dial_timeout
         .as_deref()
-        .map(|d| parse_duration(d).ok_or_else(|| bad(&format!("dial_timeout {d:?}"))))
+        .map(|d| {
+            berth_core::duration::parse_go(d).ok_or_else(|| bad(&format!("dial_timeout {d:?}")))
+        })
         .transpose()?;
     Ok(HostEntry {
         https,
@@ -301,37 +303,6 @@ fn clean_path(path: &str) -> String {
     } else {
         format!("/{}", parts.join("/"))
     }
-}
-
-/// Go's duration syntax for the simple cases hosts.toml uses: `500ms`, `1s`, `1m30s`.
-fn parse_duration(text: &str) -> Option<Duration> {
-    let mut total = Duration::ZERO;
-    let mut rest = text.trim();
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let n_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let n: f64 = rest[..n_end].parse().ok()?;
-        rest = &rest[n_end..];
-        let u_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let unit = match &rest[..u_end] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        rest = &rest[u_end..];
-        total += Duration::from_secs_f64(n * unit);
-    }
-    Some(total)
 }
 
 #[cfg(test)]
@@ -515,10 +486,19 @@ dial_timeout = "1m30s"
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("1s"), Some(Duration::from_secs(1)));
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_duration("x"), None);
-        assert_eq!(parse_duration(""), None);
+        assert_eq!(
+            berth_core::duration::parse_go("1s"),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            berth_core::duration::parse_go("500ms"),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(
+            berth_core::duration::parse_go("1m30s"),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(berth_core::duration::parse_go("x"), None);
+        assert_eq!(berth_core::duration::parse_go(""), None);
     }
 }

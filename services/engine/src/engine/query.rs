@@ -78,40 +78,8 @@ pub fn parse_time(s: &str) -> Result<SystemTime> {
     if let Some(t) = crate::logs::parse_rfc3339(s) {
         return Ok(t);
     }
-    let d = parse_duration(s).ok_or_else(invalid)?;
+    let d = berth_core::duration::parse_go(s).ok_or_else(invalid)?;
     Ok(SystemTime::now() - d)
-}
-
-/// A Go-style duration: `1h2m3s`, `500ms`, `10m`.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let mut total = Duration::ZERO;
-    let mut rest = s.trim();
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let n_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let n: f64 = rest[..n_end].parse().ok()?;
-        rest = &rest[n_end..];
-        let u_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let unit = &rest[..u_end];
-        rest = &rest[u_end..];
-        let secs = match unit {
-            "h" => 3600.0,
-            "m" => 60.0,
-            "s" => 1.0,
-            "ms" => 1e-3,
-            "us" | "µs" => 1e-6,
-            "ns" => 1e-9,
-            _ => return None,
-        };
-        total += Duration::from_secs_f64(n * secs);
-    }
-    Some(total)
 }
 
 /// Snapshotter usage calls in flight at once while listing with sizes.
@@ -821,9 +789,15 @@ mod tests {
 
     #[test]
     fn durations_and_times() {
-        assert_eq!(parse_duration("1h30m"), Some(Duration::from_secs(5400)));
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("x"), None);
+        assert_eq!(
+            berth_core::duration::parse_go("1h30m"),
+            Some(Duration::from_secs(5400))
+        );
+        assert_eq!(
+            berth_core::duration::parse_go("500ms"),
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(berth_core::duration::parse_go("x"), None);
         assert_eq!(
             parse_time("1700000000").unwrap(),
             SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
