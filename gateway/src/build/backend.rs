@@ -5,6 +5,7 @@
 //! with the gateway's [`Backends`] (the same calls `docker run`, `docker cp` and `docker commit`
 //! make); the executor's unit tests use a fake.
 
+use std::future::Future;
 use std::path::PathBuf;
 
 use berth_core::{Error, ErrorKind, Result};
@@ -104,6 +105,19 @@ pub trait BuildBackend: Send + Sync {
 /// [`BuildBackend`] over the gateway's service backends.
 #[derive(Debug, Clone)]
 pub struct Engine(pub Backends);
+
+/// Runs `work` as its own task, so it goes on whether or not the returned future is polled;
+/// that future ends with it (`what` names it if the task dies).
+fn detached(
+    what: &'static str,
+    work: impl Future<Output = Result<()>> + Send + 'static,
+) -> Fut<'static, ()> {
+    let task = tokio::spawn(work);
+    Box::pin(async move {
+        task.await
+            .map_err(|e| Error::internal(what).with_source(e))?
+    })
+}
 
 fn not_found_is_none<T>(r: Result<T>) -> Result<Option<T>> {
     match r {
@@ -350,11 +364,7 @@ impl BuildBackend for Engine {
     fn remove_detached(&self, id: &str) -> Fut<'static, ()> {
         let engine = self.clone();
         let id = id.to_string();
-        let task = tokio::spawn(async move { engine.remove(&id).await });
-        Box::pin(async move {
-            task.await
-                .map_err(|e| Error::internal("container removal").with_source(e))?
-        })
+        detached("container removal", async move { engine.remove(&id).await })
     }
 
     fn tag(&self, id: &str, reference: &str) -> Fut<'_, ()> {
@@ -395,13 +405,8 @@ impl BuildBackend for Engine {
             parent.to_string(),
             created_by.to_string(),
         );
-        let task =
-            tokio::spawn(
-                async move { engine.cache_store(&key, &image, &parent, &created_by).await },
-            );
-        Box::pin(async move {
-            task.await
-                .map_err(|e| Error::internal("build cache record").with_source(e))?
+        detached("build cache record", async move {
+            engine.cache_store(&key, &image, &parent, &created_by).await
         })
     }
 }
