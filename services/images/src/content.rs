@@ -6,6 +6,7 @@
 //! blobs/sha256/<hex>        verified blobs, read-only once there
 //! ingest/<sha256(ref)>/data bytes of a blob being written
 //! ingest/<sha256(ref)>/ref  the ingest's reference (the expected digest for downloads)
+//! ingest/.new-<nonce>-<n>/  an ingest directory being made, renamed to its place with its ref
 //! ```
 //!
 //! A blob becomes visible only by `rename(2)` after its size and sha256 matched what the writer
@@ -23,6 +24,9 @@ use std::time::SystemTime;
 
 use berth_core::{Digest, Error, ErrorKind, Result};
 use sha2::{Digest as _, Sha256};
+
+/// The name prefix of an ingest directory being made ([`ContentStore::create_ingest`]).
+const STAGING_PREFIX: &str = ".new-";
 
 static UNIQUE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -196,10 +200,9 @@ impl ContentStore {
             reference: reference.to_string(),
         };
         let dir = self.ingest_dir(reference);
-        fs::create_dir_all(&dir)
-            .map_err(|e| Error::internal(format!("create {}", dir.display())).with_source(e))?;
-        fs::write(dir.join("ref"), reference)
-            .map_err(|e| Error::internal("write ingest ref").with_source(e))?;
+        if !dir.join("ref").is_file() {
+            self.create_ingest(&dir, reference)?;
+        }
         let data = dir.join("data");
         let mut file = OpenOptions::new()
             .read(true)
@@ -234,11 +237,62 @@ impl ContentStore {
         })
     }
 
+    /// Makes the ingest directory `dir` together with its `ref`: both are made under a staging
+    /// name and renamed into place, so a crash never leaves an ingest that recovery cannot
+    /// attribute to its reference.
+    fn create_ingest(&self, dir: &Path, reference: &str) -> Result<()> {
+        let staging = self.root.join("ingest").join(format!(
+            "{STAGING_PREFIX}{}-{}",
+            crate::nonce(),
+            UNIQUE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let made = fs::create_dir(&staging)
+            .and_then(|()| fs::write(staging.join("ref"), reference))
+            .and_then(|()| fs::rename(&staging, dir));
+        match made {
+            Ok(()) => Ok(()),
+            // An ingest directory without its ref (left by a crash of an older version): fill
+            // it in.
+            Err(_) if dir.is_dir() => {
+                let _ = fs::remove_dir_all(&staging);
+                fs::write(dir.join("ref"), reference)
+                    .map_err(|e| Error::internal("write ingest ref").with_source(e))
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&staging);
+                Err(Error::internal(format!("create {}", dir.display())).with_source(e))
+            }
+        }
+    }
+
+    /// Removes the staging directories of ingests that an earlier process left half made.
+    pub fn remove_stale_staging(&self) {
+        let mine = format!("{STAGING_PREFIX}{}-", crate::nonce());
+        let Ok(rd) = fs::read_dir(self.root.join("ingest")) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(STAGING_PREFIX) && !name.starts_with(&mine) {
+                if let Err(err) = fs::remove_dir_all(e.path()) {
+                    tracing::warn!(path = %e.path().display(), error = %err, "remove ingest staging directory");
+                }
+            }
+        }
+    }
+
     /// Every unfinished ingest.
     pub fn ingests(&self) -> Result<Vec<IngestInfo>> {
         let mut out = Vec::new();
         for entry in read_dir(&self.root.join("ingest"))? {
             let entry = entry?;
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(STAGING_PREFIX)
+            {
+                continue;
+            }
             let dir = entry.path();
             let reference = fs::read_to_string(dir.join("ref")).unwrap_or_default();
             let meta = fs::metadata(dir.join("data")).ok();
@@ -494,6 +548,42 @@ mod tests {
                 .message()
                 .contains("size mismatch")
         );
+    }
+
+    #[test]
+    fn a_crash_while_an_ingest_is_made_leaves_nothing_unattributed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs = ContentStore::open(dir.path()).unwrap();
+        // What a process killed between making an ingest's directory and writing its ref
+        // leaves: a staging directory of another nonce, and (from older versions) an ingest
+        // directory without a ref.
+        let stale = dir
+            .path()
+            .join("ingest")
+            .join(format!("{STAGING_PREFIX}0000-1"));
+        fs::create_dir(&stale).unwrap();
+        let reference = "layer-x";
+        fs::create_dir(cs.ingest_dir(reference)).unwrap();
+        let mine = cs.writer("layer-y").unwrap();
+        assert!(
+            cs.ingests()
+                .unwrap()
+                .iter()
+                .all(|i| !i.dir.starts_with(&stale))
+        );
+        cs.remove_stale_staging();
+        assert!(!stale.exists());
+        // A writer fills in the ref of the directory the old version left.
+        drop(cs.writer(reference).unwrap());
+        let mut refs: Vec<String> = cs
+            .ingests()
+            .unwrap()
+            .into_iter()
+            .map(|i| i.reference)
+            .collect();
+        refs.sort();
+        assert_eq!(refs, ["layer-x", "layer-y"]);
+        drop(mine);
     }
 
     #[test]

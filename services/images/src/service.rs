@@ -150,6 +150,7 @@ impl Images {
         }
         // A child image's layer cannot be resumed (its stream is gone with the caller): an
         // unfinished one of an earlier process is dropped now rather than after 24 hours.
+        self.content.remove_stale_staging();
         let my_layers = format!("{}{mine}", crate::child::LAYER_INGEST_PREFIX);
         if let Ok(ingests) = self.content.ingests() {
             for ing in ingests.into_iter().filter(|i| {
