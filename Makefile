@@ -5,7 +5,7 @@ BERTH_ARGS ?=
 # Parallel test processes (integration tests mostly wait on processes and the kernel).
 TEST_THREADS ?= 4
 
-.PHONY: all deps pyvenv build release up test unit lint fmt bench critest clean
+.PHONY: all deps pyvenv build release up test unit lint fmt bench bench-cri critest clean
 
 all: build
 
@@ -49,6 +49,11 @@ fmt:
 # ratios. Knobs: DENSITY (200), RUNS (30), BREAKDOWN (1), PULL (1), ...
 bench: deps release
 	BERTH_BIN_DIR=$(CURDIR)/target/release ./bench/run.sh
+
+# The CRI bench (docs/bench.md): berth's CRI vs Debian's containerd 1.6 CRI plugin, same images,
+# CNI config and client. Knobs: RUNS (30), ROUNDS (3), PODS (20).
+bench-cri: deps release
+	BERTH_BIN_DIR=$(CURDIR)/target/release ./bench/cri.sh
 
 # CRI conformance (docs/cri.md "Conformance: critest"): critest v1.32 against this tree's berth,
 # offline. Needs a critest binary (CRITEST, default /var/tmp/critest-bin/critest);

@@ -75,16 +75,9 @@ DOCKER=$(command -v docker || echo false)
 log() { say "$@"; }
 
 TAG=$(printf '%04x' $((RANDOM % 65536)))
-STACK=$BENCH_TMP/berth           # berth_stop's layout: $BENCH_TMP/<name>/{state,root,up.pid,bridge}
 REG=$BENCH_TMP/registry
-CNI_BRIDGE=bcp$TAG               # the pods' bridge (CNI)
-CGROUP_PARENT=berth-critest-$TAG
-POD_SUBNET=${POD_SUBNET:-10.233.0.0/16}
-
-# portmap's top-level chains are shared and never removed by the plugin: drop them at the end
-# only when this run made them.
-PORTMAP_CHAINS_BEFORE=0
-iptables -w 5 -t nat -S CNI-HOSTPORT-DNAT >/dev/null 2>&1 && PORTMAP_CHAINS_BEFORE=1
+# shellcheck source=../bench/lib/cri.sh
+. "$ROOT/bench/lib/cri.sh"
 
 cleanup() {
   local rc=$?
@@ -97,145 +90,28 @@ cleanup() {
     timeout 60 "$CRICTL" --runtime-endpoint "$SOCK" --timeout 20s rmp --all --force >/dev/null 2>&1
   fi
   berth_stop berth
-  if [ -f "$BENCH_TMP/containerd/pid" ]; then
-    stop_pid "$(cat "$BENCH_TMP/containerd/pid")" 25
-    # its shims outlive it by design; theirs name its socket on their command line
-    for pid in $(pids_with_arg "$BENCH_TMP/containerd/containerd.sock"); do kill -KILL "$pid"; done
-    runc_root_cleanup "$BENCH_TMP/containerd/runc/k8s.io"
-  fi
-  "$SHARED/testimages/registry.sh" stop "$REG" >/dev/null 2>&1
-  # Pods' CNI leftovers: the bridge plugin's bridge and veths, portmap's per-pod chains.
-  delete_bridge "$CNI_BRIDGE"
-  iptables_delete nat "berth-critest-$TAG" "^CNI-DN-.*berth-critest-$TAG"
-  if [ "$PORTMAP_CHAINS_BEFORE" = 0 ] && [ -z "$(iptables -w 5 -t nat -S CNI-HOSTPORT-DNAT 2>/dev/null | grep '^-A')" ]; then
-    iptables_delete nat "CNI-HOSTPORT-" "^CNI-HOSTPORT-"
-  fi
-  ip -all netns list 2>/dev/null | awk '{print $1}' | grep -F "$TAG" | while read -r ns; do
-    ip netns del "$ns"
-  done
-  for c in /sys/fs/cgroup/$CGROUP_PARENT /sys/fs/cgroup/*/$CGROUP_PARENT; do
-    [ -d "$c" ] || continue
-    find "$c" -mindepth 1 -depth -type d -exec rmdir {} \; 2>/dev/null
-    rmdir "$c" 2>/dev/null
-  done
-  unmount_under "$BENCH_TMP"
+  cri_containerd_stop
+  cri_cleanup "$REG"
   if [ "${KEEP:-0}" = 1 ]; then say "kept $BENCH_TMP"; else rm -rf "$BENCH_TMP"; fi
   exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# 1. registry + stand-in images ---------------------------------------------------------------
-PORT=$(free_port)
-"$SHARED/testimages/registry.sh" start "$PORT" "$REG" >/dev/null
-say "registry on 127.0.0.1:$PORT; pushing the critest stand-ins"
-python3 "$SHARED/testimages/criimages.py" --out "$BENCH_TMP/images" --push "127.0.0.1:$PORT" \
-  > "$BENCH_TMP/images.txt"
-
-# 2. hosts.toml: every registry critest names (and any other: _default) is the loopback one.
-CERTS=$BENCH_TMP/certs.d
-for host in gcr.io registry.k8s.io _default; do
-  mkdir -p "$CERTS/$host"
-  cat > "$CERTS/$host/hosts.toml" <<TOML
-# The loopback registry is the mirror and the server too, so a missing image fails here and
-# never reaches the network. (With only a server, containerd 1.6.20's CRI still went to
-# https://gcr.io here: it needs the [host] entry.)
-server = "http://127.0.0.1:$PORT"
-
-[host."http://127.0.0.1:$PORT"]
-  capabilities = ["pull", "resolve"]
-TOML
-done
-
-# 3. CNI ---------------------------------------------------------------------------------------
-CNI_DIR=$BENCH_TMP/net.d
-mkdir -p "$CNI_DIR"
-cat > "$CNI_DIR/10-berth-critest.conflist" <<JSON
-{
-  "cniVersion": "1.0.0",
-  "name": "berth-critest-$TAG",
-  "plugins": [
-    {
-      "type": "bridge",
-      "bridge": "$CNI_BRIDGE",
-      "isGateway": true,
-      "ipMasq": false,
-      "hairpinMode": true,
-      "ipam": {
-        "type": "host-local",
-        "ranges": [[{ "subnet": "$POD_SUBNET" }]],
-        "routes": [{ "dst": "0.0.0.0/0" }],
-        "dataDir": "$BENCH_TMP/cni-ipam"
-      }
-    },
-    { "type": "portmap", "capabilities": { "portMappings": true } }
-  ]
-}
-JSON
+# 1-3. registry and stand-in images, mirrors, CNI (bench/lib/cri.sh) ------------------------
+say "starting a loopback registry and pushing the critest stand-ins"
+ADDR=$(cri_registry "$REG")
+say "registry on $ADDR"
+cri_mirrors "$ADDR"
+cri_conflist
 
 # 4. the runtime under test -------------------------------------------------------------------
-if [ "$RUNTIME" = containerd ]; then
-  # Debian's containerd with its CRI plugin, on its own root, state, socket, CNI dir and mirrors:
-  # the reference the stand-in images and this script are checked against.
-  CTD=$BENCH_TMP/containerd
-  mkdir -p "$CTD"
-  cat > "$CTD/config.toml" <<TOML
-version = 2
-root = "$CTD/root"
-state = "$CTD/state"
-[grpc]
-  address = "$CTD/containerd.sock"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$CTD/opt"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "registry.k8s.io/pause:3.10"
-  restrict_oom_score_adj = true
-  netns_mounts_under_state_dir = true
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "$CNI_DIR"
-  [plugins."io.containerd.grpc.v1.cri".registry]
-    config_path = "$CERTS"
-  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-    runtime_type = "io.containerd.runc.v2"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-      Root = "$CTD/runc"
-TOML
-  containerd --config "$CTD/config.toml" > "$CTD/containerd.log" 2>&1 &
-  echo $! > "$CTD/pid"
-  for _ in $(seq 1 1200); do [ -S "$CTD/containerd.sock" ] && break; sleep 0.05; done
-  [ -S "$CTD/containerd.sock" ] || { say "containerd did not start:"; tail -20 "$CTD/containerd.log" >&2; exit 1; }
-  SOCK=unix://$CTD/containerd.sock
-  RUNTIME_LOG=$CTD/containerd.log
-else
-  mkdir -p "$STACK"
-  echo "bcs$TAG" > "$STACK/bridge"
-  cat > "$STACK/berth.toml" <<TOML
-[images]
-registry_config_path = "$CERTS"
-
-[network]
-bridge = "bcs$TAG"
-bip = "10.234.0.1/24"
-default_address_pools = [{ base = "10.235.0.0/16", size = 24 }]
-cni_conf_dir = "$CNI_DIR"
-cni_bin_dirs = ["/usr/lib/cni"]
-
-[engine]
-cgroup_parent = "$CGROUP_PARENT"
-TOML
-  "$BIN/berth" up --config "$STACK/berth.toml" --root "$STACK/root" --state-dir "$STACK/state" \
-    > "$STACK/up.out" 2> "$STACK/up.log" &
-  echo $! > "$STACK/up.pid"
-  for _ in $(seq 1 1200); do
-    grep -q "berth is up" "$STACK/up.out" 2>/dev/null && break
-    kill -0 "$(cat "$STACK/up.pid")" 2>/dev/null || { say "berth did not start:"; tail -20 "$STACK/up.log" >&2; exit 1; }
-    sleep 0.05
-  done
-  grep -q "berth is up" "$STACK/up.out" || { say "berth not up after 60 s"; exit 1; }
-  SOCK=unix://$STACK/state/cri.sock
-  RUNTIME_LOG=$STACK/up.log
-fi
+# RUNTIME=containerd: Debian's containerd with its CRI plugin, the reference the stand-in images
+# and this script are checked against.
+cri_"$RUNTIME"_start
+SOCK_VAR=CRI_SOCK_$RUNTIME LOG_VAR=CRI_LOG_$RUNTIME
+SOCK=unix://${!SOCK_VAR}
+RUNTIME_LOG=${!LOG_VAR}
 say "$RUNTIME up: $SOCK"
 
 # 5. critest -----------------------------------------------------------------------------------
