@@ -436,7 +436,7 @@ pub fn create_request(
             },
         })
         .collect();
-    host.log_config = Some(log_config(&sconf.log_directory, &config.log_path));
+    host.log_config = Some(log_config(&sconf.log_directory, &config.log_path)?);
 
     let mut cfg = pb::ContainerConfig {
         image,
@@ -493,18 +493,39 @@ pub fn create_request(
     })
 }
 
-fn log_config(dir: &str, path: &str) -> pb::LogConfig {
+/// The container's log: `path` under the pod's log directory `dir` (kubelet sends
+/// `<name>/<attempt>.log` under `/var/log/pods/<pod>`). A path that would land outside the
+/// directory (absolute, or with `..`), or one without a directory to be under, is refused
+/// rather than written somewhere kubelet does not look.
+fn log_config(dir: &str, path: &str) -> Result<pb::LogConfig> {
+    use std::path::Component;
     if path.is_empty() {
-        return pb::LogConfig {
+        return Ok(pb::LogConfig {
             r#type: "none".into(),
             options: HashMap::new(),
-        };
+        });
     }
-    let full = Path::new(dir).join(path);
-    pb::LogConfig {
+    if dir.is_empty() || !Path::new(dir).is_absolute() {
+        return Err(Error::invalid_argument(format!(
+            "log path {path:?} needs the pod sandbox's log_directory to be an absolute path (it is {dir:?})"
+        )));
+    }
+    let rel = Path::new(path);
+    if path.contains('\0')
+        || !rel
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+        || path.ends_with('/')
+    {
+        return Err(Error::invalid_argument(format!(
+            "log path {path:?} must be a file path relative to the pod's log directory, without '..'"
+        )));
+    }
+    let full = Path::new(dir).join(rel);
+    Ok(pb::LogConfig {
         r#type: "cri".into(),
         options: HashMap::from([("path".to_string(), full.to_string_lossy().into_owned())]),
-    }
+    })
 }
 
 fn mount(m: &cri::Mount) -> Result<pb::MountSpec> {
@@ -1034,6 +1055,26 @@ mod tests {
         assert_eq!(sec.cap_drop, ["ALL"]);
         assert_eq!(sec.seccomp_profile, "unconfined");
         assert!(req.extensions.contains_key(EXTENSION));
+    }
+
+    #[test]
+    fn log_paths_stay_under_the_pod_log_directory() {
+        let path = |dir: &str, p: &str| log_config(dir, p).map(|l| l.options["path"].clone());
+        assert_eq!(path("/logs/p", "c/0.log").unwrap(), "/logs/p/c/0.log");
+        assert_eq!(path("/logs/p", "./c.log").unwrap(), "/logs/p/./c.log");
+        assert_eq!(log_config("", "").unwrap().r#type, "none");
+        for (dir, p) in [
+            ("/logs/p", "/etc/passwd"),
+            ("/logs/p", "../other/0.log"),
+            ("/logs/p", "c/../../x.log"),
+            ("/logs/p", "c/"),
+            ("/logs/p", "a\0b"),
+            ("", "c/0.log"),
+            ("relative", "c/0.log"),
+        ] {
+            let err = log_config(dir, p).unwrap_err();
+            assert!(err.is(ErrorKind::InvalidArgument), "{dir:?} {p:?}: {err}");
+        }
     }
 
     #[test]

@@ -724,3 +724,195 @@ fn crictl() -> Option<std::path::PathBuf> {
         .unwrap_or_else(|| "/var/tmp/critest-bin/crictl".into());
     path.is_file().then_some(path)
 }
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the forwarder to take).
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Port forwarding through the CRI into a pod's network namespace, the way critest and kubelet's
+/// clients do it: client-go opens an `error` stream and half-closes it at once ("we're not
+/// writing to this stream") before it opens the `data` stream, then speaks HTTP on the data
+/// stream; the early FIN must not end the data stream (critest's port-forward specs got EOF).
+/// The same over berth's own SPDY client, crictl (client-go: SPDY, and SPDY tunnelled over a
+/// websocket), and the Kubernetes Python client (websocket `v4.channel.k8s.io`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_into_a_pod_as_client_go_does() -> Result<()> {
+    use berth_integration::cri_kit::{PodGuard, conflist, plugins_ready};
+    use berth_integration::network_kit::NetSlot;
+    use berth_integration::stack::Stack;
+    if !plugins_ready() {
+        return Ok(());
+    }
+    let slot = NetSlot::claim()?;
+    let conf = tempfile::tempdir()?;
+    let ipam = tempfile::tempdir()?;
+    let logs = tempfile::tempdir()?;
+    conflist(&slot, "crs", 9, conf.path(), ipam.path())?;
+    let d = DockerStack::start_from(
+        Stack::builder().env("BERTH_NETWORK__CNI_CONF_DIR", conf.path().to_str().unwrap()),
+    )?;
+    let _registry = with_busybox(&d)?;
+    let mut rt = runtime(&d);
+    let config = cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: "forward".into(),
+            uid: format!("uid-forward-{}", std::process::id()),
+            namespace: "berth-cri-streaming".into(),
+            attempt: 0,
+        }),
+        log_directory: logs.path().to_string_lossy().into_owned(),
+        ..Default::default()
+    };
+    let pod = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await?
+        .into_inner()
+        .pod_sandbox_id;
+    let _guard = PodGuard {
+        socket: d.cri_socket(),
+        id: pod.clone(),
+    };
+    // Served on the pod's loopback only: what answers came through the forward.
+    let server = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(cri::ContainerConfig {
+                metadata: Some(cri::ContainerMetadata {
+                    name: "web".into(),
+                    attempt: 0,
+                }),
+                image: Some(cri::ImageSpec {
+                    image: "busybox".into(),
+                    ..Default::default()
+                }),
+                command: sh(
+                    "mkdir -p /www && echo forwarded-page > /www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /www",
+                ),
+                ..Default::default()
+            }),
+            sandbox_config: Some(config.clone()),
+        })
+        .await?
+        .into_inner()
+        .container_id;
+    rt.start_container(cri::StartContainerRequest {
+        container_id: server,
+    })
+    .await?;
+    let forward_url = |rt: &Runtime, ports: Vec<i32>| {
+        let req = cri::PortForwardRequest {
+            pod_sandbox_id: pod.clone(),
+            port: ports,
+        };
+        let mut rt = rt.clone();
+        async move { Ok::<_, anyhow::Error>(rt.port_forward(req).await?.into_inner().url) }
+    };
+
+    eprintln!("step: client-go's order over SPDY: error stream opened and half-closed first.");
+    let request = b"GET / HTTP/1.0\r\nHost: pod\r\n\r\n";
+    let mut page = String::new();
+    for attempt in 0..50 {
+        let url = forward_url(&rt, Vec::new()).await?;
+        let mut c = SpdyClient::connect(&url, &["portforward.k8s.io"])
+            .await?
+            .map_err(|r| anyhow::anyhow!("refused: {r:?}"))?;
+        let rid = attempt.to_string();
+        let e = c
+            .open(&[
+                ("streamType", "error"),
+                ("port", "8080"),
+                ("requestID", &rid),
+            ])
+            .await?;
+        c.data(e, b"", true).await?;
+        let data = c
+            .open(&[
+                ("streamType", "data"),
+                ("port", "8080"),
+                ("requestID", &rid),
+            ])
+            .await?;
+        c.data(data, request, false).await?;
+        let r = c.until_finished(&[e, data]).await?;
+        page = r.text(data);
+        if page.contains("forwarded-page") {
+            assert_eq!(r.text(e), "", "no error");
+            break;
+        }
+        // httpd may not listen yet: the error stream says so.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        page.starts_with("HTTP/1.") && page.ends_with("forwarded-page\n"),
+        "{page:?}"
+    );
+
+    // --- crictl port-forward (client-go), both transports; several connections each.
+    if let Some(crictl) = crictl() {
+        for transport in ["spdy", "websocket"] {
+            eprintln!("step: crictl port-forward --transport {transport}");
+            let local = free_port()?;
+            let pf = gateway_kit::Running::spawn(
+                std::process::Command::new(&crictl)
+                    .arg("--runtime-endpoint")
+                    .arg(format!("unix://{}", d.cri_socket().display()))
+                    .args(["port-forward", "--transport", transport, &pod])
+                    .arg(format!("{local}:8080")),
+            )?;
+            ensure!(
+                pf.wait_stdout(STEP, |o| o.contains("Forwarding from")),
+                "crictl port-forward --transport {transport}: {} {}",
+                pf.stdout(),
+                pf.stderr()
+            );
+            for _ in 0..3 {
+                let got = gateway_kit::http_get(&format!("127.0.0.1:{local}"), "/")?;
+                ensure!(
+                    got.starts_with("HTTP/1.") && got.ends_with("forwarded-page\n"),
+                    "through crictl ({transport}): {got:?}; crictl: {} {}",
+                    pf.stdout(),
+                    pf.stderr()
+                );
+            }
+        }
+    } else {
+        eprintln!("note: no crictl (deploy/critest.sh builds it); its port-forward is not run");
+    }
+
+    // --- The Kubernetes Python client (websocket v4.channel.k8s.io, the ports in the URL).
+    if kubernetes_py().is_some() {
+        eprintln!("step: the Kubernetes Python client's PortForward");
+        let url = forward_url(&rt, vec![8080]).await?;
+        let (addr, path) = split_url(&url)?;
+        let got = run_py(PY_PORT_FORWARD_HTTP, &format!("ws://{addr}{path}"))?;
+        ensure!(got.ends_with("forwarded-page\n"), "{got:?}");
+    }
+    Ok(())
+}
+
+/// Sends one HTTP request to port 8080 through the Python client's `PortForward` and prints
+/// the answer.
+const PY_PORT_FORWARD_HTTP: &str = r#"
+import sys
+from kubernetes.client import Configuration
+from kubernetes.stream.ws_client import PortForward, create_websocket
+ws = create_websocket(Configuration(), sys.argv[1], {"sec-websocket-protocol": "v4.channel.k8s.io"})
+pf = PortForward(ws, [8080])
+s = pf.socket(8080)
+s.settimeout(60)
+s.sendall(b"GET / HTTP/1.0\r\nHost: pod\r\n\r\n")
+data = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    data += chunk
+sys.stdout.write(data.decode())
+pf.close()
+"#;

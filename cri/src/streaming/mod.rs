@@ -187,6 +187,15 @@ async fn port_forward(
     let Some(Pending::PortForward(netns, ports)) = s.take(&token) else {
         return not_found();
     };
+    if is_websocket(&req) && offers(&req, portforward::WS_TUNNEL_PROTOCOL) {
+        let (mut parts, _) = req.into_parts();
+        return match WebSocketUpgrade::from_request_parts(&mut parts, &()).await {
+            Ok(ws) => ws
+                .protocols([portforward::WS_TUNNEL_PROTOCOL])
+                .on_upgrade(move |socket| portforward::serve_ws_tunnel(socket, netns)),
+            Err(rejection) => rejection.into_response(),
+        };
+    }
     if is_websocket(&req) {
         return websocket(req, portforward::WS_PROTOCOLS, move |socket, proto| {
             portforward::serve_ws(socket, proto, netns, ports)
@@ -198,6 +207,22 @@ async fn port_forward(
     })
 }
 
+/// The `Sec-WebSocket-Protocol`s a request offers.
+fn ws_protocols(req: &Request) -> Vec<String> {
+    req.headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+/// Whether the request offers websocket sub-protocol `protocol`.
+fn offers(req: &Request, protocol: &str) -> bool {
+    ws_protocols(req).iter().any(|p| p == protocol)
+}
+
 /// Upgrades to a websocket speaking the first of the client's `Sec-WebSocket-Protocol`s that
 /// is in `supported` (none offered: binary v1), then runs `serve` on it.
 async fn websocket<F, Fut>(req: Request, supported: &'static [&'static str], serve: F) -> Response
@@ -205,13 +230,7 @@ where
     F: FnOnce(axum::extract::ws::WebSocket, WsProtocol) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let offered: Vec<String> = req
-        .headers()
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
-        .collect();
+    let offered = ws_protocols(&req);
     let chosen = if offered.is_empty() {
         Some(String::new())
     } else {

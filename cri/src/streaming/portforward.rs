@@ -104,11 +104,19 @@ where
                     if fin {
                         data_tx.remove(&id);
                     }
-                } else if let Some(pair) = request_of.get(&id).and_then(|r| pairs.get_mut(r)) {
+                } else if let Some(pair) = request_of.get(&id).and_then(|r| pairs.get_mut(r))
+                    && pair.data == Some(id)
+                {
                     pair.early.push((data, fin));
                 }
+                // Anything else is the client's side of an error stream: client-go half-closes
+                // it right after opening it ("we're not writing to this stream"), before the
+                // data stream exists; that FIN must not end the data stream.
             }
             Event::Reset { id } => {
+                // A reset data stream ends its forward (both directions, as kubelet's does):
+                // client-go resets the data stream once its side is done, then waits for the
+                // error stream to end.
                 data_tx.remove(&id);
             }
         }
@@ -146,6 +154,50 @@ async fn forward(
     .await;
     w.fin(data).await;
     w.fin(error).await;
+}
+
+/// The websocket sub-protocol of SPDY tunnelled over a websocket (client-go's
+/// `NewSPDYOverWebsocketDialer`, what `crictl port-forward --transport websocket` and kubectl's
+/// `PortForwardWebsockets` speak): each binary message carries the next bytes of a SPDY/3.1
+/// port-forwarding connection.
+pub const WS_TUNNEL_PROTOCOL: &str = "SPDY/3.1+portforward.k8s.io";
+
+/// Serves port forwarding as SPDY tunnelled over `socket` (see [`WS_TUNNEL_PROTOCOL`]): the
+/// binary messages are the byte stream [`serve_spdy`] reads, what it writes goes back as binary
+/// messages; a close message is the stream's end.
+pub async fn serve_ws_tunnel(socket: WebSocket, netns: PathBuf) {
+    use futures::{SinkExt, StreamExt};
+    let (ours, theirs) = tokio::io::duplex(64 << 10);
+    let serving = tokio::spawn(serve_spdy(theirs, netns));
+    let (mut tx, mut rx) = socket.split();
+    let (mut rd, mut wr) = tokio::io::split(ours);
+    let inbound = async move {
+        while let Some(Ok(msg)) = rx.next().await {
+            match msg {
+                Message::Binary(b) if wr.write_all(&b).await.is_err() => break,
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        let _ = wr.shutdown().await;
+    };
+    let outbound = async move {
+        let mut buf = vec![0u8; 32 << 10];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let msg = Message::Binary(Bytes::copy_from_slice(&buf[..n]));
+                    if tx.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = tx.send(normal_close()).await;
+    };
+    tokio::join!(inbound, outbound);
+    let _ = serving.await;
 }
 
 /// The websocket sub-protocols of port forwarding (none offered: binary).
@@ -222,7 +274,8 @@ pub async fn serve_ws(socket: WebSocket, proto: WsProtocol, netns: PathBuf, port
 }
 
 /// Copies between `tcp` and the client until both directions are done: the client's bytes
-/// (until its FIN, or its end) into `tcp`, `tcp`'s into `to_client`.
+/// (until its FIN) into `tcp`, `tcp`'s into `to_client`. The client's side ending without a FIN
+/// (a reset stream, a closed socket) ends both directions at once.
 async fn pipe<F, Fut>(
     tcp: tokio::net::TcpStream,
     mut from_client: mpsc::Receiver<(Bytes, bool)>,
@@ -232,13 +285,13 @@ async fn pipe<F, Fut>(
     Fut: Future<Output = bool>,
 {
     let (mut rd, mut wr) = tcp.into_split();
+    // Ends only when the client's side ends without a FIN; after a FIN the pod's answer still
+    // flows until the pod closes.
     let to_pod = async move {
         while let Some((bytes, fin)) = from_client.recv().await {
-            if !bytes.is_empty() && wr.write_all(&bytes).await.is_err() {
-                break;
-            }
-            if fin {
-                break;
+            if (!bytes.is_empty() && wr.write_all(&bytes).await.is_err()) || fin {
+                let _ = wr.shutdown().await;
+                std::future::pending::<()>().await;
             }
         }
         let _ = wr.shutdown().await;
@@ -256,5 +309,8 @@ async fn pipe<F, Fut>(
             }
         }
     };
-    tokio::join!(to_pod, from_pod);
+    tokio::select! {
+        () = to_pod => {}
+        () = from_pod => {}
+    }
 }

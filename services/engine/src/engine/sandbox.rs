@@ -174,12 +174,11 @@ impl Engine {
         namespace: &str,
     ) -> Result<pb::Sandbox> {
         let name = sb::validate(&req)?;
-        let runtime = if req.runtime_handler.is_empty() {
-            self.config.engine.default_runtime.clone()
-        } else {
-            req.runtime_handler.clone()
-        };
-        if runtime != self.config.engine.default_runtime
+        // The handler is recorded as sent ("" is the default runtime), as containerd does:
+        // the pod's status reads back what kubelet asked for.
+        let runtime = req.runtime_handler.clone();
+        if !runtime.is_empty()
+            && runtime != self.config.engine.default_runtime
             && !self.config.engine.runtimes.contains_key(&runtime)
         {
             return Err(Error::invalid_argument(format!(
@@ -634,6 +633,10 @@ impl Engine {
             ));
         }
         hc.sandbox_id = rec.s.id.clone();
+        // The pod's containers run with the pod's runtime handler.
+        if hc.runtime.is_empty() {
+            hc.runtime = rec.s.runtime_handler.clone();
+        }
         if hc.cgroup_parent.is_empty() {
             hc.cgroup_parent = linux.cgroup_parent.clone();
         }

@@ -689,6 +689,8 @@ pub fn generate(input: &SpecInput<'_>) -> Result<(Spec, Vec<String>)> {
         linux.set_readonly_paths(sec.readonly_paths.as_ref().map(|l| l.values.clone()));
     }
 
+    linux.set_rootfs_propagation(rootfs_propagation(input.mounts));
+
     let root = RootBuilder::default()
         .path("rootfs")
         .readonly(sec.read_only_rootfs)
@@ -722,6 +724,25 @@ pub fn generate(input: &SpecInput<'_>) -> Result<(Spec, Vec<String>)> {
     }
     spec.set_hooks(None);
     Ok((spec, warnings))
+}
+
+/// The propagation of the container's root mount that its binds need (moby's and containerd's
+/// rule): a shared bind only propagates back to the host when the container's mount namespace
+/// stays a peer of the host's (`rshared`), a slave bind only receives when it stays at least a
+/// slave (`rslave`, runc's default anyway). None leaves runc's default.
+fn rootfs_propagation(mounts: &[SpecMount]) -> Option<String> {
+    let has = |want: &[&str]| {
+        mounts
+            .iter()
+            .any(|m| m.options.iter().any(|o| want.contains(&o.as_str())))
+    };
+    if has(&["shared", "rshared"]) {
+        Some("rshared".into())
+    } else if has(&["slave", "rslave"]) {
+        Some("rslave".into())
+    } else {
+        None
+    }
 }
 
 /// Docker's rule: namespaced sysctls only, and not the ones of a namespace shared with the
@@ -1084,6 +1105,29 @@ mod tests {
         let a = dests.iter().position(|d| *d == "/data").unwrap();
         let b = dests.iter().position(|d| *d == "/data/sub").unwrap();
         assert!(a < b);
+        assert!(
+            j["linux"].get("rootfsPropagation").is_none(),
+            "runc's default"
+        );
+    }
+
+    #[test]
+    fn shared_and_slave_binds_set_the_root_propagation() {
+        let bind = |prop: &str| SpecMount {
+            destination: "/data".into(),
+            typ: "bind".into(),
+            source: "/host/a".into(),
+            options: vec!["rbind".into(), "rw".into(), prop.into()],
+        };
+        let root = |mounts: &[SpecMount]| {
+            json(&gen_with(&pb::HostConfig::default(), mounts).0)["linux"]["rootfsPropagation"]
+                .clone()
+        };
+        assert_eq!(root(&[bind("rshared")]), "rshared");
+        assert_eq!(root(&[bind("shared")]), "rshared");
+        assert_eq!(root(&[bind("rslave")]), "rslave");
+        assert_eq!(root(&[bind("rslave"), bind("rshared")]), "rshared");
+        assert!(root(&[bind("rprivate")]).is_null());
     }
 
     #[test]
