@@ -157,10 +157,16 @@ def main():
         ("pod", "total"): "pod sandbox: run + stop + remove",
         ("pod", "run_pod"): "pod sandbox: RunPodSandbox",
         ("pod", "stop_remove_pod"): "pod sandbox: StopPodSandbox + RemovePodSandbox",
+        ("pod", "stop_pod"): "pod sandbox: StopPodSandbox",
+        ("pod", "remove_pod"): "pod sandbox: RemovePodSandbox",
         ("pod_container", "total"): "pod + one container: run pod, create, start, stop, remove, remove pod",
         ("pod_container", "container"): "one container in a pod: create + start + stop + remove",
         ("pod_container", "container_create_start"): "one container in a pod: create + start",
         ("pod_container", "container_stop_remove"): "one container in a pod: stop (SIGKILL) + remove",
+        ("pod_container", "create"): "one container in a pod: CreateContainer",
+        ("pod_container", "start"): "one container in a pod: StartContainer",
+        ("pod_container", "stop"): "one container in a pod: StopContainer (timeout 0)",
+        ("pod_container", "remove"): "one container in a pod: RemoveContainer",
     }
     for scenario in ("pod", "pod_container"):
         log(f"latency: {scenario}, {cfg['runs']} runs per side in {cfg['rounds']} rounds")

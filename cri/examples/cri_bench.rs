@@ -143,12 +143,14 @@ async fn remove_pod(c: &mut Client, id: &str) -> Res<()> {
     Ok(())
 }
 
+/// Creates and starts a container in `pod`; returns its id and the ms of each call.
 async fn start_container(
     c: &mut Client,
     a: &Args,
     pod: &str,
     config: &cri::PodSandboxConfig,
-) -> Res<String> {
+) -> Res<(String, f64, f64)> {
+    let t = Instant::now();
     let id = c
         .create_container(cri::CreateContainerRequest {
             pod_sandbox_id: pod.into(),
@@ -158,24 +160,30 @@ async fn start_container(
         .await?
         .into_inner()
         .container_id;
+    let created = ms(t);
+    let t = Instant::now();
     c.start_container(cri::StartContainerRequest {
         container_id: id.clone(),
     })
     .await?;
-    Ok(id)
+    Ok((id, created, ms(t)))
 }
 
-async fn remove_container(c: &mut Client, id: &str) -> Res<()> {
+/// Stops (SIGKILL) and removes a container; returns the ms of each call.
+async fn remove_container(c: &mut Client, id: &str) -> Res<(f64, f64)> {
+    let t = Instant::now();
     c.stop_container(cri::StopContainerRequest {
         container_id: id.into(),
         timeout: 0,
     })
     .await?;
+    let stopped = ms(t);
+    let t = Instant::now();
     c.remove_container(cri::RemoveContainerRequest {
         container_id: id.into(),
     })
     .await?;
-    Ok(())
+    Ok((stopped, ms(t)))
 }
 
 /// One timed run; returns its stages in ms.
@@ -187,16 +195,34 @@ async fn one(c: &mut Client, a: &Args, n: usize) -> Res<serde_json::Value> {
     let mut out = serde_json::json!({ "run_pod": run });
     if a.scenario == "pod_container" {
         let t1 = Instant::now();
-        let id = start_container(c, a, &pod, &config).await?;
+        let (id, create, start) = start_container(c, a, &pod, &config).await?;
         let started = ms(t1);
         let t2 = Instant::now();
-        remove_container(c, &id).await?;
+        let (stop, remove) = remove_container(c, &id).await?;
+        for (k, v) in [
+            ("create", create),
+            ("start", start),
+            ("stop", stop),
+            ("remove", remove),
+        ] {
+            out[k] = v.into();
+        }
         out["container_create_start"] = started.into();
         out["container_stop_remove"] = ms(t2).into();
         out["container"] = (started + ms(t2)).into();
     }
     let t3 = Instant::now();
-    remove_pod(c, &pod).await?;
+    c.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await?;
+    out["stop_pod"] = ms(t3).into();
+    let t4 = Instant::now();
+    c.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await?;
+    out["remove_pod"] = ms(t4).into();
     out["stop_remove_pod"] = ms(t3).into();
     out["total"] = ms(t).into();
     Ok(out)
