@@ -341,7 +341,11 @@ async fn export_loop(
                             name: "berth-shim".into(),
                             ..Default::default()
                         }),
-                        spans: batch.drain(..).map(to_otlp).collect(),
+                        // Taken, not drained: an idle shim keeps no batch capacity.
+                        spans: std::mem::take(&mut batch)
+                            .into_iter()
+                            .map(to_otlp)
+                            .collect(),
                         ..Default::default()
                     }],
                     ..Default::default()
@@ -485,6 +489,106 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(none, None);
+    }
+
+    /// An OTLP/gRPC collector that keeps what it receives.
+    #[derive(Clone, Default)]
+    struct Collector(std::sync::Arc<std::sync::Mutex<Vec<ExportTraceServiceRequest>>>);
+
+    #[tonic::async_trait]
+    impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+        for Collector
+    {
+        async fn export(
+            &self,
+            req: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<
+            tonic::Response<
+                opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+            >,
+            tonic::Status,
+        > {
+            self.0.lock().unwrap().push(req.into_inner());
+            Ok(tonic::Response::new(Default::default()))
+        }
+    }
+
+    // The only test that starts the (process-wide) exporter.
+    #[tokio::test]
+    async fn the_exporter_sends_linked_spans_and_flushes() {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let collector = Collector::default();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(collector.clone()))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        start_exporter(
+            &format!("http://{addr}"),
+            vec![("berth.container.id", "c1".into())],
+        );
+
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        metadata.insert(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
+        let failed: Result<(), tonic::Status> = serve(&metadata, "Start", vec![], async {
+            let err = child(|| "runc start".into(), Vec::new, async {
+                Err::<(), _>(berth_core::Error::internal("runc start: exit status 1"))
+            })
+            .await
+            .unwrap_err();
+            Err(err.into())
+        })
+        .await;
+        assert!(failed.is_err());
+        flush(Duration::from_secs(10)).await;
+
+        let got = collector.0.lock().unwrap().clone();
+        let rs: Vec<_> = got.iter().flat_map(|r| &r.resource_spans).collect();
+        let resource: Vec<(String, String)> = rs[0]
+            .resource
+            .iter()
+            .flat_map(|r| &r.attributes)
+            .map(|kv| {
+                let v = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                    Some(any_value::Value::StringValue(s)) => s.clone(),
+                    other => format!("{other:?}"),
+                };
+                (kv.key.clone(), v)
+            })
+            .collect();
+        assert!(resource.contains(&("service.name".into(), "berth-shim".into())));
+        assert!(resource.contains(&("berth.container.id".into(), "c1".into())));
+        let spans: Vec<&otlp::Span> = rs
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+            // Other tests' spans may be exported too.
+            .filter(|s| encode_hex(&s.trace_id) == "0af7651916cd43dd8448eb211c80319c")
+            .collect();
+        assert_eq!(spans.len(), 2, "{spans:#?}");
+        // Children finish first.
+        let (runc, server) = (spans[0], spans[1]);
+        assert_eq!(server.name, "berth.shim.v1.Shim/Start");
+        assert_eq!(
+            server.parent_span_id,
+            [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]
+        );
+        assert_eq!(runc.name, "runc start");
+        assert_eq!(runc.parent_span_id, server.span_id);
+        assert_eq!(runc.trace_id, server.trace_id);
+        assert_eq!(
+            runc.status.as_ref().unwrap().code,
+            otlp::status::StatusCode::Error as i32
+        );
+        assert!(server.start_time_unix_nano <= runc.start_time_unix_nano);
+        assert!(runc.end_time_unix_nano <= server.end_time_unix_nano);
     }
 
     #[test]
