@@ -340,7 +340,7 @@ fn docker_run_is_one_trace_in_a_real_collector() -> Result<()> {
     let client_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let client_span = "00f067aa0ba902b7";
     let name = format!("otlp-{}", std::process::id());
-    curl(&[
+    let created = curl(&[
         "-sf",
         "--unix-socket",
         &stack.socket().display().to_string(),
@@ -349,7 +349,7 @@ fn docker_run_is_one_trace_in_a_real_collector() -> Result<()> {
         "-H",
         "Content-Type: application/json",
         "-d",
-        r#"{"Image":"busybox","Cmd":["true"]}"#,
+        r#"{"Image":"busybox","Cmd":["sleep","1000"]}"#,
         &format!("http://berth/v1.45/containers/create?name={name}"),
     ])?;
     let continued = wait_for(Duration::from_secs(30), || {
@@ -398,6 +398,47 @@ fn docker_run_is_one_trace_in_a_real_collector() -> Result<()> {
                 .any(|i| i.service == "berth-images" && i.trace_id == s.trace_id)
     });
     ensure!(pulled, "no pull trace reaching berth-images");
+
+    // Starting it in the client's trace: the shim's own log lines carry the ids of its span.
+    let id = serde_json::from_str::<serde_json::Value>(&created)?["Id"]
+        .as_str()
+        .context("create answered no Id")?
+        .to_string();
+    curl(&[
+        "-sf",
+        "--unix-socket",
+        &stack.socket().display().to_string(),
+        "-H",
+        &format!("traceparent: 00-{client_trace}-{client_span}-01"),
+        "-X",
+        "POST",
+        &format!("http://berth/v1.45/containers/{id}/start"),
+    ])?;
+    let shim_log = stack
+        .stack
+        .state_dir()
+        .join("bundles")
+        .join(&id)
+        .join("shim.log");
+    let logged = wait_for(Duration::from_secs(30), || {
+        let text = std::fs::read_to_string(&shim_log).ok()?;
+        let line = text.lines().find(|l| l.contains("task created"))?;
+        let (_, span_id) = line.split_once(&format!("trace_id={client_trace} span_id="))?;
+        let span_id = span_id.trim_end();
+        rotel
+            .spans()
+            .into_iter()
+            .find(|s| s.service == "berth-shim" && s.span_id == span_id)
+            .map(|s| (line.to_string(), s))
+    });
+    let (line, span) = logged.with_context(|| {
+        format!(
+            "{}: no \"task created\" line with the ids of a shim span in the client's trace:\n{}",
+            shim_log.display(),
+            std::fs::read_to_string(&shim_log).unwrap_or_default()
+        )
+    })?;
+    ensure!(span.name == "berth.shim.v1.Shim/Create", "{line}: {span:?}");
 
     // The same for a CRI call on cri.sock.
     let cri_trace = "0af7651916cd43dd8448eb211c80319c";
