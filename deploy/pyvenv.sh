@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes the Python virtualenv the integration tests drive berth with (docker-py from PyPI, and
 # websocket-client for the websocket attach test, the Kubernetes client for the CRI streaming
-# test). Idempotent: a venv whose recorded
+# test, rotel's wheel for the OTLP collector of the trace test). Idempotent: a venv whose recorded
 # requirements match is left alone. Usage: deploy/pyvenv.sh [DIR] (default target/pyvenv).
 set -euo pipefail
 cd "$(dirname "$0")/.."

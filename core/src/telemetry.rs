@@ -3,6 +3,8 @@
 //!
 //! Only `main` functions call [`init`]; libraries just emit `tracing` spans and events.
 
+use std::sync::{Arc, OnceLock};
+
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::{Context as OtelContext, global};
@@ -66,25 +68,112 @@ pub fn init(
 
     let json = config.log_format == "json";
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Log lines carry the trace and span ids only when spans have them (OTLP on).
+    let slot = DispatchSlot::default();
+    let dispatch = provider.as_ref().map(|_| slot.clone());
     let text_layer = (!json).then(|| {
         tracing_subscriber::fmt::layer()
             .with_ansi(ansi)
+            .event_format(WithTraceIds {
+                inner: tracing_subscriber::fmt::format().with_ansi(ansi),
+                dispatch: dispatch.clone(),
+                json: false,
+            })
             .with_writer(std::io::stderr)
     });
     let json_layer = json.then(|| {
         tracing_subscriber::fmt::layer()
             .json()
+            .event_format(WithTraceIds {
+                inner: tracing_subscriber::fmt::format().json(),
+                dispatch: dispatch.clone(),
+                json: true,
+            })
             .with_writer(std::io::stderr)
     });
 
     tracing_subscriber::registry()
         .with(filter)
         .with(otel_layer)
+        .with(slot)
         .with(text_layer)
         .with(json_layer)
         .try_init()
         .context(ErrorKind::Internal, "install tracing subscriber")?;
     Ok(Telemetry { provider })
+}
+
+/// The dispatcher the subscriber was installed as, for [`WithTraceIds`]: while an event is
+/// being handled the current dispatcher is not reachable, and the OpenTelemetry layer keeps a
+/// span's ids behind it. Filled in when the subscriber is registered.
+#[derive(Debug, Clone, Default)]
+struct DispatchSlot(Arc<OnceLock<tracing::dispatcher::WeakDispatch>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for DispatchSlot {
+    fn on_register_dispatch(&self, subscriber: &tracing::Dispatch) {
+        let _ = self.0.set(subscriber.downgrade());
+    }
+}
+
+impl DispatchSlot {
+    /// The trace and span id (hex) of span `id`, when it belongs to a valid trace.
+    fn ids(&self, id: &tracing::span::Id) -> Option<(String, String)> {
+        use opentelemetry::trace::TraceContextExt;
+        let dispatch = self.0.get()?.upgrade()?;
+        let cx = tracing_opentelemetry::get_otel_context(id, &dispatch)?;
+        let span = cx.span();
+        let sc = span.span_context();
+        sc.is_valid()
+            .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
+    }
+}
+
+/// An event format that adds `trace_id` and `span_id` to lines logged inside a traced span:
+/// ` trace_id=… span_id=…` at the end of a text line, two more fields of a JSON object.
+struct WithTraceIds<F> {
+    inner: F,
+    dispatch: Option<DispatchSlot>,
+    json: bool,
+}
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for WithTraceIds<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let ids = self
+            .dispatch
+            .as_ref()
+            .zip(ctx.lookup_current())
+            .and_then(|(d, span)| d.ids(&span.id()));
+        let Some((trace_id, span_id)) = ids else {
+            return self.inner.format_event(ctx, writer, event);
+        };
+        let mut line = String::new();
+        self.inner.format_event(
+            ctx,
+            tracing_subscriber::fmt::format::Writer::new(&mut line),
+            event,
+        )?;
+        let body = line.trim_end_matches('\n');
+        let body_len = body.len();
+        if self.json && body.ends_with('}') {
+            line.insert_str(
+                body_len - 1,
+                &format!(",\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\""),
+            );
+        } else {
+            line.insert_str(body_len, &format!(" trace_id={trace_id} span_id={span_id}"));
+        }
+        writer.write_str(&line)
+    }
 }
 
 impl Telemetry {
@@ -190,5 +279,114 @@ impl tonic::service::Interceptor for TraceInterceptor {
             p.inject_context(&cx, &mut MetadataInjector(req.metadata_mut()))
         });
         Ok(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+
+    /// Log lines written into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Lines {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    /// Logs one line outside any span and one inside a span, with `json` or text lines;
+    /// returns the output and the span's (trace id, span id).
+    fn log_in_span(json: bool) -> (String, String, String) {
+        let provider = SdkTracerProvider::builder().build();
+        let slot = DispatchSlot::default();
+        let lines = Lines::default();
+        let writer = {
+            let lines = lines.clone();
+            move || lines.clone()
+        };
+        let text_layer = (!json).then(|| {
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .event_format(WithTraceIds {
+                    inner: tracing_subscriber::fmt::format().with_ansi(false),
+                    dispatch: Some(slot.clone()),
+                    json: false,
+                })
+                .with_writer(writer.clone())
+        });
+        let json_layer = json.then(|| {
+            tracing_subscriber::fmt::layer()
+                .json()
+                .event_format(WithTraceIds {
+                    inner: tracing_subscriber::fmt::format().json(),
+                    dispatch: Some(slot.clone()),
+                    json: true,
+                })
+                .with_writer(writer)
+        });
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
+            .with(slot.clone())
+            .with(text_layer)
+            .with(json_layer);
+        let dispatch = tracing::Dispatch::new(subscriber);
+        let (trace, span_id) = tracing::dispatcher::with_default(&dispatch, || {
+            tracing::info!("outside");
+            let span = tracing::info_span!("work");
+            let _entered = span.enter();
+            tracing::info!(n = 1, "inside");
+            let cx = span.context();
+            use opentelemetry::trace::TraceContextExt;
+            let sc = cx.span().span_context().clone();
+            (sc.trace_id().to_string(), sc.span_id().to_string())
+        });
+        (lines.text(), trace, span_id)
+    }
+
+    #[test]
+    fn text_lines_in_a_span_end_with_its_ids() {
+        let (out, trace, span) = log_in_span(false);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        assert!(lines[0].ends_with("outside"), "{out}");
+        assert!(!lines[0].contains("trace_id"), "{out}");
+        assert_eq!(trace.len(), 32);
+        assert!(
+            lines[1].ends_with(&format!("inside n=1 trace_id={trace} span_id={span}")),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn json_lines_in_a_span_carry_its_ids() {
+        let (out, trace, span) = log_in_span(true);
+        let lines: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        assert_eq!(lines[0]["fields"]["message"], "outside");
+        assert!(lines[0].get("trace_id").is_none(), "{out}");
+        assert_eq!(lines[1]["fields"]["message"], "inside");
+        assert_eq!(lines[1]["trace_id"], trace.as_str(), "{out}");
+        assert_eq!(lines[1]["span_id"], span.as_str(), "{out}");
+        assert_eq!(lines[1]["span"]["name"], "work", "{out}");
     }
 }

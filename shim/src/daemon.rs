@@ -69,6 +69,10 @@ pub struct ShimArgs {
     /// Seconds of idleness after which the shim returns memory it does not need (0 = never).
     #[arg(long, default_value_t = 5, hide = true)]
     pub idle_trim_secs: u64,
+    /// OTLP/gRPC collector (e.g. `http://127.0.0.1:4317`) the shim sends its trace spans to;
+    /// none = spans are not recorded.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The longest Unix socket path (`sun_path` is 108 bytes including the NUL).
@@ -235,6 +239,9 @@ fn forward_args(args: &ShimArgs, bundle: &Path) -> Vec<std::ffi::OsString> {
     push("--log-level", args.log_level.as_ref());
     push("--exec", args.exec.as_ref());
     push("--idle-trim-secs", args.idle_trim_secs.to_string().as_ref());
+    if let Some(e) = &args.otlp_endpoint {
+        push("--otlp-endpoint", e.as_ref());
+    }
     if args.systemd_cgroup {
         out.push("--systemd-cgroup".into());
     }
@@ -340,6 +347,15 @@ fn serve_inner(args: &ShimArgs, ready: &dyn Fn(&str)) -> Result<()> {
         .map_err(|e| Error::internal("start runtime").with_source(e))?;
     runtime.block_on(async move {
         init_logging(&args.log_level);
+        if let Some(endpoint) = &args.otlp_endpoint {
+            crate::trace::start_exporter(
+                endpoint,
+                vec![
+                    ("berth.container.id", args.id.clone()),
+                    ("berth.namespace", args.namespace.clone()),
+                ],
+            );
+        }
         let reaper = Reaper::new();
         tokio::spawn(reaper.run()?);
         if args.idle_trim_secs > 0 {
@@ -409,6 +425,7 @@ fn serve_inner(args: &ShimArgs, ready: &dyn Fn(&str)) -> Result<()> {
         if !shim.events().flush(Duration::from_secs(3)).await {
             tracing::warn!(queued = shim.events().queued(), "exiting with undelivered events");
         }
+        crate::trace::flush(Duration::from_secs(2)).await;
         let _ = std::fs::remove_file(bundle.join("shim.address"));
         berth_core::daemon::remove_pid_file(&bundle.join("shim.pid"));
         if socket_dir != bundle {
@@ -432,7 +449,8 @@ fn init_logging(level: &str) {
     let _ = tracing::subscriber::set_global_default(StderrLogger { level });
 }
 
-/// A minimal `tracing` subscriber: one line per event with its fields, no spans.
+/// A minimal `tracing` subscriber: one line per event with its fields, no `tracing` spans; a
+/// line written inside a shim span ([`crate::trace`]) ends with its `trace_id` and `span_id`.
 #[derive(Debug)]
 struct StderrLogger {
     level: tracing::Level,
@@ -465,6 +483,15 @@ impl tracing::Subscriber for StderrLogger {
         }
         let mut fields = Fields(String::new());
         event.record(&mut fields);
+        if let Some(cx) = crate::trace::current() {
+            use std::fmt::Write as _;
+            let _ = write!(
+                fields.0,
+                " trace_id={} span_id={}",
+                cx.trace_id_hex(),
+                cx.span_id_hex()
+            );
+        }
         let line = format!(
             "{} {} {}:{}\n",
             crate::rfc3339::format(std::time::SystemTime::now()),

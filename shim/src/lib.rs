@@ -18,3 +18,4 @@ pub mod seccomp;
 pub mod server;
 pub mod stdio;
 pub mod task;
+pub mod trace;

@@ -222,7 +222,20 @@ impl Runc {
             }
         }
 
-        let result = self.run(op, cmd, capture, &log).await;
+        let result = crate::trace::child(
+            || format!("{} {op}", self.name()),
+            || {
+                vec![
+                    (
+                        "process.executable.path",
+                        self.config.binary.display().to_string(),
+                    ),
+                    ("berth.runtime.op", op.to_string()),
+                ]
+            },
+            self.run(op, cmd, capture, &log),
+        )
+        .await;
         let _ = std::fs::remove_file(&log);
         result
     }

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::convert;
 use crate::logreader::ReadOptions;
 use crate::task::{AttachOptions, CreateTask, ExecTask, Shim};
+use crate::trace;
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
 type BoxStream<T> = Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send + 'static>>;
@@ -38,21 +39,37 @@ fn reply<T>(r: Result<T>) -> Reply<T> {
     r.map(Response::new).map_err(Into::into)
 }
 
+/// The span attribute naming an exec process (none for the init, whose exec id is empty).
+fn exec_attr(exec_id: &str) -> Vec<(&'static str, String)> {
+    if exec_id.is_empty() {
+        Vec::new()
+    } else {
+        vec![("berth.exec.id", exec_id.to_string())]
+    }
+}
+
 #[tonic::async_trait]
 impl pb::shim_server::Shim for ShimService {
     async fn create(&self, req: Request<pb::CreateRequest>) -> Reply<pb::CreateResponse> {
-        let task = CreateTask::try_from(req.into_inner())?;
-        let created = self.shim.create(task).await;
-        crate::memory::trim_soon();
-        reply(created.map(|pid| pb::CreateResponse { pid }))
+        let (metadata, _, req) = req.into_parts();
+        trace::serve(&metadata, "Create", vec![], async {
+            let task = CreateTask::try_from(req)?;
+            let created = self.shim.create(task).await;
+            crate::memory::trim_soon();
+            reply(created.map(|pid| pb::CreateResponse { pid }))
+        })
+        .await
     }
 
     async fn start(&self, req: Request<pb::StartRequest>) -> Reply<pb::StartResponse> {
-        let req = req.into_inner();
-        let started = self.shim.start(&req.exec_id).await;
-        // The container (or exec) runs now and the shim goes quiet: shrink it soon.
-        crate::memory::trim_soon();
-        reply(started.map(|pid| pb::StartResponse { pid }))
+        let (metadata, _, req) = req.into_parts();
+        trace::serve(&metadata, "Start", exec_attr(&req.exec_id), async {
+            let started = self.shim.start(&req.exec_id).await;
+            // The container (or exec) runs now and the shim goes quiet: shrink it soon.
+            crate::memory::trim_soon();
+            reply(started.map(|pid| pb::StartResponse { pid }))
+        })
+        .await
     }
 
     async fn state(&self, req: Request<pb::StateRequest>) -> Reply<pb::StateResponse> {
@@ -60,32 +77,43 @@ impl pb::shim_server::Shim for ShimService {
     }
 
     async fn kill(&self, req: Request<pb::KillRequest>) -> Reply<()> {
-        let req = req.into_inner();
-        reply(self.shim.kill(&req.exec_id, req.signal, req.all).await)
+        let (metadata, _, req) = req.into_parts();
+        let mut attributes = exec_attr(&req.exec_id);
+        attributes.push(("berth.signal", req.signal.to_string()));
+        trace::serve(&metadata, "Kill", attributes, async {
+            reply(self.shim.kill(&req.exec_id, req.signal, req.all).await)
+        })
+        .await
     }
 
     async fn wait(&self, req: Request<pb::WaitRequest>) -> Reply<pb::WaitResponse> {
-        reply(
-            self.shim
-                .wait(&req.into_inner().exec_id)
-                .await
-                .map(Into::into),
-        )
+        let (metadata, _, req) = req.into_parts();
+        trace::serve(&metadata, "Wait", exec_attr(&req.exec_id), async {
+            reply(self.shim.wait(&req.exec_id).await.map(Into::into))
+        })
+        .await
     }
 
     async fn delete(&self, req: Request<pb::DeleteRequest>) -> Reply<pb::DeleteResponse> {
-        let req = req.into_inner();
-        reply(
-            self.shim
-                .delete(&req.exec_id, req.force)
-                .await
-                .map(Into::into),
-        )
+        let (metadata, _, req) = req.into_parts();
+        trace::serve(&metadata, "Delete", exec_attr(&req.exec_id), async {
+            reply(
+                self.shim
+                    .delete(&req.exec_id, req.force)
+                    .await
+                    .map(Into::into),
+            )
+        })
+        .await
     }
 
     async fn exec(&self, req: Request<pb::ExecRequest>) -> Reply<()> {
-        let task = ExecTask::try_from(req.into_inner())?;
-        reply(self.shim.exec(task).await)
+        let (metadata, _, req) = req.into_parts();
+        trace::serve(&metadata, "Exec", exec_attr(&req.exec_id), async {
+            let task = ExecTask::try_from(req)?;
+            reply(self.shim.exec(task).await)
+        })
+        .await
     }
 
     async fn resize_pty(&self, req: Request<pb::ResizePtyRequest>) -> Reply<()> {

@@ -133,6 +133,8 @@ pub struct ShimProcesses {
     pub log_buffer_bytes: u64,
     /// `[shim] exec`: how shims start exec processes (`native` or `runc`).
     pub exec: String,
+    /// `[telemetry] otlp_endpoint`: where shims send their trace spans.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl ShimProcesses {
@@ -161,8 +163,8 @@ impl ShimLauncher for ShimProcesses {
         namespace: &'a str,
     ) -> BoxFuture<'a, Arc<dyn Shim>> {
         Box::pin(async move {
-            let out = tokio::process::Command::new(&self.binary)
-                .arg("start")
+            let mut cmd = tokio::process::Command::new(&self.binary);
+            cmd.arg("start")
                 .args(["--id", id])
                 .arg("--bundle")
                 .arg(bundle)
@@ -182,12 +184,13 @@ impl ShimLauncher for ShimProcesses {
                 .arg(&self.state_dir)
                 .args(["--log-buffer-bytes", &self.log_buffer_bytes.to_string()])
                 .args(["--exec", &self.exec])
-                .stdin(std::process::Stdio::null())
-                .output()
-                .await
-                .map_err(|e| {
-                    Error::internal(format!("run {}", self.binary.display())).with_source(e)
-                })?;
+                .stdin(std::process::Stdio::null());
+            if let Some(endpoint) = &self.otlp_endpoint {
+                cmd.args(["--otlp-endpoint", endpoint]);
+            }
+            let out = cmd.output().await.map_err(|e| {
+                Error::internal(format!("run {}", self.binary.display())).with_source(e)
+            })?;
             if !out.status.success() {
                 return Err(Error::internal(format!(
                     "berth-shim start: {}",

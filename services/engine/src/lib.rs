@@ -74,6 +74,7 @@ pub fn real_deps(config: &Config) -> Deps {
                 .join(&config.engine.default_runtime),
             log_buffer_bytes: config.shim.log_buffer_bytes,
             exec: config.shim.exec.clone(),
+            otlp_endpoint: config.telemetry.otlp_endpoint.clone(),
         }),
         pod_ns: Arc::new(podns::HostPodNamespaces::new()),
     }
