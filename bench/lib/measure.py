@@ -735,6 +735,25 @@ class Bench:
             client.kill()
             client.wait()
 
+    def stats100(self):
+        """CPU of `docker stats` streaming 100 running containers (issue 19's figure), each side
+        alone with its 100."""
+        n = self.cfg.get("stats_containers", 100)
+        vals, errs = {}, {}
+        for s in self.sides:
+            try:
+                settle()
+                self.start_many(s, "st", n, self.cfg.get("density_parallel", 8))
+                settle()
+                vals[s] = self.stats_cpu(s)
+            except Exception as e:
+                errs[s] = str(e)
+                log(f"stats100 on {s} failed: {e}")
+            finally:
+                self.cleanup_prefix(s, "st", n)
+        self.row("stats100_cpu", f"CPU while `docker stats` streams {n} containers "
+                 "(daemons + shims, % of one core)", "%", vals, errs, target="berth < 5 %")
+
     def density(self):
         n = self.cfg.get("density", 200)
         if n <= 0:
@@ -817,7 +836,7 @@ def cmd_measure(args):
     os.makedirs(args.raw, exist_ok=True)
     b = Bench(cfg, args.raw)
     order = ["startup", "idle_memory", "cli_floor", "run_rm", "run_rm_none", "exec_true",
-             "runc_floor", "parallel20", "pull", "build", "density", "idle_after"]
+             "runc_floor", "parallel20", "pull", "build", "stats100", "density", "idle_after"]
     only = [s for s in cfg.get("scenarios", "").split(",") if s]
     unknown = [s for s in only if s not in order]
     if unknown:
