@@ -294,7 +294,7 @@ async fn stats_metrics_and_events_of_a_pod() -> Result<()> {
         "{attrs:?}"
     );
     ensure!(attrs.metadata.unwrap_or_default().name == "busy");
-    let cpu = stats.cpu.clone().context("no cpu")?;
+    let cpu = stats.cpu.context("no cpu")?;
     within(
         "usage_core_nano_seconds",
         v(&cpu.usage_core_nano_seconds),
@@ -306,7 +306,7 @@ async fn stats_metrics_and_events_of_a_pod() -> Result<()> {
         cpu.timestamp > 0 && cpu.usage_nano_cores.is_none(),
         "first reading: {cpu:?}"
     );
-    let mem = stats.memory.clone().context("no memory")?;
+    let mem = stats.memory.context("no memory")?;
     within(
         "usage_bytes",
         v(&mem.usage_bytes),
@@ -415,18 +415,14 @@ async fn stats_metrics_and_events_of_a_pod() -> Result<()> {
     let linux = ps.linux.context("no linux pod stats")?;
     within(
         "pod usage_core_nano_seconds",
-        v(&linux
-            .cpu
-            .clone()
-            .unwrap_or_default()
-            .usage_core_nano_seconds),
+        v(&linux.cpu.unwrap_or_default().usage_core_nano_seconds),
         b0.0.cpu_ns + b0.1.cpu_ns,
         b1.0.cpu_ns + b1.1.cpu_ns,
         0,
     )?;
     within(
         "pod working_set_bytes",
-        v(&linux.memory.clone().unwrap_or_default().working_set_bytes),
+        v(&linux.memory.unwrap_or_default().working_set_bytes),
         b0.0.working_set + b0.1.working_set,
         b1.0.working_set + b1.1.working_set,
         2 * SLACK,
@@ -434,7 +430,7 @@ async fn stats_metrics_and_events_of_a_pod() -> Result<()> {
     ensure!(linux.containers.len() == 2, "{:?}", linux.containers);
     // busy's sh and sleep, idle's sleep.
     ensure!(
-        v(&linux.process.clone().unwrap_or_default().process_count) >= 3,
+        v(&linux.process.unwrap_or_default().process_count) >= 3,
         "{:?}",
         linux.process
     );
