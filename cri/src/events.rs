@@ -246,7 +246,131 @@ impl Events {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use berth_proto::berth::engine::v1 as pb;
+    use tokio::sync::mpsc::UnboundedSender;
+
     use super::*;
+    use crate::containers::ContainerStore;
+    use crate::pods::SandboxStore;
+
+    /// A hub that hands each subscriber its own unbounded queue (as the engine's hub gives each
+    /// its own cursor into a history).
+    #[derive(Clone, Default)]
+    struct Hub(Arc<Mutex<Vec<UnboundedSender<Result<ev::Envelope>>>>>);
+
+    impl Hub {
+        fn send(&self, env: &ev::Envelope) {
+            for tx in self.0.lock().unwrap().iter() {
+                let _ = tx.send(Ok(env.clone()));
+            }
+        }
+
+        fn open_subscriptions(&self) -> usize {
+            self.0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|t| !t.is_closed())
+                .count()
+        }
+    }
+
+    impl EventSource for Hub {
+        fn subscribe(&self) -> Fut<'_, Envelopes> {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            self.0.lock().unwrap().push(tx);
+            Box::pin(
+                async move { Ok(tokio_stream::wrappers::UnboundedReceiverStream::new(rx).boxed()) },
+            )
+        }
+    }
+
+    /// Stores in which every pod is gone: events carry no statuses.
+    struct Empty;
+
+    impl SandboxStore for Empty {
+        fn run(&self, _req: pb::RunSandboxRequest) -> Fut<'_, pb::Sandbox> {
+            Box::pin(async { Err(Error::internal("not in this test")) })
+        }
+        fn stop<'a>(&'a self, _id: &'a str) -> Fut<'a, bool> {
+            Box::pin(async { Ok(false) })
+        }
+        fn remove<'a>(&'a self, _id: &'a str) -> Fut<'a, bool> {
+            Box::pin(async { Ok(false) })
+        }
+        fn get<'a>(&'a self, _id: &'a str, _v: bool) -> Fut<'a, Option<pb::GetSandboxResponse>> {
+            Box::pin(async { Ok(None) })
+        }
+        fn list(&self, _filters: Vec<types::Filter>) -> Fut<'_, Vec<pb::Sandbox>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+    }
+
+    impl ContainerStore for Empty {
+        fn sandbox<'a>(&'a self, _id: &'a str) -> Fut<'a, Option<pb::Sandbox>> {
+            Box::pin(async { Ok(None) })
+        }
+        fn create(&self, _req: pb::CreateContainerRequest) -> Fut<'_, pb::Container> {
+            Box::pin(async { Err(Error::internal("not in this test")) })
+        }
+        fn get<'a>(&'a self, _id: &'a str) -> Fut<'a, Option<pb::Container>> {
+            Box::pin(async { Ok(None) })
+        }
+        fn list(&self) -> Fut<'_, Vec<pb::Container>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+        fn start<'a>(&'a self, _id: &'a str) -> Fut<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn stop<'a>(&'a self, _id: &'a str, _timeout: i64) -> Fut<'a, bool> {
+            Box::pin(async { Ok(false) })
+        }
+        fn remove<'a>(&'a self, _id: &'a str) -> Fut<'a, bool> {
+            Box::pin(async { Ok(false) })
+        }
+        fn update<'a>(&'a self, _id: &'a str, _r: pb::Resources) -> Fut<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn reopen_log<'a>(&'a self, _id: &'a str) -> Fut<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stalled_subscriber_holds_up_no_other_and_one_that_leaves_unsubscribes() {
+        let hub = Hub::default();
+        let events = Events::new(hub.clone(), Pods::new(Empty), Containers::new(Empty));
+        let stalled = events.subscribe().await.unwrap();
+        let mut reader = events.subscribe().await.unwrap();
+        // Far more than the stalled one's queue holds.
+        let n = QUEUE * 4;
+        for i in 0..n {
+            hub.send(&envelope(
+                ev::EventType::Sandbox,
+                "stop",
+                &format!("p{i}"),
+                None,
+            ));
+        }
+        for i in 0..n {
+            let e = reader.next().await.unwrap().unwrap();
+            assert_eq!(e.container_id, format!("p{i}"));
+            assert_eq!(
+                e.container_event_type(),
+                cri::ContainerEventType::ContainerStoppedEvent
+            );
+            assert!(e.pod_sandbox_status.is_none() && e.containers_statuses.is_empty());
+        }
+        assert_eq!(hub.open_subscriptions(), 2);
+        drop(stalled);
+        drop(reader);
+        // Each task sees its client gone and drops its subscription.
+        while hub.open_subscriptions() > 0 {
+            tokio::task::yield_now().await;
+        }
+    }
 
     fn envelope(ty: ev::EventType, action: &str, id: &str, sandbox: Option<&str>) -> ev::Envelope {
         ev::Envelope {
