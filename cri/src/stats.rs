@@ -7,10 +7,11 @@
 //! engine's metrics scrape use), the snapshotter's `Usage` of the container's writable snapshot,
 //! and, for pods, the interface counters read inside the pod's network namespace.
 //!
-//! berth's pods have no pause process, so a pod's cgroup holds only its containers: a pod's CPU
-//! and memory are the sums over its running containers (a container that has exited no longer
-//! counts, so a pod's CPU total can go down; `usage_nano_cores` is then left out, as containerd
-//! does when a counter goes back).
+//! A pod's CPU and memory are its cgroup's (its `cgroup_parent`, read here once: the engine has
+//! no pod-level reading), as containerd reports them. A pod without a cgroup parent has no
+//! cgroup of its own (berth's pods have no pause process): its figures are then the sums over
+//! its running containers (one that has exited no longer counts, so the CPU total can go down;
+//! `usage_nano_cores` is then left out, as containerd does when a counter goes back).
 //!
 //! `usage_nano_cores` is computed as containerd computes it: from the previous reading of the
 //! same container (or pod) kept here, `Δusage / Δtime`; the first reading has none.
@@ -56,6 +57,84 @@ pub trait StatsSource: Send + Sync + 'static {
     fn interfaces<'a>(&'a self, netns: &'a str) -> Fut<'a, Vec<Interface>>;
     /// The host's memory, bytes (a limit this large is no limit).
     fn host_memory(&self) -> u64;
+    /// The counters of the cgroup `parent` (a pod's cgroupfs `cgroup_parent`); `None` when it
+    /// does not exist (yet: runc makes it with the pod's first container).
+    fn pod_cgroup<'a>(&'a self, parent: &'a str) -> Fut<'a, Option<PodCgroup>>;
+}
+
+/// A pod cgroup's CPU time and memory, read once.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PodCgroup {
+    pub cpu_ns: u64,
+    /// As the engine reports a container's (`memory.stat` keys as read).
+    pub memory: types::MemoryStats,
+    pub v2: bool,
+}
+
+/// Where the cgroup hierarchies are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// Reads the pod cgroup `parent` under `root`: the unified hierarchy when `root` is one
+/// (`cgroup.controllers`), otherwise v1's `cpuacct` and `memory` (also in hybrid layouts, where
+/// the engine's containers use v1). The same files the shim reads for a container.
+fn read_pod_cgroup(root: &std::path::Path, parent: &str) -> Option<PodCgroup> {
+    let parent = parent.trim_matches('/');
+    if parent.is_empty() || parent.split('/').any(|p| p == "..") {
+        return None;
+    }
+    let text = |p: std::path::PathBuf| std::fs::read_to_string(p).ok();
+    let num =
+        |p: std::path::PathBuf| -> u64 { text(p).and_then(|t| t.trim().parse().ok()).unwrap_or(0) };
+    let keyed = |t: Option<String>| -> std::collections::BTreeMap<String, u64> {
+        t.unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?)))
+            .collect()
+    };
+    if root.join("cgroup.controllers").exists() {
+        let dir = root.join(parent);
+        let usage = text(dir.join("memory.current"))?.trim().parse().ok()?;
+        let cpu = keyed(text(dir.join("cpu.stat")));
+        let memory = types::MemoryStats {
+            usage,
+            max_usage: num(dir.join("memory.peak")),
+            // "max" (no limit) does not parse: 0, no limit.
+            limit: num(dir.join("memory.max")),
+            failcnt: keyed(text(dir.join("memory.events")))
+                .get("max")
+                .copied()
+                .unwrap_or(0),
+            stats: keyed(text(dir.join("memory.stat"))).into_iter().collect(),
+            swap_usage: num(dir.join("memory.swap.current")),
+            swap_limit: num(dir.join("memory.swap.max")),
+        };
+        return Some(PodCgroup {
+            cpu_ns: cpu.get("usage_usec").copied().unwrap_or(0) * 1000,
+            memory,
+            v2: true,
+        });
+    }
+    let mem = root.join("memory").join(parent);
+    let usage = text(mem.join("memory.usage_in_bytes"))?
+        .trim()
+        .parse()
+        .ok()?;
+    let memsw = num(mem.join("memory.memsw.usage_in_bytes"));
+    let memory = types::MemoryStats {
+        usage,
+        max_usage: num(mem.join("memory.max_usage_in_bytes")),
+        limit: num(mem.join("memory.limit_in_bytes")),
+        failcnt: num(mem.join("memory.failcnt")),
+        stats: keyed(text(mem.join("memory.stat"))).into_iter().collect(),
+        swap_usage: memsw.saturating_sub(usage),
+        swap_limit: num(mem.join("memory.memsw.limit_in_bytes")),
+    };
+    Some(PodCgroup {
+        cpu_ns: num(root.join("cpuacct").join(parent).join("cpuacct.usage")),
+        memory,
+        v2: false,
+    })
 }
 
 /// One interface's counters.
@@ -157,6 +236,17 @@ impl StatsSource for GrpcStatsSource {
                 .map_err(|_| Error::internal("the network counters thread ended early"))?
                 .map_err(|e| Error::internal("read the pod's network counters").with_source(e))?;
             Ok(parse_net_dev(&text))
+        })
+    }
+
+    fn pod_cgroup<'a>(&'a self, parent: &'a str) -> Fut<'a, Option<PodCgroup>> {
+        let parent = parent.to_string();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                read_pod_cgroup(std::path::Path::new(CGROUP_ROOT), &parent)
+            })
+            .await
+            .map_err(|e| Error::internal("read the pod's cgroup").with_source(e))
         })
     }
 
@@ -705,6 +795,22 @@ impl Stats {
             }
             processes += r.sample.as_ref().map_or(0, |s| u64::from(s.num_procs));
         }
+        // The pod's own cgroup when it has one: it also keeps what exited containers used.
+        let parent = config
+            .linux
+            .as_ref()
+            .map(|l| l.cgroup_parent.clone())
+            .unwrap_or_default();
+        if !parent.is_empty() {
+            match self.source.pod_cgroup(&parent).await {
+                Ok(Some(c)) => {
+                    cpu_total = c.cpu_ns;
+                    memory = Memory::of(&c.memory, c.v2, host);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(pod = %pod.id, error = %e.chain(), "pod cgroup"),
+            }
+        }
         let network = match pod_netns(pod) {
             Some(netns) => match self.source.interfaces(&netns).await {
                 Ok(ifaces) => Some(network_usage(&ifaces, now)),
@@ -880,6 +986,54 @@ mod tests {
         let mut odd = memory(false);
         odd.stats.insert("total_inactive_file".into(), 5000);
         assert_eq!(Memory::of(&odd, false, 0).working_set, 0);
+    }
+
+    #[test]
+    fn pod_cgroups_are_read_on_both_hierarchies() {
+        let w = |dir: &std::path::Path, name: &str, text: &str| {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::write(dir.join(name), text).unwrap();
+        };
+        let v1 = tempfile::tempdir().unwrap();
+        let mem = v1.path().join("memory/kubepods/pod1");
+        w(
+            &v1.path().join("cpuacct/kubepods/pod1"),
+            "cpuacct.usage",
+            "12345\n",
+        );
+        w(&mem, "memory.usage_in_bytes", "4096\n");
+        w(&mem, "memory.limit_in_bytes", "9223372036854771712\n");
+        w(&mem, "memory.memsw.usage_in_bytes", "5096\n");
+        w(
+            &mem,
+            "memory.stat",
+            "total_rss 1000\ntotal_inactive_file 96\n",
+        );
+        let got = read_pod_cgroup(v1.path(), "/kubepods/pod1/").unwrap();
+        assert!(!got.v2);
+        assert_eq!(
+            (got.cpu_ns, got.memory.usage, got.memory.swap_usage),
+            (12345, 4096, 1000)
+        );
+        let m = Memory::of(&got.memory, got.v2, 1 << 40);
+        assert_eq!((m.working_set, m.rss, m.available), (4000, 1000, 0));
+        assert_eq!(read_pod_cgroup(v1.path(), "kubepods/other"), None);
+        assert_eq!(read_pod_cgroup(v1.path(), "../etc"), None);
+
+        let v2 = tempfile::tempdir().unwrap();
+        w(v2.path(), "cgroup.controllers", "cpu memory\n");
+        let dir = v2.path().join("kubepods/pod2");
+        w(&dir, "cpu.stat", "usage_usec 7\nuser_usec 5\n");
+        w(&dir, "memory.current", "8192\n");
+        w(&dir, "memory.max", "16384\n");
+        w(&dir, "memory.stat", "anon 100\ninactive_file 192\n");
+        let got = read_pod_cgroup(v2.path(), "kubepods/pod2").unwrap();
+        assert!(got.v2);
+        let m = Memory::of(&got.memory, got.v2, 1 << 40);
+        assert_eq!(
+            (got.cpu_ns, m.working_set, m.available, m.rss),
+            (7000, 8000, 8384, 100)
+        );
     }
 
     #[test]

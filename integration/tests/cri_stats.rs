@@ -3,8 +3,8 @@
 //! memory, burned some CPU and wrote a file into its writable layer. ContainerStats and
 //! ListContainerStats answer what the container's own cgroup files say (read by the test
 //! before and after the call), the writable layer holds the file, the filters (id prefix, pod,
-//! labels) choose; PodSandboxStats sums the containers and reads the pod's eth0; the metric
-//! descriptors name what ListPodSandboxMetrics answers; GetContainerEvents delivers created,
+//! labels) choose; PodSandboxStats answers the pod cgroup's files (its cgroup parent) and the
+//! pod's eth0; the metric descriptors name what ListPodSandboxMetrics answers; GetContainerEvents delivers created,
 //! started, stopped and deleted for a container and for its sandbox, in order, with statuses;
 //! unknown ids are NOT_FOUND. Root only; needs /usr/lib/cni.
 
@@ -41,7 +41,10 @@ fn pod_config(log_dir: &Path) -> cri::PodSandboxConfig {
         }),
         log_directory: log_dir.to_string_lossy().into_owned(),
         labels: [("app".to_string(), format!("stats-{}", std::process::id()))].into(),
-        linux: Some(cri::LinuxPodSandboxConfig::default()),
+        linux: Some(cri::LinuxPodSandboxConfig {
+            cgroup_parent: pod_cgroup(),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -61,6 +64,32 @@ fn container(name: &str, script: &str) -> cri::ContainerConfig {
         labels: [("role".to_string(), name.to_string())].into(),
         log_path: format!("{name}/0.log"),
         ..Default::default()
+    }
+}
+
+/// The pod's cgroup parent (unique to this test process).
+fn pod_cgroup() -> String {
+    format!("berth-cri-stats-{}", std::process::id())
+}
+
+/// Removes the pod's cgroups (runc makes the parent and leaves it) when dropped.
+struct CgroupGuard;
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        for controller in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let parent = controller.path().join(pod_cgroup());
+            for child in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+                if child.path().is_dir() {
+                    let _ = std::fs::remove_dir(child.path());
+                }
+            }
+            let _ = std::fs::remove_dir(&parent);
+        }
     }
 }
 
@@ -108,7 +137,21 @@ fn keyed(text: &str) -> HashMap<String, u64> {
 }
 
 fn read_counters(pid: u32) -> Result<Counters> {
-    let dirs = cgroup_dirs(pid)?;
+    read_dirs(&cgroup_dirs(pid)?)
+}
+
+/// The pod's cgroup parent's counters.
+fn read_pod_counters() -> Result<Counters> {
+    let root = Path::new("/sys/fs/cgroup");
+    let dirs = ["memory", "cpuacct"]
+        .into_iter()
+        .map(|c| (c.to_string(), root.join(c).join(pod_cgroup())))
+        .chain([("unified".to_string(), root.join(pod_cgroup()))])
+        .collect();
+    read_dirs(&dirs)
+}
+
+fn read_dirs(dirs: &HashMap<String, PathBuf>) -> Result<Counters> {
     let read = |p: PathBuf| std::fs::read_to_string(&p).with_context(|| p.display().to_string());
     if let Some(mem) = dirs
         .get("memory")
@@ -198,6 +241,8 @@ async fn stats_metrics_and_events_of_a_pod() -> Result<()> {
     let conf = tempfile::tempdir()?;
     let ipam = tempfile::tempdir()?;
     let logs = tempfile::tempdir()?;
+    // Dropped last: after the pod guard has removed the pod.
+    let _cgroups = CgroupGuard;
     conflist(&slot, "crs", 7, conf.path(), ipam.path())?;
     let d = DockerStack::start_from(
         Stack::builder().env("BERTH_NETWORK__CNI_CONF_DIR", conf.path().to_str().unwrap()),
@@ -275,7 +320,7 @@ async fn stats_metrics_and_events_of_a_pod() -> Result<()> {
             .trim()
             .parse()?)
     };
-    let (busy_pid, idle_pid) = (pid(&busy)?, pid(&idle)?);
+    let busy_pid = pid(&busy)?;
 
     // ContainerStats against the cgroup files.
     let before = read_counters(busy_pid)?;
@@ -400,8 +445,8 @@ async fn stats_metrics_and_events_of_a_pod() -> Result<()> {
     .await?;
     ensure!(none.is_empty(), "{none:?}");
 
-    // PodSandboxStats: the containers' sums and the pod's eth0.
-    let b0 = (read_counters(busy_pid)?, read_counters(idle_pid)?);
+    // PodSandboxStats: the pod's cgroup and its eth0.
+    let b0 = read_pod_counters()?;
     let ps = rt
         .pod_sandbox_stats(cri::PodSandboxStatsRequest {
             pod_sandbox_id: pod.clone(),
@@ -410,23 +455,32 @@ async fn stats_metrics_and_events_of_a_pod() -> Result<()> {
         .into_inner()
         .stats
         .context("no pod stats")?;
-    let b1 = (read_counters(busy_pid)?, read_counters(idle_pid)?);
+    let b1 = read_pod_counters()?;
     ensure!(ps.attributes.clone().unwrap_or_default().id == pod);
     let linux = ps.linux.context("no linux pod stats")?;
     within(
         "pod usage_core_nano_seconds",
         v(&linux.cpu.unwrap_or_default().usage_core_nano_seconds),
-        b0.0.cpu_ns + b0.1.cpu_ns,
-        b1.0.cpu_ns + b1.1.cpu_ns,
+        b0.cpu_ns,
+        b1.cpu_ns,
         0,
+    )?;
+    let pod_memory = linux.memory.unwrap_or_default();
+    within(
+        "pod usage_bytes",
+        v(&pod_memory.usage_bytes),
+        b0.usage,
+        b1.usage,
+        SLACK,
     )?;
     within(
         "pod working_set_bytes",
-        v(&linux.memory.unwrap_or_default().working_set_bytes),
-        b0.0.working_set + b0.1.working_set,
-        b1.0.working_set + b1.1.working_set,
-        2 * SLACK,
+        v(&pod_memory.working_set_bytes),
+        b0.working_set,
+        b1.working_set,
+        SLACK,
     )?;
+    ensure!(v(&pod_memory.rss_bytes) >= HELD_BYTES, "{pod_memory:?}");
     ensure!(linux.containers.len() == 2, "{:?}", linux.containers);
     // busy's sh and sleep, idle's sleep.
     ensure!(
