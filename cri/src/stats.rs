@@ -428,6 +428,13 @@ fn now_nanos() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
+/// The last CPU readings, by container id and by pod id.
+#[derive(Debug, Default)]
+struct Previous {
+    containers: HashMap<String, CpuSample>,
+    pods: HashMap<String, CpuSample>,
+}
+
 /// A previous CPU reading: cumulative usage (ns) and when it was read (ns since the epoch).
 #[derive(Debug, Clone, Copy)]
 struct CpuSample {
@@ -443,7 +450,7 @@ pub struct Stats {
     /// The snapshotter's root, the writable layers' `fs_id` (as `ImageFsInfo` names it).
     mountpoint: String,
     /// The last CPU reading of each container and pod, for `usage_nano_cores`.
-    previous: Mutex<HashMap<String, CpuSample>>,
+    previous: Mutex<Previous>,
 }
 
 impl std::fmt::Debug for Stats {
@@ -467,7 +474,7 @@ impl Stats {
             sandboxes: Arc::new(sandboxes),
             source: Arc::new(source),
             mountpoint,
-            previous: Mutex::new(HashMap::new()),
+            previous: Mutex::new(Previous::default()),
         }
     }
 
@@ -501,10 +508,7 @@ impl Stats {
         let all = self.cri_containers().await?;
         let unfiltered = filter == cri::ContainerStatsFilter::default();
         if unfiltered {
-            self.forget_except(
-                all.iter()
-                    .map(|(c, r)| (c.id.as_str(), r.pod_sandbox_id.as_str())),
-            );
+            self.forget_except(false, all.iter().map(|(c, _)| c.id.as_str()));
         }
         let chosen = all
             .into_iter()
@@ -665,10 +669,7 @@ impl Stats {
             .collect();
         let all = self.cri_containers().await?;
         if filter == &cri::PodSandboxStatsFilter::default() {
-            self.forget_except(
-                all.iter()
-                    .map(|(c, r)| (c.id.as_str(), r.pod_sandbox_id.as_str())),
-            );
+            self.forget_except(true, pods.iter().map(|p| p.id.as_str()));
         }
         let chosen = all
             .into_iter()
@@ -743,7 +744,9 @@ impl Stats {
             cri::CpuUsage {
                 timestamp: at,
                 usage_core_nano_seconds: value(usage),
-                usage_nano_cores: self.nano_cores(&r.container.id, usage, at).and_then(value),
+                usage_nano_cores: self
+                    .nano_cores(false, &r.container.id, usage, at)
+                    .and_then(value),
             }
         });
         let memory = r.memory(host_memory);
@@ -832,7 +835,9 @@ impl Stats {
                 cpu: Some(cri::CpuUsage {
                     timestamp: now,
                     usage_core_nano_seconds: value(cpu_total),
-                    usage_nano_cores: self.nano_cores(&pod.id, cpu_total, now).and_then(value),
+                    usage_nano_cores: self
+                        .nano_cores(true, &pod.id, cpu_total, now)
+                        .and_then(value),
                 }),
                 memory: Some(memory.usage(now)),
                 network,
@@ -849,16 +854,26 @@ impl Stats {
         }
     }
 
-    fn nano_cores(&self, id: &str, usage: u64, at: i64) -> Option<u64> {
+    fn nano_cores(&self, pod: bool, id: &str, usage: u64, at: i64) -> Option<u64> {
         let mut previous = self.previous.lock().unwrap_or_else(|p| p.into_inner());
-        nano_cores(&mut previous, id, usage, at)
+        let map = if pod {
+            &mut previous.pods
+        } else {
+            &mut previous.containers
+        };
+        nano_cores(map, id, usage, at)
     }
 
-    /// Drops the previous readings of containers and pods that are gone.
-    fn forget_except<'a>(&self, alive: impl Iterator<Item = (&'a str, &'a str)>) {
-        let keep: std::collections::HashSet<&str> = alive.flat_map(|(c, p)| [c, p]).collect();
+    /// Drops the previous readings of the containers (or pods) not in `alive`.
+    fn forget_except<'a>(&self, pods: bool, alive: impl Iterator<Item = &'a str>) {
+        let keep: std::collections::HashSet<&str> = alive.collect();
         let mut previous = self.previous.lock().unwrap_or_else(|p| p.into_inner());
-        previous.retain(|id, _| keep.contains(id.as_str()));
+        let map = if pods {
+            &mut previous.pods
+        } else {
+            &mut previous.containers
+        };
+        map.retain(|id, _| keep.contains(id.as_str()));
     }
 }
 
