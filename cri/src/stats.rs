@@ -514,7 +514,7 @@ impl Stats {
             .into_iter()
             .filter(|(c, r)| container_matches(c, r, &filter))
             .collect();
-        let readings = self.read_all(chosen).await?;
+        let readings = self.read_all(chosen).await;
         let host = self.source.host_memory();
         Ok(cri::ListContainerStatsResponse {
             stats: readings
@@ -549,7 +549,7 @@ impl Stats {
             .into_iter()
             .filter(|(_, r)| r.pod_sandbox_id == sandbox.id)
             .collect();
-        let readings = self.read_all(containers).await?;
+        let readings = self.read_all(containers).await;
         Ok(cri::PodSandboxStatsResponse {
             stats: Some(self.pod_stats(&sandbox, &readings).await),
         })
@@ -675,7 +675,7 @@ impl Stats {
             .into_iter()
             .filter(|(_, r)| pods.iter().any(|p| p.id == r.pod_sandbox_id))
             .collect();
-        Ok((pods, self.read_all(chosen).await?))
+        Ok((pods, self.read_all(chosen).await))
     }
 
     /// Every pod container with its CRI request.
@@ -689,16 +689,27 @@ impl Stats {
             .collect())
     }
 
+    /// The readings of `containers`. One that cannot be read (its shim went away meanwhile, say)
+    /// is left out with a warning rather than failing the whole list, as containerd skips one.
     async fn read_all(
         &self,
         containers: Vec<(pb::Container, cri::CreateContainerRequest)>,
-    ) -> Result<Vec<Reading>> {
-        let readings: Vec<Result<Reading>> =
-            futures::stream::iter(containers.into_iter().map(|(c, r)| self.read(c, r)))
-                .buffered(CONCURRENCY)
-                .collect()
-                .await;
-        readings.into_iter().collect()
+    ) -> Vec<Reading> {
+        let readings: Vec<(String, Result<Reading>)> =
+            futures::stream::iter(containers.into_iter().map(|(c, r)| async move {
+                let id = c.id.clone();
+                (id, self.read(c, r).await)
+            }))
+            .buffered(CONCURRENCY)
+            .collect()
+            .await;
+        readings
+            .into_iter()
+            .filter_map(|(id, r)| {
+                r.map_err(|e| tracing::warn!(%id, error = %e.chain(), "container stats"))
+                    .ok()
+            })
+            .collect()
     }
 
     /// One container's reading: its counters (only while it runs) and its writable layer.
