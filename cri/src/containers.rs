@@ -354,7 +354,7 @@ impl Containers {
 }
 
 /// The CRI request kept with container `c`; `None` for a container that is not a pod's.
-fn blob_of(c: &pb::Container) -> Option<cri::CreateContainerRequest> {
+pub(crate) fn blob_of(c: &pb::Container) -> Option<cri::CreateContainerRequest> {
     let ext = c.extensions.get(EXTENSION)?;
     cri::CreateContainerRequest::decode(ext.data.as_slice()).ok()
 }

@@ -8,9 +8,11 @@
 pub mod backend;
 mod containers;
 mod convert;
+mod events;
 mod image;
 mod pods;
 mod runtime;
+mod stats;
 pub mod streaming;
 
 use std::path::PathBuf;

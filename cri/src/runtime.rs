@@ -1,13 +1,13 @@
 //! The CRI `RuntimeService`: what berth is and whether it is ready; pod sandboxes through
 //! `crate::pods`; exec/attach into any running container and port forwarding into a pod (URLs
-//! on the streaming server; `ExecSync` directly). Methods not wired yet answer UNIMPLEMENTED,
-//! naming the method.
+//! on the streaming server; `ExecSync` directly); stats and metrics through `crate::stats`;
+//! container events through `crate::events`.
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
 use berth_core::grpc::ServingStatus;
-use berth_core::{Config, Error, ErrorKind, Result as BerthResult};
+use berth_core::{Config, Error, ErrorKind, Result as BerthResult, Service};
 use berth_proto::cri::runtime::v1 as cri;
 use berth_proto::cri::runtime::v1::runtime_service_server::RuntimeService;
 use futures::Stream;
@@ -17,7 +17,9 @@ use crate::Sockets;
 use crate::backend::{GrpcRuntimeProbe, RuntimeProbe};
 use crate::containers::{Containers, GrpcContainerStore};
 use crate::convert;
+use crate::events::{Events, GrpcEventSource};
 use crate::pods::{GrpcSandboxStore, Pods};
+use crate::stats::{GrpcStatsSource, Stats};
 use crate::streaming::backend::ExecSpec;
 use crate::streaming::{Pending, StreamServer};
 
@@ -48,6 +50,10 @@ pub struct CriRuntime<P = GrpcRuntimeProbe> {
     streams: Option<StreamServer>,
     /// The container methods (`crate::containers`).
     containers: Containers,
+    /// The stats and metrics methods (`crate::stats`).
+    stats: Stats,
+    /// GetContainerEvents (`crate::events`).
+    events: Events,
 }
 
 impl CriRuntime {
@@ -60,15 +66,29 @@ impl CriRuntime {
 impl<P: RuntimeProbe> CriRuntime<P> {
     /// A runtime service asking `probe`.
     pub fn with_probe(probe: P, config: &Config) -> Self {
+        let sockets = Sockets::from_config(config);
+        let pods = Pods::new(GrpcSandboxStore::new(&sockets.engine));
+        let containers = Containers::new(GrpcContainerStore::new(&sockets.engine));
+        let stats = Stats::new(
+            GrpcContainerStore::new(&sockets.engine),
+            GrpcSandboxStore::new(&sockets.engine),
+            GrpcStatsSource::new(&sockets, &config.snapshotter.driver),
+            config.data_dir(Service::Snapshotter).display().to_string(),
+        );
+        let events = Events::new(
+            GrpcEventSource::new(&sockets.engine),
+            pods.clone(),
+            containers.clone(),
+        );
         Self {
             probe,
             cni_conf_dir: config.network.cni_conf_dir.clone(),
             pod_cidr_file: config.state_dir.join("cri").join("pod-cidr"),
-            pods: Pods::new(GrpcSandboxStore::new(&Sockets::from_config(config).engine)),
+            pods,
             streams: None,
-            containers: Containers::new(GrpcContainerStore::new(
-                &Sockets::from_config(config).engine,
-            )),
+            containers,
+            stats,
+            events,
         }
     }
 
@@ -169,14 +189,6 @@ fn check_streams(tty: bool, stdin: bool, stdout: bool, stderr: bool) -> Result<(
     Ok(())
 }
 
-/// The UNIMPLEMENTED answer of a method whose implementation has not landed yet.
-fn not_yet(method: &str) -> Status {
-    Error::unimplemented(format!(
-        "runtime.v1.RuntimeService.{method} is not implemented yet in berth"
-    ))
-    .into()
-}
-
 #[tonic::async_trait]
 impl<P: RuntimeProbe> RuntimeService for CriRuntime<P> {
     type GetContainerEventsStream = EventStream;
@@ -267,7 +279,7 @@ impl<P: RuntimeProbe> RuntimeService for CriRuntime<P> {
         &self,
         _req: Request<cri::GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
-        Err(not_yet("GetContainerEvents"))
+        Ok(Response::new(self.events.subscribe().await?))
     }
 
     async fn run_pod_sandbox(
@@ -468,44 +480,46 @@ impl<P: RuntimeProbe> RuntimeService for CriRuntime<P> {
 
     async fn container_stats(
         &self,
-        _req: Request<cri::ContainerStatsRequest>,
+        req: Request<cri::ContainerStatsRequest>,
     ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
-        Err(not_yet("ContainerStats"))
+        Ok(Response::new(self.stats.container(req.into_inner()).await?))
     }
 
     async fn list_container_stats(
         &self,
-        _req: Request<cri::ListContainerStatsRequest>,
+        req: Request<cri::ListContainerStatsRequest>,
     ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
-        Err(not_yet("ListContainerStats"))
+        Ok(Response::new(
+            self.stats.list_containers(req.into_inner()).await?,
+        ))
     }
 
     async fn pod_sandbox_stats(
         &self,
-        _req: Request<cri::PodSandboxStatsRequest>,
+        req: Request<cri::PodSandboxStatsRequest>,
     ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
-        Err(not_yet("PodSandboxStats"))
+        Ok(Response::new(self.stats.pod(req.into_inner()).await?))
     }
 
     async fn list_pod_sandbox_stats(
         &self,
-        _req: Request<cri::ListPodSandboxStatsRequest>,
+        req: Request<cri::ListPodSandboxStatsRequest>,
     ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
-        Err(not_yet("ListPodSandboxStats"))
+        Ok(Response::new(self.stats.list_pods(req.into_inner()).await?))
     }
 
     async fn list_metric_descriptors(
         &self,
         _req: Request<cri::ListMetricDescriptorsRequest>,
     ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
-        Err(not_yet("ListMetricDescriptors"))
+        Ok(Response::new(self.stats.descriptors()))
     }
 
     async fn list_pod_sandbox_metrics(
         &self,
         _req: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
-        Err(not_yet("ListPodSandboxMetrics"))
+        Ok(Response::new(self.stats.metrics().await?))
     }
 }
 
@@ -631,18 +645,24 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unimplemented_methods_name_themselves() {
+    async fn unsupported_methods_say_why() {
         let dir = tempfile::tempdir().unwrap();
         let rt = runtime(dir.path());
         let err = rt
-            .container_stats(Request::new(cri::ContainerStatsRequest::default()))
+            .checkpoint_container(Request::new(cri::CheckpointContainerRequest::default()))
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unimplemented);
+        assert!(err.message().contains("CheckpointContainer"), "{err:?}");
+        let d = rt
+            .list_metric_descriptors(Request::new(cri::ListMetricDescriptorsRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
         assert!(
-            err.message()
-                .starts_with("runtime.v1.RuntimeService.ContainerStats is not implemented yet"),
-            "{err:?}"
+            d.descriptors
+                .iter()
+                .any(|d| d.name == "container_memory_working_set_bytes")
         );
         let v = rt
             .version(Request::new(cri::VersionRequest::default()))
