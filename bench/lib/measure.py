@@ -104,13 +104,14 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pids):
-    """User + system CPU seconds of `pids` so far (processes that are gone count 0)."""
+    """User + system CPU seconds of `pids` so far, with their waited-for children's (the runtime
+    binaries and plugins they run); processes that are gone count 0."""
     total = 0.0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+            total += sum(int(v) for v in fields[11:15]) / CLK_TCK
         except (OSError, IndexError, ValueError):
             pass
     return total

@@ -448,7 +448,8 @@ pub fn stats_json(s: &engine::ContainerStats) -> ContainerStatsResponse {
             io_time_recursive: blkio(&b.io_time_recursive),
             sectors_recursive: blkio(&b.sectors_recursive),
         }),
-        num_procs: Some(s.num_procs),
+        // Windows only in Docker: dockerd answers 0 on Linux (pids_stats has the count).
+        num_procs: Some(0),
         storage_stats: Some(Default::default()),
     }
 }

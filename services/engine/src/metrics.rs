@@ -134,7 +134,7 @@ async fn render(engine: &Arc<Engine>) -> String {
             let engine = engine.clone();
             async move {
                 // A shim that does not answer costs its container's samples, not the scrape.
-                let sample = tokio::time::timeout(SAMPLE_TIMEOUT, engine.sample_with(&ctr, false))
+                let sample = tokio::time::timeout(SAMPLE_TIMEOUT, engine.sample(&ctr))
                     .await
                     .ok()?;
                 Some(Reading {

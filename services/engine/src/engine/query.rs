@@ -549,13 +549,11 @@ impl Engine {
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
-    /// One stats sample of `ctr` (empty when it is not running).
+    /// One stats sample of `ctr` (empty when it is not running): one shim call, which reads
+    /// the cgroup, and the init's `/proc/<pid>/net/dev`. `num_procs` is the cgroup's task
+    /// count (`pids.current`), not a `runc ps`: a sample runs once a second per streamed
+    /// container, and a runtime exec each time would cost more than everything else together.
     pub(crate) async fn sample(&self, ctr: &Arc<Ctr>) -> pb::ContainerStats {
-        self.sample_with(ctr, true).await
-    }
-
-    /// Like [`Self::sample`]; without `num_procs` (one shim call fewer) unless `procs`.
-    pub(crate) async fn sample_with(&self, ctr: &Arc<Ctr>, procs: bool) -> pb::ContainerStats {
         let rec = ctr.record();
         let mut out = pb::ContainerStats {
             id: rec.c.id.clone(),
@@ -582,10 +580,11 @@ impl Engine {
                     cpu.online_cpus = self.host_info().ncpu;
                 }
             }
+            out.num_procs = stats
+                .pids
+                .as_ref()
+                .map_or(0, |p| u32::try_from(p.current).unwrap_or(u32::MAX));
             out.stats = Some(stats);
-            if procs {
-                out.num_procs = shim.pids().await.map(|p| p.len() as u32).unwrap_or(0);
-            }
         }
         let pid = rec.state().pid;
         if pid > 0 {
