@@ -177,26 +177,40 @@ fn value<'a>(entries: &'a [(String, String, String)], key: &str) -> Option<&'a s
         .find_map(|e| e.2.strip_prefix(key)?.strip_prefix('='))
 }
 
-/// The memory cgroup limit of a container's init process, read on the host (cgroup v1 or v2).
-fn memory_limit(d: &DockerStack, id: &str) -> Result<String> {
+/// A cgroup v1 file of a container's init process (`controller`, `file`), read on the host.
+fn cgroup_value(d: &DockerStack, id: &str, controller: &str, file: &str) -> Result<String> {
     let pid = d.ok(&["inspect", "-f", "{{.State.Pid}}", id])?;
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
-    for line in cgroups.lines() {
-        let mut f = line.splitn(3, ':');
-        let (_, controllers, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
-        let path = path.trim_start_matches('/');
-        if controllers.split(',').any(|c| c == "memory") {
-            let file = Path::new("/sys/fs/cgroup/memory")
-                .join(path)
-                .join("memory.limit_in_bytes");
-            return Ok(std::fs::read_to_string(file)?.trim().to_string());
-        }
-        if controllers.is_empty() && Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
-            let file = Path::new("/sys/fs/cgroup").join(path).join("memory.max");
-            return Ok(std::fs::read_to_string(file)?.trim().to_string());
-        }
+    let path = cgroups
+        .lines()
+        .find_map(|line| {
+            let mut f = line.splitn(3, ':');
+            let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+            controllers
+                .split(',')
+                .any(|c| c == controller)
+                .then(|| path.trim_start_matches('/').to_string())
+        })
+        .with_context(|| format!("no {controller} cgroup for {pid}: {cgroups}"))?;
+    let file = Path::new("/sys/fs/cgroup")
+        .join(controller)
+        .join(path)
+        .join(file);
+    Ok(std::fs::read_to_string(&file)
+        .with_context(|| file.display().to_string())?
+        .trim()
+        .to_string())
+}
+
+/// Whether this host's cgroups are v1 with the controllers the tests read (cgroup v2 only
+/// hosts skip those checks, saying so).
+fn cgroup_v1() -> bool {
+    let v1 = Path::new("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists()
+        && Path::new("/sys/fs/cgroup/cpu/cpu.shares").exists();
+    if !v1 {
+        eprintln!("note: no cgroup v1 memory/cpu hierarchy: cgroup files not checked");
     }
-    bail!("no memory cgroup for {pid}: {cgroups}")
+    v1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -302,7 +316,10 @@ async fn pod_and_container_config_resources_and_oom_kill() -> Result<()> {
         ..Default::default()
     })
     .await?;
-    ensure!(memory_limit(&d, &look)? == limit.to_string());
+    if cgroup_v1() {
+        let seen = cgroup_value(&d, &look, "memory", "memory.limit_in_bytes")?;
+        ensure!(seen == limit.to_string(), "memory.limit_in_bytes {seen}");
+    }
     let st = status(&mut rt, &look).await?;
     let linux = st.resources.and_then(|r| r.linux).context("resources")?;
     ensure!(linux.memory_limit_in_bytes == limit, "{linux:?}");
@@ -484,6 +501,130 @@ async fn docker_and_the_cri_see_each_others_changes() -> Result<()> {
     ensure!(num == (Some(1234), String::new()), "{num:?}");
     let name = user("cri-more/name:1").await?;
     ensure!(name == (None, "nobody".to_string()), "{name:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_profiles_devices_cpu_and_log_reopen() -> Result<()> {
+    if !plugins_ready() {
+        return Ok(());
+    }
+    let slot = NetSlot::claim()?;
+    let conf = tempfile::tempdir()?;
+    let ipam = tempfile::tempdir()?;
+    let logs = tempfile::tempdir()?;
+    conflist(&slot, "crs", 6, conf.path(), ipam.path())?;
+    let d = DockerStack::start_from(
+        Stack::builder().env("BERTH_NETWORK__CNI_CONF_DIR", conf.path().to_str().unwrap()),
+    )?;
+    let _registry = with_busybox(&d)?;
+    let mut rt = RuntimeServiceClient::new(berth_core::uds::channel(d.cri_socket()));
+    let config = pod_config("sec", logs.path());
+    let pod = run_pod(&mut rt, &d, &config).await?;
+
+    let mut c = container(
+        "sec",
+        "echo uid=$(id -u); echo nnp=$(grep NoNewPrivs /proc/self/status | cut -f2); \
+         echo seccomp=$(grep '^Seccomp:' /proc/self/status | cut -f2); \
+         echo kcore=$(cat /proc/kcore 2>/dev/null | wc -c); \
+         if (echo x > /proc/sys/kernel/domainname) 2>/dev/null; then echo procsys=rw; else echo procsys=ro; fi; \
+         if [ -c /dev/cri-null ] && echo hi > /dev/cri-null; then echo dev=ok; else echo dev=missing; fi; \
+         echo oom=$(cat /proc/self/oom_score_adj); echo done=1; \
+         while :; do echo tick; sleep 0.2; done",
+    );
+    c.devices = vec![cri::Device {
+        container_path: "/dev/cri-null".into(),
+        host_path: "/dev/null".into(),
+        permissions: "rwm".into(),
+    }];
+    c.linux = Some(cri::LinuxContainerConfig {
+        resources: Some(cri::LinuxContainerResources {
+            cpu_shares: 512,
+            cpu_period: 100_000,
+            cpu_quota: 50_000,
+            cpuset_cpus: "0".into(),
+            oom_score_adj: -998,
+            ..Default::default()
+        }),
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            run_as_username: "nobody".into(),
+            no_new_privs: true,
+            seccomp: Some(cri::SecurityProfile {
+                profile_type: cri::security_profile::ProfileType::RuntimeDefault.into(),
+                localhost_ref: String::new(),
+            }),
+            ..Default::default()
+        }),
+    });
+    let sec = start(&mut rt, &pod.id, &config, c).await?;
+    let log = logs.path().join("sec/0.log");
+    let entries = log_entries(&log, "done=1")?;
+    let seen = |k: &str| value(&entries, k).unwrap_or("<missing>").to_string();
+    let shown: Vec<&str> = entries.iter().map(|e| e.2.as_str()).collect();
+    ensure!(seen("uid") == "65534", "run as username nobody: {shown:?}");
+    ensure!(seen("nnp") == "1", "{shown:?}");
+    ensure!(
+        seen("seccomp") == "2",
+        "RuntimeDefault is a filter: {shown:?}"
+    );
+    ensure!(seen("kcore") == "0", "/proc/kcore masked: {shown:?}");
+    ensure!(seen("procsys") == "ro", "/proc/sys read-only: {shown:?}");
+    ensure!(seen("dev") == "ok", "{shown:?}");
+    // A negative oom_score_adj is clamped to what the engine may set, not refused.
+    let engine = d
+        .stack
+        .pid(berth_core::Service::Engine)
+        .context("engine pid")?;
+    let floor: i32 = std::fs::read_to_string(format!("/proc/{engine}/oom_score_adj"))?
+        .trim()
+        .parse()?;
+    ensure!(
+        seen("oom") == (-998).max(floor).to_string(),
+        "oom_score_adj (engine's {floor}): {shown:?}"
+    );
+    if cgroup_v1() {
+        for (controller, file, want) in [
+            ("cpu", "cpu.shares", "512"),
+            ("cpu", "cpu.cfs_period_us", "100000"),
+            ("cpu", "cpu.cfs_quota_us", "50000"),
+            ("cpuset", "cpuset.cpus", "0"),
+        ] {
+            let got = cgroup_value(&d, &sec, controller, file)?;
+            ensure!(got == want, "{file}: {got}, want {want}");
+        }
+    }
+    let st = status(&mut rt, &sec).await?;
+    let r = st.resources.and_then(|r| r.linux).context("resources")?;
+    ensure!(
+        (
+            r.cpu_shares,
+            r.cpu_quota,
+            r.cpu_period,
+            r.cpuset_cpus.as_str()
+        ) == (512, 50_000, 100_000, "0"),
+        "{r:?}"
+    );
+
+    // ReopenContainerLog after kubelet renamed the file: the output goes on in a new one.
+    let rotated = logs.path().join("sec/0.log.20261207-000000");
+    std::fs::rename(&log, &rotated)?;
+    rt.reopen_container_log(cri::ReopenContainerLogRequest {
+        container_id: sec.clone(),
+    })
+    .await?;
+    let fresh = log_entries(&log, "tick")?;
+    ensure!(
+        fresh.iter().all(|e| e.2 == "tick"),
+        "only new output in the reopened log: {:?}",
+        fresh.iter().map(|e| &e.2).collect::<Vec<_>>()
+    );
+    let err = rt
+        .reopen_container_log(cri::ReopenContainerLogRequest {
+            container_id: "0".repeat(64),
+        })
+        .await
+        .unwrap_err();
+    ensure!(err.code() == Code::NotFound, "{err:?}");
     Ok(())
 }
 
