@@ -519,7 +519,21 @@ async fn security_profiles_devices_cpu_and_log_reopen() -> Result<()> {
     )?;
     let _registry = with_busybox(&d)?;
     let mut rt = RuntimeServiceClient::new(berth_core::uds::channel(d.cri_socket()));
-    let config = pod_config("sec", logs.path());
+    // User namespace NODE (the host's), as kubelets with user namespace support send it for
+    // pods that do not ask for one of their own, on the pod and on its containers.
+    let node_userns = cri::UserNamespace {
+        mode: cri::NamespaceMode::Node.into(),
+        ..Default::default()
+    };
+    let mut config = pod_config("sec", logs.path());
+    if let Some(ns) = config
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+        .and_then(|s| s.namespace_options.as_mut())
+    {
+        ns.userns_options = Some(node_userns.clone());
+    }
     let pod = run_pod(&mut rt, &d, &config).await?;
 
     let mut c = container(
@@ -529,7 +543,8 @@ async fn security_profiles_devices_cpu_and_log_reopen() -> Result<()> {
          echo kcore=$(cat /proc/kcore 2>/dev/null | wc -c); \
          if (echo x > /proc/sys/kernel/domainname) 2>/dev/null; then echo procsys=rw; else echo procsys=ro; fi; \
          if [ -c /dev/cri-null ] && echo hi > /dev/cri-null; then echo dev=ok; else echo dev=missing; fi; \
-         echo oom=$(cat /proc/self/oom_score_adj); echo done=1; \
+         echo oom=$(cat /proc/self/oom_score_adj); echo uidmap=$(cat /proc/self/uid_map); \
+         echo done=1; \
          while :; do echo tick; sleep 0.2; done",
     );
     c.devices = vec![cri::Device {
@@ -549,6 +564,11 @@ async fn security_profiles_devices_cpu_and_log_reopen() -> Result<()> {
         security_context: Some(cri::LinuxContainerSecurityContext {
             run_as_username: "nobody".into(),
             no_new_privs: true,
+            namespace_options: config
+                .linux
+                .as_ref()
+                .and_then(|l| l.security_context.as_ref())
+                .and_then(|s| s.namespace_options.clone()),
             seccomp: Some(cri::SecurityProfile {
                 profile_type: cri::security_profile::ProfileType::RuntimeDefault.into(),
                 localhost_ref: String::new(),
@@ -570,6 +590,14 @@ async fn security_profiles_devices_cpu_and_log_reopen() -> Result<()> {
     ensure!(seen("kcore") == "0", "/proc/kcore masked: {shown:?}");
     ensure!(seen("procsys") == "ro", "/proc/sys read-only: {shown:?}");
     ensure!(seen("dev") == "ok", "{shown:?}");
+    let host_map = std::fs::read_to_string("/proc/self/uid_map")?
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    ensure!(
+        seen("uidmap").trim() == host_map,
+        "the host's user namespace: {shown:?}"
+    );
     // A negative oom_score_adj is clamped to what the engine may set, not refused.
     let engine = d
         .stack
