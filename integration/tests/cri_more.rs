@@ -656,6 +656,203 @@ async fn security_profiles_devices_cpu_and_log_reopen() -> Result<()> {
     Ok(())
 }
 
+/// Removes a cgroup directory (a pod's `cgroup_parent`) from every v1 hierarchy and the v2 one
+/// when dropped: after the stack, whose containers were in it, is gone.
+struct CgroupDirs(String);
+
+impl Drop for CgroupDirs {
+    fn drop(&mut self) {
+        let Ok(roots) = std::fs::read_dir("/sys/fs/cgroup") else {
+            return;
+        };
+        for root in roots.flatten() {
+            let dir = root.path().join(&self.0);
+            // Children first (the engine removes its containers' own; anything left is empty).
+            if let Ok(children) = std::fs::read_dir(&dir) {
+                for child in children.flatten() {
+                    if child.path().is_dir() {
+                        let _ = std::fs::remove_dir(child.path());
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+}
+
+/// The inode link of one of this process's namespaces, e.g. `net:[4026531840]`.
+fn own_namespace(kind: &str) -> Result<String> {
+    Ok(std::fs::read_link(format!("/proc/self/ns/{kind}"))?
+        .to_string_lossy()
+        .into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_and_host_namespaces_mounts_and_cgroup_parent() -> Result<()> {
+    if !plugins_ready() {
+        return Ok(());
+    }
+    let slot = NetSlot::claim()?;
+    let conf = tempfile::tempdir()?;
+    let ipam = tempfile::tempdir()?;
+    let logs = tempfile::tempdir()?;
+    let data = tempfile::tempdir()?;
+    conflist(&slot, "crn", 7, conf.path(), ipam.path())?;
+    let parent = format!("berth-cri-more-{}", std::process::id());
+    let _cgroups = CgroupDirs(parent.clone());
+    let d = DockerStack::start_from(
+        Stack::builder().env("BERTH_NETWORK__CNI_CONF_DIR", conf.path().to_str().unwrap()),
+    )?;
+    let _registry = with_busybox(&d)?;
+    let mut rt = RuntimeServiceClient::new(berth_core::uds::channel(d.cri_socket()));
+
+    // --- A pod sharing its PID namespace, under a cgroup parent of its own.
+    let mut config = pod_config("share", logs.path());
+    let ns = cri::NamespaceOption {
+        network: cri::NamespaceMode::Pod.into(),
+        pid: cri::NamespaceMode::Pod.into(),
+        ipc: cri::NamespaceMode::Pod.into(),
+        ..Default::default()
+    };
+    if let Some(linux) = config.linux.as_mut() {
+        linux.cgroup_parent = format!("/{parent}");
+        if let Some(sc) = linux.security_context.as_mut() {
+            sc.namespace_options = Some(ns.clone());
+        }
+    }
+    let pod = run_pod(&mut rt, &d, &config).await?;
+    let with_ns = |mut c: cri::ContainerConfig, ns: &cri::NamespaceOption| {
+        c.linux = Some(cri::LinuxContainerConfig {
+            security_context: Some(cri::LinuxContainerSecurityContext {
+                namespace_options: Some(ns.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        c
+    };
+    let first = start(
+        &mut rt,
+        &pod.id,
+        &config,
+        with_ns(container("first", "exec sleep 3600"), &ns),
+    )
+    .await?;
+    // A host directory reached through a symlink, bound read-only.
+    std::fs::write(data.path().join("file"), "through-the-link\n")?;
+    let link = data.path().join("link");
+    std::os::unix::fs::symlink(data.path(), &link)?;
+    let mut second = with_ns(
+        container(
+            "second",
+            "echo sees-first=$(if pidof sleep >/dev/null; then echo yes; else echo no; fi); \
+             echo data=$(cat /data/file); \
+             if touch /data/new 2>/dev/null; then echo data-rw=yes; else echo data-rw=no; fi; \
+             echo done=1",
+        ),
+        &ns,
+    );
+    second.mounts = vec![cri::Mount {
+        container_path: "/data".into(),
+        host_path: link.to_string_lossy().into_owned(),
+        readonly: true,
+        ..Default::default()
+    }];
+    let second = start(&mut rt, &pod.id, &config, second).await?;
+    let entries = log_entries(&logs.path().join("second/0.log"), "done=1")?;
+    let shown: Vec<&str> = entries.iter().map(|e| e.2.as_str()).collect();
+    ensure!(
+        value(&entries, "sees-first") == Some("yes"),
+        "PID namespace shared: {shown:?}"
+    );
+    ensure!(
+        value(&entries, "data") == Some("through-the-link"),
+        "{shown:?}"
+    );
+    ensure!(value(&entries, "data-rw") == Some("no"), "{shown:?}");
+    ensure!(!data.path().join("new").exists());
+    let st = exited(&mut rt, &second).await?;
+    let mount = st.mounts.first().context("mounts in the status")?;
+    ensure!(
+        mount.container_path == "/data" && mount.readonly,
+        "{:?}",
+        st.mounts
+    );
+    // The cgroup parent: the container's cgroups are under it.
+    let pid = d.ok(&["inspect", "-f", "{{.State.Pid}}", &first])?;
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    ensure!(
+        cgroups.lines().all(|l| l.contains(&format!("/{parent}/"))
+            || l.ends_with(":/")
+            || l.contains("::/")
+            || l.contains("name=")),
+        "cgroups of the first container: {cgroups}"
+    );
+    ensure!(
+        cgroups.lines().any(|l| l.contains(&format!("/{parent}/"))),
+        "{cgroups}"
+    );
+    drop(pod);
+
+    // --- A pod in the host's network, PID and IPC namespaces.
+    let host = cri::NamespaceOption {
+        network: cri::NamespaceMode::Node.into(),
+        pid: cri::NamespaceMode::Node.into(),
+        ipc: cri::NamespaceMode::Node.into(),
+        ..Default::default()
+    };
+    let mut config = pod_config("hostns", logs.path());
+    if let Some(sc) = config
+        .linux
+        .as_mut()
+        .and_then(|l| l.security_context.as_mut())
+    {
+        sc.namespace_options = Some(host.clone());
+    }
+    let pod = run_pod(&mut rt, &d, &config).await?;
+    start(
+        &mut rt,
+        &pod.id,
+        &config,
+        with_ns(
+            container(
+                "look",
+                "for k in net pid ipc; do echo $k=$(readlink /proc/self/ns/$k); done; echo done=1",
+            ),
+            &host,
+        ),
+    )
+    .await?;
+    let entries = log_entries(&logs.path().join("look/0.log"), "done=1")?;
+    for kind in ["net", "pid", "ipc"] {
+        let want = own_namespace(kind)?;
+        ensure!(
+            value(&entries, kind) == Some(want.as_str()),
+            "{kind}: {:?}, the host's {want}",
+            entries.iter().map(|e| &e.2).collect::<Vec<_>>()
+        );
+    }
+    let st = rt
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: pod.id.clone(),
+            verbose: false,
+        })
+        .await?
+        .into_inner()
+        .status
+        .context("pod status")?;
+    let ns = st
+        .linux
+        .and_then(|l| l.namespaces)
+        .and_then(|n| n.options)
+        .context("namespace options in the status")?;
+    ensure!(
+        (ns.network, ns.pid, ns.ipc) == (host.network, host.pid, host.ipc),
+        "{ns:?}"
+    );
+    Ok(())
+}
+
 /// Removes the portmap plugin's shared chains (which it never deletes) once no pod on this
 /// host uses them any more.
 struct PortmapChains;
