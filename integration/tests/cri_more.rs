@@ -5,12 +5,19 @@
 //!   rootfs), as the container's own process sees them; a line longer than 16 KiB logged as `P`
 //!   then `F` entries; UpdateContainerResources reaching the container's memory cgroup; a
 //!   container over its memory limit reported `OOMKilled` with exit code 137;
+//! - run as username, no_new_privs, seccomp RuntimeDefault, the default masked and read-only
+//!   paths, a device, the NODE user namespace, cpu shares/quota/period and cpuset in the host's
+//!   cgroup files, a negative oom_score_adj clamped, ReopenContainerLog after a rename, and
+//!   StopContainer's SIGKILL after the timeout;
 //! - Docker and the CRI seeing each other: `docker ps -a` lists a pod's container under its
-//!   dockershim name with the `io.kubernetes.*` labels, `docker stop` / `docker rm` of it are
-//!   what ContainerStatus then reports, RemoveImage is refused while a running CRI container
+//!   dockershim name with the `io.kubernetes.*` labels, `docker stop` / `start` / `rm -f` of it
+//!   are what ContainerStatus then reports, RemoveImage is refused while a running CRI container
 //!   uses the image, and ImageStatus answers the uid / username of an image's `USER`;
+//! - a pod sharing its PID namespace under a cgroup parent of its own, a symlinked host path
+//!   bound read-only; a pod in the host's network, PID and IPC namespaces;
 //! - a host port of a pod (CNI bridge + portmap conflist, the CRI's port mappings) answered from
-//!   the host.
+//!   the host; the bandwidth annotations shaping the pod (bandwidth plugin); both gone after
+//!   StopPodSandbox.
 //!
 //! Root only; needs /usr/lib/cni.
 
@@ -653,6 +660,20 @@ async fn security_profiles_devices_cpu_and_log_reopen() -> Result<()> {
         .await
         .unwrap_err();
     ensure!(err.code() == Code::NotFound, "{err:?}");
+
+    // StopContainer: SIGTERM, which the shell as PID 1 ignores, then SIGKILL after the timeout.
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: sec.clone(),
+        timeout: 1,
+    })
+    .await?;
+    let st = status(&mut rt, &sec).await?;
+    ensure!(
+        st.state == cri::ContainerState::ContainerExited as i32
+            && st.exit_code == 137
+            && st.reason == "Error",
+        "after StopContainer: {st:?}"
+    );
     Ok(())
 }
 
@@ -996,5 +1017,93 @@ async fn a_host_port_of_a_pod_answers_from_the_host() -> Result<()> {
         .map(str::to_string)
         .collect();
     ensure!(left.is_empty(), "rules left after stop: {left:?}");
+    Ok(())
+}
+
+/// The `tc` qdiscs of the host, one line each.
+fn qdiscs(dev: Option<&str>) -> Result<String> {
+    let mut cmd = std::process::Command::new("tc");
+    cmd.args(["qdisc", "show"]);
+    if let Some(dev) = dev {
+        cmd.args(["dev", dev]);
+    }
+    let out = cmd.output()?;
+    ensure!(out.status.success(), "tc: {out:?}");
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bandwidth_annotations_shape_the_pod() -> Result<()> {
+    if !plugins_ready() || !Path::new("/usr/lib/cni/bandwidth").is_file() {
+        return Ok(());
+    }
+    let slot = NetSlot::claim()?;
+    let conf = tempfile::tempdir()?;
+    let ipam = tempfile::tempdir()?;
+    let logs = tempfile::tempdir()?;
+    conflist(&slot, "crb", 8, conf.path(), ipam.path())?;
+    let file = conf.path().join("10-pods.conflist");
+    let mut list: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file)?)?;
+    list["plugins"]
+        .as_array_mut()
+        .context("plugins")?
+        .push(serde_json::json!({
+            "type": "bandwidth",
+            "capabilities": { "bandwidth": true },
+        }));
+    std::fs::write(&file, list.to_string())?;
+    let d = DockerStack::start_from(
+        Stack::builder().env("BERTH_NETWORK__CNI_CONF_DIR", conf.path().to_str().unwrap()),
+    )?;
+    let mut rt = RuntimeServiceClient::new(berth_core::uds::channel(d.cri_socket()));
+
+    let mut config = pod_config("shaped", logs.path());
+    config.annotations = [
+        (
+            "kubernetes.io/ingress-bandwidth".to_string(),
+            "3M".to_string(),
+        ),
+        (
+            "kubernetes.io/egress-bandwidth".to_string(),
+            "5M".to_string(),
+        ),
+    ]
+    .into();
+    let pod = run_pod(&mut rt, &d, &config).await?;
+
+    // The pod's host-side veth is the one port of this test's bridge; the plugin shapes what
+    // reaches the pod there (ingress), and what leaves it on an ifb device it mirrors to.
+    let bridge = slot.name("crb");
+    let out = std::process::Command::new("ip")
+        .args(["-o", "link", "show", "master", &bridge])
+        .output()?;
+    let ports = String::from_utf8_lossy(&out.stdout).into_owned();
+    let veth = ports
+        .lines()
+        .find_map(|l| Some(l.split(':').nth(1)?.trim().split('@').next()?.to_string()))
+        .with_context(|| format!("no port on {bridge}: {ports}"))?;
+    let on_veth = qdiscs(Some(&veth))?;
+    ensure!(
+        on_veth.contains("tbf") && on_veth.contains("rate 3Mbit"),
+        "ingress on {veth}: {on_veth}"
+    );
+    let all = qdiscs(None)?;
+    ensure!(
+        all.lines()
+            .any(|l| l.contains("tbf") && l.contains("rate 5Mbit")),
+        "egress (ifb): {all}"
+    );
+
+    // Teardown (CNI DEL) takes the shaping away.
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.id.clone(),
+    })
+    .await?;
+    let all = qdiscs(None)?;
+    ensure!(
+        !all.lines()
+            .any(|l| l.contains("rate 5Mbit") || l.contains("rate 3Mbit")),
+        "after stop: {all}"
+    );
     Ok(())
 }
