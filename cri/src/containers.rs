@@ -640,7 +640,11 @@ fn security(
 ) -> Result<()> {
     use cri::security_profile::ProfileType;
     if let Some(ns) = &sc.namespace_options {
-        if ns.userns_options.is_some() {
+        // NODE is the host's user namespace, what every container gets: kubelets with user
+        // namespace support send it for every pod that does not ask for one of its own.
+        if let Some(userns) = &ns.userns_options
+            && userns.mode != cri::NamespaceMode::Node as i32
+        {
             return Err(Error::invalid_argument(
                 "user namespaces for pods are not supported by berth",
             ));
@@ -1093,6 +1097,27 @@ mod tests {
                 .unwrap_err()
                 .is(ErrorKind::InvalidArgument)
         );
+        // A user namespace of the pod's own is refused; NODE (the host's) is what berth does.
+        let userns = |mode: cri::NamespaceMode| {
+            let mut r = request("p1", "app");
+            let linux = r.config.as_mut().unwrap().linux.get_or_insert_default();
+            let sc = linux.security_context.get_or_insert_default();
+            sc.namespace_options.get_or_insert_default().userns_options =
+                Some(cri::UserNamespace {
+                    mode: mode.into(),
+                    ..Default::default()
+                });
+            create_request(r, &sbx)
+        };
+        assert!(userns(cri::NamespaceMode::Node).is_ok());
+        for mode in [
+            cri::NamespaceMode::Pod,
+            cri::NamespaceMode::Container,
+            cri::NamespaceMode::Target,
+        ] {
+            let err = userns(mode).unwrap_err();
+            assert!(err.is(ErrorKind::InvalidArgument), "{mode:?}: {err}");
+        }
     }
 
     #[tokio::test]
