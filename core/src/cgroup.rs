@@ -372,8 +372,37 @@ fn oom_notifier(cgroup: &Cgroup) -> Result<std::os::fd::OwnedFd> {
     }
 }
 
+/// Reads a counter file. A file the kernel does not have (no CFQ/BFQ blkio counters, no swap
+/// accounting, a v2 controller the parent does not delegate) is remembered by its name and the
+/// cgroup's parent, and not looked for again under that parent: a stats reader runs once a
+/// second per container, and a failed lookup costs as much as a read.
+fn read_text(path: &Path) -> Option<String> {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static ABSENT: OnceLock<Mutex<HashSet<PathBuf>>> = OnceLock::new();
+    // <parent>/<container>/<file> -> <parent>/<file>
+    let key = match (path.parent().and_then(Path::parent), path.file_name()) {
+        (Some(parent), Some(name)) => parent.join(name),
+        _ => return std::fs::read_to_string(path).ok(),
+    };
+    let absent = ABSENT.get_or_init(Default::default);
+    if absent.lock().unwrap().contains(&key) {
+        return None;
+    }
+    match std::fs::read_to_string(path) {
+        Ok(text) => Some(text),
+        // A gone container has no cgroup directory at all: only a missing file in a
+        // directory that is there counts.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.parent()?.is_dir() => {
+            absent.lock().unwrap().insert(key);
+            None
+        }
+        Err(_) => None,
+    }
+}
+
 fn read_u64(path: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(path).ok()?;
+    let text = read_text(path)?;
     let t = text.trim();
     if t == "max" {
         return Some(u64::MAX);
@@ -463,7 +492,7 @@ fn read_v1(dirs: &HashMap<String, PathBuf>, host: &Host, stats: &mut Stats) {
     };
     let text = |controller: &str, name: &str| {
         file(controller, name)
-            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|p| read_text(&p))
             .unwrap_or_default()
     };
 
@@ -534,7 +563,7 @@ fn read_v1(dirs: &HashMap<String, PathBuf>, host: &Host, stats: &mut Stats) {
 
 fn read_v2(dir: &Path, host: &Host, stats: &mut Stats) {
     let num = |name: &str| read_u64(&dir.join(name)).unwrap_or(0);
-    let text = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    let text = |name: &str| read_text(&dir.join(name)).unwrap_or_default();
 
     let cpu = flat_keyed(&text("cpu.stat"));
     let us = |k: &str| cpu.get(k).copied().unwrap_or(0) * 1000;
