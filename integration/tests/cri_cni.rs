@@ -10,7 +10,8 @@
 //!   plugin behind a wrapper that holds the ADD until the test lets it go) leaves no pod, no
 //!   IP allocation and no veth once the engine is back; a running pod whose network namespace
 //!   is lost while the engine is down (a reboot) is NOTREADY after the restart, its IP given
-//!   back by a CNI DEL.
+//!   back by a CNI DEL; `kill -9` of berth-network while it runs a pod's ADD fails the Run and
+//!   leaves no pod, address, veth or namespace files once it is back.
 //!
 //! Root only; needs /usr/lib/cni.
 
@@ -198,6 +199,20 @@ async fn set_pod_cidr(rt: &mut Client, cidr: &str) -> Result<()> {
     Ok(())
 }
 
+/// Deletes the test's own bridges when dropped: one that never got an address (a failed ADD)
+/// is not found by the slot's cleanup, which looks for bridges by address.
+struct OwnBridges(Vec<String>);
+
+impl Drop for OwnBridges {
+    fn drop(&mut self) {
+        for bridge in &self.0 {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", bridge])
+                .output();
+        }
+    }
+}
+
 /// Whether the host has IPv6 on (the dual-stack check needs it).
 fn ipv6_on() -> bool {
     std::fs::read_to_string("/proc/sys/net/ipv6/conf/default/disable_ipv6")
@@ -215,6 +230,7 @@ async fn the_pod_cidr_reaches_host_local_as_ip_ranges() -> Result<()> {
         return Ok(());
     }
     let slot = NetSlot::claim()?;
+    let _bridges = OwnBridges(vec![slot.name("cr")]);
     let conf = tempfile::tempdir()?;
     let ipam = tempfile::tempdir()?;
     // No ranges of its own: host-local allocates from the runtime's ranges when the plugin
@@ -279,6 +295,7 @@ async fn a_single_plugin_conf_works_and_the_first_config_wins() -> Result<()> {
         return Ok(());
     }
     let slot = NetSlot::claim()?;
+    let _bridges = OwnBridges(vec![slot.name("cs"), slot.name("cl"), slot.name("cf")]);
     let conf = tempfile::tempdir()?;
     let ipam = tempfile::tempdir()?;
     // `10-single.conf`: one plugin, no `plugins` list (the CNI spec's network config).
@@ -354,26 +371,12 @@ impl Drop for Release {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crash_during_the_cni_add_leaves_nothing_after_the_restart() -> Result<()> {
-    if !plugins_ready() {
-        return Ok(());
-    }
-    let slot = NetSlot::claim()?;
-    let conf = tempfile::tempdir()?;
-    let ipam = tempfile::tempdir()?;
-    let bin = tempfile::tempdir()?;
-    let subnet = slot.subnet(5);
-    let bridge = slot.name("ck");
-    let net = net_name("crk");
-    std::fs::write(
-        conf.path().join("10-pods.conflist"),
-        conflist(&net, bridge_plugin(&bridge, &[&[&subnet]], ipam.path())),
-    )?;
-    // `bridge` in a directory searched first: the real plugin, then (for ADD) a mark and a
-    // wait for the test's word, bounded so that nothing hangs for ever.
-    let (adding, release) = (bin.path().join("adding"), bin.path().join("release"));
-    let wrapper = bin.path().join("bridge");
+/// Puts a `bridge` plugin into `bin` (to be searched first): the real one, then, for ADD, a
+/// mark (`adding`) and a wait until `release` exists, bounded so that nothing hangs for ever.
+/// Returns the two paths.
+fn held_bridge(bin: &Path) -> Result<(PathBuf, PathBuf)> {
+    let (adding, release) = (bin.join("adding"), bin.join("release"));
+    let wrapper = bin.join("bridge");
     std::fs::write(
         &wrapper,
         format!(
@@ -386,6 +389,37 @@ async fn a_crash_during_the_cni_add_leaves_nothing_after_the_restart() -> Result
         ),
     )?;
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+    Ok((adding, release))
+}
+
+/// The namespace directories of the pods the engine keeps (`<state>/sandboxes/<id>`).
+fn sandbox_dirs(d: &DockerStack) -> Vec<String> {
+    std::fs::read_dir(d.stack.state_dir().join("sandboxes"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_during_the_cni_add_leaves_nothing_after_the_restart() -> Result<()> {
+    if !plugins_ready() {
+        return Ok(());
+    }
+    let slot = NetSlot::claim()?;
+    let _bridges = OwnBridges(vec![slot.name("ck")]);
+    let conf = tempfile::tempdir()?;
+    let ipam = tempfile::tempdir()?;
+    let bin = tempfile::tempdir()?;
+    let subnet = slot.subnet(5);
+    let bridge = slot.name("ck");
+    let net = net_name("crk");
+    std::fs::write(
+        conf.path().join("10-pods.conflist"),
+        conflist(&net, bridge_plugin(&bridge, &[&[&subnet]], ipam.path())),
+    )?;
+    let (adding, release) = held_bridge(bin.path())?;
     let _release = Release(release.clone());
     let d = stack(
         conf.path(),
@@ -444,6 +478,7 @@ async fn a_pod_that_lost_its_network_namespace_is_notready_after_a_restart() -> 
         return Ok(());
     }
     let slot = NetSlot::claim()?;
+    let _bridges = OwnBridges(vec![slot.name("cn")]);
     let conf = tempfile::tempdir()?;
     let ipam = tempfile::tempdir()?;
     let subnet = slot.subnet(6);
@@ -517,5 +552,81 @@ async fn a_pod_that_lost_its_network_namespace_is_notready_after_a_restart() -> 
         .into_inner()
         .items;
     ensure!(pods.is_empty(), "pods after remove: {pods:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_daemon_killed_during_the_cni_add_leaves_nothing() -> Result<()> {
+    if !plugins_ready() {
+        return Ok(());
+    }
+    let slot = NetSlot::claim()?;
+    let _bridges = OwnBridges(vec![slot.name("cw")]);
+    let conf = tempfile::tempdir()?;
+    let ipam = tempfile::tempdir()?;
+    let bin = tempfile::tempdir()?;
+    let subnet = slot.subnet(7);
+    let bridge = slot.name("cw");
+    let net = net_name("crw");
+    std::fs::write(
+        conf.path().join("10-pods.conflist"),
+        conflist(&net, bridge_plugin(&bridge, &[&[&subnet]], ipam.path())),
+    )?;
+    let (adding, release) = held_bridge(bin.path())?;
+    let _release = Release(release.clone());
+    let d = stack(
+        conf.path(),
+        &format!(
+            "cni_bin_dirs = [\"{}\", \"/usr/lib/cni\"]",
+            bin.path().display()
+        ),
+    )?;
+    let mut rt = RuntimeServiceClient::new(berth_core::uds::channel(d.cri_socket()));
+
+    let mut run = rt.clone();
+    let pending = tokio::spawn(async move { run.run_pod_sandbox(run_request("orphan")).await });
+    ensure!(
+        wait_for(PATIENCE, || adding.exists().then_some(())).is_some(),
+        "the CNI ADD never ran; log:\n{}",
+        d.stack.log_text()
+    );
+    ensure!(allocated(ipam.path(), &net).len() == 1, "no address taken");
+
+    // berth-network dies with the ADD in hand; its plugin runs on and finishes.
+    d.kill9(Service::Network)?;
+    std::fs::write(&release, b"")?;
+    let answered = pending.await?;
+    ensure!(answered.is_err(), "RunPodSandbox succeeded: {answered:?}");
+
+    // The engine retries the teardown of the failed pod until berth-network is back (its
+    // DEL first), then forgets the pod.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let mut pods = Vec::new();
+    loop {
+        pods = rt
+            .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+            .await
+            .map(|r| r.into_inner().items)
+            .unwrap_or(pods);
+        let clean = pods.is_empty()
+            && allocated(ipam.path(), &net).is_empty()
+            && bridge_ports(&bridge).is_empty()
+            && sandbox_dirs(&d).is_empty();
+        if clean {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "left: pods {pods:?}, addresses {:?}, veths {:?}, pod namespace dirs {:?}; log:\n{}",
+            allocated(ipam.path(), &net),
+            bridge_ports(&bridge),
+            sandbox_dirs(&d),
+            d.stack.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pod = run_pod(&mut rt, &d, "orphan").await?;
+    let (ip, _) = pod_ips(&mut rt, &pod.id).await?;
+    ensure!(in_subnet(&ip, &subnet)?, "{ip} not in {subnet}");
     Ok(())
 }
