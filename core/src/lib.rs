@@ -3,6 +3,7 @@
 //! telemetry, Unix-socket gRPC helpers and the daemon `main` harness. No daemon logic lives here.
 
 pub mod caps;
+pub mod cgroup;
 pub mod config;
 pub mod daemon;
 pub mod daemon_json;

@@ -10,7 +10,6 @@ use berth_proto::berth::shim::v1 as pb;
 use berth_proto::berth::types::v1 as types;
 use berth_proto::prost_types::Timestamp;
 
-use crate::cgroup::{self, Stats};
 use crate::events::{Envelope, TaskEvent};
 use crate::health::{HealthConfig, HealthState, HealthStatus};
 use crate::logger::{LogFormat, Stream};
@@ -389,69 +388,6 @@ impl From<Info> for pb::InfoResponse {
             shim_pid: i.shim_pid,
             task_pid: i.task_pid,
             version: i.version,
-        }
-    }
-}
-
-fn blkio(entries: Vec<cgroup::BlkioEntry>) -> Vec<types::BlkioEntry> {
-    entries
-        .into_iter()
-        .map(|e| types::BlkioEntry {
-            major: e.major,
-            minor: e.minor,
-            op: e.op,
-            value: e.value,
-        })
-        .collect()
-}
-
-impl From<Stats> for types::CgroupStats {
-    fn from(s: Stats) -> Self {
-        let version = match s.version {
-            cgroup::Version::V1 => types::CgroupVersion::V1,
-            cgroup::Version::V2 => types::CgroupVersion::V2,
-        };
-        Self {
-            read: Some(timestamp(s.read)),
-            cgroup_version: version as i32,
-            cpu: Some(types::CpuStats {
-                usage: Some(types::CpuUsage {
-                    total_ns: s.cpu.total_ns,
-                    user_ns: s.cpu.user_ns,
-                    kernel_ns: s.cpu.kernel_ns,
-                    per_cpu_ns: s.cpu.per_cpu_ns,
-                }),
-                throttling: Some(types::CpuThrottling {
-                    periods: s.cpu.periods,
-                    throttled_periods: s.cpu.throttled_periods,
-                    throttled_time_ns: s.cpu.throttled_ns,
-                }),
-                system_usage_ns: s.cpu.system_ns,
-                online_cpus: s.cpu.online_cpus,
-            }),
-            memory: Some(types::MemoryStats {
-                usage: s.memory.usage,
-                max_usage: s.memory.max_usage,
-                limit: s.memory.limit,
-                failcnt: s.memory.failcnt,
-                stats: s.memory.stats.into_iter().collect(),
-                swap_usage: s.memory.swap_usage,
-                swap_limit: s.memory.swap_limit,
-            }),
-            pids: Some(types::PidsStats {
-                current: s.pids_current,
-                limit: s.pids_limit,
-            }),
-            blkio: Some(types::BlkioStats {
-                io_service_bytes_recursive: blkio(s.blkio.io_service_bytes_recursive),
-                io_serviced_recursive: blkio(s.blkio.io_serviced_recursive),
-                io_queue_recursive: blkio(s.blkio.io_queue_recursive),
-                io_service_time_recursive: blkio(s.blkio.io_service_time_recursive),
-                io_wait_time_recursive: blkio(s.blkio.io_wait_time_recursive),
-                io_merged_recursive: blkio(s.blkio.io_merged_recursive),
-                io_time_recursive: blkio(s.blkio.io_time_recursive),
-                sectors_recursive: blkio(s.blkio.sectors_recursive),
-            }),
         }
     }
 }

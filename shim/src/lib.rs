@@ -1,7 +1,7 @@
 //! berth-shim: one process per container. It drives the OCI runtime, owns the container's stdio
 //! and logs, reaps its processes and keeps their exit statuses until the engine deletes them.
 
-pub mod cgroup;
+pub use berth_core::cgroup;
 pub mod console;
 pub mod convert;
 pub mod daemon;

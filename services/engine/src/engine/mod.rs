@@ -123,6 +123,8 @@ pub struct Ctr {
     pending_attach: Mutex<Vec<oneshot::Sender<AttachHandoff>>>,
     restart_cancel: Mutex<CancellationToken>,
     oom: std::sync::atomic::AtomicBool,
+    /// The cgroup of the task's init (its pid with it), resolved once for the stats.
+    cgroup: Mutex<Option<(u32, Arc<berth_core::cgroup::Cgroup>)>>,
 }
 
 impl std::fmt::Debug for Ctr {
@@ -153,6 +155,7 @@ impl Ctr {
             pending_attach: Mutex::new(Vec::new()),
             restart_cancel: Mutex::new(CancellationToken::new()),
             oom: std::sync::atomic::AtomicBool::new(false),
+            cgroup: Mutex::new(None),
         })
     }
 
@@ -177,6 +180,30 @@ impl Ctr {
 
     fn set_shim(&self, shim: Option<Arc<dyn Shim>>) {
         *self.shim.lock().unwrap() = shim;
+    }
+
+    /// The cgroup of init `pid`, when it is this container's (its directory is named after
+    /// the id, as `spec::cgroup_path` makes it): a reused pid, or a task berth did not place,
+    /// gives `None`, and the caller asks the shim instead.
+    pub(crate) fn cgroup(&self, pid: u32) -> Option<Arc<berth_core::cgroup::Cgroup>> {
+        use berth_core::cgroup::Cgroup;
+        let mut cached = self.cgroup.lock().unwrap();
+        if let Some((p, cg)) = cached.as_ref()
+            && *p == pid
+        {
+            return Some(cg.clone());
+        }
+        let cg = Cgroup::for_pid(pid).ok()?;
+        let leaf = match &cg {
+            Cgroup::V1(dirs) => dirs.get("memory").or_else(|| dirs.get("cpuacct"))?,
+            Cgroup::V2(dir) => dir,
+        };
+        if leaf.file_name()? != std::ffi::OsStr::new(&self.id) {
+            return None;
+        }
+        let cg = Arc::new(cg);
+        *cached = Some((pid, cg.clone()));
+        Some(cg)
     }
 
     /// Subscribes to exits.

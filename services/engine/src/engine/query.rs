@@ -549,10 +549,11 @@ impl Engine {
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 
-    /// One stats sample of `ctr` (empty when it is not running): one shim call, which reads
-    /// the cgroup, and the init's `/proc/<pid>/net/dev`. `num_procs` is the cgroup's task
-    /// count (`pids.current`), not a `runc ps`: a sample runs once a second per streamed
-    /// container, and a runtime exec each time would cost more than everything else together.
+    /// One stats sample of `ctr` (empty when it is not running): its cgroup read here (the
+    /// shim is asked only when the cgroup cannot be found from the init's pid), and the init's
+    /// `/proc/<pid>/net/dev`. A sample runs once a second per streamed container, so it wakes
+    /// no shim and execs no runtime: `num_procs` is the cgroup's task count (`pids.current`),
+    /// not a `runc ps`.
     pub(crate) async fn sample(&self, ctr: &Arc<Ctr>) -> pb::ContainerStats {
         let rec = ctr.record();
         let mut out = pb::ContainerStats {
@@ -567,8 +568,21 @@ impl Engine {
             });
             return out;
         }
-        if let Ok(shim) = self.task_shim(ctr).await {
-            let mut stats = shim.stats().await.unwrap_or_default();
+        let pid = rec.state().pid;
+        let direct = u32::try_from(pid)
+            .ok()
+            .filter(|p| *p > 0)
+            .and_then(|p| ctr.cgroup(p))
+            .and_then(|cg| cg.stats().ok())
+            .map(types::CgroupStats::from);
+        let read = match direct {
+            Some(stats) => Some(stats),
+            None => match self.task_shim(ctr).await {
+                Ok(shim) => Some(shim.stats().await.unwrap_or_default()),
+                Err(_) => None,
+            },
+        };
+        if let Some(mut stats) = read {
             if stats.read.is_none() {
                 stats.read = Some(super::now());
             }
@@ -586,7 +600,6 @@ impl Engine {
                 .map_or(0, |p| u32::try_from(p.current).unwrap_or(u32::MAX));
             out.stats = Some(stats);
         }
-        let pid = rec.state().pid;
         if pid > 0 {
             out.networks = net_dev(&format!("/proc/{pid}/net/dev"));
         }

@@ -1,11 +1,14 @@
-//! The container's cgroup: where it is (v1, hybrid or v2), its resource counters, and OOM
-//! notifications.
+//! A container's cgroup: where it is (v1, hybrid or v2), its resource counters, and OOM
+//! notifications. The shim reads it for its container; the engine reads it directly for the
+//! stats it samples once a second, so streaming `docker stats` wakes no shim.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use berth_core::{Error, ErrorKind, Result};
+use berth_proto::berth::types::v1 as types;
+
+use crate::{Error, ErrorKind, Result};
 
 /// Which cgroup hierarchy the counters come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,15 +139,20 @@ fn ticks_per_second() -> u64 {
 }
 
 fn host() -> Host {
-    let memory = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0);
+    // The machine's memory, read once per process: a stats reader runs once a second per
+    // container, and /proc/meminfo is one of the dearer files to read.
+    static MEMORY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let memory = *MEMORY.get_or_init(|| {
+        std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map(|kb| kb * 1024)
+            .unwrap_or(0)
+    });
     let system_ns = std::fs::read_to_string("/proc/stat")
         .ok()
         .and_then(|s| {
@@ -558,6 +566,77 @@ fn read_v2(dir: &Path, host: &Host, stats: &mut Stats) {
     let (bytes, ios) = parse_io_stat_v2(&text("io.stat"));
     stats.blkio.io_service_bytes_recursive = bytes;
     stats.blkio.io_serviced_recursive = ios;
+}
+
+fn blkio(entries: Vec<BlkioEntry>) -> Vec<types::BlkioEntry> {
+    entries
+        .into_iter()
+        .map(|e| types::BlkioEntry {
+            major: e.major,
+            minor: e.minor,
+            op: e.op,
+            value: e.value,
+        })
+        .collect()
+}
+
+impl From<Stats> for types::CgroupStats {
+    fn from(s: Stats) -> Self {
+        let version = match s.version {
+            Version::V1 => types::CgroupVersion::V1,
+            Version::V2 => types::CgroupVersion::V2,
+        };
+        Self {
+            read: Some(timestamp(s.read)),
+            cgroup_version: version as i32,
+            cpu: Some(types::CpuStats {
+                usage: Some(types::CpuUsage {
+                    total_ns: s.cpu.total_ns,
+                    user_ns: s.cpu.user_ns,
+                    kernel_ns: s.cpu.kernel_ns,
+                    per_cpu_ns: s.cpu.per_cpu_ns,
+                }),
+                throttling: Some(types::CpuThrottling {
+                    periods: s.cpu.periods,
+                    throttled_periods: s.cpu.throttled_periods,
+                    throttled_time_ns: s.cpu.throttled_ns,
+                }),
+                system_usage_ns: s.cpu.system_ns,
+                online_cpus: s.cpu.online_cpus,
+            }),
+            memory: Some(types::MemoryStats {
+                usage: s.memory.usage,
+                max_usage: s.memory.max_usage,
+                limit: s.memory.limit,
+                failcnt: s.memory.failcnt,
+                stats: s.memory.stats.into_iter().collect(),
+                swap_usage: s.memory.swap_usage,
+                swap_limit: s.memory.swap_limit,
+            }),
+            pids: Some(types::PidsStats {
+                current: s.pids_current,
+                limit: s.pids_limit,
+            }),
+            blkio: Some(types::BlkioStats {
+                io_service_bytes_recursive: blkio(s.blkio.io_service_bytes_recursive),
+                io_serviced_recursive: blkio(s.blkio.io_serviced_recursive),
+                io_queue_recursive: blkio(s.blkio.io_queue_recursive),
+                io_service_time_recursive: blkio(s.blkio.io_service_time_recursive),
+                io_wait_time_recursive: blkio(s.blkio.io_wait_time_recursive),
+                io_merged_recursive: blkio(s.blkio.io_merged_recursive),
+                io_time_recursive: blkio(s.blkio.io_time_recursive),
+                sectors_recursive: blkio(s.blkio.sectors_recursive),
+            }),
+        }
+    }
+}
+
+fn timestamp(t: SystemTime) -> berth_proto::prost_types::Timestamp {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    berth_proto::prost_types::Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
 }
 
 #[cfg(test)]
