@@ -148,9 +148,17 @@ impl Pods {
         Ok(path.into())
     }
 
-    /// RunPodSandbox.
-    pub async fn run(&self, req: cri::RunPodSandboxRequest) -> Result<cri::RunPodSandboxResponse> {
-        let run = run_request(req)?;
+    /// RunPodSandbox. `pod_cidrs` (UpdateRuntimeConfig's) become the CNI `ipRanges`
+    /// capability, as the kubelet's own CNI driver (dockershim) passed the node's pod CIDR.
+    pub async fn run(
+        &self,
+        req: cri::RunPodSandboxRequest,
+        pod_cidrs: Vec<String>,
+    ) -> Result<cri::RunPodSandboxResponse> {
+        let mut run = run_request(req)?;
+        if let Some(network) = run.network.as_mut() {
+            network.ip_ranges = pod_cidrs;
+        }
         let sandbox = self.store.run(run).await?;
         Ok(cri::RunPodSandboxResponse {
             pod_sandbox_id: sandbox.id,
@@ -729,14 +737,21 @@ mod tests {
     async fn run_translates_the_config_and_status_reads_it_back() {
         let (pods, fake) = pods();
         let id = pods
-            .run(cri::RunPodSandboxRequest {
-                config: Some(config("web")),
-                runtime_handler: "".into(),
-            })
+            .run(
+                cri::RunPodSandboxRequest {
+                    config: Some(config("web")),
+                    runtime_handler: "".into(),
+                },
+                vec!["10.88.0.0/16".into(), "fd00::/64".into()],
+            )
             .await
             .unwrap()
             .pod_sandbox_id;
         let run = fake.runs.lock().unwrap()[0].clone();
+        assert_eq!(
+            run.network.as_ref().unwrap().ip_ranges,
+            ["10.88.0.0/16", "fd00::/64"]
+        );
         let c = run.config.unwrap();
         assert_eq!(c.metadata.as_ref().unwrap().attempt, 1);
         assert_eq!(c.log_directory, "/var/log/pods/x");
@@ -809,10 +824,13 @@ mod tests {
     async fn stop_makes_notready_and_list_passes_the_filters() {
         let (pods, fake) = pods();
         let id = pods
-            .run(cri::RunPodSandboxRequest {
-                config: Some(config("a")),
-                runtime_handler: String::new(),
-            })
+            .run(
+                cri::RunPodSandboxRequest {
+                    config: Some(config("a")),
+                    runtime_handler: String::new(),
+                },
+                Vec::new(),
+            )
             .await
             .unwrap()
             .pod_sandbox_id;

@@ -286,7 +286,9 @@ impl<P: RuntimeProbe> RuntimeService for CriRuntime<P> {
         &self,
         req: Request<cri::RunPodSandboxRequest>,
     ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
-        Ok(Response::new(self.pods.run(req.into_inner()).await?))
+        Ok(Response::new(
+            self.pods.run(req.into_inner(), self.pod_cidrs()).await?,
+        ))
     }
 
     async fn stop_pod_sandbox(

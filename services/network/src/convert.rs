@@ -309,8 +309,10 @@ pub fn runtime_config(c: &pb::CniCapabilities) -> Result<Map<String, Value>> {
         rc.insert("cgroupPath".into(), json!(c.cgroup_path));
     }
     if !c.ip_ranges.is_empty() {
-        // One range set of the given subnets, as the kubelet's pod CIDR reaches host-local.
-        let set = c
+        // One range set per subnet (`[[{"subnet": cidr}], ...]`), as the kubelet's CNI driver
+        // passed its pod CIDR: host-local wants the addresses of one set in one family, so a
+        // dual-stack node's two pod CIDRs are two sets (an address from each).
+        let sets = c
             .ip_ranges
             .iter()
             .map(|r| {
@@ -323,10 +325,10 @@ pub fn runtime_config(c: &pb::CniCapabilities) -> Result<Map<String, Value>> {
                         "ip range {r:?} is not a CIDR"
                     )));
                 }
-                Ok(json!({ "subnet": r }))
+                Ok(json!([{ "subnet": r }]))
             })
             .collect::<Result<Vec<_>>>()?;
-        rc.insert("ipRanges".into(), json!([set]));
+        rc.insert("ipRanges".into(), Value::Array(sets));
     }
     Ok(rc)
 }
@@ -498,11 +500,14 @@ mod tests {
         };
         assert!(runtime_config(&random).is_err());
         let ranges = pb::CniCapabilities {
-            ip_ranges: vec!["10.88.0.0/16".into()],
+            ip_ranges: vec!["10.88.0.0/16".into(), "fd00:88::/64".into()],
             ..Default::default()
         };
         let rc = runtime_config(&ranges).unwrap();
-        assert_eq!(rc["ipRanges"][0][0]["subnet"], "10.88.0.0/16");
+        assert_eq!(
+            rc["ipRanges"],
+            json!([[{ "subnet": "10.88.0.0/16" }], [{ "subnet": "fd00:88::/64" }]])
+        );
         let bad = pb::CniCapabilities {
             ip_ranges: vec!["10.88.0.0".into()],
             ..Default::default()

@@ -278,12 +278,44 @@ impl Engine {
             Err(e) => {
                 tracing::warn!(id, name, error = %e.chain(), "pod sandbox failed to start");
                 if let Err(err) = self.tear_down_sandbox(&sbx, true).await {
-                    tracing::warn!(id, error = %err.chain(), "tearing down a failed pod sandbox");
+                    // Typically berth-network restarting: its CNI DEL must come first, so the
+                    // namespaces stay until it does.
+                    tracing::warn!(id, error = %err.chain(), "tearing down a failed pod sandbox; retrying");
+                    self.finish_teardown_later(sbx.clone());
+                    return Err(e);
                 }
                 self.forget_sandbox(&sbx).await;
                 Err(e)
             }
         }
+    }
+
+    /// Retries the teardown of a sandbox whose Run failed (its record stays incomplete, so an
+    /// engine restart meanwhile tears it down too), backing off, until it succeeds or the
+    /// sandbox is removed; then forgets it.
+    fn finish_teardown_later(self: &Arc<Self>, sbx: Arc<Sbx>) {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let mut delay = std::time::Duration::from_millis(100);
+            loop {
+                tokio::time::sleep(delay).await;
+                let _op = sbx.op.lock().await;
+                if !engine.sandboxes.lock().unwrap().by_id.contains_key(&sbx.id) {
+                    return;
+                }
+                match engine.tear_down_sandbox(&sbx, true).await {
+                    Ok(()) => {
+                        tracing::info!(id = %sbx.id, "failed pod sandbox torn down");
+                        engine.forget_sandbox(&sbx).await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(id = %sbx.id, error = %e.chain(), "tearing down a failed pod sandbox");
+                        delay = (delay * 2).min(std::time::Duration::from_secs(30));
+                    }
+                }
+            }
+        });
     }
 
     async fn forget_sandbox(&self, sbx: &Sbx) {

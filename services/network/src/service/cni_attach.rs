@@ -19,11 +19,16 @@ impl NetworkService {
         cni::load_dir(&self.settings.cni_conf_dir)
     }
 
+    /// CNI DEL of a recorded attachment. A namespace that is gone (a reboot, a crash) is
+    /// passed as an empty `CNI_NETNS`, as the CNI spec allows for DEL and containerd does:
+    /// plugins then release what they hold outside it (host-local's address), where a path
+    /// that is no namespace any more would only make them fail.
     pub(super) fn cni_del(&self, rec: &CniRecord) -> Result<()> {
         let cni_path = self.cni_path();
+        let alive = self.deps.dataplane.netns_alive(Path::new(&rec.netns_path));
         let inv = Invocation {
             container_id: &rec.container_id,
-            netns: &rec.netns_path,
+            netns: if alive { &rec.netns_path } else { "" },
             ifname: &rec.ifname,
             args: &rec.args,
             runtime_config: &rec.runtime_config,

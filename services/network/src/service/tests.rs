@@ -165,6 +165,8 @@ impl Host for FakeHost {
 #[derive(Default)]
 struct FakeCni {
     calls: Mutex<Vec<(String, String)>>,
+    /// CNI_NETNS of each call.
+    netns: Mutex<Vec<String>>,
     /// When set, the next ADD says it has started and waits for the go-ahead.
     hold_add: Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
 }
@@ -181,6 +183,8 @@ impl PluginExec for FakeCni {
             .lock()
             .unwrap()
             .push((ty.to_string(), cmd.clone()));
+        let netns = env.iter().find(|(k, _)| k == "CNI_NETNS").unwrap();
+        self.netns.lock().unwrap().push(netns.1.clone());
         if cmd == "ADD"
             && let Some((started, go)) = self.hold_add.lock().unwrap().take()
         {
@@ -1041,6 +1045,30 @@ fn cni_attach_and_detach_use_the_recorded_arguments() {
         ]
     );
     h.svc.cni_detach("sandbox1", "", "").unwrap();
+}
+
+#[test]
+fn a_del_after_the_namespace_is_gone_passes_no_namespace() {
+    let h = Harness::new();
+    let dir = h.dir.path().join("cni");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("10-pods.conflist"),
+        r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge"}]}"#,
+    )
+    .unwrap();
+    let netns = h.netns("lost");
+    h.svc
+        .cni_attach(CniAttachRequest {
+            container_id: "sb".into(),
+            netns_path: netns.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+    // A reboot: the namespace file holds no namespace any more.
+    h.kernel.netns.lock().unwrap().remove(Path::new(&netns));
+    h.svc.cni_detach("sb", "", "").unwrap();
+    assert_eq!(*h.cni.netns.lock().unwrap(), [netns, String::new()]);
 }
 
 #[test]
