@@ -372,42 +372,102 @@ fn oom_notifier(cgroup: &Cgroup) -> Result<std::os::fd::OwnedFd> {
     }
 }
 
-/// Reads a counter file. A file the kernel does not have (no CFQ/BFQ blkio counters, no swap
-/// accounting, a v2 controller the parent does not delegate) is remembered by its name and the
-/// cgroup's parent, and not looked for again under that parent: a stats reader runs once a
-/// second per container, and a failed lookup costs as much as a read.
-fn read_text(path: &Path) -> Option<String> {
-    use std::collections::HashSet;
-    use std::sync::{Mutex, OnceLock};
-    static ABSENT: OnceLock<Mutex<HashSet<PathBuf>>> = OnceLock::new();
-    // <parent>/<container>/<file> -> <parent>/<file>
-    let key = match (path.parent().and_then(Path::parent), path.file_name()) {
-        (Some(parent), Some(name)) => parent.join(name),
-        _ => return std::fs::read_to_string(path).ok(),
-    };
-    let absent = ABSENT.get_or_init(Default::default);
-    if absent.lock().unwrap().contains(&key) {
-        return None;
-    }
-    match std::fs::read_to_string(path) {
-        Ok(text) => Some(text),
-        // A gone container has no cgroup directory at all: only a missing file in a
-        // directory that is there counts.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.parent()?.is_dir() => {
-            absent.lock().unwrap().insert(key);
-            None
-        }
-        Err(_) => None,
-    }
+/// A cgroup directory, opened once for the files a stats read takes from it: each file is then
+/// opened relative to it, one path component instead of the whole path (most of the cost of
+/// reading a small cgroup file is the lookup of its path).
+struct Dir {
+    path: PathBuf,
+    fd: Option<std::os::fd::OwnedFd>,
 }
 
-fn read_u64(path: &Path) -> Option<u64> {
-    let text = read_text(path)?;
-    let t = text.trim();
-    if t == "max" {
-        return Some(u64::MAX);
+impl Dir {
+    fn open(path: &Path) -> Self {
+        use std::os::unix::ffi::OsStrExt;
+        let fd = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .ok()
+            .and_then(|c| {
+                // SAFETY: `c` is a valid C string; a non-negative result is a new descriptor
+                // that we own.
+                let fd = unsafe {
+                    libc::open(
+                        c.as_ptr(),
+                        libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                    )
+                };
+                (fd >= 0).then(|| {
+                    use std::os::fd::FromRawFd;
+                    // SAFETY: `fd` was just opened and is owned by nothing else.
+                    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+                })
+            });
+        Self {
+            path: path.to_path_buf(),
+            fd,
+        }
     }
-    t.parse().ok()
+
+    /// The text of file `name`. A file the kernel does not have (no CFQ/BFQ blkio counters,
+    /// no swap accounting, a v2 controller the parent does not delegate) is remembered by its
+    /// name and the cgroup's parent, and not looked for again under that parent: a stats
+    /// reader runs once a second per container, and a failed lookup costs as much as a read.
+    fn text(&self, name: &str) -> Option<String> {
+        use std::collections::HashSet;
+        use std::io::Read;
+        use std::os::fd::{AsRawFd, FromRawFd};
+        use std::sync::{Mutex, OnceLock};
+        static ABSENT: OnceLock<Mutex<HashSet<PathBuf>>> = OnceLock::new();
+        let dirfd = self.fd.as_ref()?;
+        // <parent>/<container> + <file> -> <parent>/<file>
+        let key = self.path.parent()?.join(name);
+        let absent = ABSENT.get_or_init(Default::default);
+        if absent.lock().unwrap().contains(&key) {
+            return None;
+        }
+        let c = std::ffi::CString::new(name).ok()?;
+        // SAFETY: `dirfd` is an open directory descriptor and `c` a valid C string; a
+        // non-negative result is a new descriptor that we own.
+        let fd = unsafe {
+            libc::openat(
+                dirfd.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT) {
+                // The directory is open, so it was there: the file is what is missing.
+                absent.lock().unwrap().insert(key);
+            }
+            return None;
+        }
+        // SAFETY: `fd` was just opened and is owned by nothing else.
+        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+        // Plain reads into a buffer: `read_to_string` would stat the file first for its size,
+        // which cgroup files do not have.
+        let mut buf = vec![0u8; 4096];
+        let mut n = 0;
+        loop {
+            if n == buf.len() {
+                buf.resize(n * 2, 0);
+            }
+            match file.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(r) => n += r,
+                Err(_) => return None,
+            }
+        }
+        buf.truncate(n);
+        String::from_utf8(buf).ok()
+    }
+
+    fn u64(&self, name: &str) -> Option<u64> {
+        let text = self.text(name)?;
+        let t = text.trim();
+        if t == "max" {
+            return Some(u64::MAX);
+        }
+        t.parse().ok()
+    }
 }
 
 /// `key value` lines.
@@ -484,15 +544,24 @@ fn parse_io_stat_v2(text: &str) -> (Vec<BlkioEntry>, Vec<BlkioEntry>) {
 }
 
 fn read_v1(dirs: &HashMap<String, PathBuf>, host: &Host, stats: &mut Stats) {
-    let file = |controller: &str, name: &str| dirs.get(controller).map(|d| d.join(name));
-    let num = |controller: &str, name: &str| {
-        file(controller, name)
-            .and_then(|p| read_u64(&p))
-            .unwrap_or(0)
-    };
+    // One open per directory (cpu and cpuacct are usually one).
+    let mut open: Vec<Dir> = Vec::new();
+    let mut of: HashMap<&str, usize> = HashMap::new();
+    for (controller, path) in dirs {
+        let i = match open.iter().position(|d| d.path == *path) {
+            Some(i) => i,
+            None => {
+                open.push(Dir::open(path));
+                open.len() - 1
+            }
+        };
+        of.insert(controller.as_str(), i);
+    }
+    let dir = |controller: &str| of.get(controller).map(|&i| &open[i]);
+    let num = |controller: &str, name: &str| dir(controller).and_then(|d| d.u64(name)).unwrap_or(0);
     let text = |controller: &str, name: &str| {
-        file(controller, name)
-            .and_then(|p| read_text(&p))
+        dir(controller)
+            .and_then(|d| d.text(name))
             .unwrap_or_default()
     };
 
@@ -562,8 +631,9 @@ fn read_v1(dirs: &HashMap<String, PathBuf>, host: &Host, stats: &mut Stats) {
 }
 
 fn read_v2(dir: &Path, host: &Host, stats: &mut Stats) {
-    let num = |name: &str| read_u64(&dir.join(name)).unwrap_or(0);
-    let text = |name: &str| read_text(&dir.join(name)).unwrap_or_default();
+    let dir = Dir::open(dir);
+    let num = |name: &str| dir.u64(name).unwrap_or(0);
+    let text = |name: &str| dir.text(name).unwrap_or_default();
 
     let cpu = flat_keyed(&text("cpu.stat"));
     let us = |k: &str| cpu.get(k).copied().unwrap_or(0) * 1000;
