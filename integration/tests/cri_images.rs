@@ -121,13 +121,12 @@ async fn runtime_identity_readiness_and_config() -> Result<()> {
     let config: serde_json::Value = serde_json::from_str(&s.info["config"])?;
     assert_eq!(config["podCIDRs"], serde_json::json!(["10.88.0.0/16"]));
 
-    // Container stats are not served yet; checkpoints never are. Both say so.
+    // Stats need a container id; checkpoints are never served, and say so.
     let err = rt
         .container_stats(cri::ContainerStatsRequest::default())
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("ContainerStats"), "{err:?}");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     let err = rt
         .checkpoint_container(cri::CheckpointContainerRequest::default())
         .await
