@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use berth_core::Service;
-use berth_integration::cri_kit::{PodGuard, plugins_ready};
+use berth_integration::cri_kit::{
+    self, PATIENCE, PodGuard, Runtime as Client, plugins_ready, pod_namespaces,
+};
 use berth_integration::gateway_kit::DockerStack;
 use berth_integration::network_kit::NetSlot;
 use berth_integration::stack::{Stack, wait_for};
@@ -30,33 +32,11 @@ use berth_proto::cri::runtime::v1 as cri;
 use berth_proto::cri::runtime::v1::runtime_service_client::RuntimeServiceClient;
 use serde_json::{Value, json};
 
-type Client = RuntimeServiceClient<berth_core::uds::Channel>;
-
-/// A bound on waits, only so that a hang fails the test.
-const PATIENCE: Duration = Duration::from_secs(60);
-
 fn pod_config(name: &str) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}-{}", std::process::id()),
-            namespace: "berth-cri-cni".into(),
-            attempt: 0,
-        }),
         hostname: name.into(),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Pod.into(),
-                    pid: cri::NamespaceMode::Container.into(),
-                    ipc: cri::NamespaceMode::Pod.into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
+        linux: Some(pod_namespaces()),
+        ..cri_kit::pod_config("berth-cri-cni", name, None)
     }
 }
 

@@ -13,11 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use berth_integration::cri_kit::{PodGuard, conflist, plugins_ready};
-use berth_integration::gateway_kit::DockerStack;
-use berth_integration::network_kit::NetSlot;
-use berth_integration::py_kit::with_busybox;
-use berth_integration::stack::Stack;
+use berth_integration::cri_kit::{self, CriStack, plugins_ready, run_pod, sh_container};
 use berth_proto::cri::runtime::v1 as cri;
 use berth_proto::cri::runtime::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::Code;
@@ -33,37 +29,19 @@ const SLACK: u64 = 1 << 20;
 
 fn pod_config(log_dir: &Path) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: "stats".into(),
-            uid: format!("uid-stats-{}", std::process::id()),
-            namespace: "berth-cri-test".into(),
-            attempt: 0,
-        }),
-        log_directory: log_dir.to_string_lossy().into_owned(),
         labels: [("app".to_string(), format!("stats-{}", std::process::id()))].into(),
         linux: Some(cri::LinuxPodSandboxConfig {
             cgroup_parent: pod_cgroup(),
             ..Default::default()
         }),
-        ..Default::default()
+        ..cri_kit::pod_config("berth-cri-test", "stats", Some(log_dir))
     }
 }
 
 fn container(name: &str, script: &str) -> cri::ContainerConfig {
     cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: "busybox".into(),
-            ..Default::default()
-        }),
-        command: vec!["sh".into(), "-c".into()],
-        args: vec![script.into()],
         labels: [("role".to_string(), name.to_string())].into(),
-        log_path: format!("{name}/0.log"),
-        ..Default::default()
+        ..sh_container(name, script)
     }
 }
 
@@ -237,18 +215,11 @@ async fn stats_metrics_and_events_of_a_pod() -> Result<()> {
     if !plugins_ready() {
         return Ok(());
     }
-    let slot = NetSlot::claim()?;
-    let conf = tempfile::tempdir()?;
-    let ipam = tempfile::tempdir()?;
-    let logs = tempfile::tempdir()?;
     // Dropped last: after the pod guard has removed the pod.
     let _cgroups = CgroupGuard;
-    conflist(&slot, "crs", 7, conf.path(), ipam.path())?;
-    let d = DockerStack::start_from(
-        Stack::builder().env("BERTH_NETWORK__CNI_CONF_DIR", conf.path().to_str().unwrap()),
-    )?;
-    let _registry = with_busybox(&d)?;
-    let mut rt = RuntimeServiceClient::new(berth_core::uds::channel(d.cri_socket()));
+    let s = CriStack::start("crs", 7)?;
+    let (d, logs) = (&s.d, &s.logs);
+    let mut rt = s.runtime();
 
     // Subscribed before anything happens; a second subscriber that never reads must not hold
     // the first one up.
@@ -270,18 +241,8 @@ async fn stats_metrics_and_events_of_a_pod() -> Result<()> {
     });
 
     let pod_config = pod_config(logs.path());
-    let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await?
-        .into_inner()
-        .pod_sandbox_id;
-    let _guard = PodGuard {
-        socket: d.cri_socket(),
-        id: pod.clone(),
-    };
+    let guard = run_pod(&mut rt, d, &pod_config).await?;
+    let pod = guard.id.clone();
     for name in ["busy", "idle"] {
         std::fs::create_dir_all(logs.path().join(name))?;
     }
