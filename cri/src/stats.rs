@@ -1057,23 +1057,15 @@ mod tests {
     }
 
     #[test]
-    fn net_dev_skips_loopback_and_reads_the_columns() {
-        let text = "Inter-|   Receive                                                |  Transmit\n \
-            face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    \
-            lo:     100       1    0    0    0     0          0         0      100       1    0    0    0     0       0          0\n  \
-            eth0:    5000      40    1    2    0     0          0         0     3000      30    3    4    0     0       0          0\n";
+    fn net_dev_interfaces_make_the_network_usage() {
+        // The columns are berth_core::procfs's to read (tested there); here: named interfaces.
+        let text = "Inter-| Receive | Transmit\n face |bytes ...|bytes ...\n    \
+            lo: 100 1 0 0 0 0 0 0 100 1 0 0 0 0 0 0\n  \
+            eth0: 5000 40 1 2 0 0 0 0 3000 30 3 4 0 0 0 0\n";
         let got = parse_net_dev(text);
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].name, "eth0");
-        let c = &got[0].counters;
-        assert_eq!(
-            (c.rx_bytes, c.rx_packets, c.rx_errors, c.rx_dropped),
-            (5000, 40, 1, 2)
-        );
-        assert_eq!(
-            (c.tx_bytes, c.tx_packets, c.tx_errors, c.tx_dropped),
-            (3000, 30, 3, 4)
-        );
+        assert_eq!(got[0].counters.rx_bytes, 5000);
         let usage = network_usage(&got, 7);
         assert_eq!(usage.default_interface.unwrap().name, "eth0");
     }

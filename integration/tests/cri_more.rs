@@ -30,7 +30,7 @@ use berth_integration::cri_kit::{
     run_pod, sh_container, start_container,
 };
 use berth_integration::gateway_kit::DockerStack;
-use berth_integration::network_kit::NetSlot;
+use berth_integration::network_kit::{NetSlot, PortmapChains};
 use berth_integration::py_kit::with_busybox;
 use berth_integration::stack::{Stack, wait_for};
 use berth_proto::cri::runtime::v1 as cri;
@@ -744,60 +744,6 @@ async fn shared_and_host_namespaces_mounts_and_cgroup_parent() -> Result<()> {
         "{ns:?}"
     );
     Ok(())
-}
-
-/// Removes the portmap plugin's shared chains (which it never deletes) once no pod on this
-/// host uses them any more.
-struct PortmapChains;
-
-impl Drop for PortmapChains {
-    fn drop(&mut self) {
-        let ipt = |args: &[&str]| {
-            std::process::Command::new("iptables")
-                .args(["-w", "-t", "nat"])
-                .args(args)
-                .output()
-        };
-        let in_use = ipt(&["-S", "CNI-HOSTPORT-DNAT"])
-            .map(|o| String::from_utf8_lossy(&o.stdout).lines().count() > 1)
-            .unwrap_or(false);
-        if in_use {
-            return;
-        }
-        for (chain, rule) in [
-            ("PREROUTING", "CNI-HOSTPORT-DNAT"),
-            ("OUTPUT", "CNI-HOSTPORT-DNAT"),
-        ] {
-            let _ = ipt(&[
-                "-D",
-                chain,
-                "-m",
-                "addrtype",
-                "--dst-type",
-                "LOCAL",
-                "-j",
-                rule,
-            ]);
-        }
-        let _ = ipt(&[
-            "-D",
-            "POSTROUTING",
-            "-m",
-            "comment",
-            "--comment",
-            "CNI portfwd requiring masquerade",
-            "-j",
-            "CNI-HOSTPORT-MASQ",
-        ]);
-        for chain in [
-            "CNI-HOSTPORT-DNAT",
-            "CNI-HOSTPORT-MASQ",
-            "CNI-HOSTPORT-SETMARK",
-        ] {
-            let _ = ipt(&["-F", chain]);
-            let _ = ipt(&["-X", chain]);
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

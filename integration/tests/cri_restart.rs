@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail, ensure};
 use berth_core::Service;
 use berth_integration::cri_kit::{
-    self, CriStack, PATIENCE, Runtime as Client, plugins_ready, run_pod, sh_container,
+    self, CriStack, PATIENCE, Runtime as Client, exited, plugins_ready, run_pod, sh_container,
     start_container,
 };
 use berth_integration::gateway_kit::http_get;
@@ -124,37 +124,14 @@ async fn joiner(
     logs: &Path,
     name: &str,
 ) -> Result<()> {
-    std::fs::create_dir_all(logs.join(name))?;
-    let id = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.into(),
-            config: Some(sh_container(name, "wget -qO- http://127.0.0.1:8080/")),
-            sandbox_config: Some(config.clone()),
-        })
-        .await?
-        .into_inner()
-        .container_id;
-    rt.start_container(cri::StartContainerRequest {
-        container_id: id.clone(),
-    })
+    let id = start_container(
+        rt,
+        pod,
+        config,
+        sh_container(name, "wget -qO- http://127.0.0.1:8080/"),
+    )
     .await?;
-    let end = Instant::now() + PATIENCE;
-    let st = loop {
-        let st = rt
-            .container_status(cri::ContainerStatusRequest {
-                container_id: id.clone(),
-                verbose: false,
-            })
-            .await?
-            .into_inner()
-            .status
-            .context("no status")?;
-        if st.state == cri::ContainerState::ContainerExited as i32 {
-            break st;
-        }
-        ensure!(Instant::now() < end, "{name} did not exit: {st:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let st = exited(rt, &id).await?;
     ensure!(
         st.exit_code == 0 && st.reason == "Completed",
         "{name}: {st:?}"

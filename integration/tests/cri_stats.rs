@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use berth_integration::cri_kit::{self, CriStack, plugins_ready, run_pod, sh_container};
+use berth_integration::cri_kit::{
+    self, CriStack, plugins_ready, run_pod, sh_container, start_container,
+};
 use berth_proto::cri::runtime::v1 as cri;
 use berth_proto::cri::runtime::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::Code;
@@ -243,9 +245,6 @@ async fn stats_metrics_and_events_of_a_pod() -> Result<()> {
     let pod_config = pod_config(logs.path());
     let guard = run_pod(&mut rt, d, &pod_config).await?;
     let pod = guard.id.clone();
-    for name in ["busy", "idle"] {
-        std::fs::create_dir_all(logs.path().join(name))?;
-    }
     let mut ids = HashMap::new();
     let busy_script = format!(
         "head -c {FILE_BYTES} /dev/zero > /written; \
@@ -257,19 +256,7 @@ async fn stats_metrics_and_events_of_a_pod() -> Result<()> {
         ("busy", busy_script.as_str()),
         ("idle", "echo ready; exec sleep 1000"),
     ] {
-        let id = rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(container(name, script)),
-                sandbox_config: Some(pod_config.clone()),
-            })
-            .await?
-            .into_inner()
-            .container_id;
-        rt.start_container(cri::StartContainerRequest {
-            container_id: id.clone(),
-        })
-        .await?;
+        let id = start_container(&mut rt, &pod, &pod_config, container(name, script)).await?;
         ids.insert(name, id);
     }
     let (busy, idle) = (ids["busy"].clone(), ids["idle"].clone());
