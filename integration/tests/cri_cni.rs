@@ -72,6 +72,14 @@ async fn pod_status(rt: &mut Client, id: &str) -> Result<cri::PodSandboxStatusRe
         .into_inner())
 }
 
+/// The `info` of the pod's verbose status (the runtime's JSON).
+async fn pod_info(rt: &mut Client, id: &str) -> Result<Value> {
+    let status = pod_status(rt, id).await?;
+    Ok(serde_json::from_str(
+        status.info.get("info").context("verbose info")?,
+    )?)
+}
+
 /// The pod's IP and its additional IPs.
 async fn pod_ips(rt: &mut Client, id: &str) -> Result<(String, Vec<String>)> {
     let net = pod_status(rt, id)
@@ -249,13 +257,7 @@ async fn the_pod_cidr_reaches_host_local_as_ip_ranges() -> Result<()> {
             "additional IPs {more:?}, wanted one in {v6}"
         );
         // The pod's interface has both.
-        let info: Value = serde_json::from_str(
-            pod_status(&mut rt, &pod.id)
-                .await?
-                .info
-                .get("info")
-                .context("verbose info")?,
-        )?;
+        let info = pod_info(&mut rt, &pod.id).await?;
         let ips: Vec<&str> = info["cniResult"]["ips"]
             .as_array()
             .context("cni result ips")?
@@ -527,13 +529,7 @@ async fn a_pod_that_lost_its_network_namespace_is_notready_after_a_restart() -> 
 
     // What a reboot leaves: the namespace file no longer holds a namespace (the bind mount is
     // gone, and with the namespace the veth pair).
-    let info: Value = serde_json::from_str(
-        pod_status(&mut rt, &pod.id)
-            .await?
-            .info
-            .get("info")
-            .context("verbose info")?,
-    )?;
+    let info = pod_info(&mut rt, &pod.id).await?;
     let netns = info["namespaces"]["network"]
         .as_str()
         .context("network namespace path")?
