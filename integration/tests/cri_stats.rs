@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use berth_integration::cri_kit::{
-    self, CriStack, plugins_ready, run_pod, sh_container, start_container,
+    self, CriStack, Runtime, plugins_ready, run_pod, sh_container, start_container,
 };
 use berth_proto::cri::runtime::v1 as cri;
 use berth_proto::cri::runtime::v1::runtime_service_client::RuntimeServiceClient;
@@ -45,6 +45,17 @@ fn container(name: &str, script: &str) -> cri::ContainerConfig {
         labels: [("role".to_string(), name.to_string())].into(),
         ..sh_container(name, script)
     }
+}
+
+/// ContainerStats of `id`.
+async fn container_stats(rt: &mut Runtime, id: &str) -> Result<cri::ContainerStats> {
+    rt.container_stats(cri::ContainerStatsRequest {
+        container_id: id.into(),
+    })
+    .await?
+    .into_inner()
+    .stats
+    .context("no stats")
 }
 
 /// The pod's cgroup parent (unique to this test process).
@@ -272,14 +283,7 @@ async fn stats_metrics_and_events_of_a_pod() -> Result<()> {
 
     // ContainerStats against the cgroup files.
     let before = read_counters(busy_pid)?;
-    let stats = rt
-        .container_stats(cri::ContainerStatsRequest {
-            container_id: busy.clone(),
-        })
-        .await?
-        .into_inner()
-        .stats
-        .context("no stats")?;
+    let stats = container_stats(&mut rt, &busy).await?;
     let after = read_counters(busy_pid)?;
     let attrs = stats.attributes.clone().unwrap_or_default();
     ensure!(
@@ -334,14 +338,7 @@ async fn stats_metrics_and_events_of_a_pod() -> Result<()> {
     ensure!(stats.swap.is_some(), "{stats:?}");
 
     // The second reading has a rate.
-    let stats = rt
-        .container_stats(cri::ContainerStatsRequest {
-            container_id: busy.clone(),
-        })
-        .await?
-        .into_inner()
-        .stats
-        .context("no stats")?;
+    let stats = container_stats(&mut rt, &busy).await?;
     ensure!(
         stats.cpu.and_then(|c| c.usage_nano_cores).is_some(),
         "second reading without usage_nano_cores"
