@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
-use berth_integration::cri_kit::{self, PodGuard, conflist, plugins_ready, sh_container};
+use berth_integration::cri_kit::{self, conflist, plugins_ready, run_pod, sh_container};
 use berth_integration::gateway_kit::DockerStack;
 use berth_integration::network_kit::NetSlot;
 use berth_integration::py_kit::with_busybox;
@@ -137,18 +137,8 @@ async fn bad_input_gets_the_code_kubelet_expects_and_leaves_nothing() -> Result<
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await?
-        .into_inner()
-        .pod_sandbox_id;
-    let _guard = PodGuard {
-        socket: d.cri_socket(),
-        id: pod.clone(),
-    };
+    let guard = run_pod(&mut rt, &d, &config).await?;
+    let pod = guard.id.clone();
 
     // --- The same name again: ALREADY_EXISTS, and still one pod.
     let err = rt
