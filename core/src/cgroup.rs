@@ -142,17 +142,7 @@ fn host() -> Host {
     // The machine's memory, read once per process: a stats reader runs once a second per
     // container, and /proc/meminfo is one of the dearer files to read.
     static MEMORY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    let memory = *MEMORY.get_or_init(|| {
-        std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| {
-                m.lines()
-                    .find_map(|l| l.strip_prefix("MemTotal:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-            .map(|kb| kb * 1024)
-            .unwrap_or(0)
-    });
+    let memory = *MEMORY.get_or_init(crate::procfs::host_memory);
     let system_ns = std::fs::read_to_string("/proc/stat")
         .ok()
         .and_then(|s| {

@@ -14,6 +14,7 @@ pub mod id;
 pub mod memory;
 pub mod metrics;
 pub mod mount;
+pub mod procfs;
 pub mod reference;
 pub mod snapshots;
 pub mod telemetry;

@@ -180,14 +180,7 @@ fn os_release() -> (String, String) {
 }
 
 fn mem_total() -> i64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<i64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+    i64::try_from(berth_core::procfs::host_memory()).unwrap_or(i64::MAX)
 }
 
 /// "2" on a unified (cgroup2-only) host, "1" on legacy and hybrid ones.

@@ -771,3 +771,58 @@ pub async fn attach(
     resp.attachment
         .ok_or_else(|| tonic::Status::internal("no attachment in the response"))
 }
+
+/// Removes the portmap plugin's shared chains (which it never deletes) once no pod on this
+/// host uses them any more.
+#[derive(Debug)]
+pub struct PortmapChains;
+
+impl Drop for PortmapChains {
+    fn drop(&mut self) {
+        let ipt = |args: &[&str]| {
+            Command::new("iptables")
+                .args(["-w", "-t", "nat"])
+                .args(args)
+                .output()
+        };
+        let in_use = ipt(&["-S", "CNI-HOSTPORT-DNAT"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().count() > 1)
+            .unwrap_or(false);
+        if in_use {
+            return;
+        }
+        for (chain, rule) in [
+            ("PREROUTING", "CNI-HOSTPORT-DNAT"),
+            ("OUTPUT", "CNI-HOSTPORT-DNAT"),
+        ] {
+            let _ = ipt(&[
+                "-D",
+                chain,
+                "-m",
+                "addrtype",
+                "--dst-type",
+                "LOCAL",
+                "-j",
+                rule,
+            ]);
+        }
+        let _ = ipt(&[
+            "-D",
+            "POSTROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "CNI portfwd requiring masquerade",
+            "-j",
+            "CNI-HOSTPORT-MASQ",
+        ]);
+        for chain in [
+            "CNI-HOSTPORT-DNAT",
+            "CNI-HOSTPORT-MASQ",
+            "CNI-HOSTPORT-SETMARK",
+        ] {
+            let _ = ipt(&["-F", chain]);
+            let _ = ipt(&["-X", chain]);
+        }
+    }
+}

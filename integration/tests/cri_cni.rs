@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use berth_core::Service;
-use berth_integration::cri_kit::{PodGuard, plugins_ready};
+use berth_integration::cri_kit::{
+    self, PATIENCE, PodGuard, Runtime as Client, plugins_ready, pod_namespaces,
+};
 use berth_integration::gateway_kit::DockerStack;
 use berth_integration::network_kit::NetSlot;
 use berth_integration::stack::{Stack, wait_for};
@@ -30,33 +32,11 @@ use berth_proto::cri::runtime::v1 as cri;
 use berth_proto::cri::runtime::v1::runtime_service_client::RuntimeServiceClient;
 use serde_json::{Value, json};
 
-type Client = RuntimeServiceClient<berth_core::uds::Channel>;
-
-/// A bound on waits, only so that a hang fails the test.
-const PATIENCE: Duration = Duration::from_secs(60);
-
 fn pod_config(name: &str) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}-{}", std::process::id()),
-            namespace: "berth-cri-cni".into(),
-            attempt: 0,
-        }),
         hostname: name.into(),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Pod.into(),
-                    pid: cri::NamespaceMode::Container.into(),
-                    ipc: cri::NamespaceMode::Pod.into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
+        linux: Some(pod_namespaces()),
+        ..cri_kit::pod_config("berth-cri-cni", name, None)
     }
 }
 
@@ -90,6 +70,14 @@ async fn pod_status(rt: &mut Client, id: &str) -> Result<cri::PodSandboxStatusRe
         })
         .await?
         .into_inner())
+}
+
+/// The `info` of the pod's verbose status (the runtime's JSON).
+async fn pod_info(rt: &mut Client, id: &str) -> Result<Value> {
+    let status = pod_status(rt, id).await?;
+    Ok(serde_json::from_str(
+        status.info.get("info").context("verbose info")?,
+    )?)
 }
 
 /// The pod's IP and its additional IPs.
@@ -269,13 +257,7 @@ async fn the_pod_cidr_reaches_host_local_as_ip_ranges() -> Result<()> {
             "additional IPs {more:?}, wanted one in {v6}"
         );
         // The pod's interface has both.
-        let info: Value = serde_json::from_str(
-            pod_status(&mut rt, &pod.id)
-                .await?
-                .info
-                .get("info")
-                .context("verbose info")?,
-        )?;
+        let info = pod_info(&mut rt, &pod.id).await?;
         let ips: Vec<&str> = info["cniResult"]["ips"]
             .as_array()
             .context("cni result ips")?
@@ -392,6 +374,81 @@ fn held_bridge(bin: &Path) -> Result<(PathBuf, PathBuf)> {
     Ok((adding, release))
 }
 
+/// A stack whose bridge plugin ([`held_bridge`]) holds every ADD, with one RunPodSandbox of a
+/// pod under way and held mid-ADD. Dropped: the ADD let go, the stack stopped, the bridge and
+/// the test's files removed.
+struct HeldAdd {
+    rt: Client,
+    d: DockerStack,
+    /// The RunPodSandbox under way.
+    pending:
+        tokio::task::JoinHandle<Result<tonic::Response<cri::RunPodSandboxResponse>, tonic::Status>>,
+    /// Written, the held ADD goes on.
+    release: PathBuf,
+    _release: Release,
+    subnet: String,
+    bridge: String,
+    net: String,
+    ipam: tempfile::TempDir,
+    _bin: tempfile::TempDir,
+    _conf: tempfile::TempDir,
+    _bridges: OwnBridges,
+    _slot: NetSlot,
+}
+
+impl HeldAdd {
+    /// Bridge `slot.name(bridge_tag)`, network `net_name(net_tag)` on subnet `index`; runs pod
+    /// `pod` and returns once its ADD has taken an address and is held.
+    async fn start(bridge_tag: &str, net_tag: &str, index: u8, pod: &str) -> Result<Self> {
+        let slot = NetSlot::claim()?;
+        let bridges = OwnBridges(vec![slot.name(bridge_tag)]);
+        let conf = tempfile::tempdir()?;
+        let ipam = tempfile::tempdir()?;
+        let bin = tempfile::tempdir()?;
+        let subnet = slot.subnet(index);
+        let bridge = slot.name(bridge_tag);
+        let net = net_name(net_tag);
+        std::fs::write(
+            conf.path().join("10-pods.conflist"),
+            conflist(&net, bridge_plugin(&bridge, &[&[&subnet]], ipam.path())),
+        )?;
+        let (adding, release) = held_bridge(bin.path())?;
+        let release_guard = Release(release.clone());
+        let d = stack(
+            conf.path(),
+            &format!(
+                "cni_bin_dirs = [\"{}\", \"/usr/lib/cni\"]",
+                bin.path().display()
+            ),
+        )?;
+        let rt = RuntimeServiceClient::new(berth_core::uds::channel(d.cri_socket()));
+        let mut run = rt.clone();
+        let request = run_request(pod);
+        let pending = tokio::spawn(async move { run.run_pod_sandbox(request).await });
+        ensure!(
+            wait_for(PATIENCE, || adding.exists().then_some(())).is_some(),
+            "the CNI ADD never ran; log:\n{}",
+            d.stack.log_text()
+        );
+        ensure!(allocated(ipam.path(), &net).len() == 1, "no address taken");
+        Ok(Self {
+            rt,
+            d,
+            pending,
+            release,
+            _release: release_guard,
+            subnet,
+            bridge,
+            net,
+            ipam,
+            _bin: bin,
+            _conf: conf,
+            _bridges: bridges,
+            _slot: slot,
+        })
+    }
+}
+
 /// The namespace directories of the pods the engine keeps (`<state>/sandboxes/<id>`).
 fn sandbox_dirs(d: &DockerStack) -> Vec<String> {
     std::fs::read_dir(d.stack.state_dir().join("sandboxes"))
@@ -407,55 +464,28 @@ async fn a_crash_during_the_cni_add_leaves_nothing_after_the_restart() -> Result
     if !plugins_ready() {
         return Ok(());
     }
-    let slot = NetSlot::claim()?;
-    let _bridges = OwnBridges(vec![slot.name("ck")]);
-    let conf = tempfile::tempdir()?;
-    let ipam = tempfile::tempdir()?;
-    let bin = tempfile::tempdir()?;
-    let subnet = slot.subnet(5);
-    let bridge = slot.name("ck");
-    let net = net_name("crk");
-    std::fs::write(
-        conf.path().join("10-pods.conflist"),
-        conflist(&net, bridge_plugin(&bridge, &[&[&subnet]], ipam.path())),
-    )?;
-    let (adding, release) = held_bridge(bin.path())?;
-    let _release = Release(release.clone());
-    let d = stack(
-        conf.path(),
-        &format!(
-            "cni_bin_dirs = [\"{}\", \"/usr/lib/cni\"]",
-            bin.path().display()
-        ),
-    )?;
-    let mut rt = RuntimeServiceClient::new(berth_core::uds::channel(d.cri_socket()));
-
-    let mut run = rt.clone();
-    let pending = tokio::spawn(async move { run.run_pod_sandbox(run_request("crashed")).await });
-    ensure!(
-        wait_for(PATIENCE, || adding.exists().then_some(())).is_some(),
-        "the CNI ADD never ran; log:\n{}",
-        d.stack.log_text()
-    );
-    // Mid-ADD: the address is taken and the veth is on the bridge.
-    ensure!(allocated(ipam.path(), &net).len() == 1, "no address taken");
-    ensure!(bridge_ports(&bridge).len() == 1, "no veth on {bridge}");
+    let h = HeldAdd::start("ck", "crk", 5, "crashed").await?;
+    let (d, mut rt, ipam, release) = (&h.d, h.rt.clone(), &h.ipam, &h.release);
+    let (subnet, bridge, net) = (&h.subnet, &h.bridge, &h.net);
+    let pending = h.pending;
+    // Mid-ADD (its address taken, as HeldAdd saw): the veth is on the bridge.
+    ensure!(bridge_ports(bridge).len() == 1, "no veth on {bridge}");
 
     d.kill9(Service::Engine)?;
     // The ADD may now finish: berth-network had it in hand.
-    std::fs::write(&release, b"")?;
+    std::fs::write(release, b"")?;
     let answered = pending.await?;
     ensure!(answered.is_err(), "RunPodSandbox succeeded: {answered:?}");
 
     // The restarted engine removed the half-made pod and DELeted its attachment.
     let gone = wait_for(PATIENCE, || {
-        (allocated(ipam.path(), &net).is_empty() && bridge_ports(&bridge).is_empty()).then_some(())
+        (allocated(ipam.path(), net).is_empty() && bridge_ports(bridge).is_empty()).then_some(())
     });
     ensure!(
         gone.is_some(),
         "left after the restart: addresses {:?}, veths {:?}; log:\n{}",
-        allocated(ipam.path(), &net),
-        bridge_ports(&bridge),
+        allocated(ipam.path(), net),
+        bridge_ports(bridge),
         d.stack.log_text()
     );
     let pods = rt
@@ -466,9 +496,9 @@ async fn a_crash_during_the_cni_add_leaves_nothing_after_the_restart() -> Result
     ensure!(pods.is_empty(), "pods after the restart: {pods:?}");
 
     // The name is free again and the network works.
-    let pod = run_pod(&mut rt, &d, "crashed").await?;
+    let pod = run_pod(&mut rt, d, "crashed").await?;
     let (ip, _) = pod_ips(&mut rt, &pod.id).await?;
-    ensure!(in_subnet(&ip, &subnet)?, "{ip} not in {subnet}");
+    ensure!(in_subnet(&ip, subnet)?, "{ip} not in {subnet}");
     Ok(())
 }
 
@@ -499,13 +529,7 @@ async fn a_pod_that_lost_its_network_namespace_is_notready_after_a_restart() -> 
 
     // What a reboot leaves: the namespace file no longer holds a namespace (the bind mount is
     // gone, and with the namespace the veth pair).
-    let info: Value = serde_json::from_str(
-        pod_status(&mut rt, &pod.id)
-            .await?
-            .info
-            .get("info")
-            .context("verbose info")?,
-    )?;
+    let info = pod_info(&mut rt, &pod.id).await?;
     let netns = info["namespaces"]["network"]
         .as_str()
         .context("network namespace path")?
@@ -560,41 +584,14 @@ async fn a_network_daemon_killed_during_the_cni_add_leaves_nothing() -> Result<(
     if !plugins_ready() {
         return Ok(());
     }
-    let slot = NetSlot::claim()?;
-    let _bridges = OwnBridges(vec![slot.name("cw")]);
-    let conf = tempfile::tempdir()?;
-    let ipam = tempfile::tempdir()?;
-    let bin = tempfile::tempdir()?;
-    let subnet = slot.subnet(7);
-    let bridge = slot.name("cw");
-    let net = net_name("crw");
-    std::fs::write(
-        conf.path().join("10-pods.conflist"),
-        conflist(&net, bridge_plugin(&bridge, &[&[&subnet]], ipam.path())),
-    )?;
-    let (adding, release) = held_bridge(bin.path())?;
-    let _release = Release(release.clone());
-    let d = stack(
-        conf.path(),
-        &format!(
-            "cni_bin_dirs = [\"{}\", \"/usr/lib/cni\"]",
-            bin.path().display()
-        ),
-    )?;
-    let mut rt = RuntimeServiceClient::new(berth_core::uds::channel(d.cri_socket()));
-
-    let mut run = rt.clone();
-    let pending = tokio::spawn(async move { run.run_pod_sandbox(run_request("orphan")).await });
-    ensure!(
-        wait_for(PATIENCE, || adding.exists().then_some(())).is_some(),
-        "the CNI ADD never ran; log:\n{}",
-        d.stack.log_text()
-    );
-    ensure!(allocated(ipam.path(), &net).len() == 1, "no address taken");
+    let h = HeldAdd::start("cw", "crw", 7, "orphan").await?;
+    let (d, mut rt, ipam, release) = (&h.d, h.rt.clone(), &h.ipam, &h.release);
+    let (subnet, bridge, net) = (&h.subnet, &h.bridge, &h.net);
+    let pending = h.pending;
 
     // berth-network dies with the ADD in hand; its plugin runs on and finishes.
     d.kill9(Service::Network)?;
-    std::fs::write(&release, b"")?;
+    std::fs::write(release, b"")?;
     let answered = pending.await?;
     ensure!(answered.is_err(), "RunPodSandbox succeeded: {answered:?}");
 
@@ -609,24 +606,24 @@ async fn a_network_daemon_killed_during_the_cni_add_leaves_nothing() -> Result<(
             .map(|r| r.into_inner().items)
             .unwrap_or(pods);
         let clean = pods.is_empty()
-            && allocated(ipam.path(), &net).is_empty()
-            && bridge_ports(&bridge).is_empty()
-            && sandbox_dirs(&d).is_empty();
+            && allocated(ipam.path(), net).is_empty()
+            && bridge_ports(bridge).is_empty()
+            && sandbox_dirs(d).is_empty();
         if clean {
             break;
         }
         ensure!(
             std::time::Instant::now() < deadline,
             "left: pods {pods:?}, addresses {:?}, veths {:?}, pod namespace dirs {:?}; log:\n{}",
-            allocated(ipam.path(), &net),
-            bridge_ports(&bridge),
-            sandbox_dirs(&d),
+            allocated(ipam.path(), net),
+            bridge_ports(bridge),
+            sandbox_dirs(d),
             d.stack.log_text()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let pod = run_pod(&mut rt, &d, "orphan").await?;
+    let pod = run_pod(&mut rt, d, "orphan").await?;
     let (ip, _) = pod_ips(&mut rt, &pod.id).await?;
-    ensure!(in_subnet(&ip, &subnet)?, "{ip} not in {subnet}");
+    ensure!(in_subnet(&ip, subnet)?, "{ip} not in {subnet}");
     Ok(())
 }

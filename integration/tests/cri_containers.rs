@@ -7,14 +7,11 @@
 //! unknown pod is NOT_FOUND. Root only; needs /usr/lib/cni.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail, ensure};
-use berth_integration::cri_kit::{PodGuard, conflist, plugins_ready};
-use berth_integration::gateway_kit::DockerStack;
-use berth_integration::network_kit::NetSlot;
-use berth_integration::py_kit::with_busybox;
-use berth_integration::stack::Stack;
+use anyhow::{Result, ensure};
+use berth_integration::cri_kit::{
+    self, CriStack, container_status, exited, plugins_ready, pod_namespaces, run_pod, sh_container,
+};
 use berth_proto::cri::runtime::v1 as cri;
 use berth_proto::cri::runtime::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::Code;
@@ -23,71 +20,16 @@ type Channel = berth_core::uds::Channel;
 
 fn pod_config(log_dir: &Path) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: "web".into(),
-            uid: format!("uid-{}", std::process::id()),
-            namespace: "berth-cri-test".into(),
-            attempt: 0,
-        }),
         hostname: "cri-pod".into(),
-        log_directory: log_dir.to_string_lossy().into_owned(),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Pod.into(),
-                    pid: cri::NamespaceMode::Container.into(),
-                    ipc: cri::NamespaceMode::Pod.into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
+        linux: Some(pod_namespaces()),
+        ..cri_kit::pod_config("berth-cri-test", "web", Some(log_dir))
     }
 }
 
 fn container(name: &str, script: &str) -> cri::ContainerConfig {
     cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: "busybox".into(),
-            ..Default::default()
-        }),
-        command: vec!["sh".into(), "-c".into()],
-        args: vec![script.into()],
         labels: [("role".to_string(), name.to_string())].into(),
-        log_path: format!("{name}/0.log"),
-        ..Default::default()
-    }
-}
-
-async fn status(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> Result<cri::ContainerStatus> {
-    rt.container_status(cri::ContainerStatusRequest {
-        container_id: id.into(),
-        verbose: false,
-    })
-    .await?
-    .into_inner()
-    .status
-    .ok_or_else(|| anyhow::anyhow!("no status"))
-}
-
-/// The status once the container has exited (a generous bound only so a hang fails the test).
-async fn exited(rt: &mut RuntimeServiceClient<Channel>, id: &str) -> Result<cri::ContainerStatus> {
-    let end = Instant::now() + Duration::from_secs(60);
-    loop {
-        let st = status(rt, id).await?;
-        if st.state == cri::ContainerState::ContainerExited as i32 {
-            return Ok(st);
-        }
-        if Instant::now() > end {
-            bail!("container {id} did not exit: {st:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        ..sh_container(name, script)
     }
 }
 
@@ -114,30 +56,13 @@ async fn pod_containers_share_the_network_log_and_stop() -> Result<()> {
     if !plugins_ready() {
         return Ok(());
     }
-    let slot = NetSlot::claim()?;
-    let conf = tempfile::tempdir()?;
-    let ipam = tempfile::tempdir()?;
-    let logs = tempfile::tempdir()?;
-    conflist(&slot, "crc", 6, conf.path(), ipam.path())?;
-    let d = DockerStack::start_from(
-        Stack::builder().env("BERTH_NETWORK__CNI_CONF_DIR", conf.path().to_str().unwrap()),
-    )?;
-    let _registry = with_busybox(&d)?;
-    let mut rt = RuntimeServiceClient::new(berth_core::uds::channel(d.cri_socket()));
+    let s = CriStack::start("crc", 6)?;
+    let (d, logs) = (&s.d, &s.logs);
+    let mut rt = s.runtime();
 
     let pod_config = pod_config(logs.path());
-    let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await?
-        .into_inner()
-        .pod_sandbox_id;
-    let _guard = PodGuard {
-        socket: d.cri_socket(),
-        id: pod.clone(),
-    };
+    let guard = run_pod(&mut rt, d, &pod_config).await?;
+    let pod = guard.id.clone();
     // kubelet makes the per-container log directories.
     for name in ["server", "client"] {
         std::fs::create_dir_all(logs.path().join(name))?;
@@ -156,7 +81,7 @@ async fn pod_containers_share_the_network_log_and_stop() -> Result<()> {
         .await?
         .into_inner()
         .container_id;
-    let st = status(&mut rt, &server).await?;
+    let st = container_status(&mut rt, &server).await?;
     ensure!(
         st.state == cri::ContainerState::ContainerCreated as i32,
         "{st:?}"
@@ -209,7 +134,7 @@ async fn pod_containers_share_the_network_log_and_stop() -> Result<()> {
         "log in the CRI format: {log:?}"
     );
 
-    let st = status(&mut rt, &server).await?;
+    let st = container_status(&mut rt, &server).await?;
     ensure!(
         st.state == cri::ContainerState::ContainerRunning as i32,
         "{st:?}"
@@ -263,7 +188,10 @@ async fn pod_containers_share_the_network_log_and_stop() -> Result<()> {
 
     // docker ps -a shows them under their dockershim names.
     let names = d.ok(&["ps", "-a", "--format", "{{.Names}}"])?;
-    let want = format!("k8s_server_web_berth-cri-test_uid-{}_0", std::process::id());
+    let want = format!(
+        "k8s_server_web_berth-cri-test_uid-web-{}_0",
+        std::process::id()
+    );
     ensure!(names.lines().any(|n| n == want), "{names}");
 
     rt.stop_container(cri::StopContainerRequest {
@@ -280,7 +208,7 @@ async fn pod_containers_share_the_network_log_and_stop() -> Result<()> {
         })
         .await?;
     }
-    let err = status(&mut rt, &server).await.unwrap_err();
+    let err = container_status(&mut rt, &server).await.unwrap_err();
     ensure!(
         err.downcast_ref::<tonic::Status>()
             .is_some_and(|s| s.code() == Code::NotFound),

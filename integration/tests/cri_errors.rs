@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
-use berth_integration::cri_kit::{PodGuard, conflist, plugins_ready};
+use berth_integration::cri_kit::{self, conflist, plugins_ready, run_pod, sh_container};
 use berth_integration::gateway_kit::DockerStack;
 use berth_integration::network_kit::NetSlot;
 use berth_integration::py_kit::with_busybox;
@@ -24,31 +24,15 @@ use tonic::Code;
 type Client = RuntimeServiceClient<berth_core::uds::Channel>;
 
 fn pod_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
-    cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-errors-{}", std::process::id()),
-            namespace: "berth-cri-errors".into(),
-            attempt: 0,
-        }),
-        log_directory: log_dir.to_string_lossy().into_owned(),
-        ..Default::default()
-    }
+    cri_kit::pod_config("berth-cri-errors", name, Some(log_dir))
 }
 
 fn container(name: &str, log_path: &str) -> cri::ContainerConfig {
     cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: "busybox".into(),
-            ..Default::default()
-        }),
         command: vec!["sleep".into(), "60".into()],
+        args: Vec::new(),
         log_path: log_path.into(),
-        ..Default::default()
+        ..sh_container(name, "")
     }
 }
 
@@ -153,18 +137,8 @@ async fn bad_input_gets_the_code_kubelet_expects_and_leaves_nothing() -> Result<
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await?
-        .into_inner()
-        .pod_sandbox_id;
-    let _guard = PodGuard {
-        socket: d.cri_socket(),
-        id: pod.clone(),
-    };
+    let guard = run_pod(&mut rt, &d, &config).await?;
+    let pod = guard.id.clone();
 
     // --- The same name again: ALREADY_EXISTS, and still one pod.
     let err = rt

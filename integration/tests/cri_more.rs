@@ -22,12 +22,15 @@
 //! Root only; needs /usr/lib/cni.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail, ensure};
-use berth_integration::cri_kit::{PodGuard, conflist, plugins_ready};
+use anyhow::{Context, Result, ensure};
+use berth_integration::cri_kit::{
+    self, CriStack, PATIENCE, conflist, container_status, exited, plugins_ready, pod_namespaces,
+    run_pod, sh_container, start_container,
+};
 use berth_integration::gateway_kit::DockerStack;
-use berth_integration::network_kit::NetSlot;
+use berth_integration::network_kit::{NetSlot, PortmapChains};
 use berth_integration::py_kit::with_busybox;
 use berth_integration::stack::{Stack, wait_for};
 use berth_proto::cri::runtime::v1 as cri;
@@ -35,121 +38,11 @@ use berth_proto::cri::runtime::v1::image_service_client::ImageServiceClient;
 use berth_proto::cri::runtime::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::Code;
 
-type Client = RuntimeServiceClient<berth_core::uds::Channel>;
-
-/// A bound on waits, only so that a hang fails the test.
-const PATIENCE: Duration = Duration::from_secs(60);
-
 fn pod_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}-{}", std::process::id()),
-            namespace: "berth-cri-more".into(),
-            attempt: 0,
-        }),
         hostname: format!("{name}-host"),
-        log_directory: log_dir.to_string_lossy().into_owned(),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Pod.into(),
-                    pid: cri::NamespaceMode::Container.into(),
-                    ipc: cri::NamespaceMode::Pod.into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn container(name: &str, script: &str) -> cri::ContainerConfig {
-    cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: "busybox".into(),
-            ..Default::default()
-        }),
-        command: vec!["sh".into(), "-c".into()],
-        args: vec![script.into()],
-        log_path: format!("{name}/0.log"),
-        ..Default::default()
-    }
-}
-
-/// Runs a pod (removed again by the returned guard).
-async fn run_pod(
-    rt: &mut Client,
-    d: &DockerStack,
-    config: &cri::PodSandboxConfig,
-) -> Result<PodGuard> {
-    let id = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await?
-        .into_inner()
-        .pod_sandbox_id;
-    Ok(PodGuard {
-        socket: d.cri_socket(),
-        id,
-    })
-}
-
-/// Creates and starts a container in `pod` (kubelet makes its log directory first).
-async fn start(
-    rt: &mut Client,
-    pod: &str,
-    pod_config: &cri::PodSandboxConfig,
-    config: cri::ContainerConfig,
-) -> Result<String> {
-    let log_dir = Path::new(&pod_config.log_directory);
-    std::fs::create_dir_all(log_dir.join(&config.metadata.as_ref().context("metadata")?.name))?;
-    let id = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.into(),
-            config: Some(config),
-            sandbox_config: Some(pod_config.clone()),
-        })
-        .await?
-        .into_inner()
-        .container_id;
-    rt.start_container(cri::StartContainerRequest {
-        container_id: id.clone(),
-    })
-    .await?;
-    Ok(id)
-}
-
-async fn status(rt: &mut Client, id: &str) -> Result<cri::ContainerStatus> {
-    rt.container_status(cri::ContainerStatusRequest {
-        container_id: id.into(),
-        verbose: false,
-    })
-    .await?
-    .into_inner()
-    .status
-    .context("no status")
-}
-
-async fn exited(rt: &mut Client, id: &str) -> Result<cri::ContainerStatus> {
-    let end = Instant::now() + PATIENCE;
-    loop {
-        let st = status(rt, id).await?;
-        if st.state == cri::ContainerState::ContainerExited as i32 {
-            return Ok(st);
-        }
-        if Instant::now() > end {
-            bail!("container {id} did not exit: {st:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        linux: Some(pod_namespaces()),
+        ..cri_kit::pod_config("berth-cri-more", name, Some(log_dir))
     }
 }
 
@@ -225,16 +118,9 @@ async fn pod_and_container_config_resources_and_oom_kill() -> Result<()> {
     if !plugins_ready() {
         return Ok(());
     }
-    let slot = NetSlot::claim()?;
-    let conf = tempfile::tempdir()?;
-    let ipam = tempfile::tempdir()?;
-    let logs = tempfile::tempdir()?;
-    conflist(&slot, "crm", 3, conf.path(), ipam.path())?;
-    let d = DockerStack::start_from(
-        Stack::builder().env("BERTH_NETWORK__CNI_CONF_DIR", conf.path().to_str().unwrap()),
-    )?;
-    let _registry = with_busybox(&d)?;
-    let mut rt = RuntimeServiceClient::new(berth_core::uds::channel(d.cri_socket()));
+    let s = CriStack::start("crm", 3)?;
+    let (d, logs) = (&s.d, &s.logs);
+    let mut rt = s.runtime();
 
     let mut config = pod_config("conf", logs.path());
     config.dns_config = Some(cri::DnsConfig {
@@ -249,10 +135,10 @@ async fn pod_and_container_config_resources_and_oom_kill() -> Result<()> {
         )]
         .into();
     }
-    let pod = run_pod(&mut rt, &d, &config).await?;
+    let pod = run_pod(&mut rt, d, &config).await?;
 
     // --- What the container's own process sees.
-    let mut c = container(
+    let mut c = sh_container(
         "look",
         "echo uid=$(id -u); echo gid=$(id -g); echo groups=$(id -G); echo host=$(hostname); \
          echo capbnd=$(grep CapBnd /proc/self/status | cut -f2); \
@@ -276,7 +162,7 @@ async fn pod_and_container_config_resources_and_oom_kill() -> Result<()> {
         }),
         ..Default::default()
     });
-    let look = start(&mut rt, &pod.id, &config, c).await?;
+    let look = start_container(&mut rt, &pod.id, &config, c).await?;
     let entries = log_entries(&logs.path().join("look/0.log"), "done=1")?;
     let seen = |k: &str| value(&entries, k).unwrap_or("<missing>").to_string();
     // For messages: the entries without the long line's content.
@@ -324,10 +210,10 @@ async fn pod_and_container_config_resources_and_oom_kill() -> Result<()> {
     })
     .await?;
     if cgroup_v1() {
-        let seen = cgroup_value(&d, &look, "memory", "memory.limit_in_bytes")?;
+        let seen = cgroup_value(d, &look, "memory", "memory.limit_in_bytes")?;
         ensure!(seen == limit.to_string(), "memory.limit_in_bytes {seen}");
     }
-    let st = status(&mut rt, &look).await?;
+    let st = container_status(&mut rt, &look).await?;
     let linux = st.resources.and_then(|r| r.linux).context("resources")?;
     ensure!(linux.memory_limit_in_bytes == limit, "{linux:?}");
     let err = rt
@@ -341,7 +227,7 @@ async fn pod_and_container_config_resources_and_oom_kill() -> Result<()> {
     ensure!(err.code() == Code::NotFound, "{err:?}");
 
     // --- Over its memory limit (set as kubelet sets it, swap = memory): OOMKilled, 137.
-    let mut c = container(
+    let mut c = sh_container(
         "hog",
         "x=$(head -c 200000000 /dev/zero | tr '\\0' x); echo survived",
     );
@@ -353,7 +239,7 @@ async fn pod_and_container_config_resources_and_oom_kill() -> Result<()> {
         }),
         ..Default::default()
     });
-    let hog = start(&mut rt, &pod.id, &config, c).await?;
+    let hog = start_container(&mut rt, &pod.id, &config, c).await?;
     let st = exited(&mut rt, &hog).await?;
     ensure!(
         st.reason == "OOMKilled" && st.exit_code == 137,
@@ -373,16 +259,9 @@ async fn docker_and_the_cri_see_each_others_changes() -> Result<()> {
     if !plugins_ready() {
         return Ok(());
     }
-    let slot = NetSlot::claim()?;
-    let conf = tempfile::tempdir()?;
-    let ipam = tempfile::tempdir()?;
-    let logs = tempfile::tempdir()?;
-    conflist(&slot, "crd", 4, conf.path(), ipam.path())?;
-    let d = DockerStack::start_from(
-        Stack::builder().env("BERTH_NETWORK__CNI_CONF_DIR", conf.path().to_str().unwrap()),
-    )?;
-    let _registry = with_busybox(&d)?;
-    let mut rt = RuntimeServiceClient::new(berth_core::uds::channel(d.cri_socket()));
+    let s = CriStack::start("crd", 4)?;
+    let (d, logs) = (&s.d, &s.logs);
+    let mut rt = s.runtime();
     let mut img = ImageServiceClient::new(berth_core::uds::channel(d.cri_socket()));
     let spec = |image: &str| {
         Some(cri::ImageSpec {
@@ -392,12 +271,12 @@ async fn docker_and_the_cri_see_each_others_changes() -> Result<()> {
     };
 
     let config = pod_config("mixed", logs.path());
-    let pod = run_pod(&mut rt, &d, &config).await?;
-    let app = start(
+    let pod = run_pod(&mut rt, d, &config).await?;
+    let app = start_container(
         &mut rt,
         &pod.id,
         &config,
-        container("app", "exec sleep 3600"),
+        sh_container("app", "exec sleep 3600"),
     )
     .await?;
     let uid = config.metadata.clone().unwrap_or_default().uid;
@@ -433,7 +312,7 @@ async fn docker_and_the_cri_see_each_others_changes() -> Result<()> {
     // then reports.
     let name = format!("k8s_app_mixed_berth-cri-more_{uid}_0");
     d.ok(&["stop", "-t", "1", &name])?;
-    let st = status(&mut rt, &app).await?;
+    let st = container_status(&mut rt, &app).await?;
     ensure!(
         st.state == cri::ContainerState::ContainerExited as i32
             && st.exit_code == 137
@@ -460,13 +339,13 @@ async fn docker_and_the_cri_see_each_others_changes() -> Result<()> {
     ensure!(exited_ids == [app.clone()], "{exited_ids:?}");
     // `docker start` brings it back, `docker rm -f` removes it: the CRI sees both.
     d.ok(&["start", &name])?;
-    let st = status(&mut rt, &app).await?;
+    let st = container_status(&mut rt, &app).await?;
     ensure!(
         st.state == cri::ContainerState::ContainerRunning as i32,
         "after docker start: {st:?}"
     );
     d.ok(&["rm", "-f", &name])?;
-    let err = status(&mut rt, &app).await.unwrap_err();
+    let err = container_status(&mut rt, &app).await.unwrap_err();
     ensure!(
         err.downcast_ref::<tonic::Status>()
             .is_some_and(|s| s.code() == Code::NotFound),
@@ -516,16 +395,9 @@ async fn security_profiles_devices_cpu_and_log_reopen() -> Result<()> {
     if !plugins_ready() {
         return Ok(());
     }
-    let slot = NetSlot::claim()?;
-    let conf = tempfile::tempdir()?;
-    let ipam = tempfile::tempdir()?;
-    let logs = tempfile::tempdir()?;
-    conflist(&slot, "crs", 6, conf.path(), ipam.path())?;
-    let d = DockerStack::start_from(
-        Stack::builder().env("BERTH_NETWORK__CNI_CONF_DIR", conf.path().to_str().unwrap()),
-    )?;
-    let _registry = with_busybox(&d)?;
-    let mut rt = RuntimeServiceClient::new(berth_core::uds::channel(d.cri_socket()));
+    let s = CriStack::start("crs", 6)?;
+    let (d, logs) = (&s.d, &s.logs);
+    let mut rt = s.runtime();
     // User namespace NODE (the host's), as kubelets with user namespace support send it for
     // pods that do not ask for one of their own, on the pod and on its containers.
     let node_userns = cri::UserNamespace {
@@ -541,9 +413,9 @@ async fn security_profiles_devices_cpu_and_log_reopen() -> Result<()> {
     {
         ns.userns_options = Some(node_userns.clone());
     }
-    let pod = run_pod(&mut rt, &d, &config).await?;
+    let pod = run_pod(&mut rt, d, &config).await?;
 
-    let mut c = container(
+    let mut c = sh_container(
         "sec",
         "echo uid=$(id -u); echo nnp=$(grep NoNewPrivs /proc/self/status | cut -f2); \
          echo seccomp=$(grep '^Seccomp:' /proc/self/status | cut -f2); \
@@ -583,7 +455,7 @@ async fn security_profiles_devices_cpu_and_log_reopen() -> Result<()> {
             ..Default::default()
         }),
     });
-    let sec = start(&mut rt, &pod.id, &config, c).await?;
+    let sec = start_container(&mut rt, &pod.id, &config, c).await?;
     let log = logs.path().join("sec/0.log");
     let entries = log_entries(&log, "done=1")?;
     let seen = |k: &str| value(&entries, k).unwrap_or("<missing>").to_string();
@@ -624,11 +496,11 @@ async fn security_profiles_devices_cpu_and_log_reopen() -> Result<()> {
             ("cpu", "cpu.cfs_quota_us", "50000"),
             ("cpuset", "cpuset.cpus", "0"),
         ] {
-            let got = cgroup_value(&d, &sec, controller, file)?;
+            let got = cgroup_value(d, &sec, controller, file)?;
             ensure!(got == want, "{file}: {got}, want {want}");
         }
     }
-    let st = status(&mut rt, &sec).await?;
+    let st = container_status(&mut rt, &sec).await?;
     let r = st.resources.and_then(|r| r.linux).context("resources")?;
     ensure!(
         (
@@ -667,7 +539,7 @@ async fn security_profiles_devices_cpu_and_log_reopen() -> Result<()> {
         timeout: 1,
     })
     .await?;
-    let st = status(&mut rt, &sec).await?;
+    let st = container_status(&mut rt, &sec).await?;
     ensure!(
         st.state == cri::ContainerState::ContainerExited as i32
             && st.exit_code == 137
@@ -752,11 +624,11 @@ async fn shared_and_host_namespaces_mounts_and_cgroup_parent() -> Result<()> {
         });
         c
     };
-    let first = start(
+    let first = start_container(
         &mut rt,
         &pod.id,
         &config,
-        with_ns(container("first", "exec sleep 3600"), &ns),
+        with_ns(sh_container("first", "exec sleep 3600"), &ns),
     )
     .await?;
     // A host directory reached through a symlink, bound read-only.
@@ -764,7 +636,7 @@ async fn shared_and_host_namespaces_mounts_and_cgroup_parent() -> Result<()> {
     let link = data.path().join("link");
     std::os::unix::fs::symlink(data.path(), &link)?;
     let mut second = with_ns(
-        container(
+        sh_container(
             "second",
             "echo sees-first=$(if pidof sleep >/dev/null; then echo yes; else echo no; fi); \
              echo data=$(cat /data/file); \
@@ -779,7 +651,7 @@ async fn shared_and_host_namespaces_mounts_and_cgroup_parent() -> Result<()> {
         readonly: true,
         ..Default::default()
     }];
-    let second = start(&mut rt, &pod.id, &config, second).await?;
+    let second = start_container(&mut rt, &pod.id, &config, second).await?;
     let entries = log_entries(&logs.path().join("second/0.log"), "done=1")?;
     let shown: Vec<&str> = entries.iter().map(|e| e.2.as_str()).collect();
     ensure!(
@@ -831,12 +703,12 @@ async fn shared_and_host_namespaces_mounts_and_cgroup_parent() -> Result<()> {
         sc.namespace_options = Some(host.clone());
     }
     let pod = run_pod(&mut rt, &d, &config).await?;
-    start(
+    start_container(
         &mut rt,
         &pod.id,
         &config,
         with_ns(
-            container(
+            sh_container(
                 "look",
                 "for k in net pid ipc; do echo $k=$(readlink /proc/self/ns/$k); done; echo done=1",
             ),
@@ -872,60 +744,6 @@ async fn shared_and_host_namespaces_mounts_and_cgroup_parent() -> Result<()> {
         "{ns:?}"
     );
     Ok(())
-}
-
-/// Removes the portmap plugin's shared chains (which it never deletes) once no pod on this
-/// host uses them any more.
-struct PortmapChains;
-
-impl Drop for PortmapChains {
-    fn drop(&mut self) {
-        let ipt = |args: &[&str]| {
-            std::process::Command::new("iptables")
-                .args(["-w", "-t", "nat"])
-                .args(args)
-                .output()
-        };
-        let in_use = ipt(&["-S", "CNI-HOSTPORT-DNAT"])
-            .map(|o| String::from_utf8_lossy(&o.stdout).lines().count() > 1)
-            .unwrap_or(false);
-        if in_use {
-            return;
-        }
-        for (chain, rule) in [
-            ("PREROUTING", "CNI-HOSTPORT-DNAT"),
-            ("OUTPUT", "CNI-HOSTPORT-DNAT"),
-        ] {
-            let _ = ipt(&[
-                "-D",
-                chain,
-                "-m",
-                "addrtype",
-                "--dst-type",
-                "LOCAL",
-                "-j",
-                rule,
-            ]);
-        }
-        let _ = ipt(&[
-            "-D",
-            "POSTROUTING",
-            "-m",
-            "comment",
-            "--comment",
-            "CNI portfwd requiring masquerade",
-            "-j",
-            "CNI-HOSTPORT-MASQ",
-        ]);
-        for chain in [
-            "CNI-HOSTPORT-DNAT",
-            "CNI-HOSTPORT-MASQ",
-            "CNI-HOSTPORT-SETMARK",
-        ] {
-            let _ = ipt(&["-F", chain]);
-            let _ = ipt(&["-X", chain]);
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -966,11 +784,11 @@ async fn a_host_port_of_a_pod_answers_from_the_host() -> Result<()> {
         host_ip: String::new(),
     }];
     let pod = run_pod(&mut rt, &d, &config).await?;
-    start(
+    start_container(
         &mut rt,
         &pod.id,
         &config,
-        container(
+        sh_container(
             "web",
             "mkdir -p /www && echo via-cri-host-port > /www/index.html && exec httpd -f -p 8080 -h /www",
         ),

@@ -9,11 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Result, ensure};
-use berth_integration::cri_kit::{PodGuard, conflist, plugins_ready};
-use berth_integration::gateway_kit::DockerStack;
-use berth_integration::network_kit::NetSlot;
-use berth_integration::py_kit::with_busybox;
-use berth_integration::stack::Stack;
+use berth_integration::cri_kit::{
+    CriStack, plugins_ready, pod_config, run_pod, sh_container, start_container,
+};
 use berth_proto::cri::runtime::v1 as cri;
 use berth_proto::cri::runtime::v1::runtime_service_client::RuntimeServiceClient;
 
@@ -71,24 +69,10 @@ async fn binds_propagate_as_asked() -> Result<()> {
     if !plugins_ready() {
         return Ok(());
     }
-    let slot = NetSlot::claim()?;
-    let conf = tempfile::tempdir()?;
-    let ipam = tempfile::tempdir()?;
-    let logs = tempfile::tempdir()?;
-    conflist(&slot, "crm", 10, conf.path(), ipam.path())?;
-    let d = DockerStack::start_from(
-        Stack::builder().env("BERTH_NETWORK__CNI_CONF_DIR", conf.path().to_str().unwrap()),
-    )?;
-    let _registry = with_busybox(&d)?;
-    let mut rt = RuntimeServiceClient::new(berth_core::uds::channel(d.cri_socket()));
+    let s = CriStack::start("crm", 10)?;
+    let (d, logs) = (&s.d, &s.logs);
+    let mut rt = s.runtime();
     let config = cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: "mounts".into(),
-            uid: format!("uid-mounts-{}", std::process::id()),
-            namespace: "berth-cri-mounts".into(),
-            attempt: 0,
-        }),
-        log_directory: logs.path().to_string_lossy().into_owned(),
         linux: Some(cri::LinuxPodSandboxConfig {
             security_context: Some(cri::LinuxSandboxSecurityContext {
                 privileged: true,
@@ -96,20 +80,10 @@ async fn binds_propagate_as_asked() -> Result<()> {
             }),
             ..Default::default()
         }),
-        ..Default::default()
+        ..pod_config("berth-cri-mounts", "mounts", Some(logs.path()))
     };
-    let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await?
-        .into_inner()
-        .pod_sandbox_id;
-    let _guard = PodGuard {
-        socket: d.cri_socket(),
-        id: pod.clone(),
-    };
+    let guard = run_pod(&mut rt, d, &config).await?;
+    let pod = guard.id.clone();
 
     use cri::MountPropagation as P;
     let host = tempfile::tempdir()?;
@@ -143,43 +117,23 @@ async fn binds_propagate_as_asked() -> Result<()> {
         };
         mount(&[make, &src_text])?;
 
-        let id = rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(cri::ContainerConfig {
-                    metadata: Some(cri::ContainerMetadata {
-                        name: name.into(),
-                        attempt: 0,
-                    }),
-                    image: Some(cri::ImageSpec {
-                        image: "busybox".into(),
-                        ..Default::default()
-                    }),
-                    command: vec!["sleep".into(), "300".into()],
-                    linux: Some(cri::LinuxContainerConfig {
-                        security_context: Some(cri::LinuxContainerSecurityContext {
-                            privileged: true,
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }),
-                    mounts: vec![cri::Mount {
-                        container_path: src_text.clone(),
-                        host_path: src_text.clone(),
-                        propagation: propagation.into(),
-                        ..Default::default()
-                    }],
+        let container = cri::ContainerConfig {
+            linux: Some(cri::LinuxContainerConfig {
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    privileged: true,
                     ..Default::default()
                 }),
-                sandbox_config: Some(config.clone()),
-            })
-            .await?
-            .into_inner()
-            .container_id;
-        rt.start_container(cri::StartContainerRequest {
-            container_id: id.clone(),
-        })
-        .await?;
+                ..Default::default()
+            }),
+            mounts: vec![cri::Mount {
+                container_path: src_text.clone(),
+                host_path: src_text.clone(),
+                propagation: propagation.into(),
+                ..Default::default()
+            }],
+            ..sh_container(name, "exec sleep 300")
+        };
+        let id = start_container(&mut rt, &pod, &config, container).await?;
 
         // The host mounts after the container started.
         mount(&[

@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use anyhow::{Result, ensure};
-use berth_integration::cri_kit::{PodGuard, conflist, plugins_ready};
+use berth_integration::cri_kit::{self, PodGuard, conflist, plugins_ready, pod_namespaces};
 use berth_integration::gateway_kit::DockerStack;
 use berth_integration::network_kit::NetSlot;
 use berth_integration::stack::Stack;
@@ -20,14 +20,7 @@ type Channel = berth_core::uds::Channel;
 
 fn pod_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}-{}", std::process::id()),
-            namespace: "berth-cri-test".into(),
-            attempt: 0,
-        }),
         hostname: "cri-pod".into(),
-        log_directory: log_dir.to_string_lossy().into_owned(),
         dns_config: Some(cri::DnsConfig {
             servers: vec!["10.96.0.10".into()],
             searches: vec!["svc.cluster.local".into()],
@@ -39,19 +32,8 @@ fn pod_config(name: &str, log_dir: &Path) -> cri::PodSandboxConfig {
         ]
         .into(),
         annotations: [("berth.test/pod".to_string(), name.to_string())].into(),
-        linux: Some(cri::LinuxPodSandboxConfig {
-            security_context: Some(cri::LinuxSandboxSecurityContext {
-                namespace_options: Some(cri::NamespaceOption {
-                    network: cri::NamespaceMode::Pod.into(),
-                    pid: cri::NamespaceMode::Container.into(),
-                    ipc: cri::NamespaceMode::Pod.into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
+        linux: Some(pod_namespaces()),
+        ..cri_kit::pod_config("berth-cri-test", name, Some(log_dir))
     }
 }
 

@@ -12,48 +12,20 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use berth_core::Service;
-use berth_integration::cri_kit::{PodGuard, conflist, plugins_ready};
-use berth_integration::gateway_kit::{DockerStack, http_get};
-use berth_integration::network_kit::NetSlot;
-use berth_integration::py_kit::with_busybox;
+use berth_integration::cri_kit::{
+    self, CriStack, PATIENCE, Runtime as Client, exited, plugins_ready, run_pod, sh_container,
+    start_container,
+};
+use berth_integration::gateway_kit::http_get;
 use berth_integration::stack::{Stack, running};
 use berth_proto::cri::runtime::v1 as cri;
 use berth_proto::cri::runtime::v1::runtime_service_client::RuntimeServiceClient;
 
-type Client = RuntimeServiceClient<berth_core::uds::Channel>;
-
-/// A bound on waits, only so that a hang fails the test.
-const PATIENCE: Duration = Duration::from_secs(60);
-
 fn pod_config(log_dir: &Path) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: "survivor".into(),
-            uid: format!("uid-restart-{}", std::process::id()),
-            namespace: "berth-cri-restart".into(),
-            attempt: 0,
-        }),
         hostname: "survivor".into(),
-        log_directory: log_dir.to_string_lossy().into_owned(),
         labels: [("app".to_string(), "survivor".to_string())].into(),
-        ..Default::default()
-    }
-}
-
-fn container(name: &str, script: &str) -> cri::ContainerConfig {
-    cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: "busybox".into(),
-            ..Default::default()
-        }),
-        command: vec!["sh".into(), "-c".into()],
-        args: vec![script.into()],
-        log_path: format!("{name}/0.log"),
-        ..Default::default()
+        ..cri_kit::pod_config("berth-cri-restart", "survivor", Some(log_dir))
     }
 }
 
@@ -152,37 +124,14 @@ async fn joiner(
     logs: &Path,
     name: &str,
 ) -> Result<()> {
-    std::fs::create_dir_all(logs.join(name))?;
-    let id = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.into(),
-            config: Some(container(name, "wget -qO- http://127.0.0.1:8080/")),
-            sandbox_config: Some(config.clone()),
-        })
-        .await?
-        .into_inner()
-        .container_id;
-    rt.start_container(cri::StartContainerRequest {
-        container_id: id.clone(),
-    })
+    let id = start_container(
+        rt,
+        pod,
+        config,
+        sh_container(name, "wget -qO- http://127.0.0.1:8080/"),
+    )
     .await?;
-    let end = Instant::now() + PATIENCE;
-    let st = loop {
-        let st = rt
-            .container_status(cri::ContainerStatusRequest {
-                container_id: id.clone(),
-                verbose: false,
-            })
-            .await?
-            .into_inner()
-            .status
-            .context("no status")?;
-        if st.state == cri::ContainerState::ContainerExited as i32 {
-            break st;
-        }
-        ensure!(Instant::now() < end, "{name} did not exit: {st:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let st = exited(rt, &id).await?;
     ensure!(
         st.exit_code == 0 && st.reason == "Completed",
         "{name}: {st:?}"
@@ -199,47 +148,23 @@ async fn a_pod_survives_kill_9_of_every_daemon() -> Result<()> {
     if !plugins_ready() {
         return Ok(());
     }
-    let slot = NetSlot::claim()?;
-    let conf = tempfile::tempdir()?;
-    let ipam = tempfile::tempdir()?;
-    let logs = tempfile::tempdir()?;
-    conflist(&slot, "crr", 7, conf.path(), ipam.path())?;
-    let d = DockerStack::start_from(
-        Stack::builder().env("BERTH_NETWORK__CNI_CONF_DIR", conf.path().to_str().unwrap()),
-    )?;
-    let _registry = with_busybox(&d)?;
+    let s = CriStack::start("crr", 7)?;
+    let (d, logs) = (&s.d, &s.logs);
     let socket: PathBuf = d.cri_socket();
     let mut rt = client(&socket).await?;
 
     let config = pod_config(logs.path());
-    let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await?
-        .into_inner()
-        .pod_sandbox_id;
-    let _guard = PodGuard {
-        socket: socket.clone(),
-        id: pod.clone(),
-    };
-    std::fs::create_dir_all(logs.path().join("server"))?;
-    let server = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(container(
-                "server",
-                "mkdir -p /www && echo still-here > /www/index.html && exec httpd -f -p 8080 -h /www",
-            )),
-            sandbox_config: Some(config.clone()),
-        })
-        .await?
-        .into_inner()
-        .container_id;
-    rt.start_container(cri::StartContainerRequest {
-        container_id: server.clone(),
-    })
+    let guard = run_pod(&mut rt, d, &config).await?;
+    let pod = guard.id.clone();
+    let server = start_container(
+        &mut rt,
+        &pod,
+        &config,
+        sh_container(
+            "server",
+            "mkdir -p /www && echo still-here > /www/index.html && exec httpd -f -p 8080 -h /www",
+        ),
+    )
     .await?;
 
     let before = seen(&mut rt, &pod, &server).await?;

@@ -13,11 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use berth_integration::cri_kit::{PodGuard, conflist, plugins_ready};
-use berth_integration::gateway_kit::DockerStack;
-use berth_integration::network_kit::NetSlot;
-use berth_integration::py_kit::with_busybox;
-use berth_integration::stack::Stack;
+use berth_integration::cri_kit::{
+    self, CriStack, Runtime, plugins_ready, run_pod, sh_container, start_container,
+};
 use berth_proto::cri::runtime::v1 as cri;
 use berth_proto::cri::runtime::v1::runtime_service_client::RuntimeServiceClient;
 use tonic::Code;
@@ -33,38 +31,31 @@ const SLACK: u64 = 1 << 20;
 
 fn pod_config(log_dir: &Path) -> cri::PodSandboxConfig {
     cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: "stats".into(),
-            uid: format!("uid-stats-{}", std::process::id()),
-            namespace: "berth-cri-test".into(),
-            attempt: 0,
-        }),
-        log_directory: log_dir.to_string_lossy().into_owned(),
         labels: [("app".to_string(), format!("stats-{}", std::process::id()))].into(),
         linux: Some(cri::LinuxPodSandboxConfig {
             cgroup_parent: pod_cgroup(),
             ..Default::default()
         }),
-        ..Default::default()
+        ..cri_kit::pod_config("berth-cri-test", "stats", Some(log_dir))
     }
 }
 
 fn container(name: &str, script: &str) -> cri::ContainerConfig {
     cri::ContainerConfig {
-        metadata: Some(cri::ContainerMetadata {
-            name: name.into(),
-            attempt: 0,
-        }),
-        image: Some(cri::ImageSpec {
-            image: "busybox".into(),
-            ..Default::default()
-        }),
-        command: vec!["sh".into(), "-c".into()],
-        args: vec![script.into()],
         labels: [("role".to_string(), name.to_string())].into(),
-        log_path: format!("{name}/0.log"),
-        ..Default::default()
+        ..sh_container(name, script)
     }
+}
+
+/// ContainerStats of `id`.
+async fn container_stats(rt: &mut Runtime, id: &str) -> Result<cri::ContainerStats> {
+    rt.container_stats(cri::ContainerStatsRequest {
+        container_id: id.into(),
+    })
+    .await?
+    .into_inner()
+    .stats
+    .context("no stats")
 }
 
 /// The pod's cgroup parent (unique to this test process).
@@ -237,18 +228,11 @@ async fn stats_metrics_and_events_of_a_pod() -> Result<()> {
     if !plugins_ready() {
         return Ok(());
     }
-    let slot = NetSlot::claim()?;
-    let conf = tempfile::tempdir()?;
-    let ipam = tempfile::tempdir()?;
-    let logs = tempfile::tempdir()?;
     // Dropped last: after the pod guard has removed the pod.
     let _cgroups = CgroupGuard;
-    conflist(&slot, "crs", 7, conf.path(), ipam.path())?;
-    let d = DockerStack::start_from(
-        Stack::builder().env("BERTH_NETWORK__CNI_CONF_DIR", conf.path().to_str().unwrap()),
-    )?;
-    let _registry = with_busybox(&d)?;
-    let mut rt = RuntimeServiceClient::new(berth_core::uds::channel(d.cri_socket()));
+    let s = CriStack::start("crs", 7)?;
+    let (d, logs) = (&s.d, &s.logs);
+    let mut rt = s.runtime();
 
     // Subscribed before anything happens; a second subscriber that never reads must not hold
     // the first one up.
@@ -270,21 +254,8 @@ async fn stats_metrics_and_events_of_a_pod() -> Result<()> {
     });
 
     let pod_config = pod_config(logs.path());
-    let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(pod_config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await?
-        .into_inner()
-        .pod_sandbox_id;
-    let _guard = PodGuard {
-        socket: d.cri_socket(),
-        id: pod.clone(),
-    };
-    for name in ["busy", "idle"] {
-        std::fs::create_dir_all(logs.path().join(name))?;
-    }
+    let guard = run_pod(&mut rt, d, &pod_config).await?;
+    let pod = guard.id.clone();
     let mut ids = HashMap::new();
     let busy_script = format!(
         "head -c {FILE_BYTES} /dev/zero > /written; \
@@ -296,19 +267,7 @@ async fn stats_metrics_and_events_of_a_pod() -> Result<()> {
         ("busy", busy_script.as_str()),
         ("idle", "echo ready; exec sleep 1000"),
     ] {
-        let id = rt
-            .create_container(cri::CreateContainerRequest {
-                pod_sandbox_id: pod.clone(),
-                config: Some(container(name, script)),
-                sandbox_config: Some(pod_config.clone()),
-            })
-            .await?
-            .into_inner()
-            .container_id;
-        rt.start_container(cri::StartContainerRequest {
-            container_id: id.clone(),
-        })
-        .await?;
+        let id = start_container(&mut rt, &pod, &pod_config, container(name, script)).await?;
         ids.insert(name, id);
     }
     let (busy, idle) = (ids["busy"].clone(), ids["idle"].clone());
@@ -324,14 +283,7 @@ async fn stats_metrics_and_events_of_a_pod() -> Result<()> {
 
     // ContainerStats against the cgroup files.
     let before = read_counters(busy_pid)?;
-    let stats = rt
-        .container_stats(cri::ContainerStatsRequest {
-            container_id: busy.clone(),
-        })
-        .await?
-        .into_inner()
-        .stats
-        .context("no stats")?;
+    let stats = container_stats(&mut rt, &busy).await?;
     let after = read_counters(busy_pid)?;
     let attrs = stats.attributes.clone().unwrap_or_default();
     ensure!(
@@ -386,14 +338,7 @@ async fn stats_metrics_and_events_of_a_pod() -> Result<()> {
     ensure!(stats.swap.is_some(), "{stats:?}");
 
     // The second reading has a rate.
-    let stats = rt
-        .container_stats(cri::ContainerStatsRequest {
-            container_id: busy.clone(),
-        })
-        .await?
-        .into_inner()
-        .stats
-        .context("no stats")?;
+    let stats = container_stats(&mut rt, &busy).await?;
     ensure!(
         stats.cpu.and_then(|c| c.usage_nano_cores).is_some(),
         "second reading without usage_nano_cores"

@@ -740,70 +740,29 @@ fn free_port() -> Result<u16> {
 /// websocket), and the Kubernetes Python client (websocket `v4.channel.k8s.io`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn port_forward_into_a_pod_as_client_go_does() -> Result<()> {
-    use berth_integration::cri_kit::{PodGuard, conflist, plugins_ready};
-    use berth_integration::network_kit::NetSlot;
-    use berth_integration::stack::Stack;
+    use berth_integration::cri_kit::{
+        CriStack, plugins_ready, pod_config, run_pod, sh_container, start_container,
+    };
+
     if !plugins_ready() {
         return Ok(());
     }
-    let slot = NetSlot::claim()?;
-    let conf = tempfile::tempdir()?;
-    let ipam = tempfile::tempdir()?;
-    let logs = tempfile::tempdir()?;
-    conflist(&slot, "crs", 9, conf.path(), ipam.path())?;
-    let d = DockerStack::start_from(
-        Stack::builder().env("BERTH_NETWORK__CNI_CONF_DIR", conf.path().to_str().unwrap()),
-    )?;
-    let _registry = with_busybox(&d)?;
-    let mut rt = runtime(&d);
-    let config = cri::PodSandboxConfig {
-        metadata: Some(cri::PodSandboxMetadata {
-            name: "forward".into(),
-            uid: format!("uid-forward-{}", std::process::id()),
-            namespace: "berth-cri-streaming".into(),
-            attempt: 0,
-        }),
-        log_directory: logs.path().to_string_lossy().into_owned(),
-        ..Default::default()
-    };
-    let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await?
-        .into_inner()
-        .pod_sandbox_id;
-    let _guard = PodGuard {
-        socket: d.cri_socket(),
-        id: pod.clone(),
-    };
+    let s = CriStack::start("crs", 9)?;
+    let (d, logs) = (&s.d, &s.logs);
+    let mut rt = s.runtime();
+    let config = pod_config("berth-cri-streaming", "forward", Some(logs.path()));
+    let guard = run_pod(&mut rt, d, &config).await?;
+    let pod = guard.id.clone();
     // Served on the pod's loopback only: what answers came through the forward.
-    let server = rt
-        .create_container(cri::CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(cri::ContainerConfig {
-                metadata: Some(cri::ContainerMetadata {
-                    name: "web".into(),
-                    attempt: 0,
-                }),
-                image: Some(cri::ImageSpec {
-                    image: "busybox".into(),
-                    ..Default::default()
-                }),
-                command: sh(
-                    "mkdir -p /www && echo forwarded-page > /www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /www",
-                ),
-                ..Default::default()
-            }),
-            sandbox_config: Some(config.clone()),
-        })
-        .await?
-        .into_inner()
-        .container_id;
-    rt.start_container(cri::StartContainerRequest {
-        container_id: server,
-    })
+    start_container(
+        &mut rt,
+        &pod,
+        &config,
+        sh_container(
+            "web",
+            "mkdir -p /www && echo forwarded-page > /www/index.html && exec httpd -f -p 127.0.0.1:8080 -h /www",
+        ),
+    )
     .await?;
     let forward_url = |rt: &Runtime, ports: Vec<i32>| {
         let req = cri::PortForwardRequest {

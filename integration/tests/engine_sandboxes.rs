@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, ensure};
 use berth_integration::engine_kit::{EngineStack, busybox, unique};
-use berth_integration::network_kit::NetSlot;
+use berth_integration::network_kit::{NetSlot, PortmapChains};
 use berth_integration::stack::{running, wait_for};
 use berth_proto::berth::engine::v1 as pb;
 use berth_proto::berth::types::v1 as types;
@@ -603,65 +603,6 @@ async fn a_pod_container_logs_in_the_cri_format_and_reopens_its_log() -> Result<
     );
     drop(slot_for_conf);
     Ok(())
-}
-
-/// Removes the portmap plugin's shared chains (which it never deletes) once no pod on this
-/// host uses them any more.
-struct PortmapChains;
-
-impl Drop for PortmapChains {
-    fn drop(&mut self) {
-        let ipt = |args: &[&str]| {
-            std::process::Command::new("iptables")
-                .args(["-w", "-t", "nat"])
-                .args(args)
-                .output()
-        };
-        let in_use = ipt(&["-S", "CNI-HOSTPORT-DNAT"])
-            .map(|o| String::from_utf8_lossy(&o.stdout).lines().count() > 1)
-            .unwrap_or(false);
-        if in_use {
-            return;
-        }
-        let _ = ipt(&[
-            "-D",
-            "PREROUTING",
-            "-m",
-            "addrtype",
-            "--dst-type",
-            "LOCAL",
-            "-j",
-            "CNI-HOSTPORT-DNAT",
-        ]);
-        let _ = ipt(&[
-            "-D",
-            "OUTPUT",
-            "-m",
-            "addrtype",
-            "--dst-type",
-            "LOCAL",
-            "-j",
-            "CNI-HOSTPORT-DNAT",
-        ]);
-        let _ = ipt(&[
-            "-D",
-            "POSTROUTING",
-            "-m",
-            "comment",
-            "--comment",
-            "CNI portfwd requiring masquerade",
-            "-j",
-            "CNI-HOSTPORT-MASQ",
-        ]);
-        for chain in [
-            "CNI-HOSTPORT-DNAT",
-            "CNI-HOSTPORT-MASQ",
-            "CNI-HOSTPORT-SETMARK",
-        ] {
-            let _ = ipt(&["-F", chain]);
-            let _ = ipt(&["-X", chain]);
-        }
-    }
 }
 
 fn iptables_mentioning(id: &str) -> Vec<String> {

@@ -744,41 +744,9 @@ fn system_cpu_ns() -> u64 {
 /// Interface counters from a `/proc/<pid>/net/dev` file (the container's namespace).
 pub fn net_dev(path: &str) -> HashMap<String, types::NetworkInterfaceStats> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    parse_net_dev(&text)
-}
-
-fn parse_net_dev(text: &str) -> HashMap<String, types::NetworkInterfaceStats> {
-    let mut out = HashMap::new();
-    for line in text.lines().skip(2) {
-        let Some((name, rest)) = line.split_once(':') else {
-            continue;
-        };
-        let name = name.trim();
-        if name == "lo" {
-            continue;
-        }
-        let v: Vec<u64> = rest
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect();
-        if v.len() < 16 {
-            continue;
-        }
-        out.insert(
-            name.to_string(),
-            types::NetworkInterfaceStats {
-                rx_bytes: v[0],
-                rx_packets: v[1],
-                rx_errors: v[2],
-                rx_dropped: v[3],
-                tx_bytes: v[8],
-                tx_packets: v[9],
-                tx_errors: v[10],
-                tx_dropped: v[11],
-            },
-        );
-    }
-    out
+    berth_core::procfs::parse_net_dev(&text)
+        .into_iter()
+        .collect()
 }
 
 #[cfg(test)]
@@ -849,15 +817,5 @@ mod tests {
         assert!(ancestor_matches(&rec, "docker.io/library/busybox:latest"));
         assert!(ancestor_matches(&rec, "abcdef"));
         assert!(!ancestor_matches(&rec, "alpine"));
-    }
-
-    #[test]
-    fn net_dev_parsing() {
-        let text = "Inter-|   Receive |  Transmit\n face |bytes packets errs drop fifo frame compressed multicast|bytes packets errs drop fifo colls carrier compressed\n    lo: 10 1 0 0 0 0 0 0 10 1 0 0 0 0 0 0\n  eth0: 100 2 0 1 0 0 0 0 200 3 0 0 0 0 0 0\n";
-        let m = parse_net_dev(text);
-        assert_eq!(m.len(), 1);
-        assert_eq!(m["eth0"].rx_bytes, 100);
-        assert_eq!(m["eth0"].tx_packets, 3);
-        assert_eq!(m["eth0"].rx_dropped, 1);
     }
 }

@@ -286,6 +286,13 @@ impl Harness {
         Self::with(dir, kernel, fw)
     }
 
+    /// Writes the one CNI config (`cni/10-pods.conflist`) of the harness.
+    fn cni_conflist(&self, json: &str) {
+        let dir = self.dir.path().join("cni");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("10-pods.conflist"), json).unwrap();
+    }
+
     fn netns(&self, name: &str) -> String {
         let p = PathBuf::from(format!("/run/netns/{name}"));
         self.kernel.netns.lock().unwrap().insert(p.clone());
@@ -1004,13 +1011,7 @@ fn until_formats() {
 #[test]
 fn cni_attach_and_detach_use_the_recorded_arguments() {
     let h = Harness::new();
-    let dir = h.dir.path().join("cni");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("10-pods.conflist"),
-        r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge"},{"type":"portmap","capabilities":{"portMappings":true}}]}"#,
-    )
-    .unwrap();
+    h.cni_conflist(r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge"},{"type":"portmap","capabilities":{"portMappings":true}}]}"#);
     assert_eq!(h.svc.cni_configs().unwrap()[0].name, "pods");
     let netns = h.netns("pod");
     let req = CniAttachRequest {
@@ -1034,7 +1035,7 @@ fn cni_attach_and_detach_use_the_recorded_arguments() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
     // The config file changes; DEL still uses what ADD used.
-    std::fs::remove_file(dir.join("10-pods.conflist")).unwrap();
+    std::fs::remove_file(h.dir.path().join("cni/10-pods.conflist")).unwrap();
     h.svc.cni_detach("sandbox1", "", "").unwrap();
     let calls = h.cni.calls.lock().unwrap().clone();
     assert_eq!(
@@ -1050,13 +1051,7 @@ fn cni_attach_and_detach_use_the_recorded_arguments() {
 #[test]
 fn a_del_after_the_namespace_is_gone_passes_no_namespace() {
     let h = Harness::new();
-    let dir = h.dir.path().join("cni");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("10-pods.conflist"),
-        r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge"}]}"#,
-    )
-    .unwrap();
+    h.cni_conflist(r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge"}]}"#);
     let netns = h.netns("lost");
     h.svc
         .cni_attach(CniAttachRequest {
@@ -1074,13 +1069,7 @@ fn a_del_after_the_namespace_is_gone_passes_no_namespace() {
 #[test]
 fn a_detach_during_the_add_undoes_the_add() {
     let h = Harness::new();
-    let dir = h.dir.path().join("cni");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("10-pods.conflist"),
-        r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge"}]}"#,
-    )
-    .unwrap();
+    h.cni_conflist(r#"{"cniVersion":"1.0.0","name":"pods","plugins":[{"type":"bridge"}]}"#);
     let netns = h.netns("pod");
     let (started_tx, started) = std::sync::mpsc::channel();
     let (go, go_rx) = std::sync::mpsc::channel();
