@@ -273,10 +273,11 @@ impl ContentStore {
         };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(STAGING_PREFIX) && !name.starts_with(&mine) {
-                if let Err(err) = fs::remove_dir_all(e.path()) {
-                    tracing::warn!(path = %e.path().display(), error = %err, "remove ingest staging directory");
-                }
+            if name.starts_with(STAGING_PREFIX)
+                && !name.starts_with(&mine)
+                && let Err(err) = fs::remove_dir_all(e.path())
+            {
+                tracing::warn!(path = %e.path().display(), error = %err, "remove ingest staging directory");
             }
         }
     }
