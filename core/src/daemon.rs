@@ -169,6 +169,7 @@ where
             on_signal.cancel();
         });
         tracing::info!(pid = std::process::id(), "{} starting", service.binary());
+        raise_open_files_limit();
         crate::metrics::install();
         tokio::spawn(crate::memory::trim_when_idle(shutdown.clone()));
         tokio::spawn(metrics_upkeep(shutdown.clone()));
@@ -245,4 +246,23 @@ pub fn remove_pid_file(path: &Path) {
 /// The PID in `path`, if it holds one.
 pub fn read_pid_file(path: &Path) -> Option<i32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Raises the soft limit of open files to the hard one, as container daemons do (a daemon
+/// holds sockets to every shim and, while `docker stats` streams, each container's cgroup
+/// files); the processes berth starts (shims, runtimes) inherit the raised limit.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::debug!("could not raise the open files limit");
+            }
+        }
+    }
 }

@@ -125,6 +125,10 @@ pub struct Ctr {
     oom: std::sync::atomic::AtomicBool,
     /// The cgroup of the task's init (its pid with it), resolved once for the stats.
     cgroup: Mutex<Option<(u32, Arc<berth_core::cgroup::Cgroup>)>>,
+    /// While a stats stream samples the container: a reader of that cgroup that keeps its
+    /// files open (see [`Ctr::read_cgroup`]).
+    stats_reader: Mutex<Option<(u32, Arc<berth_core::cgroup::Reader>)>>,
+    keep_stats_open: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Ctr {
@@ -156,6 +160,8 @@ impl Ctr {
             restart_cancel: Mutex::new(CancellationToken::new()),
             oom: std::sync::atomic::AtomicBool::new(false),
             cgroup: Mutex::new(None),
+            stats_reader: Mutex::new(None),
+            keep_stats_open: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -204,6 +210,38 @@ impl Ctr {
         let cg = Arc::new(cg);
         *cached = Some((pid, cg.clone()));
         Some(cg)
+    }
+
+    /// The cgroup counters of init `pid` read here, when its cgroup is this container's (see
+    /// [`Ctr::cgroup`]). While a stats stream samples the container its files stay open.
+    pub(crate) fn read_cgroup(&self, pid: u32) -> Option<berth_core::cgroup::Stats> {
+        use std::sync::atomic::Ordering;
+        if !self.keep_stats_open.load(Ordering::Relaxed) {
+            return self.cgroup(pid)?.stats().ok();
+        }
+        let reader = {
+            let mut kept = self.stats_reader.lock().unwrap();
+            match kept.as_ref() {
+                Some((p, r)) if *p == pid => r.clone(),
+                _ => {
+                    let r = Arc::new(berth_core::cgroup::Reader::new(
+                        (*self.cgroup(pid)?).clone(),
+                    ));
+                    *kept = Some((pid, r.clone()));
+                    r
+                }
+            }
+        };
+        reader.stats().ok()
+    }
+
+    /// Keeps the cgroup's files open for the stats samples to come (`true`), or closes them.
+    pub(crate) fn keep_stats_open(&self, on: bool) {
+        self.keep_stats_open
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+        if !on {
+            *self.stats_reader.lock().unwrap() = None;
+        }
     }
 
     /// Subscribes to exits.

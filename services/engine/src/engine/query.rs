@@ -572,8 +572,7 @@ impl Engine {
         let direct = u32::try_from(pid)
             .ok()
             .filter(|p| *p > 0)
-            .and_then(|p| ctr.cgroup(p))
-            .and_then(|cg| cg.stats().ok())
+            .and_then(|p| ctr.read_cgroup(p))
             .map(types::CgroupStats::from);
         let read = match direct {
             Some(stats) => Some(stats),

@@ -45,6 +45,15 @@ impl Engine {
         let engine = self.clone();
         let ctr = ctr.clone();
         tokio::spawn(async move {
+            // The cgroup's files stay open while this task samples, and close with it.
+            struct KeepOpen(Arc<Ctr>);
+            impl Drop for KeepOpen {
+                fn drop(&mut self) {
+                    self.0.keep_stats_open(false);
+                }
+            }
+            ctr.keep_stats_open(true);
+            let _open = KeepOpen(ctr.clone());
             loop {
                 let sample = tokio::select! {
                     s = engine.sample(&ctr) => s,
