@@ -66,6 +66,9 @@ impl Engine {
             self.container_event(&rec, "stop", []);
             return Ok(false);
         }
+        // Taken before the running check: an exit recorded from here on (the record first, then
+        // the generation) ends the waits below, one recorded before shows in the check.
+        let generation = ctr.exits.borrow().generation;
         if !ctr.with(|r| r.is_running()) {
             // Exited, but phase two (release, restart policy) has not run yet: the stop came
             // before the restart decision, so no restart follows.
@@ -91,7 +94,6 @@ impl Engine {
                 .unwrap_or(i64::from(self.config.engine.stop_timeout))
         });
         let shim = self.task_shim(ctr).await?;
-        let generation = ctr.exits.borrow().generation;
         let paused = rec.status() == pb::ContainerStatus::Paused;
         if let Err(e) = self.signal(ctr, &shim, sig, false).await
             && !e.is(ErrorKind::NotFound)
@@ -374,6 +376,8 @@ impl Engine {
         if ctr.exits.borrow().removed {
             return Err(Error::not_found(format!("No such container: {input}")));
         }
+        // Before the status, as in `stop_locked`: an exit recorded after it ends the wait.
+        let generation = ctr.exits.borrow().generation;
         let status = ctr.with(|r| r.status());
         if status == pb::ContainerStatus::Restarting {
             if !force {
@@ -403,7 +407,6 @@ impl Engine {
             }
             self.cancel_restart(&ctr);
             ctr.update(|r| r.state_mut().manually_stopped = true);
-            let generation = ctr.exits.borrow().generation;
             if let Ok(shim) = self.task_shim(&ctr).await {
                 let all = needs_kill_all(&ctr.record());
                 let _ = self.signal(&ctr, &shim, libc::SIGKILL, all).await;
