@@ -18,20 +18,21 @@ pub use tonic_health::ServingStatus;
 pub use tonic_health::server::HealthReporter;
 
 /// The layers [`server`] puts around every route.
-pub type Layers =
-    tower::layer::util::Stack<crate::metrics::GrpcMetricsLayer, tower::layer::util::Identity>;
+pub type Layers = tower::layer::util::Stack<
+    crate::deadline::DeadlineLayer,
+    tower::layer::util::Stack<crate::metrics::GrpcMetricsLayer, tower::layer::util::Identity>,
+>;
 
 /// A router built from [`server`].
 pub type Router = tonic::transport::server::Router<Layers>;
 
 /// A server builder whose requests run in spans parented to the caller's trace and are counted
 /// and timed in the process's metrics ([`crate::metrics::GrpcMetricsLayer`]).
-pub fn server()
--> Server<tower::layer::util::Stack<crate::metrics::GrpcMetricsLayer, tower::layer::util::Identity>>
-{
+pub fn server() -> Server<Layers> {
     Server::builder()
         .trace_fn(crate::telemetry::server_span)
         .layer(crate::metrics::GrpcMetricsLayer)
+        .layer(crate::deadline::DeadlineLayer)
 }
 
 /// The `grpc.health.v1` service and its reporter. The overall status (service "") starts as

@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod config;
 pub mod daemon;
 pub mod daemon_json;
+pub mod deadline;
 pub mod duration;
 pub mod error;
 pub mod grpc;
