@@ -74,67 +74,31 @@ pub struct PodCgroup {
 /// Where the cgroup hierarchies are mounted.
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
-/// Reads the pod cgroup `parent` under `root`: the unified hierarchy when `root` is one
-/// (`cgroup.controllers`), otherwise v1's `cpuacct` and `memory` (also in hybrid layouts, where
-/// the engine's containers use v1). The same files the shim reads for a container.
+/// Reads the pod cgroup `parent` under `root` with the engine's and shim's reader
+/// (`berth_core::cgroup`): the unified hierarchy when `root` is one (`cgroup.controllers`),
+/// otherwise v1's `cpuacct` and `memory` (also in hybrid layouts, where the engine's containers
+/// use v1). `None` when the cgroup does not exist.
 fn read_pod_cgroup(root: &std::path::Path, parent: &str) -> Option<PodCgroup> {
+    use berth_core::cgroup::Cgroup;
     let parent = parent.trim_matches('/');
     if parent.is_empty() || parent.split('/').any(|p| p == "..") {
         return None;
     }
-    let text = |p: std::path::PathBuf| std::fs::read_to_string(p).ok();
-    let num =
-        |p: std::path::PathBuf| -> u64 { text(p).and_then(|t| t.trim().parse().ok()).unwrap_or(0) };
-    let keyed = |t: Option<String>| -> std::collections::BTreeMap<String, u64> {
-        t.unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_once(' '))
-            .filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?)))
-            .collect()
+    let v2 = root.join("cgroup.controllers").exists();
+    let cgroup = if v2 {
+        Cgroup::V2(root.join(parent))
+    } else {
+        Cgroup::V1(
+            ["cpuacct", "memory"]
+                .into_iter()
+                .map(|c| (c.to_string(), root.join(c).join(parent)))
+                .collect(),
+        )
     };
-    if root.join("cgroup.controllers").exists() {
-        let dir = root.join(parent);
-        let usage = text(dir.join("memory.current"))?.trim().parse().ok()?;
-        let cpu = keyed(text(dir.join("cpu.stat")));
-        let memory = types::MemoryStats {
-            usage,
-            max_usage: num(dir.join("memory.peak")),
-            // "max" (no limit) does not parse: 0, no limit.
-            limit: num(dir.join("memory.max")),
-            failcnt: keyed(text(dir.join("memory.events")))
-                .get("max")
-                .copied()
-                .unwrap_or(0),
-            stats: keyed(text(dir.join("memory.stat"))).into_iter().collect(),
-            swap_usage: num(dir.join("memory.swap.current")),
-            swap_limit: num(dir.join("memory.swap.max")),
-        };
-        return Some(PodCgroup {
-            cpu_ns: cpu.get("usage_usec").copied().unwrap_or(0) * 1000,
-            memory,
-            v2: true,
-        });
-    }
-    let mem = root.join("memory").join(parent);
-    let usage = text(mem.join("memory.usage_in_bytes"))?
-        .trim()
-        .parse()
-        .ok()?;
-    let memsw = num(mem.join("memory.memsw.usage_in_bytes"));
-    let memory = types::MemoryStats {
-        usage,
-        max_usage: num(mem.join("memory.max_usage_in_bytes")),
-        limit: num(mem.join("memory.limit_in_bytes")),
-        failcnt: num(mem.join("memory.failcnt")),
-        stats: keyed(text(mem.join("memory.stat"))).into_iter().collect(),
-        swap_usage: memsw.saturating_sub(usage),
-        swap_limit: num(mem.join("memory.memsw.limit_in_bytes")),
-    };
-    Some(PodCgroup {
-        cpu_ns: num(root.join("cpuacct").join(parent).join("cpuacct.usage")),
-        memory,
-        v2: false,
-    })
+    let stats = cgroup.stats().ok()?;
+    let cpu_ns = stats.cpu.total_ns;
+    let memory = types::CgroupStats::from(stats).memory.unwrap_or_default();
+    Some(PodCgroup { cpu_ns, memory, v2 })
 }
 
 /// One interface's counters.
@@ -1013,7 +977,8 @@ mod tests {
             (got.cpu_ns, got.memory.usage, got.memory.swap_usage),
             (12345, 4096, 1000)
         );
-        let m = Memory::of(&got.memory, got.v2, 1 << 40);
+        // The reader gives an unlimited v1 limit as the host's memory, as for containers.
+        let m = Memory::of(&got.memory, got.v2, berth_core::procfs::host_memory());
         assert_eq!((m.working_set, m.rss, m.available), (4000, 1000, 0));
         assert_eq!(read_pod_cgroup(v1.path(), "kubepods/other"), None);
         assert_eq!(read_pod_cgroup(v1.path(), "../etc"), None);
