@@ -156,12 +156,22 @@ async fn twenty_concurrent_attaches_and_detaches_leave_nothing_behind() -> Resul
         .collect::<Result<_>>()?;
     let started = Instant::now();
     let mut tasks = Vec::new();
+    // Free ports one after another can repeat (each probe's socket is closed before the
+    // next): the ten published ports must be distinct.
+    let mut picked = std::collections::HashSet::new();
     for (i, ns) in namespaces.iter().enumerate() {
         let n = i as u32 + 1;
         let mut client = client.clone();
         let ns = ns.clone();
         // Every other one publishes a port.
-        let port = n.is_multiple_of(2).then(free_port);
+        let port = n.is_multiple_of(2).then(|| {
+            loop {
+                let p = free_port();
+                if picked.insert(p) {
+                    break p;
+                }
+            }
+        });
         tasks.push(tokio::spawn(async move {
             let t = Instant::now();
             let ports: Vec<(&str, u16, u16)> =
