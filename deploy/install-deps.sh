@@ -6,6 +6,8 @@ set -euo pipefail
 PACKAGES=(
   runc                          # default OCI runtime
   crun                          # alternative OCI runtime
+  libseccomp-dev                # links the in-process runtime (libcontainer) with libseccomp
+  pkg-config                    # finds libseccomp when building
   containernetworking-plugins   # CNI reference plugins (orchestrator path)
   iptables                      # published ports, isolation
   iproute2                      # ip netns in tests

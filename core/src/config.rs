@@ -258,15 +258,68 @@ pub struct RuntimeConfig {
     pub args: Vec<String>,
 }
 
+/// The name (and reserved path) of the shim's in-process runtime, youki's libcontainer.
+pub const IN_PROCESS_RUNTIME: &str = "libcontainer";
+/// `default_runtime` value that lets berth pick.
+pub const AUTO_RUNTIME: &str = "auto";
+
+impl EngineConfig {
+    /// The runtime a container that names none runs with. `auto` resolves, once per process,
+    /// to the fastest runtime that works on this host: crun when its binary is there and the
+    /// cgroup layout is one crun accepts (it refuses a hybrid layout whose cgroup2 mount holds
+    /// controllers), else the in-process runtime, else runc.
+    pub fn default_runtime(&self) -> String {
+        if self.default_runtime != AUTO_RUNTIME {
+            return self.default_runtime.clone();
+        }
+        static DETECTED: std::sync::OnceLock<(bool, bool)> = std::sync::OnceLock::new();
+        let (crun_binary, crun_cgroups) = *DETECTED.get_or_init(|| {
+            let binary = self
+                .runtimes
+                .get("crun")
+                .is_some_and(|r| on_path(Path::new(&r.path)));
+            (binary, crun_accepts_cgroups(Path::new("/sys/fs/cgroup")))
+        });
+        if crun_binary && crun_cgroups && self.runtimes.contains_key("crun") {
+            "crun".into()
+        } else if self.runtimes.contains_key(IN_PROCESS_RUNTIME) {
+            IN_PROCESS_RUNTIME.into()
+        } else {
+            "runc".into()
+        }
+    }
+}
+
+/// Whether `binary` (a path, or a name looked up on `PATH`) is an existing file.
+fn on_path(binary: &Path) -> bool {
+    if binary.components().count() > 1 {
+        return binary.is_file();
+    }
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(binary).is_file()))
+}
+
+/// crun runs on cgroup v2, on v1, and on a hybrid layout only while the cgroup2 mount
+/// (`unified/`) holds no controllers.
+pub fn crun_accepts_cgroups(root: &Path) -> bool {
+    if root.join("cgroup.controllers").exists() {
+        return true;
+    }
+    std::fs::read_to_string(root.join("unified/cgroup.controllers"))
+        .map_or(true, |c| c.trim().is_empty())
+}
+
 /// berth-engine settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
     /// Socket path; default `<state_dir>/engine.sock`.
     pub socket: Option<PathBuf>,
-    /// Runtime used when a container names none.
+    /// Runtime used when a container names none; `auto` (the default) picks the fastest one
+    /// this host can run: see [`EngineConfig::default_runtime`].
     pub default_runtime: String,
-    /// Runtimes by name; `runc` and `crun` exist by default.
+    /// Runtimes by name; `runc`, `crun` and `libcontainer` (the shim's in-process runtime,
+    /// selected by that reserved path) exist by default.
     pub runtimes: BTreeMap<String, RuntimeConfig>,
     /// Default log driver (`json-file` or `none`).
     pub log_driver: String,
@@ -286,7 +339,7 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        let runtimes = ["runc", "crun"]
+        let runtimes = ["runc", "crun", IN_PROCESS_RUNTIME]
             .into_iter()
             .map(|r| {
                 (
@@ -300,7 +353,7 @@ impl Default for EngineConfig {
             .collect();
         Self {
             socket: None,
-            default_runtime: "runc".into(),
+            default_runtime: AUTO_RUNTIME.into(),
             runtimes,
             log_driver: "json-file".into(),
             log_opts: BTreeMap::new(),
@@ -505,10 +558,11 @@ impl Config {
                 "snapshotter.driver: {driver:?} is neither overlayfs, native nor a [proxy_plugins] entry"
             )));
         }
-        if !self
-            .engine
-            .runtimes
-            .contains_key(&self.engine.default_runtime)
+        if self.engine.default_runtime != AUTO_RUNTIME
+            && !self
+                .engine
+                .runtimes
+                .contains_key(&self.engine.default_runtime)
         {
             return Err(Error::invalid_argument(format!(
                 "engine.default_runtime: no runtime named {:?}",

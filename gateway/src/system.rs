@@ -75,7 +75,7 @@ impl DaemonInfo {
                 .iter()
                 .map(|(k, v)| (k.clone(), (v.path.clone(), v.args.clone())))
                 .collect(),
-            default_runtime: config.engine.default_runtime.clone(),
+            default_runtime: config.engine.default_runtime(),
             log_driver: config.engine.log_driver.clone(),
             insecure_registries: config.images.insecure_registries.clone(),
             registry_mirrors: config.images.registry_mirrors.clone(),

@@ -7,6 +7,7 @@ pub mod convert;
 pub mod daemon;
 pub mod events;
 pub mod health;
+pub mod inproc;
 pub mod logger;
 pub mod logreader;
 pub mod memory;

@@ -49,12 +49,13 @@ const MAX_MESSAGE: usize = 64 << 20;
 
 /// The seams of a real engine for `config`.
 pub fn real_deps(config: &Config) -> Deps {
+    let default_name = config.engine.default_runtime();
     let default_runtime = config
         .engine
         .runtimes
-        .get(&config.engine.default_runtime)
+        .get(&default_name)
         .map(|r| r.path.clone())
-        .unwrap_or_else(|| config.engine.default_runtime.clone());
+        .unwrap_or_else(|| default_name.clone());
     Deps {
         images: Arc::new(remote::RemoteImages::new(config.socket(Service::Images))),
         snapshots: Arc::new(remote::RemoteSnapshots(RemoteSnapshotter::from_config(
@@ -71,7 +72,7 @@ pub fn real_deps(config: &Config) -> Deps {
             runtime_root: config
                 .state_dir
                 .join("runtime")
-                .join(&config.engine.default_runtime),
+                .join(&default_name),
             log_buffer_bytes: config.shim.log_buffer_bytes,
             exec: config.shim.exec.clone(),
             otlp_endpoint: config.telemetry.otlp_endpoint.clone(),

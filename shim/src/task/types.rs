@@ -33,7 +33,8 @@ pub trait RuntimeFactory: Send + Sync + fmt::Debug {
     fn runtime(&self, settings: &RuntimeSettings, bundle: &Path) -> Arc<dyn OciRuntime>;
 }
 
-/// [`Runc`] drivers (runc, crun, any runc-compatible command line).
+/// The runtime drivers: [`crate::inproc::Libcontainer`] when the settings name it, else [`Runc`]
+/// (runc, crun, any runc-compatible command line).
 #[derive(Debug)]
 pub struct RuncFactory {
     /// Spawns the runtime binary.
@@ -44,6 +45,9 @@ pub struct RuncFactory {
 
 impl RuntimeFactory for RuncFactory {
     fn runtime(&self, settings: &RuntimeSettings, bundle: &Path) -> Arc<dyn OciRuntime> {
+        if crate::inproc::selected_by(&settings.binary) {
+            return Arc::new(crate::inproc::Libcontainer::new(settings.root.clone()));
+        }
         let config = RuncConfig {
             binary: settings.binary.clone(),
             root: settings.root.clone(),

@@ -254,7 +254,7 @@ impl Engine {
         }
         self.volumes_from(hc)?;
         if hc.runtime.is_empty() {
-            hc.runtime = self.config.engine.default_runtime.clone();
+            hc.runtime = self.config.engine.default_runtime();
         }
         // The `local` driver rotates by default (20 MiB, 5 files) where json-file does not.
         if let Some(lc) = hc.log_config.as_mut()

@@ -178,7 +178,7 @@ impl Engine {
         // the pod's status reads back what kubelet asked for.
         let runtime = req.runtime_handler.clone();
         if !runtime.is_empty()
-            && runtime != self.config.engine.default_runtime
+            && runtime != self.config.engine.default_runtime()
             && !self.config.engine.runtimes.contains_key(&runtime)
         {
             return Err(Error::invalid_argument(format!(

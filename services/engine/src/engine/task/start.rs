@@ -688,7 +688,7 @@ impl Engine {
             }
         }
         let runtime_name = if hc.runtime.is_empty() {
-            self.config.engine.default_runtime.clone()
+            self.config.engine.default_runtime()
         } else {
             hc.runtime.clone()
         };
