@@ -558,6 +558,16 @@ impl Config {
                 "snapshotter.driver: {driver:?} is neither overlayfs, native nor a [proxy_plugins] entry"
             )));
         }
+        if let Some((name, _)) = self
+            .engine
+            .runtimes
+            .iter()
+            .find(|(_, r)| r.path == IN_PROCESS_RUNTIME && !r.args.is_empty())
+        {
+            return Err(Error::invalid_argument(format!(
+                "engine.runtimes.{name}: the in-process runtime ({IN_PROCESS_RUNTIME}) takes no args"
+            )));
+        }
         if self.engine.default_runtime != AUTO_RUNTIME
             && !self
                 .engine
@@ -694,6 +704,51 @@ mod tests {
             PathBuf::from("/run/berth/engine.sock")
         );
         assert_eq!(cfg.gateway_hosts(), ["unix:///run/berth/docker.sock"]);
+    }
+
+    #[test]
+    fn crun_is_refused_only_a_hybrid_layout_with_unified_controllers() {
+        let dir = tempfile::tempdir().unwrap();
+        // Pure v1 (no unified mount) and pure v2: crun runs.
+        assert!(crun_accepts_cgroups(dir.path()));
+        std::fs::write(dir.path().join("cgroup.controllers"), "cpu memory\n").unwrap();
+        assert!(crun_accepts_cgroups(dir.path()));
+        std::fs::remove_file(dir.path().join("cgroup.controllers")).unwrap();
+        // Hybrid: fine while unified/ holds no controller, refused once it holds one.
+        std::fs::create_dir(dir.path().join("unified")).unwrap();
+        std::fs::write(dir.path().join("unified/cgroup.controllers"), "\n").unwrap();
+        assert!(crun_accepts_cgroups(dir.path()));
+        std::fs::write(dir.path().join("unified/cgroup.controllers"), "hugetlb\n").unwrap();
+        assert!(!crun_accepts_cgroups(dir.path()));
+    }
+
+    #[test]
+    fn auto_resolves_to_a_configured_runtime_and_names_are_kept() {
+        let mut cfg = Config::default();
+        assert_eq!(cfg.engine.default_runtime, AUTO_RUNTIME);
+        let chosen = cfg.engine.default_runtime();
+        assert!(
+            ["crun", IN_PROCESS_RUNTIME].contains(&chosen.as_str()),
+            "{chosen}"
+        );
+        cfg.engine.default_runtime = "runc".into();
+        assert_eq!(cfg.engine.default_runtime(), "runc");
+        assert!(cfg.validate().is_ok());
+        cfg.engine.default_runtime = "nope".into();
+        assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn the_in_process_runtime_refuses_args() {
+        let mut cfg = Config::default();
+        cfg.engine
+            .runtimes
+            .get_mut(IN_PROCESS_RUNTIME)
+            .unwrap()
+            .args
+            .push("--debug".into());
+        let err = cfg.validate().unwrap_err();
+        assert!(err.chain().contains("takes no args"), "{}", err.chain());
     }
 
     #[test]

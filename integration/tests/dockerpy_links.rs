@@ -133,7 +133,7 @@ old.start(c)
 assert run_out(c, ["cat", "/sys/class/net/eth0/address"]).strip() == "02:42:ac:11:00:99"
 info = api.inspect_container(c)
 assert info["NetworkSettings"]["Networks"]["bridge"]["MacAddress"] == "02:42:ac:11:00:99", info["NetworkSettings"]
-assert info["HostConfig"]["Runtime"] == "runc", info["HostConfig"]["Runtime"]
+assert info["HostConfig"]["Runtime"] == api.info()["DefaultRuntime"], info["HostConfig"]["Runtime"]
 api.remove_container(c, force=True)
 
 # EndpointSettings.MacAddress on a user network.
@@ -300,7 +300,11 @@ fn docker_py_fields_clients_read() -> Result<()> {
         "{{.HostConfig.Runtime}}",
         &d.ok(&["create", "busybox", "true"])?,
     ])?;
-    ensure!(runtime == "runc", "{runtime}");
+    let default = d.ok(&["info", "-f", "{{.DefaultRuntime}}"])?;
+    ensure!(
+        runtime == default && !runtime.is_empty(),
+        "{runtime} vs {default}"
+    );
     Ok(())
 }
 

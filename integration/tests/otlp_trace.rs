@@ -268,7 +268,7 @@ fn complete_trace(spans: &[Span], services: &[&str]) -> Option<Vec<Span>> {
             .all(|svc| members.iter().any(|s| s.service == *svc));
         let runtime_child = members.iter().any(|s| {
             s.service == "berth-shim"
-                && s.name.starts_with("runc ")
+                && (s.name.starts_with("runc ") || s.name.starts_with("libcontainer "))
                 && members
                     .iter()
                     .any(|p| p.span_id == s.parent_id && p.name.starts_with("berth.shim.v1.Shim/"))

@@ -446,7 +446,28 @@ fn init_logging(level: &str) {
         "error" => tracing::Level::ERROR,
         _ => tracing::Level::INFO,
     };
-    let _ = tracing::subscriber::set_global_default(StderrLogger { level });
+    // A close-on-exec copy of stderr: a container process cloned from the shim (the in-process
+    // runtime's init) logs into shim.log until it execs, not into the container's stderr, which
+    // it has made its fd 2 by then.
+    let out = nix::fcntl::fcntl(std::io::stderr(), nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))
+        .map(|fd| {
+            // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that nothing else owns.
+            std::fs::File::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+        })
+        .ok();
+    let _ = tracing::subscriber::set_global_default(StderrLogger { level, out });
+}
+
+/// libcontainer and libcgroups log each create at info and warn (the cgroup driver chosen,
+/// every v1 controller the host lacks); the shim keeps their errors unless asked for more.
+fn library_level(target: &str, level: tracing::Level) -> tracing::Level {
+    if (target.starts_with("libcontainer") || target.starts_with("libcgroups"))
+        && level < tracing::Level::DEBUG
+    {
+        tracing::Level::ERROR
+    } else {
+        level
+    }
 }
 
 /// A minimal `tracing` subscriber: one line per event with its fields, no `tracing` spans; a
@@ -454,11 +475,13 @@ fn init_logging(level: &str) {
 #[derive(Debug)]
 struct StderrLogger {
     level: tracing::Level,
+    /// shim.log; `None` = stderr itself.
+    out: Option<std::fs::File>,
 }
 
 impl tracing::Subscriber for StderrLogger {
     fn enabled(&self, meta: &tracing::Metadata<'_>) -> bool {
-        meta.is_event() && *meta.level() <= self.level
+        meta.is_event() && *meta.level() <= library_level(meta.target(), self.level)
     }
 
     fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
@@ -499,7 +522,10 @@ impl tracing::Subscriber for StderrLogger {
             event.metadata().target(),
             fields.0
         );
-        let _ = std::io::stderr().write_all(line.as_bytes());
+        let _ = match &self.out {
+            Some(f) => (&*f).write_all(line.as_bytes()),
+            None => std::io::stderr().write_all(line.as_bytes()),
+        };
     }
 
     fn enter(&self, _: &tracing::span::Id) {}

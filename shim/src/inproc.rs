@@ -92,15 +92,13 @@ impl Libcontainer {
     fn create_sync(&self, id: &str, opts: CreateOptions) -> Result<()> {
         prepare_bundle(&opts.bundle)?;
         let builder = self.builder(id, opts.stdio)?;
-        let result = builder
-            .with_pid_file(Some(&opts.pid_file))
-            .and_then(|b| {
-                b.with_console_socket(opts.console_socket.as_ref())
-                    .as_init(&opts.bundle)
-                    .with_systemd(false)
-                    .with_detach(true)
-                    .build()
-            });
+        let result = builder.with_pid_file(Some(&opts.pid_file)).and_then(|b| {
+            b.with_console_socket(opts.console_socket.as_ref())
+                .as_init(&opts.bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .build()
+        });
         match result {
             Ok(_) => Ok(()),
             Err(e) => {
@@ -116,10 +114,10 @@ impl Libcontainer {
     }
 
     fn remove_failed(&self, id: &str) {
-        if let Ok(mut c) = self.load(id) {
-            if let Err(e) = c.delete(true) {
-                tracing::warn!(id, error = %e, "clean up after a failed create");
-            }
+        if let Ok(mut c) = self.load(id)
+            && let Err(e) = c.delete(true)
+        {
+            tracing::warn!(id, error = %e, "clean up after a failed create");
         }
         let _ = std::fs::remove_dir_all(self.root.join(id));
     }
@@ -133,6 +131,31 @@ impl Libcontainer {
         })
         .map_err(|e| Error::internal(format!("cgroup of {}: {e}", c.id())))
     }
+}
+
+/// Why the bundle's container cannot run in-process (and runs with runc instead), or `None`.
+///
+/// libcontainer 0.7 mounts a cgroup v1 `/sys/fs/cgroup` by reading `/proc/<pid>/cgroup` with the
+/// pid the init has inside its PID namespace, in the host's `/proc`: in a PID namespace it joins
+/// (a pod's, `--pid container:`) that pid is not the init's on the host, and the create fails.
+pub fn needs_runc(bundle: &Path) -> Option<&'static str> {
+    let data = std::fs::read(bundle.join("config.json")).ok()?;
+    let spec: serde_json::Value = serde_json::from_slice(&data).ok()?;
+    let joins_pid_ns = spec
+        .pointer("/linux/namespaces")
+        .and_then(|n| n.as_array())
+        .is_some_and(|ns| {
+            ns.iter()
+                .any(|n| n["type"] == "pid" && n["path"].as_str().is_some_and(|p| !p.is_empty()))
+        });
+    let mounts_cgroup = spec
+        .pointer("/mounts")
+        .and_then(|m| m.as_array())
+        .is_some_and(|ms| ms.iter().any(|m| m["type"] == "cgroup"));
+    let cgroup_v1 = !Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    (joins_pid_ns && mounts_cgroup && cgroup_v1).then_some(
+        "libcontainer 0.7 cannot mount cgroup v1 for a container that joins a PID namespace",
+    )
 }
 
 /// Makes the bundle one libcontainer runs the way runc would, through what it reads:
@@ -153,8 +176,7 @@ fn prepare_bundle(bundle: &Path) -> Result<()> {
         .pointer("/root/path")
         .and_then(|p| p.as_str())
         .map(|p| bundle.join(p));
-    if let (Some(root), Some(cwd)) = (root, spec.pointer("/process/cwd").and_then(|c| c.as_str()))
-    {
+    if let (Some(root), Some(cwd)) = (root, spec.pointer("/process/cwd").and_then(|c| c.as_str())) {
         make_dir_in_root(&root, cwd)?;
     }
     if let Some(process) = spec.get_mut("process").and_then(|p| p.as_object_mut())
@@ -194,10 +216,12 @@ fn make_dir_in_root(root: &Path, dir: &str) -> Result<()> {
         prefix.push(name);
         match openat2(&root_fd, &prefix, how()) {
             Ok(_) => {}
-            Err(nix::Error::ENOENT) => match mkdirat(&parent, name, Mode::from_bits_truncate(0o755)) {
-                Ok(()) | Err(nix::Error::EEXIST) => {}
-                Err(e) => return Err(fail(e)),
-            },
+            Err(nix::Error::ENOENT) => {
+                match mkdirat(&parent, name, Mode::from_bits_truncate(0o755)) {
+                    Ok(()) | Err(nix::Error::EEXIST) => {}
+                    Err(e) => return Err(fail(e)),
+                }
+            }
             Err(e) => return Err(fail(e)),
         }
     }
@@ -279,8 +303,8 @@ impl Executor for RuncLikeExecutor {
             };
             return Err(ExecutorValidationError::ArgValidationError(message));
         };
-        let executable = nix::unistd::access(&path, nix::unistd::AccessFlags::X_OK).is_ok()
-            && path.is_file();
+        let executable =
+            nix::unistd::access(&path, nix::unistd::AccessFlags::X_OK).is_ok() && path.is_file();
         if !executable {
             return Err(ExecutorValidationError::ArgValidationError(format!(
                 "exec: {arg0:?}: permission denied"
@@ -325,9 +349,8 @@ impl OciRuntime for Libcontainer {
 
     fn kill<'a>(&'a self, id: &'a str, signal: i32, all: bool) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let sig = Signal::try_from(signal).map_err(|e| {
-                Error::invalid_argument(format!("signal {signal}")).with_source(e)
-            })?;
+            let sig = Signal::try_from(signal)
+                .map_err(|e| Error::invalid_argument(format!("signal {signal}")).with_source(e))?;
             let mut c = self.load(id)?;
             c.kill(sig, all).map_err(|e| match e {
                 LibcontainerError::IncorrectStatus(_) => Error::new(

@@ -69,10 +69,7 @@ pub fn real_deps(config: &Config) -> Deps {
             bundles: config.state_dir.join("bundles"),
             events_address: format!("unix://{}", config.socket(Service::Engine).display()),
             runtime: default_runtime,
-            runtime_root: config
-                .state_dir
-                .join("runtime")
-                .join(&default_name),
+            runtime_root: config.state_dir.join("runtime").join(&default_name),
             log_buffer_bytes: config.shim.log_buffer_bytes,
             exec: config.shim.exec.clone(),
             otlp_endpoint: config.telemetry.otlp_endpoint.clone(),

@@ -364,6 +364,18 @@ impl Shim {
                 r
             }
         };
+        let mut runtime_settings = runtime_settings;
+        if crate::inproc::selected_by(&runtime_settings.binary)
+            && let Some(reason) = crate::inproc::needs_runc(&opts.bundle)
+        {
+            tracing::warn!(id = %opts.id, reason, "running this container with runc");
+            runtime_settings.binary = "runc".into();
+            runtime_settings.root = runtime_settings
+                .root
+                .as_deref()
+                .and_then(Path::parent)
+                .map(|p| p.join("runc"));
+        }
         let runtime = self.inner.runtimes.runtime(&runtime_settings, &opts.bundle);
         if let Some(address) = req.events_address.as_deref().filter(|a| !a.is_empty()) {
             self.inner
