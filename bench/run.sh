@@ -96,8 +96,11 @@ registry_start || log "registry did not start: the pull scenario will fail"
 # 4. Stage breakdown of `docker run --rm busybox true` on a traced stack (its own bridge), first,
 #    on a quiet machine: after the density run the kernel is still tearing down hundreds of
 #    namespaces for a while, which would show up in the traced times.
+# $1: the default runtime of the traced stack (runc: the runtime binary path; libcontainer: in the
+# shim), $2: where its markdown goes.
 breakdown() {
-  local t=$BENCH_TMP/tracing
+  local runtime=$1 md=$2
+  local t=$BENCH_TMP/tracing-$runtime
   mkdir -p "$t"
   local venv=$ROOT/target/bench-venv
   if ! "$venv/bin/python" -c 'import grpc, opentelemetry.proto' 2>/dev/null; then
@@ -115,6 +118,8 @@ breakdown() {
   for ((i = 0; i < 200; i++)); do [ -f "$t/port" ] && break; sleep 0.05; done
   [ -f "$t/port" ] || { log "the OTLP collector did not start"; cat "$t/collector.log" >&2; return 1; }
   berth_start trace bbench1 10.219.4.1/22 10.219.16.0/21 "$(cat <<TOML
+[engine]
+default_runtime = "$runtime"
 [engine.runtimes.runc]
 path = "$t/runc"
 args = []
@@ -149,9 +154,9 @@ TOML
   berth_stop trace
   stop_pid "$COLLECTOR_PID" 5
   COLLECTOR_PID=
-  cp "$t/spans.jsonl" "$t/exec.log" "$t/runs.json" "$RAW/" 2>/dev/null || true
+  for f in spans.jsonl exec.log runs.json; do cp "$t/$f" "$RAW/$runtime-$f" 2>/dev/null || true; done
   python3 "$bd" analyze --runs "$t/runs.json" --spans "$t/spans.jsonl" \
-    --exec "$t/exec.log" --out "$RAW/breakdown.json" --md "$RAW/breakdown.md" >/dev/null
+    --exec "$t/exec.log" --out "$RAW/breakdown-$runtime.json" --md "$md" >/dev/null
   local label f
   for f in exec par20 rm20; do
     [ -s "$t/$f-runs.json" ] || continue
@@ -162,14 +167,23 @@ TOML
     esac
     python3 "$bd" profile-analyze --label "$label" --runs "$t/$f-runs.json" --spans "$t/spans.jsonl" \
       --exec "$t/exec.log" --md "$t/$f.md" >/dev/null \
-      && { echo; echo "#### Traced: $label"; echo; cat "$t/$f.md"; } >> "$RAW/breakdown.md"
+      && { echo; echo "#### Traced: $label"; echo; cat "$t/$f.md"; } >> "$md"
   done
 }
 if [ "$BREAKDOWN" = 1 ]; then
-  log "stage breakdown: $BREAKDOWN_RUNS traced runs of docker run --rm busybox true"
-  breakdown || { log "stage breakdown failed"; echo "The traced run failed; see the bench output." > "$RAW/breakdown.md"; }
-  berth_stop trace
-  sleep 3
+  : > "$RAW/breakdown.md"
+  # Before (runc, a binary per call) and after (the shim's in-process runtime).
+  for rt in runc libcontainer; do
+    log "stage breakdown ($rt): $BREAKDOWN_RUNS traced runs of docker run --rm busybox true"
+    if breakdown "$rt" "$RAW/breakdown-$rt.md"; then
+      { echo; echo "### Default runtime: $rt"; echo; cat "$RAW/breakdown-$rt.md"; } >> "$RAW/breakdown.md"
+    else
+      log "stage breakdown ($rt) failed"
+      echo "The traced run with $rt failed; see the bench output." >> "$RAW/breakdown.md"
+    fi
+    berth_stop trace
+    sleep 3
+  done
 fi
 
 # 5. The stacks.

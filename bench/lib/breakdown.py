@@ -30,12 +30,12 @@ MARKERS = [
     ("shim_begin", "hosts/resolv.conf/hostname files, OCI spec generation, config.json"),
     ("shim_end", "shim spawn (`berth-shim start` until it serves)"),
     ("runc_create_begin", "shim Create RPC: connect, rootfs mount, stdio/log setup"),
-    ("runc_create_end", "runc create — or `runc run`: create and start in one call, `true` runs"),
+    ("runc_create_end", "runtime create (runc create, or libcontainer's in the shim) — or `runc run`: create and start in one call, `true` runs"),
     ("runc_start_begin", "between create and start (attach hand-off, Start RPC; none with `runc run`)"),
-    ("runc_start_end", "runc start (`true` runs and exits; none with `runc run`)"),
+    ("runc_start_end", "runtime start (`true` runs and exits; none with `runc run`)"),
     ("start_end", "start answered: attach hand-off (with `runc run`), record persisted, `start` event"),
     ("runc_delete_begin", "exit notification → engine exit handling (die event, persist) → shim Delete"),
-    ("runc_delete_end", "runc delete (netns removal and network Detach run alongside; Detach below)"),
+    ("runc_delete_end", "runtime delete (netns removal and network Detach run alongside; Detach below)"),
     ("remove_begin", "rootfs unmount, shim Shutdown, bundle removal; snapshot Remove begins"),
     ("remove_end", "snapshot Remove"),
     ("cli_exit", "images RemoveUser, record delete, `destroy`, /wait answered, CLI exits"),
@@ -198,6 +198,12 @@ def markers_for(run, spans, execs):
         e = first(ex, lambda e, n=name: e["name"] == n)
         if e:
             m[key + "_begin"], m[key + "_end"] = e["start"], e["end"]
+    # The in-process runtime runs no binary: its calls are the shim's spans.
+    for key, name in [("runc_create", "libcontainer create"), ("runc_start", "libcontainer start"),
+                      ("runc_delete", "libcontainer delete")]:
+        s = first(sp, lambda s, n=name: s["service"] == "berth-shim" and s["name"] == n)
+        if s and key + "_begin" not in m:
+            m[key + "_begin"], m[key + "_end"] = s["start"], s["end"]
     # One `runc run` (create and start in one call) stands for both; the start stages are empty.
     run = first(ex, lambda e: e["name"] == "runc run")
     if run and "runc_create_begin" not in m:
