@@ -4,11 +4,16 @@
 //! Its state lives in the same `--root` layout runc uses (`<root>/<id>/state.json`, youki's
 //! format), so a restarted shim, or `berth-shim delete` after a shim died, finds the container.
 //!
-//! Every call runs to completion on the calling thread. That is deliberate: libcontainer forks
-//! an intermediate process and `waitpid`s it itself, and the shim's reaper (a task on the same
-//! single-threaded runtime) must not reap that process first. While a call runs the reaper cannot
-//! run; the container's init is the shim's own child (libcontainer starts it as the intermediate's
-//! sibling) and the reaper collects it afterwards as it does with runc.
+//! Create and exec run in a forked copy of the shim ([`forked`]), not in the shim itself:
+//! libcontainer starts its processes with the raw `clone3` system call, which skips glibc's fork
+//! handlers, so a clone taken while another shim thread (the log writer) holds the malloc lock
+//! would leave the child deadlocked on its first allocation. glibc's `fork` takes those locks
+//! first; the forked copy is single-threaded and clones safely. It also keeps libcontainer's own
+//! `waitpid` of its intermediate process away from the shim's reaper. The container's init is
+//! the fork's child (libcontainer starts it as the intermediate's sibling); once the fork exits
+//! the init is re-parented to the shim, a subreaper, which reaps it as it does runc's.
+//! The other calls (start, kill, state, delete, pause, resume, update, ps) fork nothing and run
+//! in the shim directly.
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -24,6 +29,9 @@ use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 
+use std::sync::Arc;
+
+use crate::reaper::Spawner;
 use crate::runtime::{
     BoxFuture, CreateOptions, ExecOptions, OciRuntime, ProcessStdio, RuntimeState,
 };
@@ -44,13 +52,16 @@ pub fn selected_by(binary: &Path) -> bool {
 #[derive(Debug, Clone)]
 pub struct Libcontainer {
     root: PathBuf,
+    spawner: Arc<dyn Spawner>,
 }
 
 impl Libcontainer {
-    /// A runtime keeping its containers' state under `root` (default `/run/berth/libcontainer`).
-    pub fn new(root: Option<PathBuf>) -> Self {
+    /// A runtime keeping its containers' state under `root` (default `/run/berth/libcontainer`);
+    /// `spawner` reaps the forked copies that create and exec run in.
+    pub fn new(root: Option<PathBuf>, spawner: Arc<dyn Spawner>) -> Self {
         Self {
             root: root.unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT)),
+            spawner,
         }
     }
 
@@ -228,6 +239,62 @@ fn make_dir_in_root(root: &Path, dir: &str) -> Result<()> {
     Ok(())
 }
 
+/// Runs `work` in a forked, single-threaded copy of the shim and returns its result (see the
+/// module docs for why). The fork reports through a pipe and exits at once with `_exit`.
+async fn forked(spawner: &dyn Spawner, work: impl FnOnce() -> Result<()>) -> Result<()> {
+    use nix::unistd::{ForkResult, fork};
+    use std::io::Write as _;
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| Error::internal("create pipe").with_source(e))?;
+    // SAFETY: glibc's fork; the child runs only `work` (allocation is safe: fork took malloc's
+    // locks) and leaves with `_exit`, never returning into the parent's runtime.
+    match unsafe { fork() } {
+        Err(e) => Err(Error::internal("fork").with_source(e)),
+        Ok(ForkResult::Child) => {
+            drop(r);
+            let report = match work() {
+                Ok(()) => String::new(),
+                Err(e) => format!("{:?}\n{}", e.kind(), e.chain()),
+            };
+            let _ = File::from(w).write_all(report.as_bytes());
+            // SAFETY: ends the forked copy without running the parent's destructors.
+            unsafe { libc::_exit(0) }
+        }
+        Ok(ForkResult::Parent { child }) => {
+            drop(w);
+            // The report is complete once the fork has exited. The pipe never reaches EOF
+            // before the container starts: its init, cloned from the fork, holds the write end
+            // until it execs. So wait for the exit, then read what is there.
+            let exit = spawner.watch(child.as_raw() as u32).await?;
+            let mut report = Vec::new();
+            let mut file = File::from(r);
+            let _ = nix::fcntl::fcntl(
+                &file,
+                nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+            );
+            let _ = std::io::Read::read_to_end(&mut file, &mut report);
+            if report.is_empty() {
+                return match exit.status {
+                    0 => Ok(()),
+                    status => Err(Error::internal(format!(
+                        "{NAME}: the forked runtime exited with status {status} and no report"
+                    ))),
+                };
+            }
+            let report = String::from_utf8_lossy(&report);
+            let (kind, message) = report.split_once('\n').unwrap_or(("Internal", &report));
+            let kind = match kind {
+                "NotFound" => ErrorKind::NotFound,
+                "AlreadyExists" => ErrorKind::AlreadyExists,
+                "FailedPrecondition" => ErrorKind::FailedPrecondition,
+                "InvalidArgument" => ErrorKind::InvalidArgument,
+                _ => ErrorKind::Internal,
+            };
+            Err(Error::new(kind, message.to_string()))
+        }
+    }
+}
+
 /// A libcontainer error as a berth error of the kind runc's message would have been classified.
 fn failed(op: &str, e: LibcontainerError) -> Error {
     let kind = match &e {
@@ -319,7 +386,7 @@ impl OciRuntime for Libcontainer {
         Box::pin(crate::trace::child(
             || format!("{NAME} create"),
             || vec![("berth.runtime.op", "create".to_string())],
-            async move { self.create_sync(id, opts) },
+            forked(self.spawner.as_ref(), move || self.create_sync(id, opts)),
         ))
     }
 
@@ -376,16 +443,19 @@ impl OciRuntime for Libcontainer {
     fn exec<'a>(&'a self, id: &'a str, opts: ExecOptions) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             self.load(id)?;
-            self.builder(id, opts.stdio)?
-                .with_pid_file(Some(&opts.pid_file))
-                .map_err(|e| failed("exec", e))?
-                .with_console_socket(opts.console_socket.as_ref())
-                .as_tenant()
-                .with_process(Some(&opts.process))
-                .with_detach(true)
-                .build()
-                .map(drop)
-                .map_err(|e| failed("exec", e))
+            forked(self.spawner.as_ref(), move || {
+                self.builder(id, opts.stdio)?
+                    .with_pid_file(Some(&opts.pid_file))
+                    .map_err(|e| failed("exec", e))?
+                    .with_console_socket(opts.console_socket.as_ref())
+                    .as_tenant()
+                    .with_process(Some(&opts.process))
+                    .with_detach(true)
+                    .build()
+                    .map(drop)
+                    .map_err(|e| failed("exec", e))
+            })
+            .await
         })
     }
 
@@ -424,5 +494,81 @@ impl OciRuntime for Libcontainer {
                 .map_err(|e| Error::internal(format!("{NAME} ps: {e}")))?;
             Ok(pids.into_iter().map(|p| p.as_raw() as u32).collect())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(spec: serde_json::Value) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rootfs")).unwrap();
+        std::fs::write(dir.path().join("config.json"), spec.to_string()).unwrap();
+        dir
+    }
+
+    fn spec_at(dir: &Path) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn an_explicit_no_new_privileges_false_is_removed_and_true_is_kept() {
+        let b = bundle(serde_json::json!({
+            "root": {"path": "rootfs"}, "process": {"cwd": "/", "noNewPrivileges": false}
+        }));
+        prepare_bundle(b.path()).unwrap();
+        assert!(
+            spec_at(b.path())["process"]
+                .get("noNewPrivileges")
+                .is_none()
+        );
+        let b = bundle(serde_json::json!({
+            "root": {"path": "rootfs"}, "process": {"cwd": "/", "noNewPrivileges": true}
+        }));
+        prepare_bundle(b.path()).unwrap();
+        assert_eq!(spec_at(b.path())["process"]["noNewPrivileges"], true);
+    }
+
+    #[test]
+    fn a_missing_working_directory_is_made_inside_the_rootfs_even_through_a_symlink() {
+        let b = bundle(serde_json::json!({
+            "root": {"path": "rootfs"}, "process": {"cwd": "/link/work/dir"}
+        }));
+        let rootfs = b.path().join("rootfs");
+        // An absolute symlink resolves inside the rootfs, never on the host.
+        std::os::unix::fs::symlink("/var", rootfs.join("link")).unwrap();
+        std::fs::create_dir(rootfs.join("var")).unwrap();
+        prepare_bundle(b.path()).unwrap();
+        assert!(rootfs.join("var/work/dir").is_dir());
+        assert!(!Path::new("/var/work/dir").exists());
+        // A path through a file is refused.
+        std::fs::write(rootfs.join("file"), "x").unwrap();
+        let b2 = bundle(serde_json::json!({
+            "root": {"path": rootfs.display().to_string()}, "process": {"cwd": "/file/sub"}
+        }));
+        assert!(prepare_bundle(b2.path()).is_err());
+    }
+
+    #[test]
+    fn only_a_joined_pid_namespace_with_a_cgroup_mount_on_v1_needs_runc() {
+        let spec = |pid_path: &str| {
+            serde_json::json!({
+                "linux": {"namespaces": [{"type": "pid", "path": pid_path}, {"type": "mount"}]},
+                "mounts": [{"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup"}]
+            })
+        };
+        let v1 = !Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        let joined = bundle(spec("/proc/1/ns/pid"));
+        assert_eq!(needs_runc(joined.path()).is_some(), v1);
+        let fresh = bundle(spec(""));
+        assert!(needs_runc(fresh.path()).is_none());
+    }
+
+    #[test]
+    fn the_reserved_name_selects_the_in_process_runtime() {
+        assert!(selected_by(Path::new("libcontainer")));
+        assert!(!selected_by(Path::new("runc")));
+        assert!(!selected_by(Path::new("/usr/bin/libcontainer")));
     }
 }

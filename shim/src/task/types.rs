@@ -46,7 +46,10 @@ pub struct RuncFactory {
 impl RuntimeFactory for RuncFactory {
     fn runtime(&self, settings: &RuntimeSettings, bundle: &Path) -> Arc<dyn OciRuntime> {
         if crate::inproc::selected_by(&settings.binary) {
-            return Arc::new(crate::inproc::Libcontainer::new(settings.root.clone()));
+            return Arc::new(crate::inproc::Libcontainer::new(
+                settings.root.clone(),
+                self.spawner.clone(),
+            ));
         }
         let config = RuncConfig {
             binary: settings.binary.clone(),
