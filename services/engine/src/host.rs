@@ -151,6 +151,9 @@ impl ShimProcesses {
     }
 }
 
+/// How long a new shim may take to serve.
+const SHIM_READY: Duration = Duration::from_secs(15);
+
 fn address_path(addr: &str) -> PathBuf {
     PathBuf::from(addr.trim().strip_prefix("unix://").unwrap_or(addr.trim()))
 }
@@ -163,8 +166,16 @@ impl ShimLauncher for ShimProcesses {
         namespace: &'a str,
     ) -> BoxFuture<'a, Arc<dyn Shim>> {
         Box::pin(async move {
+            // `berth-shim serve` itself, not `berth-shim start` (which would only spawn it and
+            // wait): one process fewer on every start. It reports readiness on stdout, then
+            // lets go of it; its stderr is its log.
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(bundle.join("shim.log"))
+                .map_err(|e| Error::internal("open shim.log").with_source(e))?;
             let mut cmd = tokio::process::Command::new(&self.binary);
-            cmd.arg("start")
+            cmd.args(["serve", "--notify-stdout"])
                 .args(["--id", id])
                 .arg("--bundle")
                 .arg(bundle)
@@ -184,22 +195,66 @@ impl ShimLauncher for ShimProcesses {
                 .arg(&self.state_dir)
                 .args(["--log-buffer-bytes", &self.log_buffer_bytes.to_string()])
                 .args(["--exec", &self.exec])
-                .stdin(std::process::Stdio::null());
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(log)
+                .current_dir("/");
             if let Some(endpoint) = &self.otlp_endpoint {
                 cmd.args(["--otlp-endpoint", endpoint]);
             }
-            let out = cmd.output().await.map_err(|e| {
+            // SAFETY: between fork and exec the closure makes only async-signal-safe system
+            // calls (setsid, close_range) and allocates nothing.
+            unsafe {
+                cmd.pre_exec(|| {
+                    // A session of its own: no controlling terminal, no signals from ours.
+                    nix::unistd::setsid().map_err(std::io::Error::from)?;
+                    // Nothing the engine holds open without CLOEXEC may live as long as a shim.
+                    libc::syscall(
+                        libc::SYS_close_range,
+                        3u32,
+                        u32::MAX,
+                        libc::CLOSE_RANGE_CLOEXEC,
+                    );
+                    Ok(())
+                });
+            }
+            let mut child = cmd.spawn().map_err(|e| {
                 Error::internal(format!("run {}", self.binary.display())).with_source(e)
             })?;
-            if !out.status.success() {
-                return Err(Error::internal(format!(
-                    "berth-shim start: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                )));
+            let ready = async {
+                use tokio::io::AsyncBufReadExt as _;
+                let mut line = String::new();
+                if let Some(out) = child.stdout.take() {
+                    let _ = tokio::io::BufReader::new(out).read_line(&mut line).await;
+                }
+                line
+            };
+            let line = match tokio::time::timeout(SHIM_READY, ready).await {
+                Ok(line) => line,
+                Err(_) => String::from("error the shim was not ready in time"),
+            };
+            match line.trim_end().split_once(' ') {
+                Some(("ok", addr)) => {
+                    // The shim outlives this call, and the engine; dropped, its exit is reaped
+                    // by tokio in the background (or by whoever it is re-parented to).
+                    drop(child);
+                    let shim: Arc<dyn Shim> = Arc::new(RemoteShim::new(address_path(addr)));
+                    Ok(shim)
+                }
+                other => {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    let message = match other {
+                        Some(("error", msg)) => msg.to_string(),
+                        _ if line.trim().is_empty() => {
+                            "the shim exited before it was ready (see shim.log in the bundle)"
+                                .into()
+                        }
+                        _ => format!("unexpected readiness line {:?}", line.trim()),
+                    };
+                    Err(Error::internal(format!("berth-shim: {message}")))
+                }
             }
-            let addr = String::from_utf8_lossy(&out.stdout).to_string();
-            let shim: Arc<dyn Shim> = Arc::new(RemoteShim::new(address_path(&addr)));
-            Ok(shim)
         })
     }
 
