@@ -282,9 +282,9 @@ const STATUS_DROPPED: &[&str] = &[
 
 /// Status lines holding the probe's own pid in the container's pid namespace. The value is
 /// not the runtime's to choose: runc's `runc init` is a Go program whose threads take pids in
-/// the new namespace before it execs the command (4 or 5 of them here, as the Go runtime
-/// starts them), so the command's first child gets pid 5 or 6 under runc and 2 under a
-/// runtime that does not run Go in the container. Only a value other than 1 is replaced.
+/// the new namespace before it execs the command (2-5 here, 2-4 with a terminal; plain `runc
+/// run` shows the same), so the command's first child gets pid 6 (5) under runc and 2 under a
+/// runtime that runs no Go in the container. Only a value other than 1 is replaced.
 const PIDS: &[&str] = &["Pid", "Tgid", "NStgid", "NSpid"];
 
 /// Replaces, and only replaces, what must differ between two containers:
