@@ -2,7 +2,8 @@
 //! against runc, through the real docker CLI on one berth stack. The same `docker run` options
 //! with each runtime must give the same output of a probe script: `/proc/self/{status,
 //! mountinfo, cgroup, limits, oom_score_adj}`, the namespaces of `/proc/self/ns/*`, `id`,
-//! `hostname`, `ls -l /dev`, `mount`, how seccomp denies `unshare -U`, `mount` and `linux32`,
+//! `hostname`, `ls -l /dev`, `mount`, who owns the stdio the container was given (and whether
+//! the user can reopen it as `/dev/stdout`), how seccomp denies `unshare -U`, `mount` and `linux32`,
 //! and the cgroup limits read inside the container and, from the host, in its cgroup dirs. The
 //! matrix: root and `--user 1000:1000`, with and without `-t`, on the default bridge, the host
 //! network and a joined network namespace (`--network container:<helper>`).
@@ -64,6 +65,9 @@ echo "== id"; id
 echo "== hostname"; hostname
 echo "== dev"; ls -l /dev
 echo "== mount"; mount
+echo "== stdio"
+stat -L -c '%n %u:%g %a %F %t,%T' /proc/self/fd/0 /proc/self/fd/1 /proc/self/fd/2
+(echo through /dev/stdout > /dev/stdout) 2>&1; echo "dev-stdout=$?"
 echo "== seccomp"
 unshare -U true 2>&1; echo "unshare=$?"
 mount -t tmpfs x /mnt 2>&1; echo "mount=$?"
