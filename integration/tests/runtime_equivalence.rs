@@ -198,7 +198,7 @@ fn probe(d: &DockerStack, w: &World, case: Case, runtime: &str) -> Result<String
         Net::Joined => args.extend(["--network", helper.as_str()]),
     }
     args.extend(["busybox", "sh", "-c", &script]);
-    let id = d.ok(&args)?;
+    let id = d.ok(&args).map_err(|e| e.context(diagnostics(d)))?;
     let result = read_probe(d, w, &id);
     let _ = d.run(&["rm", "-f", &id]);
     result
@@ -228,6 +228,23 @@ fn read_probe(d: &DockerStack, w: &World, id: &str) -> Result<String> {
         id,
         &host_devices,
     ))
+}
+
+/// What a failed `docker run` leaves to read: `docker ps -a`, the shims' logs, the stack's log.
+fn diagnostics(d: &DockerStack) -> String {
+    let mut out = format!("docker ps -a:\n{:?}\n", d.ok(&["ps", "-a", "--no-trunc"]));
+    let bundles = d.stack.state_dir().join("bundles");
+    for entry in std::fs::read_dir(bundles).into_iter().flatten().flatten() {
+        let log = std::fs::read_to_string(entry.path().join("shim.log")).unwrap_or_default();
+        let _ = writeln!(out, "shim.log of {:?}:\n{log}", entry.file_name());
+    }
+    let log = d.stack.log_text();
+    let tail: Vec<&str> = log.lines().rev().take(60).collect();
+    let _ = writeln!(out, "berth up's log (last lines):");
+    for l in tail.iter().rev() {
+        let _ = writeln!(out, "{l}");
+    }
+    out
 }
 
 /// The container's cgroup limits read on the host, in the dirs its `/proc/<pid>/cgroup` names.
@@ -462,9 +479,13 @@ fn sanity(case: Case, runc: &str) -> Result<()> {
     for want in [
         "Seccomp:\t2",
         "memory/memory.limit_in_bytes=67108864",
-        "memory.limit_in_bytes=67108864",
+        ":/berth/<id> memory.limit_in_bytes=67108864",
         "pids/pids.max=50",
-        "pids.max=50",
+        ":/berth/<id> pids.max=50",
+        ":/berth/<id> cpu.cfs_quota_us=50000",
+        ":/berth/<id> cpuset.cpus=0",
+        "/proc/self/ns/cgroup cgroup:host",
+        "/proc/self/ns/pid pid:new",
         "cpu/cpu.cfs_quota_us=50000",
         "cpuset/cpuset.cpus=0",
         "unshare=1",
@@ -483,6 +504,16 @@ fn sanity(case: Case, runc: &str) -> Result<()> {
     if case.net != Net::Joined {
         ensure!(runc.contains("== hostname\nprobe") || runc.contains("== hostname\r\nprobe"));
     }
+    let net = match case.net {
+        Net::Bridge => "net:new",
+        Net::Host => "net:host",
+        Net::Joined => "net:joined",
+    };
+    ensure!(
+        runc.contains(&format!("/proc/self/ns/net {net}")),
+        "{}: {runc}",
+        case.name()
+    );
     Ok(())
 }
 
