@@ -118,7 +118,6 @@ breakdown() {
   for ((i = 0; i < 200; i++)); do [ -f "$t/port" ] && break; sleep 0.05; done
   [ -f "$t/port" ] || { log "the OTLP collector did not start"; cat "$t/collector.log" >&2; return 1; }
   berth_start trace bbench1 10.219.4.1/22 10.219.16.0/21 "$(cat <<TOML
-[engine]
 default_runtime = "$runtime"
 [engine.runtimes.runc]
 path = "$t/runc"

@@ -72,6 +72,10 @@ echo "== seccomp"
 unshare -U true 2>&1; echo "unshare=$?"
 mount -t tmpfs x /mnt 2>&1; echo "mount=$?"
 linux32 true 2>&1; echo "linux32=$?"
+echo "== read-only"
+(echo x > /sys/kernel/uevent_helper) 2>&1; echo "sys-write=$?"
+(echo 1 > /sys/fs/cgroup/pids/pids.max) 2>&1; echo "cgroup-write=$?"
+mkdir /sys/fs/cgroup/x 2>&1; echo "cgroup-tmpfs-write=$?"
 echo "== cgroup limits inside"
 "#,
     );
@@ -318,6 +322,11 @@ const PIDS: &[&str] = &["Pid", "Tgid", "NStgid", "NSpid"];
 /// - overlay `upperdir=`/`workdir=` paths (each container has its own snapshot) in mountinfo
 ///   and `mount`;
 /// - the dates in `ls -l /dev`;
+/// - the superblock flag (`ro`/`rw`, after the fstype and source) of a `sysfs` mount that is
+///   itself read-only: runc passes `MS_RDONLY` to mount(2), which also marks the new superblock;
+///   libcontainer mounts with the new mount API and makes the mount read-only
+///   (`MOUNT_ATTR_RDONLY`), leaving the superblock `rw`. Writes fail with EROFS either way,
+///   which the probe's `== read-only` section checks;
 /// - the status lines of [`STATUS_DROPPED`], and the probe's pid ([`PIDS`]).
 fn normalise(text: &str, w: &World, id: &str, host_devices: &HashSet<String>) -> String {
     let text = text
@@ -407,6 +416,17 @@ fn mountinfo_line(
     {
         *opts = overlay_paths(opts);
     }
+    let mount_ro = f[5].split(',').any(|o| o == "ro");
+    if mount_ro
+        && f.get(dash + 1).is_some_and(|t| t == "sysfs")
+        && let Some(opts) = f.get_mut(dash + 3)
+    {
+        *opts = opts
+            .split(',')
+            .map(|o| if o == "ro" || o == "rw" { "<sb>" } else { o })
+            .collect::<Vec<_>>()
+            .join(",");
+    }
     f.join(" ")
 }
 
@@ -490,6 +510,8 @@ fn sanity(case: Case, runc: &str) -> Result<()> {
         "cpuset/cpuset.cpus=0",
         "unshare=1",
         "mount=1",
+        "sys-write=1",
+        "cgroup-write=1",
         "== cgroup limits outside",
     ] {
         ensure!(

@@ -17,6 +17,7 @@
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
 use std::path::{Path, PathBuf};
 
 use berth_core::{Error, ErrorKind, Result};
@@ -101,27 +102,38 @@ impl Libcontainer {
     }
 
     fn create_sync(&self, id: &str, opts: CreateOptions) -> Result<()> {
-        prepare_bundle(&opts.bundle)?;
-        let builder = self.builder(id, opts.stdio)?;
-        let result = builder.with_pid_file(Some(&opts.pid_file)).and_then(|b| {
-            b.with_console_socket(opts.console_socket.as_ref())
-                .as_init(&opts.bundle)
-                .with_systemd(false)
-                .with_detach(true)
-                .build()
-        });
-        match result {
-            Ok(_) => Ok(()),
+        let config = opts.bundle.join("config.json");
+        let prepared = match prepare_bundle(&opts.bundle) {
+            Ok(p) => p,
             Err(e) => {
-                // libcontainer leaves the state directory (and, past the fork, the cgroup) of
-                // a create that failed; runc removes both. So does this.
-                let err = failed("create", e);
-                if !matches!(err.kind(), ErrorKind::AlreadyExists) {
-                    self.remove_failed(id);
-                }
-                Err(err)
+                remove_extra_cgroups(&config);
+                return Err(e);
+            }
+        };
+        let builder = self.builder(id, opts.stdio)?;
+        let result = builder
+            .with_pid_file(Some(&opts.pid_file))
+            .and_then(|b| {
+                b.with_console_socket(opts.console_socket.as_ref())
+                    .as_init(&opts.bundle)
+                    .with_systemd(false)
+                    .with_detach(true)
+                    .build()
+            })
+            .map_err(|e| failed("create", e))
+            .and_then(|c| {
+                let pid = c.pid().map_or(0, |p| p.as_raw());
+                finish_create(pid, &prepared)
+            });
+        if let Err(err) = &result {
+            // libcontainer leaves the state directory (and, past the fork, the cgroup) of a
+            // create that failed; runc removes both. So does this.
+            if !matches!(err.kind(), ErrorKind::AlreadyExists) {
+                self.remove_failed(id);
+                remove_extra_cgroups(&config);
             }
         }
+        result
     }
 
     fn remove_failed(&self, id: &str) {
@@ -146,27 +158,63 @@ impl Libcontainer {
 
 /// Why the bundle's container cannot run in-process (and runs with runc instead), or `None`.
 ///
-/// libcontainer 0.7 mounts a cgroup v1 `/sys/fs/cgroup` by reading `/proc/<pid>/cgroup` with the
-/// pid the init has inside its PID namespace, in the host's `/proc`: in a PID namespace it joins
-/// (a pod's, `--pid container:`) that pid is not the init's on the host, and the create fails.
+/// On cgroup v1 the shim mounts the container's `/sys/fs/cgroup` itself (see [`prepare_bundle`]),
+/// which needs `linux.cgroupsPath` and one hierarchy per mount point: runc links comounted
+/// controllers (`cpu` → `cpu,cpuacct`) in the container, which an OCI mount list cannot say.
 pub fn needs_runc(bundle: &Path) -> Option<&'static str> {
     let data = std::fs::read(bundle.join("config.json")).ok()?;
     let spec: serde_json::Value = serde_json::from_slice(&data).ok()?;
-    let joins_pid_ns = spec
-        .pointer("/linux/namespaces")
-        .and_then(|n| n.as_array())
-        .is_some_and(|ns| {
-            ns.iter()
-                .any(|n| n["type"] == "pid" && n["path"].as_str().is_some_and(|p| !p.is_empty()))
-        });
     let mounts_cgroup = spec
         .pointer("/mounts")
         .and_then(|m| m.as_array())
         .is_some_and(|ms| ms.iter().any(|m| m["type"] == "cgroup"));
-    let cgroup_v1 = !Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-    (joins_pid_ns && mounts_cgroup && cgroup_v1).then_some(
-        "libcontainer 0.7 cannot mount cgroup v1 for a container that joins a PID namespace",
-    )
+    let hierarchies = v1_hierarchies()?;
+    if !mounts_cgroup {
+        return None;
+    }
+    if spec
+        .pointer("/linux/cgroupsPath")
+        .and_then(|p| p.as_str())
+        .is_none()
+    {
+        return Some("a cgroup v1 mount without linux.cgroupsPath");
+    }
+    hierarchies
+        .iter()
+        .any(|h| h.to_string_lossy().contains(','))
+        .then_some("comounted cgroup v1 hierarchies")
+}
+
+/// What create needs to know of the spec once the container exists.
+#[derive(Debug, Default)]
+struct Prepared {
+    /// `process.user.uid`: owner runc gives the init's stdio.
+    uid: u32,
+    /// Hierarchies libcontainer does not put the init in (cgroup v1 `name=systemd`, the hybrid
+    /// layout's cgroup2): the container's directories in them, which it must join.
+    extra_cgroups: Vec<PathBuf>,
+}
+
+/// The cgroup v1 hierarchies mounted under `/sys/fs/cgroup` (their mount points), or `None` on
+/// a cgroup v2 host.
+fn v1_hierarchies() -> Option<Vec<PathBuf>> {
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        return None;
+    }
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut out: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let point = pre.split(' ').nth(4)?;
+            (post.split(' ').next() == Some("cgroup") && point.starts_with("/sys/fs/cgroup/"))
+                .then(|| PathBuf::from(point))
+        })
+        .collect();
+    // In mount order, as runc mounts them.
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|p| seen.insert(p.clone()));
+    Some(out)
 }
 
 /// Makes the bundle one libcontainer runs the way runc would, through what it reads:
@@ -177,12 +225,26 @@ pub fn needs_runc(bundle: &Path) -> Option<&'static str> {
 ///   the kernel refuses it. An explicit `false` is removed from config.json.
 /// - runc creates a working directory the image lacks (Docker relies on it); libcontainer
 ///   fails the `chdir`. The directory is made in the rootfs first, resolved inside it.
-fn prepare_bundle(bundle: &Path) -> Result<()> {
+/// - A bind mount whose source is gone fails with runc's words, not libcontainer's "failed to
+///   prepare rootfs".
+/// - On cgroup v1, libcontainer's own `cgroup` mount binds each hierarchy read-write, binds the
+///   host's whole `name=systemd` hierarchy, and fails in a joined PID namespace. The mount is
+///   replaced by what runc mounts: a tmpfs, and in it each hierarchy's container directory bound
+///   read-only (the directories are made first, so that the binds have sources).
+fn prepare_bundle(bundle: &Path) -> Result<Prepared> {
     let path = bundle.join("config.json");
     let data = std::fs::read(&path)
         .map_err(|e| Error::invalid_argument(format!("read {}", path.display())).with_source(e))?;
     let mut spec: serde_json::Value = serde_json::from_slice(&data)
         .map_err(|e| Error::invalid_argument(format!("{}", path.display())).with_source(e))?;
+    let mut changed = false;
+    let mut prepared = Prepared {
+        uid: spec
+            .pointer("/process/user/uid")
+            .and_then(|u| u.as_u64())
+            .unwrap_or(0) as u32,
+        ..Prepared::default()
+    };
     let root = spec
         .pointer("/root/path")
         .and_then(|p| p.as_str())
@@ -194,12 +256,139 @@ fn prepare_bundle(bundle: &Path) -> Result<()> {
         && process.get("noNewPrivileges") == Some(&serde_json::Value::Bool(false))
     {
         process.remove("noNewPrivileges");
+        changed = true;
+    }
+    for m in spec["mounts"].as_array().into_iter().flatten() {
+        let bind = m["type"] == "bind"
+            || m["options"]
+                .as_array()
+                .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"));
+        if let (true, Some(source)) = (bind, m["source"].as_str())
+            && !Path::new(source).exists()
+        {
+            let dest = m["destination"].as_str().unwrap_or_default();
+            return Err(Error::internal(format!(
+                "error mounting {source:?} to rootfs at {dest:?}: stat {source}: no such file or directory"
+            )));
+        }
+    }
+    let cgroups_path = spec
+        .pointer("/linux/cgroupsPath")
+        .and_then(|p| p.as_str())
+        .map(|p| p.trim_start_matches('/').to_string());
+    if let (Some(hierarchies), Some(cgroups_path)) = (v1_hierarchies(), cgroups_path) {
+        let mounts = spec["mounts"].as_array_mut();
+        if let Some(mounts) = mounts
+            && let Some(at) = mounts.iter().position(|m| m["type"] == "cgroup")
+        {
+            let cgroup = mounts.remove(at);
+            let dest = cgroup["destination"]
+                .as_str()
+                .unwrap_or("/sys/fs/cgroup")
+                .to_string();
+            let mut flags: Vec<serde_json::Value> = cgroup["options"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|o| ["ro", "nosuid", "nodev", "noexec"].contains(&o.as_str().unwrap_or("")))
+                .collect();
+            if !flags.contains(&"ro".into()) {
+                flags.push("rw".into());
+            }
+            let mut replacement = vec![serde_json::json!({
+                "destination": dest, "type": "tmpfs", "source": "tmpfs",
+                "options": ["nosuid", "nodev", "noexec", "mode=755"],
+            })];
+            for h in &hierarchies {
+                let dir = h.join(&cgroups_path);
+                std::fs::create_dir_all(&dir).map_err(|e| {
+                    Error::internal(format!("create cgroup {}", dir.display())).with_source(e)
+                })?;
+                let name = h.file_name().unwrap_or_default().to_string_lossy();
+                let mut options: Vec<serde_json::Value> = vec!["rbind".into()];
+                options.extend(flags.iter().cloned());
+                replacement.push(serde_json::json!({
+                    "destination": format!("{}/{name}", dest.trim_end_matches('/')),
+                    "type": "bind", "source": dir, "options": options,
+                }));
+                if name == "systemd" {
+                    prepared.extra_cgroups.push(dir);
+                }
+            }
+            mounts.splice(at..at, replacement);
+            changed = true;
+        }
+        let unified = Path::new("/sys/fs/cgroup/unified");
+        if unified.join("cgroup.controllers").exists() {
+            let dir = unified.join(&cgroups_path);
+            std::fs::create_dir_all(&dir).map_err(|e| {
+                Error::internal(format!("create cgroup {}", dir.display())).with_source(e)
+            })?;
+            prepared.extra_cgroups.push(dir);
+        }
+    }
+    if changed {
         let tmp = bundle.join(".config.json.inproc");
         std::fs::write(&tmp, serde_json::to_vec(&spec).unwrap_or_default())
             .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|e| Error::internal(format!("write {}", path.display())).with_source(e))?;
     }
+    Ok(prepared)
+}
+
+/// What runc does after create that libcontainer does not: the init joins `extra_cgroups`, and
+/// its stdio (pipes or the pty, not `/dev/null`) is given to the container's user, so that a
+/// non-root process can open `/dev/stdout`.
+fn finish_create(pid: i32, prepared: &Prepared) -> Result<()> {
+    for dir in &prepared.extra_cgroups {
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).map_err(|e| {
+            Error::internal(format!("join cgroup {}", dir.display())).with_source(e)
+        })?;
+    }
+    if prepared.uid != 0 {
+        let null = std::fs::metadata("/dev/null").map(|m| m.rdev()).ok();
+        for fd in 0..3 {
+            let path = PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
+            match std::fs::metadata(&path) {
+                Ok(m) if Some(m.rdev()) == null && m.file_type().is_char_device() => continue,
+                Ok(_) => {
+                    std::os::unix::fs::chown(&path, Some(prepared.uid), None).map_err(|e| {
+                        Error::internal(format!("give the init's fd {fd} to uid {}", prepared.uid))
+                            .with_source(e)
+                    })?
+                }
+                Err(_) => continue,
+            }
+        }
+    }
     Ok(())
+}
+
+/// Removes the container's cgroup directories that libcontainer does not: those
+/// [`prepare_bundle`] made (all of them when a create failed early) and the ones
+/// [`finish_create`] joined. Missing ones are fine.
+fn remove_extra_cgroups(config_json: &Path) {
+    let Ok(data) = std::fs::read(config_json) else {
+        return;
+    };
+    let Ok(spec) = serde_json::from_slice::<serde_json::Value>(&data) else {
+        return;
+    };
+    let Some(path) = spec.pointer("/linux/cgroupsPath").and_then(|p| p.as_str()) else {
+        return;
+    };
+    let path = path.trim_start_matches('/');
+    let mut bases = v1_hierarchies().unwrap_or_default();
+    bases.push(PathBuf::from("/sys/fs/cgroup/unified"));
+    for base in bases {
+        let dir = base.join(path);
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "remove cgroup"),
+        }
+    }
 }
 
 /// `mkdir -p` of `dir` inside `root`, every component resolved as if `root` were `/` (symlinks
@@ -336,6 +525,12 @@ struct RuncLikeExecutor;
 
 impl Executor for RuncLikeExecutor {
     fn exec(&self, spec: &Spec) -> std::result::Result<(), ExecutorError> {
+        // Rust ignores SIGPIPE in the shim, and an ignored signal stays ignored across exec:
+        // the container's process must get the default, as under runc.
+        // SAFETY: resetting a disposition to SIG_DFL in the single-threaded init.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
         libcontainer::workload::default::get_executor().exec(spec)
     }
 
@@ -435,7 +630,10 @@ impl OciRuntime for Libcontainer {
             || vec![("berth.runtime.op", "delete".to_string())],
             async move {
                 let mut c = self.load(id)?;
-                c.delete(force).map_err(|e| failed("delete", e))
+                let config = c.bundle().join("config.json");
+                c.delete(force).map_err(|e| failed("delete", e))?;
+                remove_extra_cgroups(&config);
+                Ok(())
             },
         ))
     }
@@ -551,18 +749,26 @@ mod tests {
     }
 
     #[test]
-    fn only_a_joined_pid_namespace_with_a_cgroup_mount_on_v1_needs_runc() {
-        let spec = |pid_path: &str| {
-            serde_json::json!({
-                "linux": {"namespaces": [{"type": "pid", "path": pid_path}, {"type": "mount"}]},
+    fn runc_is_needed_only_without_a_cgroups_path_or_with_comounted_hierarchies() {
+        let spec = |path: Option<&str>| {
+            let mut s = serde_json::json!({
+                "linux": {"namespaces": [{"type": "pid", "path": "/proc/1/ns/pid"}]},
                 "mounts": [{"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup"}]
-            })
+            });
+            if let Some(p) = path {
+                s["linux"]["cgroupsPath"] = p.into();
+            }
+            s
         };
-        let v1 = !Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-        let joined = bundle(spec("/proc/1/ns/pid"));
-        assert_eq!(needs_runc(joined.path()).is_some(), v1);
-        let fresh = bundle(spec(""));
-        assert!(needs_runc(fresh.path()).is_none());
+        let comounted =
+            v1_hierarchies().is_some_and(|h| h.iter().any(|h| h.to_string_lossy().contains(',')));
+        let with_path = bundle(spec(Some("/berth/x")));
+        assert_eq!(needs_runc(with_path.path()).is_some(), comounted);
+        let without = bundle(spec(None));
+        assert_eq!(
+            needs_runc(without.path()).is_some(),
+            v1_hierarchies().is_some()
+        );
     }
 
     #[test]
