@@ -54,15 +54,22 @@ pub fn selected_by(binary: &Path) -> bool {
 pub struct Libcontainer {
     root: PathBuf,
     spawner: Arc<dyn Spawner>,
+    timeout: std::time::Duration,
 }
 
 impl Libcontainer {
     /// A runtime keeping its containers' state under `root` (default `/run/berth/libcontainer`);
-    /// `spawner` reaps the forked copies that create and exec run in.
-    pub fn new(root: Option<PathBuf>, spawner: Arc<dyn Spawner>) -> Self {
+    /// `spawner` reaps the forked copies that create and exec run in, each of which is killed
+    /// (and the call fails with `DeadlineExceeded`) after `timeout`.
+    pub fn new(
+        root: Option<PathBuf>,
+        spawner: Arc<dyn Spawner>,
+        timeout: std::time::Duration,
+    ) -> Self {
         Self {
             root: root.unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT)),
             spawner,
+            timeout,
         }
     }
 
@@ -225,6 +232,8 @@ fn v1_hierarchies() -> Option<Vec<PathBuf>> {
 ///   the kernel refuses it. An explicit `false` is removed from config.json.
 /// - runc creates a working directory the image lacks (Docker relies on it); libcontainer
 ///   fails the `chdir`. The directory is made in the rootfs first, resolved inside it.
+/// - `linux.rootfsPropagation` `rshared`/`rslave`/`rprivate` (runc's recursive spellings) become
+///   the plain names, which libcontainer applies recursively anyway.
 /// - A bind mount whose source is gone fails with runc's words, not libcontainer's "failed to
 ///   prepare rootfs".
 /// - On cgroup v1, libcontainer's own `cgroup` mount binds each hierarchy read-write, binds the
@@ -256,6 +265,18 @@ fn prepare_bundle(bundle: &Path) -> Result<Prepared> {
         && process.get("noNewPrivileges") == Some(&serde_json::Value::Bool(false))
     {
         process.remove("noNewPrivileges");
+        changed = true;
+    }
+    // libcontainer applies the rootfs propagation recursively and knows only the plain names;
+    // runc's recursive spellings mean the same.
+    if let Some(p) = spec.pointer_mut("/linux/rootfsPropagation")
+        && let Some(plain) = p.as_str().and_then(|v| {
+            ["rshared", "rslave", "rprivate"]
+                .contains(&v)
+                .then(|| v[1..].to_string())
+        })
+    {
+        *p = plain.into();
         changed = true;
     }
     for m in spec["mounts"].as_array().into_iter().flatten() {
@@ -430,7 +451,11 @@ fn make_dir_in_root(root: &Path, dir: &str) -> Result<()> {
 
 /// Runs `work` in a forked, single-threaded copy of the shim and returns its result (see the
 /// module docs for why). The fork reports through a pipe and exits at once with `_exit`.
-async fn forked(spawner: &dyn Spawner, work: impl FnOnce() -> Result<()>) -> Result<()> {
+async fn forked(
+    spawner: &dyn Spawner,
+    timeout: std::time::Duration,
+    work: impl FnOnce() -> Result<()>,
+) -> Result<()> {
     use nix::unistd::{ForkResult, fork};
     use std::io::Write as _;
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
@@ -454,7 +479,18 @@ async fn forked(spawner: &dyn Spawner, work: impl FnOnce() -> Result<()>) -> Res
             // The report is complete once the fork has exited. The pipe never reaches EOF
             // before the container starts: its init, cloned from the fork, holds the write end
             // until it execs. So wait for the exit, then read what is there.
-            let exit = spawner.watch(child.as_raw() as u32).await?;
+            let exit =
+                match tokio::time::timeout(timeout, spawner.watch(child.as_raw() as u32)).await {
+                    Ok(exit) => exit?,
+                    Err(_) => {
+                        // Not reaped yet (the reaper owns it), so the pid is still this child's.
+                        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                        return Err(Error::new(
+                            ErrorKind::DeadlineExceeded,
+                            format!("{NAME} did not finish within {timeout:?}"),
+                        ));
+                    }
+                };
             let mut report = Vec::new();
             let mut file = File::from(r);
             let _ = nix::fcntl::fcntl(
@@ -581,7 +617,9 @@ impl OciRuntime for Libcontainer {
         Box::pin(crate::trace::child(
             || format!("{NAME} create"),
             || vec![("berth.runtime.op", "create".to_string())],
-            forked(self.spawner.as_ref(), move || self.create_sync(id, opts)),
+            forked(self.spawner.as_ref(), self.timeout, move || {
+                self.create_sync(id, opts)
+            }),
         ))
     }
 
@@ -641,7 +679,7 @@ impl OciRuntime for Libcontainer {
     fn exec<'a>(&'a self, id: &'a str, opts: ExecOptions) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             self.load(id)?;
-            forked(self.spawner.as_ref(), move || {
+            forked(self.spawner.as_ref(), self.timeout, move || {
                 self.builder(id, opts.stdio)?
                     .with_pid_file(Some(&opts.pid_file))
                     .map_err(|e| failed("exec", e))?

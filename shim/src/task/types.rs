@@ -49,6 +49,7 @@ impl RuntimeFactory for RuncFactory {
             return Arc::new(crate::inproc::Libcontainer::new(
                 settings.root.clone(),
                 self.spawner.clone(),
+                self.timeout,
             ));
         }
         let config = RuncConfig {
