@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 SHARED=${SHARED_DIR:-$ROOT/../shared}
-BIN=${BERTH_BIN_DIR:-$ROOT/target/release}
+BIN=$(cd "${BERTH_BIN_DIR:-$ROOT/target/release}" && pwd)
 RUNS=${RUNS:-30}
 ROUNDS=${ROUNDS:-3}
 PODS=${PODS:-20}

@@ -15,7 +15,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${SHARED_DIR:-$ROOT/../shared}
-BIN=${BERTH_BIN_DIR:-$ROOT/target/release}
+BIN=$(cd "${BERTH_BIN_DIR:-$ROOT/target/release}" && pwd)
 SLOT=${SLOT:-0}
 SCENARIOS=${SCENARIOS:-run_rm,exec_true}
 RUNS=${RUNS:-20}

@@ -21,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 SHARED=${SHARED_DIR:-$ROOT/../shared}
-BIN=${BERTH_BIN_DIR:-$ROOT/target/release}
+BIN=$(cd "${BERTH_BIN_DIR:-$ROOT/target/release}" && pwd)
 RUNS=${RUNS:-30}
 ROUNDS=${ROUNDS:-3}
 DENSITY=${DENSITY:-200}

@@ -28,7 +28,7 @@ MARKERS = [
     ("attach_begin", "start: gateway → engine, snapshot Mounts, user lookup (/etc/passwd via layers), netns create"),
     ("attach_end", "network Attach (veth pair, move to netns, IP, routes, DNS record)"),
     ("shim_begin", "hosts/resolv.conf/hostname files, OCI spec generation, config.json"),
-    ("shim_end", "shim spawn (`berth-shim start` until it serves)"),
+    ("shim_end", "shim spawn (`berth-shim serve` until it answers its first call)"),
     ("runc_create_begin", "shim Create RPC: connect, rootfs mount, stdio/log setup"),
     ("runc_create_end", "runtime create (runc create, or libcontainer's in the shim) — or `runc run`: create and start in one call, `true` runs"),
     ("runc_start_begin", "between create and start (attach hand-off, Start RPC; none with `runc run`)"),
@@ -193,6 +193,12 @@ def markers_for(run, spans, execs):
     remove = first(sp, lambda s: s["name"].endswith("Snapshots/Remove"))
     if remove:
         m["remove_begin"], m["remove_end"] = remove["start"], remove["end"]
+    # The engine spawns `berth-shim serve`, which runs as long as the container: its spawn ends
+    # when the shim answers its first call.
+    serve = first(ex, lambda e: e["name"] == "berth-shim serve")
+    shim_rpc = first(sp, lambda s: s["service"] == "berth-shim")
+    if serve and shim_rpc:
+        m["shim_begin"], m["shim_end"] = serve["start"], shim_rpc["start"]
     for key, name in [("shim", "berth-shim start"), ("runc_create", "runc create"),
                       ("runc_start", "runc start"), ("runc_delete", "runc delete")]:
         e = first(ex, lambda e, n=name: e["name"] == n)

@@ -522,7 +522,18 @@ impl Config {
                 .source(Some(env)),
         );
         let loaded = builder.build().map_err(config_error)?;
-        let cfg: Config = loaded.try_deserialize().map_err(config_error)?;
+        let mut cfg: Config = loaded.try_deserialize().map_err(config_error)?;
+        // A file that lists runtimes replaces the default table; runc and the in-process
+        // runtime are always there, as Docker always has runc.
+        for name in ["runc", IN_PROCESS_RUNTIME] {
+            cfg.engine
+                .runtimes
+                .entry(name.to_string())
+                .or_insert_with(|| RuntimeConfig {
+                    path: name.to_string(),
+                    args: Vec::new(),
+                });
+        }
         cfg.validate()?;
         Ok(cfg)
     }

@@ -141,7 +141,12 @@ impl ShimProcesses {
     /// The shim binary for `config`: `[shim] binary`, else `berth-shim` next to this binary.
     pub fn binary_for(config: &berth_core::Config) -> PathBuf {
         if let Some(b) = &config.shim.binary {
-            return b.clone();
+            // Shims start in `/`: a relative path means the engine's working directory.
+            return if b.components().count() > 1 {
+                std::path::absolute(b).unwrap_or_else(|_| b.clone())
+            } else {
+                b.clone()
+            };
         }
         std::env::current_exe()
             .ok()
