@@ -141,6 +141,14 @@ impl Engine {
         std::fs::create_dir_all(bundle.join("rootfs")).map_err(|e| {
             Error::internal(format!("create bundle {}", bundle.display())).with_source(e)
         })?;
+        // The shim needs only its bundle directory: it starts while the rootfs, the user, the
+        // network and the spec are prepared, and gets the container once they are.
+        let early_shim = EarlyShim::spawn(
+            self.deps.shims.clone(),
+            id.clone(),
+            bundle.clone(),
+            rec.p.namespace.clone(),
+        );
 
         // Who the process runs as, from the container's own passwd and group.
         let rootfs = self
@@ -389,10 +397,8 @@ impl Engine {
         write_atomic(&bundle.join("config.json"), &json)?;
 
         // The shim and the task.
-        let shim = self
-            .deps
-            .shims
-            .spawn(&id, &bundle, &rec.p.namespace)
+        let shim = early_shim
+            .get()
             .await
             .map_err(|e| Error::new(e.kind(), "start shim").with_source(e))?;
         partial.shim = Some(shim.clone());
@@ -742,5 +748,41 @@ impl Engine {
     /// The `--root` state directory of an OCI runtime.
     pub fn runtime_root(&self, runtime: &str) -> PathBuf {
         self.config.state_dir.join("runtime").join(runtime)
+    }
+}
+
+/// A shim spawned ahead of the container it will run; one never claimed with
+/// [`EarlyShim::get`] (the start failed before it was needed) is shut down.
+struct EarlyShim(Option<tokio::task::JoinHandle<Result<Arc<dyn Shim>>>>);
+
+impl EarlyShim {
+    fn spawn(
+        launcher: Arc<dyn crate::deps::ShimLauncher>,
+        id: String,
+        bundle: PathBuf,
+        namespace: String,
+    ) -> Self {
+        Self(Some(tokio::spawn(async move {
+            launcher.spawn(&id, &bundle, &namespace).await
+        })))
+    }
+
+    async fn get(mut self) -> Result<Arc<dyn Shim>> {
+        let handle = self.0.take().expect("claimed once");
+        handle
+            .await
+            .map_err(|e| Error::internal("shim spawn task").with_source(e))?
+    }
+}
+
+impl Drop for EarlyShim {
+    fn drop(&mut self) {
+        if let Some(handle) = self.0.take() {
+            tokio::spawn(async move {
+                if let Ok(Ok(shim)) = handle.await {
+                    let _ = shim.shutdown(true).await;
+                }
+            });
+        }
     }
 }
