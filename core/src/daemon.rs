@@ -220,6 +220,28 @@ fn build_runtime(service: Service) -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
+/// Makes the process `cmd` starts a long-lived detached one (a shim): a session of its own (no
+/// controlling terminal, no signals from the starter's job), and every descriptor above 2 that
+/// the starter leaked without close-on-exec closed at exec (std's exec-error pipe still works:
+/// the flag acts only at exec).
+pub fn detach_on_exec(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: between fork and exec the closure makes only async-signal-safe system calls
+    // (setsid, close_range) and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            Ok(())
+        });
+    }
+}
+
 /// Tells systemd (`Type=notify` units) that the daemon accepts requests. A no-op elsewhere.
 pub fn notify_ready() {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);

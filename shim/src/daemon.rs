@@ -9,7 +9,6 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -166,24 +165,7 @@ pub fn start(args: &ShimArgs, exe: &Path) -> Result<String> {
         .stdout(Stdio::from(ready_w))
         .stderr(Stdio::from(log));
     cmd.current_dir("/");
-    // SAFETY: between fork and exec the closure only makes async-signal-safe system calls
-    // (setsid, close_range) and allocates nothing.
-    unsafe {
-        cmd.pre_exec(|| {
-            // A session of its own: no controlling terminal, no signals from the caller's job.
-            nix::unistd::setsid().map_err(std::io::Error::from)?;
-            // Descriptors the caller leaked without CLOEXEC (a pipe it reads our stdout from)
-            // must not be held by the shim for its lifetime; std's own exec-error pipe keeps
-            // working because the flag only acts at exec.
-            libc::syscall(
-                libc::SYS_close_range,
-                3u32,
-                u32::MAX,
-                libc::CLOSE_RANGE_CLOEXEC,
-            );
-            Ok(())
-        });
-    }
+    berth_core::daemon::detach_on_exec(&mut cmd);
     let child = cmd
         .spawn()
         .map_err(|e| Error::internal(format!("start {}", exe.display())).with_source(e))?;

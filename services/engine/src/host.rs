@@ -207,22 +207,7 @@ impl ShimLauncher for ShimProcesses {
             if let Some(endpoint) = &self.otlp_endpoint {
                 cmd.args(["--otlp-endpoint", endpoint]);
             }
-            // SAFETY: between fork and exec the closure makes only async-signal-safe system
-            // calls (setsid, close_range) and allocates nothing.
-            unsafe {
-                cmd.pre_exec(|| {
-                    // A session of its own: no controlling terminal, no signals from ours.
-                    nix::unistd::setsid().map_err(std::io::Error::from)?;
-                    // Nothing the engine holds open without CLOEXEC may live as long as a shim.
-                    libc::syscall(
-                        libc::SYS_close_range,
-                        3u32,
-                        u32::MAX,
-                        libc::CLOSE_RANGE_CLOEXEC,
-                    );
-                    Ok(())
-                });
-            }
+            berth_core::daemon::detach_on_exec(cmd.as_std_mut());
             let mut child = cmd.spawn().map_err(|e| {
                 Error::internal(format!("run {}", self.binary.display())).with_source(e)
             })?;
