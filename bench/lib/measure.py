@@ -374,7 +374,7 @@ class Bench:
             reason = None
             if probe.returncode != 0:
                 lines = [l for l in (probe.stderr or probe.stdout).strip().splitlines()
-                         if "docker run --help" not in l]
+                         if l.strip() and "docker run --help" not in l]
                 reason = f"{rt} does not run here: {lines[-1] if lines else probe.returncode}"
             for key, label, net in [("run", "`docker run --rm busybox true`", []),
                                     ("run_none", "`docker run --rm --network none busybox true`",
