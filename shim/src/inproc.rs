@@ -163,14 +163,12 @@ impl Libcontainer {
     }
 }
 
-/// Why the bundle's container cannot run in-process (and runs with runc instead), or `None`.
+/// Why the container of `spec` (its config.json) cannot run in-process (and runs with runc instead), or `None`.
 ///
 /// On cgroup v1 the shim mounts the container's `/sys/fs/cgroup` itself (see [`prepare_bundle`]),
 /// which needs `linux.cgroupsPath` and one hierarchy per mount point: runc links comounted
 /// controllers (`cpu` → `cpu,cpuacct`) in the container, which an OCI mount list cannot say.
-pub fn needs_runc(bundle: &Path) -> Option<&'static str> {
-    let data = std::fs::read(bundle.join("config.json")).ok()?;
-    let spec: serde_json::Value = serde_json::from_slice(&data).ok()?;
+pub fn needs_runc(spec: &serde_json::Value) -> Option<&'static str> {
     let mounts_cgroup = spec
         .pointer("/mounts")
         .and_then(|m| m.as_array())
@@ -468,7 +466,7 @@ async fn forked(
             drop(r);
             let report = match work() {
                 Ok(()) => String::new(),
-                Err(e) => format!("{:?}\n{}", e.kind(), e.chain()),
+                Err(e) => format!("{}\n{}", e.kind().grpc_code() as i32, e.chain()),
             };
             let _ = File::from(w).write_all(report.as_bytes());
             // SAFETY: ends the forked copy without running the parent's destructors.
@@ -507,14 +505,10 @@ async fn forked(
                 };
             }
             let report = String::from_utf8_lossy(&report);
-            let (kind, message) = report.split_once('\n').unwrap_or(("Internal", &report));
-            let kind = match kind {
-                "NotFound" => ErrorKind::NotFound,
-                "AlreadyExists" => ErrorKind::AlreadyExists,
-                "FailedPrecondition" => ErrorKind::FailedPrecondition,
-                "InvalidArgument" => ErrorKind::InvalidArgument,
-                _ => ErrorKind::Internal,
-            };
+            let (code, message) = report.split_once('\n').unwrap_or(("", &report));
+            let kind = code.parse::<i32>().map_or(ErrorKind::Internal, |c| {
+                ErrorKind::from_grpc_code(tonic::Code::from(c))
+            });
             Err(Error::new(kind, message.to_string()))
         }
     }
@@ -800,11 +794,9 @@ mod tests {
         };
         let comounted =
             v1_hierarchies().is_some_and(|h| h.iter().any(|h| h.to_string_lossy().contains(',')));
-        let with_path = bundle(spec(Some("/berth/x")));
-        assert_eq!(needs_runc(with_path.path()).is_some(), comounted);
-        let without = bundle(spec(None));
+        assert_eq!(needs_runc(&spec(Some("/berth/x"))).is_some(), comounted);
         assert_eq!(
-            needs_runc(without.path()).is_some(),
+            needs_runc(&spec(None)).is_some(),
             v1_hierarchies().is_some()
         );
     }

@@ -349,7 +349,7 @@ impl Shim {
                 )));
             }
         }
-        check_config(&opts.bundle, req.stdio)?;
+        let spec = check_config(&opts.bundle, req.stdio)?;
 
         // Unset parts of the request's runtime fall back to the shim's flags.
         let runtime_settings = match req.runtime.clone() {
@@ -366,7 +366,7 @@ impl Shim {
         };
         let mut runtime_settings = runtime_settings;
         if crate::inproc::selected_by(&runtime_settings.binary)
-            && let Some(reason) = crate::inproc::needs_runc(&opts.bundle)
+            && let Some(reason) = crate::inproc::needs_runc(&spec)
         {
             tracing::warn!(id = %opts.id, reason, "running this container with runc");
             runtime_settings.binary = "runc".into();
@@ -1039,7 +1039,7 @@ fn read_pid(path: &Path) -> Result<u32> {
 }
 
 /// Checks that the bundle has a config.json whose `process.terminal` agrees with `stdio`.
-fn check_config(bundle: &Path, stdio: StdioSpec) -> Result<()> {
+fn check_config(bundle: &Path, stdio: StdioSpec) -> Result<serde_json::Value> {
     let path = bundle.join("config.json");
     let data = std::fs::read(&path).map_err(|e| {
         let kind = if e.kind() == std::io::ErrorKind::NotFound {
@@ -1062,5 +1062,5 @@ fn check_config(bundle: &Path, stdio: StdioSpec) -> Result<()> {
             if stdio.terminal() { "is" } else { "is not" }
         )));
     }
-    Ok(())
+    Ok(config)
 }
