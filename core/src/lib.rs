@@ -20,6 +20,7 @@ pub mod reference;
 pub mod snapshots;
 pub mod telemetry;
 pub mod uds;
+pub mod userns;
 
 pub use config::{Config, Service};
 pub use error::{Context, Error, ErrorKind, Result};
