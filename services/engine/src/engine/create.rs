@@ -35,6 +35,16 @@ pub fn is_user_defined(mode: &str) -> bool {
         && !mode.starts_with("container:")
 }
 
+/// The committed snapshot a container's rootfs is prepared on: the layers unpacked for its
+/// user namespace (or unshifted), as the images service answered.
+fn image_parent(image: &berth_proto::berth::images::v1::ResolveImageResponse) -> &str {
+    if image.snapshot_key.is_empty() {
+        &image.chain_id
+    } else {
+        &image.snapshot_key
+    }
+}
+
 /// Checks a host config before anything is created.
 fn validate_host_config(engine: &Engine, hc: &pb::HostConfig) -> Result<Vec<String>> {
     let mut warnings = Vec::new();
@@ -61,6 +71,9 @@ fn validate_host_config(engine: &Engine, hc: &pb::HostConfig) -> Result<Vec<Stri
         validate::log_config(lc, &engine.config.engine.log_driver)?;
     }
     validate::namespace_modes(hc)?;
+    if engine.host_info().id_map.is_some() {
+        validate::remapped(hc)?;
+    }
     validate::devices(&hc.devices)?;
     if hc.mounts.iter().any(|m| {
         m.bind.as_ref().is_some_and(|b| {
@@ -235,7 +248,12 @@ impl Engine {
         let image = self
             .deps
             .images
-            .resolve(&user_config.image, req.platform.clone(), &snapshotter)
+            .resolve(
+                &user_config.image,
+                req.platform.clone(),
+                &snapshotter,
+                self.container_map(hc).is_none(),
+            )
             .await
             .map_err(|e| {
                 if e.is(ErrorKind::NotFound) {
@@ -346,7 +364,7 @@ impl Engine {
         let rootfs = self
             .deps
             .snapshots
-            .prepare(&id, &image.chain_id, labels)
+            .prepare(&id, image_parent(&image), labels)
             .await
             .map_err(|e| Error::new(e.kind(), "prepare rootfs snapshot").with_source(e))?;
 
