@@ -11,3 +11,4 @@ pub mod py_kit;
 pub mod shim_kit;
 pub mod snapshotter_kit;
 pub mod stack;
+pub mod userns_kit;

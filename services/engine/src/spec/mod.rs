@@ -575,7 +575,19 @@ pub fn generate(input: &SpecInput<'_>) -> Result<(Spec, Vec<String>)> {
             .count()
     });
     let mut mounts: Vec<Mount> = Vec::new();
-    for m in default_mounts(shm_size, privileged, false) {
+    // sysfs can only be mounted by the owner of the network namespace; a user-namespaced
+    // container joins one the engine made (owned by the host's user namespace), so it gets the
+    // host's /sys bound read-only instead, as rootless Podman does in that case.
+    let bind_sys = input.userns.is_some() && input.network != Namespace::Private;
+    for mut m in default_mounts(shm_size, privileged, false) {
+        if bind_sys && m.destination == "/sys" {
+            m = mount(
+                "/sys",
+                "bind",
+                "/sys",
+                &["rbind", "nosuid", "noexec", "nodev", "ro"],
+            );
+        }
         // `--ipc host` binds the host's; `--ipc none` has none at all (Docker's meaning).
         if (input.ipc == Namespace::Host || hc.ipc_mode == "none") && m.destination == "/dev/shm" {
             continue;
