@@ -117,17 +117,15 @@ fn remapped_root_is_a_subordinate_id_on_the_host() -> Result<()> {
 
     // docker cp in and out keeps container ids.
     let name = format!("remap-cp-{}", std::process::id());
-    d.ok(&[
-        "run",
-        "-d",
-        "--name",
-        &name,
-        "busybox",
-        "sh",
-        "-c",
-        "echo x > /tmp/mine; chown 1000:1000 /tmp/mine; exec sleep 300",
-    ])?;
+    d.ok(&["run", "-d", "--name", &name, "busybox", "sleep", "300"])?;
     let result = (|| -> Result<()> {
+        d.ok(&[
+            "exec",
+            &name,
+            "sh",
+            "-c",
+            "echo x > /tmp/mine && chown 1000:1000 /tmp/mine",
+        ])?;
         let out = HostDir::new("berth-remap-cp-")?;
         let tar = d.run(&["cp", &format!("{name}:/tmp/mine"), "-"])?;
         ensure!(
@@ -148,10 +146,81 @@ fn remapped_root_is_a_subordinate_id_on_the_host() -> Result<()> {
         let ls = d.ok(&["exec", &name, "ls", "-ln", "/tmp/in"])?;
         let cols: Vec<&str> = ls.split_whitespace().collect();
         ensure!(cols.get(2..4) == Some(&["0", "0"][..]), "cp in owner: {ls}");
+
+        // docker commit writes the layer in container ids: the new image's file is 1000's.
+        let image = format!("remap-commit-{}", std::process::id());
+        d.ok(&["commit", &name, &image])?;
+        let ls = d.run(&["run", "--rm", &image, "ls", "-ln", "/tmp/mine"]);
+        let _ = d.run(&["rmi", "-f", &image]);
+        let ls = String::from_utf8_lossy(&ls?.stdout).into_owned();
+        let cols: Vec<&str> = ls.split_whitespace().collect();
+        ensure!(
+            cols.get(2..4) == Some(&["1000", "1000"][..]),
+            "committed owner: {ls}"
+        );
+
+        // Sharing another remapped container's network namespace works; its IPC namespace
+        // belongs to its own user namespace and is refused.
+        let map = d.ok(&[
+            "run",
+            "--rm",
+            "--net",
+            &format!("container:{name}"),
+            "busybox",
+            "cat",
+            "/proc/self/uid_map",
+        ])?;
+        ensure!(
+            map.split_whitespace().nth(1) == Some(&*u0.to_string()),
+            "{map}"
+        );
+        let (_, err) = d.fails(&[
+            "run",
+            "--rm",
+            "--ipc",
+            &format!("container:{name}"),
+            "busybox",
+            "true",
+        ])?;
+        ensure!(
+            err.contains("cannot share the IPC namespace of another container"),
+            "{err}"
+        );
         Ok(())
     })();
     let _ = d.run(&["rm", "-f", &name]);
     result?;
+    d.ok(&["run", "--rm", "--ipc", "host", "busybox", "true"])?;
+
+    // A build's RUN and COPY --chown steps land in container ids.
+    let ctx = HostDir::new("berth-remap-build-")?;
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM busybox\nRUN touch /x && chown 1000:1000 /x\nCOPY --chown=7:7 f /g\n",
+    )?;
+    std::fs::write(ctx.path().join("f"), "f\n")?;
+    let image = format!("remap-build-{}", std::process::id());
+    d.ok(&[
+        "build",
+        "-q",
+        "-t",
+        &image,
+        &ctx.path().display().to_string(),
+    ])?;
+    let ls = d.run(&["run", "--rm", &image, "ls", "-ln", "/x", "/g"]);
+    let _ = d.run(&["rmi", "-f", &image]);
+    let ls = String::from_utf8_lossy(&ls?.stdout).into_owned();
+    let owners: Vec<(&str, &str)> = ls
+        .lines()
+        .filter_map(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            Some((*c.get(2)?, *c.get(3)?))
+        })
+        .collect();
+    ensure!(
+        owners == [("7", "7"), ("1000", "1000")],
+        "built owners: {ls}"
+    );
 
     // What a user namespace cannot share is refused, as Docker refuses it.
     let (_, err) = d.fails(&["run", "--rm", "--privileged", "busybox", "true"])?;

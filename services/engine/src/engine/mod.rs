@@ -354,11 +354,12 @@ impl Engine {
 
     /// The id map of a container with host config `hc`: the daemon's container map
     /// (userns-remap, rootless) unless the container opts out with `--userns=host`.
+    /// Pod containers (the CRI) are left alone: the kubelet decides about user namespaces.
     pub fn container_map(&self, hc: &pb::HostConfig) -> Option<&berth_core::userns::IdMap> {
         self.host
             .id_map
             .as_ref()
-            .filter(|_| hc.userns_mode != "host")
+            .filter(|_| hc.userns_mode != "host" && hc.sandbox_id.is_empty())
     }
 
     /// Finds a container by full id, name, or unique id prefix.

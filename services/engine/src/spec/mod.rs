@@ -588,8 +588,10 @@ pub fn generate(input: &SpecInput<'_>) -> Result<(Spec, Vec<String>)> {
                 &["rbind", "nosuid", "noexec", "nodev", "ro"],
             );
         }
-        // `--ipc host` binds the host's; `--ipc none` has none at all (Docker's meaning).
-        if (input.ipc == Namespace::Host || hc.ipc_mode == "none") && m.destination == "/dev/shm" {
+        // Likewise mqueue needs the IPC namespace's owner: with `--ipc host` the container
+        // has none of its own (as with `--ipc none`).
+        if input.userns.is_some() && input.ipc == Namespace::Host && m.destination == "/dev/mqueue"
+        {
             continue;
         }
         let replaced = user_mounts.iter().any(|u| {
