@@ -594,6 +594,10 @@ pub fn generate(input: &SpecInput<'_>) -> Result<(Spec, Vec<String>)> {
         {
             continue;
         }
+        // `--ipc host` binds the host's; `--ipc none` has none at all (Docker's meaning).
+        if (input.ipc == Namespace::Host || hc.ipc_mode == "none") && m.destination == "/dev/shm" {
+            continue;
+        }
         let replaced = user_mounts.iter().any(|u| {
             u.destination.trim_end_matches('/') == m.destination
                 // A user mount over /dev replaces the whole default /dev tree.
