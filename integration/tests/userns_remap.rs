@@ -5,6 +5,8 @@
 use std::os::unix::fs::PermissionsExt;
 
 use anyhow::{Context as _, Result, ensure};
+use berth_core::Service;
+use berth_core::snapshots::{RemoteSnapshotter, Snapshotter};
 use berth_integration::gateway_kit::DockerStack;
 use berth_integration::py_kit;
 use berth_integration::stack::Stack;
@@ -114,6 +116,25 @@ fn remapped_root_is_a_subordinate_id_on_the_host() -> Result<()> {
     let written = written?;
     ensure!(written.contains(" 0 "), "ls -ln inside: {written}");
     ensure!(vol_owner? == (u0, g0), "volume file owner");
+    // A fresh volume over an image directory gets the image's files, still the root's.
+    let vol = format!("remap-copyup-{}", std::process::id());
+    let ls = d.ok(&[
+        "run",
+        "--rm",
+        "-v",
+        &format!("{vol}:/etc"),
+        "busybox",
+        "sh",
+        "-c",
+        "ls -ln /etc/passwd && touch /etc/new",
+    ]);
+    let _ = d.run(&["volume", "rm", "-f", &vol]);
+    let ls = ls?;
+    let cols: Vec<&str> = ls.split_whitespace().collect();
+    ensure!(
+        cols.get(2..4) == Some(&["0", "0"][..]),
+        "copied-up owner: {ls}"
+    );
 
     // docker cp in and out keeps container ids.
     let name = format!("remap-cp-{}", std::process::id());
@@ -247,6 +268,35 @@ fn remapped_root_is_a_subordinate_id_on_the_host() -> Result<()> {
 
     let info = d.ok(&["info", "-f", "{{json .SecurityOptions}}"])?;
     ensure!(info.contains("name=userns"), "SecurityOptions {info}");
+
+    // Removing the image collects its layers in both unpackings (shifted, and the plain one
+    // the --userns=host runs made).
+    let snapshots = || -> Result<Vec<String>> {
+        let rt = tokio::runtime::Runtime::new()?;
+        let infos = rt.block_on(async {
+            RemoteSnapshotter::new(d.stack.socket(Service::Snapshotter), "overlayfs")
+                .list(&[])
+                .await
+        })?;
+        Ok(infos.into_iter().map(|i| i.name).collect())
+    };
+    let before = snapshots()?;
+    ensure!(
+        before.iter().any(|n| n.contains("@userns-"))
+            && before
+                .iter()
+                .any(|n| n.starts_with("sha256:") && !n.contains('@')),
+        "snapshots before: {before:?}"
+    );
+    // (The build cache keeps the built image's layers: pruned first.)
+    d.ok(&["builder", "prune", "-af"])?;
+    let image = d.ok(&["image", "inspect", "-f", "{{.Id}}", "busybox"])?;
+    d.ok(&["rmi", "-f", &image])?;
+    let after = snapshots()?;
+    ensure!(
+        after.iter().all(|n| !n.starts_with("sha256:")),
+        "snapshots left: {after:?}"
+    );
     Ok(())
 }
 
