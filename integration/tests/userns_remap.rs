@@ -310,3 +310,41 @@ fn escapes_are_refused_under_remap() -> Result<()> {
     let _registry = py_kit::with_busybox(&d)?;
     userns_kit::assert_escapes_refused(&d)
 }
+
+#[test]
+fn an_image_pulled_before_remap_runs_after_and_the_other_way() -> Result<()> {
+    if !berth_integration::gateway_kit::ready() {
+        return Ok(());
+    }
+    let user = SubidUser::create("brp")?;
+    let mut d = DockerStack::start_from(Stack::builder().toml("[engine]\nuserns_remap = \"\"\n"))?;
+    std::fs::set_permissions(d.stack.dir(), std::fs::Permissions::from_mode(0o711))?;
+    let _registry = py_kit::with_busybox(&d)?;
+    let plain = d.ok(&["run", "--rm", "busybox", "cat", "/proc/self/uid_map"])?;
+    ensure!(plain.split_whitespace().nth(1) == Some("0"), "{plain}");
+
+    // Turned on: the layers are unpacked shifted at create.
+    let remap = format!("userns_remap = \"{}\"", user.name);
+    d.stack
+        .restart_with_config(|t| t.replace("userns_remap = \"\"", &remap))?;
+    let id = d.ok(&[
+        "run",
+        "--rm",
+        "busybox",
+        "sh",
+        "-c",
+        "id -u; touch /ok; cat /proc/self/uid_map",
+    ])?;
+    let fields: Vec<&str> = id.split_whitespace().collect();
+    ensure!(
+        fields.first() == Some(&"0") && fields.get(2) == Some(&&*user.uid_start.to_string()),
+        "{id}"
+    );
+
+    // And off again: the plain layers are still there.
+    d.stack
+        .restart_with_config(|t| t.replace(&remap, "userns_remap = \"\""))?;
+    let plain = d.ok(&["run", "--rm", "busybox", "cat", "/proc/self/uid_map"])?;
+    ensure!(plain.split_whitespace().nth(1) == Some("0"), "{plain}");
+    Ok(())
+}
