@@ -306,8 +306,19 @@ fn escapes_are_refused_under_remap() -> Result<()> {
         return Ok(());
     }
     let user = SubidUser::create("bre")?;
-    let d = remapped_stack(&user)?;
+    // Through daemon.json this time, as dockerd is configured.
+    let d = DockerStack::start_from(
+        Stack::builder().docker_config(&format!("{{\"userns-remap\": \"{}\"}}", user.name)),
+    )?;
+    std::fs::set_permissions(d.stack.dir(), std::fs::Permissions::from_mode(0o711))?;
+    let info = d.ok(&["info", "-f", "{{json .SecurityOptions}}"])?;
+    ensure!(info.contains("name=userns"), "SecurityOptions {info}");
     let _registry = py_kit::with_busybox(&d)?;
+    let map = d.ok(&["run", "--rm", "busybox", "cat", "/proc/self/uid_map"])?;
+    ensure!(
+        map.split_whitespace().nth(1) == Some(&*user.uid_start.to_string()),
+        "uid_map {map}"
+    );
     userns_kit::assert_escapes_refused(&d)
 }
 
