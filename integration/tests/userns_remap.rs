@@ -58,6 +58,18 @@ fn remapped_root_is_a_subordinate_id_on_the_host() -> Result<()> {
     let _ = d.run(&["rm", "-f", &name]);
     result?;
 
+    // Its network namespace is its user namespace's: its own sysfs, raw sockets (ping) and
+    // net sysctls work as for a container without a map.
+    let net = d.ok(&[
+        "run", "--rm", "--sysctl", "net.ipv4.ip_forward=1", "busybox", "sh", "-c",
+        "ls /sys/class/net; cat /proc/sys/net/ipv4/ip_forward; ping -c1 -W5 127.0.0.1 >/dev/null && echo ping-ok",
+    ])?;
+    let lines: Vec<&str> = net.lines().collect();
+    ensure!(
+        lines == ["eth0", "lo", "1", "ping-ok"],
+        "network namespace: {net}"
+    );
+
     // A bind-mounted host directory: what the container writes belongs to the subordinate id.
     let host = HostDir::new("berth-remap-")?;
     std::os::unix::fs::chown(host.path(), Some(u0), Some(g0))?;
