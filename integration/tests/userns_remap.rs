@@ -41,6 +41,24 @@ fn remapped_root_is_a_subordinate_id_on_the_host() -> Result<()> {
         fields == ["0", &u0.to_string(), &user.count.to_string()],
         "uid_map: {map}"
     );
+    // The same with runc as with the default runtime (the shim's in-process one here).
+    for runtime in ["runc", "libcontainer"] {
+        let map = d.ok(&[
+            "run",
+            "--rm",
+            "--runtime",
+            runtime,
+            "busybox",
+            "sh",
+            "-c",
+            "cat /proc/self/uid_map; touch /x && ls /sys/class/net",
+        ])?;
+        let fields: Vec<&str> = map.split_whitespace().collect();
+        ensure!(
+            fields.get(..3) == Some(&["0", &*u0.to_string(), &*user.count.to_string()][..]),
+            "{runtime}: {map}"
+        );
+    }
     let name = format!("remap-{}", std::process::id());
     d.ok(&["run", "-d", "--name", &name, "busybox", "sleep", "300"])?;
     let result = (|| -> Result<()> {
@@ -52,6 +70,13 @@ fn remapped_root_is_a_subordinate_id_on_the_host() -> Result<()> {
         ensure!(
             uids.iter().all(|u| *u == u0),
             "host Uid line {uids:?}, want {u0}"
+        );
+        // An exec joins the container's user namespace too.
+        let map = d.ok(&["exec", &name, "cat", "/proc/self/uid_map"])?;
+        let fields: Vec<&str> = map.split_whitespace().collect();
+        ensure!(
+            fields == ["0", &u0.to_string(), &user.count.to_string()],
+            "exec uid_map: {map}"
         );
         Ok(())
     })();
