@@ -124,8 +124,33 @@ pub fn proc_uids(pid: i32) -> Result<Vec<u32>> {
         .collect())
 }
 
+/// The docker CLI aimed at a stack (rootful or rootless): what the escape checks need.
+pub trait DockerCli {
+    /// Runs `docker args...` to completion.
+    fn run(&self, args: &[&str]) -> Result<std::process::Output>;
+
+    /// Runs `docker args...` and returns its trimmed stdout; fails with its stderr otherwise.
+    fn ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.run(args)?;
+        ensure!(
+            out.status.success(),
+            "docker {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
+    }
+}
+
+impl DockerCli for DockerStack {
+    fn run(&self, args: &[&str]) -> Result<std::process::Output> {
+        DockerStack::run(self, args)
+    }
+}
+
 /// Runs `docker run --rm <args> busybox sh -c <script>` and returns (success, stdout+stderr).
-fn sh(d: &DockerStack, args: &[&str], script: &str) -> Result<(bool, String)> {
+fn sh(d: &impl DockerCli, args: &[&str], script: &str) -> Result<(bool, String)> {
     let mut all = vec!["run", "--rm"];
     all.extend_from_slice(args);
     all.extend(["busybox", "sh", "-c", script]);
@@ -150,7 +175,7 @@ fn sh(d: &DockerStack, args: &[&str], script: &str) -> Result<(bool, String)> {
 ///   after remounting `/proc/sys` even with CAP_SYS_ADMIN;
 /// - loading a kernel module (`insmod`, the finit_module call), even with CAP_SYS_MODULE;
 /// - changing the host's hostname, from a private UTS namespace and from the host's.
-pub fn assert_escapes_refused(d: &DockerStack) -> Result<()> {
+pub fn assert_escapes_refused(d: &impl DockerCli) -> Result<()> {
     let host = HostDir::new("berth-escape-")?;
     let hp = host.path().display().to_string();
 
