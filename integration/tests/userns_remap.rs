@@ -217,33 +217,35 @@ fn remapped_root_is_a_subordinate_id_on_the_host() -> Result<()> {
             "committed owner: {ls}"
         );
 
-        // Sharing another remapped container's network namespace works; its IPC namespace
-        // belongs to its own user namespace and is refused.
-        let map = d.ok(&[
-            "run",
-            "--rm",
-            "--net",
-            &format!("container:{name}"),
-            "busybox",
-            "cat",
-            "/proc/self/uid_map",
-        ])?;
-        ensure!(
-            map.split_whitespace().nth(1) == Some(&*u0.to_string()),
-            "{map}"
-        );
-        let (_, err) = d.fails(&[
-            "run",
-            "--rm",
-            "--ipc",
-            &format!("container:{name}"),
-            "busybox",
-            "true",
-        ])?;
-        ensure!(
-            err.contains("cannot share the IPC namespace of another container"),
-            "{err}"
-        );
+        // Sharing another remapped container's network, IPC or PID namespace puts this one
+        // in that container's user namespace (as moby does).
+        let theirs = d.ok(&["exec", &name, "readlink", "/proc/self/ns/user"])?;
+        for (flag, script) in [
+            (
+                "--net",
+                "readlink /proc/self/ns/user; ls /sys/class/net | grep -x eth0",
+            ),
+            ("--ipc", "readlink /proc/self/ns/user; ls -d /dev/mqueue"),
+            (
+                "--pid",
+                "readlink /proc/self/ns/user; ps -o comm | grep -x sleep",
+            ),
+        ] {
+            let out = d.ok(&[
+                "run",
+                "--rm",
+                flag,
+                &format!("container:{name}"),
+                "busybox",
+                "sh",
+                "-c",
+                script,
+            ])?;
+            ensure!(
+                out.lines().next() == Some(theirs.as_str()) && out.lines().count() == 2,
+                "{flag} container: {out} (theirs {theirs})"
+            );
+        }
         Ok(())
     })();
     let _ = d.run(&["rm", "-f", &name]);

@@ -149,13 +149,22 @@ pub trait PodNamespaces: Send + Sync {
 /// Network namespaces that outlive their first process (bind mounts under the state dir).
 pub trait Netns: Send + Sync {
     /// Creates the namespace file for container `id` and returns its path. With `userns`,
-    /// the network namespace belongs to a new user namespace with that map, whose file is
-    /// [`userns_file`] of the returned path (the container joins it: it then owns its network
-    /// namespace, for sysfs, raw sockets and net sysctls).
-    fn create<'a>(&'a self, id: &'a str, userns: Option<&'a IdMap>) -> BoxFuture<'a, PathBuf>;
+    /// the network namespace belongs to that user namespace (a new one with a map, or an
+    /// existing one), whose file is [`userns_file`] of the returned path (the container joins
+    /// it: it then owns its network namespace, for sysfs, raw sockets and net sysctls).
+    fn create<'a>(&'a self, id: &'a str, userns: Option<UserNs>) -> BoxFuture<'a, PathBuf>;
     /// Unmounts and removes the namespace file (and its user namespace's); a missing one is
     /// not an error.
     fn remove(&self, path: &Path) -> Result<()>;
+}
+
+/// The user namespace a network namespace is made in.
+#[derive(Debug, Clone)]
+pub enum UserNs {
+    /// A new one with this map.
+    New(IdMap),
+    /// An existing one (another container's), by a path to its namespace file.
+    Join(PathBuf),
 }
 
 /// The user namespace file that goes with network namespace file `netns` when it was made

@@ -1,14 +1,14 @@
 //! The real host side of the seams: network namespace files, `berth-shim` processes, and the
 //! host facts spec generation needs. Root-only; exercised by the integration tests.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_core::userns::IdMap;
 use berth_core::{Error, ErrorKind, Id, Result};
 
-use crate::deps::{BoxFuture, DeadExit, Netns, Shim, ShimLauncher, userns_file};
+use crate::deps::{BoxFuture, DeadExit, Netns, Shim, ShimLauncher, UserNs, userns_file};
 use crate::remote::RemoteShim;
 use crate::spec::{Device, HostInfo};
 
@@ -74,10 +74,9 @@ fn make_netns(path: &Path) -> Result<()> {
 }
 
 impl Netns for HostNetns {
-    fn create<'a>(&'a self, id: &'a str, userns: Option<&'a IdMap>) -> BoxFuture<'a, PathBuf> {
+    fn create<'a>(&'a self, id: &'a str, userns: Option<UserNs>) -> BoxFuture<'a, PathBuf> {
         let path = self.dir.join(id);
         let dir = self.dir.clone();
-        let userns = userns.cloned();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || -> Result<PathBuf> {
                 std::fs::create_dir_all(&dir).map_err(|e| {
@@ -101,7 +100,7 @@ impl Netns for HostNetns {
                 }
                 let made = match &userns {
                     None => make_netns(&path),
-                    Some(map) => make_userns_netns(map, &user, &path),
+                    Some(u) => make_userns_netns(u.clone(), &user, &path),
                 };
                 if let Err(e) = made {
                     for p in files {
@@ -145,15 +144,23 @@ fn map_text(ranges: &[berth_core::userns::IdRange]) -> String {
         .collect()
 }
 
-/// Makes a user namespace with `map` and a network namespace it owns, bind-mounted on `user`
-/// and `net`: a forked child unshares its user namespace, waits while this process writes the
-/// maps, unshares its network namespace, brings `lo` up and waits again while both are
-/// bind-mounted, then exits. Between fork and exit the child makes raw system calls only.
-fn make_userns_netns(map: &IdMap, user: &Path, net: &Path) -> Result<()> {
+/// Makes a network namespace owned by user namespace `userns` (a new one, or one joined),
+/// bind-mounted on `net`, and bind-mounts that user namespace on `user`: a forked child
+/// unshares its user namespace and waits while this process writes the maps (or joins the
+/// existing one), unshares its network namespace, brings `lo` up and waits again while both
+/// are bind-mounted, then exits. Between fork and exit the child makes raw system calls only.
+fn make_userns_netns(userns: UserNs, user: &Path, net: &Path) -> Result<()> {
     use std::io::{Read, Write};
+    let join = match &userns {
+        UserNs::Join(path) => Some(
+            std::fs::File::open(path)
+                .map_err(|e| Error::internal(format!("open {}", path.display())).with_source(e))?,
+        ),
+        UserNs::New(_) => None,
+    };
+    let join_fd = join.as_ref().map_or(-1, |f| f.as_raw_fd());
     let (mut from_child, child_w) = std::io::pipe()?;
     let (child_r, mut to_child) = std::io::pipe()?;
-    use std::os::fd::AsRawFd;
     let (cw, cr) = (child_w.as_raw_fd(), child_r.as_raw_fd());
     let (pr, pw) = (from_child.as_raw_fd(), to_child.as_raw_fd());
     // SAFETY: the child only makes async-signal-safe system calls on descriptors opened before
@@ -176,13 +183,20 @@ fn make_userns_netns(map: &IdMap, user: &Path, net: &Path) -> Result<()> {
                 let mut b = 0u8;
                 libc::read(cr, (&mut b as *mut u8).cast(), 1)
             };
-            if libc::unshare(libc::CLONE_NEWUSER) < 0 {
-                report(b'U');
-                libc::_exit(1);
-            }
-            report(b'1');
-            if wait() != 1 {
-                libc::_exit(1);
+            if join_fd >= 0 {
+                if libc::setns(join_fd, libc::CLONE_NEWUSER) < 0 {
+                    report(b'U');
+                    libc::_exit(1);
+                }
+            } else {
+                if libc::unshare(libc::CLONE_NEWUSER) < 0 {
+                    report(b'U');
+                    libc::_exit(1);
+                }
+                report(b'1');
+                if wait() != 1 {
+                    libc::_exit(1);
+                }
             }
             if libc::unshare(libc::CLONE_NEWNET) < 0 {
                 report(b'N');
@@ -208,13 +222,15 @@ fn make_userns_netns(map: &IdMap, user: &Path, net: &Path) -> Result<()> {
                 ))),
             }
         };
-        step(&mut from_child, b'1')?;
-        for (file, ranges) in [("uid_map", &map.uids), ("gid_map", &map.gids)] {
-            let p = format!("/proc/{pid}/{file}");
-            std::fs::write(&p, map_text(ranges))
-                .map_err(|e| Error::internal(format!("write {p}")).with_source(e))?;
+        if let UserNs::New(map) = &userns {
+            step(&mut from_child, b'1')?;
+            for (file, ranges) in [("uid_map", &map.uids), ("gid_map", &map.gids)] {
+                let p = format!("/proc/{pid}/{file}");
+                std::fs::write(&p, map_text(ranges))
+                    .map_err(|e| Error::internal(format!("write {p}")).with_source(e))?;
+            }
+            to_child.write_all(b"1")?;
         }
-        to_child.write_all(b"1")?;
         step(&mut from_child, b'2')?;
         for (ns, target) in [("user", user), ("net", net)] {
             nix::mount::mount(
@@ -654,18 +670,17 @@ mod tests {
 
     #[tokio::test]
     async fn a_netns_for_a_user_namespace_is_owned_by_it() {
-        use std::os::fd::AsRawFd;
         if !nix::unistd::geteuid().is_root() {
             eprintln!("skipped: needs root");
             return;
         }
         let t = tempfile::tempdir().unwrap();
         let ns = HostNetns::new(t.path().join("netns"));
-        let map = IdMap {
+        let map = berth_core::userns::IdMap {
             uids: berth_core::userns::concatenate(&[(300000, 1000)]).unwrap(),
             gids: berth_core::userns::concatenate(&[(400000, 1000)]).unwrap(),
         };
-        let path = ns.create("abc", Some(&map)).await.unwrap();
+        let path = ns.create("abc", Some(UserNs::New(map))).await.unwrap();
         let user = userns_file(&path);
         let net = std::fs::File::open(&path).unwrap();
         // NS_GET_USERNS: the user namespace that owns the network namespace.

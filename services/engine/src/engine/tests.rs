@@ -225,11 +225,7 @@ struct FakeNetns {
 }
 
 impl Netns for FakeNetns {
-    fn create<'a>(
-        &'a self,
-        id: &'a str,
-        _userns: Option<&'a berth_core::userns::IdMap>,
-    ) -> BoxFuture<'a, PathBuf> {
+    fn create<'a>(&'a self, id: &'a str, _userns: Option<UserNs>) -> BoxFuture<'a, PathBuf> {
         let p = PathBuf::from(format!("/fake/netns/{id}"));
         self.live.lock().unwrap().push(p.clone());
         Box::pin(async move { Ok(p) })

@@ -266,7 +266,12 @@ impl Engine {
                     ));
                 }
                 _ => {
-                    let ns = self.deps.netns.create(&id, self.container_map(&hc)).await?;
+                    let userns = match (self.container_map(&hc), self.shared_userns(&hc)?) {
+                        (None, _) => None,
+                        (Some(_), Some(other)) => Some(crate::deps::UserNs::Join(other)),
+                        (Some(map), None) => Some(crate::deps::UserNs::New(map.clone())),
+                    };
+                    let ns = self.deps.netns.create(&id, userns).await?;
                     partial.netns = Some(ns.clone());
                     settings.sandbox_key = ns.display().to_string();
                     let attachments = self.attach_networks(&rec, &ns, partial).await?;
@@ -398,7 +403,7 @@ impl Engine {
             cgroup_parent: &self.config.engine.cgroup_parent,
             host: self.host_info(),
             userns: self.container_map(&hc),
-            userns_path: self.userns_path(&hc, &net_ns_for_user),
+            userns_path: self.userns_path(&hc, &net_ns_for_user)?,
         };
         let (spec, _warnings) = spec::generate(&input)?;
         if let Some(rt) = hc
@@ -511,23 +516,79 @@ impl Engine {
 
     /// The user namespace a user-namespaced container joins: the one that owns the network
     /// namespace it joins (the engine's, made with it, or that of the container whose network
-    /// it shares, as moby does); `None` lets the runtime make one (`--net none`).
+    /// it shares, as moby does), else that of the container whose IPC or PID namespace it
+    /// shares; `None` lets the runtime make one (`--net none`).
     pub(in crate::engine) fn userns_path(
         &self,
         hc: &pb::HostConfig,
         net: &Namespace,
-    ) -> Option<PathBuf> {
-        self.container_map(hc)?;
+    ) -> Result<Option<PathBuf>> {
+        if self.container_map(hc).is_none() {
+            return Ok(None);
+        }
+        let shared = self.shared_userns(hc)?;
         let Namespace::Join(path) = net else {
-            return None;
+            return Ok(shared);
         };
         let own = crate::deps::userns_file(path);
-        if own.exists() {
-            return Some(own);
+        let joined = if own.exists() {
+            own
+        } else {
+            // Another container's network namespace, named by its init: its user namespace.
+            let pid = path
+                .strip_prefix("/proc")
+                .ok()
+                .and_then(|p| p.components().next())
+                .ok_or_else(|| {
+                    Error::internal(format!("no user namespace goes with {}", path.display()))
+                })?;
+            Path::new("/proc").join(pid).join("ns/user")
+        };
+        if let Some(other) = shared {
+            let ino = |p: &Path| {
+                std::fs::metadata(p)
+                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                    .ok()
+            };
+            if ino(&other) != ino(&joined) {
+                return Err(Error::invalid_argument(
+                    "the containers whose network and IPC or PID namespaces this one shares are in different user namespaces",
+                ));
+            }
         }
-        // Another container's network namespace, named by its init: its user namespace too.
-        let pid = path.strip_prefix("/proc").ok()?.components().next()?;
-        Some(Path::new("/proc").join(pid).join("ns/user"))
+        Ok(Some(joined))
+    }
+
+    /// The user namespace of the container whose IPC or PID namespace a user-namespaced
+    /// container shares (those belong to it, so this one must be in it too, as in moby).
+    pub(in crate::engine) fn shared_userns(&self, hc: &pb::HostConfig) -> Result<Option<PathBuf>> {
+        for mode in [hc.ipc_mode.as_str(), hc.pid_mode.as_str()] {
+            let Some(other) = mode.strip_prefix("container:") else {
+                continue;
+            };
+            let target = self.get(other)?;
+            let (running, pid, remapped) = target.with(|r| {
+                (
+                    r.is_running(),
+                    r.state().pid,
+                    self.container_map(r.host_config()).is_some(),
+                )
+            });
+            if !remapped {
+                return Err(Error::invalid_argument(format!(
+                    "cannot share the namespaces of container {}: it runs in the host's user namespace (--userns=host) and this one does not",
+                    target.id
+                )));
+            }
+            if !running {
+                return Err(Error::failed_precondition(format!(
+                    "cannot join the namespaces of a non running container: {}",
+                    target.id
+                )));
+            }
+            return Ok(Some(PathBuf::from(format!("/proc/{pid}/ns/user"))));
+        }
+        Ok(None)
     }
 
     pub(in crate::engine) fn join_mode(&self, mode: &str, ns: &str) -> Result<Namespace> {
