@@ -372,6 +372,8 @@ fn an_image_pulled_before_remap_runs_after_and_the_other_way() -> Result<()> {
     let _registry = py_kit::with_busybox(&d)?;
     let plain = d.ok(&["run", "--rm", "busybox", "cat", "/proc/self/uid_map"])?;
     ensure!(plain.split_whitespace().nth(1) == Some("0"), "{plain}");
+    let old = format!("remap-old-{}", std::process::id());
+    d.ok(&["create", "--name", &old, "busybox", "true"])?;
 
     // Turned on: the layers are unpacked shifted at create.
     let remap = format!("userns_remap = \"{}\"", user.name);
@@ -391,10 +393,17 @@ fn an_image_pulled_before_remap_runs_after_and_the_other_way() -> Result<()> {
         "{id}"
     );
 
+    // A container made before cannot start under the map (its rootfs is not shifted).
+    let (_, err) = d.fails(&["start", &old])?;
+    ensure!(err.contains("remove and recreate the container"), "{err}");
+
     // And off again: the plain layers are still there.
     d.stack
         .restart_with_config(|t| t.replace(&remap, "userns_remap = \"\""))?;
     let plain = d.ok(&["run", "--rm", "busybox", "cat", "/proc/self/uid_map"])?;
     ensure!(plain.split_whitespace().nth(1) == Some("0"), "{plain}");
+    let started = d.ok(&["start", "-a", &old]);
+    let _ = d.run(&["rm", "-f", &old]);
+    started?;
     Ok(())
 }

@@ -39,6 +39,9 @@ pub struct Private {
     pub anonymous_volumes: Vec<String>,
     /// The user config as given at create (protobuf), before merging with the image.
     pub user_config: Vec<u8>,
+    /// Fingerprint of the user namespace map its rootfs was made for (`""`: none): a start
+    /// under another map is refused.
+    pub id_map: String,
 }
 
 /// A container record.

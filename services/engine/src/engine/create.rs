@@ -598,6 +598,10 @@ impl Engine {
                 },
                 anonymous_volumes: anonymous,
                 user_config: user_config.encode_to_vec(),
+                id_map: self
+                    .container_map(hc)
+                    .map(|m| m.fingerprint())
+                    .unwrap_or_default(),
                 ..Default::default()
             },
         };

@@ -136,6 +136,24 @@ impl Engine {
         let id = rec.id().to_string();
         let hc = rec.host_config().clone();
         let cfg = rec.config().clone();
+        let map_now = self
+            .container_map(&hc)
+            .map(|m| m.fingerprint())
+            .unwrap_or_default();
+        if rec.p.id_map != map_now {
+            let name = |f: &str| {
+                if f.is_empty() {
+                    "no user namespace map".to_string()
+                } else {
+                    format!("user namespace map {f}")
+                }
+            };
+            return Err(Error::failed_precondition(format!(
+                "the container's filesystem was made for {}, the daemon now has {} (userns-remap changed): remove and recreate the container",
+                name(&rec.p.id_map),
+                name(&map_now)
+            )));
+        }
         let bundle = self.paths.bundle(&id);
         let _ = std::fs::remove_dir_all(&bundle);
         std::fs::create_dir_all(bundle.join("rootfs")).map_err(|e| {
