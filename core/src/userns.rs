@@ -666,6 +666,25 @@ mod tests {
     }
 
     #[test]
+    fn default_adds_ranges_for_an_existing_dockremap_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = files(dir.path());
+        // The user exists (so useradd is not run); its ranges do not yet.
+        std::fs::write(&f.passwd, "dockremap:x:998:998::/:/bin/false\n").unwrap();
+        std::fs::write(&f.group, "dockremap:x:998:\n").unwrap();
+        std::fs::write(&f.subuid, "alice:100000:65536\n").unwrap();
+        std::fs::write(&f.subgid, "alice:100000:65536\n").unwrap();
+        let m = f.remap("default").unwrap();
+        assert_eq!(m.root(), (165536, 165536));
+        assert_eq!(m.uids[0].size, SUBORDINATE_COUNT);
+        let text = std::fs::read_to_string(&f.subuid).unwrap();
+        assert_eq!(text, "alice:100000:65536\ndockremap:165536:65536\n");
+        // A second resolution finds them and adds nothing.
+        assert_eq!(f.remap("default").unwrap(), m);
+        assert_eq!(std::fs::read_to_string(&f.subuid).unwrap(), text);
+    }
+
+    #[test]
     fn ranges_are_added_past_the_others_and_removed_alone() {
         let dir = tempfile::tempdir().unwrap();
         let f = files(dir.path());
