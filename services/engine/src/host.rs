@@ -354,6 +354,7 @@ pub fn detect_host() -> HostInfo {
         seccomp_x32: x32_abi_from_config(read_kernel_config().as_deref()),
         cpu_realtime: !v2 && cg.join("cpu/cpu.rt_runtime_us").exists(),
         min_oom_score_adj: min_oom_score_adj(),
+        cgroups: cgroups_writable(cg, v2),
         hugetlb: if v2 {
             std::fs::read_to_string(cg.join("cgroup.controllers"))
                 .is_ok_and(|c| c.split_whitespace().any(|w| w == "hugetlb"))
@@ -361,6 +362,20 @@ pub fn detect_host() -> HostInfo {
             cg.join("hugetlb").is_dir()
         },
     }
+}
+
+/// Whether the engine may make container cgroups: always as real root; in a user namespace
+/// (rootless) only where the hierarchy runc writes first is writable to it.
+fn cgroups_writable(cg: &Path, v2: bool) -> bool {
+    if !berth_core::rootless::in_user_namespace() {
+        return true;
+    }
+    let dir = if v2 {
+        cg.to_path_buf()
+    } else {
+        cg.join("memory")
+    };
+    nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_ok()
 }
 
 /// -1000 when this process may lower `oom_score_adj` (CAP_SYS_RESOURCE), else its own value:
@@ -413,6 +428,11 @@ mod caps {
     /// Whether CAP_SYS_RESOURCE is in this process's effective set.
     pub fn has_sys_resource() -> bool {
         const CAP_SYS_RESOURCE: u32 = 24;
+        // In a user namespace (rootless) the capability does not reach the limits and scores
+        // the host's kernel checks it for.
+        if berth_core::rootless::in_user_namespace() {
+            return false;
+        }
         std::fs::read_to_string("/proc/self/status")
             .ok()
             .and_then(|s| {
