@@ -46,15 +46,7 @@ pub struct HostNet {
 /// Starts the host-namespace thread, then moves the calling thread (and every thread it starts
 /// later, the runtime's among them) into the network namespace at `netns`.
 pub fn enter(netns: &Path) -> Result<HostNet> {
-    let (tx, rx) = mpsc::channel::<(SocketAddr, Proto, mpsc::Sender<io::Result<OwnedFd>>)>();
-    std::thread::Builder::new()
-        .name("host-net".into())
-        .spawn(move || {
-            for (addr, proto, reply) in rx {
-                let _ = reply.send(host_socket(addr, proto));
-            }
-        })
-        .map_err(|e| Error::internal("start the host network thread").with_source(e))?;
+    let host = HostNet::start()?;
     let file = std::fs::File::open(netns).map_err(|e| {
         Error::unavailable(format!(
             "open the stack's network namespace {}",
@@ -66,10 +58,24 @@ pub fn enter(netns: &Path) -> Result<HostNet> {
         Error::unavailable(format!("enter the network namespace {}", netns.display()))
             .with_source(io::Error::from(e))
     })?;
-    Ok(HostNet { tx })
+    Ok(host)
 }
 
 impl HostNet {
+    /// Starts the thread, in the calling thread's network namespace.
+    fn start() -> Result<Self> {
+        let (tx, rx) = mpsc::channel::<(SocketAddr, Proto, mpsc::Sender<io::Result<OwnedFd>>)>();
+        std::thread::Builder::new()
+            .name("host-net".into())
+            .spawn(move || {
+                for (addr, proto, reply) in rx {
+                    let _ = reply.send(host_socket(addr, proto));
+                }
+            })
+            .map_err(|e| Error::internal("start the host network thread").with_source(e))?;
+        Ok(Self { tx })
+    }
+
     /// A bound socket on the host (listening, for TCP).
     fn bind(&self, addr: SocketAddr, proto: Proto) -> io::Result<OwnedFd> {
         let (reply, rx) = mpsc::channel();
@@ -311,4 +317,161 @@ async fn udp_replies(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .remove(&client);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::PortBinding;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn record(container_ip: &str, ports: Vec<PortBinding>) -> AttachmentRecord {
+        AttachmentRecord {
+            container_id: "c".repeat(64),
+            container_name: "web".into(),
+            hostname: String::new(),
+            network_id: "n".repeat(64),
+            endpoint_id: "e".repeat(64),
+            netns_path: String::new(),
+            ifname: "eth0".into(),
+            host_ifname: String::new(),
+            mac: String::new(),
+            ipv4: Some(container_ip.parse().unwrap()),
+            ipv4_prefix: 8,
+            ipv4_gateway: None,
+            ipv6: None,
+            ipv6_prefix: 0,
+            ipv6_gateway: None,
+            ports,
+            aliases: vec![],
+            dns_names: vec![],
+            dns_servers: vec![],
+            dns_search: vec![],
+            dns_options: vec![],
+            links: vec![],
+            gw_priority: 0,
+            default_route: false,
+            created_ns: 0,
+        }
+    }
+
+    fn free(proto: Proto) -> u16 {
+        match proto {
+            Proto::Udp => std::net::UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port(),
+            _ => std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port(),
+        }
+    }
+
+    // The "container" is a server on 127.0.0.2 (same namespace here: the seam under test is
+    // the proxying, not the namespaces).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tcp_and_udp_ports_are_served_until_unpublished() {
+        let upstream = TcpListener::bind("127.0.0.2:0").await.unwrap();
+        let tcp_port = upstream.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = upstream.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    let _ = s.write_all(&[b"tcp:", &buf[..n]].concat()).await;
+                });
+            }
+        });
+        let udp_up = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+        let udp_port = udp_up.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            while let Ok((n, from)) = udp_up.recv_from(&mut buf).await {
+                let _ = udp_up.send_to(&[b"udp:", &buf[..n]].concat(), from).await;
+            }
+        });
+        let (host_tcp, host_udp) = (free(Proto::Tcp), free(Proto::Udp));
+        let att = record(
+            "127.0.0.2",
+            vec![
+                PortBinding {
+                    host_ip: Some("127.0.0.1".parse().unwrap()),
+                    host_port: host_tcp,
+                    container_port: tcp_port,
+                    proto: Proto::Tcp,
+                },
+                PortBinding {
+                    host_ip: Some("127.0.0.1".parse().unwrap()),
+                    host_port: host_udp,
+                    container_port: udp_port,
+                    proto: Proto::Udp,
+                },
+            ],
+        );
+        let proxy = HostProxy::new(HostNet::start().unwrap(), tokio::runtime::Handle::current());
+        tokio::task::block_in_place(|| proxy.publish(&att)).unwrap();
+
+        let mut c = TcpStream::connect(("127.0.0.1", host_tcp)).await.unwrap();
+        c.write_all(b"hello").await.unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"tcp:hello");
+
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client
+            .send_to(b"ping", ("127.0.0.1", host_udp))
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..n], b"udp:ping");
+
+        // A port taken on the host is refused with the binding named.
+        let mut clash = att.clone();
+        clash.endpoint_id = "f".repeat(64);
+        let err = tokio::task::block_in_place(|| proxy.publish(&clash)).unwrap_err();
+        assert!(err.chain().contains("on the host"), "{}", err.chain());
+
+        proxy.unpublish(&att.endpoint_id);
+        let refused = wait_refused(host_tcp).await;
+        assert!(refused, "the listener outlived unpublish");
+        // Unpublishing again (or an unknown endpoint) is a no-op.
+        proxy.unpublish(&att.endpoint_id);
+    }
+
+    async fn wait_refused(port: u16) -> bool {
+        for _ in 0..100 {
+            if TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    #[test]
+    fn sctp_is_refused() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let proxy = HostProxy::new(HostNet::start().unwrap(), rt.handle().clone());
+        let att = record(
+            "127.0.0.2",
+            vec![PortBinding {
+                host_ip: None,
+                host_port: free(Proto::Tcp),
+                container_port: 80,
+                proto: Proto::Sctp,
+            }],
+        );
+        let err = proxy.publish(&att).unwrap_err();
+        assert!(err.chain().contains("SCTP"), "{}", err.chain());
+    }
 }
