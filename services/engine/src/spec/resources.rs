@@ -769,4 +769,37 @@ mod tests {
             "cpu real-time runtime cannot be higher than cpu real-time period"
         );
     }
+
+    #[test]
+    fn without_cgroups_every_limit_is_refused_by_its_flag() {
+        refuse_without_cgroups(&pb::Resources::default(), "").unwrap();
+        // Docker's "unset" spellings pass.
+        refuse_without_cgroups(
+            &pb::Resources {
+                memory: Some(0),
+                pids_limit: Some(-1),
+                memory_swappiness: Some(-1),
+                ..Default::default()
+            },
+            "",
+        )
+        .unwrap();
+        let err = refuse_without_cgroups(
+            &pb::Resources {
+                memory: Some(64 << 20),
+                nano_cpus: Some(1_000_000_000),
+                pids_limit: Some(10),
+                ..Default::default()
+            },
+            "/mine",
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), berth_core::ErrorKind::InvalidArgument);
+        assert!(
+            err.message()
+                .starts_with("--memory, --cpus, --pids-limit, --cgroup-parent cannot be honoured"),
+            "{}",
+            err.message()
+        );
+    }
 }
