@@ -345,6 +345,10 @@ pub struct EngineConfig {
     pub events_max_count: u32,
     /// Seconds an event is kept for `--since`; 0 keeps events regardless of age.
     pub events_max_age: u64,
+    /// Docker's `userns-remap`: `""` (off), `default` (user and group `dockremap`, made when
+    /// missing), `user` or `user:group` (names or ids): containers get a user namespace mapped
+    /// onto that user's `/etc/subuid` and the group's `/etc/subgid` ranges.
+    pub userns_remap: String,
 }
 
 impl Default for EngineConfig {
@@ -372,6 +376,7 @@ impl Default for EngineConfig {
             stop_timeout: 10,
             events_max_count: 4096,
             events_max_age: 7 * 24 * 3600,
+            userns_remap: String::new(),
         }
     }
 }
@@ -615,6 +620,12 @@ impl Config {
         for host in &self.gateway.hosts {
             crate::uds::ListenAddr::parse(host)?;
         }
+        if self.rootless && !self.engine.userns_remap.is_empty() {
+            return Err(Error::invalid_argument(
+                "engine.userns_remap cannot be used in rootless mode (containers are already \
+                 mapped onto the user's subordinate ids)",
+            ));
+        }
         if self.gateway.tlsverify && self.gateway.tlscacert.is_none() {
             return Err(Error::invalid_argument(
                 "gateway.tlsverify needs gateway.tlscacert",
@@ -684,6 +695,29 @@ impl Config {
         self.state_dir.join(format!("{}.pid", service.name()))
     }
 
+    /// The id map containers get a user namespace with: `None` when containers share the
+    /// daemon's ids. Rootless: from the daemon's own `/proc/self/{uid,gid}_map`; with
+    /// `[engine] userns_remap`: from `/etc/subuid` and `/etc/subgid` (see [`crate::userns`]).
+    /// Reads those files (and for `default` may create the `dockremap` user): call it once at
+    /// start.
+    pub fn container_id_map(&self) -> Result<Option<crate::userns::IdMap>> {
+        use crate::userns::{HostIdFiles, IdKind, IdMap, rootless_ranges};
+        if self.rootless {
+            let read = |p: &str| {
+                std::fs::read_to_string(p)
+                    .map_err(|e| Error::failed_precondition(format!("read {p}")).with_source(e))
+            };
+            return Ok(Some(IdMap {
+                uids: rootless_ranges(&read("/proc/self/uid_map")?, IdKind::Uid)?,
+                gids: rootless_ranges(&read("/proc/self/gid_map")?, IdKind::Gid)?,
+            }));
+        }
+        match self.engine.userns_remap.as_str() {
+            "" => Ok(None),
+            setting => HostIdFiles::default().remap(setting).map(Some),
+        }
+    }
+
     /// The data directory that belongs to `service`.
     pub fn data_dir(&self, service: Service) -> PathBuf {
         self.root.join(service.name())
@@ -695,7 +729,7 @@ fn config_error(err: config::ConfigError) -> Error {
 }
 
 /// Picks the variables that configure berth: `BERTH_ROOT`, `BERTH_STATE_DIR`,
-/// `BERTH_SOCKET_GROUP`, `BERTH_SOCKET_MODE` and `BERTH_<SECTION>__<KEY>`. Other `BERTH_*`
+/// `BERTH_SOCKET_GROUP`, `BERTH_SOCKET_MODE`, `BERTH_ROOTLESS` and `BERTH_<SECTION>__<KEY>`. Other `BERTH_*`
 /// variables (test knobs and the like) are not configuration and are left alone.
 fn env_overrides(env: impl IntoIterator<Item = (String, String)>) -> config::Map<String, String> {
     const TOP: [&str; 5] = [
@@ -841,6 +875,24 @@ mod tests {
 
         let err = Config::load(None, env(&[("BERTH_BOGUS__X", "1")])).unwrap_err();
         assert!(err.chain().contains("bogus"), "{}", err.chain());
+    }
+
+    #[test]
+    fn rootless_comes_from_the_environment_and_excludes_remap() {
+        let cfg = Config::load(None, env(&[("BERTH_ROOTLESS", "true")])).unwrap();
+        assert!(cfg.rootless);
+        let err = Config::load(
+            None,
+            env(&[
+                ("BERTH_ROOTLESS", "true"),
+                ("BERTH_ENGINE__USERNS_REMAP", "default"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument);
+        assert!(err.chain().contains("rootless"), "{}", err.chain());
+        let cfg = Config::load(None, env(&[("BERTH_ENGINE__USERNS_REMAP", "")])).unwrap();
+        assert_eq!(cfg.container_id_map().unwrap(), None);
     }
 
     #[test]

@@ -134,6 +134,7 @@ const KNOWN: &[&str] = &[
     "group",
     "cgroup-parent",
     "metrics-addr",
+    "userns-remap",
 ];
 
 fn value<T: DeserializeOwned>(v: Value) -> Result<T> {
@@ -218,6 +219,7 @@ fn apply_key(cfg: &mut Config, key: &str, v: Value) -> Result<()> {
         "group" => cfg.socket_group = Some(value(v)?),
         "cgroup-parent" => cfg.engine.cgroup_parent = value(v)?,
         "metrics-addr" => cfg.telemetry.metrics_addr = Some(value(v)?),
+        "userns-remap" => cfg.engine.userns_remap = value(v)?,
         _ => unreachable!("key {key} is in KNOWN but not handled"),
     }
     Ok(())
@@ -249,6 +251,7 @@ mod tests {
                 "tls": true, "tlscert": "/c.pem", "tlskey": "/k.pem",
                 "tlsverify": true, "tlscacert": "/ca.pem",
                 "log-level": "warning",
+                "userns-remap": "default",
                 "metrics-addr": "127.0.0.1:9323",
                 "live-restore": true,
                 "runtimes": {"fast": {"path": "/usr/bin/crun", "runtimeArgs": ["--debug"]}},
@@ -265,6 +268,7 @@ mod tests {
         assert_eq!(cfg.images.insecure_registries, ["reg.local:5000"]);
         assert!(cfg.gateway.tls && cfg.gateway.tlsverify);
         assert_eq!(cfg.telemetry.log_level, "warn");
+        assert_eq!(cfg.engine.userns_remap, "default");
         assert_eq!(
             cfg.telemetry.metrics_addr.as_deref(),
             Some("127.0.0.1:9323")

@@ -21,6 +21,7 @@ pub mod rootless;
 pub mod snapshots;
 pub mod telemetry;
 pub mod uds;
+pub mod userns;
 
 pub use config::{Config, Service};
 pub use error::{Context, Error, ErrorKind, Result};

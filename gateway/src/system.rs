@@ -60,6 +60,8 @@ pub struct DaemonInfo {
     pub id: String,
     /// The stack runs rootless (docs/rootless.md).
     pub rootless: bool,
+    /// Containers are remapped (`userns-remap`): `SecurityOptions` says `name=userns`.
+    pub userns_remap: bool,
 }
 
 impl DaemonInfo {
@@ -83,6 +85,7 @@ impl DaemonInfo {
             registry_mirrors: config.images.registry_mirrors.clone(),
             debug: matches!(config.telemetry.log_level.as_str(), "debug" | "trace"),
             rootless: config.rootless,
+            userns_remap: !config.engine.userns_remap.is_empty(),
         }
     }
 }
@@ -269,6 +272,9 @@ async fn info(State(st): State<AppState>, version: ApiVersion) -> Result<Respons
     }
     if d.rootless {
         security.push("name=rootless".into());
+    }
+    if d.userns_remap {
+        security.push("name=userns".into());
     }
     if v2 {
         security.push("name=cgroupns".into());

@@ -12,3 +12,4 @@ pub mod rootless_kit;
 pub mod shim_kit;
 pub mod snapshotter_kit;
 pub mod stack;
+pub mod userns_kit;

@@ -3,7 +3,7 @@
 //! compile per exec, 20–40 ms).
 //!
 //! The shim forks a child that writes itself into every cgroup of the container's init process,
-//! sets its oom score and joins the init's namespaces (user first, mount last); because a pid
+//! sets its oom score and joins the init's namespaces (mount, then user last); because a pid
 //! namespace only applies to children, it forks again and exits. The grandchild — re-parented
 //! to the shim, the subreaper — does what runc's `setns` init does, in the same order: a new
 //! session and session keyring, the terminal (a pty opened in the container's `/dev/ptmx`, its
@@ -17,7 +17,7 @@
 //!
 //! [`plan`] says when native exec does not apply (the shim then runs `runtime exec`): an
 //! AppArmor profile or SELinux label with that LSM enabled, no capabilities in the process,
-//! a seccomp profile [`crate::seccomp`] cannot compile, a user namespace.
+//! a seccomp profile [`crate::seccomp`] cannot compile.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -134,13 +134,6 @@ impl Container {
                 Some(Arc::new(crate::seccomp::compile_json(&json)?))
             }
         };
-        if let Some(ns) = spec.pointer("/linux/namespaces").and_then(|v| v.as_array())
-            && ns.iter().any(|n| n["type"] == "user")
-        {
-            return Err(Error::failed_precondition(
-                "native exec: user namespaces are not supported",
-            ));
-        }
         Ok(Self {
             seccomp,
             oom_score_adj: spec
@@ -432,14 +425,20 @@ fn cgroup_dir(mountinfo: &str, controllers: &str, path: &str) -> Option<PathBuf>
 fn namespaces(init_pid: u32) -> Result<Vec<(OwnedFd, libc::c_int)>> {
     use std::os::unix::fs::MetadataExt;
     let mut out = Vec::new();
+    // The user namespace last: the shim is root in the host's user namespace, so it may join
+    // every namespace of the container, whichever user namespace owns it (a network namespace
+    // the engine made is the host's, the others the container's); once inside the container's
+    // user namespace it could no longer join one the host's owns. runc joins the user
+    // namespace first, and so cannot exec in a user-namespaced container whose network
+    // namespace the host owns.
     for (name, kind) in [
-        ("user", libc::CLONE_NEWUSER),
         ("ipc", libc::CLONE_NEWIPC),
         ("uts", libc::CLONE_NEWUTS),
         ("net", libc::CLONE_NEWNET),
         ("pid", libc::CLONE_NEWPID),
         ("cgroup", libc::CLONE_NEWCGROUP),
         ("mnt", libc::CLONE_NEWNS),
+        ("user", libc::CLONE_NEWUSER),
     ] {
         let theirs = format!("/proc/{init_pid}/ns/{name}");
         let Ok(meta) = std::fs::metadata(&theirs) else {
@@ -448,11 +447,6 @@ fn namespaces(init_pid: u32) -> Result<Vec<(OwnedFd, libc::c_int)>> {
         let ours = std::fs::metadata(format!("/proc/self/ns/{name}")).ok();
         if ours.is_some_and(|o| o.ino() == meta.ino() && o.dev() == meta.dev()) {
             continue;
-        }
-        if kind == libc::CLONE_NEWUSER {
-            return Err(Error::failed_precondition(
-                "native exec: user namespaces are not supported",
-            ));
         }
         let fd = nix::fcntl::open(
             theirs.as_str(),

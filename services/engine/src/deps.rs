@@ -26,12 +26,14 @@ pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T>> + Send + 'static>>;
 
 /// The images service, as the engine uses it.
 pub trait Images: Send + Sync {
-    /// Resolves a reference to an image, making sure it is unpacked in `snapshotter`.
+    /// Resolves a reference to an image, making sure it is unpacked in `snapshotter` (shifted
+    /// through the daemon's container id map unless `host_ids`).
     fn resolve(
         &self,
         reference: &str,
         platform: Option<types::Platform>,
         snapshotter: &str,
+        host_ids: bool,
     ) -> BoxFuture<'_, images::ResolveImageResponse>;
     /// Records that container `container_id` uses `image_id`.
     fn add_user(&self, image_id: &str, container_id: &str) -> BoxFuture<'_, ()>;

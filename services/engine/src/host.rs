@@ -361,6 +361,7 @@ pub fn detect_host() -> HostInfo {
         } else {
             cg.join("hugetlb").is_dir()
         },
+        id_map: None,
     }
 }
 

@@ -86,9 +86,22 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let deps = real_deps(&config);
-    let host = tokio::task::spawn_blocking(host::detect_host)
-        .await
-        .map_err(|e| Error::internal("detect host features").with_source(e))?;
+    let map_config = config.clone();
+    let host = tokio::task::spawn_blocking(move || -> Result<spec::HostInfo> {
+        let mut host = host::detect_host();
+        host.id_map = map_config.container_id_map()?;
+        Ok(host)
+    })
+    .await
+    .map_err(|e| Error::internal("detect host features").with_source(e))??;
+    if let Some(m) = &host.id_map {
+        let (uid, gid) = m.root();
+        tracing::info!(
+            uid,
+            gid,
+            "containers run in user namespaces: root is mapped to {uid}:{gid}"
+        );
+    }
     let engine = Engine::open(config, deps, host)?;
     serve(engine, listener, shutdown).await
 }

@@ -47,12 +47,14 @@ impl Images for RemoteImages {
         reference: &str,
         platform: Option<types::Platform>,
         snapshotter: &str,
+        host_ids: bool,
     ) -> BoxFuture<'_, images::ResolveImageResponse> {
         let mut c = self.client.clone();
         let req = images::ResolveImageRequest {
             reference: reference.into(),
             platform,
             snapshotter: snapshotter.into(),
+            host_ids,
         };
         Box::pin(async move { Ok(c.resolve(req).await?.into_inner()) })
     }

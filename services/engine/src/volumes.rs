@@ -34,6 +34,9 @@ pub struct Volumes {
     store: Store,
     hub: Arc<Hub>,
     records: Mutex<HashMap<String, VolumeRecord>>,
+    /// Host owner of new volumes' `_data`: the root of containers' user namespaces (with
+    /// userns-remap or rootless), else none (root).
+    owner: Option<(u32, u32)>,
 }
 
 fn validate_volume_name(name: &str) -> Result<()> {
@@ -80,7 +83,15 @@ impl Volumes {
             store,
             hub,
             records: Mutex::new(records),
+            owner: None,
         })
+    }
+
+    /// New volumes' data directories belong to `owner` (host uid, gid): containers' root
+    /// under a user namespace map.
+    pub fn with_owner(mut self, owner: Option<(u32, u32)>) -> Self {
+        self.owner = owner;
+        self
     }
 
     /// The host directory holding a volume's data.
@@ -125,6 +136,10 @@ impl Volumes {
         let data = self.data_dir(&name);
         std::fs::create_dir_all(&data)
             .context(ErrorKind::Internal, format!("create {}", data.display()))?;
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::chown(&data, Some(uid), Some(gid))
+                .context(ErrorKind::Internal, format!("chown {}", data.display()))?;
+        }
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();

@@ -22,6 +22,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use berth_core::userns::IdMap;
 use berth_core::{Digest, Error, Result};
 use nix::sys::stat::{Mode, SFlag};
 use nix::sys::time::TimeSpec;
@@ -49,10 +50,14 @@ pub struct Applied {
 /// Two threads share the work: this one extracts the tar while a helper reads, decompresses and
 /// hashes the stream ahead of it (in [`PIPE_CHUNK`] pieces, at most [`PIPE_DEPTH`] in flight),
 /// so decompression and sha256 overlap with the file writes instead of taking turns with them.
+///
+/// With `map`, every entry's owner is shifted through it (container ids to host ids); an
+/// owner outside the map fails the layer with an error naming the entry and the id.
 pub fn apply_compressed(
     root: &Path,
     blob: impl Read + Send,
     compression: Compression,
+    map: Option<&IdMap>,
 ) -> Result<Applied> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(PIPE_DEPTH);
     // Spent buffers go back to the producer: no allocation (and page faults) per chunk.
@@ -86,7 +91,7 @@ pub fn apply_compressed(
             chunk: Vec::new(),
             pos: 0,
         };
-        let extracted = apply_tar(root, &mut pipe).and_then(|()| {
+        let extracted = apply_tar(root, &mut pipe, map).and_then(|()| {
             // Whatever follows the end-of-archive blocks is part of the diff id too.
             io::copy(&mut pipe, &mut io::sink())
                 .map(|_| ())
@@ -176,13 +181,14 @@ fn bad_entry(name: &Path, why: &str) -> Error {
     Error::invalid_argument(format!("tar entry {:?} {why}", name.display().to_string()))
 }
 
-/// Applies an uncompressed layer tar to `root`.
-pub fn apply_tar(root: &Path, reader: impl Read) -> Result<()> {
+/// Applies an uncompressed layer tar to `root`, owners shifted through `map` when given.
+pub fn apply_tar(root: &Path, reader: impl Read, map: Option<&IdMap>) -> Result<()> {
     let mut archive = tar::Archive::new(reader);
     let mut applier = Applier {
         root: root.to_path_buf(),
         written: HashSet::new(),
         dirs: Vec::new(),
+        map: map.cloned(),
     };
     let entries = archive
         .entries()
@@ -217,6 +223,8 @@ struct Applier {
     written: HashSet<PathBuf>,
     /// Directories whose times are set at the end.
     dirs: Vec<(PathBuf, TimeSpec)>,
+    /// Owners are shifted through it (a container user namespace's map).
+    map: Option<IdMap>,
 }
 
 struct Meta {
@@ -390,11 +398,19 @@ impl Applier {
     }
 
     fn set_meta(&self, path: &Path, rel: &Path, m: &Meta, kind: tar::EntryType) -> Result<()> {
+        let (uid, gid) = match &self.map {
+            Some(map) => map.host_owner(
+                &format_args!("tar entry {:?}", rel.display().to_string()),
+                m.uid,
+                m.gid,
+            )?,
+            None => (m.uid, m.gid),
+        };
         nix::unistd::fchownat(
             nix::fcntl::AT_FDCWD,
             path,
-            Some(Uid::from_raw(m.uid)),
-            Some(Gid::from_raw(m.gid)),
+            Some(Uid::from_raw(uid)),
+            Some(Gid::from_raw(gid)),
             nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
         )
         .map_err(|e| io_err(e.into(), "chown", rel))?;
@@ -471,6 +487,12 @@ impl Applier {
                         .mode(0o755)
                         .create(&full)
                         .map_err(|e| io_err(e, "create parent directory", &next))?;
+                    if let Some(map) = &self.map {
+                        // A directory the layer implies belongs to the container's root.
+                        let (uid, gid) = map.root();
+                        std::os::unix::fs::lchown(&full, Some(uid), Some(gid))
+                            .map_err(|e| io_err(e, "chown parent directory", &next))?;
+                    }
                     cur = next;
                 }
                 Err(e) => return Err(io_err(e, "stat", &next)),
@@ -650,7 +672,7 @@ mod tests {
     }
 
     fn apply(root: &Path, tar: Vec<u8>) -> Result<Applied> {
-        apply_compressed(root, &tar[..], Compression::None)
+        apply_compressed(root, &tar[..], Compression::None, None)
     }
 
     #[test]
@@ -888,7 +910,7 @@ mod tests {
         let zs = zstd::encode_all(&tar[..], 1).unwrap();
         for (blob, c) in [(gz, Compression::Gzip), (zs, Compression::Zstd)] {
             let tmp = tempfile::tempdir().unwrap();
-            let a = apply_compressed(tmp.path(), &blob[..], c).unwrap();
+            let a = apply_compressed(tmp.path(), &blob[..], c, None).unwrap();
             assert_eq!(a.diff_id, Digest::sha256_of(&tar));
             assert_eq!(fs::read(tmp.path().join("z")).unwrap(), b"zz");
         }
@@ -907,7 +929,7 @@ mod tests {
         gz.write_all(&tar).unwrap();
         let gz = gz.finish().unwrap();
         let tmp = tempfile::tempdir().unwrap();
-        let a = apply_compressed(tmp.path(), &gz[..], Compression::Gzip).unwrap();
+        let a = apply_compressed(tmp.path(), &gz[..], Compression::Gzip, None).unwrap();
         assert_eq!(a.diff_id, Digest::sha256_of(&tar));
         assert_eq!(a.size, tar.len() as u64);
         assert_eq!(fs::read(tmp.path().join("d/big")).unwrap(), big);
@@ -934,7 +956,7 @@ mod tests {
         let tar = T::new().file("big", &big, 0o644).build();
         let tmp = tempfile::tempdir().unwrap();
         let half = FailsAfter(tar[..tar.len() / 2].to_vec(), 0);
-        let err = apply_compressed(tmp.path(), half, Compression::None).unwrap_err();
+        let err = apply_compressed(tmp.path(), half, Compression::None, None).unwrap_err();
         assert_eq!(
             err.kind(),
             berth_core::ErrorKind::Unavailable,
@@ -942,5 +964,64 @@ mod tests {
             err.chain()
         );
         assert!(err.chain().contains("digest mismatch"), "{}", err.chain());
+    }
+
+    #[test]
+    fn owners_are_shifted_through_the_map_and_ids_outside_it_refused() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        let map = IdMap {
+            uids: berth_core::userns::concatenate(&[(100000, 1000)]).unwrap(),
+            gids: berth_core::userns::concatenate(&[(200000, 1000)]).unwrap(),
+        };
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, uid, gid) in [("etc/f", 0, 0), ("home/u", 999, 5)] {
+            let mut h = tar::Header::new_gnu();
+            h.set_path(name).unwrap();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(0o644);
+            h.set_size(1);
+            h.set_uid(uid);
+            h.set_gid(gid);
+            h.set_cksum();
+            b.append(&h, &b"x"[..]).unwrap();
+        }
+        let tar = b.into_inner().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        apply_compressed(tmp.path(), &tar[..], Compression::None, Some(&map)).unwrap();
+        let owner = |p: &str| {
+            let m = fs::symlink_metadata(tmp.path().join(p)).unwrap();
+            (m.uid(), m.gid())
+        };
+        assert_eq!(owner("etc/f"), (100000, 200000));
+        assert_eq!(owner("home/u"), (100999, 200005));
+        // Parents the layer only implies belong to the container's root.
+        assert_eq!(owner("etc"), (100000, 200000));
+
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_path("opt/far").unwrap();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_size(0);
+        h.set_uid(1000);
+        h.set_gid(0);
+        h.set_cksum();
+        b.append(&h, io::empty()).unwrap();
+        let tar = b.into_inner().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let err =
+            apply_compressed(tmp.path(), &tar[..], Compression::None, Some(&map)).unwrap_err();
+        assert_eq!(err.kind(), berth_core::ErrorKind::InvalidArgument);
+        assert!(
+            err.chain().contains(
+                "tar entry \"opt/far\": uid 1000 is outside the container's user namespace map"
+            ),
+            "{}",
+            err.chain()
+        );
     }
 }

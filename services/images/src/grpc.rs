@@ -543,20 +543,31 @@ impl ImagesApi for ImagesService {
                 want.display()
             ))));
         }
+        let view = if req.host_ids {
+            self.images.plain_snapshotter_name(&req.snapshotter)
+        } else {
+            self.images.snapshotter_name(&req.snapshotter)
+        };
         let rec = self
             .images
-            .ensure_unpacked(&found.record, &req.snapshotter)
+            .ensure_unpacked(&found.record, &view)
             .await
             .map_err(status)?;
         let config = self.images.config_of(&rec).map_err(status)?;
+        let snapshot_key = if rec.chain_id.is_empty() {
+            String::new()
+        } else {
+            self.images.snapshotter(&view).key(&rec.chain_id)
+        };
         Ok(Response::new(pb::ResolveImageResponse {
             image_id: rec.id.clone(),
             reference: found.reference.map(|r| r.to_string()).unwrap_or_default(),
             chain_id: rec.chain_id.clone(),
             config,
             platform: Some((&rec.platform).into()),
-            snapshotter: self.images.snapshotter_name(&req.snapshotter),
+            snapshotter: self.images.plain_snapshotter_name(&req.snapshotter),
             target: Some((&rec.target).into()),
+            snapshot_key,
         }))
     }
 

@@ -18,6 +18,7 @@ pub mod registry;
 pub mod rootfs;
 pub mod service;
 pub mod time;
+pub mod view;
 
 use std::sync::Arc;
 

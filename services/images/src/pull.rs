@@ -20,7 +20,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use berth_core::mount::MountGuard;
-use berth_core::snapshots::{Kind, Labels, RemoteSnapshotter, Snapshotter};
+use berth_core::snapshots::{Kind, Labels, Snapshotter};
 use berth_core::{Digest, Error, ErrorKind, Reference, Result};
 use bytes::BytesMut;
 use io::Write as _;
@@ -30,6 +30,7 @@ use crate::meta::{self, ImageRecord, LayerInfo};
 use crate::oci::{self, Compression, Descriptor, ManifestKind, Platform};
 use crate::registry::{Credentials, Repository, http_error, is_tls_error};
 use crate::service::{EXTRACT_PREFIX, Images, MAX_CONFIG};
+use crate::view::SnapshotView;
 
 /// Docker's per-layer pull states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -783,7 +784,7 @@ impl Images {
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn apply_layer(
         &self,
-        sn: &RemoteSnapshotter,
+        sn: &SnapshotView,
         parent: Option<&str>,
         chain: &Digest,
         layer: &Descriptor,
@@ -837,11 +838,20 @@ impl Images {
             })
         });
         let t2 = target.clone();
+        if sn.is_stale() {
+            return Err(Error::failed_precondition(
+                "unpack into the snapshots of an id map that is no longer configured",
+            ));
+        }
+        let map = sn.map().cloned();
+        let base_layer = parent.is_none();
         let applied = blocking(move || {
             std::fs::create_dir_all(&t2)
                 .map_err(|e| Error::internal(format!("create {}", t2.display())).with_source(e))?;
             let guard = MountGuard::mount(&mounts, &t2)?;
-            let result = crate::apply::apply_compressed(guard.target(), reader, compression);
+            let result = shift_root(guard.target(), map.as_ref(), base_layer).and_then(|()| {
+                crate::apply::apply_compressed(guard.target(), reader, compression, map.as_ref())
+            });
             let unmounted = guard.unmount();
             let _ = std::fs::remove_dir(&t2);
             let applied = result?;
@@ -903,7 +913,11 @@ impl Images {
         rec: &ImageRecord,
         name: &str,
     ) -> Result<ImageRecord> {
-        let sn_name = self.snapshotter_name(name);
+        let sn_name = if name.is_empty() {
+            self.snapshotter_name("")
+        } else {
+            name.to_string()
+        };
         let top_ok = match rec.chain_id.as_str() {
             "" => true,
             top => {
@@ -980,6 +994,22 @@ impl Images {
         }
         Ok(())
     }
+}
+
+/// The root of a base layer unpacked for a container user namespace belongs to the
+/// container's root (a layer's `./` entry never sets it; later layers' roots take their
+/// parent's owner from the snapshotter).
+fn shift_root(
+    root: &std::path::Path,
+    map: Option<&berth_core::userns::IdMap>,
+    base: bool,
+) -> Result<()> {
+    if let (Some(map), true) = (map, base) {
+        let (uid, gid) = map.root();
+        std::os::unix::fs::lchown(root, Some(uid), Some(gid))
+            .map_err(|e| Error::internal("chown the layer root").with_source(e))?;
+    }
+    Ok(())
 }
 
 /// Picks the manifest for `want` from an index.

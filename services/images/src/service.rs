@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use berth_core::snapshots::{Kind, RemoteSnapshotter, Snapshotter};
+use berth_core::userns::{IdMap, SNAPSHOT_KEY_MARK};
 use berth_core::{Config, Digest, Error, Reference, Result, Service};
 
 use crate::content::ContentStore;
@@ -15,6 +16,7 @@ use crate::meta::{self, ImageRecord, Lease, Meta, UserKey};
 use crate::oci::{self, Platform};
 use crate::pull::Download;
 use crate::registry::{Registries, RegistryConfig};
+use crate::view::SnapshotView;
 
 /// How long a lease left by a crashed operation protects its content.
 pub const LEASE_EXPIRY: Duration = Duration::from_secs(24 * 3600);
@@ -39,6 +41,9 @@ pub struct Images {
     pub(crate) gc_lock: tokio::sync::RwLock<()>,
     counter: AtomicU64,
     snapshotters: Mutex<HashMap<String, RemoteSnapshotter>>,
+    /// The container id map (userns-remap, rootless): layers for containers are unpacked
+    /// shifted through it, in their own snapshots (see [`SnapshotView`]).
+    pub(crate) id_map: Option<Arc<IdMap>>,
 }
 
 /// An image found from user input.
@@ -74,6 +79,11 @@ impl Images {
         std::fs::create_dir_all(&tmp)
             .map_err(|e| Error::internal(format!("create {}", tmp.display())).with_source(e))?;
         let platform = Platform::parse(&config.images.platform)?;
+        let id_map = config.container_id_map()?.map(Arc::new);
+        if let Some(m) = &id_map {
+            let (uid, gid) = m.root();
+            tracing::info!(uid, gid, key = %m.snapshot_suffix(), "layers are unpacked shifted for containers' user namespaces");
+        }
         let registries = Registries::new(RegistryConfig {
             insecure_registries: config.images.insecure_registries.clone(),
             registry_mirrors: config.images.registry_mirrors.clone(),
@@ -91,6 +101,7 @@ impl Images {
             gc_lock: tokio::sync::RwLock::new(()),
             counter: AtomicU64::new(0),
             snapshotters: Mutex::default(),
+            id_map,
         })
     }
 
@@ -99,8 +110,21 @@ impl Images {
         self.counter.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The snapshotter name a request means: `""` is the configured one.
+    /// The snapshotter name a request means: `""` is the configured one. With a container id
+    /// map, a name without a mapping means the view of this daemon's map (where layers for
+    /// containers go); [`Self::plain_snapshotter_name`] is the unshifted one.
     pub fn snapshotter_name(&self, name: &str) -> String {
+        let base = self.plain_snapshotter_name(name);
+        match &self.id_map {
+            Some(m) if !base.contains(SNAPSHOT_KEY_MARK) => {
+                format!("{base}{}", m.snapshot_suffix())
+            }
+            _ => base,
+        }
+    }
+
+    /// The snapshotter name a request means, without any id shifting (`--userns=host`).
+    pub fn plain_snapshotter_name(&self, name: &str) -> String {
         if name.is_empty() {
             self.config.snapshotter.driver.clone()
         } else {
@@ -108,9 +132,32 @@ impl Images {
         }
     }
 
-    /// The snapshotter called `name` (`""` = the configured one), always reached over gRPC.
-    pub fn snapshotter(&self, name: &str) -> RemoteSnapshotter {
-        let name = self.snapshotter_name(name);
+    /// The snapshotter (view) called `name` as [`Self::snapshotter_name`] or
+    /// [`Self::plain_snapshotter_name`] resolved it (`""`: the configured one, with this
+    /// daemon's mapping), always reached over gRPC. A name `<snapshotter>@userns-<fingerprint>` is the
+    /// view of that mapping.
+    pub fn snapshotter(&self, name: &str) -> SnapshotView {
+        // A name given is already resolved (a view name, or the plain snapshotter's).
+        let name = if name.is_empty() {
+            self.snapshotter_name("")
+        } else {
+            name.to_string()
+        };
+        let (base, suffix) = match name.find(SNAPSHOT_KEY_MARK) {
+            Some(at) => (name[..at].to_string(), name[at..].to_string()),
+            None => (name.clone(), String::new()),
+        };
+        let map = self
+            .id_map
+            .as_ref()
+            .filter(|m| !suffix.is_empty() && m.snapshot_suffix() == suffix)
+            .cloned();
+        SnapshotView::new(self.remote_snapshotter(&base), suffix, map)
+    }
+
+    /// The snapshotter called `name`, as it is (no view).
+    fn remote_snapshotter(&self, name: &str) -> RemoteSnapshotter {
+        let name = name.to_string();
         let mut map = self.snapshotters.lock().unwrap();
         map.entry(name.clone())
             .or_insert_with(|| {
@@ -167,13 +214,23 @@ impl Images {
                 }
             }
         }
-        let sn = self.snapshotter("");
         let my_keys = format!("{EXTRACT_PREFIX}{mine}");
+        let mut views = vec![self.snapshotter("")];
+        if self.id_map.is_some() {
+            views.push(self.snapshotter(&self.plain_snapshotter_name("")));
+        }
+        for sn in views {
+            self.remove_unfinished_unpacks(&sn, &my_keys).await;
+        }
+    }
+
+    /// Removes the active snapshots of unpacks that never finished (not this process's).
+    async fn remove_unfinished_unpacks(&self, sn: &SnapshotView, my_keys: &str) {
         match sn.list(&["kind==active".to_string()]).await {
             Ok(infos) => {
                 for info in infos
                     .into_iter()
-                    .filter(|i| i.name.starts_with(EXTRACT_PREFIX) && !i.name.starts_with(&my_keys))
+                    .filter(|i| i.name.starts_with(EXTRACT_PREFIX) && !i.name.starts_with(my_keys))
                 {
                     match sn.remove(&info.name).await {
                         Ok(()) => {
@@ -602,6 +659,7 @@ impl Images {
         let mut chains: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let default = self.snapshotter_name("");
         chains.entry(default.clone()).or_default();
+        chains.entry(self.plain_snapshotter_name("")).or_default();
         for rec in &images {
             blobs.insert(rec.target.digest.clone());
             blobs.insert(rec.config.digest.clone());

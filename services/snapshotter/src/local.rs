@@ -259,6 +259,12 @@ impl Inner {
         };
         mkdir(&dir, 0o700)?;
         mkdir(&dir.join("fs"), 0o755)?;
+        if let Some(parent) = parent {
+            // The new tree's root is the parent's root: with its owner and mode (containerd's
+            // overlay snapshotter does the same), so a layer or container whose ids are
+            // shifted into a user namespace keeps a `/` its root owns.
+            inherit_root(&self.fs_dir(parent.id), &dir.join("fs"))?;
+        }
         match self.driver {
             Driver::Overlayfs if kind == Kind::Active => mkdir(&dir.join("work"), 0o711)?,
             Driver::Overlayfs => {}
@@ -465,6 +471,19 @@ impl Inner {
     }
 }
 
+/// Gives `dir` the owner and mode of `from`.
+fn inherit_root(from: &Path, dir: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta =
+        fs::metadata(from).map_err(|e| Error::from(e).wrap(format!("stat {}", from.display())))?;
+    if (meta.uid(), meta.gid()) != (0, 0) {
+        std::os::unix::fs::chown(dir, Some(meta.uid()), Some(meta.gid()))
+            .map_err(|e| Error::from(e).wrap(format!("chown {}", dir.display())))?;
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(meta.mode() & 0o7777))
+        .map_err(|e| Error::from(e).wrap(format!("chmod {}", dir.display())))
+}
+
 /// Snapshots and their disk use, by kind (`view`, `active`, `committed`).
 pub type KindTotals = std::collections::BTreeMap<&'static str, (u64, i64)>;
 
@@ -606,6 +625,30 @@ mod tests {
         assert_eq!(m[0].lowerdirs(), [fs_of(3), fs_of(1)]);
         assert!(m[0].option("upperdir").is_none() && m[0].is_readonly());
         assert_eq!(s.mounts("v2").await.unwrap(), m);
+    }
+
+    #[tokio::test]
+    async fn a_new_tree_takes_the_owner_and_mode_of_its_parents_root() {
+        use std::os::unix::fs::MetadataExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root to chown");
+            return;
+        }
+        for driver in [Driver::Overlayfs, Driver::Native] {
+            let dir = tempfile::tempdir().unwrap();
+            let s = LocalSnapshotter::open(dir.path(), driver).unwrap();
+            s.prepare("a", None, Labels::new()).await.unwrap();
+            let a = s.snapshots_dir().join("1/fs");
+            std::os::unix::fs::chown(&a, Some(100000), Some(100001)).unwrap();
+            fs::set_permissions(&a, fs::Permissions::from_mode(0o750)).unwrap();
+            s.commit("A", "a", Labels::new()).await.unwrap();
+            s.prepare("b", Some("A"), Labels::new()).await.unwrap();
+            let b = fs::metadata(s.snapshots_dir().join("2/fs")).unwrap();
+            assert_eq!(
+                (b.uid(), b.gid(), b.mode() & 0o7777),
+                (100000, 100001, 0o750)
+            );
+        }
     }
 
     #[tokio::test]

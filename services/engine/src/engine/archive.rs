@@ -6,6 +6,8 @@
 //! Paths are resolved the way the container sees them: symlinks are followed inside the
 //! container's root (an absolute link target starts again at the container's `/`, `..` never
 //! leaves it), and paths under a volume or bind mount go to the mount's host source.
+//! A container with a user namespace speaks its own ids: owners are shifted back through its
+//! map when read out, and into it when written.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -14,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use berth_core::mount::{Mount, MountGuard};
+use berth_core::userns::IdMap;
 use berth_core::{Error, Result};
 use berth_proto::berth::engine::v1 as pb;
 use tokio::sync::mpsc;
@@ -26,6 +29,9 @@ pub struct View {
     root: PathBuf,
     /// Volume and bind mounts: container destination → host source, longest first.
     mounts: Vec<(String, PathBuf)>,
+    /// The container's user namespace map: files are read out in container ids and written
+    /// in host ids.
+    map: Option<IdMap>,
     _guard: Option<(MountGuard, tempfile::TempDir)>,
 }
 
@@ -160,6 +166,11 @@ fn append_tree<W: Write>(
     let meta = std::fs::symlink_metadata(hpath)?;
     let mut header = tar::Header::new_gnu();
     header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+    if let Some(map) = &view.map {
+        let (uid, gid) = map.container_owner(meta.uid(), meta.gid());
+        header.set_uid(uid.into());
+        header.set_gid(gid.into());
+    }
     let ft = meta.file_type();
     if ft.is_symlink() {
         let target = std::fs::read_link(hpath)?;
@@ -339,6 +350,10 @@ fn extract<R: Read>(plan: &PutPlan, input: R) -> Result<()> {
         } else {
             (0, 0)
         };
+        let (uid, gid) = match &plan.view.map {
+            Some(map) => map.host_owner(&format_args!("{target_c}"), uid, gid)?,
+            None => (uid, gid),
+        };
         std::os::unix::fs::lchown(&target, Some(uid), Some(gid))?;
     }
     Ok(())
@@ -366,11 +381,13 @@ impl Engine {
         } else {
             Vec::new()
         };
+        let map = self.container_map(rec.host_config()).cloned();
         let bundle_rootfs = self.paths.bundle(&ctr.id).join("rootfs");
         if rec.is_running() && is_mount_point(&bundle_rootfs) {
             return Ok(View {
                 root: bundle_rootfs,
                 mounts,
+                map,
                 _guard: None,
             });
         }
@@ -386,6 +403,7 @@ impl Engine {
             Ok(View {
                 root: dir.path().to_path_buf(),
                 mounts,
+                map,
                 _guard: Some((guard, dir)),
             })
         })
@@ -666,6 +684,7 @@ mod tests {
         View {
             root: root.to_path_buf(),
             mounts,
+            map: None,
             _guard: None,
         }
     }

@@ -202,8 +202,14 @@ fn plan_dir(
     Ok(())
 }
 
-/// Writes the planned entries from `upper` as an uncompressed layer tar.
-pub fn write_layer<W: Write>(upper: &Path, plan: &[LayerEntry], w: W) -> std::io::Result<W> {
+/// Writes the planned entries from `upper` as an uncompressed layer tar; with the container's
+/// user namespace `map`, owners are written as the container sees them.
+pub fn write_layer<W: Write>(
+    upper: &Path,
+    plan: &[LayerEntry],
+    map: Option<&berth_core::userns::IdMap>,
+    w: W,
+) -> std::io::Result<W> {
     let mut tar = tar::Builder::new(w);
     tar.follow_symlinks(false);
     // Hard links inside the layer stay hard links: the first path of an inode carries the data.
@@ -230,6 +236,11 @@ pub fn write_layer<W: Write>(upper: &Path, plan: &[LayerEntry], w: W) -> std::io
                 }
                 let mut header = tar::Header::new_gnu();
                 header.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+                if let Some(map) = map {
+                    let (uid, gid) = map.container_owner(meta.uid(), meta.gid());
+                    header.set_uid(uid.into());
+                    header.set_gid(gid.into());
+                }
                 let ft = meta.file_type();
                 if ft.is_dir() {
                     header.set_size(0);
@@ -357,7 +368,13 @@ impl Engine {
         let image = self
             .deps
             .images
-            .resolve(&c.image_id, None, &c.snapshotter)
+            .resolve(
+                &c.image_id,
+                None,
+                &c.snapshotter,
+                self.container_map(&c.host_config.clone().unwrap_or_default())
+                    .is_none(),
+            )
             .await?;
         Ok(image.chain_id.is_empty())
     }
@@ -424,6 +441,7 @@ impl Engine {
             self.pause(&ctr.id).await?;
         }
         let scratch = self.paths.scratch.clone();
+        let map = self.container_map(rec.host_config()).cloned();
         let produced = tokio::task::spawn_blocking(move || -> Result<Option<std::fs::File>> {
             let plan = plan_layer(&upper, &lowers, &skip)?;
             if plan.is_empty() && req.empty_layer_when_unchanged {
@@ -432,7 +450,7 @@ impl Engine {
             std::fs::create_dir_all(&scratch)?;
             let file = tempfile::tempfile_in(&scratch)
                 .map_err(|e| Error::internal("create the layer file").with_source(e))?;
-            let mut file = write_layer(&upper, &plan, std::io::BufWriter::new(file))
+            let mut file = write_layer(&upper, &plan, map.as_ref(), std::io::BufWriter::new(file))
                 .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
                 .map_err(|e| Error::internal("write the layer").with_source(e))?;
             file.rewind()?;
@@ -572,7 +590,7 @@ mod tests {
         std::fs::write(upper.join("keep/mnt"), "").unwrap();
         let skip = ["/etc/hosts".to_string(), "/proc".into(), "/keep/mnt".into()];
         let plan = plan_layer(&upper, std::slice::from_ref(&lower), &skip).unwrap();
-        let tar = write_layer(&upper, &plan, Vec::new()).unwrap();
+        let tar = write_layer(&upper, &plan, None, Vec::new()).unwrap();
         let mut names = Vec::new();
         let mut xattrs = Vec::new();
         let mut a = tar::Archive::new(tar.as_slice());

@@ -35,6 +35,27 @@ pub fn is_user_defined(mode: &str) -> bool {
         && !mode.starts_with("container:")
 }
 
+impl Engine {
+    /// Whether runtime `name` is the shim's in-process one.
+    fn in_process_runtime(&self, name: &str) -> bool {
+        self.config
+            .engine
+            .runtimes
+            .get(name)
+            .is_some_and(|r| r.path == berth_core::config::IN_PROCESS_RUNTIME)
+    }
+}
+
+/// The committed snapshot a container's rootfs is prepared on: the layers unpacked for its
+/// user namespace (or unshifted), as the images service answered.
+fn image_parent(image: &berth_proto::berth::images::v1::ResolveImageResponse) -> &str {
+    if image.snapshot_key.is_empty() {
+        &image.chain_id
+    } else {
+        &image.snapshot_key
+    }
+}
+
 /// Checks a host config before anything is created.
 fn validate_host_config(engine: &Engine, hc: &pb::HostConfig) -> Result<Vec<String>> {
     let mut warnings = Vec::new();
@@ -61,6 +82,9 @@ fn validate_host_config(engine: &Engine, hc: &pb::HostConfig) -> Result<Vec<Stri
         validate::log_config(lc, &engine.config.engine.log_driver)?;
     }
     validate::namespace_modes(hc)?;
+    if engine.host_info().id_map.is_some() {
+        validate::remapped(hc)?;
+    }
     validate::devices(&hc.devices)?;
     if hc.mounts.iter().any(|m| {
         m.bind.as_ref().is_some_and(|b| {
@@ -235,7 +259,12 @@ impl Engine {
         let image = self
             .deps
             .images
-            .resolve(&user_config.image, req.platform.clone(), &snapshotter)
+            .resolve(
+                &user_config.image,
+                req.platform.clone(),
+                &snapshotter,
+                self.container_map(hc).is_none(),
+            )
             .await
             .map_err(|e| {
                 if e.is(ErrorKind::NotFound) {
@@ -255,6 +284,17 @@ impl Engine {
         self.volumes_from(hc)?;
         if hc.runtime.is_empty() {
             hc.runtime = self.config.engine.default_runtime();
+            // The in-process runtime cannot set up a user namespace yet: a remapped container
+            // that names no runtime gets runc instead of what `auto` chose.
+            if self.container_map(hc).is_some() && self.in_process_runtime(&hc.runtime) {
+                hc.runtime = "runc".into();
+            }
+        }
+        if self.container_map(hc).is_some() && self.in_process_runtime(&hc.runtime) {
+            return Err(Error::invalid_argument(format!(
+                "runtime {:?} (the shim's in-process runtime) cannot run containers in a user namespace; use runc or --userns=host",
+                hc.runtime
+            )));
         }
         // The `local` driver rotates by default (20 MiB, 5 files) where json-file does not.
         if let Some(lc) = hc.log_config.as_mut()
@@ -346,7 +386,7 @@ impl Engine {
         let rootfs = self
             .deps
             .snapshots
-            .prepare(&id, &image.chain_id, labels)
+            .prepare(&id, image_parent(&image), labels)
             .await
             .map_err(|e| Error::new(e.kind(), "prepare rootfs snapshot").with_source(e))?;
 

@@ -299,6 +299,21 @@ impl Engine {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::internal(format!("create {}", dir.display())).with_source(e))?;
         }
+        if host.id_map.is_some() {
+            // The runtime sets a user-namespaced container up as its (mapped) root, which must
+            // reach the bundle, the network files and the volumes: the directories on the way
+            // are made traversable (never listable) by others, as Docker's volumes directory is.
+            for dir in [
+                &config.root,
+                &config.state_dir,
+                &paths.data,
+                &paths.containers,
+                &paths.bundles,
+                &paths.volumes,
+            ] {
+                traversable(dir)?;
+            }
+        }
         let store = Store::open(&paths.data.join("engine.redb"))?;
         let hub = Hub::open(
             &paths.data.join("events.log"),
@@ -308,7 +323,8 @@ impl Engine {
                     .then(|| Duration::from_secs(config.engine.events_max_age)),
             },
         )?;
-        let volumes = Volumes::load(paths.volumes.clone(), store.clone(), hub.clone())?;
+        let volumes = Volumes::load(paths.volumes.clone(), store.clone(), hub.clone())?
+            .with_owner(host.id_map.as_ref().map(|m| m.root()));
         let mut reg = Registry::default();
         for rec in store.containers()? {
             reg.names.insert(rec.c.name.clone(), rec.id().to_string());
@@ -334,6 +350,15 @@ impl Engine {
     /// The host facts spec generation uses.
     pub fn host_info(&self) -> &HostInfo {
         &self.host
+    }
+
+    /// The id map of a container with host config `hc`: the daemon's container map
+    /// (userns-remap, rootless) unless the container opts out with `--userns=host`.
+    pub fn container_map(&self, hc: &pb::HostConfig) -> Option<&berth_core::userns::IdMap> {
+        self.host
+            .id_map
+            .as_ref()
+            .filter(|_| hc.userns_mode != "host")
     }
 
     /// Finds a container by full id, name, or unique id prefix.
@@ -479,6 +504,25 @@ impl Engine {
         self.container_event(&rec, "rename", [("oldName".to_string(), format!("/{old}"))]);
         Ok(())
     }
+}
+
+/// Adds the others-execute bit to `dir` (creating it when missing).
+fn traversable(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::internal(format!("create {}", dir.display())).with_source(e))?;
+    let mode = std::fs::metadata(dir)
+        .map_err(|e| Error::internal(format!("stat {}", dir.display())).with_source(e))?
+        .permissions()
+        .mode();
+    if mode & 0o001 == 0 {
+        std::fs::set_permissions(
+            dir,
+            std::fs::Permissions::from_mode((mode & 0o7777) | 0o001),
+        )
+        .map_err(|e| Error::internal(format!("chmod {}", dir.display())).with_source(e))?;
+    }
+    Ok(())
 }
 
 /// Docker's message for a taken name.

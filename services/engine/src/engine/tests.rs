@@ -40,6 +40,7 @@ impl Images for FakeImages {
         reference: &str,
         _: Option<types::Platform>,
         snapshotter: &str,
+        _host_ids: bool,
     ) -> BoxFuture<'_, images::ResolveImageResponse> {
         let reference = reference.to_string();
         let snapshotter = snapshotter.to_string();
@@ -64,6 +65,7 @@ impl Images for FakeImages {
                 platform: None,
                 snapshotter,
                 target: None,
+                snapshot_key: String::new(),
             })
         })
     }

@@ -16,13 +16,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use berth_core::userns::{IdMap, IdRange};
 use berth_core::{Error, Result};
 use berth_proto::berth::engine::v1 as pb;
 use oci_spec::runtime::{
     LinuxBuilder, LinuxCapabilitiesBuilder, LinuxDevice, LinuxDeviceBuilder, LinuxDeviceCgroup,
-    LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxNamespace, LinuxNamespaceBuilder,
-    LinuxNamespaceType, Mount, MountBuilder, PosixRlimit, PosixRlimitBuilder, PosixRlimitType,
-    ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
+    LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxIdMapping, LinuxIdMappingBuilder,
+    LinuxNamespace, LinuxNamespaceBuilder, LinuxNamespaceType, Mount, MountBuilder, PosixRlimit,
+    PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder,
+    UserBuilder,
 };
 
 use crate::imageconfig::{self, DEFAULT_PATH};
@@ -60,6 +62,9 @@ pub struct HostInfo {
     /// delegates a cgroup v2 tree: containers then get no cgroup of their own (runc leaves
     /// them in the engine's) and resource limits are refused.
     pub cgroups: bool,
+    /// The id map of containers' user namespaces (userns-remap, rootless); `None`: containers
+    /// share the engine's ids.
+    pub id_map: Option<IdMap>,
 }
 
 impl Default for HostInfo {
@@ -76,6 +81,7 @@ impl Default for HostInfo {
             min_oom_score_adj: -1000,
             hugetlb: false,
             cgroups: true,
+            id_map: None,
         }
     }
 }
@@ -170,6 +176,9 @@ pub struct SpecInput<'a> {
     pub cgroup_parent: &'a str,
     /// Host facts.
     pub host: &'a HostInfo,
+    /// The map of the container's own user namespace; `None`: the engine's (`--userns=host`,
+    /// or no remapping).
+    pub userns: Option<&'a IdMap>,
 }
 
 /// Docker's masked paths.
@@ -571,7 +580,19 @@ pub fn generate(input: &SpecInput<'_>) -> Result<(Spec, Vec<String>)> {
             .count()
     });
     let mut mounts: Vec<Mount> = Vec::new();
-    for m in default_mounts(shm_size, privileged, false) {
+    // sysfs can only be mounted by the owner of the network namespace; a user-namespaced
+    // container joins one the engine made (owned by the host's user namespace), so it gets the
+    // host's /sys bound read-only instead, as rootless Podman does in that case.
+    let bind_sys = input.userns.is_some() && input.network != Namespace::Private;
+    for mut m in default_mounts(shm_size, privileged, false) {
+        if bind_sys && m.destination == "/sys" {
+            m = mount(
+                "/sys",
+                "bind",
+                "/sys",
+                &["rbind", "nosuid", "noexec", "nodev", "ro"],
+            );
+        }
         // `--ipc host` binds the host's; `--ipc none` has none at all (Docker's meaning).
         if (input.ipc == Namespace::Host || hc.ipc_mode == "none") && m.destination == "/dev/shm" {
             continue;
@@ -604,6 +625,9 @@ pub fn generate(input: &SpecInput<'_>) -> Result<(Spec, Vec<String>)> {
     .into_iter()
     .flatten()
     .collect();
+    if input.userns.is_some() {
+        namespaces.extend(namespace(LinuxNamespaceType::User, &Namespace::Private));
+    }
     namespaces.sort_by_key(|n| format!("{:?}", n.typ()));
 
     let devnum = |path: &str| -> Result<(i64, i64)> {
@@ -699,6 +723,23 @@ pub fn generate(input: &SpecInput<'_>) -> Result<(Spec, Vec<String>)> {
     }
 
     linux.set_rootfs_propagation(rootfs_propagation(input.mounts));
+    if let Some(map) = input.userns {
+        let mappings = |ranges: &[IdRange]| -> Result<Vec<LinuxIdMapping>> {
+            ranges
+                .iter()
+                .map(|r| {
+                    LinuxIdMappingBuilder::default()
+                        .container_id(r.container)
+                        .host_id(r.host)
+                        .size(r.size)
+                        .build()
+                        .map_err(|e| Error::internal("id mapping").with_source(e))
+                })
+                .collect()
+        };
+        linux.set_uid_mappings(Some(mappings(&map.uids)?));
+        linux.set_gid_mappings(Some(mappings(&map.gids)?));
+    }
 
     let root = RootBuilder::default()
         .path("rootfs")
@@ -858,6 +899,7 @@ mod tests {
             min_oom_score_adj: 0,
             hugetlb: true,
             cgroups: true,
+            id_map: None,
             devices: vec![Device {
                 path: "/dev/fuse".into(),
                 kind: 'c',
@@ -891,6 +933,7 @@ mod tests {
             devices: &[],
             cgroup_parent: "berth",
             host: &h,
+            userns: None,
         };
         generate(&input).unwrap()
     }
@@ -1122,6 +1165,65 @@ mod tests {
     }
 
     #[test]
+    fn a_remapped_container_gets_a_user_namespace_and_its_maps() {
+        let map = IdMap {
+            uids: berth_core::userns::concatenate(&[(100000, 65536), (300000, 10)]).unwrap(),
+            gids: berth_core::userns::concatenate(&[(200000, 65536)]).unwrap(),
+        };
+        let cfg = config();
+        let user = root();
+        let h = host();
+        let hc = pb::HostConfig::default();
+        let input = SpecInput {
+            id: "abc",
+            config: &cfg,
+            host_config: &hc,
+            user: &user,
+            hostname: "abc",
+            network: Namespace::Join("/run/berth/netns/abc".into()),
+            pid: Namespace::Private,
+            ipc: Namespace::Private,
+            uts: Namespace::Private,
+            cgroup: Namespace::Host,
+            mounts: &[],
+            link_env: &[],
+            devices: &[],
+            cgroup_parent: "berth",
+            host: &h,
+            userns: Some(&map),
+        };
+        let j = json(&generate(&input).unwrap().0);
+        let types: Vec<&str> = j["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        assert!(types.contains(&"user"), "{types:?}");
+        assert_eq!(
+            j["linux"]["uidMappings"],
+            serde_json::json!([
+                {"containerID": 0, "hostID": 100000, "size": 65536},
+                {"containerID": 65536, "hostID": 300000, "size": 10},
+            ])
+        );
+        assert_eq!(
+            j["linux"]["gidMappings"],
+            serde_json::json!([{"containerID": 0, "hostID": 200000, "size": 65536}])
+        );
+        // Without a map (or with --userns=host): no user namespace, no mappings.
+        let j = json(&gen_with(&hc, &[]).0);
+        assert!(j["linux"]["uidMappings"].is_null());
+        assert!(
+            !j["linux"]["namespaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["type"] == "user")
+        );
+    }
+
+    #[test]
     fn shared_and_slave_binds_set_the_root_propagation() {
         let bind = |prop: &str| SpecMount {
             destination: "/data".into(),
@@ -1162,6 +1264,7 @@ mod tests {
                 devices: &[],
                 cgroup_parent: "berth",
                 host: &h,
+                userns: None,
             };
             generate(&input).unwrap_err().message().to_string()
         };

@@ -151,9 +151,34 @@ pub fn namespace_modes(hc: &pb::HostConfig) -> Result<()> {
     }
     if !matches!(hc.userns_mode.as_str(), "" | "host") {
         return Err(Error::invalid_argument(format!(
-            "invalid user namespace mode {:?}: berth runs containers in the host's user namespace only",
+            "invalid user namespace mode {:?}: only \"host\" (or none, the daemon's default) is supported",
             hc.userns_mode
         )));
+    }
+    Ok(())
+}
+
+/// With a container id map (userns-remap, rootless), what a user namespace of the container's
+/// own cannot have, refused as moby refuses it (unless `--userns=host`).
+pub fn remapped(hc: &pb::HostConfig) -> Result<()> {
+    if hc.userns_mode == "host" {
+        return Ok(());
+    }
+    let privileged = hc.security.as_ref().is_some_and(|s| s.privileged);
+    if privileged {
+        return Err(Error::invalid_argument(
+            "privileged mode is incompatible with user namespaces.  You must run the container in the host namespace when running privileged mode",
+        ));
+    }
+    if hc.network_mode == "host" {
+        return Err(Error::invalid_argument(
+            "cannot share the host's network namespace when user namespaces are enabled",
+        ));
+    }
+    if hc.pid_mode == "host" {
+        return Err(Error::invalid_argument(
+            "cannot share the host PID namespace when user namespaces are enabled",
+        ));
     }
     Ok(())
 }
@@ -325,6 +350,37 @@ mod tests {
         );
         assert_eq!(msg(hc(|h| h.uts_mode = "x".into())), "invalid UTS mode: x");
         assert!(msg(hc(|h| h.userns_mode = "private".into())).contains("user namespace"));
+        let remap = |f: fn(&mut pb::HostConfig)| {
+            let mut h = pb::HostConfig::default();
+            f(&mut h);
+            remapped(&h).err().map(|e| e.message().to_string())
+        };
+        assert!(
+            remap(|h| h.network_mode = "host".into())
+                .unwrap()
+                .contains("host's network")
+        );
+        assert!(
+            remap(|h| h.pid_mode = "host".into())
+                .unwrap()
+                .contains("host PID")
+        );
+        assert!(
+            remap(|h| h.security = Some(pb::SecurityOptions {
+                privileged: true,
+                ..Default::default()
+            }))
+            .unwrap()
+            .starts_with("privileged mode is incompatible")
+        );
+        assert_eq!(
+            remap(|h| {
+                h.userns_mode = "host".into();
+                h.network_mode = "host".into();
+            }),
+            None
+        );
+        assert_eq!(remap(|h| h.ipc_mode = "host".into()), None);
     }
 
     #[test]

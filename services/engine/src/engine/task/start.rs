@@ -305,6 +305,18 @@ impl Engine {
             &dir.join("hostname"),
             format!("{}\n", cfg.hostname).as_bytes(),
         )?;
+        if let Some(map) = self.container_map(&hc) {
+            // The container's root owns its network files, as root does without a map.
+            let (uid, gid) = map.root();
+            for f in ["hostname", "hosts", "resolv.conf"] {
+                let path = dir.join(f);
+                if path.exists() {
+                    std::os::unix::fs::chown(&path, Some(uid), Some(gid)).map_err(|e| {
+                        Error::internal(format!("chown {}", path.display())).with_source(e)
+                    })?;
+                }
+            }
+        }
 
         // The spec.
         let mut mounts = self.spec_mounts(&rec, &hc)?;
@@ -376,6 +388,7 @@ impl Engine {
             devices: &devices,
             cgroup_parent: &self.config.engine.cgroup_parent,
             host: self.host_info(),
+            userns: self.container_map(&hc),
         };
         let (spec, _warnings) = spec::generate(&input)?;
         if let Some(rt) = hc
@@ -584,6 +597,16 @@ impl Engine {
                             Error::invalid_argument(format!("create bind source {}", m.source))
                                 .with_source(e)
                         })?;
+                        // Made for the container: its root owns it (moby does the same).
+                        if let Some(map) = self.container_map(hc) {
+                            let (uid, gid) = map.root();
+                            std::os::unix::fs::chown(&m.source, Some(uid), Some(gid)).map_err(
+                                |e| {
+                                    Error::internal(format!("chown bind source {}", m.source))
+                                        .with_source(e)
+                                },
+                            )?;
+                        }
                     }
                     let prop = match b.propagation() {
                         pb::Propagation::Unspecified | pb::Propagation::Rprivate => "rprivate",
