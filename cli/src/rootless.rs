@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_core::rootless::{SubIdRange, sub_ids};
+use berth_core::userns::subordinate_ranges;
 use berth_core::{Config, Error, Result};
 use nix::sched::{CloneFlags, setns, unshare};
 
@@ -67,6 +67,8 @@ pub fn enter(cfg: &Config) -> Result<Namespaces> {
         setns(&ns, flag).map_err(|e| nix_error(e, format!("join the stack's {kind} namespace")))?;
     }
     std::env::set_current_dir("/").map_err(|e| io_error(e, "chdir /"))?;
+    expose_state_dir(&cfg.state_dir)?;
+    check_searchable(&cfg.root)?;
     bind_netns(holder, ids[2], &cfg.rootless_netns())?;
     Ok(Namespaces { holder })
 }
@@ -195,10 +197,10 @@ fn map_ids(pid: i32) -> Result<()> {
         ("newgidmap", "/etc/subgid", &group, gid),
     ] {
         let text = std::fs::read_to_string(file).unwrap_or_default();
-        let mut ranges = sub_ids(&text, name, id);
+        let mut ranges = subordinate_ranges(&text, name, Some(id));
         if ranges.is_empty() && file == "/etc/subgid" {
             // shadow's useradd keys subgid lines by the user's name too.
-            ranges = sub_ids(&text, &user, id);
+            ranges = subordinate_ranges(&text, &user, Some(id));
         }
         if ranges.is_empty() {
             return Err(Error::failed_precondition(format!(
@@ -228,12 +230,12 @@ fn map_ids(pid: i32) -> Result<()> {
 }
 
 /// `inside outside count` triples for newuidmap: 0 -> `id`, then each range after the other.
-fn map_args(id: u32, ranges: &[SubIdRange]) -> Vec<String> {
+fn map_args(id: u32, ranges: &[(u32, u32)]) -> Vec<String> {
     let mut out = vec!["0".to_string(), id.to_string(), "1".to_string()];
     let mut next = 1u64;
-    for r in ranges {
-        out.extend([next.to_string(), r.start.to_string(), r.count.to_string()]);
-        next += u64::from(r.count);
+    for (start, count) in ranges {
+        out.extend([next.to_string(), start.to_string(), count.to_string()]);
+        next += u64::from(*count);
     }
     out
 }
@@ -444,6 +446,80 @@ fn bind_netns(holder: i32, netns: u64, path: &Path) -> Result<()> {
     })
 }
 
+/// Containers' root is a subordinate uid, and the runtime binds their rootfs (in the state
+/// directory) from inside their user namespace, so every directory above it must be searchable
+/// by others. `$XDG_RUNTIME_DIR` is 0700 (logind makes it so): inside the stack's mount
+/// namespace a tmpfs (0711) covers it, holding only a bind mount of the real state directory —
+/// the sockets stay where the user's clients find them, the host's modes are untouched.
+fn expose_state_dir(state_dir: &Path) -> Result<()> {
+    let (Some(parent), Some(name)) = (state_dir.parent(), state_dir.file_name()) else {
+        return Ok(());
+    };
+    let marker = parent.join(".berth-rootless");
+    let searchable = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.mode() & 0o001 != 0);
+    if marker.exists() || searchable(parent) {
+        return set_mode(state_dir, 0o711);
+    }
+    set_mode(state_dir, 0o711)?;
+    let real =
+        File::open(state_dir).map_err(|e| io_error(e, format!("open {}", state_dir.display())))?;
+    let real_path = PathBuf::from(format!("/proc/self/fd/{}", real.as_raw_fd()));
+    nix::mount::mount(
+        Some("tmpfs"),
+        parent,
+        Some("tmpfs"),
+        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+        Some("mode=0711,size=1m"),
+    )
+    .map_err(|e| nix_error(e, format!("mount a tmpfs over {}", parent.display())))?;
+    let inner = parent.join(name);
+    std::fs::create_dir(&inner).map_err(|e| io_error(e, format!("create {}", inner.display())))?;
+    nix::mount::mount(
+        Some(&real_path),
+        &inner,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| {
+        nix_error(
+            e,
+            format!("bind {} into the stack's view", state_dir.display()),
+        )
+    })?;
+    File::create(&marker).map_err(|e| io_error(e, format!("create {}", marker.display())))?;
+    Ok(())
+}
+
+/// The data root's ancestors must be searchable by containers' root too (volumes and the
+/// containers' files are bound from there): refused with what to change otherwise.
+fn check_searchable(root: &Path) -> Result<()> {
+    for dir in root.ancestors().skip(1) {
+        let Ok(meta) = std::fs::metadata(dir) else {
+            continue;
+        };
+        if meta.mode() & 0o001 == 0 {
+            return Err(Error::failed_precondition(format!(
+                "rootless: {} (mode {:o}) is not searchable by others; containers' root is a \
+                 subordinate uid and must reach {}: `chmod o+x {}`, or set `root` in \
+                 ~/.config/berth/berth.toml to a directory whose parents are (docs/rootless.md)",
+                dir.display(),
+                meta.mode() & 0o7777,
+                root.display(),
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn set_mode(dir: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| io_error(e, format!("create {}", dir.display())))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| io_error(e, format!("chmod {}", dir.display())))
+}
+
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, format!("{text}\n"))
@@ -465,16 +541,7 @@ mod tests {
 
     #[test]
     fn maps_put_root_on_the_user_and_ranges_after_each_other() {
-        let ranges = [
-            SubIdRange {
-                start: 100000,
-                count: 65536,
-            },
-            SubIdRange {
-                start: 300000,
-                count: 10,
-            },
-        ];
+        let ranges = [(100000, 65536), (300000, 10)];
         assert_eq!(
             map_args(1000, &ranges).join(" "),
             "0 1000 1 1 100000 65536 65537 300000 10"

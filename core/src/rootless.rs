@@ -1,6 +1,6 @@
 //! Rootless mode: the facts every process needs — where an ordinary user's berth keeps its
 //! files (the XDG layout Docker's rootless mode uses), whether this process runs in a user
-//! namespace, and the user's subordinate id ranges (`/etc/subuid`, `/etc/subgid`).
+//! namespace.
 //!
 //! `berth up --rootless` (cli/src/rootless.rs) sets the namespaces up; the services only learn
 //! from `Config::rootless` that they run inside them.
@@ -63,35 +63,6 @@ fn is_identity_map(map: &str) -> bool {
     fields == ["0", "0", "4294967295"]
 }
 
-/// One line of `/etc/subuid` or `/etc/subgid`: `count` ids from `start`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SubIdRange {
-    /// First host id.
-    pub start: u32,
-    /// Number of ids.
-    pub count: u32,
-}
-
-/// The ranges `file` (`/etc/subuid` or `/etc/subgid` text) grants to the user named `name` or
-/// with numeric id `id`, in file order. Malformed lines are skipped, as shadow's tools do.
-pub fn sub_ids(file: &str, name: &str, id: u32) -> Vec<SubIdRange> {
-    let id_text = id.to_string();
-    file.lines()
-        .filter_map(|line| {
-            let mut parts = line.trim().split(':');
-            let (owner, start, count) = (parts.next()?, parts.next()?, parts.next()?);
-            if parts.next().is_some() || (owner != name && owner != id_text) {
-                return None;
-            }
-            let range = SubIdRange {
-                start: start.parse().ok()?,
-                count: count.parse().ok()?,
-            };
-            (range.count > 0).then_some(range)
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,24 +111,5 @@ mod tests {
     fn identity_map_is_the_host() {
         assert!(is_identity_map("         0          0 4294967295\n"));
         assert!(!is_identity_map("0 1000 1\n1 100000 65536\n"));
-    }
-
-    #[test]
-    fn sub_ids_by_name_or_id_in_order() {
-        let file = "alice:100000:65536\nbob:165536:65536\n# x\n1000:300000:10\nalice:bad:1\nalice:400000:0\n";
-        assert_eq!(
-            sub_ids(file, "alice", 1000),
-            vec![
-                SubIdRange {
-                    start: 100000,
-                    count: 65536
-                },
-                SubIdRange {
-                    start: 300000,
-                    count: 10
-                }
-            ]
-        );
-        assert!(sub_ids(file, "carol", 1001).is_empty());
     }
 }

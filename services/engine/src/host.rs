@@ -57,6 +57,19 @@ fn make_netns(path: &Path) -> Result<()> {
         if let Err(e) = loopback_up() {
             tracing::warn!(error = %e, "bringing up lo in a new network namespace");
         }
+        // moby's defaults for a container's own network namespace: any port may be bound and
+        // any group may ping. Written here, by the namespace's owner: a container with a user
+        // namespace of its own (userns-remap, rootless) may not write them itself, and its root
+        // would otherwise not bind port 80. The spec's sysctls (`--sysctl`) still apply after.
+        // /proc/sys/net is the calling thread's namespace.
+        for (key, value) in [
+            ("net/ipv4/ip_unprivileged_port_start", "0"),
+            ("net/ipv4/ping_group_range", "0 2147483647"),
+        ] {
+            if let Err(e) = std::fs::write(format!("/proc/sys/{key}"), value) {
+                tracing::warn!(key, error = %e, "setting a new network namespace's sysctl");
+            }
+        }
         nix::mount::mount(
             Some("/proc/thread-self/ns/net"),
             &target,
