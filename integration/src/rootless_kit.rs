@@ -189,6 +189,12 @@ impl TestUser {
     }
 }
 
+impl crate::userns_kit::DockerCli for TestUser {
+    fn docker(&self, args: &[&str]) -> Result<std::process::Output> {
+        crate::gateway_kit::run_for(self.command("docker").args(args), Duration::from_secs(120))
+    }
+}
+
 impl Drop for TestUser {
     fn drop(&mut self) {
         // Everything the user (and its containers, under subordinate ids) still runs: the

@@ -109,12 +109,38 @@ pub fn proc_uids(pid: i32) -> Result<Vec<u32>> {
         .collect())
 }
 
+/// Something that runs the docker CLI against a stack: a rootful [`DockerStack`], or the user
+/// of a rootless one (`crate::rootless_kit::TestUser`).
+pub trait DockerCli {
+    /// Runs `docker args...`.
+    fn docker(&self, args: &[&str]) -> Result<std::process::Output>;
+
+    /// Runs `docker args...`; its trimmed stdout, or an error with its stderr.
+    fn docker_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.docker(args)?;
+        ensure!(
+            out.status.success(),
+            "docker {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
+    }
+}
+
+impl DockerCli for DockerStack {
+    fn docker(&self, args: &[&str]) -> Result<std::process::Output> {
+        self.run(args)
+    }
+}
+
 /// Runs `docker run --rm <args> busybox sh -c <script>` and returns (success, stdout+stderr).
-fn sh(d: &DockerStack, args: &[&str], script: &str) -> Result<(bool, String)> {
+fn sh(d: &impl DockerCli, args: &[&str], script: &str) -> Result<(bool, String)> {
     let mut all = vec!["run", "--rm"];
     all.extend_from_slice(args);
     all.extend(["busybox", "sh", "-c", script]);
-    let out = d.run(&all)?;
+    let out = d.docker(&all)?;
     Ok((
         out.status.success(),
         format!(
@@ -135,7 +161,7 @@ fn sh(d: &DockerStack, args: &[&str], script: &str) -> Result<(bool, String)> {
 ///   after remounting `/proc/sys` even with CAP_SYS_ADMIN;
 /// - loading a kernel module (`insmod`, the finit_module call), even with CAP_SYS_MODULE;
 /// - changing the host's hostname, from a private UTS namespace and from the host's.
-pub fn assert_escapes_refused(d: &DockerStack) -> Result<()> {
+pub fn assert_escapes_refused(d: &impl DockerCli) -> Result<()> {
     let host = HostDir::new("berth-escape-")?;
     let hp = host.path().display().to_string();
 
@@ -181,7 +207,7 @@ pub fn assert_escapes_refused(d: &DockerStack) -> Result<()> {
     let vol = format!("berth-esc-{}", std::process::id());
     let name = format!("berth-esc-{}", std::process::id());
     let sd = secret_dir.display().to_string();
-    d.ok(&[
+    d.docker_ok(&[
         "run",
         "-d",
         "--name",
@@ -199,7 +225,7 @@ pub fn assert_escapes_refused(d: &DockerStack) -> Result<()> {
         let out_dir = HostDir::new("berth-escape-out-")?;
         for link in ["abs", "rel"] {
             let dest = out_dir.path().join(link);
-            let got = d.run(&[
+            let got = d.docker(&[
                 "cp",
                 &format!("{name}:/data/{link}/file"),
                 &dest.display().to_string(),
@@ -212,7 +238,7 @@ pub fn assert_escapes_refused(d: &DockerStack) -> Result<()> {
             );
             let src = out_dir.path().join("planted");
             std::fs::write(&src, "planted\n")?;
-            let _ = d.run(&[
+            let _ = d.docker(&[
                 "cp",
                 &src.display().to_string(),
                 &format!("{name}:/data/{link}/planted"),
@@ -224,8 +250,8 @@ pub fn assert_escapes_refused(d: &DockerStack) -> Result<()> {
         }
         Ok(())
     })();
-    let _ = d.run(&["rm", "-f", &name]);
-    let _ = d.run(&["volume", "rm", "-f", &vol]);
+    let _ = d.docker(&["rm", "-f", &name]);
+    let _ = d.docker(&["volume", "rm", "-f", &vol]);
     result?;
 
     // Mounts and device nodes, even with CAP_SYS_ADMIN / CAP_MKNOD inside the namespace.

@@ -15,6 +15,7 @@ use berth_core::Service;
 use berth_integration::images_kit::{Registry, RegistryOptions, free_port, oci_dir};
 use berth_integration::rootless_kit::{RootlessStack, TestUser, TunAccess, proc_uids};
 use berth_integration::stack::{running, wait_for};
+use berth_integration::userns_kit;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -294,6 +295,10 @@ fn exercise(user: &TestUser, stack: &mut RootlessStack, image: &str) -> Result<(
         "http://web/hostname",
     ])?;
     ensure!(again == web_hostname, "{again:?}");
+
+    // Escapes, each refused (the same attempts as under rootful userns-remap).
+    user.docker(&["tag", image, "busybox:latest"])?;
+    userns_kit::assert_escapes_refused(user)?;
 
     user.docker(&["rm", "-f", "web", "sleeper"])?;
     user.docker(&["network", "rm", "rlnet"])?;
