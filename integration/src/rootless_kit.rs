@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail, ensure};
+use berth_core::userns::{HostIdFiles, SUBORDINATE_COUNT};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -69,12 +70,14 @@ pub struct TestUser {
 }
 
 impl TestUser {
-    /// Creates `brl<random>` with a home, 65536 subordinate uids and gids, and a runtime dir.
+    /// Creates `brl<random>` with a home, subordinate uids and gids, and a runtime dir.
     pub fn create() -> Result<Self> {
         let name = format!("brl{:08x}", rand_u32());
         let out = Command::new("useradd")
             .args(["--create-home", "--shell", "/bin/sh", "--user-group"])
-            .args(["-K", "SUB_UID_COUNT=65536", "-K", "SUB_GID_COUNT=65536"])
+            // The ranges come from berth's own editor below, under the lock the other tests'
+            // editors share (useradd's own lock is not theirs).
+            .args(["-K", "SUB_UID_COUNT=0", "-K", "SUB_GID_COUNT=0"])
             .arg(&name)
             .output()
             .context("run useradd")?;
@@ -98,8 +101,9 @@ impl TestUser {
         user.uid = pw.uid.as_raw();
         user.gid = pw.gid.as_raw();
         user.home = pw.dir;
-        user.subuid = first_range("/etc/subuid", &name)?;
-        user.subgid = first_range("/etc/subgid", &name)?;
+        let (u, g) = HostIdFiles::default().add_ranges(&name)?;
+        user.subuid = (u, SUBORDINATE_COUNT);
+        user.subgid = (g, SUBORDINATE_COUNT);
         user.runtime_dir = PathBuf::from(format!("/run/user/{}", user.uid));
         std::fs::create_dir_all(&user.runtime_dir)?;
         user.chown(&user.runtime_dir)?;
@@ -210,22 +214,10 @@ impl Drop for TestUser {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        if self.subuid.1 > 0 {
-            let _ = Command::new("usermod")
-                .arg("--del-subuids")
-                .arg(format!(
-                    "{}-{}",
-                    self.subuid.0,
-                    self.subuid.0 + self.subuid.1 - 1
-                ))
-                .arg("--del-subgids")
-                .arg(format!(
-                    "{}-{}",
-                    self.subgid.0,
-                    self.subgid.0 + self.subgid.1 - 1
-                ))
-                .arg(&self.name)
-                .output();
+        if self.subuid.1 > 0
+            && let Err(e) = HostIdFiles::default().remove_ranges(&self.name)
+        {
+            eprintln!("removing the subordinate ranges of {}: {e}", self.name);
         }
         let _ = Command::new("userdel")
             .args(["--remove", "--force", &self.name])
@@ -245,17 +237,6 @@ pub fn proc_uids(pid: i32) -> Option<[u32; 4]> {
         .filter_map(|x| x.parse().ok())
         .collect();
     Some([*v.first()?, *v.get(1)?, *v.get(2)?, *v.get(3)?])
-}
-
-fn first_range(file: &str, name: &str) -> Result<(u32, u32)> {
-    let text = std::fs::read_to_string(file)?;
-    for line in text.lines() {
-        let f: Vec<&str> = line.split(':').collect();
-        if f.len() == 3 && f[0] == name {
-            return Ok((f[1].parse()?, f[2].parse()?));
-        }
-    }
-    bail!("{file} has no range for {name}")
 }
 
 fn rand_u32() -> u32 {
