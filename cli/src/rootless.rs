@@ -417,6 +417,41 @@ fn ensure_slirp(dir: &Path, holder: i32, netns: u64) -> Result<()> {
     Ok(())
 }
 
+/// While `berth up` runs: a slirp4netns that died (killed, crashed) is started again for the
+/// stack's network namespace, so containers regain their way out.
+pub async fn keep_slirp(cfg: Config) {
+    let dir = cfg.state_dir.join("rootless");
+    let mut last_error = String::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let dir = dir.clone();
+        let restarted = tokio::task::spawn_blocking(move || -> Result<bool> {
+            let alive = std::fs::read_to_string(dir.join("slirp4netns.pid"))
+                .ok()
+                .and_then(|t| t.split_whitespace().next()?.parse().ok())
+                .is_some_and(is_slirp);
+            if alive {
+                return Ok(false);
+            }
+            let holder = berth_core::daemon::read_pid_file(&dir.join("holder.pid"))
+                .ok_or_else(|| Error::unavailable("no namespace holder"))?;
+            let ids = ns_ids(holder)?;
+            ensure_slirp(&dir, holder, ids[2])?;
+            Ok(true)
+        })
+        .await;
+        match restarted {
+            Ok(Ok(true)) => tracing::warn!("slirp4netns was gone; started it again"),
+            Ok(Ok(false)) => last_error.clear(),
+            Ok(Err(err)) if err.chain() != last_error => {
+                last_error = err.chain();
+                tracing::error!(error = %last_error, "cannot restart slirp4netns");
+            }
+            _ => {}
+        }
+    }
+}
+
 fn is_slirp(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "slirp4netns")
 }

@@ -169,6 +169,9 @@ async fn up(args: &ConfigArgs, cfg: &Config) -> Result<()> {
             "berth is up; Docker API at {}{cri}",
             cfg.gateway_hosts().join(", ")
         );
+        if cfg.rootless {
+            tokio::spawn(crate::rootless::keep_slirp(cfg.clone()));
+        }
         signal.await;
         tracing::info!("stopping berth");
     }

@@ -56,6 +56,58 @@ fn stack_processes(ns: u64) -> Vec<(i32, String)> {
         .collect()
 }
 
+/// The host's address on the interface of its default route, if it has one.
+fn host_address() -> Option<String> {
+    let route = std::process::Command::new("ip")
+        .args(["-4", "-o", "route", "show", "default"])
+        .output()
+        .ok()?;
+    let route = String::from_utf8_lossy(&route.stdout).to_string();
+    let dev = route
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)?
+        .to_string();
+    let addr = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "dev", &dev])
+        .output()
+        .ok()?;
+    let addr = String::from_utf8_lossy(&addr.stdout).to_string();
+    let cidr = addr
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)?;
+    Some(cidr.split('/').next()?.to_string())
+}
+
+/// A one-line HTTP server on every host address, answering `body`, for the test's lifetime.
+fn serve_on_host(body: &'static str) -> Result<u16> {
+    let listener = std::net::TcpListener::bind("0.0.0.0:0")?;
+    let port = listener.local_addr()?.port();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf);
+            let _ = write!(
+                conn,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    Ok(port)
+}
+
+fn slirp_pid(user: &TestUser) -> Result<i32> {
+    Ok(
+        std::fs::read_to_string(user.state_dir().join("rootless/slirp4netns.pid"))?
+            .split_whitespace()
+            .next()
+            .context("slirp pid")?
+            .parse()?,
+    )
+}
+
 fn read_pid(user: &TestUser, name: &str) -> Option<i32> {
     berth_core::daemon::read_pid_file(&user.state_dir().join(name))
 }
@@ -145,6 +197,32 @@ fn exercise(user: &TestUser, stack: &mut RootlessStack, image: &str) -> Result<(
         .context("the published port does not answer on the host")?;
     ensure!(got.trim() == web_hostname, "{got:?}");
 
+    // Out through slirp4netns, to the host's own address (no traffic leaves the machine),
+    // again after slirp4netns was killed (berth up starts it again).
+    match host_address() {
+        Some(addr) => {
+            let port = serve_on_host("out-ok")?;
+            let url = format!("http://{addr}:{port}/");
+            let out = user.docker(&["run", "--rm", image, "wget", "-qO-", &url])?;
+            ensure!(out == "out-ok", "{out:?}");
+            let slirp = slirp_pid(user)?;
+            kill(Pid::from_raw(slirp), Signal::SIGKILL)?;
+            let again = wait_for(Duration::from_secs(30), || {
+                (slirp_pid(user).ok()? != slirp)
+                    .then(|| {
+                        user.docker(&["run", "--rm", image, "wget", "-qO-", &url])
+                            .ok()
+                    })
+                    .flatten()
+            });
+            ensure!(
+                again.as_deref() == Some("out-ok"),
+                "no way out after slirp4netns was killed: {again:?}"
+            );
+        }
+        None => eprintln!("this host has no default route: outbound connectivity not tried"),
+    }
+
     // Volumes and bind mounts of the user's own files.
     let data = user.home.join("data");
     std::fs::create_dir_all(&data)?;
@@ -225,11 +303,7 @@ fn exercise(user: &TestUser, stack: &mut RootlessStack, image: &str) -> Result<(
             "no {want} among the stack's processes {procs:?}"
         );
     }
-    let slirp: i32 = std::fs::read_to_string(user.state_dir().join("rootless/slirp4netns.pid"))?
-        .split_whitespace()
-        .next()
-        .context("slirp pid")?
-        .parse()?;
+    let slirp = slirp_pid(user)?;
     for (pid, comm) in procs.iter().cloned().chain([(slirp, "slirp4netns".into())]) {
         if let Some(uids) = proc_uids(pid) {
             ensure!(!uids.contains(&0), "{comm} ({pid}) has uids {uids:?}");
