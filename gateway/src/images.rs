@@ -532,7 +532,13 @@ pub fn inspect_json(i: &images::Image, version: ApiVersion) -> Value {
         os_version: (!i.os_version.is_empty()).then(|| i.os_version.clone()),
         size: Some(i.size),
         graph_driver: Some(DriverData {
-            name: i.unpacked_in.first().cloned().unwrap_or_default(),
+            // A view of layers shifted for user namespaces is still that snapshotter.
+            name: i
+                .unpacked_in
+                .first()
+                .and_then(|n| n.split(berth_core::userns::SNAPSHOT_KEY_MARK).next())
+                .unwrap_or_default()
+                .to_string(),
             data: Default::default(),
         }),
         root_fs: Some(ImageInspectRootFs {

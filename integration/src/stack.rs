@@ -275,6 +275,42 @@ impl Stack {
         cmd
     }
 
+    /// Stops `berth up` (containers keep running), rewrites its berth.toml with `edit`, and
+    /// starts it again on the same data root and state dir; returns once it is up.
+    pub fn restart_with_config(&mut self, edit: impl FnOnce(String) -> String) -> Result<()> {
+        self.stop(Duration::from_secs(30))?;
+        let path = self.dir.path().join("berth.toml");
+        let toml = edit(std::fs::read_to_string(&path)?);
+        std::fs::write(&path, toml)?;
+        let log = std::fs::OpenOptions::new().append(true).open(&self.log)?;
+        let mut child = self
+            .berth("up")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().context("stdout")?;
+        self.child = child;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout)
+                .lines()
+                .map_while(std::result::Result::ok)
+            {
+                if line.starts_with("berth is up") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            bail!(
+                "berth up did not come up again; its log:\n{}",
+                self.log_text()
+            );
+        }
+        self.assert_all_pids()
+    }
+
     /// Sends SIGTERM to `berth up` and waits for it to exit; returns its exit status.
     pub fn stop(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
         kill(Pid::from_raw(self.up_pid()), Signal::SIGTERM)?;

@@ -37,11 +37,11 @@ impl SubidUser {
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
         );
-        let out = Command::new("useradd")
-            .args(["--system", "--user-group", "--no-create-home"])
-            .args(["--shell", "/bin/false", &name])
-            .output()
-            .context("run useradd")?;
+        let out = shadow_tool(
+            Command::new("useradd")
+                .args(["--system", "--user-group", "--no-create-home"])
+                .args(["--shell", "/bin/false", &name]),
+        )?;
         ensure!(
             out.status.success(),
             "useradd {name}: {}",
@@ -71,9 +71,24 @@ impl Drop for SubidUser {
         if let Err(e) = HostIdFiles::default().remove_ranges(&self.name) {
             eprintln!("removing the subordinate ranges of {}: {e}", self.name);
         }
-        let _ = Command::new("userdel").arg(&self.name).output();
+        let _ = shadow_tool(Command::new("userdel").arg(&self.name));
         // Gone with the user when USERGROUPS_ENAB; otherwise removed here.
-        let _ = Command::new("groupdel").arg(&self.name).output();
+        let _ = shadow_tool(Command::new("groupdel").arg(&self.name));
+    }
+}
+
+/// Runs a shadow-utils tool, again while another one (a parallel test's) holds
+/// `/etc/passwd`'s lock.
+fn shadow_tool(cmd: &mut Command) -> Result<std::process::Output> {
+    let mut tries = 0;
+    loop {
+        let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+        let locked = String::from_utf8_lossy(&out.stderr).contains("lock");
+        tries += 1;
+        if out.status.success() || !locked || tries >= 50 {
+            return Ok(out);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 

@@ -190,6 +190,20 @@ pub fn needs_runc(spec: &serde_json::Value) -> Option<&'static str> {
         .then_some("comounted cgroup v1 hierarchies")
 }
 
+/// Whether the container of `config_json` has a user namespace of its own (an unreadable
+/// config counts as one: the caller refuses rather than guesses).
+fn has_user_namespace(config_json: &Path) -> bool {
+    let Ok(spec) = std::fs::read(config_json)
+        .map_err(drop)
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).map_err(drop))
+    else {
+        return true;
+    };
+    spec.pointer("/linux/namespaces")
+        .and_then(|n| n.as_array())
+        .is_some_and(|ns| ns.iter().any(|n| n["type"] == "user"))
+}
+
 /// What create needs to know of the spec once the container exists.
 #[derive(Debug, Default)]
 struct Prepared {
@@ -672,7 +686,15 @@ impl OciRuntime for Libcontainer {
 
     fn exec<'a>(&'a self, id: &'a str, opts: ExecOptions) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            self.load(id)?;
+            let c = self.load(id)?;
+            // libcontainer's tenant does not end up in a user namespace the container joined
+            // by path (the engine's, for userns-remap): its process would be the host's root.
+            // Native exec joins it; here the exec is refused rather than run outside it.
+            if has_user_namespace(&c.bundle().join("config.json")) {
+                return Err(Error::failed_precondition(format!(
+                    "{NAME} exec: the in-process runtime cannot exec into a container with a user namespace (use [shim] exec = \"native\", or runc)"
+                )));
+            }
             forked(self.spawner.as_ref(), self.timeout, move || {
                 self.builder(id, opts.stdio)?
                     .with_pid_file(Some(&opts.pid_file))

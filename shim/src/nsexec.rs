@@ -428,12 +428,10 @@ fn cgroup_dir(mountinfo: &str, controllers: &str, path: &str) -> Option<PathBuf>
 fn namespaces(init_pid: u32) -> Result<Vec<(OwnedFd, libc::c_int)>> {
     use std::os::unix::fs::MetadataExt;
     let mut out = Vec::new();
-    // The user namespace last: the shim is root in the host's user namespace, so it may join
-    // every namespace of the container, whichever user namespace owns it (a network namespace
-    // the engine made is the host's, the others the container's); once inside the container's
-    // user namespace it could no longer join one the host's owns. runc joins the user
-    // namespace first, and so cannot exec in a user-namespaced container whose network
-    // namespace the host owns.
+    // The user namespace last: the shim is root in the user namespace the container's was
+    // made from, so it may join every namespace of the container whichever user namespace
+    // owns it (one a container shares with the host, or the engine made outside it); inside
+    // the container's user namespace it could only join those that namespace owns.
     for (name, kind) in [
         ("ipc", libc::CLONE_NEWIPC),
         ("uts", libc::CLONE_NEWUTS),

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use berth_core::Result;
 use berth_core::mount::Mount;
 use berth_core::snapshots::Labels;
+use berth_core::userns::IdMap;
 use berth_proto::berth::images::v1 as images;
 use berth_proto::berth::network::v1 as net;
 use berth_proto::berth::shim::v1 as shim;
@@ -147,10 +148,22 @@ pub trait PodNamespaces: Send + Sync {
 
 /// Network namespaces that outlive their first process (bind mounts under the state dir).
 pub trait Netns: Send + Sync {
-    /// Creates the namespace file for container `id` and returns its path.
-    fn create(&self, id: &str) -> BoxFuture<'_, PathBuf>;
-    /// Unmounts and removes the namespace file; a missing one is not an error.
+    /// Creates the namespace file for container `id` and returns its path. With `userns`,
+    /// the network namespace belongs to a new user namespace with that map, whose file is
+    /// [`userns_file`] of the returned path (the container joins it: it then owns its network
+    /// namespace, for sysfs, raw sockets and net sysctls).
+    fn create<'a>(&'a self, id: &'a str, userns: Option<&'a IdMap>) -> BoxFuture<'a, PathBuf>;
+    /// Unmounts and removes the namespace file (and its user namespace's); a missing one is
+    /// not an error.
     fn remove(&self, path: &Path) -> Result<()>;
+}
+
+/// The user namespace file that goes with network namespace file `netns` when it was made
+/// for a user-namespaced container.
+pub fn userns_file(netns: &Path) -> PathBuf {
+    let mut name = netns.as_os_str().to_owned();
+    name.push(".user");
+    PathBuf::from(name)
 }
 
 /// What a shim that is gone left behind about its init process.

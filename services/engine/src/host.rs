@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use berth_core::userns::IdMap;
 use berth_core::{Error, ErrorKind, Id, Result};
 
-use crate::deps::{BoxFuture, DeadExit, Netns, Shim, ShimLauncher};
+use crate::deps::{BoxFuture, DeadExit, Netns, Shim, ShimLauncher, userns_file};
 use crate::remote::RemoteShim;
 use crate::spec::{Device, HostInfo};
 
@@ -86,23 +87,40 @@ fn make_netns(path: &Path) -> Result<()> {
 }
 
 impl Netns for HostNetns {
-    fn create(&self, id: &str) -> BoxFuture<'_, PathBuf> {
+    fn create<'a>(&'a self, id: &'a str, userns: Option<&'a IdMap>) -> BoxFuture<'a, PathBuf> {
         let path = self.dir.join(id);
         let dir = self.dir.clone();
+        let userns = userns.cloned();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || -> Result<PathBuf> {
                 std::fs::create_dir_all(&dir).map_err(|e| {
                     Error::internal(format!("create {}", dir.display())).with_source(e)
                 })?;
-                if path.exists() {
-                    let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
-                    let _ = std::fs::remove_file(&path);
+                let user = userns_file(&path);
+                for p in [&path, &user] {
+                    if p.exists() {
+                        let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+                        let _ = std::fs::remove_file(p);
+                    }
                 }
-                std::fs::File::create(&path).map_err(|e| {
-                    Error::internal(format!("create {}", path.display())).with_source(e)
-                })?;
-                if let Err(e) = make_netns(&path) {
-                    let _ = std::fs::remove_file(&path);
+                let mut files = vec![&path];
+                if userns.is_some() {
+                    files.push(&user);
+                }
+                for p in &files {
+                    std::fs::File::create(p).map_err(|e| {
+                        Error::internal(format!("create {}", p.display())).with_source(e)
+                    })?;
+                }
+                let made = match &userns {
+                    None => make_netns(&path),
+                    Some(map) => make_userns_netns(map, &user, &path),
+                };
+                if let Err(e) = made {
+                    for p in files {
+                        let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+                        let _ = std::fs::remove_file(p);
+                    }
                     return Err(e);
                 }
                 Ok(path)
@@ -113,18 +131,122 @@ impl Netns for HostNetns {
     }
 
     fn remove(&self, path: &Path) -> Result<()> {
-        match nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
-            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-            Err(e) => {
-                return Err(Error::internal(format!("unmount {}", path.display())).with_source(e));
+        for p in [path.to_path_buf(), userns_file(path)] {
+            match nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH) {
+                Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+                Err(e) => {
+                    return Err(Error::internal(format!("unmount {}", p.display())).with_source(e));
+                }
+            }
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(Error::internal(format!("remove {}", p.display())).with_source(e));
+                }
             }
         }
-        match std::fs::remove_file(path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::internal(format!("remove {}", path.display())).with_source(e)),
+        Ok(())
+    }
+}
+
+/// The `/proc/PID/{uid,gid}_map` text of `ranges`.
+fn map_text(ranges: &[berth_core::userns::IdRange]) -> String {
+    ranges
+        .iter()
+        .map(|r| format!("{} {} {}\n", r.container, r.host, r.size))
+        .collect()
+}
+
+/// Makes a user namespace with `map` and a network namespace it owns, bind-mounted on `user`
+/// and `net`: a forked child unshares its user namespace, waits while this process writes the
+/// maps, unshares its network namespace, brings `lo` up and waits again while both are
+/// bind-mounted, then exits. Between fork and exit the child makes raw system calls only.
+fn make_userns_netns(map: &IdMap, user: &Path, net: &Path) -> Result<()> {
+    use std::io::{Read, Write};
+    let (mut from_child, child_w) = std::io::pipe()?;
+    let (child_r, mut to_child) = std::io::pipe()?;
+    use std::os::fd::AsRawFd;
+    let (cw, cr) = (child_w.as_raw_fd(), child_r.as_raw_fd());
+    let (pr, pw) = (from_child.as_raw_fd(), to_child.as_raw_fd());
+    // SAFETY: the child only makes async-signal-safe system calls on descriptors opened before
+    // the fork, then `_exit`s; the parent closes its copies of the child's ends.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(Error::internal("fork").with_source(std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: see above; only raw calls until _exit.
+        unsafe {
+            // The parent's ends: holding its write end would keep the last wait from ever
+            // seeing end-of-file.
+            libc::close(pr);
+            libc::close(pw);
+            let report = |b: u8| {
+                libc::write(cw, (&b as *const u8).cast(), 1);
+            };
+            let wait = || {
+                let mut b = 0u8;
+                libc::read(cr, (&mut b as *mut u8).cast(), 1)
+            };
+            if libc::unshare(libc::CLONE_NEWUSER) < 0 {
+                report(b'U');
+                libc::_exit(1);
+            }
+            report(b'1');
+            if wait() != 1 {
+                libc::_exit(1);
+            }
+            if libc::unshare(libc::CLONE_NEWNET) < 0 {
+                report(b'N');
+                libc::_exit(1);
+            }
+            let _ = loopback_up();
+            report(b'2');
+            wait();
+            libc::_exit(0);
         }
     }
+    drop(child_w);
+    drop(child_r);
+    let result = (|| -> Result<()> {
+        let step = |from_child: &mut std::io::PipeReader, want: u8| -> Result<()> {
+            let mut b = [0u8; 1];
+            match from_child.read(&mut b) {
+                Ok(1) if b[0] == want => Ok(()),
+                Ok(1) if b[0] == b'U' => Err(Error::internal("unshare the user namespace")),
+                Ok(1) if b[0] == b'N' => Err(Error::internal("unshare the network namespace")),
+                other => Err(Error::internal(format!(
+                    "user namespace helper ended early ({other:?})"
+                ))),
+            }
+        };
+        step(&mut from_child, b'1')?;
+        for (file, ranges) in [("uid_map", &map.uids), ("gid_map", &map.gids)] {
+            let p = format!("/proc/{pid}/{file}");
+            std::fs::write(&p, map_text(ranges))
+                .map_err(|e| Error::internal(format!("write {p}")).with_source(e))?;
+        }
+        to_child.write_all(b"1")?;
+        step(&mut from_child, b'2')?;
+        for (ns, target) in [("user", user), ("net", net)] {
+            nix::mount::mount(
+                Some(format!("/proc/{pid}/ns/{ns}").as_str()),
+                target,
+                None::<&str>,
+                nix::mount::MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| {
+                Error::internal(format!("bind-mount {ns} namespace on {}", target.display()))
+                    .with_source(e)
+            })?;
+        }
+        Ok(())
+    })();
+    drop(to_child);
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+    result
 }
 
 /// Shims as `berth-shim` processes (`berth-shim start` daemonizes one per container).
@@ -552,7 +674,7 @@ mod tests {
         }
         let t = tempfile::tempdir().unwrap();
         let ns = HostNetns::new(t.path().join("netns"));
-        let path = ns.create("abc").await.unwrap();
+        let path = ns.create("abc", None).await.unwrap();
         let mine = std::fs::read_link("/proc/self/ns/net").unwrap();
         // The file is a namespace of its own: opening it and comparing inode numbers.
         let st = nix::sys::stat::stat(&path).unwrap();
@@ -561,5 +683,37 @@ mod tests {
         ns.remove(&path).unwrap();
         assert!(!path.exists());
         ns.remove(&path).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_netns_for_a_user_namespace_is_owned_by_it() {
+        use std::os::fd::AsRawFd;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let ns = HostNetns::new(t.path().join("netns"));
+        let map = IdMap {
+            uids: berth_core::userns::concatenate(&[(300000, 1000)]).unwrap(),
+            gids: berth_core::userns::concatenate(&[(400000, 1000)]).unwrap(),
+        };
+        let path = ns.create("abc", Some(&map)).await.unwrap();
+        let user = userns_file(&path);
+        let net = std::fs::File::open(&path).unwrap();
+        // NS_GET_USERNS: the user namespace that owns the network namespace.
+        // SAFETY: an ioctl on an open namespace fd that returns a new fd or -1.
+        let owner = unsafe { libc::ioctl(net.as_raw_fd(), 0xb701) };
+        assert!(owner >= 0, "{}", std::io::Error::last_os_error());
+        // SAFETY: the ioctl returned a new fd that nothing else owns.
+        let owner = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(owner) };
+        let owner_ino = nix::sys::stat::fstat(&owner).unwrap().st_ino;
+        assert_eq!(owner_ino, nix::sys::stat::stat(&user).unwrap().st_ino);
+        assert_ne!(
+            owner_ino,
+            nix::sys::stat::stat("/proc/self/ns/user").unwrap().st_ino
+        );
+        ns.remove(&path).unwrap();
+        assert!(!path.exists() && !user.exists());
     }
 }

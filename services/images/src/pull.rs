@@ -793,6 +793,11 @@ impl Images {
         events: Option<&Events>,
         lease: &str,
     ) -> Result<i64> {
+        if sn.is_stale() {
+            return Err(Error::failed_precondition(
+                "unpack into the snapshots of an id map that is no longer configured",
+            ));
+        }
         let layer_digest = layer.digest()?;
         let compression = Compression::from_media_type(&layer.media_type).ok_or_else(|| {
             Error::invalid_argument(format!(
@@ -838,11 +843,6 @@ impl Images {
             })
         });
         let t2 = target.clone();
-        if sn.is_stale() {
-            return Err(Error::failed_precondition(
-                "unpack into the snapshots of an id map that is no longer configured",
-            ));
-        }
         let map = sn.map().cloned();
         let base_layer = parent.is_none();
         let applied = blocking(move || {

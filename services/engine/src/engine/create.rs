@@ -35,17 +35,6 @@ pub fn is_user_defined(mode: &str) -> bool {
         && !mode.starts_with("container:")
 }
 
-impl Engine {
-    /// Whether runtime `name` is the shim's in-process one.
-    fn in_process_runtime(&self, name: &str) -> bool {
-        self.config
-            .engine
-            .runtimes
-            .get(name)
-            .is_some_and(|r| r.path == berth_core::config::IN_PROCESS_RUNTIME)
-    }
-}
-
 /// The committed snapshot a container's rootfs is prepared on: the layers unpacked for its
 /// user namespace (or unshifted), as the images service answered.
 fn image_parent(image: &berth_proto::berth::images::v1::ResolveImageResponse) -> &str {
@@ -284,17 +273,6 @@ impl Engine {
         self.volumes_from(hc)?;
         if hc.runtime.is_empty() {
             hc.runtime = self.config.engine.default_runtime();
-            // The in-process runtime cannot set up a user namespace yet: a remapped container
-            // that names no runtime gets runc instead of what `auto` chose.
-            if self.container_map(hc).is_some() && self.in_process_runtime(&hc.runtime) {
-                hc.runtime = "runc".into();
-            }
-        }
-        if self.container_map(hc).is_some() && self.in_process_runtime(&hc.runtime) {
-            return Err(Error::invalid_argument(format!(
-                "runtime {:?} (the shim's in-process runtime) cannot run containers in a user namespace; use runc or --userns=host",
-                hc.runtime
-            )));
         }
         // The `local` driver rotates by default (20 MiB, 5 files) where json-file does not.
         if let Some(lc) = hc.log_config.as_mut()

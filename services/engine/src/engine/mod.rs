@@ -356,7 +356,8 @@ impl Engine {
     /// (userns-remap, rootless) unless the container opts out with `--userns=host`. Rootless,
     /// `--privileged`, `--network host` and `--pid host` opt out too: they mean the stack's
     /// own namespaces (privileged within them), as in Docker's rootless mode, where rootful
-    /// remap refuses them.
+    /// remap refuses them. Pod containers (the CRI) are left alone: the kubelet decides about
+    /// user namespaces.
     pub fn container_map(&self, hc: &pb::HostConfig) -> Option<&berth_core::userns::IdMap> {
         let privileged = hc.security.as_ref().is_some_and(|s| s.privileged);
         let in_stack = self.config.rootless
@@ -364,7 +365,7 @@ impl Engine {
         self.host
             .id_map
             .as_ref()
-            .filter(|_| hc.userns_mode != "host" && !in_stack)
+            .filter(|_| hc.userns_mode != "host" && hc.sandbox_id.is_empty() && !in_stack)
     }
 
     /// Finds a container by full id, name, or unique id prefix.

@@ -225,7 +225,11 @@ struct FakeNetns {
 }
 
 impl Netns for FakeNetns {
-    fn create(&self, id: &str) -> BoxFuture<'_, PathBuf> {
+    fn create<'a>(
+        &'a self,
+        id: &'a str,
+        _userns: Option<&'a berth_core::userns::IdMap>,
+    ) -> BoxFuture<'a, PathBuf> {
         let p = PathBuf::from(format!("/fake/netns/{id}"));
         self.live.lock().unwrap().push(p.clone());
         Box::pin(async move { Ok(p) })

@@ -179,6 +179,9 @@ pub struct SpecInput<'a> {
     /// The map of the container's own user namespace; `None`: the engine's (`--userns=host`,
     /// or no remapping).
     pub userns: Option<&'a IdMap>,
+    /// With `userns`, the user namespace to join rather than make: the one that owns the
+    /// network namespace joined (sysfs, raw sockets and net sysctls need its owner).
+    pub userns_path: Option<PathBuf>,
 }
 
 /// Docker's masked paths.
@@ -580,18 +583,12 @@ pub fn generate(input: &SpecInput<'_>) -> Result<(Spec, Vec<String>)> {
             .count()
     });
     let mut mounts: Vec<Mount> = Vec::new();
-    // sysfs can only be mounted by the owner of the network namespace; a user-namespaced
-    // container joins one the engine made (owned by the host's user namespace), so it gets the
-    // host's /sys bound read-only instead, as rootless Podman does in that case.
-    let bind_sys = input.userns.is_some() && input.network != Namespace::Private;
-    for mut m in default_mounts(shm_size, privileged, false) {
-        if bind_sys && m.destination == "/sys" {
-            m = mount(
-                "/sys",
-                "bind",
-                "/sys",
-                &["rbind", "nosuid", "noexec", "nodev", "ro"],
-            );
+    for m in default_mounts(shm_size, privileged, false) {
+        // mqueue can only be mounted by the owner of the IPC namespace: a user-namespaced
+        // container sharing the host's has none (as with `--ipc none`).
+        if input.userns.is_some() && input.ipc == Namespace::Host && m.destination == "/dev/mqueue"
+        {
+            continue;
         }
         // `--ipc host` binds the host's; `--ipc none` has none at all (Docker's meaning).
         if (input.ipc == Namespace::Host || hc.ipc_mode == "none") && m.destination == "/dev/shm" {
@@ -626,7 +623,11 @@ pub fn generate(input: &SpecInput<'_>) -> Result<(Spec, Vec<String>)> {
     .flatten()
     .collect();
     if input.userns.is_some() {
-        namespaces.extend(namespace(LinuxNamespaceType::User, &Namespace::Private));
+        let user = match &input.userns_path {
+            Some(path) => Namespace::Join(path.clone()),
+            None => Namespace::Private,
+        };
+        namespaces.extend(namespace(LinuxNamespaceType::User, &user));
     }
     namespaces.sort_by_key(|n| format!("{:?}", n.typ()));
 
@@ -934,6 +935,7 @@ mod tests {
             cgroup_parent: "berth",
             host: &h,
             userns: None,
+            userns_path: None,
         };
         generate(&input).unwrap()
     }
@@ -1191,6 +1193,7 @@ mod tests {
             cgroup_parent: "berth",
             host: &h,
             userns: Some(&map),
+            userns_path: None,
         };
         let j = json(&generate(&input).unwrap().0);
         let types: Vec<&str> = j["linux"]["namespaces"]
@@ -1211,6 +1214,22 @@ mod tests {
             j["linux"]["gidMappings"],
             serde_json::json!([{"containerID": 0, "hostID": 200000, "size": 65536}])
         );
+        // Joining the user namespace that owns the engine's network namespace.
+        let joined = SpecInput {
+            userns_path: Some(PathBuf::from("/run/berth/netns/abc.user")),
+            ..input.clone()
+        };
+        let j = json(&generate(&joined).unwrap().0);
+        assert!(
+            j["linux"]["namespaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n["type"] == "user" && n["path"] == "/run/berth/netns/abc.user"),
+            "{}",
+            j["linux"]["namespaces"]
+        );
+        assert_eq!(j["linux"]["uidMappings"][0]["hostID"], 100000);
         // Without a map (or with --userns=host): no user namespace, no mappings.
         let j = json(&gen_with(&hc, &[]).0);
         assert!(j["linux"]["uidMappings"].is_null());
@@ -1265,6 +1284,7 @@ mod tests {
                 cgroup_parent: "berth",
                 host: &h,
                 userns: None,
+                userns_path: None,
             };
             generate(&input).unwrap_err().message().to_string()
         };

@@ -180,6 +180,16 @@ pub fn remapped(hc: &pb::HostConfig) -> Result<()> {
             "cannot share the host PID namespace when user namespaces are enabled",
         ));
     }
+    // Another container's IPC and PID namespaces belong to its own user namespace: this one
+    // could not mount its mqueue or /proc there (and the runtime joins a user namespace before
+    // the network namespace the engine made, which the host owns).
+    for (mode, what) in [(&hc.ipc_mode, "IPC"), (&hc.pid_mode, "PID")] {
+        if mode.starts_with("container:") {
+            return Err(Error::invalid_argument(format!(
+                "cannot share the {what} namespace of another container when user namespaces are enabled (use --userns=host)"
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -381,6 +391,17 @@ mod tests {
             None
         );
         assert_eq!(remap(|h| h.ipc_mode = "host".into()), None);
+        assert!(
+            remap(|h| h.ipc_mode = "container:x".into())
+                .unwrap()
+                .contains("IPC namespace")
+        );
+        assert!(
+            remap(|h| h.pid_mode = "container:x".into())
+                .unwrap()
+                .contains("PID namespace")
+        );
+        assert_eq!(remap(|h| h.network_mode = "container:x".into()), None);
     }
 
     #[test]

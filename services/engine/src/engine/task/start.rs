@@ -245,6 +245,14 @@ impl Engine {
                             target.id
                         )));
                     }
+                    if self.container_map(&hc).is_some()
+                        && target.with(|r| self.container_map(r.host_config()).is_none())
+                    {
+                        return Err(Error::invalid_argument(format!(
+                            "cannot join the network of container {}: it runs in the host's user namespace (--userns=host) and this one does not",
+                            target.id
+                        )));
+                    }
                     for f in ["hosts", "resolv.conf"] {
                         let _ = std::fs::copy(tdir.join(f), dir.join(f));
                     }
@@ -258,7 +266,7 @@ impl Engine {
                     ));
                 }
                 _ => {
-                    let ns = self.deps.netns.create(&id).await?;
+                    let ns = self.deps.netns.create(&id, self.container_map(&hc)).await?;
                     partial.netns = Some(ns.clone());
                     settings.sandbox_key = ns.display().to_string();
                     let attachments = self.attach_networks(&rec, &ns, partial).await?;
@@ -363,6 +371,7 @@ impl Engine {
             (None, m) if m.starts_with("container:") => self.join_mode(m, "ipc")?,
             _ => Namespace::Private,
         };
+        let net_ns_for_user = net_ns.clone();
         let input = SpecInput {
             id: &id,
             config: &cfg,
@@ -389,6 +398,7 @@ impl Engine {
             cgroup_parent: &self.config.engine.cgroup_parent,
             host: self.host_info(),
             userns: self.container_map(&hc),
+            userns_path: self.userns_path(&hc, &net_ns_for_user),
         };
         let (spec, _warnings) = spec::generate(&input)?;
         if let Some(rt) = hc
@@ -497,6 +507,27 @@ impl Engine {
                 h
             })
             .collect()
+    }
+
+    /// The user namespace a user-namespaced container joins: the one that owns the network
+    /// namespace it joins (the engine's, made with it, or that of the container whose network
+    /// it shares, as moby does); `None` lets the runtime make one (`--net none`).
+    pub(in crate::engine) fn userns_path(
+        &self,
+        hc: &pb::HostConfig,
+        net: &Namespace,
+    ) -> Option<PathBuf> {
+        self.container_map(hc)?;
+        let Namespace::Join(path) = net else {
+            return None;
+        };
+        let own = crate::deps::userns_file(path);
+        if own.exists() {
+            return Some(own);
+        }
+        // Another container's network namespace, named by its init: its user namespace too.
+        let pid = path.strip_prefix("/proc").ok()?.components().next()?;
+        Some(Path::new("/proc").join(pid).join("ns/user"))
     }
 
     pub(in crate::engine) fn join_mode(&self, mode: &str, ns: &str) -> Result<Namespace> {
