@@ -426,10 +426,17 @@ pub async fn keep_slirp(cfg: Config) {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let dir = dir.clone();
         let restarted = tokio::task::spawn_blocking(move || -> Result<bool> {
-            let alive = std::fs::read_to_string(dir.join("slirp4netns.pid"))
+            let pid: Option<i32> = std::fs::read_to_string(dir.join("slirp4netns.pid"))
                 .ok()
-                .and_then(|t| t.split_whitespace().next()?.parse().ok())
-                .is_some_and(is_slirp);
+                .and_then(|t| t.split_whitespace().next()?.parse().ok());
+            if let Some(pid) = pid {
+                // When this `berth up` started it, it is our child: reap it if it died.
+                let _ = nix::sys::wait::waitpid(
+                    nix::unistd::Pid::from_raw(pid),
+                    Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+                );
+            }
+            let alive = pid.is_some_and(is_slirp);
             if alive {
                 return Ok(false);
             }
@@ -452,8 +459,12 @@ pub async fn keep_slirp(cfg: Config) {
     }
 }
 
+/// `pid` is a live (not zombie) slirp4netns.
 fn is_slirp(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "slirp4netns")
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.split_once(" (")
+        .and_then(|(_, rest)| rest.rsplit_once(") "))
+        .is_some_and(|(comm, state)| comm == "slirp4netns" && !state.starts_with('Z'))
 }
 
 /// Bind-mounts the holder's network namespace at `path` (in the stack's mount namespace, which
