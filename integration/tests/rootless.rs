@@ -6,7 +6,6 @@
 //! up` is back. No process of the stack ever has uid 0 on the host. Root only (it makes the user).
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
@@ -23,15 +22,14 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// `GET path` on 127.0.0.1:`port` of the host; the body.
+/// `curl http://127.0.0.1:PORT/PATH` on the host; the body.
 fn http_get(port: u16, path: &str) -> Result<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let (_, body) = out.split_once("\r\n\r\n").context("no HTTP body")?;
-    Ok(body.to_string())
+    let out = std::process::Command::new("curl")
+        .args(["-sf", "--max-time", "10"])
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()?;
+    ensure!(out.status.success(), "curl exited {}", out.status);
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
 
 /// The inode of `pid`'s user namespace.
@@ -181,16 +179,19 @@ fn exercise(user: &TestUser, stack: &mut RootlessStack, image: &str) -> Result<(
         "-h",
         "/etc",
     ])?;
-    let by_name = user.docker(&[
-        "run",
-        "--rm",
-        "--network",
-        "rlnet",
-        image,
-        "wget",
-        "-qO-",
-        "http://web/hostname",
-    ])?;
+    let web_by_name = || {
+        user.docker(&[
+            "run",
+            "--rm",
+            "--network",
+            "rlnet",
+            image,
+            "wget",
+            "-qO-",
+            "http://web/hostname",
+        ])
+    };
+    let by_name = web_by_name()?;
     let web_hostname = user.docker(&["exec", "web", "hostname"])?;
     ensure!(by_name == web_hostname, "{by_name:?} vs {web_hostname:?}");
     let got = wait_for(Duration::from_secs(10), || http_get(port, "/hostname").ok())
@@ -358,16 +359,7 @@ fn exercise(user: &TestUser, stack: &mut RootlessStack, image: &str) -> Result<(
         .context("the published port does not answer after the restart")?;
     ensure!(got.trim() == web_hostname, "{got:?}");
     ensure!(user.docker(&["exec", "web", "echo", "still"])? == "still");
-    let again = user.docker(&[
-        "run",
-        "--rm",
-        "--network",
-        "rlnet",
-        image,
-        "wget",
-        "-qO-",
-        "http://web/hostname",
-    ])?;
+    let again = web_by_name()?;
     ensure!(again == web_hostname, "{again:?}");
 
     // Escapes, each refused (the same attempts as under rootful userns-remap).
