@@ -10,6 +10,7 @@
 # blocks those runs are cut into), DENSITY (200 sleep containers; 0 skips), PARALLEL_ROUNDS (5,
 # repetitions of the 20-parallel scenario), BREAKDOWN (1: traced stage breakdown of `docker run`),
 # BREAKDOWN_RUNS (20), PULL (1: bench/pull.sh, synthetic 4 x 64 MB), PULL_RUNS (5),
+# ROOTLESS (1: bench/rootless.sh, rootless berth beside rootless Podman, RUNS runs),
 # BENCH_OUT (results directory), BERTH_BIN_DIR (use these binaries, no build), DOCKER (the docker CLI), SCENARIOS (comma-separated
 # names of bench/lib/measure.py's scenarios to run, e.g. build,run_rm; empty = all).
 #
@@ -30,6 +31,7 @@ BREAKDOWN=${BREAKDOWN:-1}
 BREAKDOWN_RUNS=${BREAKDOWN_RUNS:-20}
 PULL=${PULL:-1}
 PULL_RUNS=${PULL_RUNS:-5}
+ROOTLESS=${ROOTLESS:-1}
 BENCH_DOCKERD=${BENCH_DOCKERD:-}
 DATE=$(date -u +%Y-%m-%d)
 OUT=${BENCH_OUT:-$ROOT/bench/results/$DATE}
@@ -249,6 +251,14 @@ if [ "$PULL" = 1 ]; then
   ) > "$RAW/pull.txt" 2> "$RAW/pull.log" || log "bench/pull.sh failed: $(tail -1 "$RAW/pull.log")"
 fi
 
+# 7b. Rootless berth beside rootless Podman (bench/rootless.sh, its own user and stack).
+if [ "$ROOTLESS" = 1 ]; then
+  log "bench/rootless.sh (rootless berth and Podman)"
+  RUNS=$RUNS BERTH_BIN_DIR="$BIN" SHARED_DIR="$SHARED" "$ROOT/bench/rootless.sh" \
+    > "$RAW/rootless.md" 2> "$RAW/rootless.log" \
+    || log "bench/rootless.sh failed: $(tail -1 "$RAW/rootless.log")"
+fi
+
 # 8. Machine facts and the report.
 ver() { "$@" 2>/dev/null | head -1 || true; }
 python3 - > "$RAW/facts.json" <<PY
@@ -285,6 +295,6 @@ facts = {
 import sys; json.dump(facts, sys.stdout, indent=1)
 PY
 python3 "$ROOT/bench/lib/measure.py" report --results "$RAW/results.json" --facts "$RAW/facts.json" \
-  --breakdown "$RAW/breakdown.md" --pull "$RAW/pull.txt" \
+  --breakdown "$RAW/breakdown.md" --pull "$RAW/pull.txt" --rootless "$RAW/rootless.md" \
   --md "$OUT/summary.md" --tsv "$OUT/summary.tsv"
 cat "$OUT/summary.md"

@@ -23,6 +23,9 @@ PACKAGES=(
   python3
   python3-venv                  # the test venv with docker-py (deploy/pyvenv.sh)
   docker-compose                # docker-compose 1.29 as a real client in tests
+  uidmap                        # rootless mode: newuidmap/newgidmap map the subordinate ids
+  slirp4netns                   # rootless mode: the stack's network namespace reaches out
+  podman                        # make bench: rootless docker run beside rootless Podman
 )
 
 missing=()

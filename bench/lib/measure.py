@@ -4,7 +4,7 @@ same run, interleaved, and the report built from them.
 
     measure.py measure --config sides.json --out results.json [--raw DIR]
     measure.py report --results results.json --facts facts.json [--breakdown bd.md]
-        [--pull pull.txt] --md summary.md --tsv summary.tsv
+        [--pull pull.txt] [--rootless rootless.md] --md summary.md --tsv summary.tsv
 
 sides.json (written by bench/run.sh):
     {"docker": "/usr/local/bin/docker", "runs": 30, "rounds": 3, "density": 200,
@@ -997,6 +997,9 @@ def cmd_report(args):
         lines.append("```")
         lines.append(open(args.pull).read().rstrip())
         lines.append("```")
+    if args.rootless and os.path.exists(args.rootless) and os.path.getsize(args.rootless):
+        lines.append("")
+        lines.append(open(args.rootless).read().rstrip())
     with open(args.md, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -1027,6 +1030,7 @@ def main():
     r.add_argument("--facts", required=True)
     r.add_argument("--breakdown")
     r.add_argument("--pull")
+    r.add_argument("--rootless")
     r.add_argument("--md", required=True)
     r.add_argument("--tsv", required=True)
     args = ap.parse_args()

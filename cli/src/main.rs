@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use berth_core::daemon::ConfigArgs;
 use clap::{Parser, Subcommand};
 
+mod rootless;
 mod status;
 mod up;
 
@@ -22,6 +23,17 @@ enum Command {
     Up {
         #[command(flatten)]
         config: ConfigArgs,
+        /// Run as an ordinary user inside a user namespace of its own (implied when the user is
+        /// not root); see docs/rootless.md.
+        #[arg(long)]
+        rootless: bool,
+    },
+    /// The holder of a rootless stack's namespaces (started by `berth up --rootless`).
+    #[command(hide = true)]
+    RootlessNs {
+        /// Join the namespaces of this process instead of making new ones.
+        #[arg(long)]
+        join: Option<i32>,
     },
     /// Show each service's socket, PID, health and uptime.
     Status {
@@ -39,7 +51,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Up { config } => up::main(config),
+        Command::Up { config, rootless } => up::main(config, rootless),
+        Command::RootlessNs { join } => rootless::hold(join),
         Command::Status { config } => status::main(config),
         Command::Config { config } => match config.load() {
             Ok(cfg) => {

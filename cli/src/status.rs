@@ -289,6 +289,13 @@ pub fn main(args: ConfigArgs) -> ExitCode {
                 address(&cfg, service)
             );
         }
+        if cfg.rootless {
+            let holder = cfg.state_dir.join("rootless/holder.pid");
+            let holder = daemon::read_pid_file(&holder)
+                .filter(|p| alive(*p))
+                .map_or("gone".to_string(), |p| format!("held by pid {p}"));
+            println!("mode: rootless (namespaces {holder})");
+        }
         all
     });
     if all_healthy {

@@ -5,6 +5,7 @@
 //! after it stays up); on SIGINT/SIGTERM stops them in reverse order. Shims are not its children
 //! (they daemonize away from the engine), so stopping the stack never stops a container.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -28,13 +29,30 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A service that ran this long is considered healthy again and its backoff resets.
 const STABLE_AFTER: Duration = Duration::from_secs(10);
 
-pub fn main(args: ConfigArgs) -> ExitCode {
+pub fn main(args: ConfigArgs, rootless: bool) -> ExitCode {
     let cfg = match args.load() {
         Ok(cfg) => cfg,
         Err(err) => {
             eprintln!("berth up: {}", err.chain());
             return daemon::exit_code(&err);
         }
+    };
+    // Rootless: join the stack's namespaces while this process still has one thread (setns of
+    // a user namespace requires it); the services inherit them.
+    let rootless = if rootless || cfg.rootless {
+        match crate::rootless::enter(&cfg) {
+            Ok(ns) => Some(ns),
+            Err(err) => {
+                eprintln!("berth up: {}", err.chain());
+                return daemon::exit_code(&err);
+            }
+        }
+    } else {
+        None
+    };
+    let cfg = Config {
+        rootless: rootless.is_some(),
+        ..cfg
     };
     berth_core::memory::tune_malloc(2);
     // Current-thread runtime: children get PR_SET_PDEATHSIG, which fires when the *thread* that
@@ -63,6 +81,12 @@ pub fn main(args: ConfigArgs) -> ExitCode {
         tokio::spawn(berth_core::memory::trim_when_idle(
             tokio_util::sync::CancellationToken::new(),
         ));
+        if let Some(ns) = &rootless {
+            tracing::info!(
+                holder = ns.holder,
+                "rootless: running in the stack's namespaces"
+            );
+        }
         let result = up(&args, &cfg).await;
         telemetry.shutdown().await;
         match result {
@@ -95,7 +119,17 @@ async fn up(args: &ConfigArgs, cfg: &Config) -> Result<()> {
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
         .unwrap_or_else(|| PathBuf::from("."));
-    let child_args = args.to_args();
+    let child_args = child_args(args, cfg);
+    // The engine (hence shims, runtimes and `--network host` containers) runs in the stack's
+    // network namespace; berth-network moves there itself (it keeps a thread in the host's).
+    let engine_netns = if cfg.rootless {
+        let path = cfg.rootless_netns();
+        Some(std::sync::Arc::new(std::fs::File::open(&path).map_err(
+            |e| Error::internal(format!("open {}", path.display())).with_source(e),
+        )?))
+    } else {
+        None
+    };
 
     let mut supervisors = Vec::new();
     let mut start_error = None;
@@ -107,6 +141,7 @@ async fn up(args: &ConfigArgs, cfg: &Config) -> Result<()> {
             binary: bin_dir.join(service.binary()),
             args: child_args.clone(),
             cfg: cfg.clone(),
+            netns: engine_netns.clone().filter(|_| service == Service::Engine),
         };
         let (stop_tx, stop_rx) = watch::channel(false);
         let handle = tokio::spawn(sup.run(stop_rx, ready_tx));
@@ -134,6 +169,9 @@ async fn up(args: &ConfigArgs, cfg: &Config) -> Result<()> {
             "berth is up; Docker API at {}{cri}",
             cfg.gateway_hosts().join(", ")
         );
+        if cfg.rootless {
+            tokio::spawn(crate::rootless::keep_slirp(cfg.clone()));
+        }
         signal.await;
         tracing::info!("stopping berth");
     }
@@ -150,11 +188,34 @@ async fn up(args: &ConfigArgs, cfg: &Config) -> Result<()> {
     }
 }
 
+/// The flags the services get. A rootless stack's services run as root of its user namespace,
+/// so they are told the paths and the file this (ordinary) user's defaults chose.
+fn child_args(args: &ConfigArgs, cfg: &Config) -> Vec<String> {
+    if !cfg.rootless {
+        return args.to_args();
+    }
+    let config = args.config.clone().or_else(|| {
+        berth_core::rootless::XdgPaths::from_env(std::env::vars())
+            .ok()
+            .map(|x| x.config_file)
+            .filter(|f| f.exists())
+    });
+    ConfigArgs {
+        config,
+        docker_config: args.docker_config.clone(),
+        root: Some(cfg.root.clone()),
+        state_dir: Some(cfg.state_dir.clone()),
+    }
+    .to_args()
+}
+
 struct Supervisor {
     service: Service,
     binary: PathBuf,
     args: Vec<String>,
     cfg: Config,
+    /// A network namespace to start the service in.
+    netns: Option<std::sync::Arc<std::fs::File>>,
 }
 
 impl Supervisor {
@@ -166,11 +227,20 @@ impl Supervisor {
             // the services in order.
             .process_group(0)
             .kill_on_drop(false);
-        // SAFETY: prctl is async-signal-safe and touches only the child's own state.
+        if self.cfg.rootless {
+            cmd.env("BERTH_ROOTLESS", "true");
+        }
+        let netns = self.netns.as_ref().map(|f| f.as_raw_fd());
+        // SAFETY: prctl and setns are async-signal-safe and touch only the child's own state.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 // If `berth up` dies, its services stop rather than linger unsupervised.
                 if libc_prctl_pdeathsig() != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(fd) = netns
+                    && libc::setns(fd, libc::CLONE_NEWNET) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())

@@ -23,13 +23,14 @@ pub struct Config {
     pub root: PathBuf,
     /// Runtime state: sockets, shims, bundles, network namespaces. Lost at reboot.
     pub state_dir: PathBuf,
+    /// The stack runs rootless: inside the user, mount and network namespaces `berth up
+    /// --rootless` made for an ordinary user (docs/rootless.md). Set by `berth up` for its
+    /// services, and implied for an ordinary user's `berth` commands.
+    pub rootless: bool,
     /// The group that owns every berth socket (mode from `socket_mode`); none keeps root's.
     pub socket_group: Option<String>,
     /// Mode of the internal gRPC sockets.
     pub socket_mode: u32,
-    /// The daemons run inside a user namespace of an ordinary user (`berth up --rootless`
-    /// sets it for its children): containers map onto the daemons' own subordinate ids.
-    pub rootless: bool,
     /// Logging and tracing.
     pub telemetry: TelemetryConfig,
     /// berth-images.
@@ -55,9 +56,9 @@ impl Default for Config {
         Self {
             root: PathBuf::from("/var/lib/berth"),
             state_dir: PathBuf::from("/run/berth"),
+            rootless: false,
             socket_group: None,
             socket_mode: 0o660,
-            rootless: false,
             telemetry: TelemetryConfig::default(),
             images: ImagesConfig::default(),
             snapshotter: SnapshotterConfig::default(),
@@ -275,6 +276,11 @@ impl EngineConfig {
     pub fn default_runtime(&self) -> String {
         if self.default_runtime != AUTO_RUNTIME {
             return self.default_runtime.clone();
+        }
+        // Rootless: runc, which knows it runs in a user namespace and leaves the cgroups it
+        // may not touch alone.
+        if crate::rootless::in_user_namespace() {
+            return "runc".into();
         }
         static DETECTED: std::sync::OnceLock<(bool, bool)> = std::sync::OnceLock::new();
         let (crun_binary, crun_cgroups) = *DETECTED.get_or_init(|| {
@@ -678,6 +684,12 @@ impl Config {
             .unwrap_or_else(|| self.state_dir.join("cri.sock"))
     }
 
+    /// Rootless mode: the network namespace the bridges live in (a bind mount of the one the
+    /// namespace holder made, inside the stack's mount namespace).
+    pub fn rootless_netns(&self) -> PathBuf {
+        self.state_dir.join("rootless/netns")
+    }
+
     /// The PID file of `service`.
     pub fn pid_file(&self, service: Service) -> PathBuf {
         self.state_dir.join(format!("{}.pid", service.name()))
@@ -723,9 +735,9 @@ fn env_overrides(env: impl IntoIterator<Item = (String, String)>) -> config::Map
     const TOP: [&str; 5] = [
         "ROOT",
         "STATE_DIR",
+        "ROOTLESS",
         "SOCKET_GROUP",
         "SOCKET_MODE",
-        "ROOTLESS",
     ];
     env.into_iter()
         .filter_map(|(k, v)| {

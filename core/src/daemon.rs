@@ -30,14 +30,37 @@ pub struct ConfigArgs {
 
 impl ConfigArgs {
     /// Loads the config: defaults, file, daemon.json, `BERTH_*` environment, then these flags.
+    ///
+    /// An ordinary user (not root, outside any user namespace) gets the rootless layout: the
+    /// config file, data root and state directory follow XDG (`crate::rootless::XdgPaths`)
+    /// unless set, and `rootless` is on.
     pub fn load(&self) -> Result<Config> {
-        let default = Path::new(DEFAULT_CONFIG_PATH);
+        // SAFETY: geteuid has no preconditions.
+        let ordinary_user = unsafe { libc::geteuid() } != 0;
+        let xdg = if ordinary_user {
+            Some(crate::rootless::XdgPaths::from_env(std::env::vars())?)
+        } else {
+            None
+        };
+        let default = xdg
+            .as_ref()
+            .map_or(Path::new(DEFAULT_CONFIG_PATH), |x| x.config_file.as_path());
         let file = match &self.config {
             Some(path) => Some(path.as_path()),
             None if default.exists() => Some(default),
             None => None,
         };
         let mut cfg = Config::load(file, std::env::vars())?;
+        if let Some(xdg) = xdg {
+            let defaults = Config::default();
+            if cfg.root == defaults.root {
+                cfg.root = xdg.root;
+            }
+            if cfg.state_dir == defaults.state_dir {
+                cfg.state_dir = xdg.state_dir;
+            }
+            cfg.rootless = true;
+        }
         if let Some(path) = &self.docker_config {
             let applied = crate::daemon_json::apply_file(&mut cfg, path)?;
             for (key, why) in applied.ignored {

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod mount;
 pub mod procfs;
 pub mod reference;
+pub mod rootless;
 pub mod snapshots;
 pub mod telemetry;
 pub mod uds;

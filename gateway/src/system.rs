@@ -58,6 +58,8 @@ pub struct DaemonInfo {
     pub debug: bool,
     /// Stable id of this installation.
     pub id: String,
+    /// The stack runs rootless (docs/rootless.md).
+    pub rootless: bool,
     /// Containers are remapped (`userns-remap`): `SecurityOptions` says `name=userns`.
     pub userns_remap: bool,
 }
@@ -82,6 +84,7 @@ impl DaemonInfo {
             insecure_registries: config.images.insecure_registries.clone(),
             registry_mirrors: config.images.registry_mirrors.clone(),
             debug: matches!(config.telemetry.log_level.as_str(), "debug" | "trace"),
+            rootless: config.rootless,
             userns_remap: !config.engine.userns_remap.is_empty(),
         }
     }
@@ -266,6 +269,9 @@ async fn info(State(st): State<AppState>, version: ApiVersion) -> Result<Respons
         .is_ok_and(|s| s.trim() == "Y")
     {
         security.insert(0, "name=apparmor".into());
+    }
+    if d.rootless {
+        security.push("name=rootless".into());
     }
     if d.userns_remap {
         security.push("name=userns".into());

@@ -8,6 +8,7 @@ pub mod gateway_kit;
 pub mod images_kit;
 pub mod network_kit;
 pub mod py_kit;
+pub mod rootless_kit;
 pub mod shim_kit;
 pub mod snapshotter_kit;
 pub mod stack;

@@ -124,28 +124,29 @@ pub fn proc_uids(pid: i32) -> Result<Vec<u32>> {
         .collect())
 }
 
-/// The docker CLI aimed at a stack (rootful or rootless): what the escape checks need.
+/// Something that runs the docker CLI against a stack: a rootful [`DockerStack`], or the user
+/// of a rootless one (`crate::rootless_kit::TestUser`).
 pub trait DockerCli {
-    /// Runs `docker args...` to completion.
-    fn run(&self, args: &[&str]) -> Result<std::process::Output>;
+    /// Runs `docker args...`.
+    fn docker(&self, args: &[&str]) -> Result<std::process::Output>;
 
-    /// Runs `docker args...` and returns its trimmed stdout; fails with its stderr otherwise.
-    fn ok(&self, args: &[&str]) -> Result<String> {
-        let out = self.run(args)?;
+    /// Runs `docker args...`; its trimmed stdout, or an error with its stderr.
+    fn docker_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.docker(args)?;
         ensure!(
             out.status.success(),
             "docker {} failed ({}): {}",
             args.join(" "),
             out.status,
-            String::from_utf8_lossy(&out.stderr)
+            String::from_utf8_lossy(&out.stderr),
         );
         Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
     }
 }
 
 impl DockerCli for DockerStack {
-    fn run(&self, args: &[&str]) -> Result<std::process::Output> {
-        DockerStack::run(self, args)
+    fn docker(&self, args: &[&str]) -> Result<std::process::Output> {
+        self.run(args)
     }
 }
 
@@ -154,7 +155,7 @@ fn sh(d: &impl DockerCli, args: &[&str], script: &str) -> Result<(bool, String)>
     let mut all = vec!["run", "--rm"];
     all.extend_from_slice(args);
     all.extend(["busybox", "sh", "-c", script]);
-    let out = d.run(&all)?;
+    let out = d.docker(&all)?;
     Ok((
         out.status.success(),
         format!(
@@ -221,7 +222,7 @@ pub fn assert_escapes_refused(d: &impl DockerCli) -> Result<()> {
     let vol = format!("berth-esc-{}", std::process::id());
     let name = format!("berth-esc-{}", std::process::id());
     let sd = secret_dir.display().to_string();
-    d.ok(&[
+    d.docker_ok(&[
         "run",
         "-d",
         "--name",
@@ -239,7 +240,7 @@ pub fn assert_escapes_refused(d: &impl DockerCli) -> Result<()> {
         let out_dir = HostDir::new("berth-escape-out-")?;
         for link in ["abs", "rel"] {
             let dest = out_dir.path().join(link);
-            let got = d.run(&[
+            let got = d.docker(&[
                 "cp",
                 &format!("{name}:/data/{link}/file"),
                 &dest.display().to_string(),
@@ -252,7 +253,7 @@ pub fn assert_escapes_refused(d: &impl DockerCli) -> Result<()> {
             );
             let src = out_dir.path().join("planted");
             std::fs::write(&src, "planted\n")?;
-            let _ = d.run(&[
+            let _ = d.docker(&[
                 "cp",
                 &src.display().to_string(),
                 &format!("{name}:/data/{link}/planted"),
@@ -264,8 +265,8 @@ pub fn assert_escapes_refused(d: &impl DockerCli) -> Result<()> {
         }
         Ok(())
     })();
-    let _ = d.run(&["rm", "-f", &name]);
-    let _ = d.run(&["volume", "rm", "-f", &vol]);
+    let _ = d.docker(&["rm", "-f", &name]);
+    let _ = d.docker(&["volume", "rm", "-f", &vol]);
     result?;
 
     // Mounts and device nodes, even with CAP_SYS_ADMIN / CAP_MKNOD inside the namespace.

@@ -368,9 +368,12 @@ fn cgroup_procs(init_pid: u32) -> Result<Vec<OwnedFd>> {
         std::fs::read_to_string(&p).map_err(|e| Error::internal(format!("read {p}")).with_source(e))
     };
     let cgroups = read(format!("/proc/{init_pid}/cgroup"))?;
+    // The exec process starts in the shim's cgroups: where the init shares them (rootless
+    // containers get no cgroup of their own) there is nothing to join, and no right to.
+    let own = read("/proc/self/cgroup".into())?;
     let mountinfo = read("/proc/self/mountinfo".into())?;
     let mut fds = Vec::new();
-    for line in cgroups.lines() {
+    for line in cgroups.lines().filter(|l| !own.lines().any(|o| o == *l)) {
         let mut parts = line.splitn(3, ':');
         let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
         else {

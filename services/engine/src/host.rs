@@ -58,6 +58,19 @@ fn make_netns(path: &Path) -> Result<()> {
         if let Err(e) = loopback_up() {
             tracing::warn!(error = %e, "bringing up lo in a new network namespace");
         }
+        // moby's defaults for a container's own network namespace: any port may be bound and
+        // any group may ping. Written here, by the namespace's owner: a container with a user
+        // namespace of its own (userns-remap, rootless) may not write them itself, and its root
+        // would otherwise not bind port 80. The spec's sysctls (`--sysctl`) still apply after.
+        // /proc/sys/net is the calling thread's namespace.
+        for (key, value) in [
+            ("net/ipv4/ip_unprivileged_port_start", "0"),
+            ("net/ipv4/ping_group_range", "0 2147483647"),
+        ] {
+            if let Err(e) = std::fs::write(format!("/proc/sys/{key}"), value) {
+                tracing::warn!(key, error = %e, "setting a new network namespace's sysctl");
+            }
+        }
         nix::mount::mount(
             Some("/proc/thread-self/ns/net"),
             &target,
@@ -492,6 +505,7 @@ pub fn detect_host() -> HostInfo {
         seccomp_x32: x32_abi_from_config(read_kernel_config().as_deref()),
         cpu_realtime: !v2 && cg.join("cpu/cpu.rt_runtime_us").exists(),
         min_oom_score_adj: min_oom_score_adj(),
+        cgroups: cgroups_writable(cg, v2),
         hugetlb: if v2 {
             std::fs::read_to_string(cg.join("cgroup.controllers"))
                 .is_ok_and(|c| c.split_whitespace().any(|w| w == "hugetlb"))
@@ -500,6 +514,20 @@ pub fn detect_host() -> HostInfo {
         },
         id_map: None,
     }
+}
+
+/// Whether the engine may make container cgroups: always as real root; in a user namespace
+/// (rootless) only where the hierarchy runc writes first is writable to it.
+fn cgroups_writable(cg: &Path, v2: bool) -> bool {
+    if !berth_core::rootless::in_user_namespace() {
+        return true;
+    }
+    let dir = if v2 {
+        cg.to_path_buf()
+    } else {
+        cg.join("memory")
+    };
+    nix::unistd::access(&dir, nix::unistd::AccessFlags::W_OK).is_ok()
 }
 
 /// -1000 when this process may lower `oom_score_adj` (CAP_SYS_RESOURCE), else its own value:
@@ -552,6 +580,11 @@ mod caps {
     /// Whether CAP_SYS_RESOURCE is in this process's effective set.
     pub fn has_sys_resource() -> bool {
         const CAP_SYS_RESOURCE: u32 = 24;
+        // In a user namespace (rootless) the capability does not reach the limits and scores
+        // the host's kernel checks it for.
+        if berth_core::rootless::in_user_namespace() {
+            return false;
+        }
         std::fs::read_to_string("/proc/self/status")
             .ok()
             .and_then(|s| {

@@ -53,7 +53,9 @@ fn is_whiteout(meta: &fs::Metadata) -> bool {
 
 fn is_opaque(dir: &Path) -> bool {
     dir.join(".wh..wh..opq").exists()
-        || xattr(dir, "trusted.overlay.opaque").is_some_and(|v| v == b"y")
+        || ["trusted.overlay.opaque", "user.overlay.opaque"]
+            .iter()
+            .any(|name| xattr(dir, name).is_some_and(|v| v == b"y"))
 }
 
 fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use berth_core::Result;
 
 use crate::ipam::Cidr;
+use crate::model::AttachmentRecord;
 use crate::ports::PortProbe;
 
 /// A bridge as it should exist: name, MTU, addresses (gateway/prefix), up, and the sysctls
@@ -131,6 +132,27 @@ pub trait Firewall: Send + Sync {
     fn remove(&self, comment_prefixes: &[String]) -> Result<()>;
     /// The comments of every rule whose comment starts with `comment_prefix`.
     fn comments(&self, comment_prefix: &str) -> Result<Vec<String>>;
+}
+
+/// Serves published ports on the host where netfilter cannot (rootless mode: the bridges live
+/// in a network namespace of the stack's own, see [`crate::rootless`]).
+pub trait PortProxy: Send + Sync {
+    /// Starts serving `att`'s published ports, replacing what served them before.
+    fn publish(&self, att: &AttachmentRecord) -> Result<()>;
+    /// Stops serving the endpoint's ports (nothing when none are served).
+    fn unpublish(&self, endpoint_id: &str);
+}
+
+/// Rootful mode: the DNAT rules are all it takes.
+#[derive(Debug)]
+pub struct NoProxy;
+
+impl PortProxy for NoProxy {
+    fn publish(&self, _att: &AttachmentRecord) -> Result<()> {
+        Ok(())
+    }
+
+    fn unpublish(&self, _endpoint_id: &str) {}
 }
 
 /// Facts about the host: free ports, the ephemeral range, resolvers.

@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod ports;
+pub mod rootless;
 pub mod rules;
 pub mod service;
 pub mod store;
@@ -44,12 +45,40 @@ pub async fn run(
     listener: UnixListener,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    run_with(config, listener, shutdown, None).await
+}
+
+/// [`run`], rootless: `host_net` makes the host's sockets (see [`rootless::enter`]), and the
+/// calling process already works in the stack's network namespace.
+pub async fn run_with(
+    config: Config,
+    listener: UnixListener,
+    shutdown: CancellationToken,
+    host_net: Option<rootless::HostNet>,
+) -> Result<()> {
     let settings = Settings::from_config(&config)?;
     let events = events::HubEvents::start(config.socket(Service::Engine), shutdown.clone());
+    let (host, proxy): (Arc<dyn kernel::Host>, Arc<dyn kernel::PortProxy>) = match host_net {
+        Some(net) => (
+            Arc::new(rootless::RootlessHost {
+                inner: host::RealHost::default(),
+                net: net.clone(),
+            }),
+            Arc::new(rootless::HostProxy::new(
+                net,
+                tokio::runtime::Handle::current(),
+            )),
+        ),
+        None => (
+            Arc::new(host::RealHost::default()),
+            Arc::new(kernel::NoProxy),
+        ),
+    };
     let deps = Deps {
         dataplane: Arc::new(netlink::Netlink),
         firewall: Arc::new(iptables::Iptables::default()),
-        host: Arc::new(host::RealHost::default()),
+        host,
+        proxy,
         cni: Arc::new(cni::ExecPlugins {
             bin_dirs: settings.cni_bin_dirs.clone(),
         }),

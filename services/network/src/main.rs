@@ -14,5 +14,22 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    daemon::main(Service::Network, &args.config, berth_network::run)
+    // Rootless: move into the stack's network namespace before the runtime's threads exist
+    // (they inherit it), keeping one thread in the host's for published ports.
+    let host_net = match args.config.load() {
+        Ok(cfg) if cfg.rootless => match berth_network::rootless::enter(&cfg.rootless_netns()) {
+            Ok(net) => Some(net),
+            Err(err) => {
+                eprintln!("berth-network: {}", err.chain());
+                return daemon::exit_code(&err);
+            }
+        },
+        // A bad config is reported by daemon::main.
+        _ => None,
+    };
+    daemon::main(
+        Service::Network,
+        &args.config,
+        move |cfg, listener, shutdown| berth_network::run_with(cfg, listener, shutdown, host_net),
+    )
 }

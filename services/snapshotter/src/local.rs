@@ -80,6 +80,9 @@ struct Inner {
     /// Add `index=off` to overlay mounts (when the kernel knows the option), as containerd
     /// does: the inode index would tie upper layers to one set of lower layers.
     index_off: bool,
+    /// Add `userxattr` (rootless: in a user namespace overlayfs keeps whiteouts and opaque
+    /// directories in `user.overlay.*`, the `trusted.*` names being out of reach).
+    userxattr: bool,
 }
 
 impl LocalSnapshotter {
@@ -104,6 +107,7 @@ impl LocalSnapshotter {
                 snapshots,
                 store,
                 index_off,
+                userxattr: berth_core::rootless::in_user_namespace(),
             }),
         })
     }
@@ -288,6 +292,9 @@ impl Inner {
         let mut options = Vec::new();
         if self.index_off {
             options.push("index=off".to_string());
+        }
+        if self.userxattr {
+            options.push("userxattr".to_string());
         }
         if !readonly {
             options.push(format!("workdir={}", self.dir(id).join("work").display()));

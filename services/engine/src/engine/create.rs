@@ -71,7 +71,7 @@ fn validate_host_config(engine: &Engine, hc: &pb::HostConfig) -> Result<Vec<Stri
         validate::log_config(lc, &engine.config.engine.log_driver)?;
     }
     validate::namespace_modes(hc)?;
-    if engine.host_info().id_map.is_some() {
+    if engine.container_map(hc).is_some() {
         validate::remapped(hc)?;
     }
     validate::devices(&hc.devices)?;

@@ -353,13 +353,19 @@ impl Engine {
     }
 
     /// The id map of a container with host config `hc`: the daemon's container map
-    /// (userns-remap, rootless) unless the container opts out with `--userns=host`.
-    /// Pod containers (the CRI) are left alone: the kubelet decides about user namespaces.
+    /// (userns-remap, rootless) unless the container opts out with `--userns=host`. Rootless,
+    /// `--privileged`, `--network host` and `--pid host` opt out too: they mean the stack's
+    /// own namespaces (privileged within them), as in Docker's rootless mode, where rootful
+    /// remap refuses them. Pod containers (the CRI) are left alone: the kubelet decides about
+    /// user namespaces.
     pub fn container_map(&self, hc: &pb::HostConfig) -> Option<&berth_core::userns::IdMap> {
+        let privileged = hc.security.as_ref().is_some_and(|s| s.privileged);
+        let in_stack = self.config.rootless
+            && (privileged || hc.network_mode == "host" || hc.pid_mode == "host");
         self.host
             .id_map
             .as_ref()
-            .filter(|_| hc.userns_mode != "host" && hc.sandbox_id.is_empty())
+            .filter(|_| hc.userns_mode != "host" && hc.sandbox_id.is_empty() && !in_stack)
     }
 
     /// Finds a container by full id, name, or unique id prefix.

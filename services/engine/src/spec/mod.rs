@@ -58,6 +58,10 @@ pub struct HostInfo {
     pub min_oom_score_adj: i32,
     /// The hugetlb cgroup controller is where runc sets limits (the v1 hierarchy, or v2 only).
     pub hugetlb: bool,
+    /// The engine may make cgroups for containers. Not so in rootless mode unless the host
+    /// delegates a cgroup v2 tree: containers then get no cgroup of their own (runc leaves
+    /// them in the engine's) and resource limits are refused.
+    pub cgroups: bool,
     /// The id map of containers' user namespaces (userns-remap, rootless); `None`: containers
     /// share the engine's ids.
     pub id_map: Option<IdMap>,
@@ -76,6 +80,7 @@ impl Default for HostInfo {
             cpu_realtime: false,
             min_oom_score_adj: -1000,
             hugetlb: false,
+            cgroups: true,
             id_map: None,
         }
     }
@@ -676,16 +681,20 @@ pub fn generate(input: &SpecInput<'_>) -> Result<(Spec, Vec<String>)> {
 
     let mut linux = LinuxBuilder::default()
         .namespaces(namespaces)
-        .resources(linux_resources)
-        .cgroups_path(PathBuf::from(cgroup_path(
-            &hc.cgroup_parent,
-            input.cgroup_parent,
-            input.id,
-        )))
         .devices(devices)
         .sysctl(sysctl)
         .build()
         .map_err(|e| Error::internal("linux section").with_source(e))?;
+    if input.host.cgroups {
+        linux.set_resources(Some(linux_resources));
+        linux.set_cgroups_path(Some(PathBuf::from(cgroup_path(
+            &hc.cgroup_parent,
+            input.cgroup_parent,
+            input.id,
+        ))));
+    } else {
+        resources::refuse_without_cgroups(res, &hc.cgroup_parent)?;
+    }
     if !privileged {
         let masked = match &sec.masked_paths {
             Some(l) => l.values.clone(),
@@ -890,6 +899,7 @@ mod tests {
             // As without CAP_SYS_RESOURCE, with the engine at 0.
             min_oom_score_adj: 0,
             hugetlb: true,
+            cgroups: true,
             id_map: None,
             devices: vec![Device {
                 path: "/dev/fuse".into(),

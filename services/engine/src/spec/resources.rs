@@ -216,6 +216,57 @@ pub fn ensure_rt_budget(
     Ok(())
 }
 
+/// Without cgroups of its own (rootless mode, no delegated cgroup v2 tree) a container cannot
+/// be limited: every limit set in `r`, and a cgroup parent, is refused by its Docker flag.
+pub fn refuse_without_cgroups(r: &pb::Resources, cgroup_parent: &str) -> Result<()> {
+    let set = |v: Option<i64>| v.is_some_and(|v| v != 0);
+    let flags: Vec<&str> = [
+        (set(r.memory), "--memory"),
+        (set(r.memory_swap), "--memory-swap"),
+        (set(r.memory_reservation), "--memory-reservation"),
+        (
+            r.memory_swappiness.is_some_and(|v| v >= 0),
+            "--memory-swappiness",
+        ),
+        (r.oom_kill_disable == Some(true), "--oom-kill-disable"),
+        (set(r.nano_cpus), "--cpus"),
+        (set(r.cpu_shares), "--cpu-shares"),
+        (set(r.cpu_period), "--cpu-period"),
+        (set(r.cpu_quota), "--cpu-quota"),
+        (set(r.cpu_realtime_period), "--cpu-rt-period"),
+        (set(r.cpu_realtime_runtime), "--cpu-rt-runtime"),
+        (
+            r.cpuset_cpus.as_deref().is_some_and(|v| !v.is_empty()),
+            "--cpuset-cpus",
+        ),
+        (
+            r.cpuset_mems.as_deref().is_some_and(|v| !v.is_empty()),
+            "--cpuset-mems",
+        ),
+        (r.pids_limit.is_some_and(|v| v > 0), "--pids-limit"),
+        (r.blkio_weight.is_some_and(|v| v != 0), "--blkio-weight"),
+        (!r.blkio_weight_device.is_empty(), "--blkio-weight-device"),
+        (!r.blkio_device_read_bps.is_empty(), "--device-read-bps"),
+        (!r.blkio_device_write_bps.is_empty(), "--device-write-bps"),
+        (!r.blkio_device_read_iops.is_empty(), "--device-read-iops"),
+        (!r.blkio_device_write_iops.is_empty(), "--device-write-iops"),
+        (!r.unified.is_empty(), "unified cgroup settings"),
+        (!r.hugepage_limits.is_empty(), "hugepage limits"),
+        (!cgroup_parent.is_empty(), "--cgroup-parent"),
+    ]
+    .into_iter()
+    .filter_map(|(on, flag)| on.then_some(flag))
+    .collect();
+    if flags.is_empty() {
+        return Ok(());
+    }
+    Err(Error::invalid_argument(format!(
+        "{} cannot be honoured: this rootless engine has no cgroups to put limits in (cgroup v2 \
+         delegated by a systemd user session is needed; see docs/rootless.md)",
+        flags.join(", ")
+    )))
+}
+
 /// `0-2,4` → [0, 1, 2, 4].
 pub fn parse_cpuset(s: &str) -> Result<Vec<u32>> {
     let invalid = || Error::invalid_argument(format!("Invalid value {s} for cpuset"));
@@ -716,6 +767,39 @@ mod tests {
         assert_eq!(
             validate(&r, &rt).unwrap_err().message(),
             "cpu real-time runtime cannot be higher than cpu real-time period"
+        );
+    }
+
+    #[test]
+    fn without_cgroups_every_limit_is_refused_by_its_flag() {
+        refuse_without_cgroups(&pb::Resources::default(), "").unwrap();
+        // Docker's "unset" spellings pass.
+        refuse_without_cgroups(
+            &pb::Resources {
+                memory: Some(0),
+                pids_limit: Some(-1),
+                memory_swappiness: Some(-1),
+                ..Default::default()
+            },
+            "",
+        )
+        .unwrap();
+        let err = refuse_without_cgroups(
+            &pb::Resources {
+                memory: Some(64 << 20),
+                nano_cpus: Some(1_000_000_000),
+                pids_limit: Some(10),
+                ..Default::default()
+            },
+            "/mine",
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), berth_core::ErrorKind::InvalidArgument);
+        assert!(
+            err.message()
+                .starts_with("--memory, --cpus, --pids-limit, --cgroup-parent cannot be honoured"),
+            "{}",
+            err.message()
         );
     }
 }

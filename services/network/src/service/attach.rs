@@ -344,9 +344,11 @@ impl NetworkService {
                 self.deps
                     .firewall
                     .ensure(&rules::port_rules(&self.chains, &record))
-            });
+            })
+            .and_then(|()| self.deps.proxy.publish(&record));
         if let Err(e) = made {
             if !record.ports.is_empty() {
+                self.deps.proxy.unpublish(&record.endpoint_id);
                 let _ = self
                     .deps
                     .firewall
@@ -434,7 +436,8 @@ impl NetworkService {
         }
         self.deps
             .firewall
-            .ensure(&rules::port_rules(&self.chains, att))
+            .ensure(&rules::port_rules(&self.chains, att))?;
+        self.deps.proxy.publish(att)
     }
 
     /// Removes an endpoint's rules and veth.
@@ -449,6 +452,7 @@ impl NetworkService {
     /// Removes an endpoint's port rules. Only published ports have rules of their own, so an
     /// endpoint without any costs no `iptables-save`.
     pub(super) fn drop_rules(&self, att: &AttachmentRecord) -> Result<()> {
+        self.deps.proxy.unpublish(&att.endpoint_id);
         if att.ports.is_empty() {
             return Ok(());
         }

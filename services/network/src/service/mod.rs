@@ -36,7 +36,7 @@ use crate::cni::{self, CniConfigFile, CniResult, Invocation, PluginExec};
 use crate::dns::{self, Addresses, DnsServers, DnsView, SharedView};
 use crate::events::EventSink;
 use crate::ipam::{self, Cidr, DefaultPool, Pool};
-use crate::kernel::{BridgeSpec, Dataplane, EndpointSpec, Firewall, Host};
+use crate::kernel::{BridgeSpec, Dataplane, EndpointSpec, Firewall, Host, PortProxy};
 use crate::model::{
     AttachmentRecord, CniRecord, Driver, NetworkRecord, OPT_BRIDGE_NAME, OPT_DEFAULT_BRIDGE,
     OPT_HOST_BINDING_IPV4, OPT_ICC, OPT_MASQUERADE, OPT_MTU, attachment_key, cni_key, now_ns,
@@ -133,6 +133,8 @@ pub struct Deps {
     pub firewall: Arc<dyn Firewall>,
     /// Ports and resolvers of the host.
     pub host: Arc<dyn Host>,
+    /// Serves published ports on the host when netfilter cannot (rootless).
+    pub proxy: Arc<dyn PortProxy>,
     /// CNI plugins.
     pub cni: Arc<dyn PluginExec>,
     /// Events.
@@ -952,6 +954,11 @@ impl NetworkService {
                 }
             }
             rules.extend(rules::port_rules(&self.chains, att));
+            if !att.ports.is_empty()
+                && let Err(e) = self.deps.proxy.publish(att)
+            {
+                tracing::error!(container = att.container_id, network = net.name, error = %e.chain(), "cannot publish ports on the host");
+            }
         }
         self.deps.firewall.ensure(&rules)?;
         if !stale.is_empty() {

@@ -258,6 +258,7 @@ impl Harness {
             dataplane: kernel.clone(),
             firewall: fw.clone(),
             host: host.clone(),
+            proxy: Arc::new(crate::kernel::NoProxy),
             cni: cni.clone(),
             events: events.clone(),
         };
