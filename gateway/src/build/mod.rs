@@ -90,10 +90,19 @@ async fn receive(body: Body, dockerfile: &str) -> Result<Prepared> {
         while let Some(chunk) = data.next().await {
             let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()));
             let failed = chunk.is_err();
-            if tx.send(chunk).await.is_err() || failed {
+            if failed {
+                let _ = tx.send(chunk).await;
+                return;
+            }
+            if tx.send(chunk).await.is_err() {
                 break;
             }
         }
+        // The unpacker stops at the archive's end marker, and may fail before it; what the
+        // client still sends (padding after the marker, the rest of a bad context) is read and
+        // dropped. Left unread, it would be closed on with data pending, and the client's
+        // body writer, failing, tears down the connection the build's output comes back on.
+        while let Some(Ok(_)) = data.next().await {}
     });
     let bridge = ChannelReader::new(rx);
     let dockerfile = dockerfile.to_string();

@@ -595,3 +595,41 @@ async fn from_scratch_builds_on_an_empty_image_and_caches() {
     assert_eq!(again.result.as_ref().unwrap(), &id);
     assert!(!again.text().contains("Running in"));
 }
+
+#[tokio::test]
+async fn what_the_client_sends_after_the_archive_end_is_read_to_the_end() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut archive = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(12);
+    header.set_mode(0o644);
+    header.set_cksum();
+    archive
+        .append_data(&mut header, "Dockerfile", &b"FROM scratch"[..])
+        .unwrap();
+    let tar = archive.into_inner().unwrap();
+    // The archive, then far more trailing blocks than the unpacker's channel holds.
+    const TRAILING: usize = 64;
+    let mut chunks = vec![Bytes::from(tar)];
+    chunks.extend((0..TRAILING).map(|_| Bytes::from(vec![0u8; 512])));
+    let total = chunks.len();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counted = sent.clone();
+    let body = axum::body::Body::from_stream(futures::stream::iter(chunks).map(move |c| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        Ok::<_, std::io::Error>(c)
+    }));
+    let prepared = super::receive(body, "Dockerfile").await.unwrap();
+    assert!(prepared.context().join("Dockerfile").exists());
+    for _ in 0..500 {
+        if sent.load(Ordering::SeqCst) == total {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!(
+        "only {} of {total} chunks of the body were read",
+        sent.load(Ordering::SeqCst)
+    );
+}
