@@ -29,6 +29,9 @@ enum Command {
     /// Clean up after a shim that is gone: delete the container from the runtime, unmount
     /// the rootfs; prints the recorded exit status as JSON.
     Delete(DeleteArgs),
+    /// Stand in for one process of a `berth-vm` guest: relay its stdio, signals and exit.
+    #[command(hide = true)]
+    VmRelay(berth_shim::vm::relay::RelayArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
             args,
             notify_stdout,
         } => daemon::serve(&args, notify_stdout),
+        Command::VmRelay(args) => berth_shim::vm::relay::main(args),
         Command::Delete(args) => daemon::delete(&args).map(|exit| {
             let (status, at) = match exit {
                 Some(e) => (e.status, berth_shim::rfc3339::format(e.at)),
