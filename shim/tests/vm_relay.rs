@@ -274,5 +274,5 @@ async fn no_agent_exits_255() {
     let dir = tempfile::tempdir().unwrap();
     let output = finish(relay(&dir.path().join("absent"), "order").spawn().unwrap()).await;
     assert_eq!(output.status.code(), Some(255), "{output:?}");
-    assert!(String::from_utf8_lossy(&output.stderr).contains("dial the agent"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("dial vsock port 1024"));
 }

@@ -55,7 +55,7 @@ impl RuntimeFactory for RuncFactory {
             let shim_exe = std::env::current_exe().unwrap_or_else(|_| "berth-shim".into());
             return Arc::new(crate::vm::runtime::VmRuntime::new(
                 options,
-                crate::vm::launcher(),
+                crate::vm::launcher(self.spawner.clone()),
                 shim_exe,
                 PathBuf::from(crate::vm::runtime::STATE_ROOT),
                 self.timeout,

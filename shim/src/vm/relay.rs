@@ -19,20 +19,16 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use berth_core::{Context, Error, ErrorKind, Result};
+use berth_core::{Context, Error, Result};
 use berth_proto::berth::agent::v1::agent_client::AgentClient;
 use berth_proto::berth::agent::v1::{
     Empty, IoInput, ProcessRef, SignalRequest, WindowSize, io_input, io_output,
 };
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
-/// The vsock port the agent listens on.
-pub const AGENT_PORT: u32 = 1024;
+pub use super::machine::AGENT_PORT;
 
 /// Exit status of a relay whose guest process' fate is unknown (the stream broke).
 pub const LOST: i32 = 255;
@@ -77,58 +73,10 @@ impl RelayArgs {
     }
 }
 
-/// Opens a gRPC channel to the guest port `port` through vhost-device-vsock's Unix socket at
-/// `socket`: connect, write `CONNECT <port>\n`, read `OK <n>\n`, then speak HTTP/2.
+/// Opens a gRPC channel to the guest port `port` through vhost-device-vsock's Unix socket
+/// (the `CONNECT <port>` / `OK <n>` handshake): [`super::machine::dial`].
 pub async fn dial(socket: &Path, port: u32) -> Result<Channel> {
-    let path = socket.to_path_buf();
-    // The URI only names the :authority; the connector decides where bytes go.
-    Endpoint::from_static("http://berth-agent")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { handshake(&path, port).await.map(TokioIo::new) }
-        }))
-        .await
-        .context(
-            ErrorKind::Unavailable,
-            format!("dial the agent at {}:{port}", socket.display()),
-        )
-}
-
-async fn handshake(socket: &Path, port: u32) -> std::io::Result<UnixStream> {
-    let mut stream = UnixStream::connect(socket).await?;
-    stream
-        .write_all(format!("CONNECT {port}\n").as_bytes())
-        .await?;
-    // One byte at a time: whatever follows the newline belongs to HTTP/2.
-    let mut line = Vec::with_capacity(16);
-    loop {
-        let mut byte = [0u8; 1];
-        if stream.read(&mut byte).await? == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::ConnectionRefused,
-                format!("vsock port {port}: connection closed during the handshake"),
-            ));
-        }
-        if byte[0] == b'\n' {
-            break;
-        }
-        line.push(byte[0]);
-        if line.len() > 64 {
-            return Err(std::io::Error::other(
-                "vsock handshake: reply line too long",
-            ));
-        }
-    }
-    if !line.starts_with(b"OK ") {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::ConnectionRefused,
-            format!(
-                "vsock port {port}: handshake refused: {:?}",
-                String::from_utf8_lossy(&line)
-            ),
-        ));
-    }
-    Ok(stream)
+    super::machine::dial(socket, port).await
 }
 
 /// Signals the relay forwards to the guest process: every catchable one except those about the

@@ -14,11 +14,11 @@ use std::fmt;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use berth_core::vm::VmRuntimeOptions;
+use berth_core::vm::{VmAccel, VmRuntimeOptions};
 use berth_core::{Context, Error, ErrorKind, Result};
 use berth_proto::berth::agent::v1::agent_client::AgentClient;
 use berth_proto::berth::agent::v1::{
@@ -28,8 +28,11 @@ use berth_proto::berth::agent::v1::{
 use serde_json::Value;
 use tonic::transport::Channel;
 
+use super::guest::{self, GuestImageConfig};
+use super::machine::{self, Accel, Machine, MachineConfig, TapConfig};
 use super::net::{self, GuestNetwork};
 use super::relay::{AGENT_PORT, RelayArgs};
+use crate::reaper::Spawner;
 use crate::runtime::{
     BoxFuture, CreateOptions, ExecOptions, OciRuntime, ProcessStdio, RuntimeState,
 };
@@ -39,6 +42,9 @@ pub const GUEST_SHARE: &str = "/run/berth/share";
 
 /// The runtime binary name that selects [`VmRuntime`] in the shim's runtime factory.
 pub use berth_core::vm::VM_RUNTIME;
+
+/// Where built guest images are cached.
+pub const IMAGE_CACHE: &str = "/var/cache/berth/vm/guest";
 
 /// Where VM state directories (sockets, logs) go: short, for Unix socket paths.
 pub const STATE_ROOT: &str = "/run/berth-vm";
@@ -106,6 +112,94 @@ impl VmLauncher for NoLauncher {
             Err(Error::unimplemented(format!(
                 "{VM_RUNTIME}: this shim was built without a VM launcher"
             )))
+        })
+    }
+}
+
+/// The real launcher: builds (or reuses) the guest image, then boots QEMU with virtiofsd and
+/// vhost-device-vsock through [`super::machine::Machine`].
+#[derive(Debug)]
+pub struct MachineLauncher {
+    /// Spawns the VM's processes (so the shim's reaper collects them).
+    pub spawner: Arc<dyn Spawner>,
+    /// Where built guest images are cached.
+    pub cache_dir: PathBuf,
+}
+
+/// A [`Machine`] as a [`Vm`].
+#[derive(Debug)]
+struct MachineVm {
+    machine: tokio::sync::Mutex<Machine>,
+    agent: AgentClient<Channel>,
+    vsock: PathBuf,
+}
+
+impl Vm for MachineVm {
+    fn agent(&self) -> AgentClient<Channel> {
+        self.agent.clone()
+    }
+
+    fn vsock_socket(&self) -> PathBuf {
+        self.vsock.clone()
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.machine
+                .lock()
+                .await
+                .shutdown(Duration::from_secs(10))
+                .await;
+            Ok(())
+        })
+    }
+}
+
+impl VmLauncher for MachineLauncher {
+    fn launch(&self, spec: VmSpec) -> BoxFuture<'_, Box<dyn Vm>> {
+        Box::pin(async move {
+            let o = &spec.options;
+            let kernel_deb = if o.kernel.is_dir() {
+                guest::find_kernel_deb(&o.kernel)?
+            } else {
+                o.kernel.clone()
+            };
+            let image_cfg = GuestImageConfig {
+                kernel_deb: Some(kernel_deb),
+                agent_binary: spec.agent.clone(),
+                cache_dir: self.cache_dir.clone(),
+            };
+            let image = tokio::task::spawn_blocking(move || guest::ensure(&image_cfg))
+                .await
+                .internal(|| "guest image thread".into())??;
+            let cfg = MachineConfig {
+                qemu: o.qemu.clone(),
+                virtiofsd: o.virtiofsd.clone(),
+                vhost_vsock: o.vhost_vsock.clone(),
+                accel: match o.accel {
+                    VmAccel::Auto => Accel::Auto,
+                    VmAccel::Kvm => Accel::Kvm,
+                    VmAccel::Tcg => Accel::Tcg,
+                },
+                vcpus: spec.vcpus,
+                memory_mib: spec.memory_mib.into(),
+                image,
+                share_dir: spec.share_dir.clone(),
+                state_dir: spec.state_dir.clone(),
+                tap: spec.tap.as_ref().map(|t| TapConfig {
+                    ifname: t.ifname.clone(),
+                    mac: t.mac.clone(),
+                    netns: Some(t.netns.clone()),
+                }),
+                agent_timeout: Duration::from_secs(o.agent_timeout_secs),
+            };
+            let machine = Machine::start(cfg, self.spawner.clone()).await?;
+            tracing::info!(accel = ?machine.accel(), "berth-vm guest up");
+            Ok(Box::new(MachineVm {
+                agent: machine.agent(),
+                vsock: machine::agent_socket(&spec.state_dir),
+                machine: tokio::sync::Mutex::new(machine),
+            }) as Box<dyn Vm>)
         })
     }
 }
