@@ -53,13 +53,16 @@ impl RuntimeFactory for RuncFactory {
                     Default::default()
                 });
             let shim_exe = std::env::current_exe().unwrap_or_else(|_| "berth-shim".into());
-            return Arc::new(crate::vm::runtime::VmRuntime::new(
-                options,
-                crate::vm::launcher(self.spawner.clone()),
-                shim_exe,
-                PathBuf::from(crate::vm::runtime::STATE_ROOT),
-                self.timeout,
-            ));
+            return Arc::new(
+                crate::vm::runtime::VmRuntime::new(
+                    options,
+                    crate::vm::launcher(self.spawner.clone()),
+                    shim_exe,
+                    PathBuf::from(crate::vm::runtime::STATE_ROOT),
+                    self.timeout,
+                )
+                .with_bundle(bundle.to_path_buf()),
+            );
         }
         if crate::inproc::selected_by(&settings.binary) {
             return Arc::new(crate::inproc::Libcontainer::new(

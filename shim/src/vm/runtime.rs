@@ -436,6 +436,13 @@ impl VmRuntime {
         }
     }
 
+    /// The bundle of the shim's container, known before `create` (so that a `delete` by a
+    /// fresh shim, after the one that created the VM is gone, still cleans up).
+    pub fn with_bundle(self, bundle: PathBuf) -> Self {
+        *self.bundle.lock().unwrap() = Some(bundle);
+        self
+    }
+
     async fn call<T>(
         &self,
         what: &str,
@@ -527,11 +534,9 @@ impl VmRuntime {
         let net = match &prepared.netns {
             Some(netns) => {
                 let netns = netns.clone();
-                Some(
-                    tokio::task::spawn_blocking(move || net::setup(&netns))
-                        .await
-                        .internal(|| "network setup thread".into())??,
-                )
+                tokio::task::spawn_blocking(move || net::setup(&netns))
+                    .await
+                    .internal(|| "network setup thread".into())??
             }
             None => None,
         };
@@ -639,6 +644,19 @@ impl VmRuntime {
     }
 }
 
+/// The network namespace path of the bundle's spec (`vm_dir` is `<bundle>/vm`).
+fn spec_netns(vm_dir: &Path) -> Option<PathBuf> {
+    let data = std::fs::read(vm_dir.parent()?.join("config.json")).ok()?;
+    let spec: Value = serde_json::from_slice(&data).ok()?;
+    spec["linux"]["namespaces"]
+        .as_array()?
+        .iter()
+        .find(|n| n["type"] == "network")?["path"]
+        .as_str()
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+}
+
 fn pid_alive(pid: u32) -> bool {
     pid != 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
 }
@@ -726,6 +744,19 @@ impl OciRuntime for VmRuntime {
     fn delete<'a>(&'a self, id: &'a str, force: bool) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let running = self.running.lock().await.take();
+            if running.is_none() {
+                // Not created by this process (its shim is gone): what it left on disk.
+                match machine::kill_recorded(&self.state_dir(id)) {
+                    Ok(pids) if !pids.is_empty() => {
+                        tracing::info!(?pids, "killed the processes of a VM left behind")
+                    }
+                    Ok(_) => {}
+                    Err(err) => tracing::warn!(reason = %err.chain(), "kill a VM left behind"),
+                }
+                if let Some(netns) = self.vm_dir().ok().and_then(|d| spec_netns(&d)) {
+                    let _ = net::teardown(&netns);
+                }
+            }
             if let Some(running) = running {
                 let mut agent = running.vm.agent();
                 if force {
