@@ -595,8 +595,8 @@ mod tests {
         let f = frame([0xff; 6], eth_mac, from_guest.as_bytes());
         (&tap).write_all(&f).unwrap();
         expect_frame(
-            // SAFETY: receives into a buffer valid for its length.
             |b| {
+                // SAFETY: receives into a buffer valid for its length.
                 unsafe { libc::recv(host.as_raw_fd(), b.as_mut_ptr().cast(), b.len(), 0) }.max(0)
                     as usize
             },

@@ -22,8 +22,7 @@ use berth_core::vm::{VmAccel, VmRuntimeOptions};
 use berth_core::{Context, Error, ErrorKind, Result};
 use berth_proto::berth::agent::v1::agent_client::AgentClient;
 use berth_proto::berth::agent::v1::{
-    ContainerRef, CreateContainerRequest, ExecRequest, ProcessRef, SetupNetworkRequest,
-    SignalRequest,
+    ContainerRef, CreateContainerRequest, ExecRequest, ProcessRef, SignalRequest,
 };
 use serde_json::Value;
 use tonic::transport::Channel;
@@ -585,7 +584,7 @@ impl VmRuntime {
                 .net
                 .as_ref()
                 .map(|n| n.request.clone())
-                .unwrap_or_else(SetupNetworkRequest::default);
+                .unwrap_or_default();
             request.hostname = prepared.hostname.clone();
             self.call("setup network", agent.setup_network(request))
                 .await?;
@@ -935,7 +934,8 @@ mod tests {
     #[test]
     fn what_a_vm_cannot_honour_is_refused() {
         let opts = VmRuntimeOptions::default();
-        let cases: Vec<(Box<dyn Fn(&mut Value)>, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(Edit, &str)> = vec![
             (
                 Box::new(|s| {
                     s["linux"]["namespaces"] = json!([{"type": "pid"}]);
