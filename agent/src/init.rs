@@ -12,6 +12,89 @@ use nix::mount::{MsFlags, mount};
 /// The module list the image builder writes (`berth_shim::vm::guest::MODULE_LIST`).
 const MODULE_LIST: &str = "/etc/berth/modules";
 
+/// Set in the environment of the agent re-executed from the tmpfs root.
+const STAGE_ENV: &str = "BERTH_AGENT_ROOT";
+
+/// Moves the guest's root off the initramfs, once: the kernel's initial root (rootfs) cannot be
+/// `pivot_root`ed away from, which the runtime does for every container. The initramfs' files are
+/// moved (copied, then removed) into a tmpfs, the tmpfs is moved over `/`, and the agent
+/// re-executes itself from there. Returns only when already running from the new root.
+pub fn switch_root() -> Result<()> {
+    if std::env::var_os(STAGE_ENV).is_some() {
+        return Ok(());
+    }
+    let new = Path::new("/newroot");
+    std::fs::create_dir_all(new).internal(|| "create /newroot".into())?;
+    mount(
+        Some("rootfs"),
+        new,
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )
+    .context(ErrorKind::Internal, "mount tmpfs on /newroot")?;
+    for entry in std::fs::read_dir("/").internal(|| "read /".into())? {
+        let entry = entry.internal(|| "read /".into())?;
+        if entry.file_name() == "newroot" {
+            continue;
+        }
+        move_tree(&entry.path(), &new.join(entry.file_name()))?;
+    }
+    std::env::set_current_dir(new).internal(|| "chdir /newroot".into())?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .context(ErrorKind::Internal, "move /newroot to /")?;
+    nix::unistd::chroot(".").context(ErrorKind::Internal, "chroot")?;
+    std::env::set_current_dir("/").internal(|| "chdir /".into())?;
+    let init = CString::new("/init").unwrap_or_default();
+    let env = [CString::new(format!("{STAGE_ENV}=1")).unwrap_or_default()];
+    let err = nix::unistd::execve(&init, &[init.clone()], &env).err();
+    Err(
+        Error::internal("re-execute /init").with_source(std::io::Error::from(
+            err.unwrap_or(nix::errno::Errno::EINVAL),
+        )),
+    )
+}
+
+/// Copies `src` (file, directory, symlink, device) to `dst` and removes it.
+fn move_tree(src: &Path, dst: &Path) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let meta = std::fs::symlink_metadata(src).internal(|| format!("stat {}", src.display()))?;
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        std::fs::create_dir_all(dst).internal(|| format!("create {}", dst.display()))?;
+        std::fs::set_permissions(dst, std::fs::Permissions::from_mode(meta.mode() & 0o7777))
+            .internal(|| format!("chmod {}", dst.display()))?;
+        for entry in std::fs::read_dir(src).internal(|| format!("read {}", src.display()))? {
+            let entry = entry.internal(|| format!("read {}", src.display()))?;
+            move_tree(&entry.path(), &dst.join(entry.file_name()))?;
+        }
+        let _ = std::fs::remove_dir(src);
+    } else if ft.is_symlink() {
+        let target = std::fs::read_link(src).internal(|| format!("readlink {}", src.display()))?;
+        std::os::unix::fs::symlink(target, dst)
+            .internal(|| format!("symlink {}", dst.display()))?;
+        let _ = std::fs::remove_file(src);
+    } else if ft.is_char_device() || ft.is_block_device() {
+        let kind = if ft.is_char_device() {
+            nix::sys::stat::SFlag::S_IFCHR
+        } else {
+            nix::sys::stat::SFlag::S_IFBLK
+        };
+        nix::sys::stat::mknod(
+            dst,
+            kind,
+            nix::sys::stat::Mode::from_bits_truncate(meta.mode() & 0o7777),
+            meta.rdev(),
+        )
+        .context(ErrorKind::Internal, format!("mknod {}", dst.display()))?;
+    } else {
+        std::fs::copy(src, dst).internal(|| format!("copy {}", src.display()))?;
+        // Frees the initramfs' memory as the copy fills the tmpfs.
+        let _ = std::fs::remove_file(src);
+    }
+    Ok(())
+}
+
 /// Mounts, modules and the share: everything the agent needs before it serves.
 pub fn init_system() -> Result<()> {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;

@@ -36,6 +36,9 @@ pub fn main() -> ExitCode {
         )
         .init();
     let pid1 = std::process::id() == 1;
+    if pid1 && let Err(e) = init::switch_root() {
+        tracing::error!(error = %e.chain(), "move the root off the initramfs");
+    }
     if pid1 && let Err(e) = init::init_system() {
         tracing::error!(error = %e.chain(), "guest init failed");
     }
