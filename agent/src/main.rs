@@ -1,1 +1,5 @@
-fn main() {}
+//! berth-agent: `/init` of a `berth-vm` guest.
+
+fn main() -> std::process::ExitCode {
+    berth_agent::main()
+}

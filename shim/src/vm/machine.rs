@@ -463,11 +463,12 @@ fn with_logs(cmd: &mut Command, log: File) -> Result<()> {
 fn vhost_vsock_cmd(cfg: &MachineConfig) -> Result<Command> {
     let dir = &cfg.state_dir;
     let mut cmd = Command::new(&cfg.vhost_vsock);
-    cmd.arg("--vm").arg(format!(
-        "guest-cid={GUEST_CID},socket={},uds-path={}",
-        vhost_vsock_socket(dir).display(),
-        agent_socket(dir).display()
-    ));
+    cmd.arg("--guest-cid")
+        .arg(GUEST_CID.to_string())
+        .arg("--socket")
+        .arg(vhost_vsock_socket(dir))
+        .arg("--uds-path")
+        .arg(agent_socket(dir));
     with_logs(&mut cmd, log_file(dir, "vhost-device-vsock.log")?)?;
     Ok(cmd)
 }
@@ -491,14 +492,13 @@ fn qemu_cmd(cfg: &MachineConfig, accel: Accel) -> Result<Command> {
     let mem = cfg.memory_mib;
     let mut cmd = Command::new(&cfg.qemu);
     let cpu = if accel == Accel::Kvm { "host" } else { "max" };
+    // q35, not microvm: under TCG on a loaded host the guest kernel cannot calibrate the TSC
+    // against microvm's PIT and, with no HPET or ACPI PM timer there as a reference, hangs
+    // before init; q35 has both. Its devices are PCI (the guest loads virtio_pci).
     cmd.args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .args(["-name", "berth-vm"])
         .arg("-machine")
-        .arg(format!(
-            "microvm,accel={},rtc=on,memory-backend=mem",
-            accel.as_str()
-        ))
-        .args(["-bios", "/usr/share/qemu/qboot.rom"])
+        .arg(format!("q35,accel={},memory-backend=mem", accel.as_str()))
         .args(["-cpu", cpu])
         .arg("-smp")
         .arg(cfg.vcpus.max(1).to_string())
@@ -511,7 +511,7 @@ fn qemu_cmd(cfg: &MachineConfig, accel: Accel) -> Result<Command> {
         .arg("-initrd")
         .arg(&cfg.image.initrd)
         .arg("-append")
-        .arg("console=ttyS0 panic=-1 reboot=t rdinit=/init loglevel=4")
+        .arg("console=ttyS0 panic=-1 rdinit=/init loglevel=4")
         .arg("-serial")
         .arg(format!("file:{}", console_log(dir).display()))
         .arg("-chardev")
@@ -519,17 +519,15 @@ fn qemu_cmd(cfg: &MachineConfig, accel: Accel) -> Result<Command> {
             "socket,id=vsock,path={}",
             vhost_vsock_socket(dir).display()
         ))
-        .arg("-device")
-        .arg(format!(
-            "vhost-user-vsock-device,chardev=vsock,guest-cid={GUEST_CID}"
-        ))
+        // The backend decides the guest's CID.
+        .args(["-device", "vhost-user-vsock-pci,chardev=vsock"])
         .arg("-chardev")
         .arg(format!(
             "socket,id=fs,path={}",
             virtiofs_socket(dir).display()
         ))
         .arg("-device")
-        .arg(format!("vhost-user-fs-device,chardev=fs,tag={SHARE_TAG}"));
+        .arg(format!("vhost-user-fs-pci,chardev=fs,tag={SHARE_TAG}"));
     if let Some(tap) = &cfg.tap {
         cmd.arg("-netdev")
             .arg(format!(
@@ -537,7 +535,7 @@ fn qemu_cmd(cfg: &MachineConfig, accel: Accel) -> Result<Command> {
                 tap.ifname
             ))
             .arg("-device")
-            .arg(format!("virtio-net-device,netdev=net0,mac={}", tap.mac));
+            .arg(format!("virtio-net-pci,netdev=net0,mac={}", tap.mac));
         if let Some(netns) = &tap.netns {
             let ns = File::open(netns).internal(|| format!("open {}", netns.display()))?;
             // SAFETY: between fork and exec only async-signal-safe calls: setns(2) on an fd the
@@ -599,8 +597,10 @@ async fn teardown(procs: &mut [Proc]) {
 }
 
 fn died(procs: &[Proc]) -> Option<(&'static str, u32)> {
+    // QEMU first: when it dies its backends follow, and its death is the one worth naming.
     procs
         .iter()
+        .rev()
         .find_map(|p| p.has_exited().map(|s| (p.name, s)))
 }
 
