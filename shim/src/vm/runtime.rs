@@ -294,6 +294,12 @@ fn prepare_spec(spec: &mut Value, bundle: &Path, options: &VmRuntimeOptions) -> 
             )));
         }
     }
+    // In the guest, the container uses the VM's own network namespace, where the agent
+    // configures eth0 as the host's was; the host path means nothing there.
+    if let Some(list) = spec["linux"]["namespaces"].as_array_mut() {
+        list.retain(|n| n["type"] != "network");
+    }
+    let linux = &spec["linux"];
     if let Some(devices) = linux["devices"].as_array() {
         for d in devices {
             let path = d["path"].as_str().unwrap_or_default();
@@ -918,6 +924,11 @@ mod tests {
             ]
         );
         assert_eq!(p.netns, Some(PathBuf::from("/run/netns/x")));
+        // The guest's container shares the VM's network namespace.
+        assert_eq!(
+            s["linux"]["namespaces"],
+            json!([{"type": "pid"}, {"type": "mount"}])
+        );
         assert_eq!(p.vcpus, 2);
         assert_eq!(p.memory_mib, 512 + 128);
         assert_eq!(p.hostname, "box");
