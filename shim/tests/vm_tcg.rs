@@ -182,6 +182,7 @@ async fn a_busybox_container_runs_in_a_tcg_guest_with_the_containers_network() {
             spawner: spawner.clone(),
             cache_dir: std::env::var_os("BERTH_VM_CACHE")
                 .map_or_else(|| tmp.path().join("cache"), PathBuf::from),
+            shim_exe: SHIM.into(),
         }),
         SHIM.into(),
         tmp.path().join("s"),

@@ -56,7 +56,7 @@ impl RuntimeFactory for RuncFactory {
             return Arc::new(
                 crate::vm::runtime::VmRuntime::new(
                     options,
-                    crate::vm::launcher(self.spawner.clone()),
+                    crate::vm::launcher(self.spawner.clone(), shim_exe.clone()),
                     shim_exe,
                     PathBuf::from(crate::vm::runtime::STATE_ROOT),
                     self.timeout,

@@ -20,9 +20,10 @@ use runtime::{MachineLauncher, VmLauncher};
 use crate::reaper::Spawner;
 
 /// The VM launcher of this build: QEMU through [`machine`], its processes spawned by `spawner`.
-pub fn launcher(spawner: Arc<dyn Spawner>) -> Box<dyn VmLauncher> {
+pub fn launcher(spawner: Arc<dyn Spawner>, shim_exe: PathBuf) -> Box<dyn VmLauncher> {
     Box::new(MachineLauncher {
         spawner,
         cache_dir: PathBuf::from(runtime::IMAGE_CACHE),
+        shim_exe,
     })
 }

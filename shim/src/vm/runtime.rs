@@ -123,6 +123,78 @@ pub struct MachineLauncher {
     pub spawner: Arc<dyn Spawner>,
     /// Where built guest images are cached.
     pub cache_dir: PathBuf,
+    /// `berth-shim`, which builds the guest image in a child process (`vm-guest-image`).
+    pub shim_exe: PathBuf,
+}
+
+/// Builds (or finds in the cache) the guest image in a child process, `berth-shim
+/// vm-guest-image`, through `spawner`. Not in the shim itself: [`guest::ensure`] runs `ldd`
+/// and waits for it, and the shim's reaper (`waitpid(-1)`) can take that exit first, which
+/// fails the build with ECHILD.
+async fn guest_image(
+    spawner: &dyn Spawner,
+    shim_exe: &Path,
+    cfg: &GuestImageConfig,
+) -> Result<guest::GuestImage> {
+    let (mut out_r, out_w) = std::io::pipe().internal(|| "create a pipe".into())?;
+    let (mut err_r, err_w) = std::io::pipe().internal(|| "create a pipe".into())?;
+    let mut cmd = Command::new(shim_exe);
+    cmd.arg("vm-guest-image")
+        .arg("--agent")
+        .arg(&cfg.agent_binary)
+        .arg("--cache-dir")
+        .arg(&cfg.cache_dir)
+        .stdin(Stdio::null())
+        .stdout(out_w)
+        .stderr(err_w);
+    if let Some(deb) = &cfg.kernel_deb {
+        cmd.arg("--kernel-deb").arg(deb);
+    }
+    let (_, exit) = spawner.spawn(&mut cmd)?;
+    drop(cmd);
+    let (out, err) = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let (mut out, mut err) = (String::new(), String::new());
+        let _ = out_r.read_to_string(&mut out);
+        let _ = err_r.read_to_string(&mut err);
+        (out, err)
+    })
+    .await
+    .internal(|| "guest image reader".into())?;
+    let exit = exit.await?;
+    let mut lines = out.lines();
+    match (exit.status, lines.next(), lines.next(), lines.next()) {
+        (0, Some(kernel), Some(initrd), Some(release)) => Ok(guest::GuestImage {
+            kernel: kernel.into(),
+            initrd: initrd.into(),
+            kernel_release: release.into(),
+        }),
+        _ => Err(Error::internal(format!(
+            "{VM_RUNTIME}: guest image: {}",
+            err.trim().trim_start_matches("berth-shim: ")
+        ))),
+    }
+}
+
+/// `berth-shim vm-guest-image`: builds the guest image and prints its kernel, initrd and
+/// kernel release, one per line.
+pub fn guest_image_main(
+    agent: PathBuf,
+    cache_dir: PathBuf,
+    kernel_deb: Option<PathBuf>,
+) -> Result<()> {
+    let image = guest::ensure(&GuestImageConfig {
+        kernel_deb,
+        agent_binary: agent,
+        cache_dir,
+    })?;
+    println!(
+        "{}\n{}\n{}",
+        image.kernel.display(),
+        image.initrd.display(),
+        image.kernel_release
+    );
+    Ok(())
 }
 
 /// A [`Machine`] as a [`Vm`].
@@ -168,14 +240,17 @@ impl VmLauncher for MachineLauncher {
                 agent_binary: spec.agent.clone(),
                 cache_dir: self.cache_dir.clone(),
             };
-            let image = tokio::task::spawn_blocking(move || guest::ensure(&image_cfg))
-                .await
-                .internal(|| "guest image thread".into())??;
+            let image = guest_image(self.spawner.as_ref(), &self.shim_exe, &image_cfg).await?;
             let cfg = MachineConfig {
                 qemu: o.qemu.clone(),
                 virtiofsd: o.virtiofsd.clone(),
                 vhost_vsock: o.vhost_vsock.clone(),
                 accel: match o.accel {
+                    // A host whose /dev/kvm cannot boot a stock guest (nested PVM) is known
+                    // up front: go straight to TCG instead of waiting out a KVM attempt.
+                    VmAccel::Auto if berth_core::vm::host_accelerator() == VmAccel::Tcg => {
+                        Accel::Tcg
+                    }
                     VmAccel::Auto => Accel::Auto,
                     VmAccel::Kvm => Accel::Kvm,
                     VmAccel::Tcg => Accel::Tcg,
