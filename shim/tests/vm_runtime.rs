@@ -252,6 +252,45 @@ async fn a_container_lives_and_dies_through_the_agent() {
     );
     assert!(rt.ps("c1").await.unwrap().contains(&init));
 
+    // An exec with a terminal: the master comes over the console socket, the relay holds the
+    // slave (raw: no echo of its own), resizes of the master reach the agent.
+    let process = dir.path().join("tty.json");
+    std::fs::write(
+        &process,
+        json!({"args": ["sh"], "cwd": "/", "terminal": true}).to_string(),
+    )
+    .unwrap();
+    let console_path = dir.path().join("console.sock");
+    let console = berth_shim::console::ConsoleSocket::bind(&console_path).unwrap();
+    let tty_pid_file = bundle.join("tty.pid");
+    let (execd, master) = tokio::join!(
+        rt.exec(
+            "c1",
+            ExecOptions {
+                process,
+                pid_file: tty_pid_file.clone(),
+                console_socket: Some(console_path.clone()),
+                stdio: ProcessStdio::default(),
+            },
+        ),
+        console.receive()
+    );
+    execd.unwrap();
+    let master = master.unwrap();
+    let tty = read_pid(&tty_pid_file);
+    cleanup.pids.lock().unwrap().push(tty);
+    let mut master = std::fs::File::from(master);
+    // Once the relay runs, a resize of the master is a SIGWINCH to it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    berth_shim::console::resize(&master, 100, 40).unwrap();
+    assert!(read_until(&mut master, "resize 100x40\n").ends_with("resize 100x40\n"));
+    std::io::Write::write_all(&mut master, b"bye").unwrap();
+    assert!(read_until(&mut master, "bye").ends_with("bye"));
+    assert_eq!(
+        wait_exit(tty).await,
+        WaitStatus::Exited(Pid::from_raw(tty as i32), 9)
+    );
+
     // kill: the agent gets the signal, the init's relay dies of it.
     rt.kill("c1", libc::SIGTERM, false).await.unwrap();
     assert_eq!(
@@ -282,6 +321,8 @@ async fn a_container_lives_and_dies_through_the_agent() {
             "start c1/",
             "exec c1/exec-0",
             "start c1/exec-0",
+            "exec c1/exec-1",
+            "start c1/exec-1",
             "signal c1/ 15",
             "delete c1",
         ]

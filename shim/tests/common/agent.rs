@@ -140,6 +140,27 @@ impl Agent for FakeAgent {
                     let _ = tx.send(out(Stderr(b"exec ran\n".to_vec()))).await;
                     let _ = tx.send(out(ExitStatus(7))).await;
                 }
+                // The second exec, with a terminal: reports resizes, echoes its input, and
+                // exits 9 on "bye".
+                "exec-1" => {
+                    while let Ok(Some(msg)) = input.message().await {
+                        match msg.input {
+                            Some(io_input::Input::Resize(w)) => {
+                                let line = format!("resize {}x{}\n", w.width, w.height);
+                                let _ = tx.send(out(Stdout(line.into_bytes()))).await;
+                            }
+                            Some(io_input::Input::Stdin(b)) => {
+                                let bye = b.windows(3).any(|w| w == b"bye");
+                                let _ = tx.send(out(Stdout(b))).await;
+                                if bye {
+                                    let _ = tx.send(out(ExitStatus(9))).await;
+                                    return;
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
                 "order" => {
                     for o in [
                         Stdout(b"one\n".to_vec()),
