@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use berth_proto::berth::agent::v1::agent_client::AgentClient;
 use berth_proto::berth::agent::v1::{
-    ContainerRef, CreateContainerRequest, Empty, ExecRequest, IoInput, ProcessRef, SignalRequest,
-    io_input, io_output,
+    ContainerRef, CreateContainerRequest, Empty, ExecRequest, Interface, IoInput, ProcessRef,
+    Route, SetupNetworkRequest, SignalRequest, io_input, io_output,
 };
 use berth_shim::reaper::Reaper;
 use berth_shim::vm::guest::{self, GuestImageConfig};
-use berth_shim::vm::machine::{self, Accel, Machine, MachineConfig};
+use berth_shim::vm::machine::{self, Accel, Machine, MachineConfig, TapConfig};
 use tonic::transport::Channel;
 
 fn find_tool(env: &str, name: &str) -> Option<PathBuf> {
@@ -33,6 +33,52 @@ fn find_tool(env: &str, name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// A network namespace with a tap device for the guest's NIC, deleted on drop.
+struct TapNetns {
+    name: String,
+}
+
+impl TapNetns {
+    fn new() -> Self {
+        let name = format!("bvm{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let st = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(st.success(), "ip {args:?}");
+        };
+        ip(&["netns", "add", &name]);
+        let ns = Self { name };
+        ip(&[
+            "-n", &ns.name, "tuntap", "add", "dev", "tap0", "mode", "tap",
+        ]);
+        ip(&[
+            "-n",
+            &ns.name,
+            "addr",
+            "add",
+            "10.231.0.1/24",
+            "dev",
+            "tap0",
+        ]);
+        ip(&["-n", &ns.name, "link", "set", "tap0", "up"]);
+        ns
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+}
+
+impl Drop for TapNetns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
 fn skip(why: &str) {
     eprintln!("SKIP berth-vm guest test: {why}");
 }
@@ -44,22 +90,28 @@ fn rootfs(dir: &Path) {
         std::fs::create_dir_all(dir.join(d)).unwrap();
     }
     std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
-    for applet in ["sh", "echo", "uname", "sleep", "cat"] {
+    for applet in [
+        "sh", "echo", "uname", "sleep", "cat", "tty", "ip", "hostname", "ping",
+    ] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
     }
 }
 
 fn process(args: &[&str]) -> serde_json::Value {
+    process_tty(args, false)
+}
+
+fn process_tty(args: &[&str], terminal: bool) -> serde_json::Value {
     serde_json::json!({
-        "terminal": false,
+        "terminal": terminal,
         "user": {"uid": 0, "gid": 0},
         "args": args,
         "env": ["PATH=/bin"],
         "cwd": "/",
         "capabilities": {
-            "bounding": ["CAP_KILL", "CAP_CHOWN"],
-            "effective": ["CAP_KILL", "CAP_CHOWN"],
-            "permitted": ["CAP_KILL", "CAP_CHOWN"]
+            "bounding": ["CAP_KILL", "CAP_CHOWN", "CAP_NET_RAW"],
+            "effective": ["CAP_KILL", "CAP_CHOWN", "CAP_NET_RAW"],
+            "permitted": ["CAP_KILL", "CAP_CHOWN", "CAP_NET_RAW"]
         },
         "noNewPrivileges": true
     })
@@ -75,6 +127,8 @@ fn spec(root: &str, args: &[&str]) -> Vec<u8> {
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
              "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
             {"destination": "/sys", "type": "sysfs", "source": "sysfs",
              "options": ["nosuid", "noexec", "nodev", "ro"]}
         ],
@@ -126,11 +180,15 @@ async fn io(agent: &mut AgentClient<Channel>, id: &str, exec_id: &str) -> (Strin
 }
 
 async fn exec(agent: &mut AgentClient<Channel>, exec_id: &str, args: &[&str]) {
+    exec_tty(agent, exec_id, args, false).await
+}
+
+async fn exec_tty(agent: &mut AgentClient<Channel>, exec_id: &str, args: &[&str], terminal: bool) {
     agent
         .exec(ExecRequest {
             container_id: "c1".into(),
             exec_id: exec_id.into(),
-            process: serde_json::to_vec(&process(args)).unwrap(),
+            process: serde_json::to_vec(&process_tty(args, terminal)).unwrap(),
         })
         .await
         .unwrap();
@@ -186,6 +244,7 @@ async fn busybox_container_in_a_tcg_guest() {
     .unwrap();
     assert!(image.kernel_release.starts_with("6.1."), "{image:?}");
 
+    let netns = TapNetns::new();
     let reaper = Reaper::new();
     tokio::spawn(reaper.run().unwrap());
     let state_dir = tmp.path().join("s");
@@ -200,7 +259,11 @@ async fn busybox_container_in_a_tcg_guest() {
             image: image.clone(),
             share_dir: share.clone(),
             state_dir: state_dir.clone(),
-            tap: None,
+            tap: Some(TapConfig {
+                ifname: "tap0".into(),
+                mac: "02:42:0a:e7:00:02".into(),
+                netns: Some(netns.path()),
+            }),
             agent_timeout: Duration::from_secs(30),
         },
         Arc::new(reaper.clone()),
@@ -313,6 +376,100 @@ async fn busybox_container_in_a_tcg_guest() {
             .unwrap()
             .into_inner();
         assert_eq!(waited.exit_status, 128 + 15);
+
+        // A process with a terminal: the pty is made in the guest.
+        exec_tty(
+            &mut agent,
+            "tty",
+            &["/bin/sh", "-c", "tty; echo term"],
+            true,
+        )
+        .await;
+        let (stdout, _, status) = io(&mut agent, "c1", "tty").await;
+        assert_eq!(status, 0, "{stdout:?}");
+        assert!(
+            stdout.contains("/dev/pts/") && stdout.contains("term"),
+            "{stdout:?}"
+        );
+
+        // An io stream that breaks before `exit` kills its process.
+        exec(&mut agent, "orphan", &["/bin/sleep", "1000"]).await;
+        {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tx.send(IoInput {
+                input: Some(io_input::Input::Open(ProcessRef {
+                    container_id: "c1".into(),
+                    exec_id: "orphan".into(),
+                })),
+            })
+            .await
+            .unwrap();
+            let stream = agent
+                .io(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap();
+            drop(stream);
+            drop(tx);
+        }
+        let waited = agent
+            .wait(ProcessRef {
+                container_id: "c1".into(),
+                exec_id: "orphan".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(waited.exit_status, 128 + 9);
+
+        // The NIC, found by MAC, renamed, addressed; the host reaches the guest through the tap.
+        agent
+            .setup_network(SetupNetworkRequest {
+                interfaces: vec![Interface {
+                    mac: "02:42:0a:e7:00:02".into(),
+                    name: "eth0".into(),
+                    addresses: vec!["10.231.0.2/24".into()],
+                    mtu: 1400,
+                }],
+                routes: vec![Route {
+                    destination: String::new(),
+                    gateway: "10.231.0.1".into(),
+                    device: "eth0".into(),
+                }],
+                hostname: "guest1".into(),
+            })
+            .await
+            .unwrap();
+        exec(
+            &mut agent,
+            "ip",
+            &["/bin/sh", "-c", "ip addr show eth0; ip route"],
+        )
+        .await;
+        let (stdout, _, status) = io(&mut agent, "c1", "ip").await;
+        assert_eq!(status, 0);
+        assert!(
+            stdout.contains("mtu 1400") && stdout.contains("10.231.0.2/24"),
+            "{stdout}"
+        );
+        assert!(stdout.contains("default via 10.231.0.1"), "{stdout}");
+        exec(
+            &mut agent,
+            "ping",
+            &["/bin/ping", "-c1", "-W5", "10.231.0.1"],
+        )
+        .await;
+        let (stdout, stderr, status) = io(&mut agent, "c1", "ping").await;
+        assert_eq!(status, 0, "{stdout} {stderr}");
+
+        let stats = agent
+            .stats(ContainerRef {
+                container_id: "c1".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(stats.guest_memory_total_bytes > 256 << 20, "{stats:?}");
+        assert!(stats.pids >= 1 && stats.memory_usage_bytes > 0, "{stats:?}");
 
         let pids = agent
             .pids(ContainerRef {
