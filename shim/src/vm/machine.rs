@@ -43,6 +43,9 @@ pub const GUEST_CID: u32 = 3;
 /// The virtio-fs tag of the shared directory.
 pub const SHARE_TAG: &str = "berth";
 
+/// How long [`Accel::Auto`] waits for a guest under KVM before falling back to TCG.
+pub const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The record of a running VM's processes, in the state directory.
 const RECORD: &str = "machine.json";
 
@@ -209,8 +212,10 @@ impl Machine {
     /// Starts the VM's processes and waits until the agent answers `Ping`, for at most
     /// `cfg.agent_timeout` (then everything started is torn down and the error, of kind
     /// `DeadlineExceeded`, quotes the end of the console log). With [`Accel::Auto`], KVM is tried
-    /// when /dev/kvm opens; a guest that does not come up under KVM (within the timeout, or at
-    /// most 20 s) is restarted with TCG.
+    /// when /dev/kvm opens; a guest that does not come up under KVM within
+    /// [`KVM_PROBE_TIMEOUT`] (it boots in about a second when KVM works) is restarted with TCG.
+    /// Where /dev/kvm opens but cannot run the guest (nested PVM hosts), `Auto` therefore costs
+    /// that much on every start: configure `Tcg` there.
     pub async fn start(cfg: MachineConfig, spawner: Arc<dyn Spawner>) -> Result<Self> {
         match cfg.accel {
             Accel::Kvm | Accel::Tcg => {
@@ -220,7 +225,7 @@ impl Machine {
                 Self::start_with(&cfg, spawner.as_ref(), Accel::Tcg, None).await
             }
             Accel::Auto => {
-                let kvm_timeout = cfg.agent_timeout.min(Duration::from_secs(20));
+                let kvm_timeout = cfg.agent_timeout.min(KVM_PROBE_TIMEOUT);
                 match Self::start_with(&cfg, spawner.as_ref(), Accel::Kvm, Some(kvm_timeout)).await
                 {
                     Ok(m) => Ok(m),
