@@ -91,7 +91,7 @@ fn rootfs(dir: &Path) {
     }
     std::fs::copy("/bin/busybox", bin.join("busybox")).unwrap();
     for applet in [
-        "sh", "echo", "uname", "sleep", "cat", "tty", "ip", "hostname", "ping",
+        "sh", "echo", "uname", "sleep", "cat", "tty", "ip", "hostname", "ping", "mkdir", "grep",
     ] {
         std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
     }
@@ -118,7 +118,22 @@ fn process_tty(args: &[&str], terminal: bool) -> serde_json::Value {
 }
 
 fn spec(root: &str, args: &[&str]) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
+    serde_json::to_vec(&spec_value(root, args)).unwrap()
+}
+
+/// The spec with a seccomp filter that makes mkdir fail with EPERM.
+fn spec_seccomp(root: &str, args: &[&str]) -> Vec<u8> {
+    let mut v = spec_value(root, args);
+    v["linux"]["seccomp"] = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    });
+    serde_json::to_vec(&v).unwrap()
+}
+
+fn spec_value(root: &str, args: &[&str]) -> serde_json::Value {
+    serde_json::json!({
         "ociVersion": "1.0.2",
         "process": process(args),
         "root": {"path": root, "readonly": false},
@@ -138,8 +153,7 @@ fn spec(root: &str, args: &[&str]) -> Vec<u8> {
             "maskedPaths": ["/proc/kcore"],
             "readonlyPaths": ["/proc/sys"]
         }
-    }))
-    .unwrap()
+    })
 }
 
 /// Runs the Io stream of a process: sends `close_stdin`, returns (stdout, stderr, exit status).
@@ -346,7 +360,7 @@ async fn busybox_container_in_a_tcg_guest() {
         agent
             .create_container(CreateContainerRequest {
                 container_id: "c1".into(),
-                spec: spec("/run/berth/share/c1/rootfs", &["/bin/sleep", "1000"]),
+                spec: spec_seccomp("/run/berth/share/c1/rootfs", &["/bin/sleep", "1000"]),
             })
             .await
             .unwrap();
@@ -360,6 +374,21 @@ async fn busybox_container_in_a_tcg_guest() {
         exec(&mut agent, "e3", &["/bin/sh", "-c", "echo in-exec; exit 3"]).await;
         let (stdout, _, status) = io(&mut agent, "c1", "e3").await;
         assert_eq!((stdout.as_str(), status), ("in-exec\n", 3));
+
+        // The spec's seccomp filter applies in the guest.
+        exec(
+            &mut agent,
+            "mkdir",
+            &[
+                "/bin/sh",
+                "-c",
+                "grep Seccomp /proc/1/status /proc/self/status; mkdir /tmp/denied",
+            ],
+        )
+        .await;
+        let (stdout, stderr, status) = io(&mut agent, "c1", "mkdir").await;
+        assert_eq!(status, 1, "{stdout} {stderr}");
+        assert!(stderr.contains("Operation not permitted"), "{stderr}");
 
         exec(&mut agent, "sleep", &["/bin/sleep", "1000"]).await;
         agent
