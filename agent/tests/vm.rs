@@ -158,6 +158,16 @@ fn spec_value(root: &str, args: &[&str]) -> serde_json::Value {
 
 /// Runs the Io stream of a process: sends `close_stdin`, returns (stdout, stderr, exit status).
 async fn io(agent: &mut AgentClient<Channel>, id: &str, exec_id: &str) -> (String, String, u32) {
+    io_with_input(agent, id, exec_id, b"").await
+}
+
+/// Like [`io`], writing `input` to the process' stdin first.
+async fn io_with_input(
+    agent: &mut AgentClient<Channel>,
+    id: &str,
+    exec_id: &str,
+    input: &[u8],
+) -> (String, String, u32) {
     let open = IoInput {
         input: Some(io_input::Input::Open(ProcessRef {
             container_id: id.into(),
@@ -169,6 +179,13 @@ async fn io(agent: &mut AgentClient<Channel>, id: &str, exec_id: &str) -> (Strin
     };
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(open).await.unwrap();
+    if !input.is_empty() {
+        tx.send(IoInput {
+            input: Some(io_input::Input::Stdin(input.to_vec())),
+        })
+        .await
+        .unwrap();
+    }
     tx.send(close).await.unwrap();
     let mut out = agent
         .io(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -424,6 +441,42 @@ async fn busybox_container_in_a_tcg_guest() {
             stdout.contains("/dev/pts/") && stdout.contains("term"),
             "{stdout:?}"
         );
+
+        // Stdin reaches the process; close_stdin is its EOF.
+        exec(&mut agent, "cat", &["/bin/cat"]).await;
+        let (stdout, _, status) = io_with_input(&mut agent, "c1", "cat", b"to cat\n").await;
+        assert_eq!((stdout.as_str(), status), ("to cat\n", 0));
+
+        // A container whose init has a terminal.
+        let mut tty_spec = spec_value(
+            "/run/berth/share/c1/rootfs",
+            &["/bin/sh", "-c", "tty; exit 5"],
+        );
+        tty_spec["process"]["terminal"] = true.into();
+        tty_spec["linux"]["cgroupsPath"] = "/berth/c2".into();
+        agent
+            .create_container(CreateContainerRequest {
+                container_id: "c2".into(),
+                spec: serde_json::to_vec(&tty_spec).unwrap(),
+            })
+            .await
+            .unwrap();
+        agent
+            .start(ProcessRef {
+                container_id: "c2".into(),
+                exec_id: String::new(),
+            })
+            .await
+            .unwrap();
+        let (stdout, _, status) = io(&mut agent, "c2", "").await;
+        assert_eq!(status, 5, "{stdout:?}");
+        assert!(stdout.contains("/dev/pts/0"), "{stdout:?}");
+        agent
+            .delete_container(ContainerRef {
+                container_id: "c2".into(),
+            })
+            .await
+            .unwrap();
 
         // An io stream that breaks before `exit` kills its process.
         exec(&mut agent, "orphan", &["/bin/sleep", "1000"]).await;
