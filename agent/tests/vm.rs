@@ -279,6 +279,7 @@ async fn busybox_container_in_a_tcg_guest() {
     let reaper = Reaper::new();
     tokio::spawn(reaper.run().unwrap());
     let state_dir = tmp.path().join("s");
+    let t0 = std::time::Instant::now();
     let mut m = Machine::start(
         MachineConfig {
             qemu,
@@ -307,7 +308,12 @@ async fn busybox_container_in_a_tcg_guest() {
     let pids: Vec<u32> = m.pids().iter().map(|(_, p)| *p).collect();
     assert_eq!(pids.len(), 3);
     assert_ne!(m.accel(), Accel::Auto);
-    eprintln!("guest up with {:?}", m.accel());
+    eprintln!(
+        "guest up with {:?} in {:?}: {:?}",
+        m.accel(),
+        t0.elapsed(),
+        m.ping()
+    );
 
     let mut agent = m.agent();
     let ping = m.ping().clone();
@@ -575,7 +581,9 @@ async fn busybox_container_in_a_tcg_guest() {
     };
     // Teardown runs whether or not the checks passed.
     let outcome = tokio::spawn(result).await;
+    let t1 = std::time::Instant::now();
     m.shutdown(Duration::from_secs(5)).await;
+    eprintln!("shut down in {:?}", t1.elapsed());
     for pid in &pids {
         assert!(
             !Path::new(&format!("/proc/{pid}")).exists(),
