@@ -47,7 +47,7 @@ pub fn switch_root() -> Result<()> {
     std::env::set_current_dir("/").internal(|| "chdir /".into())?;
     let init = CString::new("/init").unwrap_or_default();
     let env = [CString::new(format!("{STAGE_ENV}=1")).unwrap_or_default()];
-    let err = nix::unistd::execve(&init, &[init.clone()], &env).err();
+    let err = nix::unistd::execve(&init, std::slice::from_ref(&init), &env).err();
     Err(
         Error::internal("re-execute /init").with_source(std::io::Error::from(
             err.unwrap_or(nix::errno::Errno::EINVAL),

@@ -22,7 +22,8 @@ use berth_proto::berth::agent::v1::{
 };
 use berth_shim::console::ConsoleSocket;
 use berth_shim::inproc::Libcontainer;
-use berth_shim::reaper::{Reaper, Spawner};
+use berth_shim::nsexec::NativeExec;
+use berth_shim::reaper::{ExitFuture, Reaper, Spawner};
 use berth_shim::runtime::{CreateOptions, ExecOptions, OciRuntime, ProcessStdio};
 use futures::Stream;
 use nix::sys::signal::Signal;
@@ -46,6 +47,7 @@ struct Inner {
     runtime: Libcontainer,
     /// Bundles: `<root>/<id>/config.json`, exec process files, pid files, console sockets.
     root: PathBuf,
+    timeout: Duration,
     containers: Mutex<HashMap<String, Arc<Container>>>,
 }
 
@@ -170,6 +172,7 @@ impl AgentService {
                 reaper,
                 runtime,
                 root,
+                timeout,
                 containers: Mutex::new(HashMap::new()),
             }),
         }
@@ -201,8 +204,11 @@ impl AgentService {
 
     /// Reports `pid`'s exit to `proc` once the reaper collects it.
     fn watch(&self, proc: &Arc<Process>, pid: u32) {
+        self.watch_exit(proc, pid, self.inner.reaper.watch(pid));
+    }
+
+    fn watch_exit(&self, proc: &Arc<Process>, pid: u32, exit: ExitFuture) {
         *proc.pid.lock().unwrap() = Some(pid);
-        let exit = self.inner.reaper.watch(pid);
         let proc = proc.clone();
         tokio::spawn(async move {
             let status = exit.await.map(|e| e.status).unwrap_or(255);
@@ -331,6 +337,58 @@ impl AgentService {
                 "exec {exec_id:?} already started"
             )));
         }
+        let process_path = c.bundle.join(format!("exec-{exec_id}.json"));
+        let spec =
+            std::fs::read(&process_path).internal(|| format!("read {}", process_path.display()))?;
+        let init_pid =
+            self.process(id, "")?.1.pid.lock().unwrap().ok_or_else(|| {
+                Error::failed_precondition(format!("container {id:?} has no init"))
+            })?;
+        let stdio = proc.child.lock().unwrap().take().unwrap_or_default();
+        // Native exec, as the shim does: libcontainer's exec does not apply the container's
+        // seccomp filter to the new process.
+        let native = berth_shim::nsexec::Container::load(&c.bundle)
+            .map(|ct| NativeExec::new(ct, id, berth_shim::inproc::NAME))
+            .and_then(|n| n.check(init_pid, &spec).map(|()| n));
+        let pid = match native {
+            Ok(native) => {
+                let started = native
+                    .start(
+                        &self.inner.reaper,
+                        init_pid,
+                        &spec,
+                        stdio,
+                        self.inner.timeout,
+                    )
+                    .await?;
+                if proc.terminal {
+                    proc.set_io(ProcIo {
+                        pty: started.master,
+                        ..ProcIo::default()
+                    });
+                }
+                self.watch_exit(&proc, started.pid, started.exit);
+                started.pid
+            }
+            Err(why) => {
+                tracing::info!(reason = %why.chain(), "exec through libcontainer");
+                self.runtime_exec(&c, id, exec_id, &proc, process_path, stdio)
+                    .await?
+            }
+        };
+        tracing::info!(id, exec_id, pid, "exec started");
+        Ok(())
+    }
+
+    async fn runtime_exec(
+        &self,
+        c: &Container,
+        id: &str,
+        exec_id: &str,
+        proc: &Arc<Process>,
+        process: PathBuf,
+        stdio: ProcessStdio,
+    ) -> Result<u32> {
         let pid_file = c.bundle.join(format!("exec-{exec_id}.pid"));
         let console = if proc.terminal {
             Some(ConsoleSocket::bind(
@@ -339,9 +397,8 @@ impl AgentService {
         } else {
             None
         };
-        let stdio = proc.child.lock().unwrap().take().unwrap_or_default();
         let opts = ExecOptions {
-            process: c.bundle.join(format!("exec-{exec_id}.json")),
+            process,
             pid_file: pid_file.clone(),
             console_socket: console.as_ref().map(|c| c.path().to_path_buf()),
             stdio,
@@ -361,9 +418,8 @@ impl AgentService {
             None => self.inner.runtime.exec(id, opts).await?,
         }
         let pid = read_pid(&pid_file)?;
-        self.watch(&proc, pid);
-        tracing::info!(id, exec_id, pid, "exec started");
-        Ok(())
+        self.watch(proc, pid);
+        Ok(pid)
     }
 
     async fn signal(&self, req: &SignalRequest) -> Result<()> {

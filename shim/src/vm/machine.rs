@@ -43,6 +43,9 @@ pub const GUEST_CID: u32 = 3;
 /// The virtio-fs tag of the shared directory.
 pub const SHARE_TAG: &str = "berth";
 
+/// How long [`Accel::Auto`] waits for a guest under KVM before falling back to TCG.
+pub const KVM_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The record of a running VM's processes, in the state directory.
 const RECORD: &str = "machine.json";
 
@@ -209,8 +212,10 @@ impl Machine {
     /// Starts the VM's processes and waits until the agent answers `Ping`, for at most
     /// `cfg.agent_timeout` (then everything started is torn down and the error, of kind
     /// `DeadlineExceeded`, quotes the end of the console log). With [`Accel::Auto`], KVM is tried
-    /// when /dev/kvm opens; a guest that does not come up under KVM (within the timeout, or at
-    /// most 20 s) is restarted with TCG.
+    /// when /dev/kvm opens; a guest that does not come up under KVM within
+    /// [`KVM_PROBE_TIMEOUT`] (it boots in about a second when KVM works) is restarted with TCG.
+    /// Where /dev/kvm opens but cannot run the guest (nested PVM hosts), `Auto` therefore costs
+    /// that much on every start: configure `Tcg` there.
     pub async fn start(cfg: MachineConfig, spawner: Arc<dyn Spawner>) -> Result<Self> {
         match cfg.accel {
             Accel::Kvm | Accel::Tcg => {
@@ -220,7 +225,7 @@ impl Machine {
                 Self::start_with(&cfg, spawner.as_ref(), Accel::Tcg, None).await
             }
             Accel::Auto => {
-                let kvm_timeout = cfg.agent_timeout.min(Duration::from_secs(20));
+                let kvm_timeout = cfg.agent_timeout.min(KVM_PROBE_TIMEOUT);
                 match Self::start_with(&cfg, spawner.as_ref(), Accel::Kvm, Some(kvm_timeout)).await
                 {
                     Ok(m) => Ok(m),
@@ -358,19 +363,29 @@ impl Drop for Machine {
     }
 }
 
+/// The VM processes recorded in `<state_dir>/machine.json` (name → pid) and the accelerator,
+/// for a process that did not start the VM; empty when there is no record.
+pub fn recorded(state_dir: &Path) -> Result<(BTreeMap<String, u32>, Option<Accel>)> {
+    let path = state_dir.join(RECORD);
+    match std::fs::read(&path) {
+        Ok(b) => {
+            let r: Record =
+                serde_json::from_slice(&b).internal(|| format!("parse {}", path.display()))?;
+            Ok((r.pids, r.accel))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((BTreeMap::new(), None)),
+        Err(e) => Err(Error::internal(format!("read {}", path.display())).with_source(e)),
+    }
+}
+
 /// Kills the processes recorded in `<state_dir>/machine.json` by a process that is gone (a
 /// crashed shim), and removes the record and sockets. A pid is killed only while its command
 /// line still names `state_dir`, so a reused pid is left alone. Returns the pids killed.
 pub fn kill_recorded(state_dir: &Path) -> Result<Vec<u32>> {
-    let path = state_dir.join(RECORD);
-    let record: Record = match std::fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b).internal(|| format!("parse {}", path.display()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::internal(format!("read {}", path.display())).with_source(e)),
-    };
+    let (pids, _) = recorded(state_dir)?;
     let needle = state_dir.as_os_str().as_encoded_bytes();
     let mut killed = Vec::new();
-    for &pid in record.pids.values() {
+    for &pid in pids.values() {
         let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
             continue;
         };
@@ -742,6 +757,40 @@ mod tests {
         });
         assert!(connect_stream(&sock, 1024).await.is_err());
         server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn kill_recorded_kills_only_processes_that_name_the_state_dir() {
+        use crate::reaper::TokioSpawner;
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        // `sh -c … <state_dir>`: the shell's command line names the state directory.
+        let (ours, ours_exit) = TokioSpawner
+            .spawn(
+                Command::new("/bin/sh")
+                    // A builtin blocked on a pipe nobody writes: no child to leave behind.
+                    .args(["-c", "read x"])
+                    .arg(&state)
+                    .stdin(Stdio::piped()),
+            )
+            .unwrap();
+        let (other, other_exit) = TokioSpawner
+            .spawn(Command::new("/bin/sleep").arg("30"))
+            .unwrap();
+        let record = Record {
+            pids: [("qemu".to_string(), ours), ("virtiofsd".to_string(), other)].into(),
+            accel: Some(Accel::Tcg),
+        };
+        std::fs::write(state.join(RECORD), serde_json::to_vec(&record).unwrap()).unwrap();
+        assert_eq!(recorded(&state).unwrap().1, Some(Accel::Tcg));
+        let killed = kill_recorded(&state).unwrap();
+        // Clean up the other one whatever happened.
+        let _ = kill(Pid::from_raw(other as i32), Signal::SIGKILL);
+        assert_eq!(killed, [ours]);
+        assert_eq!(ours_exit.await.unwrap().status, 128 + 9);
+        assert_eq!(other_exit.await.unwrap().status, 128 + 9);
+        assert!(!state.join(RECORD).exists());
     }
 
     #[test]
