@@ -205,6 +205,10 @@ async fn a_container_lives_and_dies_through_the_agent() {
         std::fs::read_to_string(share.join("m1")).unwrap(),
         "127.0.0.1 box\n"
     );
+    // `ro` holds on the host side of the share, whatever the guest does.
+    let err = std::fs::write(share.join("m1"), "guest was here").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    assert_eq!(std::fs::read_to_string(&hosts).unwrap(), "127.0.0.1 box\n");
     let sent = calls.spec.lock().unwrap().clone().unwrap();
     assert_eq!(sent["root"]["path"], "/run/berth/share/rootfs");
     assert_eq!(sent["mounts"][1]["source"], "/run/berth/share/m1");

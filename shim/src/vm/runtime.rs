@@ -321,12 +321,23 @@ const DEFAULT_DEVICES: &[&str] = &[
     "/dev/ptmx",
 ];
 
+/// One host path bound into the share.
+#[derive(Debug, PartialEq)]
+struct ShareBind {
+    source: PathBuf,
+    /// Its name under `share/`.
+    name: String,
+    dir: bool,
+    recursive: bool,
+    /// Read-only on the host side too: the guest is not trusted to honour `ro` itself.
+    readonly: bool,
+}
+
 /// What [`prepare_spec`] decided.
 #[derive(Debug, Default, PartialEq)]
 struct Prepared {
-    /// `(host source, name under share/, is a directory, recursive)` for each bind mount
-    /// (the rootfs first, as `rootfs`).
-    binds: Vec<(PathBuf, String, bool, bool)>,
+    /// Each bind mount (the rootfs first, as `rootfs`).
+    binds: Vec<ShareBind>,
     /// The container's network namespace, if it has its own one by path.
     netns: Option<PathBuf>,
     vcpus: u32,
@@ -406,7 +417,15 @@ fn prepare_spec(spec: &mut Value, bundle: &Path, options: &VmRuntimeOptions) -> 
     } else {
         bundle.join(root)
     };
-    p.binds.push((root, "rootfs".into(), true, true));
+    p.binds.push(ShareBind {
+        source: root,
+        name: "rootfs".into(),
+        dir: true,
+        recursive: true,
+        // The container's own layer: the guest may have to make mountpoints in it before it
+        // applies `root.readonly`, and writes reach nobody else.
+        readonly: false,
+    });
     spec["root"]["path"] = Value::from(format!("{GUEST_SHARE}/rootfs"));
     if let Some(mounts) = spec["mounts"].as_array_mut() {
         for (i, m) in mounts.iter_mut().enumerate() {
@@ -420,33 +439,51 @@ fn prepare_spec(spec: &mut Value, bundle: &Path, options: &VmRuntimeOptions) -> 
                 continue;
             }
             let recursive = options.contains(&"rbind");
+            let readonly = options.contains(&"ro");
             let source = PathBuf::from(m["source"].as_str().unwrap_or_default());
             let meta = std::fs::metadata(&source).map_err(|e| {
                 bad_spec(format!("bind source {}", source.display())).with_source(e)
             })?;
             let name = format!("m{i}");
             m["source"] = Value::from(format!("{GUEST_SHARE}/{name}"));
-            p.binds.push((source, name, meta.is_dir(), recursive));
+            p.binds.push(ShareBind {
+                source,
+                name,
+                dir: meta.is_dir(),
+                recursive,
+                readonly,
+            });
         }
     }
     Ok(p)
 }
 
-fn bind(source: &Path, target: &Path, dir: bool, recursive: bool) -> Result<()> {
-    if dir {
+fn bind(b: &ShareBind, target: &Path) -> Result<()> {
+    let source = &b.source;
+    if b.dir {
         std::fs::create_dir_all(target)
     } else {
         std::fs::File::create(target).map(drop)
     }
     .internal(|| format!("create {}", target.display()))?;
     let mut flags = nix::mount::MsFlags::MS_BIND;
-    if recursive {
+    if b.recursive {
         flags |= nix::mount::MsFlags::MS_REC;
     }
     nix::mount::mount(Some(source), target, None::<&str>, flags, None::<&str>).context(
         ErrorKind::Internal,
         format!("bind {} into the vm share", source.display()),
-    )
+    )?;
+    if b.readonly {
+        let ro = nix::mount::MsFlags::MS_BIND
+            | nix::mount::MsFlags::MS_REMOUNT
+            | nix::mount::MsFlags::MS_RDONLY;
+        nix::mount::mount(None::<&str>, target, None::<&str>, ro, None::<&str>).context(
+            ErrorKind::Internal,
+            format!("make {} read-only in the vm share", source.display()),
+        )?;
+    }
+    Ok(())
 }
 
 /// Unmounts everything under `share` (deepest first) and removes `<bundle>/vm`.
@@ -608,8 +645,8 @@ impl VmRuntime {
 
         let share = vm_dir.join("share");
         std::fs::create_dir_all(&share).internal(|| format!("create {}", share.display()))?;
-        for (source, name, dir, recursive) in &prepared.binds {
-            bind(source, &share.join(name), *dir, *recursive)?;
+        for b in &prepared.binds {
+            bind(b, &share.join(&b.name))?;
         }
         let net = match &prepared.netns {
             Some(netns) => {
@@ -990,12 +1027,25 @@ mod tests {
         assert_eq!(s["mounts"][0]["source"], "proc");
         assert_eq!(s["mounts"][1]["source"], "/run/berth/share/m1");
         assert_eq!(s["mounts"][2]["source"], "/run/berth/share/m2");
+        let binds: Vec<_> = p
+            .binds
+            .iter()
+            .map(|b| {
+                (
+                    b.source.to_str().unwrap(),
+                    b.name.as_str(),
+                    b.dir,
+                    b.recursive,
+                    b.readonly,
+                )
+            })
+            .collect();
         assert_eq!(
-            p.binds,
-            vec![
-                (PathBuf::from("/b/rootfs"), "rootfs".into(), true, true),
-                (PathBuf::from("/etc/hosts"), "m1".into(), false, true),
-                (PathBuf::from("/tmp"), "m2".into(), true, false),
+            binds,
+            [
+                ("/b/rootfs", "rootfs", true, true, false),
+                ("/etc/hosts", "m1", false, true, true),
+                ("/tmp", "m2", true, false, false),
             ]
         );
         assert_eq!(p.netns, Some(PathBuf::from("/run/netns/x")));
