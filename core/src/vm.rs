@@ -64,7 +64,12 @@ pub struct VmRuntimeOptions {
     pub memory_overhead_mib: u32,
     /// `--agent-timeout=SECONDS`: how long the guest may take to boot (default 120: TCG is slow).
     pub agent_timeout_secs: u64,
+    /// `--image-cache=DIR`: where built guest images are kept (default [`DEFAULT_IMAGE_CACHE`]).
+    pub image_cache: PathBuf,
 }
+
+/// Where built guest images are cached unless `--image-cache` says otherwise.
+pub const DEFAULT_IMAGE_CACHE: &str = "/var/cache/berth/vm/guest";
 
 impl Default for VmRuntimeOptions {
     fn default() -> Self {
@@ -78,6 +83,7 @@ impl Default for VmRuntimeOptions {
             memory_mib: 256,
             memory_overhead_mib: 128,
             agent_timeout_secs: 120,
+            image_cache: DEFAULT_IMAGE_CACHE.into(),
         }
     }
 }
@@ -117,6 +123,7 @@ impl VmRuntimeOptions {
                     o.memory_overhead_mib = u32::try_from(number(value)?).map_err(|_| bad())?
                 }
                 "agent-timeout" => o.agent_timeout_secs = number(value)?.max(1),
+                "image-cache" => o.image_cache = value.into(),
                 _ => return Err(bad()),
             }
         }

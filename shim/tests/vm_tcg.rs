@@ -180,8 +180,10 @@ async fn a_busybox_container_runs_in_a_tcg_guest_with_the_containers_network() {
         options,
         Box::new(MachineLauncher {
             spawner: spawner.clone(),
-            cache_dir: std::env::var_os("BERTH_VM_CACHE")
-                .map_or_else(|| tmp.path().join("cache"), PathBuf::from),
+            cache_dir: Some(
+                std::env::var_os("BERTH_VM_CACHE")
+                    .map_or_else(|| tmp.path().join("cache"), PathBuf::from),
+            ),
             shim_exe: SHIM.into(),
         }),
         SHIM.into(),

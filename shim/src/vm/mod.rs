@@ -23,7 +23,7 @@ use crate::reaper::Spawner;
 pub fn launcher(spawner: Arc<dyn Spawner>, shim_exe: PathBuf) -> Box<dyn VmLauncher> {
     Box::new(MachineLauncher {
         spawner,
-        cache_dir: PathBuf::from(runtime::IMAGE_CACHE),
+        cache_dir: None,
         shim_exe,
     })
 }

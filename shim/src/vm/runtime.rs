@@ -42,9 +42,6 @@ pub const GUEST_SHARE: &str = "/run/berth/share";
 /// The runtime binary name that selects [`VmRuntime`] in the shim's runtime factory.
 pub use berth_core::vm::VM_RUNTIME;
 
-/// Where built guest images are cached.
-pub const IMAGE_CACHE: &str = "/var/cache/berth/vm/guest";
-
 /// Where VM state directories (sockets, logs) go: short, for Unix socket paths.
 pub const STATE_ROOT: &str = "/run/berth-vm";
 
@@ -121,8 +118,8 @@ impl VmLauncher for NoLauncher {
 pub struct MachineLauncher {
     /// Spawns the VM's processes (so the shim's reaper collects them).
     pub spawner: Arc<dyn Spawner>,
-    /// Where built guest images are cached.
-    pub cache_dir: PathBuf,
+    /// Where built guest images are cached; `None`: the runtime's `--image-cache`.
+    pub cache_dir: Option<PathBuf>,
     /// `berth-shim`, which builds the guest image in a child process (`vm-guest-image`).
     pub shim_exe: PathBuf,
 }
@@ -238,7 +235,10 @@ impl VmLauncher for MachineLauncher {
             let image_cfg = GuestImageConfig {
                 kernel_deb: Some(kernel_deb),
                 agent_binary: spec.agent.clone(),
-                cache_dir: self.cache_dir.clone(),
+                cache_dir: self
+                    .cache_dir
+                    .clone()
+                    .unwrap_or_else(|| o.image_cache.clone()),
             };
             let image = guest_image(self.spawner.as_ref(), &self.shim_exe, &image_cfg).await?;
             let cfg = MachineConfig {
