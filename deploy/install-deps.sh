@@ -35,26 +35,92 @@ for p in "${PACKAGES[@]}"; do
   fi
 done
 
+export DEBIAN_FRONTEND=noninteractive
+updated=0
+apt_update() {
+  if [ "$updated" -eq 0 ]; then
+    apt-get update -qq
+    updated=1
+  fi
+}
+
 if [ ${#missing[@]} -eq 0 ]; then
   echo "install-deps: all ${#PACKAGES[@]} packages present"
+elif [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: missing ${missing[*]}; run as root to install them" >&2
+  exit 1
+else
+  echo "install-deps: installing ${missing[*]}"
+  apt_update
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Debian starts services from packages it installs; berth's tests run their own instances on
+  # their own sockets, so the system ones are stopped to keep the machine quiet.
+  for svc in containerd docker-registry; do
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
+      systemctl stop "$svc" || true
+      systemctl disable "$svc" >/dev/null 2>&1 || true
+    fi
+  done
+fi
+
+# --- berth-vm: QEMU (bookworm-backports), the guest kernel package, virtiofsd and
+# vhost-device-vsock (crates.io). Each step checks first, so a second run changes nothing.
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: skipping the berth-vm dependencies (run as root)" >&2
   exit 0
 fi
 
-if [ "$(id -u)" -ne 0 ]; then
-  echo "install-deps: missing ${missing[*]}; run as root to install them" >&2
-  exit 1
+# QEMU 10 from bookworm-backports: bookworm's 7.2 conflicts with backports' qemu-utils, and
+# microvm/virtio-fs work better in the newer one.
+BACKPORTS=/etc/apt/sources.list.d/bookworm-backports.sources
+if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  cat >"$BACKPORTS" <<'EOF_SOURCES'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF_SOURCES
+  updated=0
+  echo "install-deps: added $BACKPORTS"
+fi
+if ! installed qemu-system-x86; then
+  apt_update
+  apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
+  echo "install-deps: installed qemu-system-x86 from bookworm-backports"
+fi
+# virtiofsd's build needs libcap-ng and libseccomp (above) through pkg-config.
+if ! installed libcap-ng-dev; then
+  apt_update
+  apt-get install -y -qq --no-install-recommends libcap-ng-dev >/dev/null
 fi
 
-echo "install-deps: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-# Debian starts services from packages it installs; berth's tests run their own instances on
-# their own sockets, so the system ones are stopped to keep the machine quiet.
-for svc in containerd docker-registry; do
-  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
-    systemctl stop "$svc" || true
-    systemctl disable "$svc" >/dev/null 2>&1 || true
+# The guest kernel: the versioned package the cloud metapackage points at, downloaded (not
+# installed) into the cache the berth-vm runtime reads.
+VM_CACHE=/var/cache/berth/vm
+mkdir -p "$VM_CACHE"
+kernel_pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+  awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
+if [ -z "$kernel_pkg" ]; then
+  apt_update
+  kernel_pkg=$(apt-cache depends linux-image-cloud-amd64 |
+    awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
+fi
+if ! ls "$VM_CACHE/${kernel_pkg}"_*.deb >/dev/null 2>&1; then
+  (cd "$VM_CACHE" && apt-get download -qq "$kernel_pkg")
+  echo "install-deps: downloaded $kernel_pkg into $VM_CACHE"
+fi
+
+# virtiofsd and vhost-device-vsock have no bookworm packages: build them from crates.io.
+for tool in virtiofsd vhost-device-vsock; do
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    if ! command -v cargo >/dev/null 2>&1; then
+      echo "install-deps: $tool is missing and cargo is not installed" >&2
+      exit 1
+    fi
+    cargo install --locked --root /usr/local "$tool"
   fi
 done
 echo "install-deps: done"

@@ -265,6 +265,16 @@ pub struct RuntimeConfig {
 
 /// The name (and reserved path) of the shim's in-process runtime, youki's libcontainer.
 pub const IN_PROCESS_RUNTIME: &str = "libcontainer";
+pub use crate::vm::VM_RUNTIME;
+
+/// The default `berth-vm` entry: the accelerator picked per host.
+fn vm_runtime_default() -> RuntimeConfig {
+    RuntimeConfig {
+        path: VM_RUNTIME.into(),
+        args: vec!["--accel=auto".into()],
+    }
+}
+
 /// `default_runtime` value that lets berth pick.
 pub const AUTO_RUNTIME: &str = "auto";
 
@@ -353,7 +363,7 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        let runtimes = ["runc", "crun", IN_PROCESS_RUNTIME]
+        let mut runtimes: BTreeMap<String, RuntimeConfig> = ["runc", "crun", IN_PROCESS_RUNTIME]
             .into_iter()
             .map(|r| {
                 (
@@ -365,6 +375,7 @@ impl Default for EngineConfig {
                 )
             })
             .collect();
+        runtimes.insert(VM_RUNTIME.into(), vm_runtime_default());
         Self {
             socket: None,
             default_runtime: AUTO_RUNTIME.into(),
@@ -549,6 +560,11 @@ impl Config {
                     args: Vec::new(),
                 });
         }
+        // So is `berth-vm`: `docker run --runtime berth-vm` works whatever the file lists.
+        cfg.engine
+            .runtimes
+            .entry(VM_RUNTIME.to_string())
+            .or_insert_with(vm_runtime_default);
         cfg.validate()?;
         Ok(cfg)
     }
@@ -593,6 +609,13 @@ impl Config {
             return Err(Error::invalid_argument(format!(
                 "engine.runtimes.{name}: the in-process runtime ({IN_PROCESS_RUNTIME}) takes no args"
             )));
+        }
+        for (name, r) in &self.engine.runtimes {
+            if r.path == VM_RUNTIME {
+                crate::vm::VmRuntimeOptions::from_args(&r.args).map_err(|e| {
+                    Error::invalid_argument(format!("engine.runtimes.{name}")).with_source(e)
+                })?;
+            }
         }
         if self.engine.default_runtime != AUTO_RUNTIME
             && !self
@@ -803,6 +826,23 @@ mod tests {
         assert!(cfg.validate().is_ok());
         cfg.engine.default_runtime = "nope".into();
         assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn berth_vm_is_in_the_table_and_its_args_are_checked() {
+        let mut cfg = Config::default();
+        let vm = &cfg.engine.runtimes[VM_RUNTIME];
+        assert_eq!(vm.path, VM_RUNTIME);
+        assert_eq!(vm.args, vec!["--accel=auto".to_string()]);
+        assert!(cfg.validate().is_ok());
+        cfg.engine
+            .runtimes
+            .get_mut(VM_RUNTIME)
+            .unwrap()
+            .args
+            .push("--accel=hvf".into());
+        let err = cfg.validate().unwrap_err();
+        assert!(err.chain().contains("bad option"), "{}", err.chain());
     }
 
     #[test]

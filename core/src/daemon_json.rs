@@ -279,6 +279,29 @@ mod tests {
     }
 
     #[test]
+    fn runtimes_can_name_berth_vm_and_its_args_are_checked() {
+        let mut cfg = Config::default();
+        apply_str(
+            &mut cfg,
+            r#"{"runtimes": {"kata": {"path": "berth-vm", "runtimeArgs": ["--accel=tcg", "--memory-mib=512"]}}}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.engine.runtimes["kata"].path, crate::vm::VM_RUNTIME);
+        cfg.validate().unwrap();
+        let mut cfg = Config::default();
+        let err = apply_str(
+            &mut cfg,
+            r#"{"runtimes": {"kata": {"path": "berth-vm", "runtimeArgs": ["--accel=whpx"]}}}"#,
+        )
+        .unwrap_err();
+        assert!(
+            err.chain().contains("engine.runtimes.kata"),
+            "{}",
+            err.chain()
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let mut cfg = Config::default();
         let err =

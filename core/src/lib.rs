@@ -22,6 +22,7 @@ pub mod snapshots;
 pub mod telemetry;
 pub mod uds;
 pub mod userns;
+pub mod vm;
 
 pub use config::{Config, Service};
 pub use error::{Context, Error, ErrorKind, Result};

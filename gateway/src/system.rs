@@ -381,7 +381,7 @@ async fn info(State(st): State<AppState>, version: ApiVersion) -> Result<Respons
                         Runtime {
                             path: Some(path.clone()),
                             runtime_args: (!args.is_empty()).then(|| args.clone()),
-                            status: None,
+                            status: vm_runtime_status(path, args),
                         },
                     )
                 })
@@ -596,6 +596,20 @@ async fn auth(State(st): State<AppState>, body: Bytes) -> Result<Response, ApiEr
         StatusCode::OK,
         &json!({"Status": "Login Succeeded", "IdentityToken": result.identity_token}),
     ))
+}
+
+/// For the `berth-vm` runtime, the accelerator its guests get on this host (`kvm` or `tcg`).
+fn vm_runtime_status(path: &str, args: &[String]) -> Option<HashMap<String, String>> {
+    if path != berth_core::vm::VM_RUNTIME {
+        return None;
+    }
+    let accel = berth_core::vm::VmRuntimeOptions::from_args(args)
+        .map(|o| o.accel.resolve().as_str())
+        .unwrap_or("invalid options");
+    Some(HashMap::from([(
+        "accelerator".to_string(),
+        accel.to_string(),
+    )]))
 }
 
 #[cfg(test)]

@@ -20,3 +20,4 @@ pub mod server;
 pub mod stdio;
 pub mod task;
 pub mod trace;
+pub mod vm;

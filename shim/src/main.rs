@@ -29,6 +29,22 @@ enum Command {
     /// Clean up after a shim that is gone: delete the container from the runtime, unmount
     /// the rootfs; prints the recorded exit status as JSON.
     Delete(DeleteArgs),
+    /// Stand in for one process of a `berth-vm` guest: relay its stdio, signals and exit.
+    #[command(hide = true)]
+    VmRelay(berth_shim::vm::relay::RelayArgs),
+    /// Build (or find in the cache) a `berth-vm` guest image; prints kernel, initrd, release.
+    #[command(hide = true)]
+    VmGuestImage {
+        /// The `berth-agent` binary.
+        #[arg(long)]
+        agent: std::path::PathBuf,
+        /// The image cache.
+        #[arg(long)]
+        cache_dir: std::path::PathBuf,
+        /// The guest kernel package.
+        #[arg(long)]
+        kernel_deb: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -42,6 +58,12 @@ fn main() -> ExitCode {
             args,
             notify_stdout,
         } => daemon::serve(&args, notify_stdout),
+        Command::VmRelay(args) => berth_shim::vm::relay::main(args),
+        Command::VmGuestImage {
+            agent,
+            cache_dir,
+            kernel_deb,
+        } => berth_shim::vm::runtime::guest_image_main(agent, cache_dir, kernel_deb),
         Command::Delete(args) => daemon::delete(&args).map(|exit| {
             let (status, at) = match exit {
                 Some(e) => (e.status, berth_shim::rfc3339::format(e.at)),

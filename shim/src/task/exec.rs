@@ -94,6 +94,11 @@ impl Shim {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_else(|| "runc".into());
+                // A VM's processes are in the guest: nothing to enter on the host.
+                if crate::vm::runtime::selected_by(&runtime.binary) {
+                    tracing::info!("berth-vm: exec through the agent");
+                    return None;
+                }
                 match crate::nsexec::Container::load(self.bundle()) {
                     Ok(c) => Some(Arc::new(NativeExec::new(c, self.id(), &name))),
                     Err(err) => {

@@ -33,7 +33,8 @@ pub trait RuntimeFactory: Send + Sync + fmt::Debug {
     fn runtime(&self, settings: &RuntimeSettings, bundle: &Path) -> Arc<dyn OciRuntime>;
 }
 
-/// The runtime drivers: [`crate::inproc::Libcontainer`] when the settings name it, else [`Runc`]
+/// The runtime drivers: [`crate::vm::runtime::VmRuntime`] or [`crate::inproc::Libcontainer`]
+/// when the settings name them, else [`Runc`]
 /// (runc, crun, any runc-compatible command line).
 #[derive(Debug)]
 pub struct RuncFactory {
@@ -45,6 +46,24 @@ pub struct RuncFactory {
 
 impl RuntimeFactory for RuncFactory {
     fn runtime(&self, settings: &RuntimeSettings, bundle: &Path) -> Arc<dyn OciRuntime> {
+        if crate::vm::runtime::selected_by(&settings.binary) {
+            let options = berth_core::vm::VmRuntimeOptions::from_args(&settings.args)
+                .unwrap_or_else(|err| {
+                    tracing::warn!(reason = %err.chain(), "berth-vm options ignored");
+                    Default::default()
+                });
+            let shim_exe = std::env::current_exe().unwrap_or_else(|_| "berth-shim".into());
+            return Arc::new(
+                crate::vm::runtime::VmRuntime::new(
+                    options,
+                    crate::vm::launcher(self.spawner.clone(), shim_exe.clone()),
+                    shim_exe,
+                    PathBuf::from(crate::vm::runtime::STATE_ROOT),
+                    self.timeout,
+                )
+                .with_bundle(bundle.to_path_buf()),
+            );
+        }
         if crate::inproc::selected_by(&settings.binary) {
             return Arc::new(crate::inproc::Libcontainer::new(
                 settings.root.clone(),
