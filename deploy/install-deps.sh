@@ -114,13 +114,15 @@ if ! ls "$VM_CACHE/${kernel_pkg}"_*.deb >/dev/null 2>&1; then
 fi
 
 # virtiofsd and vhost-device-vsock have no bookworm packages: build them from crates.io.
-for tool in virtiofsd vhost-device-vsock; do
+# Pinned: the versions berth-vm is tested with.
+for crate in virtiofsd@1.14.0 vhost-device-vsock@0.3.0; do
+  tool=${crate%@*}
   if ! command -v "$tool" >/dev/null 2>&1; then
     if ! command -v cargo >/dev/null 2>&1; then
       echo "install-deps: $tool is missing and cargo is not installed" >&2
       exit 1
     fi
-    cargo install --locked --root /usr/local "$tool"
+    cargo install --locked --root /usr/local "$crate"
   fi
 done
 echo "install-deps: done"
