@@ -161,6 +161,19 @@ async fn bad_input_gets_the_code_kubelet_expects_and_leaves_nothing() -> Result<
         .unwrap_err();
     ensure!(err.code() == Code::InvalidArgument, "{err:?}");
     ensure!(pod_ids(&mut rt).await? == [pod.as_str()]);
+    // The VM runtime as a pod handler: not yet (one VM per pod), said so, nothing made.
+    let err = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(pod_config("in-a-vm", logs.path())),
+            runtime_handler: "berth-vm".into(),
+        })
+        .await
+        .unwrap_err();
+    ensure!(
+        err.code() == Code::Unimplemented && err.message().contains("one VM per pod"),
+        "{err:?}"
+    );
+    ensure!(pod_ids(&mut rt).await? == [pod.as_str()]);
 
     // --- Log paths outside the pod's log directory: INVALID_ARGUMENT, no container.
     let before = d.container_ids();

@@ -185,6 +185,21 @@ impl Engine {
                 "unknown runtime handler {runtime:?}"
             )));
         }
+        let vm = self
+            .config
+            .engine
+            .runtimes
+            .get(&runtime)
+            .is_some_and(|r| r.path == berth_core::vm::VM_RUNTIME);
+        if vm {
+            // berth-vm boots one VM per container; a pod needs one VM holding all of its
+            // containers around the pod's namespaces, which it does not do yet.
+            return Err(Error::unimplemented(format!(
+                "runtime handler {runtime:?} ({}): VM-isolated pods (one VM per pod) are not \
+                 supported yet; berth-vm runs Docker API containers only",
+                berth_core::vm::VM_RUNTIME
+            )));
+        }
         let id = Id::random().to_string();
         {
             let mut reg = self.sandboxes.lock().unwrap();

@@ -395,6 +395,19 @@ impl Engine {
             _ => Namespace::Private,
         };
         let net_ns_for_user = net_ns.clone();
+        // A VM's privileged container is privileged over its guest: the host's device nodes
+        // are not the guest's, and berth-vm refuses device nodes (as containerd's
+        // `privileged_without_host_devices`, which Kata asks for).
+        let vm_host;
+        let host = if self.runs_in_vm(&hc) && !self.host_info().devices.is_empty() {
+            vm_host = spec::HostInfo {
+                devices: Vec::new(),
+                ..self.host_info().clone()
+            };
+            &vm_host
+        } else {
+            self.host_info()
+        };
         let input = SpecInput {
             id: &id,
             config: &cfg,
@@ -419,7 +432,7 @@ impl Engine {
             link_env: &link_env,
             devices: &devices,
             cgroup_parent: &self.config.engine.cgroup_parent,
-            host: self.host_info(),
+            host,
             userns: self.container_map(&hc),
             userns_path: self.userns_path(&hc, &net_ns_for_user)?,
         };
@@ -826,12 +839,7 @@ impl Engine {
                 }
             }
         }
-        let runtime_name = if hc.runtime.is_empty() {
-            self.config.engine.default_runtime()
-        } else {
-            hc.runtime.clone()
-        };
-        let runtime = self.config.engine.runtimes.get(&runtime_name);
+        let (runtime_name, runtime) = self.runtime_of(hc);
         shimpb::CreateRequest {
             id: rec.id().into(),
             bundle: bundle.display().to_string(),
@@ -876,6 +884,27 @@ impl Engine {
             hold_output_for: 0,
             health: crate::imageconfig::healthcheck(cfg),
         }
+    }
+
+    /// The runtime a container runs with: its name and its entry in the table (`None` for a
+    /// name the table does not have, used as the binary).
+    fn runtime_of(
+        &self,
+        hc: &pb::HostConfig,
+    ) -> (String, Option<&berth_core::config::RuntimeConfig>) {
+        let name = if hc.runtime.is_empty() {
+            self.config.engine.default_runtime()
+        } else {
+            hc.runtime.clone()
+        };
+        let entry = self.config.engine.runtimes.get(&name);
+        (name, entry)
+    }
+
+    /// Whether the container runs in its own VM (the `berth-vm` runtime).
+    fn runs_in_vm(&self, hc: &pb::HostConfig) -> bool {
+        let (name, entry) = self.runtime_of(hc);
+        entry.map_or(name.as_str(), |r| r.path.as_str()) == berth_core::vm::VM_RUNTIME
     }
 
     /// The `--root` state directory of an OCI runtime.
