@@ -10,7 +10,7 @@
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -216,15 +216,18 @@ async fn a_busybox_container_runs_in_a_tcg_guest_with_the_containers_network() {
         let init: u32 = std::fs::read_to_string(&pid_file)?.trim().parse()?;
         let init_exit = spawner.watch(init);
         // The tap is in the container's namespace, the guest NIC behind it.
-        let taps = Command::new("ip")
-            .args(["-n", &c, "link", "show", "tap0"])
-            .output()?;
-        anyhow::ensure!(taps.status.success(), "no tap0");
+        let taps = reaped(
+            &*spawner,
+            Command::new("ip").args(["-n", &c, "link", "show", "tap0"]),
+        )
+        .await?;
+        anyhow::ensure!(taps.0, "no tap0");
         rt.start("c1").await?;
 
         // The host reaches the container's IP: the guest answers.
-        let ping = Command::new("ip")
-            .args([
+        let ping = reaped(
+            &*spawner,
+            Command::new("ip").args([
                 "netns",
                 "exec",
                 &h,
@@ -235,9 +238,10 @@ async fn a_busybox_container_runs_in_a_tcg_guest_with_the_containers_network() {
                 "-W",
                 "20",
                 "10.231.9.2",
-            ])
-            .output()?;
-        anyhow::ensure!(ping.status.success(), "host → guest ping: {ping:?}");
+            ]),
+        )
+        .await?;
+        anyhow::ensure!(ping.0, "host → guest ping: {}", ping.1);
 
         // An exec, through the agent and its own relay.
         let process = tmp.path().join("exec.json");
@@ -300,13 +304,34 @@ async fn a_busybox_container_runs_in_a_tcg_guest_with_the_containers_network() {
         panic!("{e:#}");
     }
     deleted.unwrap();
-    let taps = Command::new("ip")
-        .args(["-n", &c, "link", "show", "tap0"])
-        .output()
-        .unwrap();
-    assert!(!taps.status.success(), "tap0 is still there");
+    let taps = reaped(
+        &*spawner,
+        Command::new("ip").args(["-n", &c, "link", "show", "tap0"]),
+    )
+    .await
+    .unwrap();
+    assert!(!taps.0, "tap0 is still there");
     assert!(!bundle.join("vm").exists());
     assert!(!tmp.path().join("s/c1").exists());
+}
+
+/// Runs `cmd` through the reaper: this process' children are all reaped by it, so
+/// `Command::output` would race it for the exit (ECHILD). Success, and stdout with stderr.
+async fn reaped(spawner: &dyn Spawner, cmd: &mut Command) -> anyhow::Result<(bool, String)> {
+    let (mut out_r, out_w) = std::io::pipe()?;
+    cmd.stdin(Stdio::null())
+        .stderr(out_w.try_clone()?)
+        .stdout(out_w);
+    let (_, exit) = spawner.spawn(cmd)?;
+    // The command keeps its copies of the write end until told otherwise.
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let out = tokio::task::spawn_blocking(move || {
+        let mut out = String::new();
+        let _ = out_r.read_to_string(&mut out);
+        out
+    })
+    .await?;
+    Ok((exit.await?.status == 0, out))
 }
 
 fn process_json(args: &[&str]) -> String {
