@@ -455,27 +455,44 @@ impl AgentService {
     async fn stats(&self, id: &str) -> Result<StatsResponse> {
         let (_, init) = self.process(id, "")?;
         let pid = init.pid.lock().unwrap().unwrap_or(0);
-        let mut out = StatsResponse {
-            guest_memory_total_bytes: meminfo_total().unwrap_or(0),
-            ..StatsResponse::default()
-        };
+        // Without its cgroup there is nothing true to report: zeros would claim an idle
+        // container (the shim's runc path also fails once the cgroup is gone).
         let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-        if let Some(path) = cg.lines().find_map(|l| l.strip_prefix("0::")) {
-            let dir = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
-            let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
-            out.memory_usage_bytes = read("memory.current").trim().parse().unwrap_or(0);
-            out.memory_limit_bytes = read("memory.max")
-                .trim()
-                .parse()
-                .unwrap_or(out.guest_memory_total_bytes);
-            out.cpu_usage_nanos = read("cpu.stat")
-                .lines()
-                .find_map(|l| l.strip_prefix("usage_usec "))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map_or(0, |us| us * 1000);
-            out.pids = read("pids.current").trim().parse().unwrap_or(0);
-        }
-        Ok(out)
+        let path = cg
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .filter(|_| pid != 0)
+            .ok_or_else(|| Error::not_found(format!("the cgroup of container {id} is unknown")))?;
+        let dir = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+        Ok(cgroup_stats(&dir, meminfo_total().unwrap_or(0)))
+    }
+}
+
+/// The counters of the cgroup v2 directory `dir`; `guest_total` stands for an unlimited memory
+/// limit, as the host's memory does for an unlimited container on the host. A file the kernel
+/// lacks (a controller not enabled) reads as zero.
+fn cgroup_stats(dir: &Path, guest_total: u64) -> StatsResponse {
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let memory_stat = read("memory.stat")
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_string(), v.trim().parse().ok()?))
+        })
+        .collect();
+    StatsResponse {
+        memory_usage_bytes: read("memory.current").trim().parse().unwrap_or(0),
+        memory_limit_bytes: read("memory.max").trim().parse().unwrap_or(guest_total),
+        cpu_usage_nanos: read("cpu.stat")
+            .lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map_or(0, |us| us * 1000),
+        pids: read("pids.current").trim().parse().unwrap_or(0),
+        guest_memory_total_bytes: guest_total,
+        // "max" does not parse: unlimited.
+        pids_limit: read("pids.max").trim().parse().unwrap_or(0),
+        memory_stat,
     }
 }
 
@@ -787,5 +804,45 @@ impl Agent for AgentService {
             });
         }
         Ok(Response::new(Empty {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_come_from_the_cgroup_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = |f: &str, text: &str| std::fs::write(dir.path().join(f), text).unwrap();
+        w("memory.current", "4096\n");
+        w("memory.max", "209715200\n");
+        w("memory.stat", "anon 1024\nfile 3072\ninactive_file 2048\n");
+        w(
+            "cpu.stat",
+            "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n",
+        );
+        w("pids.current", "3\n");
+        w("pids.max", "max\n");
+        let s = cgroup_stats(dir.path(), 1 << 30);
+        assert_eq!(
+            (
+                s.memory_usage_bytes,
+                s.memory_limit_bytes,
+                s.cpu_usage_nanos
+            ),
+            (4096, 209_715_200, 1_500_000)
+        );
+        assert_eq!(
+            (s.pids, s.pids_limit, s.guest_memory_total_bytes),
+            (3, 0, 1 << 30)
+        );
+        assert_eq!(s.memory_stat.get("inactive_file"), Some(&2048));
+
+        // No limit: the guest's memory bounds the container.
+        w("memory.max", "max\n");
+        w("pids.max", "64\n");
+        let s = cgroup_stats(dir.path(), 1 << 30);
+        assert_eq!((s.memory_limit_bytes, s.pids_limit), (1 << 30, 64));
     }
 }

@@ -1,8 +1,9 @@
 //! Issue 16: `docker run --runtime berth-vm` through the real docker CLI and a whole stack: the
 //! container runs under its own guest kernel (TCG here), keeps its exit code, its network
 //! (published port through the tc mirror), its bind mounts, exec and a terminal; what a VM
-//! cannot honour is refused by name; `docker info` lists the runtime with its accelerator; and
-//! nothing is left behind (VM processes, state directories, share mounts).
+//! cannot honour is refused by name; `docker info` lists the runtime with its accelerator;
+//! `docker stats` shows the guest container's memory use and limit; and nothing is left behind
+//! (VM processes, state directories, share mounts).
 //!
 //! Root only; skips (saying why) without the docker tests' tools, QEMU, virtiofsd,
 //! vhost-device-vsock (on PATH), the guest kernel package (`/var/cache/berth/vm`) or the
@@ -53,6 +54,20 @@ fn vm_processes(dir: &Path) -> Vec<String> {
         }
     }
     found
+}
+
+/// A size as the docker CLI prints it ("1.5MiB", "200MiB", "712KiB", "0B").
+fn bytes(text: &str) -> Option<u64> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let (n, unit) = text.split_at(split);
+    let scale = match unit {
+        "B" => 1u64,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    Some((n.parse::<f64>().ok()? * scale as f64) as u64)
 }
 
 #[test]
@@ -133,6 +148,8 @@ fn docker_runs_containers_in_berth_vm_guests() -> Result<()> {
         "berth-vm",
         "-p",
         "127.0.0.1::80",
+        "-m",
+        "200m",
         "-v",
         &volume,
         "busybox",
@@ -167,6 +184,27 @@ fn docker_runs_containers_in_berth_vm_guests() -> Result<()> {
     ensure!(
         err.contains("berth-vm does not support pause"),
         "pause: {err}"
+    );
+    // Stats are the guest container's (its cgroup in the guest, through the agent), not those
+    // of the shim's cgroup where its host stand-in runs beside QEMU: the 200 MiB limit, a
+    // usage well under it, its processes.
+    let stats = d.ok(&[
+        "stats",
+        "--no-stream",
+        "--format",
+        "{{.MemUsage}}|{{.PIDs}}",
+        &id,
+    ])?;
+    let (usage, rest) = stats.trim().split_once(" / ").unwrap_or_default();
+    let (limit, pids) = rest.split_once('|').unwrap_or_default();
+    let (usage, limit) = (bytes(usage), bytes(limit));
+    ensure!(
+        limit == Some(200 << 20) && usage.is_some_and(|u| u > 0 && u < 100 << 20),
+        "docker stats: {stats:?}"
+    );
+    ensure!(
+        pids.parse::<u32>().is_ok_and(|n| n >= 1),
+        "docker stats: {stats:?}"
     );
     d.ok(&["rm", "-f", &id])?;
 

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use berth_core::cgroup::Stats;
 use berth_core::{Error, ErrorKind, Result};
 use serde::Deserialize;
 use tokio::io::AsyncReadExt;
@@ -106,6 +107,17 @@ pub trait OciRuntime: Send + Sync + fmt::Debug {
     fn update<'a>(&'a self, id: &'a str, resources: &'a [u8]) -> BoxFuture<'a, ()>;
     /// Host pids of every process in the container.
     fn ps<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Vec<u32>>;
+    /// The container's resource counters, when the runtime reads them itself; `None` (the
+    /// default) when the host cgroup of the init process is the container's, and the shim
+    /// reads it and watches it for OOM kills.
+    ///
+    /// `Some` also says that the init's host cgroup is *not* the container's (a VM's init on
+    /// the host is a relay in the shim's own cgroup): the shim then neither reads it nor
+    /// reports its OOM kills. The answer must not depend on the container's state, and nothing
+    /// may happen before the future is polled (the shim also calls this only to ask).
+    fn stats<'a>(&'a self, _id: &'a str) -> Option<BoxFuture<'a, Stats>> {
+        None
+    }
 }
 
 /// Which runtime binary to run and how.

@@ -222,7 +222,7 @@ impl pb::shim_server::Shim for ShimService {
     }
 
     async fn stats(&self, _req: Request<pb::StatsRequest>) -> Reply<pb::StatsResponse> {
-        reply(self.shim.stats().map(|s| pb::StatsResponse {
+        reply(self.shim.stats().await.map(|s| pb::StatsResponse {
             stats: Some(s.into()),
         }))
     }

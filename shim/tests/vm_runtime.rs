@@ -227,6 +227,22 @@ async fn a_container_lives_and_dies_through_the_agent() {
     let st = rt.state("c1").await.unwrap();
     assert_eq!((st.status.as_str(), st.pid), ("running", init));
 
+    // stats: the agent's counters (the guest container's cgroup), not the init relay's cgroup.
+    let stats = rt
+        .stats("c1")
+        .expect("a VM reads its own stats")
+        .await
+        .unwrap();
+    assert_eq!(stats.version, berth_shim::cgroup::Version::V2);
+    assert_eq!(
+        (stats.memory.usage, stats.memory.limit),
+        (5 << 20, 200 << 20)
+    );
+    assert_eq!(stats.memory.stats.get("inactive_file"), Some(&(1 << 20)));
+    assert_eq!((stats.cpu.total_ns, stats.pids_current), (1_500_000_000, 2));
+    // What the agent does not count is not claimed.
+    assert_eq!((stats.cpu.user_ns, stats.memory.max_usage), (0, 0));
+
     // exec: its own relay, its stderr, its exit code.
     let process = dir.path().join("process.json");
     std::fs::write(&process, json!({"args": ["true"], "cwd": "/"}).to_string()).unwrap();
@@ -323,6 +339,7 @@ async fn a_container_lives_and_dies_through_the_agent() {
             "network 0 interfaces",
             "create c1",
             "start c1/",
+            "stats c1",
             "exec c1/exec-0",
             "start c1/exec-0",
             "exec c1/exec-1",
@@ -375,4 +392,12 @@ async fn a_refused_spec_leaves_nothing_behind() {
     assert!(err.chain().contains("--network host"), "{}", err.chain());
     assert!(specs.lock().unwrap().is_empty(), "no VM was booted");
     assert!(!bundle.join("vm").exists());
+    // No VM, no counters: not zeros.
+    let err = rt.stats("c2").unwrap().await.unwrap_err();
+    assert_eq!(
+        err.kind(),
+        berth_core::ErrorKind::NotFound,
+        "{}",
+        err.chain()
+    );
 }

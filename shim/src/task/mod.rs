@@ -137,6 +137,8 @@ struct Container {
     init: Arc<Process>,
     execs: HashMap<String, Arc<Process>>,
     mounted: bool,
+    /// The init's cgroup, read for stats and watched for OOM kills; `None` when unknown, or
+    /// not the container's (a runtime that reads its own stats).
     oom: Option<Arc<Oom>>,
     stop: CancellationToken,
 }
@@ -474,9 +476,17 @@ impl Shim {
             }
         });
 
-        let oom = Cgroup::for_pid(pid)
-            .map_err(|e| tracing::debug!(error = %e.chain(), "no cgroup for stats"))
-            .ok()
+        // A runtime that reads its own stats says the init's host cgroup is not the
+        // container's (a VM's relay sits in the shim's cgroup): its OOM kills are not the
+        // container's either.
+        let host_cgroup = runtime.stats(&opts.id).is_none();
+        let oom = host_cgroup
+            .then(|| {
+                Cgroup::for_pid(pid)
+                    .map_err(|e| tracing::debug!(error = %e.chain(), "no cgroup for stats"))
+                    .ok()
+            })
+            .flatten()
             .map(|cgroup| {
                 let seen = AtomicU64::new(cgroup.oom_kills().unwrap_or(0));
                 Arc::new(Oom { cgroup, seen })
@@ -979,13 +989,17 @@ impl Shim {
         })
     }
 
-    /// The container's cgroup counters.
-    pub fn stats(&self) -> Result<Stats> {
-        let oom = {
+    /// The container's counters: from the runtime when it reads them itself (a VM), else
+    /// from the init's cgroup.
+    pub async fn stats(&self) -> Result<Stats> {
+        let (runtime, oom) = {
             let st = self.inner.state.lock().unwrap();
             let c = st.container.as_ref().ok_or_else(not_created)?;
-            c.oom.clone()
+            (c.runtime.clone(), c.oom.clone())
         };
+        if let Some(read) = runtime.stats(self.id()) {
+            return read.await;
+        }
         match oom {
             Some(o) => o.cgroup.stats(),
             None => Err(Error::not_found("the container's cgroup is unknown")),

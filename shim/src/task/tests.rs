@@ -63,6 +63,8 @@ struct FakeRuntime {
     next_pid: AtomicU32,
     live: Mutex<Vec<u32>>,
     fail_create: Option<String>,
+    /// Counters the runtime reports itself (as a VM's does), instead of the init's cgroup.
+    own_stats: Option<Stats>,
 }
 
 impl FakeRuntime {
@@ -145,6 +147,10 @@ impl OciRuntime for FakeRuntime {
         let live = self.live.lock().unwrap().clone();
         Box::pin(async move { Ok(live) })
     }
+    fn stats<'a>(&'a self, _id: &'a str) -> Option<BoxFuture<'a, Stats>> {
+        let stats = self.own_stats.clone()?;
+        Some(Box::pin(async move { Ok(stats) }))
+    }
 }
 
 #[derive(Debug)]
@@ -196,6 +202,15 @@ struct Fixture {
 }
 
 fn fixture(terminal: bool, fail_create: Option<&str>) -> Fixture {
+    fixture_with(terminal, fail_create, 4242, None)
+}
+
+fn fixture_with(
+    terminal: bool,
+    fail_create: Option<&str>,
+    first_pid: u32,
+    own_stats: Option<Stats>,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let config = serde_json::json!({"process": {"terminal": terminal, "args": ["sh"]}});
     std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
@@ -203,9 +218,10 @@ fn fixture(terminal: bool, fail_create: Option<&str>) -> Fixture {
     let runtime = Arc::new(FakeRuntime {
         spawner: spawner.clone(),
         calls: Mutex::new(Vec::new()),
-        next_pid: AtomicU32::new(4242),
+        next_pid: AtomicU32::new(first_pid),
         live: Mutex::new(Vec::new()),
         fail_create: fail_create.map(str::to_string),
+        own_stats,
     });
     let rootfs = FakeRootfs::default();
     let hub = Arc::new(Hub::default());
@@ -619,4 +635,55 @@ async fn healthchecks_probe_through_exec_and_stop_with_the_init() {
     f.shim.delete("", false).await.unwrap();
     assert_eq!(f.shim.health().unwrap().status, Unhealthy);
     f.shim.shutdown(false).await.unwrap();
+}
+
+/// The init is this test process, whose cgroup is real: the shim reads and watches it, unless
+/// the runtime reports stats itself (a VM, whose init on the host is a relay in the shim's own
+/// cgroup), and then neither reads nor watches it for OOM kills.
+#[tokio::test]
+async fn stats_come_from_the_runtime_that_reads_them_itself() {
+    let me = std::process::id();
+    if Cgroup::for_pid(me).is_err() {
+        eprintln!("skipped: no cgroup hierarchy");
+        return;
+    }
+    let has_oom_watch = |f: &Fixture| {
+        let st = f.shim.inner.state.lock().unwrap();
+        st.container.as_ref().unwrap().oom.is_some()
+    };
+
+    let f = fixture_with(false, None, me, None);
+    f.shim.create(create_task(&f)).await.unwrap();
+    assert!(has_oom_watch(&f));
+    assert_eq!(
+        f.shim.stats().await.unwrap().version,
+        Cgroup::for_pid(me).unwrap().version()
+    );
+    f.shim.delete("", true).await.unwrap();
+
+    let own = Stats {
+        read: SystemTime::UNIX_EPOCH + Duration::from_secs(7),
+        version: crate::cgroup::Version::V2,
+        cpu: Default::default(),
+        memory: crate::cgroup::MemoryStats {
+            usage: 4096,
+            limit: 200 << 20,
+            ..Default::default()
+        },
+        pids_current: 2,
+        pids_limit: 0,
+        blkio: Default::default(),
+    };
+    let f = fixture_with(false, None, me, Some(own.clone()));
+    f.shim.create(create_task(&f)).await.unwrap();
+    assert!(
+        !has_oom_watch(&f),
+        "the init's host cgroup is not the container's"
+    );
+    assert_eq!(f.shim.stats().await.unwrap(), own);
+    f.shim.delete("", true).await.unwrap();
+    assert_eq!(
+        f.shim.stats().await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
 }

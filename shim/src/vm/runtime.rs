@@ -16,13 +16,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use berth_core::cgroup::{BlkioStats, CpuStats, MemoryStats, Stats, Version as CgroupVersion};
 use berth_core::vm::{VmAccel, VmRuntimeOptions};
 use berth_core::{Context, Error, ErrorKind, Result};
 use berth_proto::berth::agent::v1::agent_client::AgentClient;
 use berth_proto::berth::agent::v1::{
-    ContainerRef, CreateContainerRequest, ExecRequest, ProcessRef, SignalRequest,
+    ContainerRef, CreateContainerRequest, ExecRequest, ProcessRef, SignalRequest, StatsResponse,
 };
 use serde_json::Value;
 use tonic::transport::Channel;
@@ -988,6 +989,61 @@ impl OciRuntime for VmRuntime {
                 .collect())
         })
     }
+
+    /// From the agent: the init's relay is in the shim's cgroup, the container's cgroup is in
+    /// the guest.
+    fn stats<'a>(&'a self, id: &'a str) -> Option<BoxFuture<'a, Stats>> {
+        Some(Box::pin(async move {
+            // The client is a cheap clone: the lock is not held while the guest answers.
+            let mut agent = {
+                let guard = self.running.lock().await;
+                let running = guard.as_ref().ok_or_else(|| {
+                    Error::not_found(format!("{VM_RUNTIME}: container {id} does not exist"))
+                })?;
+                running.vm.agent()
+            };
+            let r = self
+                .call(
+                    "stats",
+                    agent.stats(ContainerRef {
+                        container_id: id.to_string(),
+                    }),
+                )
+                .await?;
+            Ok(guest_stats(r, SystemTime::now()))
+        }))
+    }
+}
+
+/// The agent's counters (the guest container's cgroup v2) as the shim's [`Stats`]. What the
+/// agent does not send stays zero, which consumers read as "not counted": per-mode and per-CPU
+/// time, throttling, peak memory, swap, block I/O. The host-wide CPU time and CPU count are
+/// left for the engine to fill when it samples, as it does for any shim's reading, so
+/// `docker stats`' CPU% is the guest container's share of the host.
+fn guest_stats(r: StatsResponse, read: SystemTime) -> Stats {
+    Stats {
+        read,
+        version: CgroupVersion::V2,
+        cpu: CpuStats {
+            total_ns: r.cpu_usage_nanos,
+            ..CpuStats::default()
+        },
+        memory: MemoryStats {
+            usage: r.memory_usage_bytes,
+            // An agent that sent no limit: the guest's memory bounds the container, as the
+            // host's memory stands for an unlimited host cgroup.
+            limit: if r.memory_limit_bytes == 0 {
+                r.guest_memory_total_bytes
+            } else {
+                r.memory_limit_bytes
+            },
+            stats: r.memory_stat.into_iter().collect(),
+            ..MemoryStats::default()
+        },
+        pids_current: u64::from(r.pids),
+        pids_limit: r.pids_limit,
+        blkio: BlkioStats::default(),
+    }
 }
 
 #[cfg(test)]
@@ -1108,6 +1164,32 @@ mod tests {
             assert!(err.chain().contains(needle), "{needle}: {}", err.chain());
             assert!(err.chain().contains(VM_RUNTIME));
         }
+    }
+
+    #[test]
+    fn guest_stats_stand_for_the_agent_only() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(9);
+        let r = StatsResponse {
+            memory_usage_bytes: 10,
+            memory_limit_bytes: 0,
+            cpu_usage_nanos: 30,
+            pids: 4,
+            guest_memory_total_bytes: 1 << 30,
+            pids_limit: 64,
+            memory_stat: [("inactive_file".to_string(), 5)].into(),
+        };
+        let s = guest_stats(r, at);
+        assert_eq!((s.read, s.version), (at, CgroupVersion::V2));
+        // No limit sent: the guest's memory is the bound.
+        assert_eq!((s.memory.usage, s.memory.limit), (10, 1 << 30));
+        assert_eq!(s.memory.stats.get("inactive_file"), Some(&5));
+        assert_eq!((s.cpu.total_ns, s.pids_current, s.pids_limit), (30, 4, 64));
+        // Host-relative values are the engine's to fill; nothing else is made up.
+        assert_eq!(
+            (s.cpu.system_ns, s.cpu.online_cpus, s.cpu.user_ns),
+            (0, 0, 0)
+        );
+        assert_eq!(s.blkio, BlkioStats::default());
     }
 
     #[tokio::test]

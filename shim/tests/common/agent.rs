@@ -213,8 +213,19 @@ impl Agent for FakeAgent {
     async fn pids(&self, _: Request<ContainerRef>) -> Result<Response<PidsResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
-    async fn stats(&self, _: Request<ContainerRef>) -> Result<Response<StatsResponse>, Status> {
-        Err(Status::unimplemented("fake"))
+    /// Fixed counters: 200 MiB limit, 5 MiB used (1 MiB inactive file), 1.5 s of CPU, 2 pids.
+    async fn stats(&self, req: Request<ContainerRef>) -> Result<Response<StatsResponse>, Status> {
+        self.calls
+            .push(format!("stats {}", req.into_inner().container_id));
+        Ok(Response::new(StatsResponse {
+            memory_usage_bytes: 5 << 20,
+            memory_limit_bytes: 200 << 20,
+            cpu_usage_nanos: 1_500_000_000,
+            pids: 2,
+            guest_memory_total_bytes: 328 << 20,
+            pids_limit: 0,
+            memory_stat: [("inactive_file".to_string(), 1 << 20)].into(),
+        }))
     }
     async fn delete_container(
         &self,
