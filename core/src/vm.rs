@@ -8,6 +8,10 @@ use crate::error::{Error, Result};
 /// The runtime name and reserved path of the VM-isolated runtime.
 pub const VM_RUNTIME: &str = "berth-vm";
 
+/// The tap a VM's NIC is behind, in the container's network namespace, mirrored with its
+/// `eth0`: the same traffic counted twice, so stats leave it out.
+pub const VM_TAP_IFNAME: &str = "tap0";
+
 /// Where `deploy/install-deps.sh` puts the guest kernel package.
 pub const DEFAULT_KERNEL_DIR: &str = "/var/cache/berth/vm";
 

@@ -206,6 +206,25 @@ fn docker_runs_containers_in_berth_vm_guests() -> Result<()> {
         pids.parse::<u32>().is_ok_and(|n| n >= 1),
         "docker stats: {stats:?}"
     );
+    // Network counters are the container's eth0 in its namespace (where the guest's frames
+    // are mirrored), not the host's: the GET above is in them, the host's traffic is not, and
+    // the tap that mirrors eth0 is not counted twice.
+    let raw = std::process::Command::new("curl")
+        .arg("-sf")
+        .arg("--unix-socket")
+        .arg(d.socket())
+        .arg(format!(
+            "http://berth/containers/{}/stats?stream=false",
+            id.trim()
+        ))
+        .output()?;
+    let json: serde_json::Value = serde_json::from_slice(&raw.stdout)?;
+    let nets = &json["networks"];
+    let rx = nets["eth0"]["rx_bytes"].as_u64().unwrap_or(0);
+    ensure!(
+        rx > 0 && rx < 10 << 20 && nets.get("tap0").is_none(),
+        "networks in stats: {nets}"
+    );
     d.ok(&["rm", "-f", &id])?;
 
     // A terminal.

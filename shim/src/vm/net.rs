@@ -31,7 +31,7 @@ use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 /// The container's interface the network service made.
 pub const CONTAINER_IFNAME: &str = "eth0";
 /// The tap QEMU opens.
-pub const TAP_IFNAME: &str = "tap0";
+pub const TAP_IFNAME: &str = berth_core::vm::VM_TAP_IFNAME;
 
 /// The mirror set up in one container namespace.
 #[derive(Debug, Clone, PartialEq)]

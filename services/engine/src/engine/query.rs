@@ -599,7 +599,15 @@ impl Engine {
                 .map_or(0, |p| u32::try_from(p.current).unwrap_or(u32::MAX));
             out.stats = Some(stats);
         }
-        if pid > 0 {
+        if self.runs_in_vm(rec.host_config()) {
+            // The init's pid is its host relay's, outside the container's namespace: the
+            // counters are read in the namespace itself, where eth0 carries the guest's traffic.
+            if let Some(ns) = rec.p.netns.clone() {
+                out.networks = tokio::task::spawn_blocking(move || net_dev_in(&ns))
+                    .await
+                    .unwrap_or_default();
+            }
+        } else if pid > 0 {
             out.networks = net_dev(&format!("/proc/{pid}/net/dev"));
         }
         out
@@ -738,6 +746,27 @@ fn system_cpu_ns() -> u64 {
         .filter_map(|v| v.parse::<u64>().ok())
         .sum();
     ticks * (1_000_000_000 / hz)
+}
+
+/// Interface counters of the network namespace bound at `netns`, less the VM tap mirrored
+/// with eth0. Read by a short-lived thread that joins the namespace, so no pooled thread is
+/// ever left in it.
+fn net_dev_in(netns: &std::path::Path) -> HashMap<String, types::NetworkInterfaceStats> {
+    let Ok(file) = std::fs::File::open(netns) else {
+        return HashMap::new();
+    };
+    let read = std::thread::spawn(move || {
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+        std::fs::read_to_string("/proc/thread-self/net/dev").ok()
+    })
+    .join()
+    .ok()
+    .flatten();
+    read.map(|text| berth_core::procfs::parse_net_dev(&text))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(name, _)| name != berth_core::vm::VM_TAP_IFNAME)
+        .collect()
 }
 
 /// Interface counters from a `/proc/<pid>/net/dev` file (the container's namespace).

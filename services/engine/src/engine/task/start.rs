@@ -902,7 +902,7 @@ impl Engine {
     }
 
     /// Whether the container runs in its own VM (the `berth-vm` runtime).
-    fn runs_in_vm(&self, hc: &pb::HostConfig) -> bool {
+    pub(crate) fn runs_in_vm(&self, hc: &pb::HostConfig) -> bool {
         let (name, entry) = self.runtime_of(hc);
         entry.map_or(name.as_str(), |r| r.path.as_str()) == berth_core::vm::VM_RUNTIME
     }
