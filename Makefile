@@ -46,7 +46,8 @@ fmt:
 
 # Benchmarks (docs/bench.md). BENCH_DOCKERD=1 also installs Debian's docker.io and runs every
 # scenario against a dockerd on its own socket, data root and bridge, printing berth/dockerd
-# ratios. Knobs: DENSITY (200), RUNS (30), BREAKDOWN (1), PULL (1), ...
+# ratios. Knobs: DENSITY (200), RUNS (30), BREAKDOWN (1), PULL (1), VM (1 when QEMU, virtiofsd,
+# vhost-device-vsock and the guest kernel are installed: berth-vm beside runc), VM_RUNS (10), ...
 bench: deps release
 	BERTH_BIN_DIR=$(CURDIR)/target/release ./bench/run.sh
 

@@ -11,6 +11,8 @@
 # repetitions of the 20-parallel scenario), BREAKDOWN (1: traced stage breakdown of `docker run`),
 # BREAKDOWN_RUNS (20), PULL (1: bench/pull.sh, synthetic 4 x 64 MB), PULL_RUNS (5),
 # ROOTLESS (1: bench/rootless.sh, rootless berth beside rootless Podman, RUNS runs),
+# VM (bench/vm.sh, berth-vm beside runc; default 1 when QEMU, virtiofsd, vhost-device-vsock and
+# the guest kernel package are present, else 0), VM_RUNS (10, runs of each berth-vm command),
 # BENCH_OUT (results directory), BERTH_BIN_DIR (use these binaries, no build), DOCKER (the docker CLI), SCENARIOS (comma-separated
 # names of bench/lib/measure.py's scenarios to run, e.g. build,run_rm; empty = all).
 #
@@ -32,6 +34,12 @@ BREAKDOWN_RUNS=${BREAKDOWN_RUNS:-20}
 PULL=${PULL:-1}
 PULL_RUNS=${PULL_RUNS:-5}
 ROOTLESS=${ROOTLESS:-1}
+# The VM part only runs where berth-vm can: its tools and kernel come from deploy/install-deps.sh.
+vm_default=1
+for t in qemu-system-x86_64 virtiofsd vhost-device-vsock; do command -v "$t" >/dev/null || vm_default=0; done
+ls /var/cache/berth/vm/linux-image-*.deb >/dev/null 2>&1 || vm_default=0
+VM=${VM:-$vm_default}
+VM_RUNS=${VM_RUNS:-10}
 BENCH_DOCKERD=${BENCH_DOCKERD:-}
 DATE=$(date -u +%Y-%m-%d)
 OUT=${BENCH_OUT:-$ROOT/bench/results/$DATE}
@@ -49,6 +57,7 @@ DOCKER=${DOCKER:-$(command -v docker || true)}
 
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 mkdir -p "$RAW"
+rm -rf "$RAW"/vm
 rm -f "$RAW"/*.json "$RAW"/*.txt "$RAW"/*.md "$RAW"/*.log 2>/dev/null || true
 BENCH_TMP=$(mktemp -d /var/tmp/berth-bench.XXXXXX)
 COLLECTOR_PID=
@@ -259,6 +268,14 @@ if [ "$ROOTLESS" = 1 ]; then
     || log "bench/rootless.sh failed: $(tail -1 "$RAW/rootless.log")"
 fi
 
+# 7c. VM-isolated containers (bench/vm.sh, its own stack): berth-vm beside runc.
+if [ "$VM" = 1 ]; then
+  log "bench/vm.sh (berth-vm beside runc, $VM_RUNS VM runs)"
+  RUNS=$RUNS VM_RUNS=$VM_RUNS BERTH_BIN_DIR="$BIN" SHARED_DIR="$SHARED" DOCKER="$DOCKER" \
+    VM_OUT="$RAW/vm" "$ROOT/bench/vm.sh" > "$RAW/vm.md" 2> "$RAW/vm.log" \
+    || log "bench/vm.sh failed: $(tail -1 "$RAW/vm.log")"
+fi
+
 # 8. Machine facts and the report.
 ver() { "$@" 2>/dev/null | head -1 || true; }
 python3 - > "$RAW/facts.json" <<PY
@@ -290,11 +307,11 @@ facts = {
     "hyperfine": out("hyperfine", "--version"),
     "load average (1/5/15 min)": "$LOAD_START at the start, "
         + " ".join(open("/proc/loadavg").read().split()[:3]) + " at the end (other work on the machine shows here)",
-    "settings": "RUNS=$RUNS ROUNDS=$ROUNDS DENSITY=$DENSITY PARALLEL_ROUNDS=$PARALLEL_ROUNDS BREAKDOWN_RUNS=$BREAKDOWN_RUNS PULL_RUNS=$PULL_RUNS",
+    "settings": "RUNS=$RUNS ROUNDS=$ROUNDS DENSITY=$DENSITY PARALLEL_ROUNDS=$PARALLEL_ROUNDS BREAKDOWN_RUNS=$BREAKDOWN_RUNS PULL_RUNS=$PULL_RUNS VM=$VM VM_RUNS=$VM_RUNS",
 }
 import sys; json.dump(facts, sys.stdout, indent=1)
 PY
 python3 "$ROOT/bench/lib/measure.py" report --results "$RAW/results.json" --facts "$RAW/facts.json" \
-  --breakdown "$RAW/breakdown.md" --pull "$RAW/pull.txt" --rootless "$RAW/rootless.md" \
+  --breakdown "$RAW/breakdown.md" --pull "$RAW/pull.txt" --rootless "$RAW/rootless.md" --vm "$RAW/vm.md" \
   --md "$OUT/summary.md" --tsv "$OUT/summary.tsv"
 cat "$OUT/summary.md"

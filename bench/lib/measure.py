@@ -4,7 +4,7 @@ same run, interleaved, and the report built from them.
 
     measure.py measure --config sides.json --out results.json [--raw DIR]
     measure.py report --results results.json --facts facts.json [--breakdown bd.md]
-        [--pull pull.txt] [--rootless rootless.md] --md summary.md --tsv summary.tsv
+        [--pull pull.txt] [--rootless rootless.md] [--vm vm.md] --md summary.md --tsv summary.tsv
 
 sides.json (written by bench/run.sh):
     {"docker": "/usr/local/bin/docker", "runs": 30, "rounds": 3, "density": 200,
@@ -1000,6 +1000,9 @@ def cmd_report(args):
     if args.rootless and os.path.exists(args.rootless) and os.path.getsize(args.rootless):
         lines.append("")
         lines.append(open(args.rootless).read().rstrip())
+    if args.vm and os.path.exists(args.vm) and os.path.getsize(args.vm):
+        lines.append("")
+        lines.append(open(args.vm).read().rstrip())
     with open(args.md, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -1031,6 +1034,7 @@ def main():
     r.add_argument("--breakdown")
     r.add_argument("--pull")
     r.add_argument("--rootless")
+    r.add_argument("--vm")
     r.add_argument("--md", required=True)
     r.add_argument("--tsv", required=True)
     args = ap.parse_args()
